@@ -1,0 +1,71 @@
+//! The `layercache` binary: configuration, logging, and the subcommands.
+
+mod cli;
+mod config;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::cli::{Cli, Command, ServeArgs};
+use crate::config::Config;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    if args.print_config {
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    let store = store::Store::open(&config.store).await.with_context(|| {
+        format!(
+            "opening the data directory {}",
+            config.store.data_dir.display()
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.store.data_dir.display(), "layercache serving");
+    println!("layercache listening on http://{addr}");
+    let app = server::build_router(server::AppState::new(store.clone()));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    store.flush_access_times().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}

@@ -1,0 +1,210 @@
+//! Content digests (`algorithm:hex`) and the streaming hasher that produces them.
+//!
+//! Only registered algorithms are accepted (`sha256`, `sha512`), with lower-case hex of the
+//! exact length, so a `Digest` is always safe to turn into a file name.
+
+use std::fmt;
+use std::str::FromStr;
+
+use sha2::Digest as _;
+
+/// A registered digest algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// SHA-256, the algorithm every client uses by default.
+    Sha256,
+    /// SHA-512.
+    Sha512,
+}
+
+impl Algorithm {
+    /// The algorithm's name as it appears in a digest string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// Why a string is not a valid digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// No `algorithm:` prefix.
+    #[error("digest has no algorithm prefix")]
+    MissingAlgorithm,
+    /// An algorithm this registry does not support.
+    #[error("unsupported digest algorithm {0:?}")]
+    UnsupportedAlgorithm(String),
+    /// The encoded part is not lower-case hex of the algorithm's length.
+    #[error("digest encoding is not {expected} lower-case hex characters")]
+    BadEncoding {
+        /// The length the algorithm requires.
+        expected: usize,
+    },
+}
+
+/// A validated content digest such as `sha256:e3b0…`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    algorithm: Algorithm,
+    hex: String,
+}
+
+impl Digest {
+    /// The digest's algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The lower-case hex encoding, without the algorithm prefix.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+
+    /// The SHA-256 digest of `bytes`.
+    pub fn sha256_of(bytes: &[u8]) -> Digest {
+        let mut hasher = Hasher::new(Algorithm::Sha256);
+        hasher.update(bytes);
+        hasher.finish()
+    }
+
+    /// The digest of `bytes` with this digest's algorithm (to verify content against it).
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        let mut hasher = Hasher::new(self.algorithm);
+        hasher.update(bytes);
+        hasher.finish() == *self
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (algorithm, hex) = s.split_once(':').ok_or(DigestError::MissingAlgorithm)?;
+        let algorithm = match algorithm {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            other => return Err(DigestError::UnsupportedAlgorithm(other.to_owned())),
+        };
+        let valid = hex.len() == algorithm.hex_len()
+            && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !valid {
+            return Err(DigestError::BadEncoding {
+                expected: algorithm.hex_len(),
+            });
+        }
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Incremental hasher for one algorithm; feed it bytes as they stream in.
+#[derive(Clone)]
+pub enum Hasher {
+    /// SHA-256 state.
+    Sha256(sha2::Sha256),
+    /// SHA-512 state.
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    /// A fresh hasher for `algorithm`.
+    pub fn new(algorithm: Algorithm) -> Hasher {
+        match algorithm {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    /// Feed more bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(bytes),
+            Hasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    /// The digest of everything fed so far.
+    pub fn finish(self) -> Digest {
+        let (algorithm, hex) = match self {
+            Hasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
+            Hasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
+        };
+        Digest { algorithm, hex }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn empty_input_hashes_to_the_well_known_digest() {
+        assert_eq!(Digest::sha256_of(b"").to_string(), EMPTY);
+    }
+
+    #[test]
+    fn parse_round_trips_and_rejects_malformed_digests() {
+        assert_eq!(
+            EMPTY.parse::<Digest>().map(|d| d.to_string()),
+            Ok(EMPTY.to_owned())
+        );
+        for bad in [
+            "",
+            "sha256",
+            "sha256:",
+            "md5:d41d8cd98f00b204e9800998ecf8427e",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85",
+            "sha256:../../../../etc/passwd",
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/..",
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn incremental_hashing_equals_one_shot() {
+        let mut h = Hasher::new(Algorithm::Sha256);
+        h.update(b"hello ");
+        h.update(b"world");
+        assert_eq!(h.finish(), Digest::sha256_of(b"hello world"));
+    }
+}

@@ -1,0 +1,71 @@
+//! Application state, the router, and the request layer every request passes through
+//! (a request id and a tracing span naming the endpoint; the seam where build sessions
+//! will attribute requests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::any;
+use tracing::Instrument;
+
+use crate::registry;
+
+/// Everything a handler may use; no global state lives outside it.
+#[derive(Clone)]
+pub struct AppState {
+    /// The storage engine.
+    pub store: store::Store,
+    requests: Arc<AtomicU64>,
+}
+
+impl AppState {
+    /// State over an opened store.
+    pub fn new(store: store::Store) -> AppState {
+        AppState {
+            store,
+            requests: Arc::default(),
+        }
+    }
+}
+
+/// The whole HTTP surface.
+pub fn build_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(registry::dispatch))
+        .route("/v2/", any(registry::dispatch))
+        .route("/v2/{*path}", any(registry::dispatch))
+        .fallback(registry::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
+        .with_state(state)
+}
+
+/// Give each request an id and a span; log its outcome once.
+async fn trace_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let id = state.requests.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "request",
+        id,
+        method = %request.method(),
+        path = %request.uri().path(),
+        endpoint = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "served"
+        );
+    });
+    response
+        .headers_mut()
+        .insert("x-request-id", HeaderValue::from(id));
+    response
+}

@@ -1,0 +1,19 @@
+//! The HTTP section of the configuration.
+
+use std::net::SocketAddr;
+
+/// How the server listens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+        }
+    }
+}

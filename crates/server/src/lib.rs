@@ -1,0 +1,10 @@
+//! layercache's HTTP edge. Handlers are thin: parse the request into a typed
+//! [`registry::Endpoint`], call the [`store::Store`], and map errors to the wire once
+//! (in [`registry::RegistryError`]).
+
+pub mod app;
+pub mod config;
+pub mod registry;
+
+pub use app::{AppState, build_router};
+pub use config::Config;

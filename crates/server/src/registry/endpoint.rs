@@ -1,0 +1,292 @@
+//! Parse a `/v2/...` request into a typed [`Endpoint`] before any work happens.
+//!
+//! Repository names may contain `/`, so the path is read from its tail: the last
+//! segments say what is addressed and everything before them is the name. Every part is
+//! validated here, so handlers receive only [`RepoName`], [`Digest`], [`Reference`] and
+//! [`UploadId`] values.
+
+use axum::http::Method;
+use oci::{Digest, ErrorCode, Reference, RepoName};
+use store::UploadId;
+
+use super::error::RegistryError;
+
+/// One operation of the distribution API, with its validated path parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v2/`: API version check.
+    Base,
+    /// `GET /v2/_catalog`.
+    Catalog,
+    /// `GET /v2/<name>/tags/list`.
+    ListTags(RepoName),
+    /// `GET /v2/<name>/manifests/<reference>`.
+    GetManifest(RepoName, Reference),
+    /// `HEAD /v2/<name>/manifests/<reference>`.
+    HeadManifest(RepoName, Reference),
+    /// `PUT /v2/<name>/manifests/<reference>`.
+    PutManifest(RepoName, Reference),
+    /// `DELETE /v2/<name>/manifests/<reference>`.
+    DeleteManifest(RepoName, Reference),
+    /// `GET /v2/<name>/blobs/<digest>`.
+    GetBlob(RepoName, Digest),
+    /// `HEAD /v2/<name>/blobs/<digest>`.
+    HeadBlob(RepoName, Digest),
+    /// `DELETE /v2/<name>/blobs/<digest>`.
+    DeleteBlob(RepoName, Digest),
+    /// `POST /v2/<name>/blobs/uploads/` (session, monolithic or mount).
+    StartUpload(RepoName),
+    /// `GET /v2/<name>/blobs/uploads/<id>`.
+    GetUpload(RepoName, UploadId),
+    /// `PATCH /v2/<name>/blobs/uploads/<id>`.
+    AppendUpload(RepoName, UploadId),
+    /// `PUT /v2/<name>/blobs/uploads/<id>?digest=`.
+    FinishUpload(RepoName, UploadId),
+    /// `DELETE /v2/<name>/blobs/uploads/<id>`.
+    CancelUpload(RepoName, UploadId),
+    /// `GET /v2/<name>/referrers/<digest>`.
+    ListReferrers(RepoName, Digest),
+}
+
+impl Endpoint {
+    /// The `snake_case` name labelling spans and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Endpoint::Base => "base",
+            Endpoint::Catalog => "catalog",
+            Endpoint::ListTags(..) => "list_tags",
+            Endpoint::GetManifest(..) => "get_manifest",
+            Endpoint::HeadManifest(..) => "head_manifest",
+            Endpoint::PutManifest(..) => "put_manifest",
+            Endpoint::DeleteManifest(..) => "delete_manifest",
+            Endpoint::GetBlob(..) => "get_blob",
+            Endpoint::HeadBlob(..) => "head_blob",
+            Endpoint::DeleteBlob(..) => "delete_blob",
+            Endpoint::StartUpload(..) => "start_upload",
+            Endpoint::GetUpload(..) => "get_upload",
+            Endpoint::AppendUpload(..) => "append_upload",
+            Endpoint::FinishUpload(..) => "finish_upload",
+            Endpoint::CancelUpload(..) => "cancel_upload",
+            Endpoint::ListReferrers(..) => "list_referrers",
+        }
+    }
+
+    /// Parse `method` and the percent-encoded `path` (which starts with `/v2`).
+    pub fn parse(method: &Method, path: &str) -> Result<Endpoint, RegistryError> {
+        let decoded = percent_encoding::percent_decode_str(path)
+            .decode_utf8()
+            .map_err(|_| RegistryError::route_not_found())?;
+        let rest = decoded
+            .strip_prefix("/v2")
+            .ok_or_else(RegistryError::route_not_found)?;
+        let target = parse_target(rest)?;
+        target.with_method(method)
+    }
+}
+
+/// What a path addresses, before the method picks the operation.
+enum Target {
+    Base,
+    Catalog,
+    Tags(RepoName),
+    Manifest(RepoName, Reference),
+    Blob(RepoName, Digest),
+    Uploads(RepoName),
+    Upload(RepoName, UploadId),
+    Referrers(RepoName, Digest),
+}
+
+fn repo(name: &str) -> Result<RepoName, RegistryError> {
+    name.parse()
+        .map_err(|e: oci::NameError| RegistryError::new(ErrorCode::NameInvalid, e.to_string()))
+}
+
+fn digest(s: &str) -> Result<Digest, RegistryError> {
+    s.parse()
+        .map_err(|e: oci::DigestError| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
+}
+
+fn parse_target(rest: &str) -> Result<Target, RegistryError> {
+    if rest.is_empty() || rest == "/" {
+        return Ok(Target::Base);
+    }
+    let rest = rest
+        .strip_prefix('/')
+        .ok_or_else(RegistryError::route_not_found)?;
+    if rest == "_catalog" {
+        return Ok(Target::Catalog);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Ok(Target::Tags(repo(name)?));
+    }
+    if let Some(name) = rest
+        .strip_suffix("/blobs/uploads/")
+        .or_else(|| rest.strip_suffix("/blobs/uploads"))
+    {
+        return Ok(Target::Uploads(repo(name)?));
+    }
+    let (prefix, last) = rest
+        .rsplit_once('/')
+        .ok_or_else(RegistryError::route_not_found)?;
+    if let Some(name) = prefix.strip_suffix("/blobs/uploads") {
+        let id = last.parse().map_err(|_| {
+            RegistryError::new(ErrorCode::BlobUploadUnknown, "no such upload session")
+        })?;
+        return Ok(Target::Upload(repo(name)?, id));
+    }
+    if let Some(name) = prefix.strip_suffix("/manifests") {
+        let reference = last.parse().map_err(|e: oci::NameError| match e {
+            oci::NameError::Digest(e) => {
+                RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
+            }
+            other => RegistryError::new(ErrorCode::TagInvalid, other.to_string()),
+        })?;
+        return Ok(Target::Manifest(repo(name)?, reference));
+    }
+    if let Some(name) = prefix.strip_suffix("/blobs") {
+        return Ok(Target::Blob(repo(name)?, digest(last)?));
+    }
+    if let Some(name) = prefix.strip_suffix("/referrers") {
+        return Ok(Target::Referrers(repo(name)?, digest(last)?));
+    }
+    Err(RegistryError::route_not_found())
+}
+
+impl Target {
+    fn with_method(self, method: &Method) -> Result<Endpoint, RegistryError> {
+        let m = method.clone();
+        let endpoint = match self {
+            Target::Base if m == Method::GET || m == Method::HEAD => Endpoint::Base,
+            Target::Catalog if m == Method::GET => Endpoint::Catalog,
+            Target::Tags(r) if m == Method::GET => Endpoint::ListTags(r),
+            Target::Manifest(r, x) if m == Method::GET => Endpoint::GetManifest(r, x),
+            Target::Manifest(r, x) if m == Method::HEAD => Endpoint::HeadManifest(r, x),
+            Target::Manifest(r, x) if m == Method::PUT => Endpoint::PutManifest(r, x),
+            Target::Manifest(r, x) if m == Method::DELETE => Endpoint::DeleteManifest(r, x),
+            Target::Blob(r, d) if m == Method::GET => Endpoint::GetBlob(r, d),
+            Target::Blob(r, d) if m == Method::HEAD => Endpoint::HeadBlob(r, d),
+            Target::Blob(r, d) if m == Method::DELETE => Endpoint::DeleteBlob(r, d),
+            Target::Uploads(r) if m == Method::POST => Endpoint::StartUpload(r),
+            Target::Upload(r, id) if m == Method::GET => Endpoint::GetUpload(r, id),
+            Target::Upload(r, id) if m == Method::PATCH => Endpoint::AppendUpload(r, id),
+            Target::Upload(r, id) if m == Method::PUT => Endpoint::FinishUpload(r, id),
+            Target::Upload(r, id) if m == Method::DELETE => Endpoint::CancelUpload(r, id),
+            Target::Referrers(r, d) if m == Method::GET => Endpoint::ListReferrers(r, d),
+            _ => {
+                return Err(RegistryError::new(
+                    ErrorCode::Unsupported,
+                    format!("method {method} is not supported here"),
+                ));
+            }
+        };
+        Ok(endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const ID: &str = "9d1c8f6e-3b1a-4a7e-9d0a-2f4b6c8e0a1b";
+
+    fn parse(method: Method, path: &str) -> Result<Endpoint, (ErrorCode, u16)> {
+        Endpoint::parse(&method, path).map_err(|e| (e.code(), e.status().as_u16()))
+    }
+
+    #[test]
+    fn spec_example_paths_parse_to_their_endpoints() {
+        let repo: RepoName = "a/b/c".parse().unwrap();
+        let d: Digest = D.parse().unwrap();
+        let id: UploadId = ID.parse().unwrap();
+        assert_eq!(parse(Method::GET, "/v2/"), Ok(Endpoint::Base));
+        assert_eq!(parse(Method::GET, "/v2"), Ok(Endpoint::Base));
+        assert_eq!(parse(Method::GET, "/v2/_catalog"), Ok(Endpoint::Catalog));
+        assert_eq!(
+            parse(Method::GET, "/v2/a/b/c/tags/list"),
+            Ok(Endpoint::ListTags(repo.clone()))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/b/c/manifests/latest"),
+            Ok(Endpoint::GetManifest(
+                repo.clone(),
+                "latest".parse().unwrap()
+            ))
+        );
+        assert_eq!(
+            parse(Method::HEAD, &format!("/v2/a/b/c/blobs/{D}")),
+            Ok(Endpoint::HeadBlob(repo.clone(), d.clone()))
+        );
+        assert_eq!(
+            parse(
+                Method::HEAD,
+                "/v2/a/b/c/blobs/sha256%3Ae3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            ),
+            Ok(Endpoint::HeadBlob(repo.clone(), d.clone()))
+        );
+        assert_eq!(
+            parse(Method::POST, "/v2/a/b/c/blobs/uploads/"),
+            Ok(Endpoint::StartUpload(repo.clone()))
+        );
+        assert_eq!(
+            parse(Method::PATCH, &format!("/v2/a/b/c/blobs/uploads/{ID}")),
+            Ok(Endpoint::AppendUpload(repo.clone(), id))
+        );
+        assert_eq!(
+            parse(Method::GET, &format!("/v2/a/b/c/referrers/{D}")),
+            Ok(Endpoint::ListReferrers(repo, d))
+        );
+    }
+
+    #[test]
+    fn repositories_named_like_route_words_still_parse() {
+        let got = parse(Method::GET, "/v2/blobs/manifests/manifests/v1");
+        assert_eq!(
+            got,
+            Ok(Endpoint::GetManifest(
+                "blobs/manifests".parse().unwrap(),
+                "v1".parse().unwrap()
+            ))
+        );
+    }
+
+    #[test]
+    fn invalid_parts_get_their_own_error_codes() {
+        assert_eq!(
+            parse(Method::GET, "/v2/UPPER/tags/list"),
+            Err((ErrorCode::NameInvalid, 400))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/../b/tags/list"),
+            Err((ErrorCode::NameInvalid, 400))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/blobs/sha256:xyz"),
+            Err((ErrorCode::DigestInvalid, 400))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/manifests/sha256:xyz"),
+            Err((ErrorCode::DigestInvalid, 400))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/manifests/-bad"),
+            Err((ErrorCode::TagInvalid, 400))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/blobs/uploads/not-a-uuid"),
+            Err((ErrorCode::BlobUploadUnknown, 404))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/blobs/uploads/..%2F..%2Fx"),
+            Err((ErrorCode::Unsupported, 404))
+        );
+        assert_eq!(
+            parse(Method::POST, "/v2/a/manifests/latest"),
+            Err((ErrorCode::Unsupported, 405))
+        );
+        assert_eq!(
+            parse(Method::GET, "/v2/a/nothing/here"),
+            Err((ErrorCode::Unsupported, 404))
+        );
+    }
+}

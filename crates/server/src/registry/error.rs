@@ -1,0 +1,142 @@
+//! [`RegistryError`]: the one place storage and parsing failures become the
+//! distribution spec's error JSON, `{"errors":[{"code","message","detail"}]}`.
+//! Internal causes are logged inside the request's span, never sent to the client.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use oci::ErrorCode;
+use store::error::Missing;
+
+/// An error answered in the distribution spec's format (boxed: errors are rare, results common).
+#[derive(Debug)]
+pub struct RegistryError(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    code: ErrorCode,
+    status: StatusCode,
+    message: String,
+    detail: Option<serde_json::Value>,
+    headers: HeaderMap,
+}
+
+impl RegistryError {
+    /// An error with `code`'s usual status and a specific message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> RegistryError {
+        RegistryError(Box::new(Inner {
+            code,
+            status: StatusCode::from_u16(code.status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+            detail: None,
+            headers: HeaderMap::new(),
+        }))
+    }
+
+    /// A path that names no API endpoint.
+    pub fn route_not_found() -> RegistryError {
+        RegistryError::new(ErrorCode::Unsupported, "no such API endpoint")
+            .with_status(StatusCode::NOT_FOUND)
+    }
+
+    /// Answer with `status` instead of the code's usual one.
+    pub fn with_status(mut self, status: StatusCode) -> RegistryError {
+        self.0.status = status;
+        self
+    }
+
+    /// Attach the spec's free-form `detail`.
+    pub fn with_detail(mut self, detail: serde_json::Value) -> RegistryError {
+        self.0.detail = Some(detail);
+        self
+    }
+
+    /// Add a response header (e.g. `Range` on a 416).
+    pub fn with_header(mut self, name: HeaderName, value: String) -> RegistryError {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            self.0.headers.insert(name, value);
+        }
+        self
+    }
+
+    /// The error code.
+    pub fn code(&self) -> ErrorCode {
+        self.0.code
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.0.status
+    }
+}
+
+impl From<store::Error> for RegistryError {
+    fn from(e: store::Error) -> Self {
+        use store::Error as E;
+        match e {
+            E::NotFound(Missing::Blob) => {
+                RegistryError::new(ErrorCode::BlobUnknown, ErrorCode::BlobUnknown.message())
+            }
+            E::NotFound(Missing::Manifest) => RegistryError::new(
+                ErrorCode::ManifestUnknown,
+                ErrorCode::ManifestUnknown.message(),
+            ),
+            E::NotFound(Missing::Repository) => {
+                RegistryError::new(ErrorCode::NameUnknown, ErrorCode::NameUnknown.message())
+            }
+            E::NotFound(Missing::Upload) => RegistryError::new(
+                ErrorCode::BlobUploadUnknown,
+                ErrorCode::BlobUploadUnknown.message(),
+            ),
+            E::DigestMismatch { .. } => RegistryError::new(ErrorCode::DigestInvalid, e.to_string()),
+            E::RangeInvalid {
+                expected_offset, ..
+            } => RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string())
+                .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .with_header(axum::http::header::RANGE, range_header(expected_offset)),
+            E::ManifestBlobUnknown { ref digest, .. } => {
+                let detail = serde_json::json!({ "digest": digest.to_string() });
+                RegistryError::new(ErrorCode::ManifestBlobUnknown, e.to_string())
+                    .with_detail(detail)
+            }
+            E::ManifestInvalid(_) => RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()),
+            E::ManifestTooLarge { .. } => {
+                RegistryError::new(ErrorCode::ManifestInvalid, e.to_string())
+                    .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            E::Body(_) => RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string()),
+            E::StorageFull => RegistryError::new(ErrorCode::InsufficientStorage, e.to_string()),
+            E::Io(_) | E::Database(_) | E::Task(_) => {
+                tracing::error!(error = %e, "internal failure");
+                RegistryError::new(ErrorCode::Unknown, ErrorCode::Unknown.message())
+            }
+        }
+    }
+}
+
+/// The spec's `Range` value for an upload holding `len` bytes: `0-<last byte>`.
+pub fn range_header(len: u64) -> String {
+    format!("0-{}", len.saturating_sub(1))
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let this = *self.0;
+        if this.status.is_client_error() {
+            tracing::debug!(code = this.code.as_str(), message = %this.message, "client error");
+        }
+        let mut entry = serde_json::json!({ "code": this.code.as_str(), "message": this.message });
+        if let (Some(detail), Some(obj)) = (this.detail, entry.as_object_mut()) {
+            obj.insert("detail".into(), detail);
+        }
+        let body = serde_json::json!({ "errors": [entry] }).to_string();
+        let mut response = (
+            this.status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        response.headers_mut().extend(this.headers);
+        response
+    }
+}

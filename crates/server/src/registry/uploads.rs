@@ -1,0 +1,176 @@
+//! Blob uploads: `POST /v2/<name>/blobs/uploads/` (session, monolithic with `?digest=`,
+//! or cross-repository `?mount=&from=`), then `PATCH` chunks with `Content-Range`,
+//! `PUT ?digest=` to finish, `GET` for status and `DELETE` to cancel.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use oci::{Digest, ErrorCode, RepoName};
+use store::UploadId;
+
+use super::error::range_header;
+use super::{Params, RegistryError, Result, byte_stream, has_body};
+use crate::app::AppState;
+
+const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// 201 for a blob now present in `repo`.
+fn created(repo: &RepoName, digest: &Digest) -> Response {
+    (
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, format!("/v2/{repo}/blobs/{digest}")),
+            (CONTENT_DIGEST, digest.to_string()),
+            (header::CONTENT_LENGTH, "0".to_owned()),
+        ],
+    )
+        .into_response()
+}
+
+/// Where an upload session stands: `status` with its `Location` and `Range`.
+fn session(status: StatusCode, repo: &RepoName, id: &UploadId, len: u64) -> Response {
+    (
+        status,
+        [
+            (header::LOCATION, format!("/v2/{repo}/blobs/uploads/{id}")),
+            (header::RANGE, range_header(len)),
+            (UPLOAD_UUID, id.to_string()),
+            (header::CONTENT_LENGTH, "0".to_owned()),
+        ],
+    )
+        .into_response()
+}
+
+fn digest_param(params: &Params) -> Result<Option<Digest>> {
+    params
+        .digest
+        .as_deref()
+        .map(|d| {
+            d.parse().map_err(|e: oci::DigestError| {
+                RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
+            })
+        })
+        .transpose()
+}
+
+/// `POST /v2/<name>/blobs/uploads/`.
+pub async fn start_upload(
+    state: &AppState,
+    repo: &RepoName,
+    params: &Params,
+    body: Body,
+) -> Result {
+    if let Some(mount) = params.mount.as_deref() {
+        let digest: Digest = mount.parse().map_err(|e: oci::DigestError| {
+            RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
+        })?;
+        let from: Option<RepoName> = params
+            .from
+            .as_deref()
+            .map(|f| {
+                f.parse().map_err(|e: oci::NameError| {
+                    RegistryError::new(ErrorCode::NameInvalid, e.to_string())
+                })
+            })
+            .transpose()?;
+        if state.store.mount_blob(repo, &digest, from.as_ref()).await? {
+            return Ok(created(repo, &digest));
+        }
+    } else if let Some(digest) = digest_param(params)? {
+        state
+            .store
+            .put_blob(repo, &digest, byte_stream(body))
+            .await?;
+        return Ok(created(repo, &digest));
+    }
+    let id = state.store.start_upload(repo).await?;
+    Ok(session(StatusCode::ACCEPTED, repo, &id, 0))
+}
+
+/// `GET /v2/<name>/blobs/uploads/<id>`: how much has been received.
+pub async fn get_upload(state: &AppState, repo: &RepoName, id: &UploadId) -> Result {
+    let len = state.store.upload_offset(repo, id).await?;
+    Ok(session(StatusCode::NO_CONTENT, repo, id, len))
+}
+
+/// The start offset a chunk claims, checked against its `Content-Length` when both are given.
+fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
+    let Some(value) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        RegistryError::new(ErrorCode::RangeInvalid, "malformed Content-Range")
+            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+    };
+    let text = value.to_str().map_err(|_| invalid())?.trim();
+    let text = text
+        .strip_prefix("bytes=")
+        .or_else(|| text.strip_prefix("bytes "))
+        .unwrap_or(text);
+    let text = text.split('/').next().unwrap_or(text);
+    let (start, end) = text.split_once('-').ok_or_else(invalid)?;
+    let (start, end): (u64, u64) = (
+        start.trim().parse().map_err(|_| invalid())?,
+        end.trim().parse().map_err(|_| invalid())?,
+    );
+    if end < start {
+        return Err(invalid());
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|len| len != end - start + 1) {
+        return Err(invalid());
+    }
+    Ok(Some(start))
+}
+
+/// `PATCH /v2/<name>/blobs/uploads/<id>`: append a chunk (or stream the whole blob).
+pub async fn append_upload(
+    state: &AppState,
+    repo: &RepoName,
+    id: &UploadId,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result {
+    let start = chunk_start(headers)?;
+    let len = state
+        .store
+        .append_upload(repo, id, start, byte_stream(body))
+        .await?;
+    Ok(session(StatusCode::ACCEPTED, repo, id, len))
+}
+
+/// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: optional last chunk, then verify and commit.
+pub async fn finish_upload(
+    state: &AppState,
+    repo: &RepoName,
+    id: &UploadId,
+    params: &Params,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result {
+    let digest = digest_param(params)?.ok_or_else(|| {
+        RegistryError::new(
+            ErrorCode::DigestInvalid,
+            "the digest query parameter is required",
+        )
+    })?;
+    if has_body(&body) {
+        let start = chunk_start(headers)?;
+        state
+            .store
+            .append_upload(repo, id, start, byte_stream(body))
+            .await?;
+    }
+    state.store.finish_upload(repo, id, &digest).await?;
+    Ok(created(repo, &digest))
+}
+
+/// `DELETE /v2/<name>/blobs/uploads/<id>`.
+pub async fn cancel_upload(state: &AppState, repo: &RepoName, id: &UploadId) -> Result {
+    state.store.cancel_upload(repo, id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

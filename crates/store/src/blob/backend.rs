@@ -1,0 +1,34 @@
+//! The small contract every blob medium implements. Backends only move bytes; the
+//! [`BlobStore`](super::BlobStore) above them owns hashing and verification, so no
+//! backend can forget them.
+
+use async_trait::async_trait;
+use oci::Digest;
+
+use super::{ByteRange, ByteStream};
+use crate::Result;
+use crate::upload::UploadId;
+
+/// Byte storage addressed by digest, with invisible staging areas for uploads.
+#[async_trait]
+pub trait BlobBackend: Send + Sync + 'static {
+    /// Size of a committed blob, or `None`.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// Stream a committed blob, or the given range of it; `None` when absent.
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>>;
+    /// Create an empty staging area.
+    async fn create_staged(&self, id: &UploadId) -> Result<()>;
+    /// Current length of a staging area, or `None` when it does not exist.
+    async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>>;
+    /// Append `body` to a staging area that must currently be `offset` bytes long;
+    /// returns the new length. On failure the area is left at `offset` bytes.
+    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64>;
+    /// Stream a staging area's bytes (to rebuild hash state after a restart).
+    async fn read_staged(&self, id: &UploadId) -> Result<ByteStream>;
+    /// Make a staging area visible under `digest`, durably and atomically.
+    async fn commit(&self, id: &UploadId, digest: &Digest) -> Result<()>;
+    /// Remove a staging area (no error when it is already gone).
+    async fn discard(&self, id: &UploadId) -> Result<()>;
+    /// Remove a committed blob (no error when it is already gone).
+    async fn delete(&self, digest: &Digest) -> Result<()>;
+}

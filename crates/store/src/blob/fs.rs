@@ -1,0 +1,191 @@
+//! Local-filesystem blob backend.
+//!
+//! Layout under the data directory: `blobs/<alg>/<hex[0..2]>/<hex>` for committed blobs
+//! and `uploads/<uuid>` for staging files. Paths are built only from a validated
+//! [`Digest`] or [`UploadId`] (invariant 6). A blob becomes visible by `rename` after its
+//! staging file and then its directory are fsynced, so a crash never exposes a partial
+//! blob (invariant 1).
+
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use oci::Digest;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_util::io::ReaderStream;
+
+use super::backend::BlobBackend;
+use super::{ByteRange, ByteStream};
+use crate::upload::UploadId;
+use crate::{Error, Result};
+
+/// Read buffer for streaming blobs out: large reads keep syscalls and task hops rare.
+const READ_CHUNK: usize = 1 << 20;
+/// Chunks queued between the request task and the writer thread (bounds memory).
+const WRITE_QUEUE: usize = 16;
+
+/// Blobs stored as files under one directory.
+#[derive(Debug, Clone)]
+pub struct FsBackend {
+    blobs: PathBuf,
+    uploads: PathBuf,
+}
+
+impl FsBackend {
+    /// Use (and create if needed) `root/blobs` and `root/uploads`.
+    pub fn open(root: &Path) -> io::Result<FsBackend> {
+        let backend = FsBackend {
+            blobs: root.join("blobs"),
+            uploads: root.join("uploads"),
+        };
+        std::fs::create_dir_all(&backend.blobs)?;
+        std::fs::create_dir_all(&backend.uploads)?;
+        Ok(backend)
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs
+            .join(digest.algorithm().as_str())
+            .join(hex.get(..2).unwrap_or("00"))
+            .join(hex)
+    }
+
+    fn staged_path(&self, id: &UploadId) -> PathBuf {
+        self.uploads.join(id.as_str())
+    }
+}
+
+fn not_found_as_none<T>(result: io::Result<T>) -> Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn open_stream(path: PathBuf, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
+    let Some(mut file) = not_found_as_none(tokio::fs::File::open(&path).await)? else {
+        return Ok(None);
+    };
+    let stream: ByteStream = match range {
+        Some(range) => {
+            file.seek(SeekFrom::Start(range.start)).await?;
+            Box::pin(ReaderStream::with_capacity(
+                file.take(range.len),
+                READ_CHUNK,
+            ))
+        }
+        None => Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)),
+    };
+    Ok(Some(stream))
+}
+
+/// Writes every chunk it receives to `file`; runs on a blocking thread.
+fn write_all_chunks(mut file: std::fs::File, mut rx: mpsc::Receiver<Bytes>) -> io::Result<()> {
+    while let Some(chunk) = rx.blocking_recv() {
+        file.write_all(&chunk)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl BlobBackend for FsBackend {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        let meta = not_found_as_none(tokio::fs::metadata(self.blob_path(digest)).await)?;
+        Ok(meta.map(|m| m.len()))
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
+        open_stream(self.blob_path(digest), range).await
+    }
+
+    async fn create_staged(&self, id: &UploadId) -> Result<()> {
+        tokio::fs::File::create(self.staged_path(id)).await?;
+        Ok(())
+    }
+
+    async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>> {
+        let meta = not_found_as_none(tokio::fs::metadata(self.staged_path(id)).await)?;
+        Ok(meta.map(|m| m.len()))
+    }
+
+    async fn append(&self, id: &UploadId, offset: u64, mut body: ByteStream) -> Result<u64> {
+        let path = self.staged_path(id);
+        let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+            let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+            let len = file.metadata()?.len();
+            if len != offset {
+                return Err(Error::RangeInvalid {
+                    expected_offset: len,
+                    got: offset,
+                });
+            }
+            file.seek(SeekFrom::Start(offset))?;
+            Ok(file)
+        })
+        .await??;
+        let rollback = file.try_clone()?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || write_all_chunks(file, rx));
+        let mut written = 0u64;
+        let mut body_error = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    written += chunk.len() as u64;
+                    if tx.send(chunk).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    body_error = Some(Error::Body(e));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let outcome = match (writer.await?, body_error) {
+            (Err(e), _) => Err(Error::from(e)),
+            (Ok(()), Some(e)) => Err(e),
+            (Ok(()), None) => Ok(offset + written),
+        };
+        if outcome.is_err() {
+            tokio::task::spawn_blocking(move || rollback.set_len(offset)).await??;
+        }
+        outcome
+    }
+
+    async fn read_staged(&self, id: &UploadId) -> Result<ByteStream> {
+        open_stream(self.staged_path(id), None)
+            .await?
+            .ok_or(Error::NotFound(crate::error::Missing::Upload))
+    }
+
+    async fn commit(&self, id: &UploadId, digest: &Digest) -> Result<()> {
+        let staged = self.staged_path(id);
+        let target = self.blob_path(digest);
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            std::fs::File::open(&staged)?.sync_all()?;
+            let dir = target.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            std::fs::rename(&staged, &target)?;
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await??;
+        Ok(())
+    }
+
+    async fn discard(&self, id: &UploadId) -> Result<()> {
+        not_found_as_none(tokio::fs::remove_file(self.staged_path(id)).await)?;
+        Ok(())
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<()> {
+        not_found_as_none(tokio::fs::remove_file(self.blob_path(digest)).await)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Content-addressed blob storage.
+//!
+//! [`BlobStore`] wraps a [`BlobBackend`] and owns what every medium must get right:
+//! hashing while bytes stream in (on a blocking thread, off the async reactor), and
+//! refusing to commit content that does not hash to its digest (invariant 1). Memory
+//! stays flat: bodies move through bounded queues, never buffered whole (invariant 4).
+
+mod backend;
+mod fs;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use oci::{Algorithm, Digest, Hasher};
+use tokio::sync::mpsc;
+
+pub use backend::BlobBackend;
+pub use fs::FsBackend;
+
+use crate::upload::UploadId;
+use crate::{Error, Result};
+
+/// A stream of body bytes, in or out.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// Chunks queued for the hashing thread.
+const HASH_QUEUE: usize = 16;
+
+/// A byte range of a blob: `len` bytes from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+/// Blob storage with verification; what the rest of the program uses.
+#[derive(Clone)]
+pub struct BlobStore {
+    backend: Arc<dyn BlobBackend>,
+}
+
+/// Pass `body` through unchanged while a blocking thread hashes it; the returned task
+/// yields the hasher once the stream has been consumed (or dropped).
+fn tee_hash(body: ByteStream, mut hasher: Hasher) -> (ByteStream, tokio::task::JoinHandle<Hasher>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(HASH_QUEUE);
+    let task = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher
+    });
+    let stream = body.then(move |chunk| {
+        let tx = tx.clone();
+        async move {
+            if let Ok(bytes) = &chunk {
+                // The hashing thread only stops when this stream is dropped.
+                let _ = tx.send(bytes.clone()).await;
+            }
+            chunk
+        }
+    });
+    (Box::pin(stream), task)
+}
+
+impl BlobStore {
+    /// Wrap a backend.
+    pub fn new(backend: Arc<dyn BlobBackend>) -> BlobStore {
+        BlobStore { backend }
+    }
+
+    /// Size of a committed blob, or `None`.
+    pub async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.backend.stat(digest).await
+    }
+
+    /// Stream a committed blob or a range of it; `None` when absent.
+    pub async fn read(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        self.backend.read(digest, range).await
+    }
+
+    /// Create an empty staging area for `id`.
+    pub async fn create_staged(&self, id: &UploadId) -> Result<()> {
+        self.backend.create_staged(id).await
+    }
+
+    /// Current length of a staging area, or `None`.
+    pub async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>> {
+        self.backend.staged_len(id).await
+    }
+
+    /// Append `body` at `offset`, hashing it into `hasher`; returns the new length and
+    /// the updated hasher. On error the staging area is unchanged and the hasher lost.
+    pub async fn append(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        body: ByteStream,
+        hasher: Hasher,
+    ) -> Result<(u64, Hasher)> {
+        let (body, hashing) = tee_hash(body, hasher);
+        let len = self.backend.append(id, offset, body).await?;
+        Ok((len, hashing.await?))
+    }
+
+    /// Hash a staging area from its first byte (hash state is lost on restart).
+    pub async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<(u64, Hasher)> {
+        let (mut stream, hashing) =
+            tee_hash(self.backend.read_staged(id).await?, Hasher::new(algorithm));
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            len += chunk?.len() as u64;
+        }
+        drop(stream);
+        Ok((len, hashing.await?))
+    }
+
+    /// Verify the staged content's hash against `expected` and make it visible under
+    /// it. On a mismatch the staging area is discarded and nothing becomes visible.
+    pub async fn commit(&self, id: &UploadId, expected: &Digest, hasher: Hasher) -> Result<()> {
+        let actual = hasher.finish();
+        if actual != *expected {
+            self.backend.discard(id).await?;
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        self.backend.commit(id, expected).await
+    }
+
+    /// Remove a staging area.
+    pub async fn discard(&self, id: &UploadId) -> Result<()> {
+        self.backend.discard(id).await
+    }
+
+    /// Remove a committed blob.
+    pub async fn delete(&self, digest: &Digest) -> Result<()> {
+        self.backend.delete(digest).await
+    }
+}

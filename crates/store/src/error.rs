@@ -1,0 +1,94 @@
+//! `store::Error`: what went wrong, in storage terms. The HTTP edge maps it to each
+//! protocol's wire error once.
+
+use oci::Digest;
+
+/// Which kind of thing was not found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// A blob (not linked in the repository, or not stored).
+    Blob,
+    /// A manifest or tag.
+    Manifest,
+    /// A repository.
+    Repository,
+    /// An upload session.
+    Upload,
+}
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The named thing does not exist.
+    #[error("{0:?} not found")]
+    NotFound(Missing),
+    /// Content did not hash to the digest it was sent under.
+    #[error("digest mismatch: expected {expected}, content hashes to {actual}")]
+    DigestMismatch {
+        /// The digest the client claimed.
+        expected: Digest,
+        /// The digest of what was received.
+        actual: Digest,
+    },
+    /// A chunk did not start where the upload currently ends.
+    #[error("chunk starts at {got}, upload is at {expected_offset}")]
+    RangeInvalid {
+        /// Where the next chunk must start.
+        expected_offset: u64,
+        /// Where the chunk claimed to start.
+        got: u64,
+    },
+    /// A manifest references content the repository does not hold.
+    #[error("manifest references unknown {kind} {digest}")]
+    ManifestBlobUnknown {
+        /// The missing reference.
+        digest: Digest,
+        /// `blob` or `manifest`.
+        kind: &'static str,
+    },
+    /// The manifest body is not acceptable.
+    #[error(transparent)]
+    ManifestInvalid(#[from] oci::ManifestError),
+    /// The manifest is larger than the configured limit.
+    #[error("manifest of {size} bytes exceeds the {limit}-byte limit")]
+    ManifestTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The request body could not be read to its end (client went away, bad framing).
+    #[error("request body: {0}")]
+    Body(#[source] std::io::Error),
+    /// The disk is full.
+    #[error("no space left on the storage device")]
+    StorageFull,
+    /// Local I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[source] std::io::Error),
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A background task died (a bug, never client input).
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(28) {
+            Error::StorageFull
+        } else {
+            Error::Io(e)
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Task(e.to_string())
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

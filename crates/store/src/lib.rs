@@ -1,0 +1,28 @@
+//! layercache's storage engine. It knows nothing about HTTP.
+//!
+//! * [`blob`]: content-addressed bytes, verified while they stream in and made visible
+//!   only once durable (invariant 1).
+//! * [`meta`]: repositories, tags, manifests and what they reference, blob links,
+//!   upload sessions and access times (SQLite embedded).
+//! * [`Store`]: the registry operations built from both, used by the HTTP edge.
+
+pub mod blob;
+pub mod config;
+pub mod error;
+pub mod meta;
+mod registry;
+pub mod upload;
+
+pub use blob::{BlobStore, ByteRange, ByteStream};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use registry::{BlobRead, PutManifest, Store};
+pub use upload::UploadId;
+
+/// Seconds since the Unix epoch, the time unit of all stored timestamps.
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,137 @@
+//! Registry metadata: repositories, blob links, manifests with the content they
+//! reference, tags, upload sessions and access times.
+//!
+//! [`MetaStore`] speaks the domain, not key-value: the database does the reference
+//! checks inside the same transaction that records a manifest, so a manifest is never
+//! recorded pointing at content the repository does not hold.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use oci::{Digest, ManifestReference, Reference, RepoName, Tag};
+
+pub use sqlite::SqliteMeta;
+
+use crate::Result;
+use crate::upload::UploadId;
+
+/// A manifest to record, with everything it references.
+#[derive(Debug, Clone)]
+pub struct ManifestRecord {
+    /// Digest of `content`.
+    pub digest: Digest,
+    /// Media type it is served with.
+    pub media_type: String,
+    /// Artifact type reported by the referrers API.
+    pub artifact_type: Option<String>,
+    /// The manifest named by its `subject` field.
+    pub subject: Option<Digest>,
+    /// Annotations reported by the referrers API.
+    pub annotations: BTreeMap<String, String>,
+    /// The exact bytes the client sent.
+    pub content: Bytes,
+    /// Blobs and child manifests it references.
+    pub references: Vec<ManifestReference>,
+}
+
+/// A stored manifest as served.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes.
+    pub content: Bytes,
+}
+
+/// One entry of a referrers response.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Referrer {
+    /// Media type of the referring manifest.
+    pub media_type: String,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its artifact type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// Its annotations.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// One page of a sorted listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The names on this page, in lexical order.
+    pub items: Vec<String>,
+    /// Whether more names follow the last one.
+    pub more: bool,
+}
+
+/// Something that was read, for last-use tracking.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Touch {
+    /// A blob was read, checked or mounted.
+    Blob(Digest),
+    /// A manifest was read.
+    Manifest(RepoName, Digest),
+    /// A manifest was read through this tag.
+    Tag(RepoName, Tag),
+}
+
+/// The metadata operations the registry needs.
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Size of `digest` if it is linked into `repo`.
+    async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>>;
+    /// Size of `digest` if any repository links it.
+    async fn known_blob(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// Record a committed blob and link it into `repo`.
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()>;
+    /// Remove `repo`'s link to `digest`; `false` when there was none.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    /// Record a manifest (and point `tag` at it) in one transaction, after checking that
+    /// everything it requires is in `repo`.
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        record: ManifestRecord,
+        tag: Option<&Tag>,
+    ) -> Result<()>;
+    /// Resolve a tag or digest to a stored manifest.
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>>;
+    /// Delete a manifest and every tag pointing at it; `false` when absent.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    /// Delete a tag; `false` when absent.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
+    /// Tags of `repo` after `last`, at most `n`; `None` when the repository is unknown.
+    async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<Option<Page>>;
+    /// Repositories holding manifests, after `last`, at most `n`.
+    async fn repositories(&self, n: usize, last: Option<&str>) -> Result<Page>;
+    /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>>;
+    /// Record a new upload session for `repo`.
+    async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> Result<()>;
+    /// The repository an upload session belongs to, if it exists.
+    async fn upload_repo(&self, id: &UploadId) -> Result<Option<RepoName>>;
+    /// Forget an upload session.
+    async fn remove_upload(&self, id: &UploadId) -> Result<()>;
+    /// Record last use of everything in `batch` at `at` (seconds since the epoch).
+    async fn touch(&self, batch: Vec<Touch>, at: i64) -> Result<()>;
+}

@@ -1,0 +1,417 @@
+//! [`Store`]: the registry's operations, composed from the blob store and the metadata
+//! store. This is the only API the HTTP edge calls.
+//!
+//! Order of effects protects the invariants: bytes are committed (durable, verified)
+//! before metadata links them; a manifest is recorded only in the same transaction that
+//! finds everything it references.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use oci::{Algorithm, Digest, Hasher, Manifest, Reference, RepoName};
+
+use crate::blob::{BlobStore, ByteRange, ByteStream, FsBackend};
+use crate::config::Config;
+use crate::error::Missing;
+use crate::meta::{ManifestRecord, MetaStore, Page, Referrer, SqliteMeta, StoredManifest, Touch};
+use crate::upload::{HashState, HashStates, UploadId};
+use crate::{Error, Result, now_secs};
+
+/// How often recorded reads are written to the metadata store.
+const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The registry storage: blobs, metadata, uploads.
+#[derive(Clone)]
+pub struct Store {
+    blobs: BlobStore,
+    meta: Arc<dyn MetaStore>,
+    hashes: Arc<HashStates>,
+    access: Arc<AccessLog>,
+    max_manifest_bytes: usize,
+}
+
+/// A blob found in a repository, ready to be read.
+pub struct BlobRead {
+    store: BlobStore,
+    digest: Digest,
+    /// The blob's size in bytes.
+    pub size: u64,
+}
+
+impl BlobRead {
+    /// Stream the whole blob, or `range` of it.
+    pub async fn stream(self, range: Option<ByteRange>) -> Result<ByteStream> {
+        self.store
+            .read(&self.digest, range)
+            .await?
+            .ok_or(Error::NotFound(Missing::Blob))
+    }
+}
+
+/// What a manifest PUT stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutManifest {
+    /// The manifest's digest.
+    pub digest: Digest,
+    /// Its `subject`, if it has one.
+    pub subject: Option<Digest>,
+}
+
+/// Reads waiting to be recorded as last use, flushed in batches so reads stay cheap.
+#[derive(Default)]
+struct AccessLog {
+    pending: Mutex<HashSet<Touch>>,
+}
+
+impl AccessLog {
+    fn record(&self, touch: Touch) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(touch);
+    }
+
+    async fn flush(&self, meta: &dyn MetaStore) -> Result<()> {
+        let batch: Vec<Touch> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        meta.touch(batch, now_secs()).await
+    }
+}
+
+impl Store {
+    /// Open the store described by `config`, creating its directory if needed. Must be
+    /// called inside a Tokio runtime (it starts the access-time flusher).
+    pub async fn open(config: &Config) -> Result<Store> {
+        let root = config.data_dir.clone();
+        let (backend, meta) = tokio::task::spawn_blocking(move || -> Result<_> {
+            std::fs::create_dir_all(&root)?;
+            Ok((
+                FsBackend::open(&root)?,
+                SqliteMeta::open(&root.join("meta.db"))?,
+            ))
+        })
+        .await??;
+        let store = Store {
+            blobs: BlobStore::new(Arc::new(backend)),
+            meta: Arc::new(meta),
+            hashes: Arc::default(),
+            access: Arc::default(),
+            max_manifest_bytes: config.max_manifest_bytes,
+        };
+        let (access, meta) = (Arc::downgrade(&store.access), store.meta.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
+            while let Some(access) = {
+                tick.tick().await;
+                access.upgrade()
+            } {
+                if let Err(e) = access.flush(meta.as_ref()).await {
+                    tracing::warn!(error = %e, "recording access times failed");
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    /// Write pending access times now (at shutdown).
+    pub async fn flush_access_times(&self) -> Result<()> {
+        self.access.flush(self.meta.as_ref()).await
+    }
+
+    /// Largest manifest accepted, in bytes.
+    pub fn max_manifest_bytes(&self) -> usize {
+        self.max_manifest_bytes
+    }
+
+    // ---- blobs ----
+
+    /// Find `digest` in `repo`.
+    pub async fn open_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobRead> {
+        let size = self
+            .meta
+            .linked_blob(repo, digest)
+            .await?
+            .ok_or(Error::NotFound(Missing::Blob))?;
+        self.access.record(Touch::Blob(digest.clone()));
+        Ok(BlobRead {
+            store: self.blobs.clone(),
+            digest: digest.clone(),
+            size,
+        })
+    }
+
+    /// Remove `digest` from `repo` (the bytes go when nothing else needs them).
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        if self.meta.unlink_blob(repo, digest).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(Missing::Blob))
+        }
+    }
+
+    /// Link an existing blob into `repo` from `from` (or, without `from`, from wherever it
+    /// is stored). `false` when it is not there to mount.
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<bool> {
+        let size = match from {
+            Some(from) => self.meta.linked_blob(from, digest).await?,
+            None => self.meta.known_blob(digest).await?,
+        };
+        let Some(size) = size else { return Ok(false) };
+        if self.blobs.stat(digest).await? != Some(size) {
+            return Ok(false);
+        }
+        self.meta.link_blob(repo, digest, size).await?;
+        self.access.record(Touch::Blob(digest.clone()));
+        Ok(true)
+    }
+
+    /// Store a whole blob sent in one request (monolithic upload).
+    pub async fn put_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let id = UploadId::random();
+        self.blobs.create_staged(&id).await?;
+        let result = async {
+            let (size, hasher) = self
+                .blobs
+                .append(&id, 0, body, Hasher::new(digest.algorithm()))
+                .await?;
+            self.blobs.commit(&id, digest, hasher).await?;
+            self.meta.link_blob(repo, digest, size).await?;
+            Ok(size)
+        }
+        .await;
+        if result.is_err() {
+            self.blobs.discard(&id).await?;
+        }
+        result
+    }
+
+    // ---- upload sessions ----
+
+    /// Open an upload session in `repo`.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
+        let id = UploadId::random();
+        self.blobs.create_staged(&id).await?;
+        self.meta.create_upload(&id, repo).await?;
+        Ok(id)
+    }
+
+    async fn check_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        match self.meta.upload_repo(id).await? {
+            Some(owner) if owner == *repo => Ok(()),
+            _ => Err(Error::NotFound(Missing::Upload)),
+        }
+    }
+
+    async fn staged_len(&self, id: &UploadId) -> Result<u64> {
+        self.blobs
+            .staged_len(id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Upload))
+    }
+
+    /// Bytes received so far by an upload session.
+    pub async fn upload_offset(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
+        self.check_upload(repo, id).await?;
+        self.staged_len(id).await
+    }
+
+    /// The hash state for the upload's current length, rebuilt from disk when stale.
+    async fn current_hash(
+        &self,
+        id: &UploadId,
+        state: Option<HashState>,
+        algorithm: Algorithm,
+    ) -> Result<HashState> {
+        let len = self.staged_len(id).await?;
+        match state {
+            Some(s) if s.len == len && algorithm == Algorithm::Sha256 => Ok(s),
+            _ => {
+                let (len, hasher) = self.blobs.rehash(id, algorithm).await?;
+                Ok(HashState { len, hasher })
+            }
+        }
+    }
+
+    /// Append a chunk to an upload. `start`, when the client sent a `Content-Range`, must
+    /// equal the bytes received so far. Returns the new length.
+    pub async fn append_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        start: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64> {
+        self.check_upload(repo, id).await?;
+        let lock = self.hashes.lock_for(id);
+        let mut slot = lock.lock().await;
+        let len = self.staged_len(id).await?;
+        if let Some(start) = start.filter(|&s| s != len) {
+            return Err(Error::RangeInvalid {
+                expected_offset: len,
+                got: start,
+            });
+        }
+        let state = self
+            .current_hash(id, slot.take(), Algorithm::Sha256)
+            .await?;
+        let (len, hasher) = self.blobs.append(id, state.len, body, state.hasher).await?;
+        *slot = Some(HashState { len, hasher });
+        Ok(len)
+    }
+
+    /// Finish an upload: verify what was received against `digest`, commit, link.
+    /// A digest mismatch ends the session. Returns the blob's size.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+    ) -> Result<u64> {
+        self.check_upload(repo, id).await?;
+        let lock = self.hashes.lock_for(id);
+        let mut slot = lock.lock().await;
+        let state = self
+            .current_hash(id, slot.take(), digest.algorithm())
+            .await?;
+        let committed = self.blobs.commit(id, digest, state.hasher).await;
+        if let Err(Error::DigestMismatch { .. }) = committed {
+            self.end_upload(id).await?;
+        }
+        committed?;
+        self.meta.link_blob(repo, digest, state.len).await?;
+        self.end_upload(id).await?;
+        Ok(state.len)
+    }
+
+    /// Abandon an upload session and its bytes.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        self.check_upload(repo, id).await?;
+        let lock = self.hashes.lock_for(id);
+        let _held = lock.lock().await;
+        self.blobs.discard(id).await?;
+        self.end_upload(id).await
+    }
+
+    async fn end_upload(&self, id: &UploadId) -> Result<()> {
+        self.meta.remove_upload(id).await?;
+        self.hashes.forget(id);
+        Ok(())
+    }
+
+    // ---- manifests and tags ----
+
+    /// Store a manifest under `reference` (a tag, or the digest it must hash to).
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<PutManifest> {
+        if body.len() > self.max_manifest_bytes {
+            return Err(Error::ManifestTooLarge {
+                size: body.len(),
+                limit: self.max_manifest_bytes,
+            });
+        }
+        let parsed = Manifest::parse(content_type, &body)?;
+        let (digest, tag) = match reference {
+            Reference::Digest(d) if d.matches(&body) => (d.clone(), None),
+            Reference::Digest(d) => {
+                let mut hasher = Hasher::new(d.algorithm());
+                hasher.update(&body);
+                return Err(Error::DigestMismatch {
+                    expected: d.clone(),
+                    actual: hasher.finish(),
+                });
+            }
+            Reference::Tag(t) => (Digest::sha256_of(&body), Some(t)),
+        };
+        let subject = parsed.subject.clone();
+        let record = ManifestRecord {
+            digest: digest.clone(),
+            media_type: parsed.media_type,
+            artifact_type: parsed.artifact_type,
+            subject: parsed.subject,
+            annotations: parsed.annotations,
+            content: body,
+            references: parsed.references,
+        };
+        self.meta.put_manifest(repo, record, tag).await?;
+        Ok(PutManifest { digest, subject })
+    }
+
+    /// The manifest a tag or digest names in `repo`.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest> {
+        let manifest = self
+            .meta
+            .get_manifest(repo, reference)
+            .await?
+            .ok_or(Error::NotFound(Missing::Manifest))?;
+        if let Reference::Tag(tag) = reference {
+            self.access.record(Touch::Tag(repo.clone(), tag.clone()));
+        }
+        self.access
+            .record(Touch::Manifest(repo.clone(), manifest.digest.clone()));
+        Ok(manifest)
+    }
+
+    /// Delete a tag, or a manifest (and its tags) by digest.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let deleted = match reference {
+            Reference::Tag(tag) => self.meta.delete_tag(repo, tag).await?,
+            Reference::Digest(digest) => self.meta.delete_manifest(repo, digest).await?,
+        };
+        if deleted {
+            Ok(())
+        } else {
+            Err(Error::NotFound(Missing::Manifest))
+        }
+    }
+
+    /// One page of `repo`'s tags.
+    pub async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<Page> {
+        self.meta
+            .tags(repo, n, last)
+            .await?
+            .ok_or(Error::NotFound(Missing::Repository))
+    }
+
+    /// One page of repository names.
+    pub async fn catalog(&self, n: usize, last: Option<&str>) -> Result<Page> {
+        self.meta.repositories(n, last).await
+    }
+
+    /// Manifests in `repo` that name `subject`, optionally filtered by artifact type.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>> {
+        self.meta.referrers(repo, subject, artifact_type).await
+    }
+}
