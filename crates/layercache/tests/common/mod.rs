@@ -1,0 +1,126 @@
+//! Shared harness for end-to-end tests: one `layercache serve` per test, on a free
+//! port, in its own temporary data directory, killed when dropped.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running server.
+pub struct Server {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// `127.0.0.1:PORT`, as registry clients want it.
+    pub host: String,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Start a server on a fresh data directory.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut server = Server::start_on(&dir, "127.0.0.1:0");
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// Start a server on `data_dir`, listening on `listen`.
+    pub fn start_on(data_dir: &Path, listen: &str) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_layercache"))
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn layercache");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("layercache listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        let host = url.trim_start_matches("http://").to_owned();
+        Server {
+            child: Some(child),
+            url,
+            host,
+            data_dir: data_dir.to_owned(),
+            _tmp: None,
+        }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// `kill -9` the process (no shutdown code runs).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill the process and start a new one on the same directory and port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let tmp = self._tmp.take();
+        let mut last = None;
+        for _ in 0..50 {
+            // The port may linger briefly after the kill.
+            match std::panic::catch_unwind(|| Server::start_on(&self.data_dir, &self.host)) {
+                Ok(mut fresh) => {
+                    self.child = fresh.child.take();
+                    self._tmp = tmp;
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::panic::resume_unwind(last.unwrap());
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Whether a real-client test must fail (CI) rather than skip when `tool` is missing.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+            || std::env::var("LAYERCACHE_REQUIRE_CLIENTS").is_ok_and(|v| v == "1");
+        assert!(!required, "{tool} is required (CI=true) but not installed");
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
