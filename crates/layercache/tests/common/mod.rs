@@ -57,6 +57,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -123,4 +128,58 @@ pub fn require_tool(tool: &str) -> bool {
         eprintln!("SKIPPED: {tool} is not installed");
     }
     found
+}
+
+/// Deterministic pseudo-random bytes: `len` bytes of stream `seed`, generated in chunks.
+pub fn chunks(seed: u64, len: usize, chunk: usize) -> impl Iterator<Item = bytes::Bytes> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(chunk);
+        left -= n;
+        let mut buf = vec![0u8; n];
+        rng.fill_bytes(&mut buf);
+        Some(bytes::Bytes::from(buf))
+    })
+}
+
+/// The digest of `chunks(seed, len, chunk)`.
+pub fn digest_of_chunks(seed: u64, len: usize, chunk: usize) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for c in chunks(seed, len, chunk) {
+        h.update(&c);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Every committed blob file under the data directory hashes to its name.
+pub fn assert_blob_files_match_their_names(data_dir: &Path) {
+    use sha2::Digest;
+    let root = data_dir.join("blobs/sha256");
+    let Ok(shards) = std::fs::read_dir(&root) else { return };
+    for shard in shards {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let mut h = sha2::Sha256::new();
+            std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut h).unwrap();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            assert_eq!(hex::encode(h.finalize()), name, "{} is corrupt", path.display());
+        }
+    }
+}
+
+/// Peak resident memory of a process, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status");
+    kib * 1024
 }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the real clients the tests drive (Debian packages) and start dockerd.
+# Safe to run repeatedly: it installs only what is missing and starts dockerd only if
+# it is not answering.
+set -euo pipefail
+
+packages=()
+for pkg in docker.io buildah skopeo busybox-static docker-registry; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
+done
+
+if [ ${#packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing ${packages[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "installing: ${packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+# The docker client from Debian's docker.io: newer clients without buildx refuse
+# DOCKER_BUILDKIT=1.
+if ! /usr/bin/docker info >/dev/null 2>&1; then
+  echo "starting dockerd"
+  nohup /usr/sbin/dockerd --iptables=false >/tmp/layercache-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    /usr/bin/docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  /usr/bin/docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/layercache-dockerd.log; exit 1; }
+fi
+echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version)"
