@@ -15,13 +15,21 @@ const MIB: usize = 1 << 20;
 const CLIENTS: usize = 16;
 
 fn collect(seed: u64, len: usize) -> Bytes {
-    Bytes::from(common::chunks(seed, len, MIB).flat_map(|c| c.to_vec()).collect::<Vec<u8>>())
+    Bytes::from(
+        common::chunks(seed, len, MIB)
+            .flat_map(|c| c.to_vec())
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// The BuildKit sequence: POST a session, PUT the whole body with `?digest=`.
 async fn push_session_put(client: &reqwest::Client, base: &str, repo: &str, body: Bytes) {
     let digest = common::digest_of(&body);
-    let r = client.post(format!("{base}/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let location = r.headers()["location"].to_str().unwrap().to_owned();
     let r = client
@@ -37,13 +45,20 @@ async fn push_session_put(client: &reqwest::Client, base: &str, repo: &str, body
 /// Chunked: POST, two PATCHes with Content-Range, PUT ?digest= without body.
 async fn push_chunked(client: &reqwest::Client, base: &str, repo: &str, body: Bytes) {
     let digest = common::digest_of(&body);
-    let r = client.post(format!("{base}/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let mut location = r.headers()["location"].to_str().unwrap().to_owned();
     let half = body.len() / 2;
     for (start, part) in [(0, body.slice(..half)), (half, body.slice(half..))] {
         let r = client
             .patch(format!("{base}{location}"))
-            .header("content-range", format!("{start}-{}", start + part.len() - 1))
+            .header(
+                "content-range",
+                format!("{start}-{}", start + part.len() - 1),
+            )
             .body(part)
             .send()
             .await
@@ -51,7 +66,11 @@ async fn push_chunked(client: &reqwest::Client, base: &str, repo: &str, body: By
         assert_eq!(r.status(), 202);
         location = r.headers()["location"].to_str().unwrap().to_owned();
     }
-    let r = client.put(format!("{base}{location}?digest={digest}")).send().await.unwrap();
+    let r = client
+        .put(format!("{base}{location}?digest={digest}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
 }
 
@@ -90,19 +109,28 @@ async fn sixteen_clients_push_same_and_different_content_without_failures_or_tor
     let base = server.url.clone();
     let shared = collect(100, 16 * MIB);
     let shared_digest = common::digest_of(&shared);
-    let config = Bytes::from_static(br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}"#);
+    let config =
+        Bytes::from_static(br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}"#);
     let shared_manifest = manifest(&config, &[&shared]);
 
     let done = Arc::new(AtomicBool::new(false));
     let full_reads = Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..4)
         .map(|_| {
-            let (base, digest, done, full_reads) =
-                (base.clone(), shared_digest.clone(), done.clone(), full_reads.clone());
+            let (base, digest, done, full_reads) = (
+                base.clone(),
+                shared_digest.clone(),
+                done.clone(),
+                full_reads.clone(),
+            );
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 while !done.load(Ordering::Relaxed) {
-                    let r = client.get(format!("{base}/v2/conc/shared/blobs/{digest}")).send().await.unwrap();
+                    let r = client
+                        .get(format!("{base}/v2/conc/shared/blobs/{digest}"))
+                        .send()
+                        .await
+                        .unwrap();
                     match r.status().as_u16() {
                         404 => tokio::task::yield_now().await,
                         200 => {
@@ -119,15 +147,21 @@ async fn sixteen_clients_push_same_and_different_content_without_failures_or_tor
 
     let writers: Vec<_> = (0..CLIENTS)
         .map(|i| {
-            let (base, shared, config, shared_manifest) =
-                (base.clone(), shared.clone(), config.clone(), shared_manifest.clone());
+            let (base, shared, config, shared_manifest) = (
+                base.clone(),
+                shared.clone(),
+                config.clone(),
+                shared_manifest.clone(),
+            );
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let own = collect(1000 + i as u64, 2 * MIB + i * 4096);
                 let config_digest = common::digest_of(&config);
                 // The same config by monolithic POST from every client at once.
                 let r = client
-                    .post(format!("{base}/v2/conc/shared/blobs/uploads/?digest={config_digest}"))
+                    .post(format!(
+                        "{base}/v2/conc/shared/blobs/uploads/?digest={config_digest}"
+                    ))
                     .body(config.clone())
                     .send()
                     .await
@@ -136,7 +170,14 @@ async fn sixteen_clients_push_same_and_different_content_without_failures_or_tor
                 push_session_put(&client, &base, "conc/shared", shared).await;
                 push_chunked(&client, &base, "conc/shared", own.clone()).await;
                 put_manifest(&client, &base, "conc/shared", "same", &shared_manifest).await;
-                put_manifest(&client, &base, "conc/shared", &format!("c{i}"), &manifest(&config, &[&own])).await;
+                put_manifest(
+                    &client,
+                    &base,
+                    "conc/shared",
+                    &format!("c{i}"),
+                    &manifest(&config, &[&own]),
+                )
+                .await;
                 own
             })
         })
@@ -155,7 +196,11 @@ async fn sixteen_clients_push_same_and_different_content_without_failures_or_tor
     }
 
     let client = reqwest::Client::new();
-    let r = client.get(format!("{base}/v2/conc/shared/manifests/same")).send().await.unwrap();
+    let r = client
+        .get(format!("{base}/v2/conc/shared/manifests/same"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), shared_manifest);
     for (i, own) in owns.iter().enumerate() {
         let digest = common::digest_of(own);
@@ -168,7 +213,11 @@ async fn sixteen_clients_push_same_and_different_content_without_failures_or_tor
             .await
             .unwrap();
         assert_eq!(common::digest_of(&got), digest);
-        let r = client.get(format!("{base}/v2/conc/shared/manifests/c{i}")).send().await.unwrap();
+        let r = client
+            .get(format!("{base}/v2/conc/shared/manifests/c{i}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     let tags: serde_json::Value = client

@@ -43,10 +43,16 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
     let client = reqwest::Client::new();
 
     // Content stored before the crash: a blob and a manifest referencing it.
-    let kept = Bytes::from(common::chunks(1, 8 * MIB, MIB).flat_map(|c| c.to_vec()).collect::<Vec<u8>>());
+    let kept = Bytes::from(
+        common::chunks(1, 8 * MIB, MIB)
+            .flat_map(|c| c.to_vec())
+            .collect::<Vec<u8>>(),
+    );
     let kept_digest = common::digest_of(&kept);
     let r = client
-        .post(server.at(&format!("/v2/crash/app/blobs/uploads/?digest={kept_digest}")))
+        .post(server.at(&format!(
+            "/v2/crash/app/blobs/uploads/?digest={kept_digest}"
+        )))
         .body(kept.clone())
         .send()
         .await
@@ -55,7 +61,9 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
     let config_digest = common::digest_of(&config);
     let r = client
-        .post(server.at(&format!("/v2/crash/app/blobs/uploads/?digest={config_digest}")))
+        .post(server.at(&format!(
+            "/v2/crash/app/blobs/uploads/?digest={config_digest}"
+        )))
         .body(config.clone())
         .send()
         .await
@@ -80,10 +88,17 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
     // A chunked upload with one acknowledged chunk, then a second chunk cut off mid-way.
     let total = 96 * MIB;
     let chunked_digest = common::digest_of_chunks(2, total, MIB);
-    let r = client.post(server.at("/v2/crash/app/blobs/uploads/")).send().await.unwrap();
+    let r = client
+        .post(server.at("/v2/crash/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     let location = upload_location(&r);
-    let first: Vec<u8> = common::chunks(2, total, MIB).take(32).flat_map(|c| c.to_vec()).collect();
+    let first: Vec<u8> = common::chunks(2, total, MIB)
+        .take(32)
+        .flat_map(|c| c.to_vec())
+        .collect();
     let r = client
         .patch(server.at(&location))
         .header("content-range", format!("0-{}", first.len() - 1))
@@ -93,14 +108,20 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["range"], format!("0-{}", 32 * MIB - 1));
-    let (chunk_pending, _chunk_tx) =
-        start_streamed(client.patch(server.at(&location)), common::chunks(2, total, MIB).skip(32), 20).await;
+    let (chunk_pending, _chunk_tx) = start_streamed(
+        client.patch(server.at(&location)),
+        common::chunks(2, total, MIB).skip(32),
+        20,
+    )
+    .await;
 
     // A monolithic upload of a large blob, cut off mid-way.
     let mono_total = 256 * MIB;
     let mono_digest = common::digest_of_chunks(3, mono_total, MIB);
     let (mono_pending, _mono_tx) = start_streamed(
-        client.post(server.at(&format!("/v2/crash/app/blobs/uploads/?digest={mono_digest}"))),
+        client.post(server.at(&format!(
+            "/v2/crash/app/blobs/uploads/?digest={mono_digest}"
+        ))),
         common::chunks(3, mono_total, MIB),
         100,
     )
@@ -108,7 +129,10 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
 
     server.kill();
     let _ = chunk_pending.await; // either outcome: the server may have died before or after reading it
-    assert!(mono_pending.await.unwrap().is_err(), "the cut-off upload cannot have succeeded");
+    assert!(
+        mono_pending.await.unwrap().is_err(),
+        "the cut-off upload cannot have succeeded"
+    );
     server.restart();
     let client = reqwest::Client::new();
 
@@ -120,7 +144,12 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
         .unwrap();
     assert_eq!(r.status(), 404);
     let hex = mono_digest.trim_start_matches("sha256:");
-    assert!(!server.data_dir().join(format!("blobs/sha256/{}/{hex}", &hex[..2])).exists());
+    assert!(
+        !server
+            .data_dir()
+            .join(format!("blobs/sha256/{}/{hex}", &hex[..2]))
+            .exists()
+    );
     common::assert_blob_files_match_their_names(server.data_dir());
 
     // What was stored before the crash is intact.
@@ -131,7 +160,11 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
         .unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(common::digest_of(&got.bytes().await.unwrap()), kept_digest);
-    let got = client.get(server.at("/v2/crash/app/manifests/v1")).send().await.unwrap();
+    let got = client
+        .get(server.at("/v2/crash/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.text().await.unwrap(), manifest);
 
@@ -140,7 +173,10 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
     assert_eq!(r.status(), 204);
     let range = r.headers()["range"].to_str().unwrap().to_owned();
     let offset: usize = range.split('-').nth(1).unwrap().parse::<usize>().unwrap() + 1;
-    assert!(offset >= 32 * MIB && offset <= total, "offset {offset} after restart");
+    assert!(
+        offset >= 32 * MIB && offset <= total,
+        "offset {offset} after restart"
+    );
 
     let wrong = client
         .patch(server.at(&location))
@@ -151,7 +187,10 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
         .unwrap();
     assert_eq!(wrong.status(), 416, "a chunk that leaves a gap is refused");
 
-    let rest: Vec<u8> = common::chunks(2, total, MIB).flat_map(|c| c.to_vec()).skip(offset).collect();
+    let rest: Vec<u8> = common::chunks(2, total, MIB)
+        .flat_map(|c| c.to_vec())
+        .skip(offset)
+        .collect();
     let r = client
         .patch(server.at(&location))
         .header("content-range", format!("{offset}-{}", total - 1))
@@ -171,6 +210,9 @@ async fn kill_during_uploads_leaves_no_partial_blob_and_chunked_upload_resumes()
         .send()
         .await
         .unwrap();
-    assert_eq!(common::digest_of(&got.bytes().await.unwrap()), chunked_digest);
+    assert_eq!(
+        common::digest_of(&got.bytes().await.unwrap()),
+        chunked_digest
+    );
     common::assert_blob_files_match_their_names(server.data_dir());
 }

@@ -18,7 +18,11 @@ async fn pushing_and_pulling_a_gib_blob_keeps_server_memory_flat() {
     let client = reqwest::Client::new();
     let digest = common::digest_of_chunks(7, GIB, 4 * MIB);
 
-    let r = client.post(server.at("/v2/mem/big/blobs/uploads/")).send().await.unwrap();
+    let r = client
+        .post(server.at("/v2/mem/big/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let location = r.headers()["location"].to_str().unwrap().to_owned();
     let body = futures::stream::iter(common::chunks(7, GIB, 4 * MIB).map(Ok::<_, std::io::Error>));
     let r = client
@@ -44,8 +48,15 @@ async fn pushing_and_pulling_a_gib_blob_keeps_server_memory_flat() {
         sha2::Digest::update(&mut hasher, &chunk);
     }
     assert_eq!(len, GIB);
-    assert_eq!(format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher))), digest);
+    assert_eq!(
+        format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher))),
+        digest
+    );
 
     let peak = common::peak_rss(server.pid());
-    assert!(peak < PEAK_LIMIT, "server peak RSS {} MiB while moving 1 GiB", peak / MIB as u64);
+    assert!(
+        peak < PEAK_LIMIT,
+        "server peak RSS {} MiB while moving 1 GiB",
+        peak / MIB as u64
+    );
 }

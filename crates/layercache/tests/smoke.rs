@@ -10,7 +10,10 @@ async fn serve_answers_the_version_check_and_keeps_data_across_restarts() {
     let client = reqwest::Client::new();
     let base = client.get(server.at("/v2/")).send().await.unwrap();
     assert_eq!(base.status(), 200);
-    assert_eq!(base.headers()["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(
+        base.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
 
     let body = b"layer bytes".to_vec();
     let digest = common::digest_of(&body);
@@ -24,7 +27,11 @@ async fn serve_answers_the_version_check_and_keeps_data_across_restarts() {
 
     server.restart();
     let client = reqwest::Client::new(); // the old pool holds connections to the dead process
-    let got = client.get(server.at(&format!("/v2/smoke/blobs/{digest}"))).send().await.unwrap();
+    let got = client
+        .get(server.at(&format!("/v2/smoke/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().await.unwrap().to_vec(), body);
 }

@@ -34,7 +34,10 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_layercache"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -161,14 +164,21 @@ pub fn digest_of_chunks(seed: u64, len: usize, chunk: usize) -> String {
 pub fn assert_blob_files_match_their_names(data_dir: &Path) {
     use sha2::Digest;
     let root = data_dir.join("blobs/sha256");
-    let Ok(shards) = std::fs::read_dir(&root) else { return };
+    let Ok(shards) = std::fs::read_dir(&root) else {
+        return;
+    };
     for shard in shards {
         for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
             let path = file.unwrap().path();
             let mut h = sha2::Sha256::new();
             std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut h).unwrap();
             let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-            assert_eq!(hex::encode(h.finalize()), name, "{} is corrupt", path.display());
+            assert_eq!(
+                hex::encode(h.finalize()),
+                name,
+                "{} is corrupt",
+                path.display()
+            );
         }
     }
 }
@@ -182,4 +192,31 @@ pub fn peak_rss(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM in /proc status");
     kib * 1024
+}
+
+/// Run a client command: whether it succeeded, and its output (stdout and stderr
+/// interleaved as written).
+pub fn run(command: &mut Command) -> (bool, String) {
+    use std::io::{Read, Seek};
+    let mut log = tempfile::tempfile().unwrap();
+    let status = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log.try_clone().unwrap())
+        .status()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let mut bytes = Vec::new();
+    log.rewind().unwrap();
+    log.read_to_end(&mut bytes).unwrap();
+    (
+        status.success(),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+/// Run a client command that must succeed; its output.
+pub fn run_ok(command: &mut Command) -> String {
+    let (ok, text) = run(command);
+    assert!(ok, "{command:?} failed:\n{text}");
+    text
 }

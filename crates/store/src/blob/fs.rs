@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use oci::Digest;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_util::io::ReaderStream;
 
@@ -22,8 +21,12 @@ use super::{ByteRange, ByteStream};
 use crate::upload::UploadId;
 use crate::{Error, Result};
 
-/// Read buffer for streaming blobs out: large reads keep syscalls and task hops rare.
+/// Read buffer for streaming staging files (hash rebuilds).
 const READ_CHUNK: usize = 1 << 20;
+/// Committed blobs are served as memory-mapped windows of this size (a multiple of the
+/// page size): the socket write copies straight from the page cache, and each window
+/// is unmapped once sent, so resident memory stays flat.
+const MAP_WINDOW: u64 = 4 << 20;
 /// Chunks queued between the request task and the writer thread (bounds memory).
 const WRITE_QUEUE: usize = 16;
 
@@ -67,21 +70,43 @@ fn not_found_as_none<T>(result: io::Result<T>) -> Result<Option<T>> {
     }
 }
 
-async fn open_stream(path: PathBuf, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
-    let Some(mut file) = not_found_as_none(tokio::fs::File::open(&path).await)? else {
-        return Ok(None);
-    };
-    let stream: ByteStream = match range {
-        Some(range) => {
-            file.seek(SeekFrom::Start(range.start)).await?;
-            Box::pin(ReaderStream::with_capacity(
-                file.take(range.len),
-                READ_CHUNK,
-            ))
+/// The windows `[next, end)` of a committed blob, each mapped when it is polled.
+struct MappedWindows {
+    file: std::sync::Arc<std::fs::File>,
+    next: u64,
+    end: u64,
+}
+
+impl Iterator for MappedWindows {
+    type Item = io::Result<Bytes>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.end {
+            return None;
         }
-        None => Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)),
+        let aligned = self.next - self.next % MAP_WINDOW;
+        let window_end = (aligned + MAP_WINDOW).min(self.end);
+        let skip = (self.next - aligned) as usize;
+        self.next = window_end;
+        Some(map_window(&self.file, aligned, window_end - aligned).map(|map| map.slice(skip..)))
+    }
+}
+
+/// Map `len` bytes of a committed blob from the page-aligned `offset`.
+#[allow(unsafe_code)]
+fn map_window(file: &std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> {
+    let len = usize::try_from(len).map_err(io::Error::other)?;
+    // SAFETY: committed blob files are never written or truncated after the rename that
+    // publishes them; they are only unlinked, which leaves existing mappings intact. So
+    // the mapped bytes cannot change or vanish while the mapping lives.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map(file)?
     };
-    Ok(Some(stream))
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(Bytes::from_owner(map))
 }
 
 /// Writes every chunk it receives to `file`; runs on a blocking thread.
@@ -100,7 +125,26 @@ impl BlobBackend for FsBackend {
     }
 
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
-        open_stream(self.blob_path(digest), range).await
+        let path = self.blob_path(digest);
+        let Some(file) = not_found_as_none(
+            tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?,
+        )?
+        else {
+            return Ok(None);
+        };
+        let size = file.metadata()?.len();
+        let range = range.unwrap_or(ByteRange {
+            start: 0,
+            len: size,
+        });
+        let end = range.start.saturating_add(range.len).min(size);
+        let file = std::sync::Arc::new(file);
+        let windows = futures::stream::iter(MappedWindows {
+            file,
+            next: range.start,
+            end,
+        });
+        Ok(Some(Box::pin(windows)))
     }
 
     async fn create_staged(&self, id: &UploadId) -> Result<()> {
@@ -160,9 +204,9 @@ impl BlobBackend for FsBackend {
     }
 
     async fn read_staged(&self, id: &UploadId) -> Result<ByteStream> {
-        open_stream(self.staged_path(id), None)
-            .await?
-            .ok_or(Error::NotFound(crate::error::Missing::Upload))
+        let file = not_found_as_none(tokio::fs::File::open(self.staged_path(id)).await)?
+            .ok_or(Error::NotFound(crate::error::Missing::Upload))?;
+        Ok(Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)))
     }
 
     async fn commit(&self, id: &UploadId, digest: &Digest) -> Result<()> {
