@@ -1,0 +1,226 @@
+//! dockerd's BuildKit against layercache: a multi-stage image built with the inline
+//! cache and pushed is, on a daemon wiped of every image and all build cache, rebuilt
+//! with every step CACHED and pulled back as the very same image.
+//!
+//! dockerd is one shared daemon, so everything touching it lives in one test function.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+/// The Debian docker.io client: newer clients without buildx refuse `DOCKER_BUILDKIT=1`.
+const DOCKER: &str = "/usr/bin/docker";
+
+/// Steps in three stages; the final stage takes a file from `builder`. Every `RUN`
+/// writes tens of MiB of random bytes, so a step that runs again cannot produce the
+/// same layer.
+const DOCKERFILE: &str = r#"FROM scratch AS base
+COPY nonce /nonce
+COPY busybox /bin/busybox
+SHELL ["/bin/busybox", "sh", "-c"]
+RUN /bin/busybox mkdir -p /data /tmp && /bin/busybox dd if=/dev/urandom of=/data/base.bin bs=1M count=24
+
+FROM base AS builder
+RUN /bin/busybox dd if=/dev/urandom of=/data/tool.bin bs=1M count=24
+
+FROM base
+RUN /bin/busybox dd if=/dev/urandom of=/data/a.bin bs=1M count=32
+COPY --from=builder /data/tool.bin /data/tool.bin
+RUN /bin/busybox dd if=/dev/urandom of=/data/b.bin bs=1M count=32
+RUN /bin/busybox dd if=/dev/urandom of=/data/c.bin bs=1M count=32
+"#;
+
+fn docker(args: &[&str]) -> Command {
+    let mut command = Command::new(DOCKER);
+    command.env("DOCKER_BUILDKIT", "1").args(args);
+    command
+}
+
+/// `--progress=plain` output reduced to its build steps (`#N [stage i/n] INSTRUCTION`,
+/// without `[internal]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
+fn step_outcomes(output: &str) -> BTreeMap<String, String> {
+    let mut names = BTreeMap::new();
+    let mut ends = BTreeMap::new();
+    for line in output.lines() {
+        let Some((id, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
+            continue;
+        };
+        if rest.starts_with('[') && !rest.starts_with("[internal]") {
+            names.insert(id.to_owned(), rest.to_owned());
+        } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
+            ends.insert(id.to_owned(), rest.to_owned());
+        }
+    }
+    names
+        .into_iter()
+        .map(|(id, name)| {
+            let end = ends.remove(&id).unwrap_or_else(|| "(no end)".into());
+            (name, end)
+        })
+        .collect()
+}
+
+fn image_id(reference: &str) -> String {
+    common::run_ok(&mut docker(&[
+        "image", "inspect", "--format", "{{.Id}}", reference,
+    ]))
+    .trim()
+    .to_owned()
+}
+
+/// Remove the images and all build cache; how the build cache prune went.
+fn remove(tag: &str, ids: &[&str]) -> (bool, String) {
+    let pruned = common::run(&mut docker(&["builder", "prune", "-af"]));
+    for image in ids.iter().chain([&tag]) {
+        common::run(&mut docker(&["image", "rm", "-f", image]));
+    }
+    pruned
+}
+
+/// [`remove`], then check that the images are gone.
+fn wipe(tag: &str, ids: &[&str]) {
+    let (pruned, out) = remove(tag, ids);
+    assert!(pruned, "docker builder prune failed:\n{out}");
+    let images = common::run_ok(&mut docker(&[
+        "images",
+        "-a",
+        "--no-trunc",
+        "--format",
+        "{{.Repository}}:{{.Tag}} {{.ID}}",
+    ]));
+    for gone in ids.iter().chain([&tag]) {
+        assert!(
+            !images.contains(gone),
+            "{gone} survived the wipe:\n{images}"
+        );
+    }
+}
+
+fn build(context: &Path, tag: &str, cache_from: Option<&str>) -> String {
+    // No network for RUN: the steps need none, and the build then does not depend on
+    // the daemon's bridge.
+    let mut command = docker(&[
+        "build",
+        "--network=none",
+        "--progress=plain",
+        "--build-arg",
+        "BUILDKIT_INLINE_CACHE=1",
+        "-t",
+        tag,
+    ]);
+    if let Some(from) = cache_from {
+        command.args(["--cache-from", from]);
+    }
+    common::run_ok(command.arg(context))
+}
+
+/// Leaves the daemon without this test's images and build cache, also on failure.
+struct Cleanup<'a> {
+    tag: &'a str,
+    ids: Vec<String>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let ids: Vec<&str> = self.ids.iter().map(String::as_str).collect();
+        remove(self.tag, &ids);
+    }
+}
+
+#[test]
+fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_same_image() {
+    if !common::require_tool(DOCKER) {
+        return;
+    }
+    let (ok, info) = common::run(&mut docker(&["info"]));
+    assert!(
+        ok,
+        "dockerd is not answering (scripts/setup-clients.sh starts it):\n{info}"
+    );
+
+    let server = common::Server::start();
+    let context = tempfile::tempdir().unwrap();
+    std::fs::copy("/bin/busybox", context.path().join("busybox"))
+        .expect("a static busybox at /bin/busybox (Debian busybox-static)");
+    let nonce = format!("{} {:?}", server.host, std::time::SystemTime::now());
+    std::fs::write(context.path().join("nonce"), nonce).unwrap();
+    std::fs::write(context.path().join("Dockerfile"), DOCKERFILE).unwrap();
+    let tag = format!("{}/cache/app:v1", server.host);
+    let mut cleanup = Cleanup {
+        tag: &tag,
+        ids: Vec::new(),
+    };
+    wipe(&tag, &[]);
+
+    // Cold build on an empty builder: every step runs.
+    let cold = build(context.path(), &tag, None);
+    let cold_steps = step_outcomes(&cold);
+    let instructions = DOCKERFILE
+        .lines()
+        .filter(|l| l.starts_with("RUN ") || l.starts_with("COPY "))
+        .count();
+    assert_eq!(
+        cold_steps.len(),
+        instructions,
+        "steps: {cold_steps:#?}\n{cold}"
+    );
+    for (step, end) in &cold_steps {
+        assert!(
+            end.starts_with("DONE"),
+            "cold build: {step} ended {end}\n{cold}"
+        );
+    }
+    let built = image_id(&tag);
+    cleanup.ids.push(built.clone());
+    let push = common::run_ok(&mut docker(&["push", &tag]));
+    let pushed_digest = push
+        .split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in the push output:\n{push}"))
+        .to_owned();
+
+    // Warm build on a wiped daemon, importing the inline cache: nothing runs.
+    wipe(&tag, &[&built]);
+    let warm = build(context.path(), &tag, Some(&tag));
+    assert!(
+        warm.contains(&format!("importing cache manifest from {tag}")),
+        "{warm}"
+    );
+    let warm_steps = step_outcomes(&warm);
+    assert_eq!(
+        warm_steps.keys().collect::<Vec<_>>(),
+        cold_steps.keys().collect::<Vec<_>>(),
+        "{warm}"
+    );
+    let ran: Vec<_> = warm_steps
+        .iter()
+        .filter(|(_, end)| *end != "CACHED")
+        .collect();
+    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+    assert_eq!(
+        image_id(&tag),
+        built,
+        "the cached rebuild is a different image"
+    );
+
+    // Pull on a wiped daemon: the image built first, under the digest pushed.
+    wipe(&tag, &[&built]);
+    common::run_ok(&mut docker(&["pull", &tag]));
+    assert_eq!(image_id(&tag), built);
+    let repo_digests = common::run_ok(&mut docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        &tag,
+    ]));
+    assert!(
+        repo_digests.contains(&pushed_digest),
+        "{pushed_digest} not in {repo_digests}"
+    );
+}
