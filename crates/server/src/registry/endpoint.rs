@@ -5,7 +5,7 @@
 //! validated here, so handlers receive only [`RepoName`], [`Digest`], [`Reference`] and
 //! [`UploadId`] values.
 
-use axum::http::Method;
+use axum::http::{Method, header};
 use oci::{Digest, ErrorCode, Reference, RepoName};
 use store::UploadId;
 
@@ -153,8 +153,21 @@ fn parse_target(rest: &str) -> Result<Target, RegistryError> {
 }
 
 impl Target {
+    /// The methods this target answers, for the `Allow` header of a 405.
+    fn allowed(&self) -> &'static str {
+        match self {
+            Target::Base => "GET, HEAD",
+            Target::Catalog | Target::Tags(_) | Target::Referrers(..) => "GET",
+            Target::Manifest(..) => "GET, HEAD, PUT, DELETE",
+            Target::Blob(..) => "GET, HEAD, DELETE",
+            Target::Uploads(_) => "POST",
+            Target::Upload(..) => "GET, PATCH, PUT, DELETE",
+        }
+    }
+
     fn with_method(self, method: &Method) -> Result<Endpoint, RegistryError> {
         let m = method.clone();
+        let allowed = self.allowed();
         let endpoint = match self {
             Target::Base if m == Method::GET || m == Method::HEAD => Endpoint::Base,
             Target::Catalog if m == Method::GET => Endpoint::Catalog,
@@ -176,7 +189,8 @@ impl Target {
                 return Err(RegistryError::new(
                     ErrorCode::Unsupported,
                     format!("method {method} is not supported here"),
-                ));
+                )
+                .with_header(header::ALLOW, allowed.to_owned()));
             }
         };
         Ok(endpoint)

@@ -5,6 +5,7 @@
 //! Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md>.
 
 mod blobs;
+mod body;
 mod endpoint;
 mod error;
 mod manifests;
@@ -52,6 +53,7 @@ impl Params {
 /// Serve any `/v2/...` request.
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    let body = body::drain_on_drop(body);
     let mut response = match Endpoint::parse(&parts.method, parts.uri.path()) {
         Ok(endpoint) => {
             tracing::Span::current().record("endpoint", endpoint.name());

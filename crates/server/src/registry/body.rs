@@ -1,0 +1,114 @@
+//! Request bodies as handlers see them: a body a handler drops unread (it answered
+//! before reading: unknown upload, out-of-order chunk, manifest over the limit) is read
+//! to its end and discarded in the background, so a client still sending it reads the
+//! error instead of a reset connection. Draining is bounded by [`DRAIN_LIMIT`] bytes and
+//! [`DRAIN_TIME`]; past either the connection is closed as before.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use futures::StreamExt;
+use http_body::{Frame, SizeHint};
+
+/// Most bytes read and discarded after an early answer.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+/// Longest time spent draining after an early answer.
+const DRAIN_TIME: Duration = Duration::from_secs(30);
+
+/// Wrap a request body so that dropping it unread drains it.
+pub(super) fn drain_on_drop(body: Body) -> Body {
+    Body::new(DrainOnDrop {
+        inner: Some(body),
+        finished: false,
+    })
+}
+
+struct DrainOnDrop {
+    inner: Option<Body>,
+    finished: bool,
+}
+
+impl HttpBody for DrainOnDrop {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.finished = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished || self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint)
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(body) = self.inner.take().filter(|b| !b.is_end_stream()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(body));
+        }
+    }
+}
+
+async fn drain(body: Body) {
+    let mut stream = body.into_data_stream();
+    let mut left = DRAIN_LIMIT;
+    let discard = async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            left = left.saturating_sub(chunk.len() as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_is_still_read_to_its_end() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        let body = drain_on_drop(Body::from_stream(stream));
+        assert!(!body.is_end_stream());
+        drop(body);
+        // With nobody reading, the one-slot channel would close or block.
+        for _ in 0..100 {
+            let sent = tokio::time::timeout(
+                Duration::from_secs(5),
+                tx.send(Ok(Bytes::from_static(b"chunk"))),
+            )
+            .await;
+            assert!(matches!(sent, Ok(Ok(()))), "the sender is being drained");
+        }
+    }
+}
