@@ -25,8 +25,12 @@ use crate::{Error, Result};
 /// A stream of body bytes, in or out.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
-/// Chunks queued for the hashing thread.
-const HASH_QUEUE: usize = 16;
+/// Batches queued for the hashing thread.
+const HASH_QUEUE: usize = 8;
+/// Most body chunks grouped into one batch. A batch holds only chunks that were already
+/// received, so grouping never delays bytes; it lets the hashing and writing threads
+/// wake once per batch instead of once per network read.
+pub(crate) const BATCH_CHUNKS: usize = 64;
 
 /// A byte range of a blob: `len` bytes from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,23 +50,25 @@ pub struct BlobStore {
 /// Pass `body` through unchanged while a blocking thread hashes it; the returned task
 /// yields the hasher once the stream has been consumed (or dropped).
 fn tee_hash(body: ByteStream, mut hasher: Hasher) -> (ByteStream, tokio::task::JoinHandle<Hasher>) {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(HASH_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(HASH_QUEUE);
     let task = tokio::task::spawn_blocking(move || {
-        while let Some(chunk) = rx.blocking_recv() {
-            hasher.update(&chunk);
+        while let Some(batch) = rx.blocking_recv() {
+            batch.iter().for_each(|chunk| hasher.update(chunk));
         }
         hasher
     });
-    let stream = body.then(move |chunk| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(bytes) = &chunk {
+    let stream = body
+        .ready_chunks(BATCH_CHUNKS)
+        .then(move |batch| {
+            let tx = tx.clone();
+            async move {
+                let chunks = batch.iter().filter_map(|c| c.as_ref().ok()).cloned().collect();
                 // The hashing thread only stops when this stream is dropped.
-                let _ = tx.send(bytes.clone()).await;
+                let _ = tx.send(chunks).await;
+                futures::stream::iter(batch)
             }
-            chunk
-        }
-    });
+        })
+        .flatten();
     (Box::pin(stream), task)
 }
 
