@@ -69,6 +69,9 @@ pub enum Error {
     /// The metadata database failed.
     #[error("metadata database: {0}")]
     Database(#[from] rusqlite::Error),
+    /// A group of metadata writes failed to commit; none of them took effect.
+    #[error("metadata commit failed: {0}")]
+    Commit(String),
     /// A background task died (a bug, never client input).
     #[error("internal task failed: {0}")]
     Task(String),

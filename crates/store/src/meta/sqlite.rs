@@ -1,14 +1,20 @@
 //! The embedded metadata store: SQLite in WAL mode with `synchronous=FULL`, so an
-//! acknowledged manifest survives a crash. One writer connection, a few readers; all
-//! calls run on blocking threads.
+//! acknowledged manifest survives a crash.
+//!
+//! Writes go to one writer thread that commits them in groups: every write queued while
+//! the previous commit was syncing runs in its own savepoint of one transaction, and all
+//! are acknowledged after that transaction's single fsync. Reads use a small pool of
+//! connections on blocking threads.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use oci::{Digest, Reference, RepoName, Tag};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{ManifestRecord, MetaStore, Page, Referrer, StoredManifest, Touch};
 use crate::upload::UploadId;
@@ -67,12 +73,67 @@ CREATE TABLE IF NOT EXISTS uploads (
 ";
 
 const READERS: usize = 4;
+/// Most writes folded into one transaction.
+const MAX_GROUP: usize = 256;
+/// Writes waiting for the writer thread.
+const WRITE_QUEUE: usize = 1024;
+
+/// What the writer thread learns about a group's commit: `Err` holds the failure.
+type Committed = std::result::Result<(), String>;
+/// Delivers a write's result once its group's commit is known.
+type Deliver = Box<dyn FnOnce(Committed) + Send>;
+/// A write, run in its own savepoint inside the writer's current transaction.
+type Job = Box<dyn FnOnce(&Connection) -> Deliver + Send>;
 
 /// Metadata in an SQLite database file.
 #[derive(Clone)]
 pub struct SqliteMeta {
-    writer: Arc<Mutex<Connection>>,
+    jobs: mpsc::Sender<Job>,
     readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: Arc<AtomicUsize>,
+}
+
+/// The writer thread: run queued writes in groups, one transaction (one fsync) each.
+fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let failure = format!("starting a transaction: {e}");
+            for job in group {
+                // Never run a write outside a transaction; tell each caller instead.
+                drop(job);
+                tracing::error!(error = %failure, "metadata write dropped");
+            }
+            continue;
+        }
+        let deliveries: Vec<Deliver> = group.into_iter().map(|job| job(&conn)).collect();
+        let committed = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if committed.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for deliver in deliveries {
+            deliver(committed.clone());
+        }
+    }
+}
+
+/// Run `f` in a savepoint: its changes stay only if it succeeds.
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("SAVEPOINT write")?;
+    let result = f(conn);
+    let end = if result.is_ok() {
+        "RELEASE write"
+    } else {
+        "ROLLBACK TO write; RELEASE write"
+    };
+    conn.execute_batch(end)?;
+    result
 }
 
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
@@ -110,9 +171,15 @@ impl SqliteMeta {
         let readers = (0..READERS)
             .map(|_| connect(path).map(Mutex::new))
             .collect::<rusqlite::Result<_>>()?;
+        let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("metadata-writer".into())
+            .spawn(move || run_writer(writer, queue))
+            .map_err(Error::Io)?;
         Ok(SqliteMeta {
-            writer: Arc::new(Mutex::new(writer)),
+            jobs,
             readers: Arc::new(readers),
+            next_reader: Arc::default(),
         })
     }
 
@@ -121,25 +188,38 @@ impl SqliteMeta {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let (readers, writer) = (self.readers.clone(), self.writer.clone());
+        let readers = self.readers.clone();
+        let turn = self.next_reader.fetch_add(1, Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
-            // A free reader if there is one; else queue on the writer rather than wait.
-            let conn = readers
-                .iter()
-                .find_map(|m| m.try_lock().ok())
-                .unwrap_or_else(|| lock(&writer));
+            // A free reader if there is one; else wait for this call's turn.
+            let conn = match readers.iter().find_map(|m| m.try_lock().ok()) {
+                Some(conn) => conn,
+                None => readers
+                    .get(turn % READERS)
+                    .map(lock)
+                    .ok_or_else(|| Error::Task("no reader connection".into()))?,
+            };
             f(&conn).map_err(Error::from)
         })
         .await?
     }
 
+    /// Run `f` on the writer thread; it returns once `f`'s changes are durable.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || f(&mut lock(&writer))).await?
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |committed: Committed| {
+                let _ = tx.send(committed.map_err(Error::Commit).and(result));
+            })
+        });
+        let stopped = || Error::Task("the metadata writer stopped".into());
+        self.jobs.send(job).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -177,18 +257,16 @@ impl MetaStore for SqliteMeta {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |c| {
             let now = now_secs();
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let repo_id = ensure_repo(&tx, &repo)?;
-            tx.prepare_cached(
+                        let repo_id = ensure_repo(c, &repo)?;
+            c.prepare_cached(
                 "INSERT INTO blobs (digest, size, created_at, accessed_at) VALUES (?1, ?2, ?3, ?3)
                  ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
             )?
             .execute(params![digest, size as i64, now])?;
-            tx.prepare_cached(
+            c.prepare_cached(
                 "INSERT OR IGNORE INTO repo_blobs (repo_id, digest) VALUES (?1, ?2)",
             )?
             .execute(params![repo_id, digest])?;
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -216,14 +294,13 @@ impl MetaStore for SqliteMeta {
         let (repo, tag) = (repo.clone(), tag.map(|t| t.to_string()));
         self.write(move |c| {
             let now = now_secs();
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let repo_id = ensure_repo(&tx, &repo)?;
+                        let repo_id = ensure_repo(c, &repo)?;
             for reference in record.references.iter().filter(|r| r.required) {
                 let sql = match reference.kind {
                     oci::RefKind::Blob => "SELECT 1 FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2",
                     oci::RefKind::Manifest => "SELECT 1 FROM manifests WHERE repo_id = ?1 AND digest = ?2",
                 };
-                let found = tx
+                let found = c
                     .prepare_cached(sql)?
                     .query_row(params![repo_id, reference.digest.to_string()], |_| Ok(()))
                     .optional()?;
@@ -235,7 +312,7 @@ impl MetaStore for SqliteMeta {
                 }
             }
             let digest = record.digest.to_string();
-            let inserted = tx
+            let inserted = c
                 .prepare_cached(
                     "INSERT INTO manifests (repo_id, digest, media_type, artifact_type, subject,
                         annotations, content, created_at, accessed_at)
@@ -253,7 +330,7 @@ impl MetaStore for SqliteMeta {
                     now
                 ])?;
             if inserted > 0 {
-                let mut insert_ref = tx.prepare_cached(
+                let mut insert_ref = c.prepare_cached(
                     "INSERT OR IGNORE INTO manifest_refs (repo_id, manifest_digest, child_digest, kind)
                      VALUES (?1, ?2, ?3, ?4)",
                 )?;
@@ -267,13 +344,12 @@ impl MetaStore for SqliteMeta {
                 }
             }
             if let Some(tag) = tag {
-                tx.prepare_cached(
+                c.prepare_cached(
                     "INSERT INTO tags (repo_id, name, digest, updated_at, accessed_at) VALUES (?1, ?2, ?3, ?4, ?4)
                      ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
                 )?
                 .execute(params![repo_id, tag, digest, now])?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -315,8 +391,7 @@ impl MetaStore for SqliteMeta {
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let deleted = tx
+                        let deleted = c
                 .prepare_cached(&format!(
                     "DELETE FROM manifests WHERE repo_id = {REPO_ID} AND digest = ?2"
                 ))?
@@ -327,9 +402,8 @@ impl MetaStore for SqliteMeta {
                     "DELETE FROM manifest_refs WHERE repo_id = {REPO_ID} AND manifest_digest = ?2"
                 ),
             ] {
-                tx.prepare_cached(&sql)?.execute(params![repo, digest])?;
+                c.prepare_cached(&sql)?.execute(params![repo, digest])?;
             }
-            tx.commit()?;
             Ok(deleted > 0)
         })
         .await
@@ -421,11 +495,9 @@ impl MetaStore for SqliteMeta {
     async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> Result<()> {
         let (id, repo) = (id.to_string(), repo.clone());
         self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let repo_id = ensure_repo(&tx, &repo)?;
-            tx.prepare_cached("INSERT INTO uploads (id, repo_id, created_at) VALUES (?1, ?2, ?3)")?
+                        let repo_id = ensure_repo(c, &repo)?;
+            c.prepare_cached("INSERT INTO uploads (id, repo_id, created_at) VALUES (?1, ?2, ?3)")?
                 .execute(params![id, repo_id, now_secs()])?;
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -457,26 +529,24 @@ impl MetaStore for SqliteMeta {
 
     async fn touch(&self, batch: Vec<Touch>, at: i64) -> Result<()> {
         self.write(move |c| {
-            let tx = c.transaction()?;
-            for touch in &batch {
+                        for touch in &batch {
                 match touch {
-                    Touch::Blob(d) => tx
+                    Touch::Blob(d) => c
                         .prepare_cached("UPDATE blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1")?
                         .execute(params![d.to_string(), at])?,
-                    Touch::Manifest(repo, d) => tx
+                    Touch::Manifest(repo, d) => c
                         .prepare_cached(&format!(
                             "UPDATE manifests SET accessed_at = max(accessed_at, ?3)
                              WHERE repo_id = {REPO_ID} AND digest = ?2"
                         ))?
                         .execute(params![repo.as_str(), d.to_string(), at])?,
-                    Touch::Tag(repo, t) => tx
+                    Touch::Tag(repo, t) => c
                         .prepare_cached(&format!(
                             "UPDATE tags SET accessed_at = max(accessed_at, ?3) WHERE repo_id = {REPO_ID} AND name = ?2"
                         ))?
                         .execute(params![repo.as_str(), t.as_str(), at])?,
                 };
             }
-            tx.commit()?;
             Ok(())
         })
         .await
