@@ -129,12 +129,7 @@ impl Manifest {
             media_type,
             artifact_type,
             subject: m.subject().as_ref().map(digest_of).transpose()?,
-            annotations: m
-                .annotations()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
+            annotations: sorted(m.annotations()),
             references,
         })
     }
@@ -163,15 +158,20 @@ impl Manifest {
             media_type,
             artifact_type: index.artifact_type().as_ref().map(|t| t.to_string()),
             subject: index.subject().as_ref().map(digest_of).transpose()?,
-            annotations: index
-                .annotations()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
+            annotations: sorted(index.annotations()),
             references,
         })
     }
+}
+
+fn sorted(
+    annotations: &Option<std::collections::HashMap<String, String>>,
+) -> BTreeMap<String, String> {
+    annotations
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn digest_of(descriptor: &Descriptor) -> Result<Digest, ManifestError> {
