@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-clients.sh
-export LAYERCACHE_REQUIRE_CLIENTS=1
+export REQUIRE_REAL_CLIENTS=1
 cargo test --release --workspace --all-targets

@@ -126,7 +126,7 @@ pub fn require_tool(tool: &str) -> bool {
         .unwrap_or(false);
     if !found {
         let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-            || std::env::var("LAYERCACHE_REQUIRE_CLIENTS").is_ok_and(|v| v == "1");
+            || std::env::var("REQUIRE_REAL_CLIENTS").is_ok_and(|v| v == "1");
         assert!(!required, "{tool} is required (CI=true) but not installed");
         eprintln!("SKIPPED: {tool} is not installed");
     }

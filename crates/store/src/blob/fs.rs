@@ -114,7 +114,11 @@ fn map_window(file: &std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> 
 
 /// Writes every batch it receives to `file` from `offset` on, starting write-back as
 /// it goes; runs on a blocking thread.
-fn write_batches(mut file: std::fs::File, offset: u64, mut rx: mpsc::Receiver<Vec<Bytes>>) -> io::Result<()> {
+fn write_batches(
+    mut file: std::fs::File,
+    offset: u64,
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
+) -> io::Result<()> {
     let (mut written, mut flushed) = (offset, offset);
     while let Some(batch) = rx.blocking_recv() {
         for chunk in &batch {

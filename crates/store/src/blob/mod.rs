@@ -62,7 +62,11 @@ fn tee_hash(body: ByteStream, mut hasher: Hasher) -> (ByteStream, tokio::task::J
         .then(move |batch| {
             let tx = tx.clone();
             async move {
-                let chunks = batch.iter().filter_map(|c| c.as_ref().ok()).cloned().collect();
+                let chunks = batch
+                    .iter()
+                    .filter_map(|c| c.as_ref().ok())
+                    .cloned()
+                    .collect();
                 // The hashing thread only stops when this stream is dropped.
                 let _ = tx.send(chunks).await;
                 futures::stream::iter(batch)

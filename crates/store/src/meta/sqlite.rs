@@ -257,16 +257,14 @@ impl MetaStore for SqliteMeta {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |c| {
             let now = now_secs();
-                        let repo_id = ensure_repo(c, &repo)?;
+            let repo_id = ensure_repo(c, &repo)?;
             c.prepare_cached(
                 "INSERT INTO blobs (digest, size, created_at, accessed_at) VALUES (?1, ?2, ?3, ?3)
                  ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
             )?
             .execute(params![digest, size as i64, now])?;
-            c.prepare_cached(
-                "INSERT OR IGNORE INTO repo_blobs (repo_id, digest) VALUES (?1, ?2)",
-            )?
-            .execute(params![repo_id, digest])?;
+            c.prepare_cached("INSERT OR IGNORE INTO repo_blobs (repo_id, digest) VALUES (?1, ?2)")?
+                .execute(params![repo_id, digest])?;
             Ok(())
         })
         .await
@@ -391,7 +389,7 @@ impl MetaStore for SqliteMeta {
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |c| {
-                        let deleted = c
+            let deleted = c
                 .prepare_cached(&format!(
                     "DELETE FROM manifests WHERE repo_id = {REPO_ID} AND digest = ?2"
                 ))?
@@ -495,7 +493,7 @@ impl MetaStore for SqliteMeta {
     async fn create_upload(&self, id: &UploadId, repo: &RepoName) -> Result<()> {
         let (id, repo) = (id.to_string(), repo.clone());
         self.write(move |c| {
-                        let repo_id = ensure_repo(c, &repo)?;
+            let repo_id = ensure_repo(c, &repo)?;
             c.prepare_cached("INSERT INTO uploads (id, repo_id, created_at) VALUES (?1, ?2, ?3)")?
                 .execute(params![id, repo_id, now_secs()])?;
             Ok(())

@@ -1,0 +1,290 @@
+//! End to end: DESIGN.md scenario 1 with the real dockerd and BuildKit. A multi-stage
+//! `FROM scratch` + busybox image of at least 1 GiB in several large layers is built with
+//! inline cache and pushed to a server (cold); the builder is wiped and the image rebuilt
+//! with `--cache-from` the pushed reference (warm). Every step must come from the cache.
+//!
+//! The builds run in a private dockerd started for the run (own data root, exec root and
+//! socket, no bridge network), so wiping its images and build cache touches nothing else
+//! on the machine and nothing else perturbs the timings.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Serialize;
+
+use crate::servers::{Kind, tail};
+
+/// Shape of the end-to-end scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// Size of each of the four large layers, in MiB.
+    pub layer_mib: usize,
+    /// Seconds of simulated compute in the compute variant, spread over its four
+    /// `RUN` steps (which run one after another).
+    pub compute_secs: u64,
+}
+
+/// Which build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// The steps only write their layers.
+    Plain,
+    /// Each `RUN` also sleeps, standing in for compilation.
+    Compute,
+}
+
+impl Variant {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Compute => "compute",
+        }
+    }
+}
+
+/// One cold build+push and warm rebuild against one server.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// The server used as the cache.
+    pub server: Kind,
+    /// Which build.
+    pub variant: Variant,
+    /// Cold build plus push, in seconds.
+    pub cold_secs: f64,
+    /// Warm rebuild on a wiped builder with `--cache-from`, in seconds.
+    pub warm_secs: f64,
+    /// Size of the built image, in bytes.
+    pub image_bytes: u64,
+    /// Steps BuildKit reported as `CACHED` in the warm rebuild.
+    pub cached_steps: usize,
+}
+
+/// Steps of the Dockerfile (`COPY`s and `RUN`s) that a warm rebuild must take from cache.
+const STEPS: usize = 8;
+
+/// The benchmark's Dockerfile: a base stage with busybox, two build stages chained one
+/// after the other, and a final image of four `layer_mib` layers.
+fn dockerfile(layer_mib: usize, sleep_per_step: u64) -> String {
+    let run = |path: &str| {
+        format!(
+            "RUN dd if=/dev/urandom of={path} bs=1M count={layer_mib} && sleep {sleep_per_step}"
+        )
+    };
+    format!(
+        "FROM scratch AS base\n\
+         COPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\n\
+         FROM base AS deps\n{}\n\n\
+         FROM deps AS build\n{}\n\n\
+         FROM base\n\
+         COPY --from=deps /deps.bin /opt/deps.bin\n\
+         COPY --from=build /app.bin /opt/app.bin\n\
+         {}\n{}\n",
+        run("/deps.bin"),
+        run("/app.bin"),
+        run("/opt/assets.bin"),
+        run("/opt/data.bin"),
+    )
+}
+
+/// A private dockerd, stopped when dropped.
+pub struct Daemon {
+    child: Child,
+    docker: PathBuf,
+    host: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `dockerd` with all its state under `dir`, and wait until it answers.
+    pub async fn start(dockerd: &Path, docker: &Path, dir: &Path) -> Result<Daemon> {
+        std::fs::create_dir_all(dir)?;
+        let log = dir.join("dockerd.log");
+        let sock = dir.join("docker.sock");
+        let child = Command::new(dockerd)
+            .args(["--iptables=false", "--ip-masq=false", "--bridge=none"])
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", dockerd.display()))?;
+        let mut daemon = Daemon {
+            child,
+            docker: docker.to_owned(),
+            host: format!("unix://{}", sock.display()),
+            log,
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("dockerd exited with {status}:\n{}", tail(&daemon.log));
+            }
+            if daemon.run(&["info"]).await.is_ok() {
+                return Ok(daemon);
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("dockerd did not answer in 60 s:\n{}", tail(&daemon.log));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Run the docker client against this daemon; returns stdout and stderr together.
+    async fn run(&self, args: &[&str]) -> Result<String> {
+        let out = tokio::process::Command::new(&self.docker)
+            .args(args)
+            .env("DOCKER_HOST", &self.host)
+            .env("DOCKER_BUILDKIT", "1")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {}", self.docker.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            bail!(
+                "docker {} failed ({}):\n{}",
+                args.join(" "),
+                out.status,
+                lines.into_iter().skip(from).collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(text)
+    }
+
+    /// Remove every image and all build cache.
+    async fn wipe(&self) -> Result<()> {
+        self.run(&["builder", "prune", "-af"]).await?;
+        let ids = self.run(&["image", "ls", "-aq"]).await?;
+        let mut ids: Vec<&str> = ids.split_whitespace().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if !ids.is_empty() {
+            let mut args = vec!["rmi", "-f"];
+            args.extend(ids);
+            self.run(&args).await?;
+        }
+        let left = self.run(&["image", "ls", "-aq"]).await?;
+        ensure!(left.trim().is_empty(), "images left after wiping: {left}");
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A graceful stop lets dockerd stop its containerd and unmount its layers.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A build context for `variant`: busybox and the Dockerfile, in `dir`.
+pub fn context(dir: &Path, busybox: &Path, plan: &Plan, variant: Variant) -> Result<PathBuf> {
+    let ctx = dir.join(format!("context-{}", variant.name()));
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::copy(busybox, ctx.join("busybox"))
+        .with_context(|| format!("copying {}", busybox.display()))?;
+    let sleep = match variant {
+        Variant::Plain => 0,
+        Variant::Compute => plan.compute_secs.div_ceil(4),
+    };
+    std::fs::write(ctx.join("Dockerfile"), dockerfile(plan.layer_mib, sleep))?;
+    Ok(ctx)
+}
+
+/// Cold build+push to `host`, wipe, warm rebuild from the pushed image's cache.
+pub async fn scenario(
+    daemon: &Daemon,
+    server: Kind,
+    host: &str,
+    variant: Variant,
+    ctx: &Path,
+    layer_mib: usize,
+) -> Result<Outcome> {
+    let image = format!("{host}/e2e/{}:latest", variant.name());
+    let ctx = ctx.to_str().context("context path is not UTF-8")?;
+    daemon.wipe().await?;
+
+    let start = Instant::now();
+    daemon
+        .run(&[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "--build-arg",
+            "BUILDKIT_INLINE_CACHE=1",
+            "-t",
+            &image,
+            ctx,
+        ])
+        .await?;
+    daemon.run(&["push", &image]).await?;
+    let cold_secs = start.elapsed().as_secs_f64();
+    let image_bytes: u64 = daemon
+        .run(&["image", "inspect", "--format", "{{.Size}}", &image])
+        .await?
+        .trim()
+        .parse()
+        .context("image size")?;
+    let expected = (4 * layer_mib as u64) << 20;
+    ensure!(
+        image_bytes >= expected,
+        "the image is {image_bytes} bytes, expected at least {expected}"
+    );
+
+    daemon.wipe().await?;
+    let start = Instant::now();
+    let out = daemon
+        .run(&[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "--cache-from",
+            &image,
+            "-t",
+            "bench-warm",
+            ctx,
+        ])
+        .await?;
+    let warm_secs = start.elapsed().as_secs_f64();
+    let cached_steps = out.lines().filter(|l| l.ends_with(" CACHED")).count();
+    ensure!(
+        !out.contains("records in") && cached_steps >= STEPS,
+        "the warm rebuild from {} ran steps again ({cached_steps} of {STEPS} cached):\n{out}",
+        server.name()
+    );
+    Ok(Outcome {
+        server,
+        variant,
+        cold_secs,
+        warm_secs,
+        image_bytes,
+        cached_steps,
+    })
+}

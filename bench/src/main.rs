@@ -1,0 +1,505 @@
+//! Side-by-side benchmark of layercache against the CNCF distribution registry and
+//! against the machine's own limits, in one run on one machine and one disk.
+//!
+//! `cargo run --release -p bench` builds the release `layercache`, starts it and
+//! `docker-registry` on free loopback ports with their data in one temporary directory,
+//! measures the machine's limits, runs every workload against both servers in turn for
+//! several rounds, runs DESIGN.md scenario 1 with the real dockerd/BuildKit, then prints
+//! one table (median and spread, ratio, limit, PASS/FAIL) and writes it as JSON.
+
+mod e2e;
+mod limits;
+mod payload;
+mod registry;
+mod report;
+mod servers;
+mod setup;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::e2e::{Daemon, Outcome, Plan, Variant};
+use crate::payload::Base;
+use crate::registry::Registry;
+use crate::report::{Figure, Limits, Samples};
+use crate::servers::{Kind, Server};
+use crate::workloads::{Fixtures, Shape};
+
+/// Benchmark layercache against the distribution registry on this machine.
+#[derive(Parser, Debug)]
+#[command(name = "bench")]
+struct Args {
+    /// Rounds of every workload per server (servers interleaved within each round).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Run only these workloads (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Workload>,
+    /// Exit with an error when a figure misses its target.
+    #[arg(long)]
+    strict: bool,
+    /// Skip the end-to-end dockerd/BuildKit scenario.
+    #[arg(long)]
+    skip_e2e: bool,
+    /// Also write the JSON report here (it always goes to bench/results/latest.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Use this layercache binary instead of building the release one.
+    #[arg(long)]
+    layercache_bin: Option<PathBuf>,
+    /// The distribution registry binary.
+    #[arg(long, default_value = "/usr/bin/docker-registry")]
+    registry_bin: PathBuf,
+    /// The docker client (Debian's, which still drives BuildKit with DOCKER_BUILDKIT=1).
+    #[arg(long, default_value = "/usr/bin/docker")]
+    docker_bin: PathBuf,
+    /// The docker daemon.
+    #[arg(long, default_value = "/usr/sbin/dockerd")]
+    dockerd_bin: PathBuf,
+    /// A static busybox for the end-to-end image.
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Where the run's temporary directory goes (servers' data, limits files, dockerd).
+    #[arg(long)]
+    tmp_dir: Option<PathBuf>,
+    /// Size of the pushed and pulled blob, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    blob_mib: usize,
+    /// Duration of the HEAD workload, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    head_secs: f64,
+    /// Duration of each manifest workload, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    manifest_secs: f64,
+    /// Size of each of the end-to-end image's four large layers, in MiB.
+    #[arg(long, default_value_t = 256)]
+    e2e_layer_mib: usize,
+    /// Seconds of simulated compute in the end-to-end compute variant.
+    #[arg(long, default_value_t = 64)]
+    compute_secs: u64,
+}
+
+/// A workload that `--only` can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// The machine's limits.
+    Limits,
+    /// Monolithic push.
+    Push,
+    /// Chunked push.
+    Chunked,
+    /// Single pull.
+    Pull,
+    /// Concurrent pulls.
+    Pulls,
+    /// HEAD rate.
+    Head,
+    /// Manifest PUT and GET rates.
+    Manifest,
+    /// BuildKit-style cache export.
+    Export,
+    /// dockerd/BuildKit end to end.
+    E2e,
+}
+
+/// What the JSON report holds.
+#[derive(Serialize)]
+struct Report {
+    started_unix: u64,
+    total_secs: f64,
+    rounds: usize,
+    machine: setup::Machine,
+    shape: Shape,
+    e2e_plan: Option<Plan>,
+    limits: Limits,
+    figures: Vec<Figure>,
+    e2e: Vec<Outcome>,
+    failed: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tokio::select! {
+        report = run(&args) => {
+            let report = report?;
+            let failed = report.failed.len();
+            if failed > 0 {
+                eprintln!("{failed} figure(s) below target: {}", report.failed.join(", "));
+                ensure!(!args.strict, "--strict: {failed} figure(s) below target");
+            }
+            Ok(())
+        }
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; servers stopped"),
+    }
+}
+
+/// The whole run: tools, limits, servers, rounds, end to end, report. Servers, dockerd and
+/// the temporary directory are owned here, so they are stopped and removed on any exit.
+async fn run(args: &Args) -> Result<Report> {
+    let started = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let selection = Selection {
+        only: args.only.clone(),
+        skip_e2e: args.skip_e2e,
+    };
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
+    let root = setup::workspace_root()?;
+
+    let layercache_bin = match &args.layercache_bin {
+        Some(bin) => bin.clone(),
+        None => setup::build_layercache(&root)?,
+    };
+    setup::ensure_installed(&args.registry_bin, "docker-registry")?;
+    if selection.has(Workload::E2e) {
+        setup::ensure_installed(&args.dockerd_bin, "docker.io")?;
+        setup::ensure_installed(&args.busybox, "busybox-static")?;
+    }
+
+    let tmp = match &args.tmp_dir {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("layercache-bench-")
+            .tempdir_in(dir)?,
+        None => tempfile::Builder::new()
+            .prefix("layercache-bench-")
+            .tempdir()?,
+    };
+    let dir = tmp.path();
+    eprintln!("bench: working in {}", dir.display());
+
+    let shape = Shape {
+        blob_mib: args.blob_mib,
+        head_secs: args.head_secs,
+        manifest_secs: args.manifest_secs,
+        ..Shape::default()
+    };
+    let base_mib = shape
+        .blob_mib
+        .max(shape.pull_mib)
+        .max(shape.export_large_mib);
+    eprintln!("bench: generating {base_mib} MiB of payload");
+    let base = tokio::task::spawn_blocking(move || Base::generate(base_mib, 0x5eed)).await?;
+
+    let mut limits = Limits::default();
+    if selection.has(Workload::Limits) {
+        limits = limits::measure(dir, &base, args.rounds).await?;
+        eprint!("{}", report::limits_table(&limits));
+    }
+
+    let client = registry::http_client()?;
+    let uses_servers = selection.any(&[
+        Workload::Push,
+        Workload::Chunked,
+        Workload::Pull,
+        Workload::Pulls,
+        Workload::Head,
+        Workload::Manifest,
+        Workload::Export,
+        Workload::E2e,
+    ]);
+    let mut servers = Vec::new();
+    if uses_servers {
+        servers.push(Server::start_layercache(
+            &layercache_bin,
+            &dir.join("layercache"),
+        )?);
+        servers.push(Server::start_distribution(
+            &args.registry_bin,
+            &dir.join("distribution"),
+        )?);
+    }
+    let mut registries = Vec::new();
+    for server in &mut servers {
+        let registry = Registry::new(client.clone(), &server.url)?;
+        server.wait_ready(&registry).await?;
+        eprintln!("bench: {} at {}", server.kind.name(), server.url);
+        registries.push(registry);
+    }
+
+    let needs_fixtures = selection.any(&[
+        Workload::Pulls,
+        Workload::Head,
+        Workload::Manifest,
+        Workload::Export,
+    ]);
+    let fixtures = Fixtures::new(&base, &shape)?;
+    if needs_fixtures {
+        for (server, registry) in servers.iter().zip(&registries) {
+            eprintln!("bench: pushing fixtures to {}", server.kind.name());
+            fixtures.push_to(registry).await?;
+        }
+    }
+
+    let mut bench = Workbench {
+        selection: &selection,
+        shape: &shape,
+        base: &base,
+        fixtures: &fixtures,
+        samples: BTreeMap::new(),
+    };
+    for round in 0..args.rounds {
+        for (seq, (server, registry)) in servers.iter_mut().zip(&registries).enumerate() {
+            server.check_alive()?;
+            bench.round(round, seq, server.kind, registry).await?;
+        }
+    }
+    let mut samples = bench.samples;
+
+    let mut outcomes = Vec::new();
+    let plan = Plan {
+        layer_mib: args.e2e_layer_mib,
+        compute_secs: args.compute_secs,
+    };
+    if selection.has(Workload::E2e) {
+        outcomes = run_e2e(args, dir, &plan, &mut servers).await?;
+        for o in &outcomes {
+            let (cold, warm, ratio) = match o.variant {
+                Variant::Plain => ("e2e_cold_s", "e2e_warm_s", "e2e_warm_pct"),
+                Variant::Compute => (
+                    "e2e_compute_cold_s",
+                    "e2e_compute_warm_s",
+                    "e2e_compute_pct",
+                ),
+            };
+            let entry = |key: &'static str, s: &mut BTreeMap<&'static str, Samples>, v: f64| {
+                s.entry(key).or_default().push(o.server, v);
+            };
+            entry(cold, &mut samples, o.cold_secs);
+            entry(warm, &mut samples, o.warm_secs);
+            entry(ratio, &mut samples, 100.0 * o.warm_secs / o.cold_secs);
+        }
+    }
+
+    for server in &mut servers {
+        server.check_alive()?;
+        let rss = server.peak_rss()? as f64 / (1024.0 * 1024.0);
+        samples.entry("rss_mib").or_default().push(server.kind, rss);
+    }
+    drop(servers);
+
+    let figures = report::figures(&samples, &limits, &shape);
+    let failed: Vec<String> = figures
+        .iter()
+        .filter(|f| f.pass == Some(false))
+        .map(|f| f.key.clone())
+        .collect();
+    let report = Report {
+        started_unix,
+        total_secs: started.elapsed().as_secs_f64(),
+        rounds: args.rounds,
+        machine: setup::machine(),
+        shape,
+        e2e_plan: selection.has(Workload::E2e).then_some(plan),
+        limits,
+        figures,
+        e2e: outcomes,
+        failed,
+    };
+
+    println!();
+    let limits_table = report::limits_table(&report.limits);
+    if !limits_table.is_empty() {
+        println!("{limits_table}");
+    }
+    if !report.figures.is_empty() {
+        println!("{}", report::figures_table(&report.figures));
+    }
+    println!(
+        "rounds: {}; total {:.0} s; {} of {} targets met",
+        report.rounds,
+        report.total_secs,
+        report
+            .figures
+            .iter()
+            .filter(|f| f.pass == Some(true))
+            .count(),
+        report.figures.iter().filter(|f| f.pass.is_some()).count(),
+    );
+
+    let json = serde_json::to_string_pretty(&report)?;
+    let latest = root.join("bench/results/latest.json");
+    for path in std::iter::once(&latest).chain(&args.json) {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+/// The workloads this run measures.
+struct Selection {
+    only: Vec<Workload>,
+    skip_e2e: bool,
+}
+
+impl Selection {
+    /// Whether `workload` runs.
+    fn has(&self, workload: Workload) -> bool {
+        (self.only.is_empty() || self.only.contains(&workload))
+            && !(workload == Workload::E2e && self.skip_e2e)
+    }
+
+    /// Whether any of `workloads` runs.
+    fn any(&self, workloads: &[Workload]) -> bool {
+        workloads.iter().any(|&w| self.has(w))
+    }
+}
+
+/// What the rounds share, and the samples they collect.
+struct Workbench<'a> {
+    selection: &'a Selection,
+    shape: &'a Shape,
+    base: &'a Base,
+    fixtures: &'a Fixtures,
+    samples: BTreeMap<&'static str, Samples>,
+}
+
+impl Workbench<'_> {
+    fn record(&mut self, round: usize, kind: Kind, key: &'static str, value: f64) {
+        eprintln!(
+            "bench: round {} {:<12} {key:<16} {}",
+            round + 1,
+            kind.name(),
+            report::num(value)
+        );
+        self.samples.entry(key).or_default().push(kind, value);
+    }
+
+    /// One round of every selected workload against one server (`seq` is its place in
+    /// the round).
+    async fn round(
+        &mut self,
+        round: usize,
+        seq: usize,
+        kind: Kind,
+        registry: &Registry,
+    ) -> Result<()> {
+        let (shape, base, fixtures) = (self.shape, self.base, self.fixtures);
+        let has = |w| self.selection.has(w);
+        let name = kind.name();
+        let blob = base.blob(shape.blob_mib, &format!("mono-{name}-{round}"))?;
+        if has(Workload::Push) {
+            settle();
+            let rate = workloads::push_monolithic(registry, &blob).await?;
+            self.record(round, kind, "push_mb_s", rate);
+        }
+        if has(Workload::Chunked) {
+            let chunked = base.blob(shape.blob_mib, &format!("chunked-{name}-{round}"))?;
+            settle();
+            let rate = workloads::push_chunked(registry, &chunked, shape.chunk_mib).await?;
+            self.record(round, kind, "chunked_mb_s", rate);
+        }
+        if has(Workload::Pull) {
+            if !has(Workload::Push) {
+                registry.push(workloads::REPO_BLOBS, &blob).await?;
+            }
+            settle();
+            let rate = workloads::pull(registry, &blob).await?;
+            self.record(round, kind, "pull_mb_s", rate);
+        }
+        if has(Workload::Pulls) {
+            let rate = workloads::pull_concurrent(registry, &fixtures.pulls).await?;
+            self.record(round, kind, "pulls_mb_s", rate);
+        }
+        if has(Workload::Head) {
+            let rate =
+                workloads::head_load(registry, fixtures, shape.head_conns, shape.head_secs).await?;
+            self.record(round, kind, "head_rps", rate.per_sec);
+            self.record(round, kind, "head_p50_ms", rate.p50_ms);
+            self.record(round, kind, "head_p99_ms", rate.p99_ms);
+        }
+        if has(Workload::Manifest) {
+            let (put, tags) = workloads::manifest_put_load(
+                registry,
+                fixtures,
+                &format!("r{round}"),
+                shape.manifest_conns,
+                shape.manifest_secs,
+            )
+            .await?;
+            self.record(round, kind, "mput_rps", put.per_sec);
+            self.record(round, kind, "mput_p99_ms", put.p99_ms);
+            let get = workloads::manifest_get_load(
+                registry,
+                tags,
+                shape.manifest_conns,
+                shape.manifest_secs,
+            )
+            .await?;
+            self.record(round, kind, "mget_rps", get.per_sec);
+            self.record(round, kind, "mget_p99_ms", get.p99_ms);
+        }
+        if has(Workload::Export) {
+            let seed = (round * 2 + seq) as u64 + 1;
+            let missing = workloads::export_missing(base, shape, &format!("{name}-{round}"), seed)?;
+            settle();
+            let tag = format!("cache-{round}");
+            let secs = workloads::cache_export(registry, fixtures, &missing, shape, &tag).await?;
+            self.record(round, kind, "export_s", secs);
+        }
+        Ok(())
+    }
+}
+
+/// Scenario 1 for each variant, against each server in turn, in a private dockerd.
+async fn run_e2e(
+    args: &Args,
+    dir: &Path,
+    plan: &Plan,
+    servers: &mut [Server],
+) -> Result<Vec<Outcome>> {
+    ensure!(
+        setup::is_root(),
+        "the end-to-end scenario starts its own dockerd and needs root (or pass --skip-e2e)"
+    );
+    let docker_dir = dir.join("docker");
+    eprintln!(
+        "bench: starting a private dockerd in {}",
+        docker_dir.display()
+    );
+    let daemon = Daemon::start(&args.dockerd_bin, &args.docker_bin, &docker_dir).await?;
+    let mut outcomes = Vec::new();
+    for variant in [Variant::Plain, Variant::Compute] {
+        let ctx = e2e::context(&docker_dir, &args.busybox, plan, variant)?;
+        for server in servers.iter_mut() {
+            server.check_alive()?;
+            eprintln!("bench: e2e {} with {}", variant.name(), server.kind.name());
+            let o = e2e::scenario(
+                &daemon,
+                server.kind,
+                &server.host,
+                variant,
+                &ctx,
+                plan.layer_mib,
+            )
+            .await?;
+            eprintln!(
+                "bench: e2e {} {:<12} cold {:.1} s, warm {:.1} s",
+                variant.name(),
+                server.kind.name(),
+                o.cold_secs,
+                o.warm_secs
+            );
+            outcomes.push(o);
+        }
+    }
+    drop(daemon);
+    Ok(outcomes)
+}
+
+/// Flush dirty pages so one measurement's writeback does not land in the next one's time.
+pub(crate) fn settle() {
+    let _ = Command::new("sync").status();
+}

@@ -1,0 +1,203 @@
+//! A small OCI distribution client for the workloads. Every call checks the response and
+//! fails with the server's own answer unless it is a 2xx, so a figure only ever counts
+//! successful requests.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION};
+use reqwest::{Client, Response, StatusCode, Url};
+
+use crate::payload::Blob;
+
+/// Media type of an OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of an OCI image index (also BuildKit's registry cache manifest).
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The HTTP client every workload shares: no proxy, no Nagle, a pool large enough to
+/// keep one connection per concurrent task.
+pub fn http_client() -> Result<Client> {
+    Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(900))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// One registry, addressed by its base URL.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    base: Url,
+}
+
+impl Registry {
+    /// A client for the registry at `base` (`http://HOST:PORT`).
+    pub fn new(client: Client, base: &str) -> Result<Registry> {
+        let base = Url::parse(base).with_context(|| format!("registry URL {base:?}"))?;
+        Ok(Registry { client, base })
+    }
+
+    fn url(&self, path: &str) -> Result<Url> {
+        self.base
+            .join(path)
+            .with_context(|| format!("joining {path:?} to {}", self.base))
+    }
+
+    fn location(&self, response: &Response) -> Result<Url> {
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .context("upload response without Location")?
+            .to_str()
+            .context("Location is not text")?;
+        self.url(location)
+    }
+
+    /// `GET /v2/`.
+    pub async fn ping(&self) -> Result<()> {
+        let response = self.client.get(self.url("/v2/")?).send().await?;
+        success(response, "GET /v2/").await.map(drop)
+    }
+
+    /// `POST /v2/<repo>/blobs/uploads/`; returns the upload's location.
+    async fn start_upload(&self, repo: &str) -> Result<Url> {
+        let response = self
+            .client
+            .post(self.url(&format!("/v2/{repo}/blobs/uploads/"))?)
+            .header(CONTENT_LENGTH, 0)
+            .send()
+            .await?;
+        let response = success(response, "start upload").await?;
+        self.location(&response)
+    }
+
+    /// Monolithic push: `POST` then `PUT <Location>?digest=` with the whole body.
+    pub async fn push(&self, repo: &str, blob: &Blob) -> Result<()> {
+        let mut url = self.start_upload(repo).await?;
+        url.query_pairs_mut().append_pair("digest", &blob.digest);
+        let response = self
+            .client
+            .put(url)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, blob.len)
+            .body(blob.body())
+            .send()
+            .await?;
+        success(response, "monolithic PUT").await.map(drop)
+    }
+
+    /// Chunked push: `POST`, one `PATCH` with `Content-Range` per part of about `chunk`
+    /// bytes (following each new `Location`), then `PUT ?digest=` without a body.
+    pub async fn push_chunked(&self, repo: &str, blob: &Blob, chunk: usize) -> Result<()> {
+        let mut url = self.start_upload(repo).await?;
+        for part in blob.parts(chunk) {
+            let last = (part.offset + part.len).saturating_sub(1);
+            let response = self
+                .client
+                .patch(url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, part.len)
+                .header(CONTENT_RANGE, format!("{}-{last}", part.offset))
+                .body(part.body())
+                .send()
+                .await?;
+            let response = success(response, "PATCH chunk").await?;
+            url = self.location(&response)?;
+        }
+        url.query_pairs_mut().append_pair("digest", &blob.digest);
+        let response = self
+            .client
+            .put(url)
+            .header(CONTENT_LENGTH, 0)
+            .send()
+            .await?;
+        success(response, "closing PUT").await.map(drop)
+    }
+
+    /// `HEAD` a blob: `true` if it exists, `false` on 404, an error otherwise.
+    pub async fn exists(&self, repo: &str, digest: &str) -> Result<bool> {
+        let response = self
+            .client
+            .head(self.url(&format!("/v2/{repo}/blobs/{digest}"))?)
+            .send()
+            .await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        success(response, "HEAD blob").await.map(|_| true)
+    }
+
+    /// `HEAD` a blob that must exist.
+    pub async fn head(&self, repo: &str, digest: &str) -> Result<()> {
+        if self.exists(repo, digest).await? {
+            Ok(())
+        } else {
+            bail!("HEAD {repo}@{digest}: 404")
+        }
+    }
+
+    /// `GET` a blob, reading and discarding the body; returns its length.
+    pub async fn pull(&self, repo: &str, digest: &str) -> Result<u64> {
+        let response = self
+            .client
+            .get(self.url(&format!("/v2/{repo}/blobs/{digest}"))?)
+            .send()
+            .await?;
+        let mut response = success(response, "GET blob").await?;
+        let mut total = 0u64;
+        while let Some(chunk) = response.chunk().await? {
+            total += chunk.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// `PUT /v2/<repo>/manifests/<reference>`.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        let response = self
+            .client
+            .put(self.url(&format!("/v2/{repo}/manifests/{reference}"))?)
+            .header(CONTENT_TYPE, media_type)
+            .body(body)
+            .send()
+            .await?;
+        success(response, "PUT manifest").await.map(drop)
+    }
+
+    /// `GET /v2/<repo>/manifests/<reference>`; returns the body's length.
+    pub async fn get_manifest(&self, repo: &str, reference: &str, accept: &str) -> Result<usize> {
+        let response = self
+            .client
+            .get(self.url(&format!("/v2/{repo}/manifests/{reference}"))?)
+            .header(ACCEPT, accept)
+            .send()
+            .await?;
+        let body = success(response, "GET manifest").await?.bytes().await?;
+        Ok(body.len())
+    }
+}
+
+/// The response if it is a 2xx, else an error carrying the status and the body.
+async fn success(response: Response, what: &str) -> Result<Response> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let url = response.url().clone();
+    let body = response.text().await.unwrap_or_default();
+    bail!(
+        "{what} {url}: {status}: {}",
+        body.chars().take(500).collect::<String>()
+    )
+}

@@ -1,0 +1,575 @@
+//! Figures, targets and the printed table: each figure for both servers as a median with
+//! its spread, their ratio, the machine limit the target uses, and PASS/FAIL.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::servers::Kind;
+use crate::workloads::Shape;
+
+/// Median and spread of a figure's samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Median (the mean of the middle two for an even count).
+    pub median: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Largest sample.
+    pub max: f64,
+    /// Every sample, in the order measured.
+    pub samples: Vec<f64>,
+}
+
+impl Summary {
+    /// Summarise `samples`; `None` when there are none.
+    pub fn of(samples: &[f64]) -> Option<Summary> {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            *sorted.get(n / 2)?
+        } else {
+            (sorted.get(n.checked_div(2)?.checked_sub(1)?)? + sorted.get(n / 2)?) / 2.0
+        };
+        Some(Summary {
+            median,
+            min: *sorted.first()?,
+            max: *sorted.last()?,
+            samples: samples.to_vec(),
+        })
+    }
+
+    fn show(&self) -> String {
+        if self.samples.len() > 1 {
+            format!("{} [{}-{}]", num(self.median), num(self.min), num(self.max))
+        } else {
+            num(self.median)
+        }
+    }
+}
+
+/// The machine's limits, each a summary over its repetitions (MB/s).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Limits {
+    /// One core's SHA-256.
+    pub sha256_one_core: Option<Summary>,
+    /// Second read of a 1 GiB file (page cache).
+    pub page_cache_read: Option<Summary>,
+    /// Write, then fsync, of 1 GiB on the servers' disk.
+    pub disk_write_fsync: Option<Summary>,
+    /// Write of 1 GiB with fdatasync overlapping it, then fsync, on the servers' disk.
+    pub disk_write_fsync_overlapped: Option<Summary>,
+    /// One loopback TCP stream.
+    pub loopback_tcp: Option<Summary>,
+    /// The benchmark's HTTP client pulling from a trivial server (not a target).
+    pub http_get_ceiling: Option<Summary>,
+    /// The benchmark's HTTP client pushing to a trivial server (not a target).
+    pub http_put_ceiling: Option<Summary>,
+}
+
+impl Limits {
+    fn median(s: &Option<Summary>) -> Option<f64> {
+        s.as_ref().map(|s| s.median)
+    }
+
+    /// The faster of the two ways to write durably.
+    pub fn disk(&self) -> Option<f64> {
+        match (
+            Self::median(&self.disk_write_fsync),
+            Self::median(&self.disk_write_fsync_overlapped),
+        ) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The push limit: the slower of hashing on one core and writing durably.
+    pub fn push(&self) -> Option<f64> {
+        match (Self::median(&self.sha256_one_core), self.disk()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What a figure is compared against.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// No target: reported for context.
+    None,
+    /// layercache >= `ratio` x distribution, and >= `of_limit` x the limit if known.
+    AtLeast {
+        /// Minimum ratio layercache/distribution.
+        ratio: f64,
+        /// Minimum fraction of the machine limit.
+        of_limit: Option<f64>,
+    },
+    /// layercache <= `ratio` x distribution.
+    AtMostRatio {
+        /// Maximum ratio layercache/distribution.
+        ratio: f64,
+    },
+    /// layercache < distribution.
+    Below,
+    /// layercache <= an absolute value.
+    AtMost {
+        /// The bound, in the figure's unit.
+        value: f64,
+    },
+}
+
+impl Target {
+    fn describe(self, unit: &str) -> String {
+        match self {
+            Target::None => "-".into(),
+            Target::AtLeast {
+                ratio,
+                of_limit: Some(f),
+            } => format!(">= {ratio}x and >= {:.0}% limit", f * 100.0),
+            Target::AtLeast {
+                ratio,
+                of_limit: None,
+            } => format!(">= {ratio}x"),
+            Target::AtMostRatio { ratio } => format!("<= {ratio}x"),
+            Target::Below => "< distribution".into(),
+            Target::AtMost { value } => format!("<= {} {unit}", num(value)),
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    /// Stable key, for JSON consumers.
+    pub key: String,
+    /// What is measured.
+    pub label: String,
+    /// Unit of the values.
+    pub unit: String,
+    /// layercache's samples.
+    pub layercache: Option<Summary>,
+    /// distribution's samples.
+    pub distribution: Option<Summary>,
+    /// layercache's median over distribution's.
+    pub ratio: Option<f64>,
+    /// The machine limit the target uses, in the figure's unit.
+    pub limit: Option<f64>,
+    /// The target.
+    pub target: Target,
+    /// Whether the target is met; `None` without a target or without both values.
+    pub pass: Option<bool>,
+}
+
+impl Figure {
+    /// A figure from both servers' samples, judged against `target`.
+    pub fn new(
+        key: &str,
+        label: &str,
+        unit: &str,
+        samples: &Samples,
+        limit: Option<f64>,
+        target: Target,
+    ) -> Figure {
+        let layercache = Summary::of(&samples.layercache);
+        let distribution = Summary::of(&samples.distribution);
+        let lc = layercache.as_ref().map(|s| s.median);
+        let dist = distribution.as_ref().map(|s| s.median);
+        let ratio = match (lc, dist) {
+            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+            _ => None,
+        };
+        let pass = match (target, lc, dist) {
+            (Target::None, _, _) => None,
+            (Target::AtMost { value }, Some(a), _) => Some(a <= value),
+            (Target::AtLeast { ratio: r, of_limit }, Some(a), Some(b)) => {
+                let vs_limit = match (of_limit, limit) {
+                    (Some(f), Some(l)) => a >= f * l,
+                    _ => true,
+                };
+                Some(a >= r * b && vs_limit)
+            }
+            (Target::AtMostRatio { ratio: r }, Some(a), Some(b)) => Some(a <= r * b),
+            (Target::Below, Some(a), Some(b)) => Some(a < b),
+            _ => None,
+        };
+        Figure {
+            key: key.into(),
+            label: label.into(),
+            unit: unit.into(),
+            layercache,
+            distribution,
+            ratio,
+            limit,
+            target,
+            pass,
+        }
+    }
+}
+
+/// Samples of one figure from both servers.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    /// From layercache.
+    pub layercache: Vec<f64>,
+    /// From distribution.
+    pub distribution: Vec<f64>,
+}
+
+impl Samples {
+    /// Record a sample from `kind`.
+    pub fn push(&mut self, kind: Kind, value: f64) {
+        match kind {
+            Kind::Layercache => self.layercache.push(value),
+            Kind::Distribution => self.distribution.push(value),
+        }
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.layercache.is_empty() && self.distribution.is_empty()
+    }
+}
+
+/// Every figure with its target, in table order; figures without samples are left out.
+pub fn figures(
+    samples: &BTreeMap<&'static str, Samples>,
+    limits: &Limits,
+    shape: &Shape,
+) -> Vec<Figure> {
+    let size = |mib: usize| {
+        if mib.is_multiple_of(1024) {
+            format!("{} GiB", mib / 1024)
+        } else {
+            format!("{mib} MiB")
+        }
+    };
+    let blob = size(shape.blob_mib);
+    let push_target = Target::AtLeast {
+        ratio: 2.5,
+        of_limit: Some(0.6),
+    };
+    let at_least = |ratio| Target::AtLeast {
+        ratio,
+        of_limit: None,
+    };
+    let loopback = limits.loopback_tcp.as_ref().map(|s| s.median);
+    let rows: [(&str, String, &str, Option<f64>, Target); 18] = [
+        (
+            "push_mb_s",
+            format!("push {blob}, monolithic"),
+            "MB/s",
+            limits.push(),
+            push_target,
+        ),
+        (
+            "chunked_mb_s",
+            format!("push {blob}, {} chunks", size(shape.chunk_mib)),
+            "MB/s",
+            limits.push(),
+            push_target,
+        ),
+        (
+            "pull_mb_s",
+            format!("pull {blob}"),
+            "MB/s",
+            loopback,
+            Target::AtLeast {
+                ratio: 1.0,
+                of_limit: Some(0.9),
+            },
+        ),
+        (
+            "pulls_mb_s",
+            format!(
+                "{} concurrent pulls of {}",
+                shape.pulls,
+                size(shape.pull_mib)
+            ),
+            "MB/s",
+            None,
+            at_least(1.0),
+        ),
+        (
+            "head_rps",
+            format!("HEAD blob, {} conns", shape.head_conns),
+            "req/s",
+            None,
+            at_least(10.0),
+        ),
+        (
+            "head_p50_ms",
+            "HEAD blob p50".into(),
+            "ms",
+            None,
+            Target::None,
+        ),
+        (
+            "head_p99_ms",
+            "HEAD blob p99".into(),
+            "ms",
+            None,
+            Target::AtMost { value: 5.0 },
+        ),
+        (
+            "mput_rps",
+            format!("manifest PUT, {} conns", shape.manifest_conns),
+            "req/s",
+            None,
+            at_least(3.0),
+        ),
+        (
+            "mput_p99_ms",
+            "manifest PUT p99".into(),
+            "ms",
+            None,
+            Target::AtMost { value: 10.0 },
+        ),
+        (
+            "mget_rps",
+            format!("manifest GET by tag, {} conns", shape.manifest_conns),
+            "req/s",
+            None,
+            at_least(5.0),
+        ),
+        (
+            "mget_p99_ms",
+            "manifest GET p99".into(),
+            "ms",
+            None,
+            Target::AtMost { value: 10.0 },
+        ),
+        (
+            "export_s",
+            format!(
+                "cache export, {} blobs, {} missing",
+                shape.export_blobs, shape.export_missing
+            ),
+            "s",
+            None,
+            Target::AtMostRatio { ratio: 0.5 },
+        ),
+        (
+            "rss_mib",
+            "peak RSS over the run".into(),
+            "MiB",
+            None,
+            Target::Below,
+        ),
+        (
+            "e2e_cold_s",
+            "e2e cold build + push".into(),
+            "s",
+            None,
+            Target::None,
+        ),
+        (
+            "e2e_warm_s",
+            "e2e warm rebuild".into(),
+            "s",
+            None,
+            Target::AtMostRatio { ratio: 1.0 },
+        ),
+        (
+            "e2e_compute_cold_s",
+            "e2e compute: cold build + push".into(),
+            "s",
+            None,
+            Target::None,
+        ),
+        (
+            "e2e_compute_warm_s",
+            "e2e compute: warm rebuild".into(),
+            "s",
+            None,
+            Target::None,
+        ),
+        (
+            "e2e_compute_pct",
+            "e2e compute: warm / cold".into(),
+            "%",
+            None,
+            Target::AtMost { value: 25.0 },
+        ),
+    ];
+    rows.into_iter()
+        .filter_map(|(key, label, unit, limit, target)| {
+            let s = samples.get(key).filter(|s| !s.is_empty())?;
+            Some(Figure::new(key, &label, unit, s, limit, target))
+        })
+        .collect()
+}
+
+/// The machine limits as a small table.
+pub fn limits_table(limits: &Limits) -> String {
+    let rows = [
+        ("SHA-256, one core", &limits.sha256_one_core),
+        ("page-cache read", &limits.page_cache_read),
+        ("disk write, then fsync", &limits.disk_write_fsync),
+        (
+            "disk write, fdatasync overlapped",
+            &limits.disk_write_fsync_overlapped,
+        ),
+        ("loopback TCP, one stream", &limits.loopback_tcp),
+        ("HTTP client GET ceiling", &limits.http_get_ceiling),
+        ("HTTP client PUT ceiling", &limits.http_put_ceiling),
+    ];
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .filter_map(|(name, s)| {
+            s.as_ref()
+                .map(|s| vec![(*name).to_owned(), format!("{} MB/s", s.show())])
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    render(&["machine limit", "median [min-max]"], &rows)
+}
+
+/// The figures as the benchmark's table.
+pub fn figures_table(figures: &[Figure]) -> String {
+    let rows: Vec<Vec<String>> = figures
+        .iter()
+        .map(|f| {
+            vec![
+                format!("{} ({})", f.label, f.unit),
+                f.layercache.as_ref().map_or("-".into(), Summary::show),
+                f.distribution.as_ref().map_or("-".into(), Summary::show),
+                f.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                f.limit.map_or("-".into(), num),
+                f.target.describe(&f.unit),
+                match f.pass {
+                    Some(true) => "PASS".into(),
+                    Some(false) => "FAIL".into(),
+                    None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    render(
+        &[
+            "figure",
+            "layercache",
+            "distribution",
+            "lc/dist",
+            "limit",
+            "target",
+            "result",
+        ],
+        &rows,
+    )
+}
+
+/// A plain-text table with aligned columns (first column left, others right).
+fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.to_vec());
+    out.push('\n');
+    out.push_str(
+        &widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-"),
+    );
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+/// A number with precision that suits its size.
+pub fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(lc: &[f64], dist: &[f64]) -> Samples {
+        Samples {
+            layercache: lc.to_vec(),
+            distribution: dist.to_vec(),
+        }
+    }
+
+    #[test]
+    fn summary_takes_the_median_and_spread() {
+        let s = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Summary::of(&[1.0, 4.0]).unwrap().median, 2.5);
+        assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn throughput_target_needs_both_ratio_and_limit() {
+        let target = Target::AtLeast {
+            ratio: 2.5,
+            of_limit: Some(0.6),
+        };
+        let s = samples(&[1000.0], &[300.0]);
+        assert_eq!(
+            Figure::new("k", "l", "MB/s", &s, Some(1500.0), target).pass,
+            Some(true)
+        );
+        assert_eq!(
+            Figure::new("k", "l", "MB/s", &s, Some(2000.0), target).pass,
+            Some(false)
+        );
+        let slow_peer = samples(&[1000.0], &[500.0]);
+        assert_eq!(
+            Figure::new("k", "l", "MB/s", &slow_peer, None, target).pass,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn time_and_latency_targets_are_upper_bounds() {
+        let s = samples(&[4.0], &[10.0]);
+        let half = Target::AtMostRatio { ratio: 0.5 };
+        assert_eq!(Figure::new("k", "l", "s", &s, None, half).pass, Some(true));
+        let p99 = Target::AtMost { value: 5.0 };
+        assert_eq!(Figure::new("k", "l", "ms", &s, None, p99).pass, Some(true));
+        assert_eq!(
+            Figure::new("k", "l", "ms", &s, None, Target::Below).pass,
+            Some(true)
+        );
+        assert_eq!(
+            Figure::new("k", "l", "ms", &s, None, Target::None).pass,
+            None
+        );
+    }
+}

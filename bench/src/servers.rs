@@ -1,0 +1,188 @@
+//! The two servers under test, each a child process on a free loopback port with its data
+//! in the run's temporary directory. A [`Server`] kills its process when dropped, so both
+//! stop whether the run succeeds or fails.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::registry::Registry;
+
+/// Which server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// This project's server.
+    Layercache,
+    /// The CNCF distribution registry (Debian `docker-registry`).
+    Distribution,
+}
+
+impl Kind {
+    /// Lower-case name, as printed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Layercache => "layercache",
+            Kind::Distribution => "distribution",
+        }
+    }
+}
+
+/// A running server.
+pub struct Server {
+    /// Which server this is.
+    pub kind: Kind,
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// `127.0.0.1:PORT`, as image references want it.
+    pub host: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Start `layercache serve` on a free port with its data in `dir/data`.
+    pub fn start_layercache(bin: &Path, dir: &Path) -> Result<Server> {
+        std::fs::create_dir_all(dir)?;
+        let log = dir.join("server.log");
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("layercache stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let Some(url) = line.trim().strip_prefix("layercache listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "layercache printed {line:?} instead of its address; log:\n{}",
+                tail(&log)
+            );
+        };
+        let url = url.to_owned();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        let mut out = File::create(dir.join("stdout.log"))?;
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut out));
+        let host = url.trim_start_matches("http://").to_owned();
+        Ok(Server {
+            kind: Kind::Layercache,
+            child,
+            url,
+            host,
+            log,
+        })
+    }
+
+    /// Start the distribution registry on a free port: filesystem storage in `dir/data`,
+    /// deletes enabled, errors-only logging, and the in-memory blob descriptor cache of
+    /// Debian's packaged configuration.
+    pub fn start_distribution(bin: &Path, dir: &Path) -> Result<Server> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        let mut f = File::create(&config)?;
+        write!(
+            f,
+            "version: 0.1\n\
+             log:\n  level: error\n  accesslog:\n    disabled: true\n\
+             storage:\n  cache:\n    blobdescriptor: inmemory\n  \
+             filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {host}\n",
+            dir.join("data").display()
+        )?;
+        let log = dir.join("server.log");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdout(File::create(dir.join("stdout.log"))?)
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Server {
+            kind: Kind::Distribution,
+            child,
+            url: format!("http://{host}"),
+            host,
+            log,
+        })
+    }
+
+    /// Wait until `GET /v2/` answers 200, for up to 20 s.
+    pub async fn wait_ready(&mut self, registry: &Registry) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status}; log:\n{}",
+                    self.kind.name(),
+                    tail(&self.log)
+                );
+            }
+            match registry.ping().await {
+                Ok(()) => return Ok(()),
+                Err(e) if start.elapsed() > Duration::from_secs(20) => {
+                    return Err(e.context(format!("{} did not become ready", self.kind.name())));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Fail if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited with {status}; log:\n{}",
+                self.kind.name(),
+                tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+
+    /// Peak resident memory so far (`VmHWM` from `/proc/<pid>/status`), in bytes.
+    pub fn peak_rss(&self) -> Result<u64> {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("VmHWM in /proc status")?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The last lines of a log file, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(20);
+    lines.into_iter().skip(from).collect::<Vec<_>>().join("\n")
+}
