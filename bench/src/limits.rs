@@ -42,11 +42,7 @@ pub async fn disk_write_fsync(dir: &Path, slices: &[Bytes]) -> Result<f64> {
     tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         let mut file = std::fs::File::create(&path)?;
-        let mut total = 0u64;
-        for s in &slices {
-            file.write_all(s)?;
-            total += s.len() as u64;
-        }
+        let total = write_slices(&mut file, &slices)?;
         file.sync_all()?;
         let rate = mbps(total, start.elapsed().as_secs_f64());
         drop(file);
@@ -75,11 +71,7 @@ pub async fn disk_write_fsync_overlapped(dir: &Path, slices: &[Bytes]) -> Result
             }
             Ok(())
         });
-        let mut total = 0u64;
-        for s in &slices {
-            file.write_all(s)?;
-            total += s.len() as u64;
-        }
+        let total = write_slices(&mut file, &slices)?;
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         flusher
             .join()
@@ -100,9 +92,7 @@ pub async fn page_cache_read(dir: &Path, slices: &[Bytes]) -> Result<f64> {
     let slices = slices.to_vec();
     tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::create(&path)?;
-        for s in &slices {
-            file.write_all(s)?;
-        }
+        write_slices(&mut file, &slices)?;
         drop(file);
         let mut buf = vec![0u8; 1 << 20];
         let mut read_all = || -> Result<(u64, f64)> {
@@ -281,4 +271,14 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
         http_get_ceiling: Summary::of(&get),
         http_put_ceiling: Summary::of(&put),
     })
+}
+
+/// Write every slice to `file`; returns the bytes written.
+fn write_slices(file: &mut std::fs::File, slices: &[Bytes]) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    for s in slices {
+        file.write_all(s)?;
+        total += s.len() as u64;
+    }
+    Ok(total)
 }

@@ -55,12 +55,7 @@ fn a_build_on_empty_storage_uses_every_step_from_the_remote_layer_cache() {
         return;
     }
     let server = common::Server::start();
-    let context = tempfile::tempdir().unwrap();
-    std::fs::copy("/bin/busybox", context.path().join("busybox"))
-        .expect("a static busybox at /bin/busybox (Debian busybox-static)");
-    let nonce = format!("{} {:?}", server.host, std::time::SystemTime::now());
-    std::fs::write(context.path().join("nonce"), nonce).unwrap();
-    std::fs::write(context.path().join("Containerfile"), CONTAINERFILE).unwrap();
+    let context = common::busybox_context(&server, "Containerfile", CONTAINERFILE);
     let cache = format!("{}/cache/buildah", server.host);
     let instructions = CONTAINERFILE.lines().count() - 1;
 

@@ -143,12 +143,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
     );
 
     let server = common::Server::start();
-    let context = tempfile::tempdir().unwrap();
-    std::fs::copy("/bin/busybox", context.path().join("busybox"))
-        .expect("a static busybox at /bin/busybox (Debian busybox-static)");
-    let nonce = format!("{} {:?}", server.host, std::time::SystemTime::now());
-    std::fs::write(context.path().join("nonce"), nonce).unwrap();
-    std::fs::write(context.path().join("Dockerfile"), DOCKERFILE).unwrap();
+    let context = common::busybox_context(&server, "Dockerfile", DOCKERFILE);
     let tag = format!("{}/cache/app:v1", server.host);
     let mut cleanup = Cleanup {
         tag: &tag,

@@ -234,14 +234,14 @@ impl Store {
         self.staged_len(id).await
     }
 
-    /// The hash state for the upload's current length, rebuilt from disk when stale.
+    /// The hash state for the upload's current length `len`, rebuilt from disk when stale.
     async fn current_hash(
         &self,
         id: &UploadId,
+        len: u64,
         state: Option<HashState>,
         algorithm: Algorithm,
     ) -> Result<HashState> {
-        let len = self.staged_len(id).await?;
         match state {
             Some(s) if s.len == len && algorithm == Algorithm::Sha256 => Ok(s),
             _ => {
@@ -271,7 +271,7 @@ impl Store {
             });
         }
         let state = self
-            .current_hash(id, slot.take(), Algorithm::Sha256)
+            .current_hash(id, len, slot.take(), Algorithm::Sha256)
             .await?;
         let (len, hasher) = self.blobs.append(id, state.len, body, state.hasher).await?;
         *slot = Some(HashState { len, hasher });
@@ -289,8 +289,9 @@ impl Store {
         self.check_upload(repo, id).await?;
         let lock = self.hashes.lock_for(id);
         let mut slot = lock.lock().await;
+        let len = self.staged_len(id).await?;
         let state = self
-            .current_hash(id, slot.take(), digest.algorithm())
+            .current_hash(id, len, slot.take(), digest.algorithm())
             .await?;
         let committed = self.blobs.commit(id, digest, state.hasher).await;
         if let Err(Error::DigestMismatch { .. }) = committed {

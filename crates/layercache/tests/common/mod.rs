@@ -220,3 +220,15 @@ pub fn run_ok(command: &mut Command) -> String {
     assert!(ok, "{command:?} failed:\n{text}");
     text
 }
+
+/// A build context holding the static busybox, a nonce unique to this run (so no earlier
+/// run's local cache can serve it) and `file_name` with `contents`.
+pub fn busybox_context(server: &Server, file_name: &str, contents: &str) -> tempfile::TempDir {
+    let context = tempfile::tempdir().unwrap();
+    std::fs::copy("/bin/busybox", context.path().join("busybox"))
+        .expect("a static busybox at /bin/busybox (Debian busybox-static)");
+    let nonce = format!("{} {:?}", server.host, std::time::SystemTime::now());
+    std::fs::write(context.path().join("nonce"), nonce).unwrap();
+    std::fs::write(context.path().join(file_name), contents).unwrap();
+    context
+}
