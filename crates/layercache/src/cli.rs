@@ -19,6 +19,26 @@ pub struct Cli {
 pub enum Command {
     /// Run the cache server (OCI distribution API).
     Serve(ServeArgs),
+    /// Run one eviction pass on a running server now and print what it freed.
+    Gc(GcArgs),
+}
+
+/// Options of `layercache gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The running server.
+    #[arg(
+        long,
+        env = "LAYERCACHE_SERVER",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    pub server: String,
+    /// Change nothing: print what a pass would evict and free.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the server's JSON report instead of a summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `layercache serve`; flags win over the environment and the config file.
@@ -33,6 +53,10 @@ pub struct ServeArgs {
     /// Data directory [default: ./layercache-data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Most the data directory may hold: bytes ("200GiB") or a share of its filesystem
+    /// ("60%") [default: 60%].
+    #[arg(long)]
+    pub max_size: Option<store::config::Size>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,

@@ -30,12 +30,19 @@ impl Config {
             );
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("LAYERCACHE_").ignore(&["CONFIG"]).split("__"));
+        figment = figment.merge(
+            Env::prefixed("LAYERCACHE_")
+                .ignore(&["CONFIG", "SERVER"])
+                .split("__"),
+        );
         if let Some(listen) = args.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
         }
         if let Some(dir) = &args.data_dir {
             figment = figment.merge(Serialized::default("store.data_dir", dir));
+        }
+        if let Some(size) = args.max_size {
+            figment = figment.merge(Serialized::default("store.eviction.max_size", size));
         }
         figment.extract().context("invalid configuration")
     }

@@ -1,6 +1,7 @@
 //! The `layercache` binary: configuration, logging, and the subcommands.
 
 mod cli;
+mod commands;
 mod config;
 
 use anyhow::Context;
@@ -22,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Gc(args) => runtime.block_on(commands::gc::run(args)),
     }
 }
 

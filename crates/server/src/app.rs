@@ -14,7 +14,7 @@ use axum::response::Response;
 use axum::routing::any;
 use tracing::Instrument;
 
-use crate::registry;
+use crate::{api, registry};
 
 /// Everything a handler may use; no global state lives outside it.
 #[derive(Clone)]
@@ -40,6 +40,7 @@ pub fn build_router(state: AppState) -> Router {
         .route("/v2", any(registry::dispatch))
         .route("/v2/", any(registry::dispatch))
         .route("/v2/{*path}", any(registry::dispatch))
+        .merge(api::router())
         .fallback(registry::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)

@@ -1,7 +1,8 @@
 //! layercache's HTTP edge. Handlers are thin: parse the request into a typed
 //! [`registry::Endpoint`], call the [`store::Store`], and map errors to the wire once
-//! (in [`registry::RegistryError`]).
+//! (in [`registry::RegistryError`]). `api` is layercache's own JSON API.
 
+mod api;
 pub mod app;
 pub mod config;
 pub mod registry;

@@ -72,6 +72,12 @@ pub enum Error {
     /// A group of metadata writes failed to commit; none of them took effect.
     #[error("metadata commit failed: {0}")]
     Commit(String),
+    /// Another process holds the data directory.
+    #[error("another layercache process is using {0}")]
+    DataDirInUse(std::path::PathBuf),
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
     /// A background task died (a bug, never client input).
     #[error("internal task failed: {0}")]
     Task(String),

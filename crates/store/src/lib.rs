@@ -4,11 +4,13 @@
 //!   only once durable (invariant 1).
 //! * [`meta`]: repositories, tags, manifests and what they reference, blob links,
 //!   upload sessions and access times (SQLite embedded).
-//! * [`Store`]: the registry operations built from both, used by the HTTP edge.
+//! * [`Store`]: the registry operations built from both, used by the HTTP edge, and
+//!   eviction, which keeps them inside a disk quota.
 
 pub mod blob;
 pub mod config;
 pub mod error;
+mod evict;
 pub mod meta;
 mod registry;
 pub mod upload;
@@ -16,6 +18,7 @@ pub mod upload;
 pub use blob::{BlobStore, ByteRange, ByteStream};
 pub use config::Config;
 pub use error::{Error, Result};
+pub use evict::{EvictedRoot, GcReport, Quota, Trigger, Usage};
 pub use registry::{BlobRead, PutManifest, Store};
 pub use upload::UploadId;
 

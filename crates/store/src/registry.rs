@@ -6,7 +6,8 @@
 //! finds everything it references.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use oci::{Algorithm, Digest, Hasher, Manifest, Reference, RepoName};
 use crate::blob::{BlobStore, ByteRange, ByteStream, FsBackend};
 use crate::config::Config;
 use crate::error::Missing;
+use crate::evict::{Evictor, Trigger};
 use crate::meta::{ManifestRecord, MetaStore, Page, Referrer, SqliteMeta, StoredManifest, Touch};
 use crate::upload::{HashState, HashStates, UploadId};
 use crate::{Error, Result, now_secs};
@@ -22,13 +24,21 @@ use crate::{Error, Result, now_secs};
 /// How often recorded reads are written to the metadata store.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The registry storage: blobs, metadata, uploads.
+/// The registry storage: blobs, metadata, uploads. Cheap to clone (one shared state).
 #[derive(Clone)]
-pub struct Store {
-    blobs: BlobStore,
-    meta: Arc<dyn MetaStore>,
-    hashes: Arc<HashStates>,
-    access: Arc<AccessLog>,
+pub struct Store(pub(crate) Arc<Shared>);
+
+/// What every clone of a [`Store`] shares.
+pub(crate) struct Shared {
+    /// Held for the store's life: one process per data directory, since uploads and
+    /// eviction coordinate in memory.
+    _lock: std::fs::File,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) blobs: BlobStore,
+    pub(crate) meta: Arc<dyn MetaStore>,
+    pub(crate) hashes: HashStates,
+    pub(crate) access: AccessLog,
+    pub(crate) evictor: Evictor,
     max_manifest_bytes: usize,
 }
 
@@ -61,7 +71,7 @@ pub struct PutManifest {
 
 /// Reads waiting to be recorded as last use, flushed in batches so reads stay cheap.
 #[derive(Default)]
-struct AccessLog {
+pub(crate) struct AccessLog {
     pending: Mutex<HashSet<Touch>>,
 }
 
@@ -71,6 +81,14 @@ impl AccessLog {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(touch);
+    }
+
+    /// Whether a read of blob `digest` is waiting to be recorded.
+    pub(crate) fn pending_blob(&self, digest: &Digest) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&Touch::Blob(digest.clone()))
     }
 
     async fn flush(&self, meta: &dyn MetaStore) -> Result<()> {
@@ -89,47 +107,43 @@ impl AccessLog {
 
 impl Store {
     /// Open the store described by `config`, creating its directory if needed. Must be
-    /// called inside a Tokio runtime (it starts the access-time flusher).
+    /// called inside a Tokio runtime: it starts the access-time flusher and the evictor
+    /// (whose first pass finishes whatever a previous run left).
     pub async fn open(config: &Config) -> Result<Store> {
+        let evictor = Evictor::new(config.eviction.clone())?;
         let root = config.data_dir.clone();
-        let (backend, meta) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (lock, backend, meta) = tokio::task::spawn_blocking(move || -> Result<_> {
             std::fs::create_dir_all(&root)?;
             Ok((
+                lock_data_dir(&root)?,
                 FsBackend::open(&root)?,
                 SqliteMeta::open(&root.join("meta.db"))?,
             ))
         })
         .await??;
-        let store = Store {
+        let store = Store(Arc::new(Shared {
+            _lock: lock,
+            data_dir: config.data_dir.clone(),
             blobs: BlobStore::new(Arc::new(backend)),
             meta: Arc::new(meta),
-            hashes: Arc::default(),
-            access: Arc::default(),
+            hashes: HashStates::default(),
+            access: AccessLog::default(),
+            evictor,
             max_manifest_bytes: config.max_manifest_bytes,
-        };
-        let (access, meta) = (Arc::downgrade(&store.access), store.meta.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
-            while let Some(access) = {
-                tick.tick().await;
-                access.upgrade()
-            } {
-                if let Err(e) = access.flush(meta.as_ref()).await {
-                    tracing::warn!(error = %e, "recording access times failed");
-                }
-            }
-        });
+        }));
+        tokio::spawn(flush_access_times(Arc::downgrade(&store.0)));
+        tokio::spawn(evict_in_background(Arc::downgrade(&store.0)));
         Ok(store)
     }
 
     /// Write pending access times now (at shutdown).
     pub async fn flush_access_times(&self) -> Result<()> {
-        self.access.flush(self.meta.as_ref()).await
+        self.0.access.flush(self.0.meta.as_ref()).await
     }
 
     /// Largest manifest accepted, in bytes.
     pub fn max_manifest_bytes(&self) -> usize {
-        self.max_manifest_bytes
+        self.0.max_manifest_bytes
     }
 
     // ---- blobs ----
@@ -137,13 +151,14 @@ impl Store {
     /// Find `digest` in `repo`.
     pub async fn open_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobRead> {
         let size = self
+            .0
             .meta
             .linked_blob(repo, digest)
             .await?
             .ok_or(Error::NotFound(Missing::Blob))?;
-        self.access.record(Touch::Blob(digest.clone()));
+        self.0.access.record(Touch::Blob(digest.clone()));
         Ok(BlobRead {
-            store: self.blobs.clone(),
+            store: self.0.blobs.clone(),
             digest: digest.clone(),
             size,
         })
@@ -151,7 +166,7 @@ impl Store {
 
     /// Remove `digest` from `repo` (the bytes go when nothing else needs them).
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        if self.meta.unlink_blob(repo, digest).await? {
+        if self.0.meta.unlink_blob(repo, digest).await? {
             Ok(())
         } else {
             Err(Error::NotFound(Missing::Blob))
@@ -167,15 +182,15 @@ impl Store {
         from: Option<&RepoName>,
     ) -> Result<bool> {
         let size = match from {
-            Some(from) => self.meta.linked_blob(from, digest).await?,
-            None => self.meta.known_blob(digest).await?,
+            Some(from) => self.0.meta.linked_blob(from, digest).await?,
+            None => self.0.meta.known_blob(digest).await?,
         };
         let Some(size) = size else { return Ok(false) };
-        if self.blobs.stat(digest).await? != Some(size) {
+        if self.0.blobs.stat(digest).await? != Some(size) {
             return Ok(false);
         }
-        self.meta.link_blob(repo, digest, size).await?;
-        self.access.record(Touch::Blob(digest.clone()));
+        self.0.meta.link_blob(repo, digest, size).await?;
+        self.0.access.record(Touch::Blob(digest.clone()));
         Ok(true)
     }
 
@@ -187,21 +202,22 @@ impl Store {
         body: ByteStream,
     ) -> Result<u64> {
         let id = UploadId::random();
-        self.blobs.create_staged(&id).await?;
+        self.0.blobs.create_staged(&id).await?;
         let result = async {
             let (size, hasher) = self
+                .0
                 .blobs
                 .append(&id, 0, body, Hasher::new(digest.algorithm()))
                 .await?;
-            self.blobs.commit(&id, digest, hasher).await?;
-            self.meta.link_blob(repo, digest, size).await?;
+            let _locked = self.0.blobs.commit(&id, digest, hasher).await?;
+            self.0.meta.link_blob(repo, digest, size).await?;
             Ok(size)
         }
         .await;
         if result.is_err() {
-            self.blobs.discard(&id).await?;
+            self.0.blobs.discard(&id).await?;
         }
-        result
+        self.account(result, |&size| size)
     }
 
     // ---- upload sessions ----
@@ -209,20 +225,21 @@ impl Store {
     /// Open an upload session in `repo`.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
         let id = UploadId::random();
-        self.blobs.create_staged(&id).await?;
-        self.meta.create_upload(&id, repo).await?;
+        self.0.blobs.create_staged(&id).await?;
+        self.0.meta.create_upload(&id, repo).await?;
         Ok(id)
     }
 
     async fn check_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
-        match self.meta.upload_repo(id).await? {
+        match self.0.meta.upload_repo(id).await? {
             Some(owner) if owner == *repo => Ok(()),
             _ => Err(Error::NotFound(Missing::Upload)),
         }
     }
 
     async fn staged_len(&self, id: &UploadId) -> Result<u64> {
-        self.blobs
+        self.0
+            .blobs
             .staged_len(id)
             .await?
             .ok_or(Error::NotFound(Missing::Upload))
@@ -245,7 +262,7 @@ impl Store {
         match state {
             Some(s) if s.len == len && algorithm == Algorithm::Sha256 => Ok(s),
             _ => {
-                let (len, hasher) = self.blobs.rehash(id, algorithm).await?;
+                let (len, hasher) = self.0.blobs.rehash(id, algorithm).await?;
                 Ok(HashState { len, hasher })
             }
         }
@@ -261,7 +278,7 @@ impl Store {
         body: ByteStream,
     ) -> Result<u64> {
         self.check_upload(repo, id).await?;
-        let lock = self.hashes.lock_for(id);
+        let lock = self.0.hashes.lock_for(id);
         let mut slot = lock.lock().await;
         let len = self.staged_len(id).await?;
         if let Some(start) = start.filter(|&s| s != len) {
@@ -273,7 +290,8 @@ impl Store {
         let state = self
             .current_hash(id, len, slot.take(), Algorithm::Sha256)
             .await?;
-        let (len, hasher) = self.blobs.append(id, state.len, body, state.hasher).await?;
+        let appended = self.0.blobs.append(id, state.len, body, state.hasher).await;
+        let (len, hasher) = self.account(appended, |_| 0)?;
         *slot = Some(HashState { len, hasher });
         Ok(len)
     }
@@ -287,34 +305,48 @@ impl Store {
         digest: &Digest,
     ) -> Result<u64> {
         self.check_upload(repo, id).await?;
-        let lock = self.hashes.lock_for(id);
+        let lock = self.0.hashes.lock_for(id);
         let mut slot = lock.lock().await;
         let len = self.staged_len(id).await?;
         let state = self
             .current_hash(id, len, slot.take(), digest.algorithm())
             .await?;
-        let committed = self.blobs.commit(id, digest, state.hasher).await;
+        let committed = self.0.blobs.commit(id, digest, state.hasher).await;
         if let Err(Error::DigestMismatch { .. }) = committed {
             self.end_upload(id).await?;
         }
-        committed?;
-        self.meta.link_blob(repo, digest, state.len).await?;
+        let linked = match committed {
+            Ok(_locked) => self.0.meta.link_blob(repo, digest, state.len).await,
+            Err(e) => Err(e),
+        };
+        let size = self.account(linked.map(|()| state.len), |&len| len)?;
         self.end_upload(id).await?;
-        Ok(state.len)
+        Ok(size)
     }
 
     /// Abandon an upload session and its bytes.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
         self.check_upload(repo, id).await?;
-        let lock = self.hashes.lock_for(id);
+        let lock = self.0.hashes.lock_for(id);
         let _held = lock.lock().await;
-        self.blobs.discard(id).await?;
+        self.0.blobs.discard(id).await?;
         self.end_upload(id).await
     }
 
-    async fn end_upload(&self, id: &UploadId) -> Result<()> {
-        self.meta.remove_upload(id).await?;
-        self.hashes.forget(id);
+    /// Tell the evictor about a write: it stored `added` bytes, or the disk filled up
+    /// and a pass is due now.
+    fn account<T>(&self, outcome: Result<T>, added: impl FnOnce(&T) -> u64) -> Result<T> {
+        match &outcome {
+            Ok(value) => self.0.evictor.added(added(value)),
+            Err(Error::StorageFull) => self.0.evictor.wake.notify_one(),
+            Err(_) => {}
+        }
+        outcome
+    }
+
+    pub(crate) async fn end_upload(&self, id: &UploadId) -> Result<()> {
+        self.0.meta.remove_upload(id).await?;
+        self.0.hashes.forget(id);
         Ok(())
     }
 
@@ -328,10 +360,10 @@ impl Store {
         content_type: Option<&str>,
         body: Bytes,
     ) -> Result<PutManifest> {
-        if body.len() > self.max_manifest_bytes {
+        if body.len() > self.0.max_manifest_bytes {
             return Err(Error::ManifestTooLarge {
                 size: body.len(),
-                limit: self.max_manifest_bytes,
+                limit: self.0.max_manifest_bytes,
             });
         }
         let parsed = Manifest::parse(content_type, &body)?;
@@ -357,7 +389,7 @@ impl Store {
             content: body,
             references: parsed.references,
         };
-        self.meta.put_manifest(repo, record, tag).await?;
+        self.0.meta.put_manifest(repo, record, tag).await?;
         Ok(PutManifest { digest, subject })
     }
 
@@ -367,15 +399,23 @@ impl Store {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<StoredManifest> {
-        let manifest = self
-            .meta
-            .get_manifest(repo, reference)
-            .await?
-            .ok_or(Error::NotFound(Missing::Manifest))?;
+        let manifest = {
+            // Look up and lease under the barrier eviction waits on (see `evict`).
+            let _reading = self.0.evictor.reads.read().await;
+            let manifest = self
+                .0
+                .meta
+                .get_manifest(repo, reference)
+                .await?
+                .ok_or(Error::NotFound(Missing::Manifest))?;
+            self.0.evictor.lease([&manifest.digest]);
+            manifest
+        };
         if let Reference::Tag(tag) = reference {
-            self.access.record(Touch::Tag(repo.clone(), tag.clone()));
+            self.0.access.record(Touch::Tag(repo.clone(), tag.clone()));
         }
-        self.access
+        self.0
+            .access
             .record(Touch::Manifest(repo.clone(), manifest.digest.clone()));
         Ok(manifest)
     }
@@ -383,8 +423,8 @@ impl Store {
     /// Delete a tag, or a manifest (and its tags) by digest.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
         let deleted = match reference {
-            Reference::Tag(tag) => self.meta.delete_tag(repo, tag).await?,
-            Reference::Digest(digest) => self.meta.delete_manifest(repo, digest).await?,
+            Reference::Tag(tag) => self.0.meta.delete_tag(repo, tag).await?,
+            Reference::Digest(digest) => self.0.meta.delete_manifest(repo, digest).await?,
         };
         if deleted {
             Ok(())
@@ -395,7 +435,8 @@ impl Store {
 
     /// One page of `repo`'s tags.
     pub async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<Page> {
-        self.meta
+        self.0
+            .meta
             .tags(repo, n, last)
             .await?
             .ok_or(Error::NotFound(Missing::Repository))
@@ -403,7 +444,7 @@ impl Store {
 
     /// One page of repository names.
     pub async fn catalog(&self, n: usize, last: Option<&str>) -> Result<Page> {
-        self.meta.repositories(n, last).await
+        self.0.meta.repositories(n, last).await
     }
 
     /// Manifests in `repo` that name `subject`, optionally filtered by artifact type.
@@ -413,6 +454,77 @@ impl Store {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Vec<Referrer>> {
-        self.meta.referrers(repo, subject, artifact_type).await
+        self.0.meta.referrers(repo, subject, artifact_type).await
+    }
+}
+
+/// Lock `root` for this process, or fail if another process holds it.
+fn lock_data_dir(root: &std::path::Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join("lock"))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| Error::DataDirInUse(root.to_owned()))?;
+    Ok(file)
+}
+
+/// Record pending reads every [`ACCESS_FLUSH_INTERVAL`] while the store lives.
+async fn flush_access_times(store: Weak<Shared>) {
+    let mut tick = tokio::time::interval(ACCESS_FLUSH_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        if let Err(e) = store.access.flush(store.meta.as_ref()).await {
+            tracing::warn!(error = %e, "recording access times failed");
+        }
+    }
+}
+
+/// Run eviction passes while the store lives: one at startup (removing blob files a
+/// crash left unrecorded first), then on every interval and whenever woken.
+async fn evict_in_background(store: Weak<Shared>) {
+    let Some((interval, wake)) = store
+        .upgrade()
+        .map(|s| (s.evictor.interval(), s.evictor.wake.clone()))
+    else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut trigger = Trigger::Startup;
+    loop {
+        let Some(store) = store.upgrade().map(Store) else {
+            return;
+        };
+        if trigger == Trigger::Startup {
+            match store.remove_unknown_blob_files().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(files = n, "removed blob files an interrupted run left"),
+                Err(e) => tracing::warn!(error = %e, "checking blob files failed"),
+            }
+        }
+        match store.gc(trigger, false).await {
+            Ok(r) if r.evicted.is_empty() && r.blobs_removed == 0 && r.uploads_expired == 0 => {}
+            Ok(r) => tracing::info!(
+                trigger = ?r.trigger,
+                evicted = r.evicted.len(),
+                blobs = r.blobs_removed,
+                freed = r.bytes_freed,
+                uploads = r.uploads_expired,
+                usage = r.usage_after.total,
+                limit = r.quota.limit,
+                seconds = r.seconds,
+                "eviction pass"
+            ),
+            Err(e) => tracing::warn!(error = %e, "eviction pass failed"),
+        }
+        drop(store);
+        trigger = tokio::select! {
+            _ = tick.tick() => Trigger::Schedule,
+            () = wake.notified() => Trigger::Quota,
+        };
     }
 }

@@ -16,24 +16,38 @@ pub struct Server {
     /// `127.0.0.1:PORT`, as registry clients want it.
     pub host: String,
     data_dir: PathBuf,
+    /// Extra environment (configuration such as `LAYERCACHE_STORE__EVICTION__MAX_SIZE`),
+    /// kept for restarts.
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// Start a server on a fresh data directory.
     pub fn start() -> Server {
+        Server::start_with_env(&[])
+    }
+
+    /// Start a server on a fresh data directory with extra environment variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
-        let mut server = Server::start_on(&dir, "127.0.0.1:0");
+        let mut server = Server::start_on_with_env(&dir, "127.0.0.1:0", env);
         server._tmp = Some(tmp);
         server
     }
 
     /// Start a server on `data_dir`, listening on `listen`.
     pub fn start_on(data_dir: &Path, listen: &str) -> Server {
+        Server::start_on_with_env(data_dir, listen, &[])
+    }
+
+    /// Start a server on `data_dir`, listening on `listen`, with extra environment.
+    pub fn start_on_with_env(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_layercache"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -56,6 +70,10 @@ impl Server {
             url,
             host,
             data_dir: data_dir.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _tmp: None,
         }
     }
@@ -85,7 +103,15 @@ impl Server {
         let mut last = None;
         for _ in 0..50 {
             // The port may linger briefly after the kill.
-            match std::panic::catch_unwind(|| Server::start_on(&self.data_dir, &self.host)) {
+            let env: Vec<(&str, &str)> = self
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let fresh = std::panic::catch_unwind(|| {
+                Server::start_on_with_env(&self.data_dir, &self.host, &env)
+            });
+            match fresh {
                 Ok(mut fresh) => {
                     self.child = fresh.child.take();
                     self._tmp = tmp;

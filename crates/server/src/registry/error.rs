@@ -106,7 +106,12 @@ impl From<store::Error> for RegistryError {
             }
             E::Body(_) => RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string()),
             E::StorageFull => RegistryError::new(ErrorCode::InsufficientStorage, e.to_string()),
-            E::Io(_) | E::Database(_) | E::Commit(_) | E::Task(_) => {
+            E::Io(_)
+            | E::Database(_)
+            | E::Commit(_)
+            | E::Config(_)
+            | E::DataDirInUse(_)
+            | E::Task(_) => {
                 tracing::error!(error = %e, "internal failure");
                 RegistryError::new(ErrorCode::Unknown, ErrorCode::Unknown.message())
             }

@@ -31,4 +31,19 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn discard(&self, id: &UploadId) -> Result<()>;
     /// Remove a committed blob (no error when it is already gone).
     async fn delete(&self, digest: &Digest) -> Result<()>;
+    /// Every committed blob.
+    async fn list(&self) -> Result<Vec<Digest>>;
+    /// Every staging area.
+    async fn staged(&self) -> Result<Vec<Staged>>;
+}
+
+/// A staging area as eviction sees it.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// Its upload.
+    pub id: UploadId,
+    /// Bytes received so far.
+    pub len: u64,
+    /// Time since it was last written.
+    pub idle: std::time::Duration,
 }

@@ -16,7 +16,7 @@ use oci::Digest;
 use tokio::sync::mpsc;
 use tokio_util::io::ReaderStream;
 
-use super::backend::BlobBackend;
+use super::backend::{BlobBackend, Staged};
 use super::{ByteRange, ByteStream};
 use crate::upload::UploadId;
 use crate::{Error, Result};
@@ -269,5 +269,59 @@ impl BlobBackend for FsBackend {
     async fn delete(&self, digest: &Digest) -> Result<()> {
         not_found_as_none(tokio::fs::remove_file(self.blob_path(digest)).await)?;
         Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<Digest>> {
+        let root = self.blobs.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<Vec<Digest>> {
+            let mut found = Vec::new();
+            for algorithm in std::fs::read_dir(&root)? {
+                let algorithm = algorithm?;
+                for prefix in std::fs::read_dir(algorithm.path())? {
+                    for blob in std::fs::read_dir(prefix?.path())? {
+                        let name = format!(
+                            "{}:{}",
+                            algorithm.file_name().to_string_lossy(),
+                            blob?.file_name().to_string_lossy()
+                        );
+                        // Anything else in the tree is not a blob this backend wrote.
+                        if let Ok(digest) = name.parse() {
+                            found.push(digest);
+                        }
+                    }
+                }
+            }
+            Ok(found)
+        })
+        .await?
+        .map_err(Error::from)
+    }
+
+    async fn staged(&self) -> Result<Vec<Staged>> {
+        let root = self.uploads.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<Vec<Staged>> {
+            let mut found = Vec::new();
+            for entry in std::fs::read_dir(&root)? {
+                let entry = entry?;
+                let Ok(id) = entry.file_name().to_string_lossy().parse() else {
+                    continue;
+                };
+                let meta = match entry.metadata() {
+                    Ok(meta) => meta,
+                    // Gone since the listing: finished or discarded meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                let idle = meta.modified()?.elapsed().unwrap_or_default();
+                found.push(Staged {
+                    id,
+                    len: meta.len(),
+                    idle,
+                });
+            }
+            Ok(found)
+        })
+        .await?
+        .map_err(Error::from)
     }
 }

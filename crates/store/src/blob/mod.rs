@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher};
 use tokio::sync::mpsc;
 
-pub use backend::BlobBackend;
+pub use backend::{BlobBackend, Staged};
 pub use fs::FsBackend;
 
 use crate::upload::UploadId;
@@ -41,10 +41,21 @@ pub struct ByteRange {
     pub len: u64,
 }
 
+/// Number of digest lock stripes.
+const LOCK_STRIPES: usize = 256;
+
 /// Blob storage with verification; what the rest of the program uses.
 #[derive(Clone)]
 pub struct BlobStore {
     backend: Arc<dyn BlobBackend>,
+    /// Striped by digest: publishing a blob (and linking it) and sweeping it exclude
+    /// each other, so a sweep never deletes a file published after it decided.
+    locks: Arc<[tokio::sync::Mutex<()>]>,
+}
+
+/// Holds the locks of some digests; they are released when it is dropped.
+pub struct DigestLocks<'a> {
+    _held: Vec<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 /// Pass `body` through unchanged while a blocking thread hashes it; the returned task
@@ -79,7 +90,44 @@ fn tee_hash(body: ByteStream, mut hasher: Hasher) -> (ByteStream, tokio::task::J
 impl BlobStore {
     /// Wrap a backend.
     pub fn new(backend: Arc<dyn BlobBackend>) -> BlobStore {
-        BlobStore { backend }
+        let locks = (0..LOCK_STRIPES)
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect();
+        BlobStore { backend, locks }
+    }
+
+    /// Lock `digests` (in stripe order, so two holders never deadlock).
+    pub async fn lock_digests(&self, digests: &[Digest]) -> DigestLocks<'_> {
+        let mut stripes: Vec<usize> = digests
+            .iter()
+            .map(|d| {
+                let hash = d
+                    .hex()
+                    .bytes()
+                    .take(4)
+                    .fold(0usize, |h, b| h * 31 + usize::from(b));
+                hash % LOCK_STRIPES
+            })
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            if let Some(lock) = self.locks.get(stripe) {
+                held.push(lock.lock().await);
+            }
+        }
+        DigestLocks { _held: held }
+    }
+
+    /// Every committed blob.
+    pub async fn list(&self) -> Result<Vec<Digest>> {
+        self.backend.list().await
+    }
+
+    /// Every staging area.
+    pub async fn staged(&self) -> Result<Vec<Staged>> {
+        self.backend.staged().await
     }
 
     /// Size of a committed blob, or `None`.
@@ -134,7 +182,13 @@ impl BlobStore {
 
     /// Verify the staged content's hash against `expected` and make it visible under
     /// it. On a mismatch the staging area is discarded and nothing becomes visible.
-    pub async fn commit(&self, id: &UploadId, expected: &Digest, hasher: Hasher) -> Result<()> {
+    /// Returns holding the digest's lock, for the caller to record the blob under it.
+    pub async fn commit(
+        &self,
+        id: &UploadId,
+        expected: &Digest,
+        hasher: Hasher,
+    ) -> Result<DigestLocks<'_>> {
         let actual = hasher.finish();
         if actual != *expected {
             self.backend.discard(id).await?;
@@ -143,7 +197,9 @@ impl BlobStore {
                 actual,
             });
         }
-        self.backend.commit(id, expected).await
+        let locked = self.lock_digests(std::slice::from_ref(expected)).await;
+        self.backend.commit(id, expected).await?;
+        Ok(locked)
     }
 
     /// Remove a staging area.

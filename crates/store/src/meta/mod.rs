@@ -86,6 +86,70 @@ pub enum Touch {
     Tag(RepoName, Tag),
 }
 
+/// A manifest nothing else kept needs (no kept index lists it, and it has no subject or
+/// its subject is gone): the unit eviction removes, together with its tags.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Root {
+    /// Its repository.
+    pub repo: RepoName,
+    /// Its digest.
+    pub digest: Digest,
+    /// The tags pointing at it.
+    pub tags: Vec<String>,
+    /// Last push or read of it or any of its tags, in seconds since the epoch.
+    pub last_used: i64,
+}
+
+/// A root to consider in an eviction.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The root.
+    pub root: Root,
+    /// Evict it even when enough is already freed (a rule's maximum age passed).
+    pub forced: bool,
+}
+
+/// An eviction to run: candidates in order, until `need` bytes are freed.
+#[derive(Debug, Clone)]
+pub struct EvictRequest {
+    /// The roots that may go, least recently used first.
+    pub candidates: Vec<Candidate>,
+    /// Bytes to free; candidates past this point go only if forced.
+    pub need: u64,
+    /// Unreferenced blobs count as freed only when idle since before this time.
+    pub idle_before: i64,
+    /// Change nothing: report what would be evicted and which blobs that would orphan.
+    pub dry_run: bool,
+}
+
+/// A root eviction removed, with what it referenced.
+#[derive(Debug, Clone)]
+pub struct Evicted {
+    /// The root as it was.
+    pub root: Root,
+    /// The blobs and manifests it referenced.
+    pub references: Vec<Digest>,
+}
+
+/// What an eviction did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default)]
+pub struct EvictOutcome {
+    /// Roots removed.
+    pub evicted: Vec<Evicted>,
+    /// Blobs no manifest references any more and idle long enough to sweep, with their
+    /// sizes (all of them, not only those this eviction orphaned).
+    pub orphans: Vec<(Digest, u64)>,
+}
+
+/// Blob bytes the metadata accounts for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BlobUsage {
+    /// Number of stored blobs.
+    pub blobs: u64,
+    /// Their size on disk (rounded up to whole 4 KiB blocks).
+    pub bytes: u64,
+}
+
 /// The metadata operations the registry needs.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
@@ -134,4 +198,33 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn remove_upload(&self, id: &UploadId) -> Result<()>;
     /// Record last use of everything in `batch` at `at` (seconds since the epoch).
     async fn touch(&self, batch: Vec<Touch>, at: i64) -> Result<()>;
+    /// Every upload session with the time it started.
+    async fn uploads(&self) -> Result<Vec<(UploadId, i64)>>;
+
+    // ---- eviction ----
+
+    /// Every root, least recently used first.
+    async fn roots(&self) -> Result<Vec<Root>>;
+    /// Remove candidates in order (each only if it is still a root, unused since it was
+    /// listed) until the blobs they leave unreferenced and idle add up to `need`, then
+    /// only forced ones; in one transaction, rolled back for a dry run.
+    async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome>;
+    /// Forget each of `blobs` that is still unreferenced and idle since before
+    /// `idle_before`, with its links; returns those forgotten, with their sizes.
+    async fn forget_blobs(
+        &self,
+        blobs: Vec<Digest>,
+        idle_before: i64,
+    ) -> Result<Vec<(Digest, u64)>>;
+    /// Stored blobs and their bytes.
+    async fn blob_usage(&self) -> Result<BlobUsage>;
+    /// Bytes the metadata itself occupies on disk.
+    async fn footprint(&self) -> Result<u64>;
+    /// Size of a stored blob, linked or not.
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
+}
+
+/// A blob's size on disk: whole 4 KiB blocks.
+pub fn on_disk(size: u64) -> u64 {
+    size.div_ceil(4096) * 4096
 }

@@ -6,7 +6,9 @@
 //! are acknowledged after that transaction's single fsync. Reads use a small pool of
 //! connections on blocking threads.
 
-use std::path::Path;
+mod evict;
+
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,7 +18,10 @@ use oci::{Digest, Reference, RepoName, Tag};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ManifestRecord, MetaStore, Page, Referrer, StoredManifest, Touch};
+use super::{
+    BlobUsage, EvictOutcome, EvictRequest, ManifestRecord, MetaStore, Page, Referrer, Root,
+    StoredManifest, Touch,
+};
 use crate::upload::UploadId;
 use crate::{Error, Result, now_secs};
 
@@ -57,6 +62,7 @@ CREATE TABLE IF NOT EXISTS manifest_refs (
     PRIMARY KEY (repo_id, manifest_digest, child_digest, kind)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS manifest_refs_by_child ON manifest_refs (child_digest);
+
 CREATE TABLE IF NOT EXISTS tags (
     repo_id     INTEGER NOT NULL,
     name        TEXT NOT NULL,
@@ -70,6 +76,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     repo_id    INTEGER NOT NULL,
     created_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repo_blobs_by_digest ON repo_blobs (digest);
+CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repo_id, digest);
 ";
 
 const READERS: usize = 4;
@@ -90,6 +98,7 @@ type Job = Box<dyn FnOnce(&Connection) -> Deliver + Send>;
 /// Metadata in an SQLite database file.
 #[derive(Clone)]
 pub struct SqliteMeta {
+    path: PathBuf,
     jobs: mpsc::Sender<Job>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<AtomicUsize>,
@@ -183,6 +192,7 @@ impl SqliteMeta {
             .spawn(move || run_writer(writer, queue))
             .map_err(Error::Io)?;
         Ok(SqliteMeta {
+            path: path.to_owned(),
             jobs,
             readers: Arc::new(readers),
             next_reader: Arc::default(),
@@ -554,6 +564,77 @@ impl MetaStore for SqliteMeta {
             Ok(())
         })
         .await
+    }
+
+    async fn uploads(&self) -> Result<Vec<(UploadId, i64)>> {
+        let rows: Vec<(String, i64)> = self
+            .read(|c| {
+                c.prepare_cached("SELECT id, created_at FROM uploads")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, at)| Some((id.parse().ok()?, at)))
+            .collect())
+    }
+
+    async fn roots(&self) -> Result<Vec<Root>> {
+        self.read(evict::roots).await
+    }
+
+    async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome> {
+        self.write(move |c| {
+            if !request.dry_run {
+                return Ok(evict::evict(c, &request)?);
+            }
+            c.execute_batch("SAVEPOINT dry_run")?;
+            let outcome = evict::evict(c, &request);
+            c.execute_batch("ROLLBACK TO dry_run; RELEASE dry_run")?;
+            Ok(outcome?)
+        })
+        .await
+    }
+
+    async fn forget_blobs(
+        &self,
+        blobs: Vec<Digest>,
+        idle_before: i64,
+    ) -> Result<Vec<(Digest, u64)>> {
+        self.write(move |c| Ok(evict::forget_blobs(c, &blobs, idle_before)?))
+            .await
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        let digest = digest.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?
+                .query_row([digest], |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|s| s.map(|s| s as u64))
+        })
+        .await
+    }
+
+    async fn blob_usage(&self) -> Result<BlobUsage> {
+        self.read(evict::blob_usage).await
+    }
+
+    async fn footprint(&self) -> Result<u64> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            ["", "-wal", "-shm"]
+                .iter()
+                .filter_map(|suffix| {
+                    let mut name = path.clone().into_os_string();
+                    name.push(suffix);
+                    std::fs::metadata(name).ok().map(|m| m.len())
+                })
+                .sum()
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))
     }
 }
 

@@ -1,0 +1,3 @@
+//! The subcommands that talk to a running server.
+
+pub mod gc;

@@ -1,0 +1,575 @@
+//! Eviction: the store keeps itself inside its quota, online, least recently used first.
+//!
+//! A pass (see [`Store::gc`]) expires abandoned uploads, evicts roots (a manifest nothing
+//! else needs, with its tags) from the least recently used while usage is above the low
+//! watermark or a rule's maximum age has passed, then sweeps the blobs no manifest
+//! references and that have been idle for the grace period.
+//!
+//! What is in use is never removed:
+//! * a manifest PUT and the sweep are ordered by the metadata writer: the PUT either
+//!   commits first (its references keep the blobs) or finds them gone and fails with
+//!   MANIFEST_BLOB_UNKNOWN;
+//! * an upload publishing a blob and the sweep removing it hold the digest's lock, so a
+//!   sweep never deletes a file an upload has just published under the same digest;
+//! * a manifest that was read is leased for `in_use`: it is not evicted, and if it was
+//!   read while being evicted, the blobs it references are leased too. Reads hold the
+//!   read side of a barrier while they look a manifest up and take the lease; after each
+//!   eviction the pass takes the write side, so every read that saw an evicted manifest
+//!   has taken its lease before the sweep looks;
+//! * a download in progress keeps its file open, which outlives the unlink.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use globset::{GlobBuilder, GlobMatcher};
+use oci::{Digest, RepoName};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Eviction;
+use crate::meta::{BlobUsage, Candidate, EvictRequest, Root, on_disk};
+use crate::{Error, Result, Store, now_secs};
+
+/// Blobs forgotten and deleted per metadata transaction in a sweep.
+const SWEEP_BATCH: usize = 256;
+
+/// Why a pass ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Asked for (`layercache gc`).
+    Manual,
+    /// Usage passed the high watermark, or the disk filled up.
+    Quota,
+    /// The periodic check.
+    Schedule,
+    /// The server started (finishing whatever a previous run left).
+    Startup,
+}
+
+/// The data directory's usage, in bytes on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Stored blobs.
+    pub blobs: u64,
+    /// Their bytes on disk.
+    pub blob_bytes: u64,
+    /// Bytes in upload staging files.
+    pub upload_bytes: u64,
+    /// Bytes of the metadata database.
+    pub metadata_bytes: u64,
+    /// All of the above.
+    pub total: u64,
+}
+
+/// The quota in force, resolved against the filesystem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// The most the store may hold.
+    pub limit: u64,
+    /// Usage at which eviction starts.
+    pub high: u64,
+    /// Usage eviction brings the store down to.
+    pub low: u64,
+}
+
+/// A root a pass evicted (or would evict).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvictedRoot {
+    /// The repository.
+    pub repo: RepoName,
+    /// The manifest.
+    pub digest: Digest,
+    /// The tags that pointed at it.
+    pub tags: Vec<String>,
+    /// Its last use, in seconds since the epoch.
+    pub last_used: i64,
+}
+
+/// What one pass did (or, in a dry run, would do).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Why it ran.
+    pub trigger: Trigger,
+    /// When it started, in seconds since the epoch.
+    pub started_at: i64,
+    /// How long it took.
+    pub seconds: f64,
+    /// Usage before the pass.
+    pub usage_before: Usage,
+    /// Usage after it (in a dry run, the estimate).
+    pub usage_after: Usage,
+    /// The quota it worked to.
+    pub quota: Quota,
+    /// Roots evicted.
+    pub evicted: Vec<EvictedRoot>,
+    /// Roots passed over because they were read within the in-use window.
+    pub kept_in_use: u64,
+    /// Roots kept because a rule pins one of their tags.
+    pub kept_pinned: u64,
+    /// Blobs deleted.
+    pub blobs_removed: u64,
+    /// Bytes those blobs freed on disk.
+    pub bytes_freed: u64,
+    /// Abandoned upload sessions and staging files removed.
+    pub uploads_expired: u64,
+}
+
+/// One configured rule, compiled.
+struct Rule {
+    repositories: GlobMatcher,
+    pin_tags: Vec<Regex>,
+    max_age: Option<Duration>,
+}
+
+/// The eviction settings, compiled, with the evictor's live state.
+pub(crate) struct Evictor {
+    config: Eviction,
+    rules: Vec<Rule>,
+    /// Manifests and blobs in use, until the instant each lease ends.
+    leases: Mutex<HashMap<Digest, Instant>>,
+    /// Reads hold it shared while they look up a manifest and lease it; a pass takes
+    /// it exclusively after evicting, to wait for reads that saw what it evicted.
+    pub(crate) reads: tokio::sync::RwLock<()>,
+    /// One pass at a time.
+    pass: tokio::sync::Mutex<()>,
+    /// Wakes the background pass early (usage passed the high watermark, disk full).
+    pub(crate) wake: Arc<tokio::sync::Notify>,
+    /// Usage at the last pass plus blobs committed since: a cheap trigger.
+    estimate: AtomicU64,
+    /// The high watermark at the last pass (`u64::MAX` before the first).
+    high: AtomicU64,
+    /// The last pass that was not a dry run.
+    last: Mutex<Option<GcReport>>,
+}
+
+impl Evictor {
+    /// Compile `config`, refusing invalid patterns or watermarks.
+    pub(crate) fn new(config: Eviction) -> Result<Evictor> {
+        if config.low_watermark > config.high_watermark {
+            return Err(Error::Config(format!(
+                "eviction low watermark {} is above the high watermark {}",
+                config.low_watermark, config.high_watermark
+            )));
+        }
+        let rules = config
+            .rules
+            .iter()
+            .map(|rule| {
+                let repositories = GlobBuilder::new(&rule.repositories)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| Error::Config(format!("eviction rule repositories: {e}")))?
+                    .compile_matcher();
+                let pin_tags = rule
+                    .pin_tags
+                    .iter()
+                    .map(|p| {
+                        Regex::new(&format!("^(?:{p})$"))
+                            .map_err(|e| Error::Config(format!("eviction rule pin_tags: {e}")))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Rule {
+                    repositories,
+                    pin_tags,
+                    max_age: rule.max_age,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Evictor {
+            config,
+            rules,
+            leases: Mutex::default(),
+            reads: tokio::sync::RwLock::new(()),
+            pass: tokio::sync::Mutex::new(()),
+            wake: Arc::default(),
+            estimate: AtomicU64::new(0),
+            high: AtomicU64::new(u64::MAX),
+            last: Mutex::default(),
+        })
+    }
+
+    /// How often the background pass runs unprompted.
+    pub(crate) fn interval(&self) -> Duration {
+        self.config.interval
+    }
+
+    /// Mark `digests` in use for the in-use window.
+    pub(crate) fn lease<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) {
+        let until = Instant::now() + self.config.in_use;
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        for digest in digests {
+            leases.insert(digest.clone(), until);
+        }
+    }
+
+    fn leased(&self, digest: &Digest) -> bool {
+        let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases
+            .get(digest)
+            .is_some_and(|&until| until > Instant::now())
+    }
+
+    fn drop_expired_leases(&self) {
+        let now = Instant::now();
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.retain(|_, until| *until > now);
+    }
+
+    /// A blob of `bytes` was committed: wake the pass if usage may have passed the high
+    /// watermark.
+    pub(crate) fn added(&self, bytes: u64) {
+        let estimate = self.estimate.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if estimate > self.high.load(Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The last pass that changed something (or found nothing to do).
+    pub(crate) fn last_report(&self) -> Option<GcReport> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn rule_for(&self, repo: &RepoName) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|r| r.repositories.is_match(repo.as_str()))
+    }
+
+    /// The quota on a filesystem of `total` bytes with `available` free, when the store
+    /// uses `used`.
+    fn quota(&self, used: u64, total: u64, available: u64) -> Quota {
+        let max = self.config.max_size.resolve(total);
+        let keep_free = self.config.min_free.resolve(total);
+        let limit = max.min((used + available).saturating_sub(keep_free));
+        Quota {
+            limit,
+            high: self.config.high_watermark.of(limit),
+            low: self.config.low_watermark.of(limit),
+        }
+    }
+}
+
+/// Total and available bytes of the filesystem holding `path`.
+fn filesystem(path: &Path) -> Result<(u64, u64)> {
+    let stat = rustix::fs::statvfs(path).map_err(|e| Error::Io(e.into()))?;
+    Ok((
+        stat.f_blocks.saturating_mul(stat.f_frsize),
+        stat.f_bavail.saturating_mul(stat.f_frsize),
+    ))
+}
+
+impl Store {
+    /// The store's current usage and the quota in force.
+    pub async fn usage(&self) -> Result<(Usage, Quota)> {
+        let BlobUsage { blobs, bytes } = self.0.meta.blob_usage().await?;
+        let upload_bytes = self
+            .0
+            .blobs
+            .staged()
+            .await?
+            .iter()
+            .map(|s| on_disk(s.len))
+            .sum();
+        let metadata_bytes = self.0.meta.footprint().await?;
+        let usage = Usage {
+            blobs,
+            blob_bytes: bytes,
+            upload_bytes,
+            metadata_bytes,
+            total: bytes + upload_bytes + metadata_bytes,
+        };
+        let root = self.0.data_dir.clone();
+        let (total, available) = tokio::task::spawn_blocking(move || filesystem(&root)).await??;
+        Ok((usage, self.0.evictor.quota(usage.total, total, available)))
+    }
+
+    /// The last eviction pass's report, if one ran.
+    pub fn last_gc(&self) -> Option<GcReport> {
+        self.0.evictor.last_report()
+    }
+
+    /// Run one eviction pass now (see the module documentation); with `dry_run`, report
+    /// what it would do and change nothing.
+    pub async fn gc(&self, trigger: Trigger, dry_run: bool) -> Result<GcReport> {
+        let evictor = &self.0.evictor;
+        let _one_pass = evictor.pass.lock().await;
+        let started = Instant::now();
+        let started_at = now_secs();
+        self.flush_access_times().await?;
+        evictor.drop_expired_leases();
+        let idle_before = started_at - evictor.config.grace.as_secs() as i64;
+        let uploads_expired = self.expire_uploads(dry_run).await?;
+        let (usage_before, quota) = self.usage().await?;
+        let over = usage_before.total > quota.high;
+        let mut report = GcReport {
+            dry_run,
+            trigger,
+            started_at,
+            seconds: 0.0,
+            usage_before,
+            usage_after: usage_before,
+            quota,
+            evicted: Vec::new(),
+            kept_in_use: 0,
+            kept_pinned: 0,
+            blobs_removed: 0,
+            bytes_freed: 0,
+            uploads_expired,
+        };
+        let mut used = usage_before.total;
+        loop {
+            let need = if over {
+                used.saturating_sub(quota.low)
+            } else {
+                0
+            };
+            let candidates = self.candidates(started_at, &mut report).await?;
+            let outcome = self
+                .0
+                .meta
+                .evict(EvictRequest {
+                    candidates,
+                    need,
+                    idle_before,
+                    dry_run,
+                })
+                .await?;
+            // Wait for reads that may have seen an evicted manifest: they hold leases now.
+            drop(evictor.reads.write().await);
+            for evicted in &outcome.evicted {
+                if evictor.leased(&evicted.root.digest) {
+                    evictor.lease(&evicted.references);
+                }
+            }
+            let orphans: Vec<(Digest, u64)> = outcome
+                .orphans
+                .into_iter()
+                .filter(|(d, _)| !evictor.leased(d) && !self.0.access.pending_blob(d))
+                .collect();
+            let progress = !outcome.evicted.is_empty();
+            report
+                .evicted
+                .extend(outcome.evicted.into_iter().map(|e| EvictedRoot {
+                    repo: e.root.repo,
+                    digest: e.root.digest,
+                    tags: e.root.tags,
+                    last_used: e.root.last_used,
+                }));
+            let swept = if dry_run {
+                orphans
+            } else {
+                self.sweep(orphans, idle_before).await?
+            };
+            let freed: u64 = swept.iter().map(|(_, s)| on_disk(*s)).sum();
+            report.blobs_removed += swept.len() as u64;
+            report.bytes_freed += freed;
+            used = used.saturating_sub(freed);
+            // Evicting an index can make its children roots: go round while that helps.
+            if dry_run || !progress || !over || used <= quota.low {
+                break;
+            }
+        }
+        report.usage_after = if dry_run {
+            Usage {
+                total: used,
+                blobs: usage_before.blobs - report.blobs_removed.min(usage_before.blobs),
+                blob_bytes: usage_before.blob_bytes.saturating_sub(report.bytes_freed),
+                ..usage_before
+            }
+        } else {
+            self.usage().await?.0
+        };
+        report.seconds = started.elapsed().as_secs_f64();
+        if !dry_run {
+            evictor
+                .estimate
+                .store(report.usage_after.total, Ordering::Relaxed);
+            evictor.high.store(quota.high, Ordering::Relaxed);
+            *evictor.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        }
+        Ok(report)
+    }
+
+    /// The roots eviction may take, in order: neither pinned nor in use.
+    async fn candidates(&self, now: i64, report: &mut GcReport) -> Result<Vec<Candidate>> {
+        let evictor = &self.0.evictor;
+        let mut candidates = Vec::new();
+        (report.kept_in_use, report.kept_pinned) = (0, 0);
+        for root in self.0.meta.roots().await? {
+            let rule = evictor.rule_for(&root.repo);
+            if rule.is_some_and(|r| pinned(r, &root)) {
+                report.kept_pinned += 1;
+                continue;
+            }
+            if evictor.leased(&root.digest) {
+                report.kept_in_use += 1;
+                continue;
+            }
+            let forced = rule
+                .and_then(|r| r.max_age)
+                .is_some_and(|age| now - root.last_used > age.as_secs() as i64);
+            candidates.push(Candidate { root, forced });
+        }
+        Ok(candidates)
+    }
+
+    /// Delete `orphans` that are still unreferenced and idle: the metadata first, then
+    /// the files, under each digest's lock. Returns what was deleted.
+    async fn sweep(
+        &self,
+        orphans: Vec<(Digest, u64)>,
+        idle_before: i64,
+    ) -> Result<Vec<(Digest, u64)>> {
+        let mut swept = Vec::new();
+        for batch in orphans.chunks(SWEEP_BATCH) {
+            let digests: Vec<Digest> = batch.iter().map(|(d, _)| d.clone()).collect();
+            let _locked = self.0.blobs.lock_digests(&digests).await;
+            let forgotten = self.0.meta.forget_blobs(digests, idle_before).await?;
+            for (digest, _) in &forgotten {
+                self.0.blobs.delete(digest).await?;
+            }
+            swept.extend(forgotten);
+        }
+        Ok(swept)
+    }
+
+    /// Remove upload sessions and staging files idle for the expiry (or, in a dry run,
+    /// count them). A session with no staging file is removed at once.
+    async fn expire_uploads(&self, dry_run: bool) -> Result<u64> {
+        let expiry = self.0.evictor.config.upload_expiry;
+        // Sessions first: a session's staging file exists before its record, so one
+        // missing from the later listing is gone for good.
+        let sessions: HashMap<_, _> = self.0.meta.uploads().await?.into_iter().collect();
+        let staged = self.0.blobs.staged().await?;
+        let mut expired = 0;
+        for area in &staged {
+            if area.idle < expiry {
+                continue;
+            }
+            expired += 1;
+            if !dry_run {
+                let lock = self.0.hashes.lock_for(&area.id);
+                let _held = lock.lock().await;
+                self.0.blobs.discard(&area.id).await?;
+                if sessions.contains_key(&area.id) {
+                    self.end_upload(&area.id).await?;
+                }
+            }
+        }
+        let staged_ids: std::collections::HashSet<_> = staged.iter().map(|s| &s.id).collect();
+        for id in sessions.keys() {
+            if !staged_ids.contains(id) {
+                expired += 1;
+                if !dry_run {
+                    self.end_upload(id).await?;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Delete committed blob files the metadata does not know (left by a crash between
+    /// a sweep's metadata commit and its unlink, or an upload's publish and its link).
+    pub(crate) async fn remove_unknown_blob_files(&self) -> Result<u64> {
+        let mut removed = 0;
+        for digest in self.0.blobs.list().await? {
+            let _locked = self
+                .0
+                .blobs
+                .lock_digests(std::slice::from_ref(&digest))
+                .await;
+            if self.0.meta.blob_size(&digest).await?.is_none() {
+                self.0.blobs.delete(&digest).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether `rule` pins one of `root`'s tags.
+fn pinned(rule: &Rule, root: &Root) -> bool {
+    root.tags
+        .iter()
+        .any(|tag| rule.pin_tags.iter().any(|p| p.is_match(tag)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Percent, Size};
+
+    fn evictor(max_size: Size, min_free: Size) -> Evictor {
+        Evictor::new(Eviction {
+            max_size,
+            min_free,
+            ..Eviction::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_quota_is_the_lower_of_the_size_and_what_keeps_the_disk_free() {
+        const GIB: u64 = 1 << 30;
+        let e = evictor(Size::Percent(Percent(60)), Size::Percent(Percent(10)));
+        // 100 GiB disk, 30 GiB used by the store, 50 GiB free: 60 % of the disk.
+        assert_eq!(e.quota(30 * GIB, 100 * GIB, 50 * GIB).limit, 60 * GIB);
+        // Others filled the disk to 5 GiB free: keep 10 GiB free, so 25 GiB.
+        let q = e.quota(30 * GIB, 100 * GIB, 5 * GIB);
+        assert_eq!(q.limit, 25 * GIB);
+        assert_eq!((q.high, q.low), (q.limit * 9 / 10, q.limit * 8 / 10));
+        let fixed = evictor(Size::Bytes(GIB), Size::Bytes(0));
+        assert_eq!(fixed.quota(0, 100 * GIB, 100 * GIB).limit, GIB);
+    }
+
+    #[test]
+    fn bad_rules_and_watermarks_are_refused() {
+        let inverted = Eviction {
+            high_watermark: Percent(70),
+            low_watermark: Percent(80),
+            ..Eviction::default()
+        };
+        assert!(matches!(Evictor::new(inverted), Err(Error::Config(_))));
+        let bad_pattern = Eviction {
+            rules: vec![crate::config::Rule {
+                repositories: "cache/*".into(),
+                pin_tags: vec!["(unclosed".into()],
+                max_age: None,
+            }],
+            ..Eviction::default()
+        };
+        assert!(matches!(Evictor::new(bad_pattern), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn rules_match_repositories_by_segment_and_pin_whole_tags() {
+        let e = Evictor::new(Eviction {
+            rules: vec![crate::config::Rule {
+                repositories: "cache/*".into(),
+                pin_tags: vec!["main|release-.*".into()],
+                max_age: None,
+            }],
+            ..Eviction::default()
+        })
+        .unwrap();
+        let name = |s: &str| s.parse::<RepoName>().unwrap();
+        assert!(e.rule_for(&name("cache/app")).is_some());
+        assert!(e.rule_for(&name("cache/app/sub")).is_none());
+        let rule = e.rule_for(&name("cache/app")).unwrap();
+        let root = |tag: &str| Root {
+            repo: name("cache/app"),
+            digest: Digest::sha256_of(tag.as_bytes()),
+            tags: vec![tag.to_owned()],
+            last_used: 0,
+        };
+        assert!(pinned(rule, &root("main")));
+        assert!(pinned(rule, &root("release-1.2")));
+        assert!(!pinned(rule, &root("mainline")));
+    }
+}

@@ -1,0 +1,186 @@
+//! Eviction's queries: the roots, removing them, and the blobs nothing references.
+//!
+//! They run on the writer thread (one transaction each) or a reader connection, so they
+//! are ordered with every manifest PUT: a PUT either commits first (its references keep
+//! their blobs) or finds the blob gone and fails with MANIFEST_BLOB_UNKNOWN.
+
+use std::collections::HashSet;
+
+use oci::Digest;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::parse_digest;
+use crate::meta::{BlobUsage, EvictOutcome, EvictRequest, Evicted, Root, on_disk};
+
+/// A manifest's last use: its own push or read, or any of its tags'.
+const LAST_USED: &str = "max(m.created_at, m.accessed_at, coalesce(
+        (SELECT max(max(t.updated_at, t.accessed_at)) FROM tags t
+         WHERE t.repo_id = m.repo_id AND t.digest = m.digest), 0))";
+
+/// `m` is a root: no manifest in its repository lists it, and its subject (if any) is
+/// not there.
+const IS_ROOT: &str = "NOT EXISTS (SELECT 1 FROM manifest_refs x
+        WHERE x.repo_id = m.repo_id AND x.child_digest = m.digest AND x.kind = 'manifest')
+    AND (m.subject IS NULL OR NOT EXISTS (SELECT 1 FROM manifests s
+        WHERE s.repo_id = m.repo_id AND s.digest = m.subject))";
+
+/// Blob `b` is referenced by no manifest, and idle since before `?1`: what a sweep
+/// removes.
+const SWEEPABLE: &str = "max(b.created_at, b.accessed_at) < ?1
+    AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.child_digest = b.digest)";
+
+/// Every root, least recently used first.
+pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
+    let sql = format!(
+        "SELECT r.name, m.digest, {LAST_USED},
+            (SELECT group_concat(t.name, char(10)) FROM tags t
+             WHERE t.repo_id = m.repo_id AND t.digest = m.digest)
+         FROM manifests m JOIN repos r ON r.id = m.repo_id
+         WHERE {IS_ROOT}
+         ORDER BY 3, r.name, m.digest"
+    );
+    c.prepare_cached(&sql)?
+        .query_map([], |r| {
+            let repo: String = r.get(0)?;
+            let tags: Option<String> = r.get(3)?;
+            Ok(Root {
+                repo: repo.parse().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?,
+                digest: parse_digest(r.get(1)?)?,
+                last_used: r.get(2)?,
+                tags: tags
+                    .map(|t| t.split('\n').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            })
+        })?
+        .collect()
+}
+
+/// Run an eviction (see [`crate::meta::MetaStore::evict`]); the caller provides the
+/// transaction.
+pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<EvictOutcome> {
+    let mut counted: HashSet<String> = HashSet::new();
+    let mut freed = 0u64;
+    for (digest, size) in sweepable(c, request.idle_before)? {
+        counted.insert(digest.to_string());
+        freed += on_disk(size);
+    }
+    let mut evicted = Vec::new();
+    for candidate in &request.candidates {
+        if freed >= request.need && !candidate.forced {
+            continue;
+        }
+        let Some(references) = evict_root(c, &candidate.root)? else {
+            continue;
+        };
+        for child in &references {
+            let key = child.to_string();
+            if counted.contains(&key) {
+                continue;
+            }
+            if let Some(size) = c
+                .prepare_cached(&format!(
+                    "SELECT size FROM blobs b WHERE b.digest = ?2 AND {SWEEPABLE}"
+                ))?
+                .query_row(params![request.idle_before, key], |r| r.get::<_, i64>(0))
+                .optional()?
+            {
+                freed += on_disk(size as u64);
+                counted.insert(key);
+            }
+        }
+        evicted.push(Evicted {
+            root: candidate.root.clone(),
+            references,
+        });
+    }
+    let orphans = sweepable(c, request.idle_before)?;
+    Ok(EvictOutcome { evicted, orphans })
+}
+
+/// Remove `root` with its tags if it is still a root and unused since it was listed;
+/// returns what it referenced.
+fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<Vec<Digest>>> {
+    let (repo, digest) = (root.repo.as_str(), root.digest.to_string());
+    let repo_id: Option<i64> = c
+        .prepare_cached("SELECT id FROM repos WHERE name = ?1")?
+        .query_row([repo], |r| r.get(0))
+        .optional()?;
+    let Some(repo_id) = repo_id else {
+        return Ok(None);
+    };
+    let last_used: Option<i64> = c
+        .prepare_cached(&format!(
+            "SELECT {LAST_USED} FROM manifests m WHERE m.repo_id = ?1 AND m.digest = ?2 AND {IS_ROOT}"
+        ))?
+        .query_row(params![repo_id, digest], |r| r.get(0))
+        .optional()?;
+    if last_used.is_none_or(|used| used > root.last_used) {
+        return Ok(None);
+    }
+    let references = c
+        .prepare_cached(
+            "SELECT child_digest FROM manifest_refs WHERE repo_id = ?1 AND manifest_digest = ?2",
+        )?
+        .query_map(params![repo_id, digest], |r| parse_digest(r.get(0)?))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for sql in [
+        "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2",
+        "DELETE FROM tags WHERE repo_id = ?1 AND digest = ?2",
+        "DELETE FROM manifest_refs WHERE repo_id = ?1 AND manifest_digest = ?2",
+    ] {
+        c.prepare_cached(sql)?.execute(params![repo_id, digest])?;
+    }
+    Ok(Some(references))
+}
+
+/// Blobs a sweep may remove now, with their sizes.
+fn sweepable(c: &Connection, idle_before: i64) -> rusqlite::Result<Vec<(Digest, u64)>> {
+    c.prepare_cached(&format!(
+        "SELECT b.digest, b.size FROM blobs b WHERE {SWEEPABLE}"
+    ))?
+    .query_map([idle_before], |r| {
+        Ok((parse_digest(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
+    })?
+    .collect()
+}
+
+/// Forget each of `blobs` that is still sweepable, with its links.
+pub(super) fn forget_blobs(
+    c: &Connection,
+    blobs: &[Digest],
+    idle_before: i64,
+) -> rusqlite::Result<Vec<(Digest, u64)>> {
+    let mut forgotten = Vec::new();
+    for digest in blobs {
+        let key = digest.to_string();
+        let size: Option<i64> = c
+            .prepare_cached(&format!(
+                "DELETE FROM blobs AS b WHERE b.digest = ?2 AND {SWEEPABLE} RETURNING size"
+            ))?
+            .query_row(params![idle_before, key], |r| r.get(0))
+            .optional()?;
+        if let Some(size) = size {
+            c.prepare_cached("DELETE FROM repo_blobs WHERE digest = ?1")?
+                .execute([&key])?;
+            forgotten.push((digest.clone(), size as u64));
+        }
+    }
+    Ok(forgotten)
+}
+
+/// Stored blobs and their bytes on disk.
+pub(super) fn blob_usage(c: &Connection) -> rusqlite::Result<BlobUsage> {
+    c.prepare_cached("SELECT count(*), coalesce(sum((size + 4095) / 4096 * 4096), 0) FROM blobs")?
+        .query_row([], |r| {
+            Ok(BlobUsage {
+                blobs: r.get::<_, i64>(0)? as u64,
+                bytes: r.get::<_, i64>(1)? as u64,
+            })
+        })
+}
