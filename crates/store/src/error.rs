@@ -68,7 +68,7 @@ pub enum Error {
     Io(#[source] std::io::Error),
     /// The metadata database failed.
     #[error("metadata database: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(#[source] rusqlite::Error),
     /// A group of metadata writes failed to commit; none of them took effect.
     #[error("metadata commit failed: {0}")]
     Commit(String),
@@ -89,6 +89,16 @@ impl From<std::io::Error> for Error {
             Error::StorageFull
         } else {
             Error::Io(e)
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            Error::StorageFull
+        } else {
+            Error::Database(e)
         }
     }
 }

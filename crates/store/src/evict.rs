@@ -3,7 +3,8 @@
 //! A pass (see [`Store::gc`]) expires abandoned uploads, evicts roots (a manifest nothing
 //! else needs, with its tags) from the least recently used while usage is above the low
 //! watermark or a rule's maximum age has passed, then sweeps the blobs no manifest
-//! references and that have been idle for the grace period.
+//! references: those the evicted roots released once unused for `in_use`, any other
+//! once idle for the grace period (a client may push layers long before their manifest).
 //!
 //! What is in use is never removed:
 //! * a manifest PUT and the sweep are ordered by the metadata writer: the PUT either
@@ -304,6 +305,9 @@ impl Store {
         self.flush_access_times().await?;
         evictor.drop_expired_leases();
         let idle_before = started_at - evictor.config.grace.as_secs() as i64;
+        // Blobs evicted roots release were in use, not young: they only wait out `in_use`
+        // since their last upload, check or read (a push may be about to reference them).
+        let unused_before = started_at - evictor.config.in_use.as_secs() as i64;
         let uploads_expired = self.expire_uploads(dry_run).await?;
         let (usage_before, quota) = self.usage().await?;
         let over = usage_before.total > quota.high;
@@ -347,11 +351,11 @@ impl Store {
                     evictor.lease(&evicted.references);
                 }
             }
-            let orphans: Vec<(Digest, u64)> = outcome
-                .orphans
-                .into_iter()
-                .filter(|(d, _)| !evictor.leased(d) && !self.0.access.pending_blob(d))
-                .collect();
+            let unused = |(d, _): &(Digest, u64)| {
+                !evictor.leased(d) && !self.0.access.pending_blob(d)
+            };
+            let released: Vec<_> = outcome.released.into_iter().filter(unused).collect();
+            let orphans: Vec<_> = outcome.orphans.into_iter().filter(unused).collect();
             let progress = !outcome.evicted.is_empty();
             report
                 .evicted
@@ -362,9 +366,11 @@ impl Store {
                     last_used: e.root.last_used,
                 }));
             let swept = if dry_run {
-                orphans
+                released.into_iter().chain(orphans).collect()
             } else {
-                self.sweep(orphans, idle_before).await?
+                let mut swept = self.sweep(released, unused_before).await?;
+                swept.extend(self.sweep(orphans, idle_before).await?);
+                swept
             };
             let freed: u64 = swept.iter().map(|(_, s)| on_disk(*s)).sum();
             report.blobs_removed += swept.len() as u64;
@@ -419,8 +425,9 @@ impl Store {
         Ok(candidates)
     }
 
-    /// Delete `orphans` that are still unreferenced and idle: the metadata first, then
-    /// the files, under each digest's lock. Returns what was deleted.
+    /// Delete `orphans` that are still unreferenced and idle since before `idle_before`:
+    /// the metadata first, then the files, under each digest's lock. Returns what was
+    /// deleted.
     async fn sweep(
         &self,
         orphans: Vec<(Digest, u64)>,

@@ -136,8 +136,10 @@ pub struct Evicted {
 pub struct EvictOutcome {
     /// Roots removed.
     pub evicted: Vec<Evicted>,
-    /// Blobs no manifest references any more and idle long enough to sweep, with their
-    /// sizes (all of them, not only those this eviction orphaned).
+    /// Blobs the evicted roots referenced and nothing references now, with their sizes:
+    /// swept at once (they were in use, not young).
+    pub released: Vec<(Digest, u64)>,
+    /// Other blobs nothing references, idle long enough to sweep, with their sizes.
     pub orphans: Vec<(Digest, u64)>,
 }
 
@@ -206,8 +208,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Every root, least recently used first.
     async fn roots(&self) -> Result<Vec<Root>>;
     /// Remove candidates in order (each only if it is still a root, unused since it was
-    /// listed) until the blobs they leave unreferenced and idle add up to `need`, then
-    /// only forced ones; in one transaction, rolled back for a dry run.
+    /// listed) until the idle unreferenced blobs plus what the removed roots release
+    /// (through their unreferenced child manifests too) add up to `need`, then only
+    /// forced ones; in one transaction, rolled back for a dry run.
     async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome>;
     /// Forget each of `blobs` that is still unreferenced and idle since before
     /// `idle_before`, with its links; returns those forgotten, with their sizes.

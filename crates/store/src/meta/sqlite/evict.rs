@@ -64,48 +64,97 @@ pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
 /// Run an eviction (see [`crate::meta::MetaStore::evict`]); the caller provides the
 /// transaction.
 pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<EvictOutcome> {
-    let mut counted: HashSet<String> = HashSet::new();
-    let mut freed = 0u64;
-    for (digest, size) in sweepable(c, request.idle_before)? {
-        counted.insert(digest.to_string());
-        freed += on_disk(size);
-    }
-    let mut evicted = Vec::new();
+    let orphans = sweepable(c, request.idle_before)?;
+    let mut counted: HashSet<Digest> = orphans.iter().map(|(d, _)| d.clone()).collect();
+    let mut freed: u64 = orphans.iter().map(|(_, size)| on_disk(*size)).sum();
+    let mut outcome = EvictOutcome {
+        orphans,
+        ..EvictOutcome::default()
+    };
     for candidate in &request.candidates {
         if freed >= request.need && !candidate.forced {
             continue;
         }
-        let Some(references) = evict_root(c, &candidate.root)? else {
+        let Some((repo_id, references)) = evict_root(c, &candidate.root)? else {
             continue;
         };
-        for child in &references {
-            let key = child.to_string();
-            if counted.contains(&key) {
-                continue;
-            }
-            if let Some(size) = c
-                .prepare_cached(&format!(
-                    "SELECT size FROM blobs b WHERE b.digest = ?2 AND {SWEEPABLE}"
-                ))?
-                .query_row(params![request.idle_before, key], |r| r.get::<_, i64>(0))
-                .optional()?
-            {
-                freed += on_disk(size as u64);
-                counted.insert(key);
-            }
-        }
-        evicted.push(Evicted {
+        let (released, estimate) = released_by(c, repo_id, &references, &mut counted)?;
+        freed += estimate;
+        outcome.released.extend(released);
+        outcome.evicted.push(Evicted {
             root: candidate.root.clone(),
             references,
         });
     }
-    let orphans = sweepable(c, request.idle_before)?;
-    Ok(EvictOutcome { evicted, orphans })
+    Ok(outcome)
+}
+
+/// What removing a manifest that referenced `references` in `repo_id` frees: the blobs
+/// it leaves unreferenced (returned, to sweep now), and an estimate in bytes that also
+/// counts what child manifests it leaves unreferenced would free in turn. Those go as
+/// roots in a later round, once reads that saw the parent have taken their leases; here
+/// their removal is only simulated, then rolled back. `counted` keeps a blob from being
+/// counted twice.
+fn released_by(
+    c: &Connection,
+    repo_id: i64,
+    references: &[Digest],
+    counted: &mut HashSet<Digest>,
+) -> rusqlite::Result<(Vec<(Digest, u64)>, u64)> {
+    let released = unreferenced_blobs(c, references, counted)?;
+    let mut estimate: u64 = released.iter().map(|(_, size)| on_disk(*size)).sum();
+    c.execute_batch("SAVEPOINT estimate")?;
+    let mut children = references.to_vec();
+    while let Some(child) = children.pop() {
+        let orphaned_manifest = c
+            .prepare_cached(&format!(
+                "SELECT 1 FROM manifests m WHERE m.repo_id = ?1 AND m.digest = ?2 AND {IS_ROOT}
+                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest)"
+            ))?
+            .query_row(params![repo_id, child.to_string()], |_| Ok(()))
+            .optional()?;
+        if orphaned_manifest.is_none() {
+            continue;
+        }
+        let grandchildren = remove_manifest(c, repo_id, &child)?;
+        let freed = unreferenced_blobs(c, &grandchildren, counted)?;
+        estimate += freed.iter().map(|(_, size)| on_disk(*size)).sum::<u64>();
+        children.extend(grandchildren);
+    }
+    c.execute_batch("ROLLBACK TO estimate; RELEASE estimate")?;
+    Ok((released, estimate))
+}
+
+/// Those of `digests` that are stored blobs no manifest references, not yet in
+/// `counted` (and now added to it), with their sizes.
+fn unreferenced_blobs(
+    c: &Connection,
+    digests: &[Digest],
+    counted: &mut HashSet<Digest>,
+) -> rusqlite::Result<Vec<(Digest, u64)>> {
+    let mut found = Vec::new();
+    for digest in digests {
+        if counted.contains(digest) {
+            continue;
+        }
+        let size: Option<i64> = c
+            .prepare_cached(
+                "SELECT size FROM blobs b WHERE b.digest = ?1
+                 AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.child_digest = b.digest)",
+            )?
+            .query_row([digest.to_string()], |r| r.get(0))
+            .optional()?;
+        if let Some(size) = size {
+            counted.insert(digest.clone());
+            found.push((digest.clone(), size as u64));
+        }
+    }
+    Ok(found)
 }
 
 /// Remove `root` with its tags if it is still a root and unused since it was listed;
-/// returns what it referenced.
-fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<Vec<Digest>>> {
+/// returns its repository's id and what it referenced.
+fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<(i64, Vec<Digest>)>> {
     let (repo, digest) = (root.repo.as_str(), root.digest.to_string());
     let repo_id: Option<i64> = c
         .prepare_cached("SELECT id FROM repos WHERE name = ?1")?
@@ -123,6 +172,12 @@ fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<Vec<Digest
     if last_used.is_none_or(|used| used > root.last_used) {
         return Ok(None);
     }
+    Ok(Some((repo_id, remove_manifest(c, repo_id, &root.digest)?)))
+}
+
+/// Delete a manifest, its tags and its references; returns what it referenced.
+fn remove_manifest(c: &Connection, repo_id: i64, digest: &Digest) -> rusqlite::Result<Vec<Digest>> {
+    let digest = digest.to_string();
     let references = c
         .prepare_cached(
             "SELECT child_digest FROM manifest_refs WHERE repo_id = ?1 AND manifest_digest = ?2",
@@ -136,7 +191,7 @@ fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<Vec<Digest
     ] {
         c.prepare_cached(sql)?.execute(params![repo_id, digest])?;
     }
-    Ok(Some(references))
+    Ok(references)
 }
 
 /// Blobs a sweep may remove now, with their sizes.
