@@ -141,6 +141,8 @@ pub(crate) struct Evictor {
     pass: tokio::sync::Mutex<()>,
     /// Wakes the background pass early (usage passed the high watermark, disk full).
     pub(crate) wake: Arc<tokio::sync::Notify>,
+    /// An upload found the disk full: the next pass evicts as if usage were at the quota.
+    disk_full: std::sync::atomic::AtomicBool,
     /// Usage at the last pass plus blobs committed since: a cheap trigger.
     estimate: AtomicU64,
     /// The high watermark at the last pass (`u64::MAX` before the first).
@@ -189,6 +191,7 @@ impl Evictor {
             reads: tokio::sync::RwLock::new(()),
             pass: tokio::sync::Mutex::new(()),
             wake: Arc::default(),
+            disk_full: Default::default(),
             estimate: AtomicU64::new(0),
             high: AtomicU64::new(u64::MAX),
             last: Mutex::default(),
@@ -231,6 +234,12 @@ impl Evictor {
         }
     }
 
+    /// An upload found the disk full: run a pass now that makes room.
+    pub(crate) fn disk_full(&self) {
+        self.disk_full.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
     /// The last pass that changed something (or found nothing to do).
     pub(crate) fn last_report(&self) -> Option<GcReport> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -247,7 +256,16 @@ impl Evictor {
     fn quota(&self, used: u64, total: u64, available: u64) -> Quota {
         let max = self.config.max_size.resolve(total);
         let keep_free = self.config.min_free.resolve(total);
-        let limit = max.min((used + available).saturating_sub(keep_free));
+        self.watermarks(max.min((used + available).saturating_sub(keep_free)))
+    }
+
+    /// `quota` lowered to `used`, when that is less.
+    fn shrink(&self, quota: Quota, used: u64) -> Quota {
+        self.watermarks(quota.limit.min(used))
+    }
+
+    /// The quota for `limit`, with its watermarks.
+    fn watermarks(&self, limit: u64) -> Quota {
         Quota {
             limit,
             high: self.config.high_watermark.of(limit),
@@ -308,8 +326,13 @@ impl Store {
         // Blobs evicted roots release were in use, not young: they only wait out `in_use`
         // since their last upload, check or read (a push may be about to reference them).
         let unused_before = started_at - evictor.config.in_use.as_secs() as i64;
-        let uploads_expired = self.expire_uploads(dry_run).await?;
-        let (usage_before, quota) = self.usage().await?;
+        let uploads_expired = self.expire_uploads(started_at, dry_run).await?;
+        let (usage_before, mut quota) = self.usage().await?;
+        if !dry_run && evictor.disk_full.swap(false, Ordering::Relaxed) {
+            // The failed upload's bytes are gone again, so usage looks fine: make room
+            // as if the store were at its limit.
+            quota = evictor.shrink(quota, usage_before.total);
+        }
         let over = usage_before.total > quota.high;
         let mut report = GcReport {
             dry_run,
@@ -351,9 +374,8 @@ impl Store {
                     evictor.lease(&evicted.references);
                 }
             }
-            let unused = |(d, _): &(Digest, u64)| {
-                !evictor.leased(d) && !self.0.access.pending_blob(d)
-            };
+            let unused =
+                |(d, _): &(Digest, u64)| !evictor.leased(d) && !self.0.access.pending_blob(d);
             let released: Vec<_> = outcome.released.into_iter().filter(unused).collect();
             let orphans: Vec<_> = outcome.orphans.into_iter().filter(unused).collect();
             let progress = !outcome.evicted.is_empty();
@@ -448,10 +470,11 @@ impl Store {
 
     /// Remove upload sessions and staging files idle for the expiry (or, in a dry run,
     /// count them). A session with no staging file is removed at once.
-    async fn expire_uploads(&self, dry_run: bool) -> Result<u64> {
+    async fn expire_uploads(&self, now: i64, dry_run: bool) -> Result<u64> {
         let expiry = self.0.evictor.config.upload_expiry;
         // Sessions first: a session's staging file exists before its record, so one
-        // missing from the later listing is gone for good.
+        // missing from the later listing has finished or is gone for good; the record of
+        // one that is gone goes once the session is older than the expiry.
         let sessions: HashMap<_, _> = self.0.meta.uploads().await?.into_iter().collect();
         let staged = self.0.blobs.staged().await?;
         let mut expired = 0;
@@ -470,8 +493,8 @@ impl Store {
             }
         }
         let staged_ids: std::collections::HashSet<_> = staged.iter().map(|s| &s.id).collect();
-        for id in sessions.keys() {
-            if !staged_ids.contains(id) {
+        for (id, started) in &sessions {
+            if !staged_ids.contains(id) && now - started > expiry.as_secs() as i64 {
                 expired += 1;
                 if !dry_run {
                     self.end_upload(id).await?;

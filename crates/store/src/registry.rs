@@ -338,7 +338,7 @@ impl Store {
     fn account<T>(&self, outcome: Result<T>, added: impl FnOnce(&T) -> u64) -> Result<T> {
         match &outcome {
             Ok(value) => self.0.evictor.added(added(value)),
-            Err(Error::StorageFull) => self.0.evictor.wake.notify_one(),
+            Err(Error::StorageFull) => self.0.evictor.disk_full(),
             Err(_) => {}
         }
         outcome

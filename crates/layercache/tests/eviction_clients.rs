@@ -1,0 +1,894 @@
+//! Eviction with real clients and a real disk.
+//!
+//! * docker and skopeo push image after image into a small quota: after every push the
+//!   data directory, measured on disk, is back under the quota; the least recently used
+//!   images are gone (manifests and blobs), the ones in use pull intact, and a BuildKit
+//!   inline-cache rebuild from a recent image is still fully cached.
+//! * On a size-limited tmpfs, an upload that does not fit fails cleanly with 507 and
+//!   INSUFFICIENT_STORAGE, keeps what was stored intact and leaves no staging bytes;
+//!   once tags are deleted the big upload goes through, and further pushes succeed as
+//!   eviction keeps the store inside a quota the filesystem's size limits.
+//!
+//! dockerd is one shared daemon, so everything touching it lives in one test function.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+/// The Debian docker.io client: newer clients without buildx refuse `DOCKER_BUILDKIT=1`.
+const DOCKER: &str = "/usr/bin/docker";
+
+const MIB: u64 = 1 << 20;
+
+/// Manifest types a registry client accepts.
+const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.index.v1+json";
+
+/// Timestamps of use have a one-second resolution: uses further apart than this are
+/// ordered.
+const TICK: Duration = Duration::from_millis(1100);
+
+/// Whether a real-client test must fail rather than skip when it cannot run (as
+/// [`common::require_tool`] decides).
+fn required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("REQUIRE_REAL_CLIENTS").is_ok_and(|v| v == "1")
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    let r = client.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "GET {url}");
+    r.json().await.unwrap()
+}
+
+fn field(value: &Value, path: &[&str]) -> u64 {
+    let mut v = value;
+    for key in path {
+        v = &v[*key];
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {value}"))
+}
+
+/// Wait until the server's passes have brought usage down to the high watermark, then
+/// for any pass still running (a dry run waits for it); the status after that.
+async fn settle(client: &reqwest::Client, server: &common::Server) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = get_json(client, &server.at("/api/v1/gc")).await;
+        if field(&status, &["usage", "total"]) <= field(&status, &["quota", "high"]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage stayed above the high watermark: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = client
+        .post(server.at("/api/v1/gc?dry_run=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    get_json(client, &server.at("/api/v1/gc")).await
+}
+
+/// Bytes under `dir`, files and directories: (apparent sizes, allocated blocks).
+fn disk_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut apparent = 0;
+    let mut allocated = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            // Deleted since the listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
+        apparent += meta.len();
+        allocated += meta.blocks() * 512;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                pending.push(entry.unwrap().path());
+            }
+        }
+    }
+    (apparent, allocated)
+}
+
+/// `GET /v2/<repo>/manifests/<reference>`: status and body.
+async fn get_manifest(
+    client: &reqwest::Client,
+    server: &common::Server,
+    repo: &str,
+    reference: &str,
+) -> (u16, Bytes) {
+    let r = client
+        .get(server.at(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.bytes().await.unwrap())
+}
+
+/// The code of the first error in an OCI error body.
+fn error_code(body: &[u8]) -> String {
+    let value: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "not an OCI error body ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    value["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no errors[0].code in {value}"))
+        .to_owned()
+}
+
+/// The digests of a manifest's config and layers.
+fn blobs_of(manifest: &[u8]) -> Vec<String> {
+    let value: Value = serde_json::from_slice(manifest).unwrap();
+    let mut blobs = vec![value["config"]["digest"].as_str().unwrap().to_owned()];
+    for layer in value["layers"].as_array().unwrap() {
+        blobs.push(layer["digest"].as_str().unwrap().to_owned());
+    }
+    blobs
+}
+
+/// `GET` a blob: its status, and for a 200 whether the bytes hash to `digest`; for an
+/// error, its code.
+async fn get_blob(
+    client: &reqwest::Client,
+    server: &common::Server,
+    repo: &str,
+    digest: &str,
+) -> Result<(), (u16, String)> {
+    let r = client
+        .get(server.at(&format!("/v2/{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.bytes().await.unwrap();
+    if status == 200 {
+        assert_eq!(
+            common::digest_of(&body),
+            digest,
+            "{repo}: blob {digest} came back changed"
+        );
+        Ok(())
+    } else {
+        Err((status, error_code(&body)))
+    }
+}
+
+// ---- docker ----
+
+/// One layer per file; `random.bin` is incompressible, so each image costs its size.
+/// The first step is the same in every image: BuildKit builds it once and every image
+/// shares its layer, which eviction must keep while any image still references it.
+const DOCKERFILE: &str = "FROM scratch
+COPY busybox /bin/busybox
+COPY nonce /nonce
+COPY random.bin /data/random.bin
+";
+
+fn docker(args: &[&str]) -> Command {
+    let mut command = Command::new(DOCKER);
+    command.env("DOCKER_BUILDKIT", "1").args(args);
+    command
+}
+
+fn skopeo(args: &[&str]) -> Command {
+    let mut command = Command::new("skopeo");
+    command.args(args);
+    command
+}
+
+fn image_id(reference: &str) -> String {
+    common::run_ok(&mut docker(&[
+        "image", "inspect", "--format", "{{.Id}}", reference,
+    ]))
+    .trim()
+    .to_owned()
+}
+
+/// What makes an image the same image: its layers, creation time and run configuration
+/// (everything in its config but BuildKit's inline cache metadata, which BuildKit does
+/// not always reproduce for a step shared with other builds).
+fn image_content(reference: &str) -> String {
+    common::run_ok(&mut docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RootFS.Layers}} {{.Created}} {{json .Config}}",
+        reference,
+    ]))
+    .trim()
+    .to_owned()
+}
+
+/// `--progress=plain` output reduced to its build steps (`#N [i/n] INSTRUCTION`, without
+/// `[internal]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
+fn step_outcomes(output: &str) -> BTreeMap<String, String> {
+    let mut names = BTreeMap::new();
+    let mut ends = BTreeMap::new();
+    for line in output.lines() {
+        let Some((id, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
+            continue;
+        };
+        if rest.starts_with('[') && !rest.starts_with("[internal]") {
+            names.insert(id.to_owned(), rest.to_owned());
+        } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
+            ends.insert(id.to_owned(), rest.to_owned());
+        }
+    }
+    names
+        .into_iter()
+        .map(|(id, name)| {
+            let end = ends.remove(&id).unwrap_or_else(|| "(no end)".into());
+            (name, end)
+        })
+        .collect()
+}
+
+fn build(context: &Path, tag: &str, cache_from: Option<&str>) -> String {
+    let mut command = docker(&[
+        "build",
+        "--network=none",
+        "--progress=plain",
+        "--build-arg",
+        "BUILDKIT_INLINE_CACHE=1",
+        "-t",
+        tag,
+    ]);
+    if let Some(from) = cache_from {
+        command.args(["--cache-from", from]);
+    }
+    common::run_ok(command.arg(context))
+}
+
+/// Leaves the daemon without this test's images and build cache, also on failure.
+struct DockerCleanup {
+    references: Vec<String>,
+}
+
+impl DockerCleanup {
+    fn run(&self) -> (bool, String) {
+        let pruned = common::run(&mut docker(&["builder", "prune", "-af"]));
+        for reference in &self.references {
+            common::run(&mut docker(&["image", "rm", "-f", reference]));
+        }
+        pruned
+    }
+}
+
+impl Drop for DockerCleanup {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+/// A built image: its build context (kept for the cached rebuild), tag, id and content.
+struct Image {
+    repo: String,
+    tag: String,
+    context: tempfile::TempDir,
+    id: String,
+    content: String,
+}
+
+fn build_image(server: &common::Server, index: usize, layer: usize) -> Image {
+    let context = common::busybox_context(server, "Dockerfile", DOCKERFILE);
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ index as u64;
+    let random: Vec<u8> = common::chunks(seed, layer, 1 << 20)
+        .flat_map(|c| c.to_vec())
+        .collect();
+    std::fs::write(context.path().join("random.bin"), random).unwrap();
+    let repo = format!("evict/app{index}");
+    let tag = format!("{}/{repo}:v1", server.host);
+    build(context.path(), &tag, None);
+    let id = image_id(&tag);
+    let content = image_content(&tag);
+    Image {
+        repo,
+        tag,
+        context,
+        id,
+        content,
+    }
+}
+
+#[tokio::test]
+async fn real_clients_stay_under_the_quota() {
+    const QUOTA: u64 = 48 * MIB;
+    const IMAGES: usize = 10;
+    const LAYER: usize = 6 << 20;
+    if !common::require_tool(DOCKER) || !common::require_tool("skopeo") {
+        return;
+    }
+    let (ok, info) = common::run(&mut docker(&["info"]));
+    assert!(
+        ok,
+        "dockerd is not answering (scripts/setup-clients.sh starts it):\n{info}"
+    );
+    // A grace of a few seconds: a push's layers are not swept before its manifest
+    // arrives, and blobs of images pushed several pushes ago are past it.
+    let server = common::Server::start_with_env(&[
+        ("LAYERCACHE_STORE__EVICTION__MAX_SIZE", "48MiB"),
+        ("LAYERCACHE_STORE__EVICTION__MIN_FREE", "0"),
+        ("LAYERCACHE_STORE__EVICTION__HIGH_WATERMARK", "90%"),
+        ("LAYERCACHE_STORE__EVICTION__LOW_WATERMARK", "80%"),
+        ("LAYERCACHE_STORE__EVICTION__GRACE", "2s"),
+        ("LAYERCACHE_STORE__EVICTION__IN_USE", "1s"),
+        ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1s"),
+    ]);
+    let client = reqwest::Client::new();
+    let status = get_json(&client, &server.at("/api/v1/gc")).await;
+    assert_eq!(field(&status, &["quota", "limit"]), QUOTA, "{status:#}");
+    assert_eq!(
+        field(&status, &["quota", "high"]),
+        QUOTA * 9 / 10,
+        "{status:#}"
+    );
+
+    let mut cleanup = DockerCleanup {
+        references: Vec::new(),
+    };
+    let started = Instant::now();
+    let mut images = Vec::new();
+    for index in 0..IMAGES {
+        let image = build_image(&server, index, LAYER);
+        cleanup.references.push(image.tag.clone());
+        cleanup.references.push(image.id.clone());
+        images.push(image);
+    }
+    eprintln!("built {IMAGES} images in {:?}", started.elapsed());
+
+    // Push one after another; image 0 is in use all along, and so is the newest one.
+    let mut manifests: Vec<Bytes> = Vec::new();
+    let mut peak = (0, 0);
+    for (index, image) in images.iter().enumerate() {
+        if index % 2 == 0 {
+            common::run_ok(&mut docker(&["push", &image.tag]));
+        } else {
+            common::run_ok(&mut skopeo(&[
+                "copy",
+                "--dest-tls-verify=false",
+                &format!("docker-daemon:{}", image.tag),
+                &format!("docker://{}", image.tag),
+            ]));
+        }
+        let status = settle(&client, &server).await;
+        let (apparent, allocated) = disk_usage(server.data_dir());
+        eprintln!(
+            "pushed {}: usage {} (high {}), on disk {apparent} bytes ({allocated} allocated)",
+            image.tag,
+            field(&status, &["usage", "total"]),
+            field(&status, &["quota", "high"]),
+        );
+        assert!(
+            apparent < QUOTA && allocated < QUOTA,
+            "after pushing {}: {apparent} bytes ({allocated} allocated) on disk, over the \
+             {QUOTA}-byte quota\n{status:#}",
+            image.tag
+        );
+        peak = (peak.0.max(apparent), peak.1.max(allocated));
+
+        let (code, manifest) = get_manifest(&client, &server, &image.repo, "v1").await;
+        assert_eq!(code, 200, "{} is gone right after its push", image.tag);
+        manifests.push(manifest);
+        let (code, body) = get_manifest(&client, &server, &images[0].repo, "v1").await;
+        assert_eq!(
+            code,
+            200,
+            "image 0, used after every push, was evicted: {}",
+            String::from_utf8_lossy(&body)
+        );
+        tokio::time::sleep(TICK).await;
+    }
+    eprintln!(
+        "pushed {IMAGES} images in {:?}; peak on disk {} bytes ({} allocated)",
+        started.elapsed(),
+        peak.0,
+        peak.1
+    );
+
+    // The least recently used images are gone, the others are all there.
+    let mut kept = Vec::new();
+    let mut evicted = Vec::new();
+    for (index, image) in images.iter().enumerate() {
+        let (code, body) = get_manifest(&client, &server, &image.repo, "v1").await;
+        match code {
+            200 => {
+                assert_eq!(body, manifests[index], "{} changed", image.tag);
+                kept.push(index);
+            }
+            404 => {
+                assert_eq!(error_code(&body), "MANIFEST_UNKNOWN", "{}", image.tag);
+                evicted.push(index);
+            }
+            _ => panic!("{}: {code} {}", image.tag, String::from_utf8_lossy(&body)),
+        }
+    }
+    let all: Vec<String> = manifests.iter().flat_map(|m| blobs_of(m)).collect();
+    let distinct: BTreeSet<&String> = all.iter().collect();
+    eprintln!(
+        "kept {kept:?}, evicted {evicted:?}; {} blobs referenced, {} distinct",
+        all.len(),
+        distinct.len()
+    );
+    assert!(
+        evicted.len() >= 2,
+        "{IMAGES} images of ~{LAYER} bytes in a {QUOTA}-byte quota, yet only {evicted:?} \
+         were evicted"
+    );
+    assert!(kept.contains(&0), "image 0, in use all along, was evicted");
+    // Least recently used first: apart from image 0, the evicted are the oldest pushes.
+    let expected: Vec<usize> = (1..=evicted.len()).collect();
+    assert_eq!(
+        evicted, expected,
+        "not least recently used first (kept {kept:?})"
+    );
+    assert!(
+        kept.len() >= 4,
+        "the quota holds more than {kept:?} of these images"
+    );
+
+    // The evicted images' own blobs are gone too.
+    let referenced: BTreeSet<String> = kept.iter().flat_map(|&i| blobs_of(&manifests[i])).collect();
+    for &index in &evicted {
+        let repo = &images[index].repo;
+        for digest in blobs_of(&manifests[index]) {
+            if referenced.contains(&digest) {
+                continue;
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match get_blob(&client, &server, repo, &digest).await {
+                    Err((404, code)) => {
+                        assert_eq!(code, "BLOB_UNKNOWN");
+                        break;
+                    }
+                    other => assert!(
+                        Instant::now() < deadline,
+                        "{repo}: blob {digest} of an evicted image stays: {other:?}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    common::assert_blob_files_match_their_names(server.data_dir());
+
+    // The images in use pull intact: skopeo gets every blob and checks it...
+    let pulled = tempfile::tempdir().unwrap();
+    let newest = IMAGES - 1;
+    for index in [0, newest] {
+        let dir = pulled.path().join(format!("image{index}"));
+        common::run_ok(
+            skopeo(&["copy", "--src-tls-verify=false"])
+                .arg(format!("docker://{}", images[index].tag))
+                .arg(format!("dir:{}", dir.display())),
+        );
+        assert_eq!(
+            std::fs::read(dir.join("manifest.json")).unwrap(),
+            manifests[index],
+            "{}",
+            images[index].tag
+        );
+        for digest in blobs_of(&manifests[index]) {
+            let bytes = std::fs::read(dir.join(&digest[7..])).unwrap();
+            assert_eq!(common::digest_of(&bytes), digest, "{}", images[index].tag);
+        }
+    }
+    // ...and docker, on a daemon without them, gets the very images it built.
+    for index in [0, newest - 1, newest] {
+        let image = &images[index];
+        common::run(&mut docker(&["image", "rm", "-f", &image.tag, &image.id]));
+        common::run_ok(&mut docker(&["pull", &image.tag]));
+        assert_eq!(image_id(&image.tag), image.id, "{}", image.tag);
+    }
+
+    // A rebuild of the newest image on a wiped daemon takes every step from its inline
+    // cache.
+    let (pruned, out) = cleanup.run();
+    assert!(pruned, "docker builder prune failed:\n{out}");
+    let image = &images[newest];
+    let warm = build(image.context.path(), &image.tag, Some(&image.tag));
+    assert!(
+        warm.contains(&format!("importing cache manifest from {}", image.tag)),
+        "{warm}"
+    );
+    let steps = step_outcomes(&warm);
+    assert_eq!(steps.len(), 3, "{steps:#?}\n{warm}");
+    let ran: Vec<_> = steps.iter().filter(|(_, end)| *end != "CACHED").collect();
+    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+    assert_eq!(
+        image_content(&image.tag),
+        image.content,
+        "the cached rebuild is a different image"
+    );
+
+    let status = settle(&client, &server).await;
+    let (apparent, allocated) = disk_usage(server.data_dir());
+    assert!(
+        apparent < QUOTA && allocated < QUOTA,
+        "{apparent} bytes ({allocated} allocated) on disk\n{status:#}"
+    );
+    eprintln!("done in {:?}", started.elapsed());
+}
+
+// ---- a full disk ----
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` on `dir` (as root); why not, when it cannot.
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        let uid = common::run_ok(Command::new("id").arg("-u"));
+        if uid.trim() != "0" {
+            return Err(format!("mounting a tmpfs needs root (uid {})", uid.trim()));
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let (ok, out) = common::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        if ok {
+            Ok(Tmpfs {
+                dir: dir.to_owned(),
+            })
+        } else {
+            Err(format!("mount -t tmpfs failed: {out}"))
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let (ok, out) = common::run(Command::new("umount").arg(&self.dir));
+        if !ok {
+            eprintln!("umount {}: {out}; detaching it", self.dir.display());
+            common::run(Command::new("umount").arg("-l").arg(&self.dir));
+        }
+    }
+}
+
+/// An image pushed over the API: a config and one layer.
+struct Pushed {
+    repo: String,
+    manifest: Vec<u8>,
+    layer: String,
+    config: String,
+}
+
+fn random_bytes(seed: u64, len: u64) -> Bytes {
+    Bytes::from(
+        common::chunks(seed, len as usize, 1 << 20)
+            .flat_map(|c| c.to_vec())
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Monolithic upload of `bytes` into `repo`.
+async fn upload(
+    client: &reqwest::Client,
+    server: &common::Server,
+    repo: &str,
+    bytes: Bytes,
+) -> reqwest::Response {
+    let digest = common::digest_of(&bytes);
+    client
+        .post(server.at(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
+        .body(bytes)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("upload of {digest} to {repo}: {e:?}"))
+}
+
+/// Push an image whose layer is `layer` as `repo:v1`.
+async fn push_image(
+    client: &reqwest::Client,
+    server: &common::Server,
+    repo: &str,
+    layer: Bytes,
+) -> Pushed {
+    let layer_digest = common::digest_of(&layer);
+    let layer_len = layer.len();
+    // Like real clients, skip a layer the repository already has.
+    let head = client
+        .head(server.at(&format!("/v2/{repo}/blobs/{layer_digest}")))
+        .send()
+        .await
+        .unwrap();
+    if head.status() != 200 {
+        let r = upload(client, server, repo, layer).await;
+        assert_eq!(r.status(), 201, "{repo}: {}", r.text().await.unwrap());
+    }
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Labels": { "repo": repo } },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
+    }))
+    .unwrap();
+    let config_digest = common::digest_of(&config);
+    let config_len = config.len();
+    let r = upload(client, server, repo, Bytes::from(config)).await;
+    assert_eq!(r.status(), 201, "{repo}: {}", r.text().await.unwrap());
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_len,
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest,
+            "size": layer_len,
+        }],
+    }))
+    .unwrap();
+    let r = client
+        .put(server.at(&format!("/v2/{repo}/manifests/v1")))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{repo}: {}", r.text().await.unwrap());
+    Pushed {
+        repo: repo.to_owned(),
+        manifest,
+        layer: layer_digest,
+        config: config_digest,
+    }
+}
+
+/// The image is there, manifest and blobs, byte for byte.
+async fn assert_intact(client: &reqwest::Client, server: &common::Server, image: &Pushed) {
+    let (code, body) = get_manifest(client, server, &image.repo, "v1").await;
+    assert_eq!(
+        code,
+        200,
+        "{}: {}",
+        image.repo,
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(body, image.manifest, "{}", image.repo);
+    for digest in [&image.layer, &image.config] {
+        get_blob(client, server, &image.repo, digest)
+            .await
+            .unwrap_or_else(|e| panic!("{}: blob {digest}: {e:?}", image.repo));
+    }
+}
+
+/// The image's manifest is gone.
+async fn assert_gone(client: &reqwest::Client, server: &common::Server, image: &Pushed) {
+    let (code, body) = get_manifest(client, server, &image.repo, "v1").await;
+    assert_eq!(code, 404, "{} is still there", image.repo);
+    assert_eq!(error_code(&body), "MANIFEST_UNKNOWN", "{}", image.repo);
+}
+
+/// Bytes in upload staging files.
+fn staged_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+fn staged_files(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn disk_full_upload_fails_cleanly_then_eviction_makes_room() {
+    const FS: u64 = 64 * MIB;
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = match Tmpfs::mount(&tmp.path().join("fs"), "64m") {
+        Ok(mount) => mount,
+        Err(why) => {
+            assert!(!required(), "{why} (required: CI=true)");
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let data_dir = mount.dir.join("data");
+    // The quota is bigger than the filesystem and keeps nothing free: the filesystem's
+    // size is what limits the store.
+    let server = common::Server::start_on_with_env(
+        &data_dir,
+        "127.0.0.1:0",
+        &[
+            ("LAYERCACHE_STORE__EVICTION__MAX_SIZE", "1GiB"),
+            ("LAYERCACHE_STORE__EVICTION__MIN_FREE", "0"),
+            ("LAYERCACHE_STORE__EVICTION__HIGH_WATERMARK", "90%"),
+            ("LAYERCACHE_STORE__EVICTION__LOW_WATERMARK", "80%"),
+            ("LAYERCACHE_STORE__EVICTION__GRACE", "1s"),
+            ("LAYERCACHE_STORE__EVICTION__IN_USE", "1s"),
+            ("LAYERCACHE_STORE__EVICTION__UPLOAD_EXPIRY", "3s"),
+            ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1s"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let status = get_json(&client, &server.at("/api/v1/gc")).await;
+    let limit = field(&status, &["quota", "limit"]);
+    assert!(
+        limit <= FS && limit > FS - 4 * MIB,
+        "the quota is not the filesystem's size: {status:#}"
+    );
+
+    // Three images that fit, used one after another.
+    let mut kept = Vec::new();
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        kept.push(
+            push_image(
+                &client,
+                &server,
+                &format!("full/{name}"),
+                random_bytes(i as u64, 12 * MIB),
+            )
+            .await,
+        );
+        tokio::time::sleep(TICK).await;
+    }
+    let status = settle(&client, &server).await;
+    for image in &kept {
+        assert_intact(&client, &server, image).await;
+    }
+
+    // A blob bigger than what is left: 507 INSUFFICIENT_STORAGE, not a 500 or a hang,
+    // and its bytes are given back at once.
+    let free = field(&status, &["quota", "limit"]) - field(&status, &["usage", "total"]);
+    let big = random_bytes(100, free + 8 * MIB);
+    eprintln!("{free} bytes free; uploading {}", big.len());
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        upload(&client, &server, "full/big", big.clone()),
+    )
+    .await
+    .expect("the upload that fills the disk hangs");
+    let code = r.status();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(code, 507, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(error_code(&body), "INSUFFICIENT_STORAGE");
+    assert_eq!(staged_bytes(&data_dir), 0, "{:?}", staged_files(&data_dir));
+
+    // The same through an upload session: the chunk fails, the session stays at 0.
+    let r = client
+        .post(server.at("/v2/full/big/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let session = r.headers()["docker-upload-uuid"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        client
+            .patch(server.at(&location))
+            .header("content-type", "application/octet-stream")
+            .body(big.clone())
+            .send(),
+    )
+    .await
+    .expect("the chunk that fills the disk hangs")
+    .unwrap_or_else(|e| panic!("PATCH of {} bytes: {e:?}", big.len()));
+    let code = r.status();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(code, 507, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(error_code(&body), "INSUFFICIENT_STORAGE");
+    assert_eq!(staged_bytes(&data_dir), 0, "{:?}", staged_files(&data_dir));
+    let r = client.get(server.at(&location)).send().await.unwrap();
+    assert_eq!(r.status(), 204, "the session of the failed chunk");
+
+    // What was stored before reads back intact, and small pushes still work.
+    for image in &kept {
+        assert_intact(&client, &server, image).await;
+    }
+    common::assert_blob_files_match_their_names(&data_dir);
+    let small = push_image(&client, &server, "full/small", random_bytes(3, MIB)).await;
+    assert_intact(&client, &server, &small).await;
+    tokio::time::sleep(TICK).await;
+
+    // Nobody deletes anything: the full disk started a pass that makes room, least
+    // recently used first, so retrying the big upload soon succeeds. Until it does,
+    // each attempt answers 507 again (and asks for more room).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = upload(&client, &server, "full/big", big.clone()).await;
+        let code = r.status();
+        if code == 201 {
+            break;
+        }
+        let body = r.bytes().await.unwrap();
+        assert_eq!(code, 507, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            Instant::now() < deadline,
+            "eviction never made room for the upload: {:#}",
+            get_json(&client, &server.at("/api/v1/gc")).await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_gone(&client, &server, &kept[0]).await;
+    let big = push_image(&client, &server, "full/big", big).await;
+    assert_intact(&client, &server, &big).await;
+    tokio::time::sleep(TICK).await;
+
+    // Pushes keep succeeding far past the filesystem's size: eviction makes room, least
+    // recently used first (b, c, small and big are all gone by the end).
+    let mut newer = Vec::new();
+    for i in 0..12 {
+        let image = push_image(
+            &client,
+            &server,
+            &format!("full/new{i}"),
+            random_bytes(200 + i, 4 * MIB),
+        )
+        .await;
+        let status = settle(&client, &server).await;
+        assert!(
+            field(&status, &["usage", "total"]) <= field(&status, &["quota", "high"]),
+            "{status:#}"
+        );
+        newer.push(image);
+        tokio::time::sleep(TICK).await;
+    }
+    for image in [&kept[1], &kept[2], &small, &big] {
+        assert_gone(&client, &server, image).await;
+    }
+    for image in &newer[newer.len() - 3..] {
+        assert_intact(&client, &server, image).await;
+    }
+    common::assert_blob_files_match_their_names(&data_dir);
+
+    // The failed session's staging file expires with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !staged_files(&data_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "staging files stay: {:?} (the failed session was {session})",
+            staged_files(&data_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let r = client.get(server.at(&location)).send().await.unwrap();
+    assert_eq!(r.status(), 404, "the failed session outlived its expiry");
+    drop(server);
+}
