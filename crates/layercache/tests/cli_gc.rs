@@ -1,7 +1,12 @@
 //! `layercache gc`: a dry run changes nothing, a pass evicts what a rule's maximum age
 //! says, and pinned tags stay; `serve` refuses a data directory another server holds.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
