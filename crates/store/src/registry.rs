@@ -186,6 +186,13 @@ impl Store {
             None => self.0.meta.known_blob(digest).await?,
         };
         let Some(size) = size else { return Ok(false) };
+        // Under the digest's lock, a sweep either removed the blob before the check
+        // (nothing to mount) or finds it freshly linked after.
+        let _locked = self
+            .0
+            .blobs
+            .lock_digests(std::slice::from_ref(digest))
+            .await;
         if self.0.blobs.stat(digest).await? != Some(size) {
             return Ok(false);
         }

@@ -369,7 +369,14 @@ impl MetaStore for SqliteMeta {
                     &record.content[..],
                     now
                 ])?;
-            if inserted > 0 {
+            if inserted == 0 {
+                // Pushed again: that is a use too.
+                c.prepare_cached(
+                    "UPDATE manifests SET accessed_at = max(accessed_at, ?3)
+                     WHERE repo_id = ?1 AND digest = ?2",
+                )?
+                .execute(params![repo_id, digest, now])?;
+            } else {
                 let mut insert_ref = c.prepare_cached(
                     "INSERT OR IGNORE INTO manifest_refs (repo_id, manifest_digest, child_digest, kind)
                      VALUES (?1, ?2, ?3, ?4)",

@@ -1,0 +1,1588 @@
+//! Model-based property test of eviction: random sequences of blob pushes (whole and
+//! chunked) and cross-repository mounts, image manifests (OCI and Docker), indexes and
+//! manifest lists (nested too), BuildKit cache indexes, referrers, tag moves, tag and
+//! manifest deletions, pulls and eviction passes, under a quota that nothing fits in or
+//! one that leaves the blobs a few hundred KB. After every step the store is read back
+//! (every manifest the model ever pushed, by digest; every tag listed, by tag; every
+//! blob file on disk, hashed; the referrers of every subject; the usage) and compared
+//! with the model, which predicts every result exactly except which roots a pass
+//! evicts (last use has a one-second resolution, so the LRU order among roots used in
+//! the same second is not the model's to predict). A pass is checked for what it may
+//! do instead: it evicts only over the high watermark, only roots (an index's children
+//! and a referrer only after the index or subject went), exactly the manifests that
+//! disappeared with exactly their tags, sweeps every unreferenced blob not touched
+//! since the clock last moved and keeps those touched in the second it started, ends
+//! within the quota or with nothing left to evict, and reports the blobs and bytes it
+//! freed. Pulls read through the API; the per-step checks read blob files directly,
+//! since a read through the API marks the blob used and would keep it from the next
+//! sweep.
+//!
+//! Focused tests race a manifest PUT, and a blob mount, against a pass sweeping the
+//! blobs they use.
+//!
+//! Two things keep the runs deterministic:
+//! * the store is opened on a current-thread runtime that is driven only until its
+//!   startup pass has finished: its background tasks (access-time flusher, evictor) are
+//!   frozen from then on, so the only passes are the ones a test runs (a blob push that
+//!   passes the high watermark would otherwise wake a background pass at any moment);
+//! * time is moved forward by shifting every stored timestamp back ([`age`]), not by
+//!   sleeping: timestamps have a one-second resolution and a blob touched in the second
+//!   a pass starts is not idle, even with a zero grace.
+//!
+//! `EVICTION_MODEL_CASES` (default 96) sets the number of cases, `EVICTION_MODEL_QUOTA`
+//! fixes the quota, `EVICTION_MODEL_DEBUG` prints every pass.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use oci::{Digest, Reference, RepoName, Tag, media_type};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use store::config::{Eviction, Size};
+use store::error::Missing;
+use store::{ByteStream, Config, Error, GcReport, Store, Trigger};
+
+const REPOS: [&str; 3] = ["app", "cache/app", "other"];
+const TAGS: [&str; 4] = ["latest", "v1", "main", "buildcache"];
+/// Blobs a case draws from (the same content may be pushed to several repositories).
+const POOL: usize = 12;
+/// Seconds [`age`] moves the store's clock forward.
+const AGE_SECS: i64 = 10;
+
+const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
+const LAYER_MT: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const DOCKER_CONFIG_MT: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_LAYER_MT: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+// ---------------------------------------------------------------- helpers
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sha256(bytes: &[u8]) -> Digest {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+        .parse()
+        .unwrap()
+}
+
+fn repo_name(i: usize) -> RepoName {
+    REPOS[i].parse().unwrap()
+}
+
+fn tag_ref(name: &str) -> Reference {
+    Reference::Tag(name.parse::<Tag>().unwrap())
+}
+
+/// A blob's size on disk, as the store accounts it.
+fn on_disk(size: u64) -> u64 {
+    size.div_ceil(4096) * 4096
+}
+
+/// `bytes` as a request body of about `chunks` pieces.
+fn body(bytes: &Bytes, chunks: usize) -> ByteStream {
+    let step = bytes.len().div_ceil(chunks.max(1)).max(1);
+    let pieces: Vec<std::io::Result<Bytes>> = (0..bytes.len())
+        .step_by(step)
+        .map(|at| Ok(bytes.slice(at..(at + step).min(bytes.len()))))
+        .collect();
+    Box::pin(futures::stream::iter(pieces))
+}
+
+/// Read a whole blob through the store's API.
+async fn read_blob(store: &Store, repo: &RepoName, digest: &Digest) -> Result<Vec<u8>, Error> {
+    let blob = store.open_blob(repo, digest).await?;
+    let size = blob.size;
+    let mut stream = blob.stream(None).await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.map_err(Error::Io)?);
+    }
+    assert_eq!(
+        out.len() as u64,
+        size,
+        "{digest}: size announced by open_blob"
+    );
+    Ok(out)
+}
+
+/// Move the store's clock `AGE_SECS` forward: shift every stored timestamp back.
+fn age(data_dir: &Path) {
+    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    db.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         UPDATE blobs SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
+         UPDATE manifests SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
+         UPDATE tags SET updated_at = updated_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
+         UPDATE uploads SET created_at = created_at - {AGE_SECS};
+         COMMIT;"
+    ))
+    .unwrap();
+}
+
+/// Grow the metadata's write-ahead log to the size it keeps once the store has been
+/// written to for a while (about a megabyte: a checkpoint resets it for reuse and cuts
+/// it back to its size limit, not to nothing), so the metadata's share of the usage stays about the same during a case
+/// and a quota a little above it leaves the blobs a steady budget.
+fn grow_write_ahead_log(data_dir: &Path) {
+    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    db.pragma_update(None, "synchronous", "OFF").unwrap();
+    db.execute(
+        "INSERT INTO uploads (id, repo_id, created_at) VALUES ('warm-up', 0, 0)",
+        [],
+    )
+    .unwrap();
+    for i in 0..300 {
+        db.execute(
+            "UPDATE uploads SET created_at = ?1 WHERE id = 'warm-up'",
+            [i],
+        )
+        .unwrap();
+    }
+    db.execute("DELETE FROM uploads WHERE id = 'warm-up'", [])
+        .unwrap();
+}
+
+/// Every committed blob file under `<data_dir>/blobs`, verified to hash to its name
+/// (invariant b), with its size.
+fn blob_files(data_dir: &Path) -> BTreeMap<Digest, u64> {
+    let mut found = BTreeMap::new();
+    let root = data_dir.join("blobs");
+    for algorithm in std::fs::read_dir(&root).unwrap() {
+        let algorithm = algorithm.unwrap();
+        assert_eq!(
+            algorithm.file_name(),
+            "sha256",
+            "unexpected entry in blobs/"
+        );
+        for prefix in std::fs::read_dir(algorithm.path()).unwrap() {
+            let prefix = prefix.unwrap();
+            let prefix_name = prefix.file_name().to_string_lossy().into_owned();
+            for file in std::fs::read_dir(prefix.path()).unwrap() {
+                let file = file.unwrap();
+                let name = file.file_name().to_string_lossy().into_owned();
+                let digest: Digest = format!("sha256:{name}")
+                    .parse()
+                    .unwrap_or_else(|e| panic!("blob file {name:?} is not a digest: {e}"));
+                assert!(
+                    name.starts_with(&prefix_name),
+                    "{name} under {prefix_name}/"
+                );
+                let bytes = std::fs::read(file.path()).unwrap();
+                assert_eq!(
+                    sha256(&bytes),
+                    digest,
+                    "blob file content hashes to its name"
+                );
+                found.insert(digest, bytes.len() as u64);
+            }
+        }
+    }
+    found
+}
+
+struct Runtimes {
+    /// Holds the store's background tasks, frozen once the startup pass is done.
+    background: tokio::runtime::Runtime,
+    /// Runs the test.
+    main: tokio::runtime::Runtime,
+}
+
+impl Runtimes {
+    fn new() -> Runtimes {
+        Runtimes {
+            background: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            main: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Open a store and let its startup pass finish; its background tasks stay on the
+    /// background runtime, which is never driven again.
+    fn open(&self, data_dir: &Path, max_size: u64) -> Store {
+        let config = Config {
+            data_dir: data_dir.to_owned(),
+            eviction: Eviction {
+                max_size: Size::Bytes(max_size),
+                min_free: Size::Bytes(0),
+                grace: Duration::ZERO,
+                in_use: Duration::ZERO,
+                interval: Duration::from_secs(3600),
+                ..Eviction::default()
+            },
+            ..Config::default()
+        };
+        let store = self.background.block_on(async {
+            let store = Store::open(&config).await.unwrap();
+            while store.last_gc().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            store
+        });
+        grow_write_ahead_log(data_dir);
+        store
+    }
+}
+
+// ---------------------------------------------------------------- statistics
+
+static CASES: AtomicU64 = AtomicU64::new(0);
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static PUTS_OK: AtomicU64 = AtomicU64::new(0);
+static PUTS_REFUSED: AtomicU64 = AtomicU64::new(0);
+static PASSES: AtomicU64 = AtomicU64::new(0);
+static PASSES_OVER: AtomicU64 = AtomicU64::new(0);
+static PASSES_PARTIAL: AtomicU64 = AtomicU64::new(0);
+static EVICTED: AtomicU64 = AtomicU64::new(0);
+static SWEPT: AtomicU64 = AtomicU64::new(0);
+static KEPT_FRESH: AtomicU64 = AtomicU64::new(0);
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+// ---------------------------------------------------------------- the model
+
+/// A manifest the test built, with what it references.
+#[derive(Debug, Clone)]
+struct Man {
+    digest: Digest,
+    media_type: &'static str,
+    content: Bytes,
+    blobs: Vec<Digest>,
+    children: Vec<Digest>,
+    subject: Option<Digest>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RepoModel {
+    /// Every manifest ever stored in the repository.
+    known: BTreeMap<Digest, Man>,
+    /// Those the store holds.
+    present: BTreeSet<Digest>,
+    /// Tag -> the manifest last PUT under it.
+    tags: BTreeMap<String, Digest>,
+    /// Blobs linked into the repository.
+    linked: BTreeSet<Digest>,
+    /// Manifests deleted by digest (an index listing one may be left dangling).
+    user_deleted: BTreeSet<Digest>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Model {
+    repos: Vec<RepoModel>,
+    /// Blobs stored, with their sizes.
+    stored: BTreeMap<Digest, u64>,
+    /// Blobs touched since the store's clock last moved, with a lower bound of the
+    /// time recorded (a pass starting at or before it must keep them).
+    fresh: BTreeMap<Digest, i64>,
+    /// Blobs read, not yet recorded (the next pass records them as it starts).
+    pending_reads: BTreeSet<Digest>,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            repos: vec![RepoModel::default(); REPOS.len()],
+            ..Model::default()
+        }
+    }
+
+    fn touch(&mut self, digest: &Digest, at: i64) {
+        let entry = self.fresh.entry(digest.clone()).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+
+    fn referenced(&self) -> BTreeSet<Digest> {
+        self.repos
+            .iter()
+            .flat_map(|r| {
+                r.present
+                    .iter()
+                    .flat_map(|d| r.known[d].blobs.iter().cloned())
+            })
+            .collect()
+    }
+}
+
+/// What the store shows, read back after a step.
+#[derive(Debug)]
+struct Observed {
+    present: Vec<BTreeSet<Digest>>,
+    tags: Vec<BTreeMap<String, Digest>>,
+    files: BTreeMap<Digest, u64>,
+}
+
+// ---------------------------------------------------------------- operations
+
+#[derive(Debug, Clone)]
+enum Op {
+    PushBlobs {
+        repo: usize,
+        blobs: Vec<usize>,
+        chunked: bool,
+    },
+    Mount {
+        repo: usize,
+        from: Option<usize>,
+        blob: usize,
+    },
+    PushImage {
+        repo: usize,
+        config: usize,
+        layers: Vec<usize>,
+        tag: Option<usize>,
+        docker: bool,
+        nonce: u8,
+        upload_first: bool,
+    },
+    PushIndex {
+        repo: usize,
+        children: Vec<Index>,
+        tag: Option<usize>,
+        docker: bool,
+        nonce: u8,
+    },
+    PushCache {
+        repo: usize,
+        config: usize,
+        layers: Vec<usize>,
+        tag: Option<usize>,
+        nonce: u8,
+        upload_first: bool,
+    },
+    PushReferrer {
+        repo: usize,
+        subject: Index,
+        blob: usize,
+        nonce: u8,
+    },
+    MoveTag {
+        repo: usize,
+        tag: usize,
+        target: Index,
+    },
+    DeleteTag {
+        repo: usize,
+        tag: usize,
+    },
+    DeleteManifest {
+        repo: usize,
+        target: Index,
+    },
+    Pull {
+        repo: usize,
+        target: Index,
+        by_tag: bool,
+    },
+    Age,
+    Gc,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let repo = || 0..REPOS.len();
+    let blob = || 0..POOL;
+    let tag = || proptest::option::weighted(0.6, 0..TAGS.len());
+    let nonce = || 0u8..3;
+    prop_oneof![
+        6 => (repo(), prop::collection::vec(blob(), 1..4), any::<bool>())
+            .prop_map(|(repo, blobs, chunked)| Op::PushBlobs { repo, blobs, chunked }),
+        2 => (repo(), proptest::option::of(repo()), blob())
+            .prop_map(|(repo, from, blob)| Op::Mount { repo, from, blob }),
+        6 => (repo(), blob(), prop::collection::vec(blob(), 0..3), tag(), any::<bool>(), nonce(),
+              prop::bool::weighted(0.85))
+            .prop_map(|(repo, config, layers, tag, docker, nonce, upload_first)| Op::PushImage {
+                repo, config, layers, tag, docker, nonce, upload_first,
+            }),
+        3 => (repo(), prop::collection::vec(any::<Index>(), 1..4), tag(), any::<bool>(), nonce())
+            .prop_map(|(repo, children, tag, docker, nonce)| Op::PushIndex {
+                repo, children, tag, docker, nonce,
+            }),
+        2 => (repo(), blob(), prop::collection::vec(blob(), 1..3), tag(), nonce(),
+              prop::bool::weighted(0.85))
+            .prop_map(|(repo, config, layers, tag, nonce, upload_first)| Op::PushCache {
+                repo, config, layers, tag, nonce, upload_first,
+            }),
+        2 => (repo(), any::<Index>(), blob(), nonce())
+            .prop_map(|(repo, subject, blob, nonce)| Op::PushReferrer { repo, subject, blob, nonce }),
+        2 => (repo(), 0..TAGS.len(), any::<Index>())
+            .prop_map(|(repo, tag, target)| Op::MoveTag { repo, tag, target }),
+        1 => (repo(), 0..TAGS.len()).prop_map(|(repo, tag)| Op::DeleteTag { repo, tag }),
+        1 => (repo(), any::<Index>()).prop_map(|(repo, target)| Op::DeleteManifest { repo, target }),
+        3 => (repo(), any::<Index>(), any::<bool>())
+            .prop_map(|(repo, target, by_tag)| Op::Pull { repo, target, by_tag }),
+        4 => Just(Op::Age),
+        4 => Just(Op::Gc),
+    ]
+}
+
+/// A case: blob sizes, a content seed, the quota's headroom over the metadata, the steps.
+#[derive(Debug, Clone)]
+struct Case {
+    sizes: Vec<usize>,
+    seed: u64,
+    max_size: u64,
+    ops: Vec<Op>,
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    let size = prop_oneof![
+        1 => Just(0usize),
+        4 => 1usize..4096,
+        3 => 4096usize..160_000,
+    ];
+    (
+        prop::collection::vec(size, POOL),
+        any::<u64>(),
+        quota_strategy(),
+        prop::collection::vec(op_strategy(), 40..80),
+    )
+        .prop_map(|(sizes, seed, max_size, ops)| Case {
+            sizes,
+            seed,
+            max_size,
+            ops,
+        })
+}
+
+fn quota_strategy() -> impl Strategy<Value = u64> {
+    if let Some(q) = std::env::var("EVICTION_MODEL_QUOTA")
+        .ok()
+        .and_then(|q| q.parse().ok())
+    {
+        return Just(q).boxed();
+    }
+    // The metadata alone takes about 1.15 MB (see `grow_write_ahead_log`): a tiny quota
+    // that nothing fits in, or one that leaves the blobs from nothing to about 700 KB.
+    prop_oneof![
+        1 => Just(64u64 * 1024),
+        3 => 1_250_000u64..2_100_000,
+    ]
+    .boxed()
+}
+
+/// Deterministic pseudo-random content for pool entry `i`.
+fn content(seed: u64, i: usize, len: usize) -> Bytes {
+    let mut x = seed ^ ((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    if let Some(first) = out.first_mut() {
+        *first = i as u8;
+    }
+    Bytes::from(out)
+}
+
+// ---------------------------------------------------------------- the harness
+
+struct Harness {
+    store: Store,
+    data_dir: PathBuf,
+    pool: Vec<(Digest, Bytes)>,
+    m: Model,
+    step: usize,
+}
+
+impl Harness {
+    fn ctx(&self, what: &str) -> String {
+        format!("step {}: {what}", self.step)
+    }
+
+    // ---- blobs
+
+    async fn push_blob(&mut self, repo: usize, blob: usize, chunked: bool) {
+        let (digest, bytes) = self.pool[blob].clone();
+        let name = repo_name(repo);
+        let at = now_secs();
+        let size = if chunked {
+            let id = self.store.start_upload(&name).await.unwrap();
+            let half = bytes.len() / 2;
+            let first = bytes.slice(..half);
+            let len = self
+                .store
+                .append_upload(&name, &id, Some(0), body(&first, 2))
+                .await
+                .unwrap();
+            assert_eq!(len, half as u64);
+            let rest = bytes.slice(half..);
+            let len = self
+                .store
+                .append_upload(&name, &id, Some(len), body(&rest, 3))
+                .await
+                .unwrap();
+            assert_eq!(len, bytes.len() as u64);
+            self.store.finish_upload(&name, &id, &digest).await.unwrap()
+        } else {
+            self.store
+                .put_blob(&name, &digest, body(&bytes, 3))
+                .await
+                .unwrap()
+        };
+        assert_eq!(size, bytes.len() as u64, "{}", self.ctx("pushed size"));
+        self.m.repos[repo].linked.insert(digest.clone());
+        self.m.stored.insert(digest.clone(), size);
+        self.m.touch(&digest, at);
+    }
+
+    async fn mount(&mut self, repo: usize, from: Option<usize>, blob: usize) {
+        let digest = self.pool[blob].0.clone();
+        let expected = match from {
+            Some(f) => self.m.repos[f].linked.contains(&digest),
+            None => self.m.repos.iter().any(|r| r.linked.contains(&digest)),
+        };
+        let at = now_secs();
+        let from_name = from.map(repo_name);
+        let mounted = self
+            .store
+            .mount_blob(&repo_name(repo), &digest, from_name.as_ref())
+            .await
+            .unwrap();
+        assert_eq!(
+            mounted,
+            expected,
+            "{}",
+            self.ctx(&format!("mount {digest}"))
+        );
+        if mounted {
+            // Linking records the time; the mount is also recorded as a read, written
+            // by the next pass as it starts.
+            self.m.repos[repo].linked.insert(digest.clone());
+            self.m.touch(&digest, at);
+            self.m.pending_reads.insert(digest);
+        }
+    }
+
+    // ---- manifests
+
+    fn blob_descriptor(&self, mt: &str, blob: usize) -> serde_json::Value {
+        let (digest, bytes) = &self.pool[blob];
+        json!({"mediaType": mt, "digest": digest.to_string(), "size": bytes.len()})
+    }
+
+    fn man_descriptor(man: &Man) -> serde_json::Value {
+        json!({"mediaType": man.media_type, "digest": man.digest.to_string(), "size": man.content.len()})
+    }
+
+    fn man(
+        media_type: &'static str,
+        value: &serde_json::Value,
+        blobs: Vec<Digest>,
+        children: Vec<Digest>,
+        subject: Option<Digest>,
+    ) -> Man {
+        let content = Bytes::from(serde_json::to_vec(value).unwrap());
+        Man {
+            digest: sha256(&content),
+            media_type,
+            content,
+            blobs,
+            children,
+            subject,
+        }
+    }
+
+    fn image(&self, config: usize, layers: &[usize], docker: bool, nonce: u8) -> Man {
+        let (mt, config_mt, layer_mt) = if docker {
+            (
+                media_type::DOCKER_MANIFEST,
+                DOCKER_CONFIG_MT,
+                DOCKER_LAYER_MT,
+            )
+        } else {
+            (media_type::OCI_MANIFEST, CONFIG_MT, LAYER_MT)
+        };
+        let value = json!({
+            "schemaVersion": 2,
+            "mediaType": mt,
+            "config": self.blob_descriptor(config_mt, config),
+            "layers": layers.iter().map(|&l| self.blob_descriptor(layer_mt, l)).collect::<Vec<_>>(),
+            "annotations": {"nonce": nonce.to_string()},
+        });
+        let blobs = std::iter::once(config)
+            .chain(layers.iter().copied())
+            .map(|b| self.pool[b].0.clone())
+            .collect();
+        Self::man(mt, &value, blobs, Vec::new(), None)
+    }
+
+    fn cache_index(&self, config: usize, layers: &[usize], nonce: u8) -> Man {
+        let mut entries: Vec<_> = layers
+            .iter()
+            .map(|&l| self.blob_descriptor(LAYER_MT, l))
+            .collect();
+        entries.push(self.blob_descriptor(media_type::BUILDKIT_CACHE_CONFIG, config));
+        let value = json!({
+            "schemaVersion": 2,
+            "mediaType": media_type::OCI_INDEX,
+            "manifests": entries,
+            "annotations": {"nonce": nonce.to_string()},
+        });
+        let blobs = layers
+            .iter()
+            .copied()
+            .chain(std::iter::once(config))
+            .map(|b| self.pool[b].0.clone())
+            .collect();
+        Self::man(media_type::OCI_INDEX, &value, blobs, Vec::new(), None)
+    }
+
+    fn index(children: &[Man], docker: bool, nonce: u8) -> Man {
+        let mt = if docker {
+            media_type::DOCKER_MANIFEST_LIST
+        } else {
+            media_type::OCI_INDEX
+        };
+        let value = json!({
+            "schemaVersion": 2,
+            "mediaType": mt,
+            "manifests": children.iter().map(Self::man_descriptor).collect::<Vec<_>>(),
+            "annotations": {"nonce": nonce.to_string()},
+        });
+        let digests = children.iter().map(|c| c.digest.clone()).collect();
+        Self::man(mt, &value, Vec::new(), digests, None)
+    }
+
+    fn referrer(&self, subject: &Man, blob: usize, nonce: u8) -> Man {
+        let value = json!({
+            "schemaVersion": 2,
+            "mediaType": media_type::OCI_MANIFEST,
+            "artifactType": "application/vnd.example.signature",
+            "config": self.blob_descriptor("application/vnd.oci.empty.v1+json", blob),
+            "layers": [self.blob_descriptor("application/vnd.example.signature.layer", blob)],
+            "subject": Self::man_descriptor(subject),
+            "annotations": {"nonce": nonce.to_string()},
+        });
+        let d = self.pool[blob].0.clone();
+        Self::man(
+            media_type::OCI_MANIFEST,
+            &value,
+            vec![d.clone(), d],
+            Vec::new(),
+            Some(subject.digest.clone()),
+        )
+    }
+
+    fn pick_known(&self, repo: usize, index: &Index) -> Option<Man> {
+        let known = &self.m.repos[repo].known;
+        if known.is_empty() {
+            return None;
+        }
+        known.values().nth(index.index(known.len())).cloned()
+    }
+
+    /// PUT `man` in `repo` under `tag` (else by digest); the model predicts the outcome.
+    async fn put(&mut self, repo: usize, man: Man, tag: Option<&str>) {
+        let r = &self.m.repos[repo];
+        let mut missing: Vec<(Digest, &'static str)> = man
+            .blobs
+            .iter()
+            .filter(|b| !r.linked.contains(*b))
+            .map(|b| (b.clone(), "blob"))
+            .collect();
+        missing.extend(
+            man.children
+                .iter()
+                .filter(|c| !r.present.contains(*c))
+                .map(|c| (c.clone(), "manifest")),
+        );
+        let reference = match tag {
+            Some(t) => tag_ref(t),
+            None => Reference::Digest(man.digest.clone()),
+        };
+        let result = self
+            .store
+            .put_manifest(
+                &repo_name(repo),
+                &reference,
+                Some(man.media_type),
+                man.content.clone(),
+            )
+            .await;
+        let what = self.ctx(&format!(
+            "PUT {} {} in {} (missing {missing:?})",
+            man.media_type, man.digest, REPOS[repo]
+        ));
+        match result {
+            Ok(put) => {
+                assert!(missing.is_empty(), "{what}: accepted");
+                assert_eq!(put.digest, man.digest, "{what}");
+                assert_eq!(put.subject, man.subject, "{what}");
+                bump(&PUTS_OK, 1);
+                let r = &mut self.m.repos[repo];
+                r.present.insert(man.digest.clone());
+                r.user_deleted.remove(&man.digest);
+                if let Some(t) = tag {
+                    r.tags.insert(t.to_owned(), man.digest.clone());
+                }
+                r.known.insert(man.digest.clone(), man);
+            }
+            Err(Error::ManifestBlobUnknown { digest, kind }) => {
+                assert!(
+                    missing.contains(&(digest.clone(), kind)),
+                    "{what}: refused for {kind} {digest}"
+                );
+                bump(&PUTS_REFUSED, 1);
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+
+    // ---- reads
+
+    /// Pull `man` like a client: every blob through the API, child manifests too.
+    async fn pull_contents(&mut self, repo: usize, man: &Man) {
+        let name = repo_name(repo);
+        for blob in &man.blobs {
+            let bytes = read_blob(&self.store, &name, blob)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}: {e}",
+                        self.ctx(&format!("pull blob {blob} of {}", man.digest))
+                    )
+                });
+            assert_eq!(sha256(&bytes), *blob, "{}", self.ctx("pulled blob content"));
+            self.m.pending_reads.insert(blob.clone());
+        }
+        for child in &man.children {
+            let got = self
+                .store
+                .get_manifest(&name, &Reference::Digest(child.clone()))
+                .await;
+            let r = &self.m.repos[repo];
+            match got {
+                Ok(stored) => {
+                    assert!(r.present.contains(child), "{}", self.ctx("child served"));
+                    let child_man = r.known[child].clone();
+                    assert_eq!(stored.content, child_man.content);
+                    Box::pin(self.pull_contents(repo, &child_man)).await;
+                }
+                Err(Error::NotFound(Missing::Manifest)) => assert!(
+                    r.user_deleted.contains(child),
+                    "{}",
+                    self.ctx(&format!("child {child} of {} missing", man.digest))
+                ),
+                Err(e) => panic!("{}: {e}", self.ctx("pull child")),
+            }
+        }
+    }
+
+    async fn pull(&mut self, repo: usize, target: &Index, by_tag: bool) {
+        let r = &self.m.repos[repo];
+        let (reference, expected) = if by_tag && !r.tags.is_empty() {
+            let (t, d) = r.tags.iter().nth(target.index(r.tags.len())).unwrap();
+            (tag_ref(t), Some(d.clone()))
+        } else if let Some(man) = self.pick_known(repo, target) {
+            let present = r.present.contains(&man.digest);
+            (
+                Reference::Digest(man.digest.clone()),
+                present.then_some(man.digest),
+            )
+        } else {
+            return;
+        };
+        let got = self.store.get_manifest(&repo_name(repo), &reference).await;
+        match (got, expected) {
+            (Ok(stored), Some(d)) => {
+                let man = self.m.repos[repo].known[&d].clone();
+                assert_eq!(stored.digest, d, "{}", self.ctx("pulled digest"));
+                assert_eq!(
+                    stored.content,
+                    man.content,
+                    "{}",
+                    self.ctx("pulled content")
+                );
+                assert_eq!(stored.media_type, man.media_type);
+                self.pull_contents(repo, &man).await;
+            }
+            (Err(Error::NotFound(Missing::Manifest)), None) => {}
+            (got, expected) => panic!(
+                "{}: got {:?}, expected {expected:?}",
+                self.ctx(&format!("pull {reference}")),
+                got.map(|m| m.digest)
+            ),
+        }
+    }
+
+    // ---- deletions
+
+    async fn delete_tag(&mut self, repo: usize, tag: usize) {
+        let t = TAGS[tag];
+        let result = self
+            .store
+            .delete_manifest(&repo_name(repo), &tag_ref(t))
+            .await;
+        let had = self.m.repos[repo].tags.remove(t).is_some();
+        match result {
+            Ok(()) => assert!(had, "{}", self.ctx("deleted an unknown tag")),
+            Err(Error::NotFound(Missing::Manifest)) => {
+                assert!(!had, "{}", self.ctx("tag to delete not found"));
+            }
+            Err(e) => panic!("{}: {e}", self.ctx("delete tag")),
+        }
+    }
+
+    async fn delete_manifest(&mut self, repo: usize, target: &Index) {
+        let Some(man) = self.pick_known(repo, target) else {
+            return;
+        };
+        let result = self
+            .store
+            .delete_manifest(&repo_name(repo), &Reference::Digest(man.digest.clone()))
+            .await;
+        let r = &mut self.m.repos[repo];
+        let had = r.present.remove(&man.digest);
+        match result {
+            Ok(()) => assert!(had, "{}", self.ctx("deleted an absent manifest")),
+            Err(Error::NotFound(Missing::Manifest)) => {
+                assert!(!had, "{}", self.ctx("manifest to delete not found"));
+            }
+            Err(e) => panic!("{}: {e}", self.ctx("delete manifest")),
+        }
+        r.tags.retain(|_, d| *d != man.digest);
+        r.user_deleted.insert(man.digest);
+    }
+
+    // ---- observation and invariants
+
+    async fn observe(&self) -> Observed {
+        let mut present = Vec::new();
+        let mut tags = Vec::new();
+        for (i, r) in self.m.repos.iter().enumerate() {
+            let name = repo_name(i);
+            let mut here = BTreeSet::new();
+            for (digest, man) in &r.known {
+                match self
+                    .store
+                    .get_manifest(&name, &Reference::Digest(digest.clone()))
+                    .await
+                {
+                    Ok(stored) => {
+                        assert_eq!(
+                            stored.content,
+                            man.content,
+                            "{}",
+                            self.ctx("served content")
+                        );
+                        assert_eq!(stored.media_type, man.media_type);
+                        here.insert(digest.clone());
+                    }
+                    Err(Error::NotFound(Missing::Manifest)) => {}
+                    Err(e) => panic!("{}: {e}", self.ctx("get manifest")),
+                }
+            }
+            present.push(here);
+            let page = match self.store.tags(&name, 1000, None).await {
+                Ok(page) => page.items,
+                Err(Error::NotFound(Missing::Repository)) => Vec::new(),
+                Err(e) => panic!("{}: {e}", self.ctx("tags")),
+            };
+            let mut served = BTreeMap::new();
+            for t in page {
+                let stored = self
+                    .store
+                    .get_manifest(&name, &tag_ref(&t))
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e}", self.ctx(&format!("listed tag {t}"))));
+                // (c) a tag serves the content last PUT under it.
+                let expected = r.tags.get(&t).unwrap_or_else(|| {
+                    panic!(
+                        "{}",
+                        self.ctx(&format!("tag {t} served, not pushed or deleted"))
+                    )
+                });
+                assert_eq!(
+                    &stored.digest,
+                    expected,
+                    "{}",
+                    self.ctx(&format!("tag {t}"))
+                );
+                assert_eq!(stored.content, r.known[expected].content);
+                served.insert(t, stored.digest);
+            }
+            tags.push(served);
+        }
+        Observed {
+            present,
+            tags,
+            files: blob_files(&self.data_dir),
+        }
+    }
+
+    /// Invariants that hold after every step, with the model updated to the step.
+    async fn check_state(&self, seen: &Observed) {
+        for (i, r) in self.m.repos.iter().enumerate() {
+            assert_eq!(
+                seen.present[i],
+                r.present,
+                "{}",
+                self.ctx(&format!("manifests in {}", REPOS[i]))
+            );
+            assert_eq!(
+                seen.tags[i],
+                r.tags,
+                "{}",
+                self.ctx(&format!("tags in {}", REPOS[i]))
+            );
+            // (a) what is served is complete: blobs stored and linked, children present.
+            for d in &r.present {
+                let man = &r.known[d];
+                for blob in &man.blobs {
+                    assert!(
+                        seen.files.contains_key(blob) && r.linked.contains(blob),
+                        "{}",
+                        self.ctx(&format!(
+                            "{d} in {} references missing blob {blob}",
+                            REPOS[i]
+                        ))
+                    );
+                }
+                for child in &man.children {
+                    assert!(
+                        r.present.contains(child) || r.user_deleted.contains(child),
+                        "{}",
+                        self.ctx(&format!("index {d} in {} lists missing {child}", REPOS[i]))
+                    );
+                }
+            }
+            for blob in &r.linked {
+                assert!(
+                    seen.files.contains_key(blob),
+                    "{}",
+                    self.ctx(&format!("linked blob {blob} has no file"))
+                );
+            }
+            // Referrers: exactly the present manifests naming each subject.
+            let subjects: BTreeSet<&Digest> = r
+                .known
+                .values()
+                .filter_map(|m| m.subject.as_ref())
+                .collect();
+            for subject in subjects {
+                let got: BTreeSet<Digest> = self
+                    .store
+                    .referrers(&repo_name(i), subject, None)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| x.digest)
+                    .collect();
+                let expected: BTreeSet<Digest> = r
+                    .present
+                    .iter()
+                    .filter(|d| r.known[*d].subject.as_ref() == Some(subject))
+                    .cloned()
+                    .collect();
+                assert_eq!(
+                    got,
+                    expected,
+                    "{}",
+                    self.ctx(&format!("referrers of {subject}"))
+                );
+            }
+        }
+        assert_eq!(seen.files, self.m.stored, "{}", self.ctx("blob files"));
+        let (usage, _) = self.store.usage().await.unwrap();
+        assert_eq!(
+            usage.blobs,
+            seen.files.len() as u64,
+            "{}",
+            self.ctx("usage: blobs")
+        );
+        assert_eq!(
+            usage.blob_bytes,
+            seen.files.values().map(|&s| on_disk(s)).sum::<u64>(),
+            "{}",
+            self.ctx("usage: blob bytes")
+        );
+        assert_eq!(usage.upload_bytes, 0, "{}", self.ctx("usage: uploads"));
+    }
+
+    /// One eviction pass, checked against the model; returns its report.
+    async fn gc(&mut self) -> GcReport {
+        let report = self.store.gc(Trigger::Manual, false).await.unwrap();
+        bump(&PASSES, 1);
+        if std::env::var_os("EVICTION_MODEL_DEBUG").is_some() {
+            eprintln!(
+                "step {}: pass: quota {:?}; before {:?}; after {:?}; evicted {}, swept {}",
+                self.step,
+                report.quota,
+                report.usage_before,
+                report.usage_after,
+                report.evicted.len(),
+                report.blobs_removed
+            );
+        }
+        assert!(!report.dry_run && report.trigger == Trigger::Manual);
+        // The pass recorded pending reads as it started: at or after `started_at`.
+        for d in std::mem::take(&mut self.m.pending_reads) {
+            self.m.touch(&d, report.started_at);
+        }
+        let seen = self.observe().await;
+        let what = self.ctx("pass");
+        let over = report.usage_before.total > report.quota.high;
+        if over {
+            bump(&PASSES_OVER, 1);
+        }
+
+        // Evicted roots: exactly the manifests that went, each with the tags it had, each
+        // a root when it went (whatever listed it or was its subject went before it).
+        let evicted: Vec<(usize, Digest)> = report
+            .evicted
+            .iter()
+            .map(|e| {
+                let repo = REPOS.iter().position(|r| *r == e.repo.as_str()).unwrap();
+                (repo, e.digest.clone())
+            })
+            .collect();
+        let evicted_set: BTreeSet<(usize, Digest)> = evicted.iter().cloned().collect();
+        assert_eq!(
+            evicted_set.len(),
+            evicted.len(),
+            "{what}: a root evicted twice"
+        );
+        let mut gone = BTreeSet::new();
+        for (i, r) in self.m.repos.iter().enumerate() {
+            assert!(
+                seen.present[i].is_subset(&r.present),
+                "{what}: a manifest appeared"
+            );
+            gone.extend(
+                r.present
+                    .difference(&seen.present[i])
+                    .map(|d| (i, d.clone())),
+            );
+        }
+        assert_eq!(
+            gone, evicted_set,
+            "{what}: manifests gone vs. reported evicted"
+        );
+        if !over {
+            assert!(
+                evicted.is_empty(),
+                "{what}: evicted under the high watermark: {report:?}"
+            );
+        }
+        for (pos, (e, (repo, digest))) in report.evicted.iter().zip(&evicted).enumerate() {
+            let r = &self.m.repos[*repo];
+            let tags: BTreeSet<&String> = r
+                .tags
+                .iter()
+                .filter(|(_, d)| *d == digest)
+                .map(|(t, _)| t)
+                .collect();
+            let reported: BTreeSet<&String> = e.tags.iter().collect();
+            assert_eq!(reported, tags, "{what}: tags of evicted {digest}");
+            let before: BTreeSet<&(usize, Digest)> = evicted[..pos].iter().collect();
+            for parent in &r.present {
+                if r.known[parent].children.contains(digest) {
+                    assert!(
+                        before.contains(&(*repo, parent.clone())),
+                        "{what}: {digest} evicted while index {parent} kept it"
+                    );
+                }
+            }
+            if let Some(subject) = &r.known[digest].subject
+                && r.present.contains(subject)
+            {
+                assert!(
+                    before.contains(&(*repo, subject.clone())),
+                    "{what}: referrer {digest} evicted before its subject {subject}"
+                );
+            }
+        }
+        for (i, r) in self.m.repos.iter().enumerate() {
+            let expected: BTreeMap<String, Digest> = r
+                .tags
+                .iter()
+                .filter(|(_, d)| seen.present[i].contains(*d))
+                .map(|(t, d)| (t.clone(), d.clone()))
+                .collect();
+            assert_eq!(seen.tags[i], expected, "{what}: tags after the pass");
+        }
+        bump(&EVICTED, evicted.len() as u64);
+
+        // Apply the evictions to the model.
+        for (i, r) in self.m.repos.iter_mut().enumerate() {
+            r.present = seen.present[i].clone();
+            r.tags = seen.tags[i].clone();
+        }
+
+        // Sweep: nothing appeared, the report counts what went; (e) every file left is
+        // referenced or was touched since the clock last moved; blobs touched in the
+        // second the pass started (or later) were kept.
+        let files_before = self.m.stored.clone();
+        for (d, size) in &seen.files {
+            assert_eq!(
+                files_before.get(d),
+                Some(size),
+                "{what}: blob file {d} appeared"
+            );
+        }
+        let swept: Vec<(&Digest, &u64)> = files_before
+            .iter()
+            .filter(|(d, _)| !seen.files.contains_key(*d))
+            .collect();
+        assert_eq!(
+            report.blobs_removed,
+            swept.len() as u64,
+            "{what}: blobs removed"
+        );
+        assert_eq!(
+            report.bytes_freed,
+            swept.iter().map(|(_, s)| on_disk(**s)).sum::<u64>(),
+            "{what}: bytes freed"
+        );
+        bump(&SWEPT, swept.len() as u64);
+        let referenced = self.m.referenced();
+        for d in seen.files.keys() {
+            if !referenced.contains(d) {
+                assert!(
+                    self.m.fresh.contains_key(d),
+                    "{what}: unreferenced, idle blob {d} left on disk"
+                );
+                bump(&KEPT_FRESH, 1);
+            }
+        }
+        for (d, &at) in &self.m.fresh {
+            if at >= report.started_at && files_before.contains_key(d) {
+                assert!(
+                    seen.files.contains_key(d),
+                    "{what}: blob {d} touched at/after the pass started ({at} >= {}) was swept",
+                    report.started_at
+                );
+            }
+        }
+        self.m.stored = seen.files.clone();
+        for r in &mut self.m.repos {
+            r.linked.retain(|d| seen.files.contains_key(d));
+        }
+        if over && !report.evicted.is_empty() && report.usage_after.total <= report.quota.high {
+            bump(&PASSES_PARTIAL, 1);
+        }
+        self.check_state(&seen).await;
+        report
+    }
+
+    async fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PushBlobs {
+                repo,
+                blobs,
+                chunked,
+            } => {
+                for &b in blobs {
+                    self.push_blob(*repo, b, *chunked).await;
+                }
+            }
+            Op::Mount { repo, from, blob } => self.mount(*repo, *from, *blob).await,
+            Op::PushImage {
+                repo,
+                config,
+                layers,
+                tag,
+                docker,
+                nonce,
+                upload_first,
+            } => {
+                if *upload_first {
+                    for &b in std::iter::once(config).chain(layers) {
+                        self.push_blob(*repo, b, false).await;
+                    }
+                }
+                let man = self.image(*config, layers, *docker, *nonce);
+                self.put(*repo, man, tag.map(|t| TAGS[t])).await;
+            }
+            Op::PushIndex {
+                repo,
+                children,
+                tag,
+                docker,
+                nonce,
+            } => {
+                let children: Vec<Man> = children
+                    .iter()
+                    .filter_map(|c| self.pick_known(*repo, c))
+                    .collect();
+                if children.is_empty() {
+                    return;
+                }
+                let man = Self::index(&children, *docker, *nonce);
+                self.put(*repo, man, tag.map(|t| TAGS[t])).await;
+            }
+            Op::PushCache {
+                repo,
+                config,
+                layers,
+                tag,
+                nonce,
+                upload_first,
+            } => {
+                if *upload_first {
+                    for &b in layers.iter().chain(std::iter::once(config)) {
+                        self.push_blob(*repo, b, true).await;
+                    }
+                }
+                let man = self.cache_index(*config, layers, *nonce);
+                self.put(*repo, man, tag.map(|t| TAGS[t])).await;
+            }
+            Op::PushReferrer {
+                repo,
+                subject,
+                blob,
+                nonce,
+            } => {
+                let Some(subject) = self.pick_known(*repo, subject) else {
+                    return;
+                };
+                self.push_blob(*repo, *blob, false).await;
+                let man = self.referrer(&subject, *blob, *nonce);
+                self.put(*repo, man, None).await;
+            }
+            Op::MoveTag { repo, tag, target } => {
+                if let Some(man) = self.pick_known(*repo, target) {
+                    self.put(*repo, man, Some(TAGS[*tag])).await;
+                }
+            }
+            Op::DeleteTag { repo, tag } => self.delete_tag(*repo, *tag).await,
+            Op::DeleteManifest { repo, target } => self.delete_manifest(*repo, target).await,
+            Op::Pull {
+                repo,
+                target,
+                by_tag,
+            } => self.pull(*repo, target, *by_tag).await,
+            Op::Age => {
+                let dir = self.data_dir.clone();
+                tokio::task::spawn_blocking(move || age(&dir))
+                    .await
+                    .unwrap();
+                self.m.fresh.clear();
+            }
+            Op::Gc => {
+                self.gc().await;
+                // (d) within the quota, or nothing left to evict.
+                let (usage, quota) = self.store.usage().await.unwrap();
+                if usage.total > quota.high {
+                    let again = self.gc().await;
+                    assert!(
+                        again.evicted.is_empty(),
+                        "{}: over the quota ({} > {}) and a second pass still evicted {:?}",
+                        self.ctx("pass"),
+                        usage.total,
+                        quota.high,
+                        again.evicted
+                    );
+                }
+                return;
+            }
+        }
+        let seen = self.observe().await;
+        self.check_state(&seen).await;
+    }
+}
+
+fn run_case(case: &Case) {
+    let runtimes = Runtimes::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = runtimes.open(dir.path(), case.max_size);
+    let pool = (0..POOL)
+        .map(|i| {
+            let bytes = content(case.seed, i, case.sizes[i]);
+            (sha256(&bytes), bytes)
+        })
+        .collect();
+    let mut harness = Harness {
+        store,
+        data_dir: dir.path().to_owned(),
+        pool,
+        m: Model::new(),
+        step: 0,
+    };
+    runtimes.main.block_on(async {
+        for (step, op) in case.ops.iter().enumerate() {
+            harness.step = step;
+            harness.apply(op).await;
+        }
+        // Finally pull everything still served, then let a pass run over it.
+        harness.step = case.ops.len();
+        for repo in 0..REPOS.len() {
+            let present: Vec<Digest> = harness.m.repos[repo].present.iter().cloned().collect();
+            for d in present {
+                let man = harness.m.repos[repo].known[&d].clone();
+                harness.pull_contents(repo, &man).await;
+            }
+        }
+        harness.apply(&Op::Gc).await;
+    });
+    bump(&CASES, 1);
+    bump(&STEPS, case.ops.len() as u64);
+    drop(harness);
+    drop(runtimes);
+}
+
+#[test]
+fn eviction_keeps_what_it_serves_complete_and_within_quota() {
+    let cases = std::env::var("EVICTION_MODEL_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(96);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 400,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&case_strategy(), |case| {
+        run_case(&case);
+        Ok(())
+    });
+    eprintln!(
+        "eviction model: {} cases, {} steps; manifest PUTs {} accepted, {} refused; {} passes \
+         ({} over the high watermark, {} brought back under it by evicting); {} roots evicted, \
+         {} blobs swept, {} unreferenced blobs kept as recently touched",
+        CASES.load(Ordering::Relaxed),
+        STEPS.load(Ordering::Relaxed),
+        PUTS_OK.load(Ordering::Relaxed),
+        PUTS_REFUSED.load(Ordering::Relaxed),
+        PASSES.load(Ordering::Relaxed),
+        PASSES_OVER.load(Ordering::Relaxed),
+        PASSES_PARTIAL.load(Ordering::Relaxed),
+        EVICTED.load(Ordering::Relaxed),
+        SWEPT.load(Ordering::Relaxed),
+        KEPT_FRESH.load(Ordering::Relaxed),
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+// ---------------------------------------------------------------- races with a pass
+
+/// Content for round `round` of a race test: distinct in every round.
+fn race_blob(round: usize, i: usize) -> (Digest, Bytes) {
+    let bytes = content(0x5eed ^ (round as u64) << 8, i, 1000 + 1500 * i);
+    (sha256(&bytes), bytes)
+}
+
+fn race_image(blobs: &[(Digest, Bytes)]) -> (Digest, Bytes) {
+    let descriptor = |mt: &str, (d, b): &(Digest, Bytes)| json!({"mediaType": mt, "digest": d.to_string(), "size": b.len()});
+    let value = json!({
+        "schemaVersion": 2,
+        "mediaType": media_type::OCI_MANIFEST,
+        "config": descriptor(CONFIG_MT, &blobs[0]),
+        "layers": blobs[1..].iter().map(|b| descriptor(LAYER_MT, b)).collect::<Vec<_>>(),
+    });
+    let content = Bytes::from(serde_json::to_vec(&value).unwrap());
+    (sha256(&content), content)
+}
+
+/// Wait about `micros` microseconds off the runtime's threads, so the other side of a
+/// race gets ahead by a varying amount.
+async fn pause(micros: u64) {
+    if micros > 0 {
+        tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_micros(micros)))
+            .await
+            .unwrap();
+    }
+}
+
+/// How far one side of round `round` starts behind the other, and which side waits.
+fn stagger(round: usize) -> (u64, bool) {
+    ((round as u64 * 389) % 6000, round & 1 == 0)
+}
+
+#[test]
+fn manifest_put_racing_a_pass_never_points_at_a_swept_blob() {
+    let runtimes = Runtimes::new();
+    let dir = tempfile::tempdir().unwrap();
+    // No quota pressure: nothing is evicted, but every pass sweeps unreferenced blobs.
+    let store = runtimes.open(dir.path(), 1 << 40);
+    let repo = repo_name(0);
+    let rounds = 80;
+    let (mut accepted, mut refused) = (0, 0);
+    runtimes.main.block_on(async {
+        for round in 0..rounds {
+            let blobs: Vec<(Digest, Bytes)> = (0..3).map(|i| race_blob(round, i)).collect();
+            for (d, b) in &blobs {
+                store.put_blob(&repo, d, body(b, 1)).await.unwrap();
+            }
+            // Idle for longer than the (zero) grace: the pass may sweep them.
+            let data_dir = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || age(&data_dir))
+                .await
+                .unwrap();
+            let (digest, manifest) = race_image(&blobs);
+            let (delay, put_waits) = stagger(round);
+            let put = async {
+                if put_waits {
+                    pause(delay).await;
+                }
+                store
+                    .put_manifest(
+                        &repo,
+                        &Reference::Digest(digest.clone()),
+                        Some(media_type::OCI_MANIFEST),
+                        manifest.clone(),
+                    )
+                    .await
+            };
+            let pass = async {
+                if !put_waits {
+                    pause(delay).await;
+                }
+                store.gc(Trigger::Manual, false).await
+            };
+            let (put, pass) = tokio::join!(put, pass);
+            pass.unwrap();
+            match put {
+                Ok(stored) => {
+                    accepted += 1;
+                    assert_eq!(stored.digest, digest);
+                    // A later pass must not take them either.
+                    store.gc(Trigger::Manual, false).await.unwrap();
+                    for (d, b) in &blobs {
+                        let read = read_blob(&store, &repo, d).await.unwrap_or_else(|e| {
+                            panic!("round {round}: manifest accepted, its blob {d} unreadable: {e}")
+                        });
+                        assert_eq!(&read[..], &b[..], "round {round}: blob {d}");
+                    }
+                }
+                Err(Error::ManifestBlobUnknown {
+                    digest: missing,
+                    kind,
+                }) => {
+                    refused += 1;
+                    assert_eq!(kind, "blob");
+                    assert!(
+                        blobs.iter().any(|(d, _)| *d == missing),
+                        "round {round}: {missing}"
+                    );
+                    assert!(
+                        matches!(
+                            store.open_blob(&repo, &missing).await,
+                            Err(Error::NotFound(Missing::Blob))
+                        ),
+                        "round {round}: refused for {missing}, which is still there"
+                    );
+                }
+                Err(e) => panic!("round {round}: manifest PUT failed: {e}"),
+            }
+        }
+    });
+    eprintln!("manifest PUT racing a pass: {accepted} accepted, {refused} refused (of {rounds})");
+}
+
+/// A cross-repository mount racing a sweep of the same (unreferenced, idle) blob: the
+/// mount either links a blob that stays readable or finds nothing to mount; it never
+/// links a blob whose file the sweep deleted.
+#[test]
+fn blob_mount_racing_a_pass_never_links_a_swept_blob() {
+    let runtimes = Runtimes::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = runtimes.open(dir.path(), 1 << 40);
+    let (source, target) = (repo_name(0), repo_name(1));
+    let rounds = 80;
+    let (mut mounted, mut not_mounted) = (0, 0);
+    let mut broken = Vec::new();
+    runtimes.main.block_on(async {
+        for round in 0..rounds {
+            let blob = race_blob(round, 1);
+            store
+                .put_blob(&source, &blob.0, body(&blob.1, 1))
+                .await
+                .unwrap();
+            let data_dir = dir.path().to_owned();
+            tokio::task::spawn_blocking(move || age(&data_dir))
+                .await
+                .unwrap();
+            let (delay, mount_waits) = stagger(round);
+            let mount = async {
+                if mount_waits {
+                    pause(delay).await;
+                }
+                store.mount_blob(&target, &blob.0, Some(&source)).await
+            };
+            let pass = async {
+                if !mount_waits {
+                    pause(delay).await;
+                }
+                store.gc(Trigger::Manual, false).await
+            };
+            let (mount, pass) = tokio::join!(mount, pass);
+            pass.unwrap();
+            if !mount.unwrap() {
+                not_mounted += 1;
+                continue;
+            }
+            mounted += 1;
+            // Mounted: the blob is in the target repository, so a manifest may use it.
+            let (digest, manifest) = race_image(std::slice::from_ref(&blob));
+            let put = store
+                .put_manifest(
+                    &target,
+                    &Reference::Digest(digest),
+                    Some(media_type::OCI_MANIFEST),
+                    manifest,
+                )
+                .await;
+            match put {
+                Ok(_) => match read_blob(&store, &target, &blob.0).await {
+                    Ok(read) => assert_eq!(&read[..], &blob.1[..]),
+                    Err(e) => {
+                        let hex = blob.0.hex();
+                        let file = dir.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+                        let usage = store.usage().await.unwrap().0;
+                        broken.push(format!(
+                            "round {round}: {}: {e} (file present: {}; usage counts {} blobs)",
+                            blob.0,
+                            file.exists(),
+                            usage.blobs
+                        ));
+                    }
+                },
+                Err(e) => broken.push(format!("round {round}: mounted, then PUT failed: {e}")),
+            }
+        }
+    });
+    eprintln!(
+        "blob mount racing a pass: {mounted} mounted, {not_mounted} not (of {rounds}); \
+         {} mounted and accepted in a manifest but unreadable",
+        broken.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "mount_blob returned true and a manifest using the blob was accepted, but the \
+         blob's file was gone:\n{}",
+        broken.join("\n")
+    );
+}
