@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -38,30 +37,6 @@ fn docker(args: &[&str]) -> Command {
     let mut command = Command::new(DOCKER);
     command.env("DOCKER_BUILDKIT", "1").args(args);
     command
-}
-
-/// `--progress=plain` output reduced to its build steps (`#N [stage i/n] INSTRUCTION`,
-/// without `[internal]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
-fn step_outcomes(output: &str) -> BTreeMap<String, String> {
-    let mut names = BTreeMap::new();
-    let mut ends = BTreeMap::new();
-    for line in output.lines() {
-        let Some((id, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
-            continue;
-        };
-        if rest.starts_with('[') && !rest.starts_with("[internal]") {
-            names.insert(id.to_owned(), rest.to_owned());
-        } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
-            ends.insert(id.to_owned(), rest.to_owned());
-        }
-    }
-    names
-        .into_iter()
-        .map(|(id, name)| {
-            let end = ends.remove(&id).unwrap_or_else(|| "(no end)".into());
-            (name, end)
-        })
-        .collect()
 }
 
 fn image_id(reference: &str) -> String {
@@ -153,7 +128,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
 
     // Cold build on an empty builder: every step runs.
     let cold = build(context.path(), &tag, None);
-    let cold_steps = step_outcomes(&cold);
+    let cold_steps = common::step_outcomes(&cold);
     let instructions = DOCKERFILE
         .lines()
         .filter(|l| l.starts_with("RUN ") || l.starts_with("COPY "))
@@ -186,7 +161,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
         warm.contains(&format!("importing cache manifest from {tag}")),
         "{warm}"
     );
-    let warm_steps = step_outcomes(&warm);
+    let warm_steps = common::step_outcomes(&warm);
     assert_eq!(
         warm_steps.keys().collect::<Vec<_>>(),
         cold_steps.keys().collect::<Vec<_>>(),

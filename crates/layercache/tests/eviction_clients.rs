@@ -20,7 +20,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -224,30 +224,6 @@ fn image_content(reference: &str) -> String {
     ]))
     .trim()
     .to_owned()
-}
-
-/// `--progress=plain` output reduced to its build steps (`#N [i/n] INSTRUCTION`, without
-/// `[internal]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
-fn step_outcomes(output: &str) -> BTreeMap<String, String> {
-    let mut names = BTreeMap::new();
-    let mut ends = BTreeMap::new();
-    for line in output.lines() {
-        let Some((id, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
-            continue;
-        };
-        if rest.starts_with('[') && !rest.starts_with("[internal]") {
-            names.insert(id.to_owned(), rest.to_owned());
-        } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
-            ends.insert(id.to_owned(), rest.to_owned());
-        }
-    }
-    names
-        .into_iter()
-        .map(|(id, name)| {
-            let end = ends.remove(&id).unwrap_or_else(|| "(no end)".into());
-            (name, end)
-        })
-        .collect()
 }
 
 fn build(context: &Path, tag: &str, cache_from: Option<&str>) -> String {
@@ -522,7 +498,7 @@ async fn real_clients_stay_under_the_quota() {
         warm.contains(&format!("importing cache manifest from {}", image.tag)),
         "{warm}"
     );
-    let steps = step_outcomes(&warm);
+    let steps = common::step_outcomes(&warm);
     assert_eq!(steps.len(), 3, "{steps:#?}\n{warm}");
     let ran: Vec<_> = steps.iter().filter(|(_, end)| *end != "CACHED").collect();
     assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");

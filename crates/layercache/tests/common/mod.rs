@@ -258,3 +258,27 @@ pub fn busybox_context(server: &Server, file_name: &str, contents: &str) -> temp
     std::fs::write(context.path().join(file_name), contents).unwrap();
     context
 }
+
+/// `--progress=plain` output reduced to its build steps (`#N [stage i/n] INSTRUCTION`,
+/// without `[internal]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
+pub fn step_outcomes(output: &str) -> std::collections::BTreeMap<String, String> {
+    let mut names = std::collections::BTreeMap::new();
+    let mut ends = std::collections::BTreeMap::new();
+    for line in output.lines() {
+        let Some((id, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
+            continue;
+        };
+        if rest.starts_with('[') && !rest.starts_with("[internal]") {
+            names.insert(id.to_owned(), rest.to_owned());
+        } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
+            ends.insert(id.to_owned(), rest.to_owned());
+        }
+    }
+    names
+        .into_iter()
+        .map(|(id, name)| {
+            let end = ends.remove(&id).unwrap_or_else(|| "(no end)".into());
+            (name, end)
+        })
+        .collect()
+}
