@@ -21,6 +21,65 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one eviction pass on a running server now and print what it freed.
     Gc(GcArgs),
+    /// Show what recent builds read from and wrote to the cache.
+    Report(ReportArgs),
+    /// Fail (exit 1) unless builds used the cache as required: for a CI step.
+    Expect(ExpectArgs),
+}
+
+/// Options of `layercache report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The running server.
+    #[arg(
+        long,
+        env = "LAYERCACHE_SERVER",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    pub server: String,
+    /// Sessions active since: a duration ago ("15m"), a time ("2026-11-23T12:03:00Z")
+    /// or seconds since the epoch.
+    #[arg(long, default_value = "1h")]
+    pub since: String,
+    /// Only sessions that touched this repository.
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// Only this session (its name or id).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Print the sessions as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `layercache expect`.
+#[derive(Debug, Args)]
+pub struct ExpectArgs {
+    /// The running server.
+    #[arg(
+        long,
+        env = "LAYERCACHE_SERVER",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    pub server: String,
+    /// The cache repository the build should have used.
+    #[arg(long)]
+    pub repo: String,
+    /// Since when: a duration ago ("15m"), a time, or seconds since the epoch.
+    #[arg(long)]
+    pub since: String,
+    /// Only this session (its name or id).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Require cache reads (manifests found, layers served).
+    #[arg(long)]
+    pub reads: bool,
+    /// Require cache writes (layers or manifests stored).
+    #[arg(long)]
+    pub writes: bool,
+    /// Require at least this share of manifest lookups to hit (0 to 1).
+    #[arg(long)]
+    pub min_hit_ratio: Option<f64>,
 }
 
 /// Options of `layercache gc`.

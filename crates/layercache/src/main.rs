@@ -24,6 +24,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Gc(args) => runtime.block_on(commands::gc::run(args)),
+        Command::Report(args) => runtime.block_on(commands::report::run(args)),
+        Command::Expect(args) => runtime.block_on(commands::expect::run(args)),
     }
 }
 
@@ -45,11 +47,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.store.data_dir.display(), "layercache serving");
     println!("layercache listening on http://{addr}");
-    let app = server::build_router(server::AppState::new(store.clone()));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
+    let state = server::AppState::new(store.clone(), &config.server);
+    let app = server::build_router(state.clone());
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving")?;
+    state.sessions.save(true).await?;
     store.flush_access_times().await?;
     Ok(())
 }

@@ -1,6 +1,5 @@
 //! Application state, the router, and the request layer every request passes through
-//! (a request id and a tracing span naming the endpoint; the seam where build sessions
-//! will attribute requests).
+//! (a request id and a tracing span naming the endpoint and the build session).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +13,7 @@ use axum::response::Response;
 use axum::routing::any;
 use tracing::Instrument;
 
+use crate::sessions::Sessions;
 use crate::{api, registry};
 
 /// Everything a handler may use; no global state lives outside it.
@@ -21,13 +21,16 @@ use crate::{api, registry};
 pub struct AppState {
     /// The storage engine.
     pub store: store::Store,
+    /// The build sessions requests are recorded in.
+    pub sessions: Arc<Sessions>,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
-    /// State over an opened store.
-    pub fn new(store: store::Store) -> AppState {
+    /// State over an opened store (starts recording build sessions into it).
+    pub fn new(store: store::Store, config: &crate::Config) -> AppState {
         AppState {
+            sessions: Sessions::start(store.clone(), config.sessions.clone()),
             store,
             requests: Arc::default(),
         }
@@ -55,6 +58,7 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
         method = %request.method(),
         path = %request.uri().path(),
         endpoint = tracing::field::Empty,
+        session = tracing::field::Empty,
     );
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;

@@ -8,12 +8,15 @@ use std::net::SocketAddr;
 pub struct Config {
     /// Address and port to listen on.
     pub listen: SocketAddr,
+    /// How requests are grouped into build sessions.
+    pub sessions: crate::sessions::Config,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            sessions: crate::sessions::Config::default(),
         }
     }
 }

@@ -6,6 +6,7 @@ mod api;
 pub mod app;
 pub mod config;
 pub mod registry;
+pub mod sessions;
 
 pub use app::{AppState, build_router};
 pub use config::Config;

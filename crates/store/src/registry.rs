@@ -17,7 +17,9 @@ use crate::blob::{BlobStore, ByteRange, ByteStream, FsBackend};
 use crate::config::Config;
 use crate::error::Missing;
 use crate::evict::{Evictor, Trigger};
-use crate::meta::{ManifestRecord, MetaStore, Page, Referrer, SqliteMeta, StoredManifest, Touch};
+use crate::meta::{
+    ManifestRecord, MetaStore, Page, Referrer, SessionRecord, SqliteMeta, StoredManifest, Touch,
+};
 use crate::upload::{HashState, HashStates, UploadId};
 use crate::{Error, Result, now_secs};
 
@@ -136,6 +138,22 @@ impl Store {
         Ok(store)
     }
 
+    /// Save a build session's record (replacing an earlier save of it).
+    pub async fn save_session(&self, session: SessionRecord) -> Result<()> {
+        self.0.meta.save_session(session).await
+    }
+
+    /// Records of build sessions active at or after `since` (seconds since the epoch),
+    /// most recent first, at most `limit`.
+    pub async fn sessions(&self, since: i64, limit: usize) -> Result<Vec<SessionRecord>> {
+        self.0.meta.sessions(since, limit).await
+    }
+
+    /// Forget build sessions that ended before `before` (seconds since the epoch).
+    pub async fn prune_sessions(&self, before: i64) -> Result<u64> {
+        self.0.meta.prune_sessions(before).await
+    }
+
     /// Write pending access times now (at shutdown).
     pub async fn flush_access_times(&self) -> Result<()> {
         self.0.access.flush(self.0.meta.as_ref()).await
@@ -174,18 +192,18 @@ impl Store {
     }
 
     /// Link an existing blob into `repo` from `from` (or, without `from`, from wherever it
-    /// is stored). `false` when it is not there to mount.
+    /// is stored); its size, or `None` when it is not there to mount.
     pub async fn mount_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         from: Option<&RepoName>,
-    ) -> Result<bool> {
+    ) -> Result<Option<u64>> {
         let size = match from {
             Some(from) => self.0.meta.linked_blob(from, digest).await?,
             None => self.0.meta.known_blob(digest).await?,
         };
-        let Some(size) = size else { return Ok(false) };
+        let Some(size) = size else { return Ok(None) };
         // Under the digest's lock, a sweep either removed the blob before the check
         // (nothing to mount) or finds it freshly linked after.
         let _locked = self
@@ -194,11 +212,11 @@ impl Store {
             .lock_digests(std::slice::from_ref(digest))
             .await;
         if self.0.blobs.stat(digest).await? != Some(size) {
-            return Ok(false);
+            return Ok(None);
         }
         self.0.meta.link_blob(repo, digest, size).await?;
         self.0.access.record(Touch::Blob(digest.clone()));
-        Ok(true)
+        Ok(Some(size))
     }
 
     /// Store a whole blob sent in one request (monolithic upload).

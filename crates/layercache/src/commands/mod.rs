@@ -1,3 +1,61 @@
 //! The subcommands that talk to a running server.
 
+pub mod expect;
 pub mod gc;
+pub mod report;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use server::sessions::Session;
+
+/// `--since` as seconds since the epoch: a duration ago ("15m"), a time
+/// ("2026-11-23T12:03:00Z") or a number of seconds since the epoch.
+pub fn since(text: &str) -> anyhow::Result<i64> {
+    if let Ok(seconds) = text.parse::<i64>() {
+        return Ok(seconds);
+    }
+    let at = match humantime::parse_duration(text) {
+        Ok(ago) => SystemTime::now()
+            .checked_sub(ago)
+            .context("--since reaches before the epoch")?,
+        Err(_) => humantime::parse_rfc3339_weak(text).with_context(|| {
+            format!(
+                "--since {text:?} is neither a duration (15m) nor a time (2026-11-23T12:03:00Z)"
+            )
+        })?,
+    };
+    Ok(at.duration_since(UNIX_EPOCH)?.as_secs() as i64)
+}
+
+/// A time in seconds since the epoch, for people (UTC, to the second).
+pub fn clock(seconds: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// The build sessions a server recorded, filtered.
+pub async fn sessions(
+    server: &str,
+    since: i64,
+    repo: Option<&str>,
+    session: Option<&str>,
+) -> anyhow::Result<Vec<Session>> {
+    let mut query = vec![("since", since.to_string())];
+    query.extend(repo.map(|r| ("repo", r.to_owned())));
+    query.extend(session.map(|s| ("session", s.to_owned())));
+    let url = format!("{}/api/v1/sessions", server.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .get(&url)
+        .query(&query)
+        .send()
+        .await
+        .with_context(|| format!("reaching layercache at {server}"))?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .context("reading the server's answer")?;
+    anyhow::ensure!(status.is_success(), "the server answered {status}: {body}");
+    serde_json::from_str(&body).context("parsing the server's sessions")
+}

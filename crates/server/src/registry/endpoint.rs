@@ -49,6 +49,27 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The repository it addresses, if any.
+    pub fn repo(&self) -> Option<&RepoName> {
+        match self {
+            Endpoint::Base | Endpoint::Catalog => None,
+            Endpoint::ListTags(repo)
+            | Endpoint::StartUpload(repo)
+            | Endpoint::GetManifest(repo, _)
+            | Endpoint::HeadManifest(repo, _)
+            | Endpoint::PutManifest(repo, _)
+            | Endpoint::DeleteManifest(repo, _)
+            | Endpoint::GetBlob(repo, _)
+            | Endpoint::HeadBlob(repo, _)
+            | Endpoint::DeleteBlob(repo, _)
+            | Endpoint::GetUpload(repo, _)
+            | Endpoint::AppendUpload(repo, _)
+            | Endpoint::FinishUpload(repo, _)
+            | Endpoint::CancelUpload(repo, _)
+            | Endpoint::ListReferrers(repo, _) => Some(repo),
+        }
+    }
+
     /// The `snake_case` name labelling spans and metrics.
     pub fn name(&self) -> &'static str {
         match self {

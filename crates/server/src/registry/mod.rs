@@ -13,18 +13,21 @@ mod referrers;
 mod tags;
 mod uploads;
 
+use std::net::SocketAddr;
+
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
-use oci::ErrorCode;
+use oci::{ErrorCode, Reference, RepoName};
 
 pub use endpoint::Endpoint;
 pub use error::RegistryError;
 
 use crate::app::AppState;
+use crate::sessions::{Client, Outcome};
 
 /// `Result` of a registry handler.
 type Result<T = Response, E = RegistryError> = std::result::Result<T, E>;
@@ -50,18 +53,30 @@ impl Params {
     }
 }
 
-/// Serve any `/v2/...` request.
+/// Serve any `/v2/...` request, and record it in its build session.
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = body::drain_on_drop(body);
     let mut response = match Endpoint::parse(&parts.method, parts.uri.path()) {
         Ok(endpoint) => {
-            tracing::Span::current().record("endpoint", endpoint.name());
-            handle(&state, endpoint, &parts, body).await
+            let span = tracing::Span::current();
+            span.record("endpoint", endpoint.name());
+            let response = handle(&state, endpoint.clone(), &parts, body)
+                .await
+                .unwrap_or_else(IntoResponse::into_response);
+            if let Some((repo, outcome)) = outcome(&endpoint, &response) {
+                let addr = parts
+                    .extensions
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip());
+                let client = Client::of(&parts.headers, addr);
+                let session = state.sessions.record(&client, repo.as_str(), outcome);
+                span.record("session", session.as_str());
+            }
+            response
         }
-        Err(e) => Err(e),
-    }
-    .unwrap_or_else(IntoResponse::into_response);
+        Err(e) => e.into_response(),
+    };
     response.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
@@ -107,6 +122,85 @@ async fn handle(state: &AppState, endpoint: Endpoint, parts: &Parts, body: Body)
             referrers::list_referrers(state, &repo, &d, &params).await
         }
     }
+}
+
+/// What a request to `endpoint` that got `response` did, for its build session: the
+/// repository and the outcome (`None` outside any repository).
+fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoName, Outcome)> {
+    let status = response.status();
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+    let length = header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let failed = status.is_client_error() || status.is_server_error();
+    let reference = |repo: &RepoName, r: &Reference| match r {
+        Reference::Tag(tag) => format!("{repo}:{tag}"),
+        Reference::Digest(digest) => format!("{repo}@{digest}"),
+    };
+    let found = status == StatusCode::OK;
+    let missing = status == StatusCode::NOT_FOUND;
+    Some(match endpoint {
+        Endpoint::Base | Endpoint::Catalog => return None,
+        Endpoint::GetManifest(repo, r) | Endpoint::HeadManifest(repo, r) if found || missing => {
+            let by_tag = matches!(r, Reference::Tag(_));
+            let reference = reference(repo, r);
+            (
+                repo,
+                Outcome::ManifestLookup {
+                    reference,
+                    by_tag,
+                    found,
+                },
+            )
+        }
+        Endpoint::PutManifest(repo, r) if status == StatusCode::CREATED => {
+            let tag = matches!(r, Reference::Tag(_)).then(|| reference(repo, r));
+            (repo, Outcome::ManifestWritten { tag })
+        }
+        Endpoint::HeadBlob(repo, d) if found || missing => {
+            let size = found.then_some(length);
+            let digest = d.to_string();
+            (repo, Outcome::BlobChecked { digest, size })
+        }
+        Endpoint::GetBlob(repo, d) if status.is_success() => {
+            let (digest, bytes) = (d.to_string(), length);
+            (repo, Outcome::BlobServed { digest, bytes })
+        }
+        Endpoint::GetBlob(repo, d) if missing => (
+            repo,
+            Outcome::BlobMissing {
+                digest: d.to_string(),
+            },
+        ),
+        Endpoint::StartUpload(repo) | Endpoint::FinishUpload(repo, _)
+            if status == StatusCode::CREATED =>
+        {
+            let digest = header("docker-content-digest").unwrap_or("").to_owned();
+            let outcome = match response.extensions().get::<uploads::Stored>() {
+                Some(uploads::Stored::Mounted(bytes)) => Outcome::BlobMounted {
+                    digest,
+                    bytes: *bytes,
+                },
+                Some(uploads::Stored::Uploaded(bytes)) => Outcome::BlobWritten {
+                    digest,
+                    bytes: *bytes,
+                },
+                None => Outcome::Other,
+            };
+            (repo, outcome)
+        }
+        other => {
+            let repo = other.repo()?;
+            (
+                repo,
+                if failed {
+                    Outcome::Failed
+                } else {
+                    Outcome::Other
+                },
+            )
+        }
+    })
 }
 
 /// A request body as the store's byte stream.

@@ -15,8 +15,17 @@ use crate::app::AppState;
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 
+/// How a blob came to be in a repository, for the build session's record.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stored {
+    /// Uploaded: this many bytes.
+    Uploaded(u64),
+    /// Mounted from another repository: this many bytes not uploaded.
+    Mounted(u64),
+}
+
 /// 201 for a blob now present in `repo`.
-fn created(repo: &RepoName, digest: &Digest) -> Response {
+fn created(repo: &RepoName, digest: &Digest, stored: Stored) -> Response {
     (
         StatusCode::CREATED,
         [
@@ -24,6 +33,7 @@ fn created(repo: &RepoName, digest: &Digest) -> Response {
             (CONTENT_DIGEST, digest.to_string()),
             (header::CONTENT_LENGTH, "0".to_owned()),
         ],
+        axum::Extension(stored),
     )
         .into_response()
 }
@@ -74,15 +84,15 @@ pub async fn start_upload(
                 })
             })
             .transpose()?;
-        if state.store.mount_blob(repo, &digest, from.as_ref()).await? {
-            return Ok(created(repo, &digest));
+        if let Some(size) = state.store.mount_blob(repo, &digest, from.as_ref()).await? {
+            return Ok(created(repo, &digest, Stored::Mounted(size)));
         }
     } else if let Some(digest) = digest_param(params)? {
-        state
+        let size = state
             .store
             .put_blob(repo, &digest, byte_stream(body))
             .await?;
-        return Ok(created(repo, &digest));
+        return Ok(created(repo, &digest, Stored::Uploaded(size)));
     }
     let id = state.store.start_upload(repo).await?;
     Ok(session(StatusCode::ACCEPTED, repo, &id, 0))
@@ -165,8 +175,8 @@ pub async fn finish_upload(
             .append_upload(repo, id, start, byte_stream(body))
             .await?;
     }
-    state.store.finish_upload(repo, id, &digest).await?;
-    Ok(created(repo, &digest))
+    let size = state.store.finish_upload(repo, id, &digest).await?;
+    Ok(created(repo, &digest, Stored::Uploaded(size)))
 }
 
 /// `DELETE /v2/<name>/blobs/uploads/<id>`.

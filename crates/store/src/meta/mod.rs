@@ -225,6 +225,30 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn footprint(&self) -> Result<u64>;
     /// Size of a stored blob, linked or not.
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    // ---- build sessions ----
+
+    /// Store a build session's record, replacing an earlier save of the same session.
+    async fn save_session(&self, session: SessionRecord) -> Result<()>;
+    /// Records of sessions active at or after `since` (seconds since the epoch), most
+    /// recent first, at most `limit`.
+    async fn sessions(&self, since: i64, limit: usize) -> Result<Vec<SessionRecord>>;
+    /// Forget sessions that ended before `before`; returns how many.
+    async fn prune_sessions(&self, before: i64) -> Result<u64>;
+}
+
+/// A build session as the metadata keeps it: its times, and its report as JSON (the
+/// HTTP edge owns what a report holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Its id.
+    pub id: String,
+    /// First request, in seconds since the epoch.
+    pub started_at: i64,
+    /// Last request, in seconds since the epoch.
+    pub ended_at: i64,
+    /// The report.
+    pub report: String,
 }
 
 /// A blob's size on disk: whole 4 KiB blocks.

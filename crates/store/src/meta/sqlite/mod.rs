@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BlobUsage, EvictOutcome, EvictRequest, ManifestRecord, MetaStore, Page, Referrer, Root,
-    StoredManifest, Touch,
+    SessionRecord, StoredManifest, Touch,
 };
 use crate::upload::UploadId;
 use crate::{Error, Result, now_secs};
@@ -78,6 +78,13 @@ CREATE TABLE IF NOT EXISTS uploads (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS repo_blobs_by_digest ON repo_blobs (digest);
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repo_id, digest);
+CREATE TABLE IF NOT EXISTS sessions (
+    id         TEXT PRIMARY KEY,
+    started_at INTEGER NOT NULL,
+    ended_at   INTEGER NOT NULL,
+    report     TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_end ON sessions (ended_at);
 ";
 
 const READERS: usize = 4;
@@ -646,6 +653,52 @@ impl MetaStore for SqliteMeta {
                 .query_row([digest], |r| r.get::<_, i64>(0))
                 .optional()
                 .map(|s| s.map(|s| s as u64))
+        })
+        .await
+    }
+
+    async fn save_session(&self, session: SessionRecord) -> Result<()> {
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO sessions (id, started_at, ended_at, report) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, report = excluded.report",
+            )?
+            .execute(params![
+                session.id,
+                session.started_at,
+                session.ended_at,
+                session.report
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn sessions(&self, since: i64, limit: usize) -> Result<Vec<SessionRecord>> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, started_at, ended_at, report FROM sessions WHERE ended_at >= ?1
+                 ORDER BY ended_at DESC LIMIT ?2",
+            )?
+            .query_map(params![since, limit as i64], |r| {
+                Ok(SessionRecord {
+                    id: r.get(0)?,
+                    started_at: r.get(1)?,
+                    ended_at: r.get(2)?,
+                    report: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn prune_sessions(&self, before: i64) -> Result<u64> {
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM sessions WHERE ended_at < ?1")?
+                .execute([before])?;
+            Ok(n as u64)
         })
         .await
     }

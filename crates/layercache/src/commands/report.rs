@@ -1,0 +1,90 @@
+//! `layercache report`: what recent builds read from and wrote to the cache.
+
+use bytesize::ByteSize;
+use server::sessions::Session;
+
+use crate::cli::ReportArgs;
+
+/// Print the sessions as a table (or JSON).
+pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let since = super::since(&args.since)?;
+    let sessions = super::sessions(
+        &args.server,
+        since,
+        args.repo.as_deref(),
+        args.session.as_deref(),
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&sessions)?);
+        return Ok(());
+    }
+    if sessions.is_empty() {
+        println!("no build sessions since {}", super::clock(since));
+        return Ok(());
+    }
+    print!("{}", table(&sessions));
+    Ok(())
+}
+
+/// One row per session, most recent first.
+fn table(sessions: &[Session]) -> String {
+    let header = [
+        "SESSION",
+        "CLIENT",
+        "REPOSITORIES",
+        "STARTED",
+        "SECONDS",
+        "HITS",
+        "MISSES",
+        "HIT%",
+        "READ",
+        "WRITTEN",
+        "AVOIDED",
+        "ERRORS",
+    ];
+    let size = |b: u64| ByteSize(b).display().iec().to_string();
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone().unwrap_or_else(|| s.id.clone()),
+                s.client.clone().unwrap_or_default(),
+                s.repositories.iter().cloned().collect::<Vec<_>>().join(","),
+                super::clock(s.started_ms / 1000),
+                format!("{:.1}", (s.ended_ms - s.started_ms) as f64 / 1000.0),
+                s.manifest_hits.to_string(),
+                s.manifest_misses.to_string(),
+                s.hit_ratio()
+                    .map_or("-".to_owned(), |r| format!("{:.0}", r * 100.0)),
+                size(s.bytes_served),
+                size(s.bytes_written),
+                size(s.bytes_avoided),
+                s.errors.to_string(),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
+                .chain([header.get(i).map_or(0, |h| h.len())])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in &rows {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    out
+}

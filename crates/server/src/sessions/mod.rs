@@ -1,0 +1,247 @@
+//! Build sessions: every registry request is attributed to the build that made it, and
+//! each build's lookups, hits, misses and bytes are recorded, so a CI step can prove the
+//! cache was used.
+//!
+//! A request belongs to the session its client names (the user name of its registry
+//! credentials, or an `X-Layercache-Session` header); otherwise to the implicit session
+//! of its client address, user agent and repository. A session closes after
+//! `idle_gap` without requests. Open sessions are saved every few seconds and when they
+//! close, so they survive restarts; saved sessions are pruned after `keep`.
+
+mod record;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use store::{SessionRecord, Store};
+
+pub use record::{Outcome, Session};
+
+/// How often open sessions are saved and idle ones closed.
+const SAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Most sessions one query returns.
+pub const MAX_SESSIONS: usize = 1000;
+
+/// The build-session section of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// A session closes after this long without requests.
+    #[serde(with = "humantime_serde")]
+    pub idle_gap: Duration,
+    /// Closed sessions are kept this long.
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            idle_gap: Duration::from_secs(60),
+            keep: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Client {
+    /// The session it names, if any.
+    pub name: Option<String>,
+    /// Its address, when known.
+    pub addr: Option<IpAddr>,
+    /// Its `User-Agent`.
+    pub user_agent: String,
+}
+
+impl Client {
+    /// The client of a request with `headers`, from `addr`.
+    pub fn of(headers: &HeaderMap, addr: Option<IpAddr>) -> Client {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let name = header("x-layercache-session")
+            .map(str::to_owned)
+            .or_else(|| header("authorization").and_then(basic_user))
+            .filter(|n| !n.is_empty());
+        Client {
+            name,
+            addr,
+            user_agent: header("user-agent").unwrap_or("").to_owned(),
+        }
+    }
+}
+
+/// The user name of `Basic` credentials.
+fn basic_user(authorization: &str) -> Option<String> {
+    let (scheme, encoded) = authorization.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(
+        text.split_once(':')
+            .map_or(text.as_str(), |(user, _)| user)
+            .to_owned(),
+    )
+}
+
+/// What identifies an open session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Named(String),
+    Implicit {
+        addr: Option<IpAddr>,
+        user_agent: String,
+        repo: String,
+    },
+}
+
+/// The open sessions, and the saved ones through the store.
+pub struct Sessions {
+    open: Mutex<HashMap<Key, Session>>,
+    config: Config,
+    store: Store,
+}
+
+impl Sessions {
+    /// Record sessions into `store`; starts the task that saves and closes them.
+    pub fn start(store: Store, config: Config) -> Arc<Sessions> {
+        let sessions = Arc::new(Sessions {
+            open: Mutex::default(),
+            config,
+            store,
+        });
+        tokio::spawn(save_in_background(Arc::downgrade(&sessions)));
+        sessions
+    }
+
+    /// Record one request of `client` to `repo`; returns the session's id.
+    pub fn record(&self, client: &Client, repo: &str, outcome: Outcome) -> String {
+        let key = match &client.name {
+            Some(name) => Key::Named(name.clone()),
+            None => Key::Implicit {
+                addr: client.addr,
+                user_agent: client.user_agent.clone(),
+                repo: repo.to_owned(),
+            },
+        };
+        let now = record::now_ms();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let session = open.entry(key).or_insert_with(|| Session::new(client, now));
+        session.record(repo, outcome, now);
+        session.id.clone()
+    }
+
+    /// Sessions active since `since` (seconds since the epoch), most recent first,
+    /// filtered by repository and session name or id.
+    pub async fn list(
+        &self,
+        since: i64,
+        repo: Option<&str>,
+        name: Option<&str>,
+    ) -> store::Result<Vec<Session>> {
+        let mut found: HashMap<String, Session> = HashMap::new();
+        for saved in self.store.sessions(since, MAX_SESSIONS).await? {
+            match serde_json::from_str::<Session>(&saved.report) {
+                Ok(session) => {
+                    found.insert(session.id.clone(), session);
+                }
+                Err(e) => tracing::warn!(id = saved.id, error = %e, "unreadable saved session"),
+            }
+        }
+        for session in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            found.insert(session.id.clone(), session.clone());
+        }
+        let mut sessions: Vec<Session> = found
+            .into_values()
+            .filter(|s| s.ended_ms / 1000 >= since)
+            .filter(|s| repo.is_none_or(|r| s.repositories.contains(r)))
+            .filter(|s| name.is_none_or(|n| s.id == n || s.name.as_deref() == Some(n)))
+            .collect();
+        sessions.sort_by(|a, b| b.ended_ms.cmp(&a.ended_ms).then(b.id.cmp(&a.id)));
+        sessions.truncate(MAX_SESSIONS);
+        Ok(sessions)
+    }
+
+    /// Save every open session, closing those idle for the gap (or all, at shutdown).
+    pub async fn save(&self, closing_all: bool) -> store::Result<()> {
+        let now = record::now_ms();
+        let gap = self.config.idle_gap.as_millis() as i64;
+        let due: Vec<Session> = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let mut due = Vec::new();
+            open.retain(|_, session| {
+                let closing = closing_all || now - session.ended_ms >= gap;
+                if closing {
+                    session.open = false;
+                }
+                if closing || session.unsaved {
+                    session.unsaved = false;
+                    due.push(session.clone());
+                }
+                !closing
+            });
+            due
+        };
+        for session in due {
+            let report = serde_json::to_string(&session).unwrap_or_default();
+            self.store
+                .save_session(SessionRecord {
+                    id: session.id,
+                    started_at: session.started_ms / 1000,
+                    ended_at: session.ended_ms / 1000,
+                    report,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Save and close sessions every [`SAVE_INTERVAL`], and prune old ones, while the
+/// recorder lives.
+async fn save_in_background(sessions: Weak<Sessions>) {
+    let mut tick = tokio::time::interval(SAVE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(sessions) = sessions.upgrade() else {
+            return;
+        };
+        if let Err(e) = sessions.save(false).await {
+            tracing::warn!(error = %e, "saving build sessions failed");
+        }
+        let before = record::now_ms() / 1000 - sessions.config.keep.as_secs() as i64;
+        if let Err(e) = sessions.store.prune_sessions(before).await {
+            tracing::warn!(error = %e, "pruning build sessions failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_named_by_header_or_by_the_credentials_user() {
+        let mut headers = HeaderMap::new();
+        headers.insert("user-agent", "buildkit/v0.12".parse().unwrap());
+        assert_eq!(Client::of(&headers, None).name, None);
+        // docker login -u run-1234 -p secret
+        headers.insert(
+            "authorization",
+            "Basic cnVuLTEyMzQ6c2VjcmV0".parse().unwrap(),
+        );
+        assert_eq!(Client::of(&headers, None).name.as_deref(), Some("run-1234"));
+        headers.insert("x-layercache-session", "job-7".parse().unwrap());
+        assert_eq!(Client::of(&headers, None).name.as_deref(), Some("job-7"));
+        headers.remove("x-layercache-session");
+        headers.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(Client::of(&headers, None).name, None);
+    }
+}
