@@ -10,9 +10,10 @@ use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::any;
+use axum::routing::{any, get};
 use tracing::Instrument;
 
+use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
 use crate::{api, registry};
 
@@ -23,6 +24,8 @@ pub struct AppState {
     pub store: store::Store,
     /// The build sessions requests are recorded in.
     pub sessions: Arc<Sessions>,
+    /// What `/metrics` exports.
+    pub metrics: Arc<Metrics>,
     requests: Arc<AtomicU64>,
 }
 
@@ -31,6 +34,7 @@ impl AppState {
     pub fn new(store: store::Store, config: &crate::Config) -> AppState {
         AppState {
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
+            metrics: Metrics::new(),
             store,
             requests: Arc::default(),
         }
@@ -44,13 +48,16 @@ pub fn build_router(state: AppState) -> Router {
         .route("/v2/", any(registry::dispatch))
         .route("/v2/{*path}", any(registry::dispatch))
         .merge(api::router())
+        .route("/metrics", get(metrics::serve))
         .fallback(registry::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)
 }
 
-/// Give each request an id and a span; log its outcome once.
+/// Give each request an id and a span; log its outcome once; count it in the metrics.
 async fn trace_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let request = request.map(|body| state.metrics.count_in(body));
+    let fallback_route = metrics::route_of(request.uri().path());
     let id = state.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(
         "request",
@@ -62,6 +69,13 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
     );
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
+    let route = response
+        .extensions()
+        .get::<Route>()
+        .map_or(fallback_route, |r| r.0);
+    state
+        .metrics
+        .request(route, response.status(), started.elapsed());
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
@@ -72,5 +86,5 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
     response
         .headers_mut()
         .insert("x-request-id", HeaderValue::from(id));
-    response
+    response.map(|body| state.metrics.count_out(body))
 }

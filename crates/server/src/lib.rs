@@ -5,6 +5,7 @@
 mod api;
 pub mod app;
 pub mod config;
+pub mod metrics;
 pub mod registry;
 pub mod sessions;
 

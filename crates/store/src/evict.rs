@@ -31,7 +31,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Eviction;
-use crate::meta::{BlobUsage, Candidate, EvictRequest, Root, on_disk};
+use crate::meta::{BlobUsage, Candidate, EvictRequest, RepoUsage, Root, on_disk};
 use crate::{Error, Result, Store, now_secs};
 
 /// Blobs forgotten and deleted per metadata transaction in a sweep.
@@ -306,6 +306,12 @@ impl Store {
         let root = self.0.data_dir.clone();
         let (total, available) = tokio::task::spawn_blocking(move || filesystem(&root)).await??;
         Ok((usage, self.0.evictor.quota(usage.total, total, available)))
+    }
+
+    /// What each repository holds, largest first (a blob shared by repositories counts
+    /// in each of them).
+    pub async fn repository_usage(&self) -> Result<Vec<RepoUsage>> {
+        self.0.meta.repository_usage().await
     }
 
     /// The last eviction pass's report, if one ran.

@@ -270,6 +270,11 @@ impl Store {
             .ok_or(Error::NotFound(Missing::Upload))
     }
 
+    /// How many upload sessions are open.
+    pub async fn upload_sessions(&self) -> Result<usize> {
+        Ok(self.0.meta.uploads().await?.len())
+    }
+
     /// Bytes received so far by an upload session.
     pub async fn upload_offset(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
         self.check_upload(repo, id).await?;

@@ -27,6 +27,7 @@ pub use endpoint::Endpoint;
 pub use error::RegistryError;
 
 use crate::app::AppState;
+use crate::metrics::Route;
 use crate::sessions::{Client, Outcome};
 
 /// `Result` of a registry handler.
@@ -70,9 +71,12 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
                     .get::<ConnectInfo<SocketAddr>>()
                     .map(|c| c.0.ip());
                 let client = Client::of(&parts.headers, addr);
+                state.metrics.outcome(&outcome);
                 let session = state.sessions.record(&client, repo.as_str(), outcome);
                 span.record("session", session.as_str());
             }
+            let mut response = response;
+            response.extensions_mut().insert(Route(endpoint.name()));
             response
         }
         Err(e) => e.into_response(),

@@ -138,6 +138,11 @@ impl Sessions {
         session.id.clone()
     }
 
+    /// How many sessions are open.
+    pub fn open_count(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Sessions active since `since` (seconds since the epoch), most recent first,
     /// filtered by repository and session name or id.
     pub async fn list(

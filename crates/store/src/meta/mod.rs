@@ -152,6 +152,22 @@ pub struct BlobUsage {
     pub bytes: u64,
 }
 
+/// What one repository holds. A blob linked into several repositories counts in each,
+/// so these add up to more than the store's usage when repositories share layers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RepoUsage {
+    /// The repository.
+    pub repo: RepoName,
+    /// Blobs linked into it.
+    pub blobs: u64,
+    /// Their bytes (as sent, not rounded to disk blocks).
+    pub blob_bytes: u64,
+    /// Manifests stored in it.
+    pub manifests: u64,
+    /// Their bytes.
+    pub manifest_bytes: u64,
+}
+
 /// The metadata operations the registry needs.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
@@ -225,6 +241,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn footprint(&self) -> Result<u64>;
     /// Size of a stored blob, linked or not.
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// What each repository holds (those holding nothing are left out), largest first.
+    async fn repository_usage(&self) -> Result<Vec<RepoUsage>>;
 
     // ---- build sessions ----
 

@@ -19,8 +19,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobUsage, EvictOutcome, EvictRequest, ManifestRecord, MetaStore, Page, Referrer, Root,
-    SessionRecord, StoredManifest, Touch,
+    BlobUsage, EvictOutcome, EvictRequest, ManifestRecord, MetaStore, Page, Referrer, RepoUsage,
+    Root, SessionRecord, StoredManifest, Touch,
 };
 use crate::upload::UploadId;
 use crate::{Error, Result, now_secs};
@@ -197,6 +197,12 @@ fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
 }
 
 fn parse_digest(s: String) -> rusqlite::Result<Digest> {
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn parse_repo(s: String) -> rusqlite::Result<RepoName> {
     s.parse().map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })
@@ -653,6 +659,34 @@ impl MetaStore for SqliteMeta {
                 .query_row([digest], |r| r.get::<_, i64>(0))
                 .optional()
                 .map(|s| s.map(|s| s as u64))
+        })
+        .await
+    }
+
+    async fn repository_usage(&self) -> Result<Vec<RepoUsage>> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT r.name, coalesce(b.n, 0), coalesce(b.bytes, 0), coalesce(m.n, 0),
+                    coalesce(m.bytes, 0)
+                 FROM repos r
+                 LEFT JOIN (SELECT rb.repo_id, count(*) AS n, sum(bl.size) AS bytes
+                     FROM repo_blobs rb JOIN blobs bl ON bl.digest = rb.digest
+                     GROUP BY rb.repo_id) b ON b.repo_id = r.id
+                 LEFT JOIN (SELECT repo_id, count(*) AS n, sum(length(content)) AS bytes
+                     FROM manifests GROUP BY repo_id) m ON m.repo_id = r.id
+                 WHERE b.n IS NOT NULL OR m.n IS NOT NULL
+                 ORDER BY coalesce(b.bytes, 0) + coalesce(m.bytes, 0) DESC, r.name",
+            )?
+            .query_map([], |r| {
+                Ok(RepoUsage {
+                    repo: parse_repo(r.get(0)?)?,
+                    blobs: r.get::<_, i64>(1)? as u64,
+                    blob_bytes: r.get::<_, i64>(2)? as u64,
+                    manifests: r.get::<_, i64>(3)? as u64,
+                    manifest_bytes: r.get::<_, i64>(4)? as u64,
+                })
+            })?
+            .collect()
         })
         .await
     }
