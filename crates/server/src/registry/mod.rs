@@ -58,7 +58,12 @@ impl Params {
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = body::drain_on_drop(body);
-    let mut response = match Endpoint::parse(&parts.method, parts.uri.path()) {
+    let parsed = if state.sessions.wants_credentials(&parts.headers) {
+        Err(ask_credentials())
+    } else {
+        Endpoint::parse(&parts.method, parts.uri.path())
+    };
+    let mut response = match parsed {
         Ok(endpoint) => {
             let span = tracing::Span::current();
             span.record("endpoint", endpoint.name());
@@ -86,6 +91,18 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
         HeaderValue::from_static("registry/2.0"),
     );
     response
+}
+
+/// The challenge that makes clients send their (any) credentials, naming the session.
+fn ask_credentials() -> RegistryError {
+    RegistryError::new(
+        ErrorCode::Unauthorized,
+        "log in with any password: the user name names the build session",
+    )
+    .with_header(
+        axum::http::header::WWW_AUTHENTICATE,
+        "Basic realm=\"layercache\"".to_owned(),
+    )
 }
 
 /// Answer a path outside the API.

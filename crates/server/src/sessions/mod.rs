@@ -36,6 +36,11 @@ pub struct Config {
     /// Closed sessions are kept this long.
     #[serde(with = "humantime_serde")]
     pub keep: Duration,
+    /// Answer registry requests without credentials (or a session header) with a Basic
+    /// authentication challenge, so that `docker login -u run-1234` (any password) names
+    /// every request of that build. Credentials are not checked: this names sessions,
+    /// it does not protect anything.
+    pub ask_credentials: bool,
 }
 
 impl Default for Config {
@@ -43,6 +48,7 @@ impl Default for Config {
         Config {
             idle_gap: Duration::from_secs(60),
             keep: Duration::from_secs(30 * 24 * 3600),
+            ask_credentials: false,
         }
     }
 }
@@ -136,6 +142,13 @@ impl Sessions {
         let session = open.entry(key).or_insert_with(|| Session::new(client, now));
         session.record(repo, outcome, now);
         session.id.clone()
+    }
+
+    /// Whether a request with `headers` must first be asked for credentials.
+    pub fn wants_credentials(&self, headers: &HeaderMap) -> bool {
+        self.config.ask_credentials
+            && !headers.contains_key("authorization")
+            && !headers.contains_key("x-layercache-session")
     }
 
     /// How many sessions are open.
