@@ -19,6 +19,8 @@ pub struct Server {
     /// Extra environment (configuration such as `LAYERCACHE_STORE__EVICTION__MAX_SIZE`),
     /// kept for restarts.
     env: Vec<(String, String)>,
+    /// Where the server's log goes (`RUST_LOG=info`), when started with a log.
+    log: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -37,6 +39,18 @@ impl Server {
         server
     }
 
+    /// Start a server on a fresh data directory with extra environment variables, its
+    /// log (`RUST_LOG=info`: one `served` line per request) appended to a file; see
+    /// [`Server::log`].
+    pub fn start_logged(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let log = tmp.path().join("server.log");
+        let mut server = Server::spawn(&dir, "127.0.0.1:0", env, Some(&log));
+        server._tmp = Some(tmp);
+        server
+    }
+
     /// Start a server on `data_dir`, listening on `listen`.
     pub fn start_on(data_dir: &Path, listen: &str) -> Server {
         Server::start_on_with_env(data_dir, listen, &[])
@@ -44,18 +58,36 @@ impl Server {
 
     /// Start a server on `data_dir`, listening on `listen`, with extra environment.
     pub fn start_on_with_env(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_layercache"))
+        Server::spawn(data_dir, listen, env, None)
+    }
+
+    /// Start a server; with `log`, its stderr is appended to that file at `RUST_LOG=info`.
+    fn spawn(data_dir: &Path, listen: &str, env: &[(&str, &str)], log: Option<&Path>) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_layercache"));
+        command
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .envs(env.iter().copied())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn layercache");
+            .stdout(Stdio::piped());
+        match log {
+            Some(log) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap();
+                command.env("RUST_LOG", "info").stderr(file);
+            }
+            None => {
+                command
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                    )
+                    .stderr(Stdio::inherit());
+            }
+        }
+        let mut child = command.spawn().expect("spawn layercache");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -74,8 +106,15 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            log: log.map(Path::to_owned),
             _tmp: None,
         }
+    }
+
+    /// The log so far of a server started with [`Server::start_logged`].
+    pub fn log(&self) -> String {
+        let path = self.log.as_ref().expect("the server was started with a log");
+        std::fs::read_to_string(path).unwrap()
     }
 
     /// The server's process id.
@@ -109,7 +148,7 @@ impl Server {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let fresh = std::panic::catch_unwind(|| {
-                Server::start_on_with_env(&self.data_dir, &self.host, &env)
+                Server::spawn(&self.data_dir, &self.host, &env, self.log.as_deref())
             });
             match fresh {
                 Ok(mut fresh) => {
