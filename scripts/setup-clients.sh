@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install the real clients the tests drive (Debian packages) and start dockerd.
+# Install the real clients the tests drive (Debian packages; chromium renders the
+# dashboard) and start dockerd.
 # Safe to run repeatedly: it installs only what is missing and starts dockerd only if
 # it is not answering.
 set -euo pipefail
 
 packages=()
-for pkg in docker.io buildah skopeo busybox-static docker-registry; do
+for pkg in docker.io buildah skopeo busybox-static docker-registry chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
 done
 
@@ -31,4 +32,4 @@ if ! /usr/bin/docker info >/dev/null 2>&1; then
   done
   /usr/bin/docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/layercache-dockerd.log; exit 1; }
 fi
-echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version)"
+echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version), $(chromium --version 2>/dev/null)"

@@ -15,7 +15,8 @@ use tracing::Instrument;
 
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
-use crate::{api, registry};
+use crate::ui::UsageHistory;
+use crate::{api, registry, ui};
 
 /// Everything a handler may use; no global state lives outside it.
 #[derive(Clone)]
@@ -26,15 +27,19 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// What `/metrics` exports.
     pub metrics: Arc<Metrics>,
+    /// The store's usage over the last day, for the dashboard.
+    pub usage_history: Arc<UsageHistory>,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
-    /// State over an opened store (starts recording build sessions into it).
+    /// State over an opened store (starts recording build sessions into it, and
+    /// sampling its usage).
     pub fn new(store: store::Store, config: &crate::Config) -> AppState {
         AppState {
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
             metrics: Metrics::new(),
+            usage_history: UsageHistory::start(store.clone()),
             store,
             requests: Arc::default(),
         }
@@ -48,6 +53,7 @@ pub fn build_router(state: AppState) -> Router {
         .route("/v2/", any(registry::dispatch))
         .route("/v2/{*path}", any(registry::dispatch))
         .merge(api::router())
+        .merge(ui::router())
         .route("/metrics", get(metrics::serve))
         .fallback(registry::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))

@@ -1,6 +1,7 @@
 //! layercache's HTTP edge. Handlers are thin: parse the request into a typed
 //! [`registry::Endpoint`], call the [`store::Store`], and map errors to the wire once
-//! (in [`registry::RegistryError`]). `api` is layercache's own JSON API.
+//! (in [`registry::RegistryError`]). `api` is layercache's own JSON API, and [`ui`] the
+//! web dashboard over it.
 
 mod api;
 pub mod app;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod metrics;
 pub mod registry;
 pub mod sessions;
+pub mod ui;
 
 pub use app::{AppState, build_router};
 pub use config::Config;

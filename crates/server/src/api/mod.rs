@@ -1,5 +1,8 @@
-//! layercache's own JSON API under `/api/v1`: build sessions, the store's usage and
-//! eviction passes.
+//! layercache's own JSON API under `/api/v1`: build sessions, the store's usage (now
+//! and over the last day), eviction passes, and per-repository figures (what each
+//! holds, what builds read from it, its hit ratio over time) for the dashboard.
+
+mod stats;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -11,6 +14,7 @@ use store::{GcReport, Quota, Trigger, Usage};
 
 use crate::app::AppState;
 use crate::sessions::Session;
+use crate::ui::{UsageSample, history};
 
 /// The API's routes.
 pub(crate) fn router() -> Router<AppState> {
@@ -18,6 +22,9 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/v1/gc", get(gc_status).post(run_gc))
         .route("/api/v1/sessions", get(list_sessions))
         .route("/api/v1/sessions/{id}", get(one_session))
+        .route("/api/v1/usage/history", get(usage_history))
+        .route("/api/v1/repositories", get(list_repositories))
+        .route("/api/v1/hit-ratio", get(hit_ratio))
 }
 
 #[derive(Debug, Deserialize)]
@@ -27,15 +34,17 @@ struct SessionFilter {
     since: i64,
     repo: Option<String>,
     session: Option<String>,
+    /// Most sessions to answer.
+    limit: Option<usize>,
 }
 
-/// `GET /api/v1/sessions[?since=SECONDS][&repo=R][&session=NAME_OR_ID]`: most recent
-/// first.
+/// `GET /api/v1/sessions[?since=SECONDS][&repo=R][&session=NAME_OR_ID][&limit=N]`: most
+/// recent first.
 async fn list_sessions(
     State(state): State<AppState>,
     Query(filter): Query<SessionFilter>,
 ) -> Result<Json<Vec<Session>>, ApiError> {
-    let sessions = state
+    let mut sessions = state
         .sessions
         .list(
             filter.since,
@@ -43,7 +52,62 @@ async fn list_sessions(
             filter.session.as_deref(),
         )
         .await?;
+    sessions.truncate(filter.limit.unwrap_or(usize::MAX));
     Ok(Json(sessions))
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryParams {
+    /// Samples taken since (seconds since the epoch).
+    #[serde(default)]
+    since: i64,
+    /// Most samples to answer (consecutive ones are merged beyond).
+    points: Option<usize>,
+}
+
+/// `GET /api/v1/usage/history[?since=SECONDS][&points=N]`: the store's usage and quota
+/// sampled every 10 s over the last day, oldest first (at most 720 points unless asked).
+async fn usage_history(
+    State(state): State<AppState>,
+    Query(params): Query<HistoryParams>,
+) -> Json<Vec<UsageSample>> {
+    let points = params.points.unwrap_or(720).min(history::CAPACITY);
+    Json(state.usage_history.since(params.since, points))
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionsSince {
+    /// Sessions active since (seconds since the epoch).
+    #[serde(default)]
+    since: i64,
+    /// Width of a hit-ratio bucket in seconds (chosen from the span when absent).
+    bucket: Option<i64>,
+}
+
+/// `GET /api/v1/repositories[?since=SECONDS]`: every repository that holds something or
+/// was used by a session since then, with bytes stored, sessions, bytes served, written
+/// and avoided, hits and misses; largest first.
+async fn list_repositories(
+    State(state): State<AppState>,
+    Query(params): Query<SessionsSince>,
+) -> Result<Json<Vec<stats::RepoStats>>, ApiError> {
+    let usage = state.store.repository_usage().await?;
+    let sessions = state.sessions.list(params.since, None, None).await?;
+    Ok(Json(stats::repositories(usage, &sessions)))
+}
+
+/// `GET /api/v1/hit-ratio[?since=SECONDS][&bucket=SECONDS]`: each repository's manifest
+/// hit ratio over time, from the sessions active since then, bucketed by session end.
+async fn hit_ratio(
+    State(state): State<AppState>,
+    Query(params): Query<SessionsSince>,
+) -> Result<Json<stats::HitRatios>, ApiError> {
+    let sessions = state.sessions.list(params.since, None, None).await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok(Json(stats::hit_ratios(&sessions, params.bucket, now_ms)))
 }
 
 /// `GET /api/v1/sessions/{id}`: one session by id (or name: the latest of that name).

@@ -111,11 +111,11 @@ pub struct Session {
     pub bytes_avoided: u64,
     /// Failed requests.
     pub errors: u64,
-    /// References asked for and absent, in order (the first [`MAX_LISTED`]).
+    /// References asked for and absent, in order (the first 1000).
     pub missed: Vec<String>,
-    /// Blobs uploaded (the first [`MAX_LISTED`]).
+    /// Blobs uploaded (the first 1000).
     pub written: Vec<String>,
-    /// Blobs found present or mounted instead of uploaded (the first [`MAX_LISTED`]).
+    /// Blobs found present or mounted instead of uploaded (the first 1000).
     pub avoided: Vec<String>,
     /// Changed since it was last saved.
     #[serde(skip)]
@@ -168,6 +168,11 @@ impl Session {
                     self.tags.insert(tag);
                 }
             }
+            // A client re-checking what it just uploaded avoided nothing.
+            Outcome::BlobChecked {
+                digest,
+                size: Some(_),
+            } if self.written.contains(&digest) => {}
             Outcome::BlobChecked {
                 digest,
                 size: Some(size),
