@@ -113,7 +113,10 @@ impl Server {
 
     /// The log so far of a server started with [`Server::start_logged`].
     pub fn log(&self) -> String {
-        let path = self.log.as_ref().expect("the server was started with a log");
+        let path = self
+            .log
+            .as_ref()
+            .expect("the server was started with a log");
         std::fs::read_to_string(path).unwrap()
     }
 
