@@ -31,12 +31,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// The running server.
-    #[arg(
-        long,
-        env = "LAYERCACHE_SERVER",
-        default_value = "http://127.0.0.1:5000"
-    )]
-    pub server: String,
+    #[command(flatten)]
+    pub server: ServerArg,
     /// Sessions active since: a duration ago ("15m"), a time ("2026-11-23T12:03:00Z")
     /// or seconds since the epoch.
     #[arg(long, default_value = "1h")]
@@ -56,12 +52,8 @@ pub struct ReportArgs {
 #[derive(Debug, Args)]
 pub struct ExpectArgs {
     /// The running server.
-    #[arg(
-        long,
-        env = "LAYERCACHE_SERVER",
-        default_value = "http://127.0.0.1:5000"
-    )]
-    pub server: String,
+    #[command(flatten)]
+    pub server: ServerArg,
     /// The cache repository the build should have used.
     #[arg(long)]
     pub repo: String,
@@ -86,12 +78,8 @@ pub struct ExpectArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// The running server.
-    #[arg(
-        long,
-        env = "LAYERCACHE_SERVER",
-        default_value = "http://127.0.0.1:5000"
-    )]
-    pub server: String,
+    #[command(flatten)]
+    pub server: ServerArg,
     /// Change nothing: print what a pass would evict and free.
     #[arg(long)]
     pub dry_run: bool,
@@ -119,4 +107,16 @@ pub struct ServeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+}
+
+/// The running server a command talks to.
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// Its URL.
+    #[arg(
+        long = "server",
+        env = "LAYERCACHE_SERVER",
+        default_value = "http://127.0.0.1:5000"
+    )]
+    pub url: String,
 }

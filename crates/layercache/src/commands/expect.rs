@@ -9,7 +9,7 @@ use crate::cli::ExpectArgs;
 pub async fn run(args: ExpectArgs) -> anyhow::Result<()> {
     let since = super::since(&args.since)?;
     let sessions = super::sessions(
-        &args.server,
+        &args.server.url,
         since,
         Some(&args.repo),
         args.session.as_deref(),

@@ -12,14 +12,14 @@ use crate::cli::GcArgs;
 pub async fn run(args: GcArgs) -> anyhow::Result<()> {
     let url = format!(
         "{}/api/v1/gc?dry_run={}",
-        args.server.trim_end_matches('/'),
+        args.server.url.trim_end_matches('/'),
         args.dry_run
     );
     let response = reqwest::Client::new()
         .post(&url)
         .send()
         .await
-        .with_context(|| format!("reaching layercache at {}", args.server))?;
+        .with_context(|| format!("reaching layercache at {}", args.server.url))?;
     let status = response.status();
     let body = response
         .text()

@@ -9,7 +9,7 @@ use crate::cli::ReportArgs;
 pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     let since = super::since(&args.since)?;
     let sessions = super::sessions(
-        &args.server,
+        &args.server.url,
         since,
         args.repo.as_deref(),
         args.session.as_deref(),
