@@ -112,7 +112,7 @@ pub struct ServeArgs {
 /// The running server a command talks to.
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// Its URL.
+    /// The running server's URL.
     #[arg(
         long = "server",
         env = "LAYERCACHE_SERVER",
