@@ -19,7 +19,7 @@ pub use blob::{BlobStore, ByteRange, ByteStream};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use evict::{EvictedRoot, GcReport, Quota, Trigger, Usage};
-pub use meta::{RepoUsage, SessionRecord};
+pub use meta::{RepoUsage, SessionFilter, SessionRecord};
 pub use registry::{BlobRead, PutManifest, Store};
 pub use upload::UploadId;
 

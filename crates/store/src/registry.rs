@@ -18,7 +18,8 @@ use crate::config::Config;
 use crate::error::Missing;
 use crate::evict::{Evictor, Trigger};
 use crate::meta::{
-    ManifestRecord, MetaStore, Page, Referrer, SessionRecord, SqliteMeta, StoredManifest, Touch,
+    ManifestRecord, MetaStore, Page, Referrer, SessionFilter, SessionRecord, SqliteMeta,
+    StoredManifest, Touch,
 };
 use crate::upload::{HashState, HashStates, UploadId};
 use crate::{Error, Result, now_secs};
@@ -143,10 +144,15 @@ impl Store {
         self.0.meta.save_session(session).await
     }
 
-    /// Records of build sessions active at or after `since` (seconds since the epoch),
-    /// most recent first, at most `limit`.
-    pub async fn sessions(&self, since: i64, limit: usize) -> Result<Vec<SessionRecord>> {
-        self.0.meta.sessions(since, limit).await
+    /// Records of build sessions active at or after `since` (seconds since the epoch)
+    /// that match `filter`, most recent first, at most `limit`.
+    pub async fn sessions(
+        &self,
+        since: i64,
+        filter: SessionFilter,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>> {
+        self.0.meta.sessions(since, filter, limit).await
     }
 
     /// Forget build sessions that ended before `before` (seconds since the epoch).

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use base64::Engine;
-use store::{SessionRecord, Store};
+use store::{SessionFilter, SessionRecord, Store};
 
 pub use record::{Outcome, Session};
 
@@ -110,16 +110,30 @@ enum Key {
 
 /// The open sessions, and the saved ones through the store.
 pub struct Sessions {
-    open: Mutex<HashMap<Key, Session>>,
+    live: Mutex<Live>,
     config: Config,
     store: Store,
+}
+
+/// Sessions in memory: the open ones, and those closed but not saved yet.
+#[derive(Default)]
+struct Live {
+    open: HashMap<Key, Session>,
+    closed: Vec<Session>,
+}
+
+impl Live {
+    /// Every session in memory.
+    fn all(&self) -> impl Iterator<Item = &Session> {
+        self.open.values().chain(&self.closed)
+    }
 }
 
 impl Sessions {
     /// Record sessions into `store`; starts the task that saves and closes them.
     pub fn start(store: Store, config: Config) -> Arc<Sessions> {
         let sessions = Arc::new(Sessions {
-            open: Mutex::default(),
+            live: Mutex::default(),
             config,
             store,
         });
@@ -138,10 +152,24 @@ impl Sessions {
             },
         };
         let now = record::now_ms();
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let session = open.entry(key).or_insert_with(|| Session::new(client, now));
+        let mut live = self.lock();
+        let idle = |s: &Session| now - s.ended_ms >= self.config.idle_gap.as_millis() as i64;
+        if live.open.get(&key).is_some_and(idle)
+            && let Some(mut ended) = live.open.remove(&key)
+        {
+            ended.close();
+            live.closed.push(ended);
+        }
+        let session = live
+            .open
+            .entry(key)
+            .or_insert_with(|| Session::new(client, now));
         session.record(repo, outcome, now);
         session.id.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a request with `headers` must first be asked for credentials.
@@ -153,7 +181,7 @@ impl Sessions {
 
     /// How many sessions are open.
     pub fn open_count(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().open.len()
     }
 
     /// Sessions active since `since` (seconds since the epoch), most recent first,
@@ -164,8 +192,12 @@ impl Sessions {
         repo: Option<&str>,
         name: Option<&str>,
     ) -> store::Result<Vec<Session>> {
+        let filter = SessionFilter {
+            repo: repo.map(str::to_owned),
+            session: name.map(str::to_owned),
+        };
         let mut found: HashMap<String, Session> = HashMap::new();
-        for saved in self.store.sessions(since, MAX_SESSIONS).await? {
+        for saved in self.store.sessions(since, filter, MAX_SESSIONS).await? {
             match serde_json::from_str::<Session>(&saved.report) {
                 Ok(session) => {
                     found.insert(session.id.clone(), session);
@@ -173,33 +205,33 @@ impl Sessions {
                 Err(e) => tracing::warn!(id = saved.id, error = %e, "unreadable saved session"),
             }
         }
-        for session in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        let wanted = |s: &&Session| {
+            s.ended_ms / 1000 >= since
+                && repo.is_none_or(|r| s.repositories.contains(r))
+                && name.is_none_or(|n| s.id == n || s.name.as_deref() == Some(n))
+        };
+        for session in self.lock().all().filter(wanted) {
             found.insert(session.id.clone(), session.clone());
         }
-        let mut sessions: Vec<Session> = found
-            .into_values()
-            .filter(|s| s.ended_ms / 1000 >= since)
-            .filter(|s| repo.is_none_or(|r| s.repositories.contains(r)))
-            .filter(|s| name.is_none_or(|n| s.id == n || s.name.as_deref() == Some(n)))
-            .collect();
+        let mut sessions: Vec<Session> = found.into_values().collect();
         sessions.sort_by(|a, b| b.ended_ms.cmp(&a.ended_ms).then(b.id.cmp(&a.id)));
         sessions.truncate(MAX_SESSIONS);
         Ok(sessions)
     }
 
-    /// Save every open session, closing those idle for the gap (or all, at shutdown).
+    /// Save every changed session, closing those idle for the gap (or all, at shutdown).
     pub async fn save(&self, closing_all: bool) -> store::Result<()> {
         let now = record::now_ms();
         let gap = self.config.idle_gap.as_millis() as i64;
         let due: Vec<Session> = {
-            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            let mut due = Vec::new();
-            open.retain(|_, session| {
+            let mut live = self.lock();
+            let mut due = std::mem::take(&mut live.closed);
+            live.open.retain(|_, session| {
                 let closing = closing_all || now - session.ended_ms >= gap;
                 if closing {
-                    session.open = false;
+                    session.close();
                 }
-                if closing || session.unsaved {
+                if session.unsaved {
                     session.unsaved = false;
                     due.push(session.clone());
                 }
@@ -209,14 +241,24 @@ impl Sessions {
         };
         for session in due {
             let report = serde_json::to_string(&session).unwrap_or_default();
-            self.store
+            let saved = self
+                .store
                 .save_session(SessionRecord {
-                    id: session.id,
+                    id: session.id.clone(),
+                    name: session.name.clone(),
+                    repositories: session.repositories.iter().cloned().collect(),
                     started_at: session.started_ms / 1000,
                     ended_at: session.ended_ms / 1000,
                     report,
                 })
-                .await?;
+                .await;
+            if let Err(e) = saved {
+                // Keep it for the next save rather than lose it.
+                let mut session = session;
+                session.unsaved = true;
+                self.lock().closed.push(session);
+                return Err(e);
+            }
         }
         Ok(())
     }

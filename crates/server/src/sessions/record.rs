@@ -204,6 +204,12 @@ impl Session {
         }
     }
 
+    /// Mark it closed (and due for saving).
+    pub(super) fn close(&mut self) {
+        self.open = false;
+        self.unsaved = true;
+    }
+
     /// Manifest hits over lookups, if there were lookups.
     pub fn hit_ratio(&self) -> Option<f64> {
         let lookups = self.manifest_hits + self.manifest_misses;

@@ -248,19 +248,37 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Store a build session's record, replacing an earlier save of the same session.
     async fn save_session(&self, session: SessionRecord) -> Result<()>;
-    /// Records of sessions active at or after `since` (seconds since the epoch), most
-    /// recent first, at most `limit`.
-    async fn sessions(&self, since: i64, limit: usize) -> Result<Vec<SessionRecord>>;
+    /// Records of sessions active at or after `since` (seconds since the epoch) that
+    /// match `filter`, most recent first, at most `limit`.
+    async fn sessions(
+        &self,
+        since: i64,
+        filter: SessionFilter,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>>;
     /// Forget sessions that ended before `before`; returns how many.
     async fn prune_sessions(&self, before: i64) -> Result<u64>;
 }
 
-/// A build session as the metadata keeps it: its times, and its report as JSON (the
-/// HTTP edge owns what a report holds).
+/// Which saved build sessions a query wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    /// Only those that touched this repository.
+    pub repo: Option<String>,
+    /// Only the one with this id, or those with this name.
+    pub session: Option<String>,
+}
+
+/// A build session as the metadata keeps it: what queries filter on, and its report as
+/// JSON (the HTTP edge owns what a report holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
     /// Its id.
     pub id: String,
+    /// The name its client gave it.
+    pub name: Option<String>,
+    /// The repositories it touched.
+    pub repositories: Vec<String>,
     /// First request, in seconds since the epoch.
     pub started_at: i64,
     /// Last request, in seconds since the epoch.

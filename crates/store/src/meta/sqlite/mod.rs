@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BlobUsage, EvictOutcome, EvictRequest, ManifestRecord, MetaStore, Page, Referrer, RepoUsage,
-    Root, SessionRecord, StoredManifest, Touch,
+    Root, SessionFilter, SessionRecord, StoredManifest, Touch,
 };
 use crate::upload::UploadId;
 use crate::{Error, Result, now_secs};
@@ -80,6 +80,8 @@ CREATE INDEX IF NOT EXISTS repo_blobs_by_digest ON repo_blobs (digest);
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repo_id, digest);
 CREATE TABLE IF NOT EXISTS sessions (
     id         TEXT PRIMARY KEY,
+    name       TEXT,
+    repos      TEXT NOT NULL,
     started_at INTEGER NOT NULL,
     ended_at   INTEGER NOT NULL,
     report     TEXT NOT NULL
@@ -692,13 +694,19 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn save_session(&self, session: SessionRecord) -> Result<()> {
+        // Each repository between newlines, so a filter matches whole names only.
+        let repos = format!("\n{}\n", session.repositories.join("\n"));
         self.write(move |c| {
             c.prepare_cached(
-                "INSERT INTO sessions (id, started_at, ended_at, report) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, report = excluded.report",
+                "INSERT INTO sessions (id, name, repos, started_at, ended_at, report)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET repos = excluded.repos,
+                    ended_at = excluded.ended_at, report = excluded.report",
             )?
             .execute(params![
                 session.id,
+                session.name,
+                repos,
                 session.started_at,
                 session.ended_at,
                 session.report
@@ -708,20 +716,38 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn sessions(&self, since: i64, limit: usize) -> Result<Vec<SessionRecord>> {
+    async fn sessions(
+        &self,
+        since: i64,
+        filter: SessionFilter,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>> {
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT id, started_at, ended_at, report FROM sessions WHERE ended_at >= ?1
-                 ORDER BY ended_at DESC LIMIT ?2",
+                "SELECT id, name, repos, started_at, ended_at, report FROM sessions
+                 WHERE ended_at >= ?1
+                   AND (?2 IS NULL OR instr(repos, char(10) || ?2 || char(10)) > 0)
+                   AND (?3 IS NULL OR id = ?3 OR name = ?3)
+                 ORDER BY ended_at DESC, id DESC LIMIT ?4",
             )?
-            .query_map(params![since, limit as i64], |r| {
-                Ok(SessionRecord {
-                    id: r.get(0)?,
-                    started_at: r.get(1)?,
-                    ended_at: r.get(2)?,
-                    report: r.get(3)?,
-                })
-            })?
+            .query_map(
+                params![since, filter.repo, filter.session, limit as i64],
+                |r| {
+                    let repos: String = r.get(2)?;
+                    Ok(SessionRecord {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        repositories: repos
+                            .split('\n')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                        started_at: r.get(3)?,
+                        ended_at: r.get(4)?,
+                        report: r.get(5)?,
+                    })
+                },
+            )?
             .collect()
         })
         .await
