@@ -8,9 +8,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 /// The Debian docker.io client: newer clients without buildx refuse `DOCKER_BUILDKIT=1`.
 const DOCKER: &str = "/usr/bin/docker";
 
@@ -33,14 +30,8 @@ RUN /bin/busybox dd if=/dev/urandom of=/data/b.bin bs=1M count=32
 RUN /bin/busybox dd if=/dev/urandom of=/data/c.bin bs=1M count=32
 "#;
 
-fn docker(args: &[&str]) -> Command {
-    let mut command = Command::new(DOCKER);
-    command.env("DOCKER_BUILDKIT", "1").args(args);
-    command
-}
-
 fn image_id(reference: &str) -> String {
-    common::run_ok(&mut docker(&[
+    common::run_ok(&mut common::docker(&[
         "image", "inspect", "--format", "{{.Id}}", reference,
     ]))
     .trim()
@@ -49,9 +40,9 @@ fn image_id(reference: &str) -> String {
 
 /// Remove the images and all build cache; how the build cache prune went.
 fn remove(tag: &str, ids: &[&str]) -> (bool, String) {
-    let pruned = common::run(&mut docker(&["builder", "prune", "-af"]));
+    let pruned = common::run(&mut common::docker(&["builder", "prune", "-af"]));
     for image in ids.iter().chain([&tag]) {
-        common::run(&mut docker(&["image", "rm", "-f", image]));
+        common::run(&mut common::docker(&["image", "rm", "-f", image]));
     }
     pruned
 }
@@ -60,7 +51,7 @@ fn remove(tag: &str, ids: &[&str]) -> (bool, String) {
 fn wipe(tag: &str, ids: &[&str]) {
     let (pruned, out) = remove(tag, ids);
     assert!(pruned, "docker builder prune failed:\n{out}");
-    let images = common::run_ok(&mut docker(&[
+    let images = common::run_ok(&mut common::docker(&[
         "images",
         "-a",
         "--no-trunc",
@@ -73,24 +64,6 @@ fn wipe(tag: &str, ids: &[&str]) {
             "{gone} survived the wipe:\n{images}"
         );
     }
-}
-
-fn build(context: &Path, tag: &str, cache_from: Option<&str>) -> String {
-    // No network for RUN: the steps need none, and the build then does not depend on
-    // the daemon's bridge.
-    let mut command = docker(&[
-        "build",
-        "--network=none",
-        "--progress=plain",
-        "--build-arg",
-        "BUILDKIT_INLINE_CACHE=1",
-        "-t",
-        tag,
-    ]);
-    if let Some(from) = cache_from {
-        command.args(["--cache-from", from]);
-    }
-    common::run_ok(command.arg(context))
 }
 
 /// Leaves the daemon without this test's images and build cache, also on failure.
@@ -111,7 +84,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
     if !common::require_tool(DOCKER) {
         return;
     }
-    let (ok, info) = common::run(&mut docker(&["info"]));
+    let (ok, info) = common::run(&mut common::docker(&["info"]));
     assert!(
         ok,
         "dockerd is not answering (scripts/setup-clients.sh starts it):\n{info}"
@@ -127,7 +100,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
     wipe(&tag, &[]);
 
     // Cold build on an empty builder: every step runs.
-    let cold = build(context.path(), &tag, None);
+    let cold = common::docker_build(context.path(), &tag, true, None);
     let cold_steps = common::step_outcomes(&cold);
     let instructions = DOCKERFILE
         .lines()
@@ -146,7 +119,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
     }
     let built = image_id(&tag);
     cleanup.ids.push(built.clone());
-    let push = common::run_ok(&mut docker(&["push", &tag]));
+    let push = common::run_ok(&mut common::docker(&["push", &tag]));
     let pushed_digest = push
         .split_whitespace()
         .skip_while(|w| *w != "digest:")
@@ -156,7 +129,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
 
     // Warm build on a wiped daemon, importing the inline cache: nothing runs.
     wipe(&tag, &[&built]);
-    let warm = build(context.path(), &tag, Some(&tag));
+    let warm = common::docker_build(context.path(), &tag, true, Some(&tag));
     assert!(
         warm.contains(&format!("importing cache manifest from {tag}")),
         "{warm}"
@@ -180,9 +153,9 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
 
     // Pull on a wiped daemon: the image built first, under the digest pushed.
     wipe(&tag, &[&built]);
-    common::run_ok(&mut docker(&["pull", &tag]));
+    common::run_ok(&mut common::docker(&["pull", &tag]));
     assert_eq!(image_id(&tag), built);
-    let repo_digests = common::run_ok(&mut docker(&[
+    let repo_digests = common::run_ok(&mut common::docker(&[
         "image",
         "inspect",
         "--format",

@@ -34,33 +34,11 @@ RUN /bin/busybox mkdir -p /data && /bin/busybox dd if=/dev/urandom of=/data/a.bi
 RUN /bin/busybox dd if=/dev/urandom of=/data/b.bin bs=1M count=4
 "#;
 
-fn docker(args: &[&str]) -> Command {
-    let mut command = Command::new(DOCKER);
-    command.env("DOCKER_BUILDKIT", "1").args(args);
-    command
-}
-
-fn build(context: &Path, tag: &str, cache_from: Option<&str>) -> String {
-    let mut command = docker(&[
-        "build",
-        "--network=none",
-        "--progress=plain",
-        "--build-arg",
-        "BUILDKIT_INLINE_CACHE=1",
-        "-t",
-        tag,
-    ]);
-    if let Some(from) = cache_from {
-        command.args(["--cache-from", from]);
-    }
-    common::run_ok(command.arg(context))
-}
-
 /// Remove the image and all build cache.
 fn wipe(tag: &str) {
-    let (pruned, out) = common::run(&mut docker(&["builder", "prune", "-af"]));
+    let (pruned, out) = common::run(&mut common::docker(&["builder", "prune", "-af"]));
     assert!(pruned, "docker builder prune failed:\n{out}");
-    common::run(&mut docker(&["image", "rm", "-f", tag]));
+    common::run(&mut common::docker(&["image", "rm", "-f", tag]));
 }
 
 /// Leaves the daemon without this test's image and build cache, also on failure.
@@ -68,8 +46,8 @@ struct Cleanup<'a>(&'a str);
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        common::run(&mut docker(&["builder", "prune", "-af"]));
-        common::run(&mut docker(&["image", "rm", "-f", self.0]));
+        common::run(&mut common::docker(&["builder", "prune", "-af"]));
+        common::run(&mut common::docker(&["image", "rm", "-f", self.0]));
     }
 }
 
@@ -152,7 +130,7 @@ fn the_dashboard_shows_a_real_builds_sessions_and_plots_in_a_headless_browser() 
     if !common::require_tool(CHROMIUM) || !common::require_tool(DOCKER) {
         return;
     }
-    let (ok, info) = common::run(&mut docker(&["info"]));
+    let (ok, info) = common::run(&mut common::docker(&["info"]));
     assert!(
         ok,
         "dockerd is not answering (scripts/setup-clients.sh starts it):\n{info}"
@@ -171,10 +149,10 @@ fn the_dashboard_shows_a_real_builds_sessions_and_plots_in_a_headless_browser() 
     // A real build's traffic: cold build and push with the inline cache, then a rebuild
     // on a wiped daemon that imports it (manifest hits, layers read).
     wipe(&tag);
-    build(context.path(), &tag, None);
-    common::run_ok(&mut docker(&["push", &tag]));
+    common::docker_build(context.path(), &tag, true, None);
+    common::run_ok(&mut common::docker(&["push", &tag]));
     wipe(&tag);
-    let warm = build(context.path(), &tag, Some(&tag));
+    let warm = common::docker_build(context.path(), &tag, true, Some(&tag));
     assert!(
         warm.contains(&format!("importing cache manifest from {tag}")),
         "{warm}"

@@ -191,12 +191,6 @@ COPY nonce /nonce
 COPY random.bin /data/random.bin
 ";
 
-fn docker(args: &[&str]) -> Command {
-    let mut command = Command::new(DOCKER);
-    command.env("DOCKER_BUILDKIT", "1").args(args);
-    command
-}
-
 fn skopeo(args: &[&str]) -> Command {
     let mut command = Command::new("skopeo");
     command.args(args);
@@ -204,7 +198,7 @@ fn skopeo(args: &[&str]) -> Command {
 }
 
 fn image_id(reference: &str) -> String {
-    common::run_ok(&mut docker(&[
+    common::run_ok(&mut common::docker(&[
         "image", "inspect", "--format", "{{.Id}}", reference,
     ]))
     .trim()
@@ -215,7 +209,7 @@ fn image_id(reference: &str) -> String {
 /// (everything in its config but BuildKit's inline cache metadata, which BuildKit does
 /// not always reproduce for a step shared with other builds).
 fn image_content(reference: &str) -> String {
-    common::run_ok(&mut docker(&[
+    common::run_ok(&mut common::docker(&[
         "image",
         "inspect",
         "--format",
@@ -226,22 +220,6 @@ fn image_content(reference: &str) -> String {
     .to_owned()
 }
 
-fn build(context: &Path, tag: &str, cache_from: Option<&str>) -> String {
-    let mut command = docker(&[
-        "build",
-        "--network=none",
-        "--progress=plain",
-        "--build-arg",
-        "BUILDKIT_INLINE_CACHE=1",
-        "-t",
-        tag,
-    ]);
-    if let Some(from) = cache_from {
-        command.args(["--cache-from", from]);
-    }
-    common::run_ok(command.arg(context))
-}
-
 /// Leaves the daemon without this test's images and build cache, also on failure.
 struct DockerCleanup {
     references: Vec<String>,
@@ -249,9 +227,9 @@ struct DockerCleanup {
 
 impl DockerCleanup {
     fn run(&self) -> (bool, String) {
-        let pruned = common::run(&mut docker(&["builder", "prune", "-af"]));
+        let pruned = common::run(&mut common::docker(&["builder", "prune", "-af"]));
         for reference in &self.references {
-            common::run(&mut docker(&["image", "rm", "-f", reference]));
+            common::run(&mut common::docker(&["image", "rm", "-f", reference]));
         }
         pruned
     }
@@ -285,7 +263,7 @@ fn build_image(server: &common::Server, index: usize, layer: usize) -> Image {
     std::fs::write(context.path().join("random.bin"), random).unwrap();
     let repo = format!("evict/app{index}");
     let tag = format!("{}/{repo}:v1", server.host);
-    build(context.path(), &tag, None);
+    common::docker_build(context.path(), &tag, true, None);
     let id = image_id(&tag);
     let content = image_content(&tag);
     Image {
@@ -305,7 +283,7 @@ async fn real_clients_stay_under_the_quota() {
     if !common::require_tool(DOCKER) || !common::require_tool("skopeo") {
         return;
     }
-    let (ok, info) = common::run(&mut docker(&["info"]));
+    let (ok, info) = common::run(&mut common::docker(&["info"]));
     assert!(
         ok,
         "dockerd is not answering (scripts/setup-clients.sh starts it):\n{info}"
@@ -348,7 +326,7 @@ async fn real_clients_stay_under_the_quota() {
     let mut peak = (0, 0);
     for (index, image) in images.iter().enumerate() {
         if index % 2 == 0 {
-            common::run_ok(&mut docker(&["push", &image.tag]));
+            common::run_ok(&mut common::docker(&["push", &image.tag]));
         } else {
             common::run_ok(&mut skopeo(&[
                 "copy",
@@ -483,8 +461,10 @@ async fn real_clients_stay_under_the_quota() {
     // ...and docker, on a daemon without them, gets the very images it built.
     for index in [0, newest - 1, newest] {
         let image = &images[index];
-        common::run(&mut docker(&["image", "rm", "-f", &image.tag, &image.id]));
-        common::run_ok(&mut docker(&["pull", &image.tag]));
+        common::run(&mut common::docker(&[
+            "image", "rm", "-f", &image.tag, &image.id,
+        ]));
+        common::run_ok(&mut common::docker(&["pull", &image.tag]));
         assert_eq!(image_id(&image.tag), image.id, "{}", image.tag);
     }
 
@@ -493,7 +473,7 @@ async fn real_clients_stay_under_the_quota() {
     let (pruned, out) = cleanup.run();
     assert!(pruned, "docker builder prune failed:\n{out}");
     let image = &images[newest];
-    let warm = build(image.context.path(), &image.tag, Some(&image.tag));
+    let warm = common::docker_build(image.context.path(), &image.tag, true, Some(&image.tag));
     assert!(
         warm.contains(&format!("importing cache manifest from {}", image.tag)),
         "{warm}"

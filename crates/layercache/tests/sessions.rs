@@ -49,7 +49,7 @@ fn daemon() -> Option<MutexGuard<'static, ()>> {
         return None;
     }
     let guard = DAEMON.lock().unwrap_or_else(|p| p.into_inner());
-    let (ok, info) = common::run(&mut docker(&["info"]));
+    let (ok, info) = common::run(&mut common::docker(&["info"]));
     assert!(
         ok,
         "dockerd is not answering (scripts/setup-clients.sh starts it):\n{info}"
@@ -57,31 +57,11 @@ fn daemon() -> Option<MutexGuard<'static, ()>> {
     Some(guard)
 }
 
-fn docker(args: &[&str]) -> Command {
-    let mut command = Command::new(DOCKER);
-    command.env("DOCKER_BUILDKIT", "1").args(args);
-    command
-}
-
 /// A build context of [`DOCKERFILE`] whose last step copies `last`.
 fn context(server: &common::Server, last: &str) -> tempfile::TempDir {
     let context = common::busybox_context(server, "Dockerfile", DOCKERFILE);
     std::fs::write(context.path().join("last.txt"), last).unwrap();
     context
-}
-
-/// `docker build` of `context` as `tag`, with the inline cache if `inline_cache` and
-/// `--cache-from` if given; the output.
-fn build(context: &Path, tag: &str, inline_cache: bool, cache_from: Option<&str>) -> String {
-    // No network for RUN: the steps need none.
-    let mut command = docker(&["build", "--network=none", "--progress=plain", "-t", tag]);
-    if inline_cache {
-        command.args(["--build-arg", "BUILDKIT_INLINE_CACHE=1"]);
-    }
-    if let Some(from) = cache_from {
-        command.args(["--cache-from", from]);
-    }
-    common::run_ok(command.arg(context))
 }
 
 /// The build steps of `output` and how each ended; checks there is one per instruction.
@@ -97,12 +77,12 @@ fn steps(output: &str) -> BTreeMap<String, String> {
 
 /// Remove `tags` and all build cache from the daemon; check that the tags are gone.
 fn wipe(tags: &[&str]) {
-    let (pruned, out) = common::run(&mut docker(&["builder", "prune", "-af"]));
+    let (pruned, out) = common::run(&mut common::docker(&["builder", "prune", "-af"]));
     assert!(pruned, "docker builder prune failed:\n{out}");
     for tag in tags {
-        common::run(&mut docker(&["image", "rm", "-f", tag]));
+        common::run(&mut common::docker(&["image", "rm", "-f", tag]));
     }
-    let images = common::run_ok(&mut docker(&[
+    let images = common::run_ok(&mut common::docker(&[
         "images",
         "--format",
         "{{.Repository}}:{{.Tag}}",
@@ -120,9 +100,9 @@ struct Cleanup(Vec<String>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        common::run(&mut docker(&["builder", "prune", "-af"]));
+        common::run(&mut common::docker(&["builder", "prune", "-af"]));
         for tag in &self.0 {
-            common::run(&mut docker(&["image", "rm", "-f", tag]));
+            common::run(&mut common::docker(&["image", "rm", "-f", tag]));
         }
     }
 }
@@ -131,21 +111,21 @@ impl Drop for Cleanup {
 /// `docker push`.
 fn cold_build_and_push(context: &Path, tag: &str) {
     wipe(&[tag]);
-    let cold = build(context, tag, true, None);
+    let cold = common::docker_build(context, tag, true, None);
     for (step, end) in steps(&cold) {
         assert!(
             end.starts_with("DONE"),
             "cold build: {step} ended {end}\n{cold}"
         );
     }
-    common::run_ok(&mut docker(&["push", tag]));
+    common::run_ok(&mut common::docker(&["push", tag]));
 }
 
 /// Warm rebuild of `tag` on a wiped daemon, importing its inline cache: every step
 /// CACHED.
 fn warm_rebuild(context: &Path, tag: &str) {
     wipe(&[tag]);
-    let warm = build(context, tag, true, Some(tag));
+    let warm = common::docker_build(context, tag, true, Some(tag));
     assert!(
         warm.contains(&format!("importing cache manifest from {tag}")),
         "{warm}"
@@ -354,7 +334,7 @@ fn dropped_cache_flags_fail_expect() {
     let context = context(&server, "dropped");
     let tag = format!("{}/cache/dropped:v1", server.host);
     let _cleanup = Cleanup(vec![tag.clone()]);
-    build(context.path(), &tag, false, None);
+    common::docker_build(context.path(), &tag, false, None);
 
     let expect = |repo: &str, what: &[&str]| {
         let since = since.to_string();
@@ -434,7 +414,7 @@ fn partial_rebuild_writes_exactly_the_new_blobs() {
     // Only the last step's input changes: the steps before it come from v1's cache.
     wipe(&[&v1]);
     std::fs::write(context.path().join("last.txt"), "second").unwrap();
-    let rebuilt = build(context.path(), &v2, true, Some(&v1));
+    let rebuilt = common::docker_build(context.path(), &v2, true, Some(&v1));
     for (step, end) in steps(&rebuilt) {
         if step.contains("last.txt") {
             assert!(end.starts_with("DONE"), "{step} ended {end}\n{rebuilt}");
@@ -444,7 +424,7 @@ fn partial_rebuild_writes_exactly_the_new_blobs() {
     }
     settle(&server, "cache/app");
     let push_since = now_secs();
-    common::run_ok(&mut docker(&["push", &v2]));
+    common::run_ok(&mut common::docker(&["push", &v2]));
     settle(&server, "cache/app");
 
     let old = blobs_of(&manifest(&server, "cache/app", "v1"));

@@ -324,3 +324,30 @@ pub fn step_outcomes(output: &str) -> std::collections::BTreeMap<String, String>
         })
         .collect()
 }
+
+/// The docker client of Debian's `docker.io` (a newer client without buildx refuses
+/// `DOCKER_BUILDKIT=1`), with BuildKit on.
+pub fn docker(args: &[&str]) -> Command {
+    let mut command = Command::new("/usr/bin/docker");
+    command.env("DOCKER_BUILDKIT", "1").args(args);
+    command
+}
+
+/// `docker build` of `context` as `tag` without network for `RUN` (the steps need
+/// none), with the inline cache if `inline_cache` and `--cache-from` if given; the
+/// output.
+pub fn docker_build(
+    context: &Path,
+    tag: &str,
+    inline_cache: bool,
+    cache_from: Option<&str>,
+) -> String {
+    let mut command = docker(&["build", "--network=none", "--progress=plain", "-t", tag]);
+    if inline_cache {
+        command.args(["--build-arg", "BUILDKIT_INLINE_CACHE=1"]);
+    }
+    if let Some(from) = cache_from {
+        command.args(["--cache-from", from]);
+    }
+    run_ok(command.arg(context))
+}
