@@ -870,3 +870,57 @@ fn a_repository_filter_sees_past_a_thousand_other_sessions() {
     let wanted = api_sessions(&server, since, "wanted/app");
     assert_eq!(wanted.len(), 1, "the session of wanted/app is lost");
 }
+
+/// With `ask_credentials`, a client without credentials is challenged, and after
+/// `docker login -u run-1234` (any password) every request of the build, BuildKit's
+/// included, lands in the session named `run-1234`.
+#[test]
+fn docker_login_names_the_build_session() {
+    let Some(_daemon) = daemon() else { return };
+    let server = common::Server::start_with_env(&[
+        IDLE_GAP,
+        ("LAYERCACHE_SERVER__SESSIONS__ASK_CREDENTIALS", "true"),
+    ]);
+    let challenge = block_on(async {
+        reqwest::Client::new()
+            .get(server.at("/v2/named/app/manifests/v1"))
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(challenge.status(), 401);
+    assert_eq!(
+        challenge.headers()["www-authenticate"],
+        "Basic realm=\"layercache\""
+    );
+    let tag = format!("{}/named/app:v1", server.host);
+    let _cleanup = Cleanup(vec![tag.clone()]);
+    let login = common::run_ok(&mut common::docker(&[
+        "login",
+        "-u",
+        "run-1234",
+        "-p",
+        "any",
+        &server.host,
+    ]));
+    assert!(login.contains("Login Succeeded"), "{login}");
+    struct Logout(String);
+    impl Drop for Logout {
+        fn drop(&mut self) {
+            common::run(&mut common::docker(&["logout", &self.0]));
+        }
+    }
+    let _logout = Logout(server.host.clone());
+    let since = now_secs();
+    let context = context(&server, "named");
+    cold_build_and_push(context.path(), &tag);
+    warm_rebuild(context.path(), &tag);
+    settle(&server, "named/app");
+    let sessions = api_sessions(&server, since, "named/app");
+    let names: BTreeSet<Option<&str>> = sessions.iter().map(|s| s.name.as_deref()).collect();
+    assert_eq!(names, BTreeSet::from([Some("run-1234")]), "{sessions:#?}");
+    let total = |f: fn(&Session) -> u64| sessions.iter().map(f).sum::<u64>();
+    assert!(total(|s| s.blobs_written) > 0, "{sessions:#?}");
+    assert!(total(|s| s.manifest_hits) > 0, "{sessions:#?}");
+    assert!(total(|s| s.bytes_served) > 0, "{sessions:#?}");
+}

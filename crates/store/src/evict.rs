@@ -362,7 +362,7 @@ impl Store {
             } else {
                 0
             };
-            let candidates = self.candidates(started_at, &mut report).await?;
+            let candidates = self.candidates(started_at, need, &mut report).await?;
             let outcome = self
                 .0
                 .meta
@@ -430,11 +430,20 @@ impl Store {
         Ok(report)
     }
 
-    /// The roots eviction may take, in order: neither pinned nor in use.
-    async fn candidates(&self, now: i64, report: &mut GcReport) -> Result<Vec<Candidate>> {
+    /// The roots eviction may take, in order: neither pinned nor in use. None when
+    /// nothing needs freeing and no rule sets a maximum age.
+    async fn candidates(
+        &self,
+        now: i64,
+        need: u64,
+        report: &mut GcReport,
+    ) -> Result<Vec<Candidate>> {
         let evictor = &self.0.evictor;
         let mut candidates = Vec::new();
         (report.kept_in_use, report.kept_pinned) = (0, 0);
+        if need == 0 && evictor.rules.iter().all(|r| r.max_age.is_none()) {
+            return Ok(candidates);
+        }
         for root in self.0.meta.roots().await? {
             let rule = evictor.rule_for(&root.repo);
             if rule.is_some_and(|r| pinned(r, &root)) {

@@ -85,7 +85,7 @@ pub struct Session {
     pub open: bool,
     /// Repositories it touched.
     pub repositories: BTreeSet<String>,
-    /// Tags it read or wrote (`repo:tag`).
+    /// Tags it read or wrote (`repo:tag`; the first 1000).
     pub tags: BTreeSet<String>,
     /// Requests.
     pub requests: u64,
@@ -155,7 +155,7 @@ impl Session {
                 if found {
                     self.manifest_hits += 1;
                     if by_tag {
-                        self.tags.insert(reference);
+                        note(&mut self.tags, reference);
                     }
                 } else {
                     self.manifest_misses += 1;
@@ -165,7 +165,7 @@ impl Session {
             Outcome::ManifestWritten { tag } => {
                 self.manifests_written += 1;
                 if let Some(tag) = tag {
-                    self.tags.insert(tag);
+                    note(&mut self.tags, tag);
                 }
             }
             // A client re-checking what it just uploaded avoided nothing.
@@ -214,6 +214,13 @@ impl Session {
     pub fn hit_ratio(&self) -> Option<f64> {
         let lookups = self.manifest_hits + self.manifest_misses;
         (lookups > 0).then(|| self.manifest_hits as f64 / lookups as f64)
+    }
+}
+
+/// Add `tag` to `tags` unless the set is full.
+fn note(tags: &mut BTreeSet<String>, tag: String) {
+    if tags.len() < MAX_LISTED {
+        tags.insert(tag);
     }
 }
 

@@ -12,9 +12,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::parse_digest;
 use crate::meta::{BlobUsage, EvictOutcome, EvictRequest, Evicted, Root, on_disk};
 
-/// A manifest's last use: its own push or read, or any of its tags'.
+/// A manifest's last use: its own push or read, or any of its tags'. (Without the
+/// index hint SQLite scans a repository's every tag per manifest.)
 const LAST_USED: &str = "max(m.created_at, m.accessed_at, coalesce(
-        (SELECT max(max(t.updated_at, t.accessed_at)) FROM tags t
+        (SELECT max(max(t.updated_at, t.accessed_at)) FROM tags t INDEXED BY tags_by_digest
          WHERE t.repo_id = m.repo_id AND t.digest = m.digest), 0))";
 
 /// `m` is a root: no manifest in its repository lists it, and its subject (if any) is
@@ -33,7 +34,7 @@ const SWEEPABLE: &str = "max(b.created_at, b.accessed_at) < ?1
 pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
     let sql = format!(
         "SELECT r.name, m.digest, {LAST_USED},
-            (SELECT group_concat(t.name, char(10)) FROM tags t
+            (SELECT group_concat(t.name, char(10)) FROM tags t INDEXED BY tags_by_digest
              WHERE t.repo_id = m.repo_id AND t.digest = m.digest)
          FROM manifests m JOIN repos r ON r.id = m.repo_id
          WHERE {IS_ROOT}
