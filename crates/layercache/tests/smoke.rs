@@ -1,6 +1,12 @@
-//! The binary starts, answers the API version check, and restarts on its data.
+//! The binary starts, answers the API version check, and restarts on its data (blobs
+//! and build sessions).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -25,8 +31,28 @@ async fn serve_answers_the_version_check_and_keeps_data_across_restarts() {
         .unwrap();
     assert_eq!(put.status(), 201);
 
+    // Build sessions are saved every few seconds: wait for one save, then crash.
+    let sessions_before: serde_json::Value = client
+        .get(server.at("/api/v1/sessions?repo=smoke"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
     server.restart();
     let client = reqwest::Client::new(); // the old pool holds connections to the dead process
+    let sessions_after: serde_json::Value = client
+        .get(server.at("/api/v1/sessions?repo=smoke"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sessions_before[0]["id"], sessions_after[0]["id"]);
+    assert_eq!(sessions_after[0]["blobs_written"], 1, "{sessions_after:#}");
     let got = client
         .get(server.at(&format!("/v2/smoke/blobs/{digest}")))
         .send()

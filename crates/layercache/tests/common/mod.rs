@@ -302,7 +302,7 @@ pub fn busybox_context(server: &Server, file_name: &str, contents: &str) -> temp
 }
 
 /// `--progress=plain` output reduced to its build steps (`#N [stage i/n] INSTRUCTION`,
-/// without `[internal]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
+/// without `[internal]` or `[auth]` ones): step text → how it ended (`CACHED`, `DONE …`, `ERROR …`).
 pub fn step_outcomes(output: &str) -> std::collections::BTreeMap<String, String> {
     let mut names = std::collections::BTreeMap::new();
     let mut ends = std::collections::BTreeMap::new();
@@ -310,7 +310,7 @@ pub fn step_outcomes(output: &str) -> std::collections::BTreeMap<String, String>
         let Some((id, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
             continue;
         };
-        if rest.starts_with('[') && !rest.starts_with("[internal]") {
+        if rest.starts_with('[') && !rest.starts_with("[internal]") && !rest.starts_with("[auth]") {
             names.insert(id.to_owned(), rest.to_owned());
         } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
             ends.insert(id.to_owned(), rest.to_owned());
