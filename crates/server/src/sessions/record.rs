@@ -114,9 +114,9 @@ pub struct Session {
     /// References asked for and absent, in order (the first 1000).
     pub missed: Vec<String>,
     /// Blobs uploaded (the first 1000).
-    pub written: Vec<String>,
+    pub written: BTreeSet<String>,
     /// Blobs found present or mounted instead of uploaded (the first 1000).
-    pub avoided: Vec<String>,
+    pub avoided: BTreeSet<String>,
     /// Changed since it was last saved.
     #[serde(skip)]
     pub(super) unsaved: bool,
@@ -179,7 +179,7 @@ impl Session {
             } => {
                 self.blobs_present += 1;
                 self.bytes_avoided += size;
-                list(&mut self.avoided, digest);
+                note(&mut self.avoided, digest);
             }
             Outcome::BlobChecked { size: None, .. } => self.blobs_absent += 1,
             Outcome::BlobServed { bytes, .. } => {
@@ -189,11 +189,11 @@ impl Session {
             Outcome::BlobWritten { digest, bytes } => {
                 self.blobs_written += 1;
                 self.bytes_written += bytes;
-                list(&mut self.written, digest);
+                note(&mut self.written, digest);
             }
             Outcome::BlobMounted { digest, bytes } => {
                 self.bytes_avoided += bytes;
-                list(&mut self.avoided, digest);
+                note(&mut self.avoided, digest);
             }
             Outcome::BlobMissing { digest } => {
                 self.errors += 1;
@@ -217,10 +217,10 @@ impl Session {
     }
 }
 
-/// Add `tag` to `tags` unless the set is full.
-fn note(tags: &mut BTreeSet<String>, tag: String) {
-    if tags.len() < MAX_LISTED {
-        tags.insert(tag);
+/// Add `item` to `items` unless the set is full.
+fn note(items: &mut BTreeSet<String>, item: String) {
+    if items.len() < MAX_LISTED {
+        items.insert(item);
     }
 }
 
