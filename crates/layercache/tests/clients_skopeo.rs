@@ -92,7 +92,8 @@ impl Layout {
             len: 0,
         };
         for (i, &(path, len)) in files.iter().enumerate() {
-            out.write_all(&tar_header(path, len as u64)).unwrap();
+            out.write_all(&common::tar_header(path, len as u64))
+                .unwrap();
             for chunk in common::chunks(seed + i as u64, len, 1 << 20) {
                 out.write_all(&chunk).unwrap();
             }
@@ -139,26 +140,6 @@ impl Layout {
         std::fs::write(self.dir.join("index.json"), index.to_string()).unwrap();
         bytes
     }
-}
-
-/// A ustar header for a regular file.
-fn tar_header(path: &str, len: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    let mut field =
-        |offset: usize, value: &[u8]| h[offset..offset + value.len()].copy_from_slice(value);
-    field(0, path.as_bytes());
-    field(100, b"0000644\0");
-    field(108, b"0000000\0");
-    field(116, b"0000000\0");
-    field(124, format!("{len:011o}\0").as_bytes());
-    field(136, b"00000000000\0");
-    field(148, b"        ");
-    field(156, b"0");
-    field(257, b"ustar\0");
-    field(263, b"00");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
 }
 
 fn file_digest(path: &Path) -> String {

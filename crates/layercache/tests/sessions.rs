@@ -685,7 +685,7 @@ fn oci_layout(dir: &Path) -> BTreeSet<String> {
     let layers: Vec<Value> = [(1u64, 300 << 10), (2, 1 << 20), (3, 5000)]
         .into_iter()
         .map(|(seed, len)| {
-            let mut tar = tar_header(&format!("file{seed}"), len as u64).to_vec();
+            let mut tar = common::tar_header(&format!("file{seed}"), len as u64).to_vec();
             tar.extend(common::chunks(seed, len, 1 << 16).flatten());
             tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
             let mut layer = add(&tar);
@@ -719,26 +719,6 @@ fn oci_layout(dir: &Path) -> BTreeSet<String> {
         .chain(&layers)
         .map(|d| d["digest"].as_str().unwrap().to_owned())
         .collect()
-}
-
-/// A ustar header for a regular file.
-fn tar_header(path: &str, len: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    let mut field =
-        |offset: usize, value: &[u8]| h[offset..offset + value.len()].copy_from_slice(value);
-    field(0, path.as_bytes());
-    field(100, b"0000644\0");
-    field(108, b"0000000\0");
-    field(116, b"0000000\0");
-    field(124, format!("{len:011o}\0").as_bytes());
-    field(136, b"00000000000\0");
-    field(148, b"        ");
-    field(156, b"0");
-    field(257, b"ustar\0");
-    field(263, b"00");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
 }
 
 fn skopeo(args: &[&str]) -> Command {

@@ -1,7 +1,13 @@
 //! Shared harness for end-to-end tests: one `layercache serve` per test, on a free
 //! port, in its own temporary data directory, killed when dropped.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -350,4 +356,24 @@ pub fn docker_build(
         command.args(["--cache-from", from]);
     }
     run_ok(command.arg(context))
+}
+
+/// A ustar header for a regular file.
+pub fn tar_header(path: &str, len: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    let mut field =
+        |offset: usize, value: &[u8]| h[offset..offset + value.len()].copy_from_slice(value);
+    field(0, path.as_bytes());
+    field(100, b"0000644\0");
+    field(108, b"0000000\0");
+    field(116, b"0000000\0");
+    field(124, format!("{len:011o}\0").as_bytes());
+    field(136, b"00000000000\0");
+    field(148, b"        ");
+    field(156, b"0");
+    field(257, b"ustar\0");
+    field(263, b"00");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
 }
