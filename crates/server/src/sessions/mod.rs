@@ -220,47 +220,59 @@ impl Sessions {
     }
 
     /// Save every changed session, closing those idle for the gap (or all, at shutdown).
+    /// A closed session stays in memory until it is saved, so listings never miss it.
     pub async fn save(&self, closing_all: bool) -> store::Result<()> {
         let now = record::now_ms();
         let gap = self.config.idle_gap.as_millis() as i64;
         let due: Vec<Session> = {
             let mut live = self.lock();
-            let mut due = std::mem::take(&mut live.closed);
-            live.open.retain(|_, session| {
-                let closing = closing_all || now - session.ended_ms >= gap;
-                if closing {
+            let idle: Vec<Key> = live
+                .open
+                .iter()
+                .filter(|(_, s)| closing_all || now - s.ended_ms >= gap)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in idle {
+                if let Some(mut session) = live.open.remove(&key) {
                     session.close();
+                    live.closed.push(session);
                 }
-                if session.unsaved {
-                    session.unsaved = false;
-                    due.push(session.clone());
-                }
-                !closing
-            });
+            }
+            let mut due = live.closed.clone();
+            for session in live.open.values_mut().filter(|s| s.unsaved) {
+                session.unsaved = false;
+                due.push(session.clone());
+            }
             due
         };
-        for session in due {
-            let report = serde_json::to_string(&session).unwrap_or_default();
-            let saved = self
-                .store
-                .save_session(SessionRecord {
-                    id: session.id.clone(),
-                    name: session.name.clone(),
-                    repositories: session.repositories.iter().cloned().collect(),
-                    started_at: session.started_ms / 1000,
-                    ended_at: session.ended_ms / 1000,
-                    report,
-                })
-                .await;
-            if let Err(e) = saved {
-                // Keep it for the next save rather than lose it.
-                let mut session = session;
-                session.unsaved = true;
-                self.lock().closed.push(session);
-                return Err(e);
+        // Concurrently, so the metadata writer commits them in a few groups.
+        let saves = due.iter().map(|session| {
+            self.store.save_session(SessionRecord {
+                id: session.id.clone(),
+                name: session.name.clone(),
+                repositories: session.repositories.iter().cloned().collect(),
+                started_at: session.started_ms / 1000,
+                ended_at: session.ended_ms / 1000,
+                report: serde_json::to_string(session).unwrap_or_default(),
+            })
+        });
+        let results = futures::future::join_all(saves).await;
+        let mut live = self.lock();
+        let mut failure = None;
+        for (session, result) in due.iter().zip(results) {
+            match result {
+                Ok(()) if !session.open => live.closed.retain(|s| s.id != session.id),
+                Ok(()) => {}
+                Err(e) => {
+                    // Try again at the next save.
+                    if let Some(open) = live.open.values_mut().find(|s| s.id == session.id) {
+                        open.unsaved = true;
+                    }
+                    failure = Some(e);
+                }
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 }
 
