@@ -13,3 +13,11 @@ pub mod ui;
 
 pub use app::{AppState, build_router};
 pub use config::Config;
+
+/// Milliseconds since the Unix epoch: the clock of build sessions and usage samples.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -103,11 +103,11 @@ async fn hit_ratio(
     Query(params): Query<SessionsSince>,
 ) -> Result<Json<stats::HitRatios>, ApiError> {
     let sessions = state.sessions.list(params.since, None, None).await?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    Ok(Json(stats::hit_ratios(&sessions, params.bucket, now_ms)))
+    Ok(Json(stats::hit_ratios(
+        &sessions,
+        params.bucket,
+        crate::now_ms(),
+    )))
 }
 
 /// `GET /api/v1/sessions/{id}`: one session by id (or name: the latest of that name).

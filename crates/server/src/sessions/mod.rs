@@ -151,7 +151,7 @@ impl Sessions {
                 repo: repo.to_owned(),
             },
         };
-        let now = record::now_ms();
+        let now = crate::now_ms();
         let mut live = self.lock();
         let idle = |s: &Session| now - s.ended_ms >= self.config.idle_gap.as_millis() as i64;
         if live.open.get(&key).is_some_and(idle)
@@ -222,7 +222,7 @@ impl Sessions {
     /// Save every changed session, closing those idle for the gap (or all, at shutdown).
     /// A closed session stays in memory until it is saved, so listings never miss it.
     pub async fn save(&self, closing_all: bool) -> store::Result<()> {
-        let now = record::now_ms();
+        let now = crate::now_ms();
         let gap = self.config.idle_gap.as_millis() as i64;
         let due: Vec<Session> = {
             let mut live = self.lock();
@@ -288,7 +288,7 @@ async fn save_in_background(sessions: Weak<Sessions>) {
         if let Err(e) = sessions.save(false).await {
             tracing::warn!(error = %e, "saving build sessions failed");
         }
-        let before = record::now_ms() / 1000 - sessions.config.keep.as_secs() as i64;
+        let before = crate::now_ms() / 1000 - sessions.config.keep.as_secs() as i64;
         if let Err(e) = sessions.store.prune_sessions(before).await {
             tracing::warn!(error = %e, "pruning build sessions failed");
         }

@@ -230,11 +230,3 @@ fn list(items: &mut Vec<String>, item: String) {
         items.push(item);
     }
 }
-
-/// Milliseconds since the epoch.
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

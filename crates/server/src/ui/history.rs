@@ -59,7 +59,7 @@ impl UsageHistory {
     pub async fn sample(&self) -> store::Result<UsageSample> {
         let (usage, quota) = self.store.usage().await?;
         let sample = UsageSample {
-            at: now_secs(),
+            at: crate::now_ms() / 1000,
             total: usage.total,
             blob_bytes: usage.blob_bytes,
             limit: quota.limit,
@@ -135,14 +135,6 @@ async fn sample_in_background(history: Weak<UsageHistory>) {
             tracing::warn!(error = %e, "sampling the store's usage failed");
         }
     }
-}
-
-/// Seconds since the epoch.
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
