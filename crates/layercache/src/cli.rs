@@ -25,6 +25,37 @@ pub enum Command {
     Report(ReportArgs),
     /// Fail (exit 1) unless builds used the cache as required: for a CI step.
     Expect(ExpectArgs),
+    /// Mint a runtime token for the Actions cache service (ACTIONS_RUNTIME_TOKEN), signed
+    /// with the server's key.
+    Token(TokenArgs),
+}
+
+/// Options of `layercache token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The server's TOML configuration file (for its key file and data directory).
+    #[arg(long, env = "LAYERCACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's data directory, which holds its key [default: ./layercache-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// A scope (git ref) the token may read, e.g. refs/heads/main; repeat for more, in
+    /// lookup order after the write scope.
+    #[arg(long = "read", value_name = "REF")]
+    pub read: Vec<String>,
+    /// The one scope the token writes (and reads first), e.g. refs/pull/7/merge.
+    #[arg(long = "write", value_name = "REF")]
+    pub write: Option<String>,
+    /// How long the token is valid.
+    #[arg(long, default_value = "6h")]
+    pub ttl: humantime::Duration,
+    /// The repository whose cache it reaches (entries of different repositories never
+    /// mix).
+    #[arg(long, default_value = "0")]
+    pub repository: String,
+    /// Name the build session its requests are recorded in.
+    #[arg(long)]
+    pub session: Option<String>,
 }
 
 /// Options of `layercache report`.

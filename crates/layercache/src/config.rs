@@ -16,6 +16,8 @@ pub struct Config {
     pub server: server::Config,
     /// Storage.
     pub store: store::Config,
+    /// The GitHub Actions cache service.
+    pub actions: server::actions::Config,
 }
 
 impl Config {

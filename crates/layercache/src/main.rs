@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         Command::Gc(args) => runtime.block_on(commands::gc::run(args)),
         Command::Report(args) => runtime.block_on(commands::report::run(args)),
         Command::Expect(args) => runtime.block_on(commands::expect::run(args)),
+        Command::Token(args) => commands::token::run(args),
     }
 }
 
@@ -47,7 +48,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.store.data_dir.display(), "layercache serving");
     println!("layercache listening on http://{addr}");
-    let state = server::AppState::new(store.clone(), &config.server);
+    let actions = server::actions::Actions::open(config.actions.clone(), &config.store.data_dir)
+        .await
+        .context("starting the Actions cache service")?;
+    let state = server::AppState::new(store.clone(), &config.server, actions);
     let app = server::build_router(state.clone());
     axum::serve(
         listener,

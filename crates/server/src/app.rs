@@ -13,6 +13,7 @@ use axum::response::Response;
 use axum::routing::{any, get};
 use tracing::Instrument;
 
+use crate::actions::{self, Actions};
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
 use crate::ui::UsageHistory;
@@ -29,14 +30,17 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The store's usage over the last day, for the dashboard.
     pub usage_history: Arc<UsageHistory>,
+    /// The GitHub Actions cache service.
+    pub actions: Arc<Actions>,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
     /// State over an opened store (starts recording build sessions into it, and
     /// sampling its usage).
-    pub fn new(store: store::Store, config: &crate::Config) -> AppState {
+    pub fn new(store: store::Store, config: &crate::Config, actions: Actions) -> AppState {
         AppState {
+            actions: Arc::new(actions),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
             metrics: Metrics::new(),
             usage_history: UsageHistory::start(store.clone()),
@@ -52,6 +56,7 @@ pub fn build_router(state: AppState) -> Router {
         .route("/v2", any(registry::dispatch))
         .route("/v2/", any(registry::dispatch))
         .route("/v2/{*path}", any(registry::dispatch))
+        .merge(actions::router())
         .merge(api::router())
         .merge(ui::router())
         .route("/metrics", get(metrics::serve))

@@ -3,8 +3,10 @@
 //! (in [`registry::RegistryError`]). `api` is layercache's own JSON API, and [`ui`] the
 //! web dashboard over it.
 
+pub mod actions;
 mod api;
 pub mod app;
+mod body;
 pub mod config;
 pub mod metrics;
 pub mod registry;

@@ -63,6 +63,7 @@ pub struct Metrics {
     bytes_out: Counter,
     manifest_lookups: Family<ResultLabels, Counter>,
     blob_checks: Family<ResultLabels, Counter>,
+    entry_lookups: Family<ResultLabels, Counter>,
     stored_bytes: Gauge,
     stored_blobs: Gauge,
     quota_bytes: Gauge,
@@ -86,6 +87,7 @@ impl Metrics {
         let (bytes_in, bytes_out) = (Counter::default(), Counter::default());
         let manifest_lookups = Family::<ResultLabels, Counter>::default();
         let blob_checks = Family::<ResultLabels, Counter>::default();
+        let entry_lookups = Family::<ResultLabels, Counter>::default();
         let gauges: [Gauge; 5] = Default::default();
         let [
             stored_bytes,
@@ -125,6 +127,11 @@ impl Metrics {
             blob_checks.clone(),
         );
         registry.register(
+            "cache_entry_lookups",
+            "Actions cache restores by result (hit or miss)",
+            entry_lookups.clone(),
+        );
+        registry.register(
             "stored_bytes",
             "Bytes the data directory holds",
             stored_bytes.clone(),
@@ -149,6 +156,7 @@ impl Metrics {
             bytes_out,
             manifest_lookups,
             blob_checks,
+            entry_lookups,
             stored_bytes,
             stored_blobs,
             quota_bytes,
@@ -188,6 +196,9 @@ impl Metrics {
                 &self.blob_checks,
                 if size.is_some() { "present" } else { "absent" },
             ),
+            Outcome::EntryLookup { found, .. } => {
+                (&self.entry_lookups, if *found { "hit" } else { "miss" })
+            }
             _ => return,
         };
         family.get_or_create(&ResultLabels { result }).inc();

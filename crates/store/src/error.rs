@@ -14,6 +14,8 @@ pub enum Missing {
     Repository,
     /// An upload session.
     Upload,
+    /// A cache entry.
+    Entry,
 }
 
 /// A storage failure.
@@ -56,6 +58,38 @@ pub enum Error {
         size: usize,
         /// The limit.
         limit: usize,
+    },
+    /// A cache entry with the same key and version exists in the scope (perhaps still
+    /// being uploaded).
+    #[error("a cache entry with the same key, version and scope already exists")]
+    EntryExists,
+    /// The cache entry is finished: entries are immutable.
+    #[error("the cache entry is already finished")]
+    EntryFinished,
+    /// The uploaded parts do not cover the entry's size exactly.
+    #[error("the uploaded bytes cover {covered} contiguous bytes, not the {size} bytes declared")]
+    EntryIncomplete {
+        /// The size the client declared.
+        size: u64,
+        /// Contiguous bytes from the start that were uploaded.
+        covered: u64,
+    },
+    /// The entry would be larger than allowed.
+    #[error("a cache entry may hold at most {limit} bytes")]
+    EntryTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// A block list names a block that was not uploaded.
+    #[error("block {0} was not uploaded")]
+    UnknownBlock(String),
+    /// A chunk's body does not match its declared length.
+    #[error("received {received} bytes for a chunk of {declared}")]
+    ChunkLength {
+        /// The length its range declared.
+        declared: u64,
+        /// What arrived.
+        received: u64,
     },
     /// The request body could not be read to its end (client went away, bad framing).
     #[error("request body: {0}")]

@@ -31,7 +31,9 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Eviction;
-use crate::meta::{BlobUsage, Candidate, EvictRequest, RepoUsage, Root, on_disk};
+use crate::meta::{
+    BlobUsage, Candidate, EntryRoot, EvictRequest, Evictable, RepoUsage, Root, on_disk,
+};
 use crate::{Error, Result, Store, now_secs};
 
 /// Blobs forgotten and deleted per metadata transaction in a sweep.
@@ -109,6 +111,9 @@ pub struct GcReport {
     pub quota: Quota,
     /// Roots evicted.
     pub evicted: Vec<EvictedRoot>,
+    /// Cache entries evicted.
+    #[serde(default)]
+    pub evicted_entries: Vec<EntryRoot>,
     /// Roots passed over because they were read within the in-use window.
     pub kept_in_use: u64,
     /// Roots kept because a rule pins one of their tags.
@@ -349,6 +354,7 @@ impl Store {
             usage_after: usage_before,
             quota,
             evicted: Vec::new(),
+            evicted_entries: Vec::new(),
             kept_in_use: 0,
             kept_pinned: 0,
             blobs_removed: 0,
@@ -376,7 +382,9 @@ impl Store {
             // Wait for reads that may have seen an evicted manifest: they hold leases now.
             drop(evictor.reads.write().await);
             for evicted in &outcome.evicted {
-                if evictor.leased(&evicted.root.digest) {
+                if let Evictable::Manifest(root) = &evicted.root
+                    && evictor.leased(&root.digest)
+                {
                     evictor.lease(&evicted.references);
                 }
             }
@@ -385,14 +393,17 @@ impl Store {
             let released: Vec<_> = outcome.released.into_iter().filter(unused).collect();
             let orphans: Vec<_> = outcome.orphans.into_iter().filter(unused).collect();
             let progress = !outcome.evicted.is_empty();
-            report
-                .evicted
-                .extend(outcome.evicted.into_iter().map(|e| EvictedRoot {
-                    repo: e.root.repo,
-                    digest: e.root.digest,
-                    tags: e.root.tags,
-                    last_used: e.root.last_used,
-                }));
+            for evicted in outcome.evicted {
+                match evicted.root {
+                    Evictable::Manifest(root) => report.evicted.push(EvictedRoot {
+                        repo: root.repo,
+                        digest: root.digest,
+                        tags: root.tags,
+                        last_used: root.last_used,
+                    }),
+                    Evictable::Entry(entry) => report.evicted_entries.push(entry),
+                }
+            }
             let swept = if dry_run {
                 released.into_iter().chain(orphans).collect()
             } else {
@@ -444,7 +455,23 @@ impl Store {
         if need == 0 && evictor.rules.iter().all(|r| r.max_age.is_none()) {
             return Ok(candidates);
         }
+        let in_use = evictor.config.in_use.as_secs() as i64;
         for root in self.0.meta.roots().await? {
+            let root = match root {
+                Evictable::Manifest(root) => root,
+                // A restore may still be reading it.
+                Evictable::Entry(entry) if now - entry.last_used < in_use => {
+                    report.kept_in_use += 1;
+                    continue;
+                }
+                entry @ Evictable::Entry(_) => {
+                    candidates.push(Candidate {
+                        root: entry,
+                        forced: false,
+                    });
+                    continue;
+                }
+            };
             let rule = evictor.rule_for(&root.repo);
             if rule.is_some_and(|r| pinned(r, &root)) {
                 report.kept_pinned += 1;
@@ -457,7 +484,10 @@ impl Store {
             let forced = rule
                 .and_then(|r| r.max_age)
                 .is_some_and(|age| now - root.last_used > age.as_secs() as i64);
-            candidates.push(Candidate { root, forced });
+            candidates.push(Candidate {
+                root: Evictable::Manifest(root),
+                forced,
+            });
         }
         Ok(candidates)
     }
@@ -506,6 +536,11 @@ impl Store {
                     self.end_upload(&area.id).await?;
                 }
             }
+        }
+        let expiry_ms = expiry.as_millis() as i64;
+        if !dry_run {
+            // Cache entries reserved and never finished.
+            expired += self.0.meta.expire_entries(now * 1000 - expiry_ms).await?;
         }
         let staged_ids: std::collections::HashSet<_> = staged.iter().map(|s| &s.id).collect();
         for (id, started) in &sessions {

@@ -9,6 +9,7 @@
 
 pub mod blob;
 pub mod config;
+mod entries;
 pub mod error;
 mod evict;
 pub mod meta;
@@ -17,9 +18,10 @@ pub mod upload;
 
 pub use blob::{BlobStore, ByteRange, ByteStream};
 pub use config::Config;
+pub use entries::EntryRead;
 pub use error::{Error, Result};
 pub use evict::{EvictedRoot, GcReport, Quota, Trigger, Usage};
-pub use meta::{RepoUsage, SessionFilter, SessionRecord};
+pub use meta::{Entry, EntryQuery, EntryRoot, NewEntry, RepoUsage, SessionFilter, SessionRecord};
 pub use registry::{BlobRead, PutManifest, Store};
 pub use upload::UploadId;
 

@@ -79,7 +79,7 @@ pub(crate) struct AccessLog {
 }
 
 impl AccessLog {
-    fn record(&self, touch: Touch) {
+    pub(crate) fn record(&self, touch: Touch) {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -371,7 +371,11 @@ impl Store {
 
     /// Tell the evictor about a write: it stored `added` bytes, or the disk filled up
     /// and a pass is due now.
-    fn account<T>(&self, outcome: Result<T>, added: impl FnOnce(&T) -> u64) -> Result<T> {
+    pub(crate) fn account<T>(
+        &self,
+        outcome: Result<T>,
+        added: impl FnOnce(&T) -> u64,
+    ) -> Result<T> {
         match &outcome {
             Ok(value) => self.0.evictor.added(added(value)),
             Err(Error::StorageFull) => self.0.evictor.disk_full(),

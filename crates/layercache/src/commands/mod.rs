@@ -3,6 +3,7 @@
 pub mod expect;
 pub mod gc;
 pub mod report;
+pub mod token;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

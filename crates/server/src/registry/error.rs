@@ -105,6 +105,15 @@ impl From<store::Error> for RegistryError {
                     .with_status(StatusCode::PAYLOAD_TOO_LARGE)
             }
             E::Body(_) => RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string()),
+            // Cache-entry failures; the registry never asks for entries.
+            E::NotFound(Missing::Entry)
+            | E::EntryExists
+            | E::EntryFinished
+            | E::EntryIncomplete { .. }
+            | E::EntryTooLarge { .. }
+            | E::UnknownBlock(_)
+            | E::ChunkLength { .. } => RegistryError::new(ErrorCode::Unsupported, e.to_string())
+                .with_status(StatusCode::BAD_REQUEST),
             E::StorageFull => RegistryError::new(ErrorCode::InsufficientStorage, e.to_string()),
             E::Io(_)
             | E::Database(_)

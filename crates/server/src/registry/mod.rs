@@ -5,7 +5,6 @@
 //! Spec: <https://github.com/opencontainers/distribution-spec/blob/main/spec.md>.
 
 mod blobs;
-mod body;
 mod endpoint;
 mod error;
 mod manifests;
@@ -20,7 +19,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt;
 use oci::{ErrorCode, Reference, RepoName};
 
 pub use endpoint::Endpoint;
@@ -57,7 +55,7 @@ impl Params {
 /// Serve any `/v2/...` request, and record it in its build session.
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = body::drain_on_drop(body);
+    let body = crate::body::drain_on_drop(body);
     let parsed = if state.sessions.wants_credentials(&parts.headers) {
         Err(ask_credentials())
     } else {
@@ -222,11 +220,6 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
             )
         }
     })
-}
-
-/// A request body as the store's byte stream.
-fn byte_stream(body: Body) -> store::ByteStream {
-    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 
 /// Whether the request carries a body (a `Content-Length` above zero, or chunked).

@@ -9,8 +9,9 @@ use oci::{Digest, ErrorCode, RepoName};
 use store::UploadId;
 
 use super::error::range_header;
-use super::{Params, RegistryError, Result, byte_stream, has_body};
+use super::{Params, RegistryError, Result, has_body};
 use crate::app::AppState;
+use crate::body::byte_stream;
 
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");

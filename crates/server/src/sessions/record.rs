@@ -60,6 +60,25 @@ pub enum Outcome {
         /// The blob.
         digest: String,
     },
+    /// A cache entry was looked up by its key (and restore keys).
+    EntryLookup {
+        /// The primary key.
+        key: String,
+        /// Whether an entry matched.
+        found: bool,
+    },
+    /// A cache entry was saved.
+    EntryWritten {
+        /// Its key.
+        key: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// Cache entry bytes were sent.
+    EntryServed {
+        /// Bytes sent.
+        bytes: u64,
+    },
     /// The request failed (4xx other than the misses above, or 5xx).
     Failed,
     /// Anything else (upload steps, listings).
@@ -109,6 +128,15 @@ pub struct Session {
     pub bytes_written: u64,
     /// Bytes the client did not have to upload (blobs found present or mounted).
     pub bytes_avoided: u64,
+    /// Cache entry lookups that matched an entry.
+    #[serde(default)]
+    pub entry_hits: u64,
+    /// Cache entry lookups that did not.
+    #[serde(default)]
+    pub entry_misses: u64,
+    /// Cache entries saved.
+    #[serde(default)]
+    pub entries_written: u64,
     /// Failed requests.
     pub errors: u64,
     /// References asked for and absent, in order (the first 1000).
@@ -199,6 +227,20 @@ impl Session {
                 self.errors += 1;
                 list(&mut self.missed, digest);
             }
+            Outcome::EntryLookup { key, found } => {
+                if found {
+                    self.entry_hits += 1;
+                } else {
+                    self.entry_misses += 1;
+                    list(&mut self.missed, key);
+                }
+            }
+            Outcome::EntryWritten { key, bytes } => {
+                self.entries_written += 1;
+                self.bytes_written += bytes;
+                note(&mut self.written, key);
+            }
+            Outcome::EntryServed { bytes } => self.bytes_served += bytes,
             Outcome::Failed => self.errors += 1,
             Outcome::Other => {}
         }
@@ -210,10 +252,11 @@ impl Session {
         self.unsaved = true;
     }
 
-    /// Manifest hits over lookups, if there were lookups.
+    /// Hits over lookups (manifests and cache entries), if there were lookups.
     pub fn hit_ratio(&self) -> Option<f64> {
-        let lookups = self.manifest_hits + self.manifest_misses;
-        (lookups > 0).then(|| self.manifest_hits as f64 / lookups as f64)
+        let hits = self.manifest_hits + self.entry_hits;
+        let lookups = hits + self.manifest_misses + self.entry_misses;
+        (lookups > 0).then(|| hits as f64 / lookups as f64)
     }
 }
 

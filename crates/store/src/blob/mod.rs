@@ -202,6 +202,19 @@ impl BlobStore {
         Ok(locked)
     }
 
+    /// Make the staged content visible under the digest it hashes to (`hasher` saw
+    /// exactly its bytes). Returns the digest, holding its lock.
+    pub async fn commit_as_hashed(
+        &self,
+        id: &UploadId,
+        hasher: Hasher,
+    ) -> Result<(Digest, DigestLocks<'_>)> {
+        let digest = hasher.finish();
+        let locked = self.lock_digests(std::slice::from_ref(&digest)).await;
+        self.backend.commit(id, &digest).await?;
+        Ok((digest, locked))
+    }
+
     /// Remove a staging area.
     pub async fn discard(&self, id: &UploadId) -> Result<()> {
         self.backend.discard(id).await

@@ -84,6 +84,8 @@ pub enum Touch {
     Manifest(RepoName, Digest),
     /// A manifest was read through this tag.
     Tag(RepoName, Tag),
+    /// A cache entry was restored.
+    Entry(i64),
 }
 
 /// A manifest nothing else kept needs (no kept index lists it, and it has no subject or
@@ -100,11 +102,45 @@ pub struct Root {
     pub last_used: i64,
 }
 
+/// A cache entry as eviction sees it: it goes whole, least recently restored first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntryRoot {
+    /// The entry.
+    pub id: i64,
+    /// Its scope.
+    pub scope: String,
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its last restore (or its creation), in seconds since the epoch.
+    pub last_used: i64,
+}
+
+/// What eviction removes as one unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evictable {
+    /// A manifest with its tags.
+    Manifest(Root),
+    /// A cache entry.
+    Entry(EntryRoot),
+}
+
+impl Evictable {
+    /// Its last use, in seconds since the epoch.
+    pub fn last_used(&self) -> i64 {
+        match self {
+            Evictable::Manifest(root) => root.last_used,
+            Evictable::Entry(entry) => entry.last_used,
+        }
+    }
+}
+
 /// A root to consider in an eviction.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     /// The root.
-    pub root: Root,
+    pub root: Evictable,
     /// Evict it even when enough is already freed (a rule's maximum age passed).
     pub forced: bool,
 }
@@ -126,7 +162,7 @@ pub struct EvictRequest {
 #[derive(Debug, Clone)]
 pub struct Evicted {
     /// The root as it was.
-    pub root: Root,
+    pub root: Evictable,
     /// The blobs and manifests it referenced.
     pub references: Vec<Digest>,
 }
@@ -221,8 +257,8 @@ pub trait MetaStore: Send + Sync + 'static {
 
     // ---- eviction ----
 
-    /// Every root, least recently used first.
-    async fn roots(&self) -> Result<Vec<Root>>;
+    /// Every root and committed cache entry, least recently used first.
+    async fn roots(&self) -> Result<Vec<Evictable>>;
     /// Remove candidates in order (each only if it is still a root, unused since it was
     /// listed) until the idle unreferenced blobs plus what the removed roots release
     /// (through their unreferenced child manifests too) add up to `need`, then only
@@ -244,6 +280,45 @@ pub trait MetaStore: Send + Sync + 'static {
     /// What each repository holds (those holding nothing are left out), largest first.
     async fn repository_usage(&self) -> Result<Vec<RepoUsage>>;
 
+    // ---- cache entries ----
+
+    /// Reserve an entry (its upload not done yet); [`Error::EntryExists`] when the key
+    /// and version are taken in the scope, finished or not.
+    ///
+    /// [`Error::EntryExists`]: crate::Error::EntryExists
+    async fn create_entry(&self, entry: NewEntry) -> Result<Entry>;
+    /// An entry, finished or not.
+    async fn entry(&self, id: i64) -> Result<Option<Entry>>;
+    /// The entry, finished or not, with exactly this key and version in this scope.
+    async fn entry_by_key(&self, key: NewEntry) -> Result<Option<Entry>>;
+    /// The finished entry a restore gets (see [`EntryQuery`]).
+    async fn find_entry(&self, query: EntryQuery) -> Result<Option<Entry>>;
+    /// Finished entries in `scopes` of `repository` whose key starts with one of
+    /// `prefixes` (any key when empty), newest first.
+    async fn list_entries(
+        &self,
+        repository: String,
+        scopes: Vec<String>,
+        prefixes: Vec<String>,
+    ) -> Result<Vec<Entry>>;
+    /// Record a stored blob as bytes of an unfinished entry: at `part.start` (replacing
+    /// a part there), or as its whole content with `whole`.
+    async fn add_entry_part(&self, id: i64, part: Part, whole: bool) -> Result<()>;
+    /// Record a stored blob as a staged block of an unfinished entry.
+    async fn add_entry_block(&self, id: i64, block: String, digest: Digest, len: u64)
+    -> Result<()>;
+    /// Make an unfinished entry's content its staged blocks in `blocks`' order; returns
+    /// its size.
+    async fn assemble_entry(&self, id: i64, blocks: Vec<String>) -> Result<u64>;
+    /// Finish an entry whose parts cover exactly `size` bytes.
+    async fn finish_entry(&self, id: i64, size: u64) -> Result<Entry>;
+    /// An entry's parts, in order.
+    async fn entry_parts(&self, id: i64) -> Result<Vec<Part>>;
+    /// Delete an entry; `false` when absent.
+    async fn delete_entry(&self, id: i64) -> Result<bool>;
+    /// Delete unfinished entries created before `before_ms`; returns how many.
+    async fn expire_entries(&self, before_ms: i64) -> Result<u64>;
+
     // ---- build sessions ----
 
     /// Store a build session's record, replacing an earlier save of the same session.
@@ -258,6 +333,66 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<Vec<SessionRecord>>;
     /// Forget sessions that ended before `before`; returns how many.
     async fn prune_sessions(&self, before: i64) -> Result<u64>;
+}
+
+/// An entry to reserve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// The repository it belongs to.
+    pub repository: String,
+    /// The scope (a git ref) it is written in.
+    pub scope: String,
+    /// Its key.
+    pub key: String,
+    /// Its version (opaque, matched exactly).
+    pub version: String,
+}
+
+/// A cache entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its id (never reused).
+    pub id: i64,
+    /// The repository it belongs to.
+    pub repository: String,
+    /// Its scope.
+    pub scope: String,
+    /// Its key.
+    pub key: String,
+    /// Its version.
+    pub version: String,
+    /// Its size; `None` until its upload is finished.
+    pub size: Option<u64>,
+    /// When it was created (finished, once it is), in milliseconds since the epoch.
+    pub created_ms: i64,
+    /// Its last restore (or its creation), in seconds since the epoch.
+    pub last_used: i64,
+}
+
+/// A run of an entry's bytes, stored as one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Offset of its first byte in the entry.
+    pub start: u64,
+    /// The blob.
+    pub digest: Digest,
+    /// Its length.
+    pub len: u64,
+}
+
+/// What a restore looks for, the way GitHub matches: in each scope in turn, an exact
+/// match of the first key, then the newest entry whose key starts with the first key,
+/// then with each further key in order; only entries of exactly `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryQuery {
+    /// The repository.
+    pub repository: String,
+    /// Scopes readable, in order.
+    pub scopes: Vec<String>,
+    /// The primary key, then the restore keys.
+    pub keys: Vec<String>,
+    /// The version.
+    pub version: String,
 }
 
 /// Which saved build sessions a query wants.

@@ -10,7 +10,9 @@ use oci::Digest;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::parse_digest;
-use crate::meta::{BlobUsage, EvictOutcome, EvictRequest, Evicted, Root, on_disk};
+use crate::meta::{
+    BlobUsage, EntryRoot, EvictOutcome, EvictRequest, Evictable, Evicted, Root, on_disk,
+};
 
 /// A manifest's last use: its own push or read, or any of its tags'. (Without the
 /// index hint SQLite scans a repository's every tag per manifest.)
@@ -25,13 +27,52 @@ const IS_ROOT: &str = "NOT EXISTS (SELECT 1 FROM manifest_refs x
     AND (m.subject IS NULL OR NOT EXISTS (SELECT 1 FROM manifests s
         WHERE s.repo_id = m.repo_id AND s.digest = m.subject))";
 
-/// Blob `b` is referenced by no manifest, and idle since before `?1`: what a sweep
-/// removes.
-const SWEEPABLE: &str = "max(b.created_at, b.accessed_at) < ?1
-    AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.child_digest = b.digest)";
+/// Blob `b` is referenced by no manifest and no cache entry (finished, or a block or
+/// part of one being uploaded).
+const UNREFERENCED: &str =
+    "NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.child_digest = b.digest)
+    AND NOT EXISTS (SELECT 1 FROM cache_parts p WHERE p.digest = b.digest)
+    AND NOT EXISTS (SELECT 1 FROM cache_blocks k WHERE k.digest = b.digest)";
 
-/// Every root, least recently used first.
-pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
+/// A finished cache entry's last use: its last restore, or its creation.
+const ENTRY_LAST_USED: &str = "max(e.created_ms / 1000, e.accessed_at)";
+
+/// Blob `b` is unreferenced, and idle since before `?1`: what a sweep removes.
+fn sweepable_where() -> String {
+    format!("max(b.created_at, b.accessed_at) < ?1 AND {UNREFERENCED}")
+}
+
+/// Every root and finished cache entry, least recently used first.
+pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Evictable>> {
+    let mut all: Vec<Evictable> = manifest_roots(c)?
+        .into_iter()
+        .map(Evictable::Manifest)
+        .chain(entry_roots(c)?.into_iter().map(Evictable::Entry))
+        .collect();
+    all.sort_by_key(Evictable::last_used);
+    Ok(all)
+}
+
+/// Every finished cache entry, least recently used first.
+fn entry_roots(c: &Connection) -> rusqlite::Result<Vec<EntryRoot>> {
+    c.prepare_cached(&format!(
+        "SELECT e.id, e.scope, e.key, e.size, {ENTRY_LAST_USED} FROM cache_entries e
+         WHERE e.size IS NOT NULL ORDER BY 5, e.id"
+    ))?
+    .query_map([], |r| {
+        Ok(EntryRoot {
+            id: r.get(0)?,
+            scope: r.get(1)?,
+            key: r.get(2)?,
+            size: r.get::<_, i64>(3)? as u64,
+            last_used: r.get(4)?,
+        })
+    })?
+    .collect()
+}
+
+/// Every root manifest, least recently used first.
+fn manifest_roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
     let sql = format!(
         "SELECT r.name, m.digest, {LAST_USED},
             (SELECT group_concat(t.name, char(10)) FROM tags t INDEXED BY tags_by_digest
@@ -76,10 +117,23 @@ pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<
         if freed >= request.need && !candidate.forced {
             continue;
         }
-        let Some((repo_id, references)) = evict_root(c, &candidate.root)? else {
-            continue;
+        let (released, estimate, references) = match &candidate.root {
+            Evictable::Manifest(root) => {
+                let Some((repo_id, references)) = evict_root(c, root)? else {
+                    continue;
+                };
+                let (released, estimate) = released_by(c, repo_id, &references, &mut counted)?;
+                (released, estimate, references)
+            }
+            Evictable::Entry(entry) => {
+                let Some(references) = evict_entry(c, entry)? else {
+                    continue;
+                };
+                let released = unreferenced_blobs(c, &references, &mut counted)?;
+                let estimate = released.iter().map(|(_, size)| on_disk(*size)).sum();
+                (released, estimate, references)
+            }
         };
-        let (released, estimate) = released_by(c, repo_id, &references, &mut counted)?;
         freed += estimate;
         outcome.released.extend(released);
         outcome.evicted.push(Evicted {
@@ -139,10 +193,9 @@ fn unreferenced_blobs(
             continue;
         }
         let size: Option<i64> = c
-            .prepare_cached(
-                "SELECT size FROM blobs b WHERE b.digest = ?1
-                 AND NOT EXISTS (SELECT 1 FROM manifest_refs x WHERE x.child_digest = b.digest)",
-            )?
+            .prepare_cached(&format!(
+                "SELECT size FROM blobs b WHERE b.digest = ?1 AND {UNREFERENCED}"
+            ))?
             .query_row([digest.to_string()], |r| r.get(0))
             .optional()?;
         if let Some(size) = size {
@@ -176,6 +229,25 @@ fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<(i64, Vec<
     Ok(Some((repo_id, remove_manifest(c, repo_id, &root.digest)?)))
 }
 
+/// Remove a cache entry if it is unused since it was listed; returns its parts' blobs.
+fn evict_entry(c: &Connection, root: &EntryRoot) -> rusqlite::Result<Option<Vec<Digest>>> {
+    let last_used: Option<i64> = c
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_LAST_USED} FROM cache_entries e WHERE e.id = ?1 AND e.size IS NOT NULL"
+        ))?
+        .query_row([root.id], |r| r.get(0))
+        .optional()?;
+    if last_used.is_none_or(|used| used > root.last_used) {
+        return Ok(None);
+    }
+    let references = super::entries::parts(c, root.id)?
+        .into_iter()
+        .map(|p| p.digest)
+        .collect();
+    super::entries::delete(c, root.id)?;
+    Ok(Some(references))
+}
+
 /// Delete a manifest, its tags and its references; returns what it referenced.
 fn remove_manifest(c: &Connection, repo_id: i64, digest: &Digest) -> rusqlite::Result<Vec<Digest>> {
     let digest = digest.to_string();
@@ -198,7 +270,8 @@ fn remove_manifest(c: &Connection, repo_id: i64, digest: &Digest) -> rusqlite::R
 /// Blobs a sweep may remove now, with their sizes.
 fn sweepable(c: &Connection, idle_before: i64) -> rusqlite::Result<Vec<(Digest, u64)>> {
     c.prepare_cached(&format!(
-        "SELECT b.digest, b.size FROM blobs b WHERE {SWEEPABLE}"
+        "SELECT b.digest, b.size FROM blobs b WHERE {}",
+        sweepable_where()
     ))?
     .query_map([idle_before], |r| {
         Ok((parse_digest(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
@@ -217,7 +290,8 @@ pub(super) fn forget_blobs(
         let key = digest.to_string();
         let size: Option<i64> = c
             .prepare_cached(&format!(
-                "DELETE FROM blobs AS b WHERE b.digest = ?2 AND {SWEEPABLE} RETURNING size"
+                "DELETE FROM blobs AS b WHERE b.digest = ?2 AND {} RETURNING size",
+                sweepable_where()
             ))?
             .query_row(params![idle_before, key], |r| r.get(0))
             .optional()?;

@@ -6,6 +6,7 @@
 //! are acknowledged after that transaction's single fsync. Reads use a small pool of
 //! connections on blocking threads.
 
+mod entries;
 mod evict;
 
 use std::path::{Path, PathBuf};
@@ -19,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BlobUsage, EvictOutcome, EvictRequest, ManifestRecord, MetaStore, Page, Referrer, RepoUsage,
-    Root, SessionFilter, SessionRecord, StoredManifest, Touch,
+    BlobUsage, Entry, EntryQuery, EvictOutcome, EvictRequest, Evictable, ManifestRecord, MetaStore,
+    NewEntry, Page, Part, Referrer, RepoUsage, SessionFilter, SessionRecord, StoredManifest, Touch,
 };
 use crate::upload::UploadId;
 use crate::{Error, Result, now_secs};
@@ -87,6 +88,33 @@ CREATE TABLE IF NOT EXISTS sessions (
     report     TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_end ON sessions (ended_at);
+CREATE TABLE IF NOT EXISTS cache_entries (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    repository  TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    size        INTEGER,
+    created_ms  INTEGER NOT NULL,
+    accessed_at INTEGER NOT NULL,
+    UNIQUE (repository, scope, version, key)
+);
+CREATE TABLE IF NOT EXISTS cache_parts (
+    entry_id INTEGER NOT NULL,
+    start    INTEGER NOT NULL,
+    digest   TEXT NOT NULL,
+    len      INTEGER NOT NULL,
+    PRIMARY KEY (entry_id, start)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cache_parts_by_digest ON cache_parts (digest);
+CREATE TABLE IF NOT EXISTS cache_blocks (
+    entry_id INTEGER NOT NULL,
+    block    TEXT NOT NULL,
+    digest   TEXT NOT NULL,
+    len      INTEGER NOT NULL,
+    PRIMARY KEY (entry_id, block)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cache_blocks_by_digest ON cache_blocks (digest);
 ";
 
 const READERS: usize = 4;
@@ -607,6 +635,9 @@ impl MetaStore for SqliteMeta {
                             "UPDATE tags SET accessed_at = max(accessed_at, ?3) WHERE repo_id = {REPO_ID} AND name = ?2"
                         ))?
                         .execute(params![repo.as_str(), t.as_str(), at])?,
+                    Touch::Entry(id) => c
+                        .prepare_cached("UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1")?
+                        .execute(params![id, at])?,
                 };
             }
             Ok(())
@@ -628,7 +659,7 @@ impl MetaStore for SqliteMeta {
             .collect())
     }
 
-    async fn roots(&self) -> Result<Vec<Root>> {
+    async fn roots(&self) -> Result<Vec<Evictable>> {
         self.read(evict::roots).await
     }
 
@@ -691,6 +722,68 @@ impl MetaStore for SqliteMeta {
             .collect()
         })
         .await
+    }
+
+    async fn create_entry(&self, entry: NewEntry) -> Result<Entry> {
+        self.write(move |c| entries::create(c, &entry)).await
+    }
+
+    async fn entry(&self, id: i64) -> Result<Option<Entry>> {
+        self.read(move |c| entries::get(c, id)).await
+    }
+
+    async fn entry_by_key(&self, key: NewEntry) -> Result<Option<Entry>> {
+        self.read(move |c| entries::by_key(c, &key)).await
+    }
+
+    async fn find_entry(&self, query: EntryQuery) -> Result<Option<Entry>> {
+        self.read(move |c| entries::find(c, &query)).await
+    }
+
+    async fn list_entries(
+        &self,
+        repository: String,
+        scopes: Vec<String>,
+        prefixes: Vec<String>,
+    ) -> Result<Vec<Entry>> {
+        self.read(move |c| entries::list(c, &repository, &scopes, &prefixes))
+            .await
+    }
+
+    async fn add_entry_part(&self, id: i64, part: Part, whole: bool) -> Result<()> {
+        self.write(move |c| entries::add_part(c, id, &part, whole))
+            .await
+    }
+
+    async fn add_entry_block(
+        &self,
+        id: i64,
+        block: String,
+        digest: Digest,
+        len: u64,
+    ) -> Result<()> {
+        self.write(move |c| entries::add_block(c, id, &block, &digest, len))
+            .await
+    }
+
+    async fn assemble_entry(&self, id: i64, blocks: Vec<String>) -> Result<u64> {
+        self.write(move |c| entries::assemble(c, id, &blocks)).await
+    }
+
+    async fn finish_entry(&self, id: i64, size: u64) -> Result<Entry> {
+        self.write(move |c| entries::finish(c, id, size)).await
+    }
+
+    async fn entry_parts(&self, id: i64) -> Result<Vec<Part>> {
+        self.read(move |c| entries::parts(c, id)).await
+    }
+
+    async fn delete_entry(&self, id: i64) -> Result<bool> {
+        self.write(move |c| Ok(entries::delete(c, id)?)).await
+    }
+
+    async fn expire_entries(&self, before_ms: i64) -> Result<u64> {
+        self.write(move |c| entries::expire(c, before_ms)).await
     }
 
     async fn save_session(&self, session: SessionRecord) -> Result<()> {

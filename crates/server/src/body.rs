@@ -9,8 +9,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http_body::{Frame, SizeHint};
+use store::ByteRange;
 
 /// Most bytes read and discarded after an early answer.
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
@@ -18,7 +19,7 @@ const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(30);
 
 /// Wrap a request body so that dropping it unread drains it.
-pub(super) fn drain_on_drop(body: Body) -> Body {
+pub(crate) fn drain_on_drop(body: Body) -> Body {
     Body::new(DrainOnDrop {
         inner: Some(body),
         finished: false,
@@ -88,6 +89,41 @@ async fn drain(body: Body) {
     let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
 }
 
+/// A request body as the store takes it.
+pub(crate) fn byte_stream(body: Body) -> store::ByteStream {
+    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+/// Parse one `bytes=` range against `size`. `Ok(None)` means "serve it all" (a form we
+/// may ignore, such as several ranges); `Err` means unsatisfiable or malformed.
+pub(crate) fn parse_range(value: &str, size: u64) -> std::result::Result<Option<ByteRange>, ()> {
+    let spec = value.trim().strip_prefix("bytes=").ok_or(())?;
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (first, last) = spec.split_once('-').ok_or(())?;
+    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| ());
+    let (start, end) = match (first.trim().is_empty(), last.trim().is_empty()) {
+        (false, true) => (num(first)?, size.checked_sub(1).ok_or(())?),
+        (false, false) => (num(first)?, num(last)?.min(size.saturating_sub(1))),
+        (true, false) => {
+            let suffix = num(last)?.min(size);
+            if suffix == 0 {
+                return Err(());
+            }
+            (size - suffix, size - 1)
+        }
+        (true, true) => return Err(()),
+    };
+    if start >= size || end < start {
+        return Err(());
+    }
+    Ok(Some(ByteRange {
+        start,
+        len: end - start + 1,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +146,31 @@ mod tests {
             .await;
             assert!(matches!(sent, Ok(Ok(()))), "the sender is being drained");
         }
+    }
+
+    fn r(start: u64, len: u64) -> std::result::Result<Option<ByteRange>, ()> {
+        Ok(Some(ByteRange { start, len }))
+    }
+
+    #[test]
+    fn byte_ranges_follow_rfc_9110() {
+        assert_eq!(parse_range("bytes=0-9", 100), r(0, 10));
+        assert_eq!(parse_range("bytes=90-", 100), r(90, 10));
+        assert_eq!(parse_range("bytes=-10", 100), r(90, 10));
+        assert_eq!(parse_range("bytes=95-200", 100), r(95, 5));
+        assert_eq!(parse_range("bytes=-500", 100), r(0, 100));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
+        for bad in [
+            "bytes=100-",
+            "bytes=5-2",
+            "bytes=-0",
+            "bytes=-",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=0-1-2",
+        ] {
+            assert_eq!(parse_range(bad, 100), Err(()), "{bad}");
+        }
+        assert_eq!(parse_range("bytes=0-", 0), Err(()));
     }
 }

@@ -1,0 +1,345 @@
+//! The GitHub Actions cache service, on the same store as the registry: the legacy v1
+//! REST API (`/_apis/artifactcache/`), the current v2 twirp service
+//! (`/twirp/github.actions.results.api.v1.CacheService/`), and the signed URLs their
+//! clients upload to and download from (the Azure Blob calls those clients make).
+//!
+//! GitHub's semantics: a runtime token names the scopes (git refs) it may read, in
+//! lookup order, and the one it writes; a restore matches the exact key, then the key as
+//! a prefix, then each restore key as a prefix, newest first, in each readable scope in
+//! turn; the version must match exactly; entries are immutable, so a second create of a
+//! key and version is refused (BuildKit's index lock relies on it).
+
+mod blob;
+mod error;
+pub mod token;
+mod twirp;
+mod v1;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use axum::routing::{any, post};
+use bytesize::ByteSize;
+use store::{Entry, EntryQuery, NewEntry};
+
+pub use error::ActionsError;
+pub use token::{Grant, Issuer, IssuerError, TokenRequest, UrlUse, Verifier};
+
+use crate::app::AppState;
+use crate::sessions::{Client, Outcome};
+
+/// Most keys a restore may name (the primary key and its restore keys).
+const MAX_KEYS: usize = 10;
+/// Longest key or version, in characters.
+const MAX_KEY_CHARS: usize = 512;
+
+/// The cache-service section of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The key that signs runtime tokens and URLs [default: `actions.key` in the data
+    /// directory, created on first use].
+    pub key_file: Option<PathBuf>,
+    /// How long a signed upload or download URL stays valid.
+    #[serde(with = "humantime_serde")]
+    pub url_ttl: Duration,
+    /// Largest entry accepted.
+    pub max_entry_size: ByteSize,
+    /// The URL clients reach this server at, for the signed URLs it hands out
+    /// [default: `http://` and the request's `Host`].
+    pub public_url: Option<String>,
+    /// Also trust runtime tokens signed by this issuer.
+    pub issuer: Option<Issuer>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            key_file: None,
+            url_ttl: Duration::from_secs(3600),
+            max_entry_size: ByteSize::gib(10),
+            public_url: None,
+            issuer: None,
+        }
+    }
+}
+
+impl Config {
+    /// Where the signing key is, for a server on `data_dir`.
+    pub fn key_path(&self, data_dir: &Path) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("actions.key"))
+    }
+}
+
+/// The cache service's state: its settings and the token verifier.
+pub struct Actions {
+    config: Config,
+    verifier: Verifier,
+}
+
+impl Actions {
+    /// Load (or create) the signing key and the external issuer's keys.
+    pub async fn open(config: Config, data_dir: &Path) -> Result<Actions, IssuerError> {
+        let path = config.key_path(data_dir);
+        let key = token::load_or_create_key(&path)
+            .map_err(|e| IssuerError::new(format!("signing key {}: {e}", path.display())))?;
+        let verifier = Verifier::new(&key, config.issuer.clone()).await?;
+        Ok(Actions { config, verifier })
+    }
+
+    fn max_entry_size(&self) -> u64 {
+        self.config.max_entry_size.as_u64()
+    }
+
+    /// The base of the signed URLs handed to a client that sent `headers`.
+    fn base_url(&self, headers: &HeaderMap) -> String {
+        match &self.config.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let host = headers
+                    .get(axum::http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("127.0.0.1");
+                format!("http://{host}")
+            }
+        }
+    }
+
+    /// A signed URL for `use_` of `entry`.
+    fn signed_url(
+        &self,
+        headers: &HeaderMap,
+        use_: UrlUse,
+        entry: i64,
+        session: Option<&str>,
+    ) -> String {
+        let signature = self
+            .verifier
+            .sign_url(use_, entry, self.config.url_ttl, session);
+        format!(
+            "{}{}?sig={signature}",
+            self.base_url(headers),
+            blob::path(entry)
+        )
+    }
+}
+
+/// The whole cache service.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/_apis/artifactcache/{*path}", any(v1::dispatch))
+        .route(
+            "/twirp/github.actions.results.api.v1.CacheService/{method}",
+            post(twirp::dispatch),
+        )
+        .route(blob::ROUTE, any(blob::dispatch))
+}
+
+/// One request's caller: its grant, and where it came from.
+struct Caller {
+    grant: Grant,
+    addr: Option<IpAddr>,
+}
+
+impl Caller {
+    /// The caller of a request, from its bearer token.
+    async fn of(state: &AppState, parts: &Parts) -> Result<Caller, ActionsError> {
+        let authorization = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let grant = state.actions.verifier.verify(authorization).await?;
+        Ok(Caller {
+            grant,
+            addr: remote_addr(parts),
+        })
+    }
+
+    fn write_scope(&self) -> Result<&str, ActionsError> {
+        self.grant
+            .write
+            .as_deref()
+            .ok_or_else(|| ActionsError::WriteDenied("token has no writable scopes".into()))
+    }
+
+    /// The entry key `key` and `version` name in this caller's write scope.
+    fn entry_key(&self, key: &str, version: &str) -> Result<NewEntry, ActionsError> {
+        check_key(key)?;
+        check_version(version)?;
+        Ok(NewEntry {
+            repository: self.grant.repository.clone(),
+            scope: self.write_scope()?.to_owned(),
+            key: key.to_owned(),
+            version: version.to_owned(),
+        })
+    }
+
+    /// Record `outcome` in this caller's build session.
+    fn record(&self, state: &AppState, scope: &str, outcome: Outcome) {
+        record(
+            state,
+            self.addr,
+            self.grant.session.as_deref(),
+            scope,
+            outcome,
+        );
+    }
+
+    /// What a restore of `keys` (primary first) at `version` gets; recorded as a hit or
+    /// a miss.
+    async fn restore(
+        &self,
+        state: &AppState,
+        keys: Vec<String>,
+        version: String,
+    ) -> Result<Option<Entry>, ActionsError> {
+        if keys.is_empty() || keys.len() > MAX_KEYS {
+            return Err(ActionsError::Invalid(format!(
+                "a restore names 1 to {MAX_KEYS} keys, not {}",
+                keys.len()
+            )));
+        }
+        keys.iter().try_for_each(|k| check_key(k))?;
+        check_version(&version)?;
+        if self.grant.read.is_empty() {
+            return Err(ActionsError::ReadDenied(
+                "token has no readable scopes".into(),
+            ));
+        }
+        let primary = keys.first().cloned().unwrap_or_default();
+        let found = state
+            .store
+            .find_entry(EntryQuery {
+                repository: self.grant.repository.clone(),
+                scopes: self.grant.read.clone(),
+                keys,
+                version,
+            })
+            .await?;
+        let scope = found
+            .as_ref()
+            .map(|e| e.scope.clone())
+            .or_else(|| self.grant.read.first().cloned())
+            .unwrap_or_default();
+        self.record(
+            state,
+            &scope,
+            Outcome::EntryLookup {
+                key: primary,
+                found: found.is_some(),
+            },
+        );
+        Ok(found)
+    }
+
+    /// Reserve an entry in the write scope.
+    async fn create(
+        &self,
+        state: &AppState,
+        key: &str,
+        version: &str,
+    ) -> Result<Entry, ActionsError> {
+        let new = self.entry_key(key, version)?;
+        Ok(state.store.create_entry(new).await?)
+    }
+
+    /// An entry of this caller's write scope, by id.
+    async fn own_entry(&self, state: &AppState, id: i64) -> Result<Entry, ActionsError> {
+        let entry = state.store.entry(id).await?;
+        if entry.repository != self.grant.repository
+            || Some(entry.scope.as_str()) != self.grant.write.as_deref()
+        {
+            return Err(ActionsError::WriteDenied(
+                "the entry belongs to another scope".into(),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// Finish an entry of `size` bytes; recorded as a write.
+    async fn finish(
+        &self,
+        state: &AppState,
+        entry: &Entry,
+        size: u64,
+    ) -> Result<Entry, ActionsError> {
+        let finished = state.store.finish_entry(entry.id, size).await?;
+        self.record(
+            state,
+            &entry.scope,
+            Outcome::EntryWritten {
+                key: entry.key.clone(),
+                bytes: size,
+            },
+        );
+        Ok(finished)
+    }
+}
+
+/// Record `outcome` of a cache request from `addr` in its build session: the one the
+/// token (or URL) names, else the implicit session of the address and scope.
+fn record(
+    state: &AppState,
+    addr: Option<IpAddr>,
+    session: Option<&str>,
+    scope: &str,
+    outcome: Outcome,
+) {
+    let client = Client {
+        name: session.map(str::to_owned),
+        addr,
+        user_agent: "actions-cache".into(),
+    };
+    state.metrics.outcome(&outcome);
+    let id = state
+        .sessions
+        .record(&client, &format!("actions:{scope}"), outcome);
+    tracing::Span::current().record("session", id.as_str());
+}
+
+fn remote_addr(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// A key is 1 to 512 characters, without commas (the v1 API joins keys with them) or
+/// control characters.
+fn check_key(key: &str) -> Result<(), ActionsError> {
+    let chars = key.chars().count();
+    if chars == 0 || chars > MAX_KEY_CHARS {
+        return Err(ActionsError::Invalid(format!(
+            "a key has 1 to {MAX_KEY_CHARS} characters, not {chars}"
+        )));
+    }
+    if key.contains(',') || key.chars().any(char::is_control) {
+        return Err(ActionsError::Invalid(format!(
+            "key {key:?} holds a comma or a control character"
+        )));
+    }
+    Ok(())
+}
+
+fn check_version(version: &str) -> Result<(), ActionsError> {
+    let chars = version.chars().count();
+    if chars == 0 || chars > MAX_KEY_CHARS || version.chars().any(char::is_control) {
+        return Err(ActionsError::Invalid(format!(
+            "a version has 1 to {MAX_KEY_CHARS} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// RFC 3339 text of a time in milliseconds since the epoch.
+fn rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}

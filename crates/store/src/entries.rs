@@ -1,0 +1,243 @@
+//! Cache entries (the GitHub Actions cache) on the same content-addressed store as
+//! layers: an entry's bytes are a list of parts, each a blob stored under its own
+//! digest, so identical uploads are stored once, parts arrive in any order and in
+//! parallel, and assembling an entry copies nothing. Entries count against the same
+//! quota and are evicted least recently restored first.
+
+use futures::{StreamExt, TryStreamExt};
+use oci::{Algorithm, Digest, Hasher};
+
+use crate::blob::{BlobStore, ByteRange, ByteStream};
+use crate::error::Missing;
+use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
+use crate::{Error, Result, Store, UploadId};
+
+/// A finished entry, ready to be read.
+pub struct EntryRead {
+    /// The entry.
+    pub entry: Entry,
+    /// Its size in bytes.
+    pub size: u64,
+    parts: Vec<Part>,
+    blobs: BlobStore,
+}
+
+impl EntryRead {
+    /// Stream the whole entry, or `range` of it (which must lie inside it).
+    pub fn stream(self, range: Option<ByteRange>) -> ByteStream {
+        let (start, end) = range.map_or((0, self.size), |r| (r.start, r.start + r.len));
+        let blobs = self.blobs;
+        let pieces: Vec<(Digest, ByteRange)> = self
+            .parts
+            .into_iter()
+            .filter(|p| p.start < end && p.start + p.len > start)
+            .map(|p| {
+                let from = start.max(p.start) - p.start;
+                let to = end.min(p.start + p.len) - p.start;
+                let range = ByteRange {
+                    start: from,
+                    len: to - from,
+                };
+                (p.digest, range)
+            })
+            .collect();
+        let stream = futures::stream::iter(pieces)
+            .then(move |(digest, range)| {
+                let blobs = blobs.clone();
+                async move {
+                    blobs
+                        .read(&digest, Some(range))
+                        .await
+                        .map_err(std::io::Error::other)?
+                        .ok_or_else(|| std::io::Error::other(format!("part {digest} is gone")))
+                }
+            })
+            .try_flatten();
+        Box::pin(stream)
+    }
+}
+
+/// Stop `body` with [`std::io::ErrorKind::FileTooLarge`] once it passes `limit` bytes.
+fn limited(body: ByteStream, limit: u64) -> ByteStream {
+    let mut seen = 0u64;
+    Box::pin(body.map(move |chunk| {
+        let chunk = chunk?;
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        Ok(chunk)
+    }))
+}
+
+impl Store {
+    /// Reserve an entry for upload.
+    pub async fn create_entry(&self, new: NewEntry) -> Result<Entry> {
+        self.0.meta.create_entry(new).await
+    }
+
+    /// An entry, finished or not.
+    pub async fn entry(&self, id: i64) -> Result<Entry> {
+        self.0
+            .meta
+            .entry(id)
+            .await?
+            .ok_or(Error::NotFound(Missing::Entry))
+    }
+
+    /// The entry, finished or not, with exactly this key and version in this scope.
+    pub async fn entry_by_key(&self, key: NewEntry) -> Result<Option<Entry>> {
+        self.0.meta.entry_by_key(key).await
+    }
+
+    /// The finished entry a restore gets, if any.
+    pub async fn find_entry(&self, query: EntryQuery) -> Result<Option<Entry>> {
+        self.0.meta.find_entry(query).await
+    }
+
+    /// Finished entries of `repository` in `scopes` whose key starts with one of
+    /// `prefixes` (all when empty), newest first.
+    pub async fn list_entries(
+        &self,
+        repository: &str,
+        scopes: Vec<String>,
+        prefixes: Vec<String>,
+    ) -> Result<Vec<Entry>> {
+        self.0
+            .meta
+            .list_entries(repository.to_owned(), scopes, prefixes)
+            .await
+    }
+
+    /// Store `body` as a blob under the digest it hashes to, at most `limit` bytes (and
+    /// exactly `expected` when given), then let `record` link it while its digest is
+    /// locked, so no sweep can remove it in between. Returns the blob and its length.
+    async fn store_part(
+        &self,
+        body: ByteStream,
+        limit: u64,
+        expected: Option<u64>,
+        record: impl AsyncFnOnce(Digest, u64) -> Result<()>,
+    ) -> Result<(Digest, u64)> {
+        let id = UploadId::random();
+        self.0.blobs.create_staged(&id).await?;
+        let stored = async {
+            let (len, hasher) = self
+                .0
+                .blobs
+                .append(&id, 0, limited(body, limit), Hasher::new(Algorithm::Sha256))
+                .await
+                .map_err(|e| match e {
+                    Error::Body(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                        Error::EntryTooLarge { limit }
+                    }
+                    e => e,
+                })?;
+            if let Some(declared) = expected.filter(|&d| d != len) {
+                return Err(Error::ChunkLength {
+                    declared,
+                    received: len,
+                });
+            }
+            let (digest, _locked) = self.0.blobs.commit_as_hashed(&id, hasher).await?;
+            record(digest.clone(), len).await?;
+            Ok((digest, len))
+        }
+        .await;
+        if stored.is_err() {
+            self.0.blobs.discard(&id).await?;
+        }
+        self.account(stored, |(_, len)| *len)
+    }
+
+    /// Store the bytes from `start` of an unfinished entry (a chunk with its declared
+    /// length, or with `whole`, all of its content). The entry may hold at most `limit`
+    /// bytes. Returns the bytes stored.
+    pub async fn put_entry_part(
+        &self,
+        id: i64,
+        start: u64,
+        declared: Option<u64>,
+        whole: bool,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<u64> {
+        self.unfinished_entry(id).await?;
+        let room = limit
+            .checked_sub(start)
+            .ok_or(Error::EntryTooLarge { limit })?;
+        if declared.is_some_and(|d| d > room) {
+            return Err(Error::EntryTooLarge { limit });
+        }
+        let meta = &self.0.meta;
+        let (_, len) = self
+            .store_part(body, room, declared, async |digest, len| {
+                let part = Part { start, digest, len };
+                meta.add_entry_part(id, part, whole).await
+            })
+            .await?;
+        Ok(len)
+    }
+
+    /// Stage a block of an unfinished entry under its client-chosen id.
+    pub async fn put_entry_block(
+        &self,
+        id: i64,
+        block: String,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<u64> {
+        self.unfinished_entry(id).await?;
+        let meta = &self.0.meta;
+        let (_, len) = self
+            .store_part(body, limit, None, async |digest, len| {
+                meta.add_entry_block(id, block, digest, len).await
+            })
+            .await?;
+        Ok(len)
+    }
+
+    /// Make an unfinished entry's content its staged blocks, in `blocks`' order.
+    pub async fn assemble_entry(&self, id: i64, blocks: Vec<String>, limit: u64) -> Result<u64> {
+        let size = self.0.meta.assemble_entry(id, blocks).await?;
+        if size > limit {
+            return Err(Error::EntryTooLarge { limit });
+        }
+        Ok(size)
+    }
+
+    /// Finish an entry whose uploaded bytes cover exactly `size`.
+    pub async fn finish_entry(&self, id: i64, size: u64) -> Result<Entry> {
+        self.0.meta.finish_entry(id, size).await
+    }
+
+    /// Open a finished entry for reading (recorded as a restore).
+    pub async fn read_entry(&self, id: i64) -> Result<EntryRead> {
+        let entry = self.entry(id).await?;
+        let size = entry.size.ok_or(Error::NotFound(Missing::Entry))?;
+        let parts = self.0.meta.entry_parts(id).await?;
+        self.0.access.record(Touch::Entry(id));
+        for part in &parts {
+            self.0.access.record(Touch::Blob(part.digest.clone()));
+        }
+        Ok(EntryRead {
+            entry,
+            size,
+            parts,
+            blobs: self.0.blobs.clone(),
+        })
+    }
+
+    /// Delete an entry; `false` when there was none.
+    pub async fn delete_entry(&self, id: i64) -> Result<bool> {
+        self.0.meta.delete_entry(id).await
+    }
+
+    async fn unfinished_entry(&self, id: i64) -> Result<Entry> {
+        let entry = self.entry(id).await?;
+        if entry.size.is_some() {
+            return Err(Error::EntryFinished);
+        }
+        Ok(entry)
+    }
+}
