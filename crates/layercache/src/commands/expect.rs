@@ -31,12 +31,16 @@ pub async fn run(args: ExpectArgs) -> anyhow::Result<()> {
 /// What the sessions add up to, against what `args` requires.
 fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String, String> {
     let total = |f: fn(&Session) -> u64| sessions.iter().map(f).sum::<u64>();
-    let (hits, misses) = (total(|s| s.manifest_hits), total(|s| s.manifest_misses));
+    // Manifest lookups and Actions cache restores alike.
+    let (hits, misses) = (total(Session::hits), total(Session::misses));
     let served = total(|s| s.bytes_served);
-    let (blobs_written, manifests_written) =
-        (total(|s| s.blobs_written), total(|s| s.manifests_written));
+    let (blobs_written, manifests_written, entries_written) = (
+        total(|s| s.blobs_written),
+        total(|s| s.manifests_written),
+        total(|s| s.entries_written),
+    );
     let reads = hits + total(|s| s.blobs_served);
-    let writes = blobs_written + manifests_written;
+    let writes = blobs_written + manifests_written + entries_written;
     let repo = &args.repo;
     if reads == 0 && writes == 0 {
         let asked = if misses > 0 {
@@ -83,7 +87,8 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
     }
     Ok(format!(
         "{repo} since {since}: {} session(s), {hits} hit(s), {misses} miss(es), {served} bytes \
-         read, {blobs_written} blob(s) and {manifests_written} manifest(s) written",
+         read, {blobs_written} blob(s), {manifests_written} manifest(s) and {entries_written} \
+         cache entr(ies) written",
         sessions.len()
     ))
 }

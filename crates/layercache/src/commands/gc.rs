@@ -40,8 +40,10 @@ fn summary(r: &GcReport) -> String {
     let size = |b: u64| ByteSize(b).display().iec().to_string();
     let verb = if r.dry_run { "would evict" } else { "evicted" };
     let mut out = format!(
-        "{verb} {} image(s) or cache(s), {} {} blob(s) ({}), {} upload(s) expired\n",
+        "{verb} {} image(s) or cache(s) and {} Actions cache entr(ies), {} {} blob(s) ({}), {} \
+         upload(s) expired\n",
         r.evicted.len(),
+        r.evicted_entries.len(),
         if r.dry_run { "would remove" } else { "removed" },
         r.blobs_removed,
         size(r.bytes_freed),
@@ -70,6 +72,16 @@ fn summary(r: &GcReport) -> String {
         };
         out += &format!(
             "  {name}  (last used {})\n",
+            humantime::format_rfc3339_seconds(used)
+        );
+    }
+    for entry in &r.evicted_entries {
+        let used = UNIX_EPOCH + Duration::from_secs(entry.last_used.max(0) as u64);
+        out += &format!(
+            "  actions:{} {}  ({}, last used {})\n",
+            entry.scope,
+            entry.key,
+            size(entry.size),
             humantime::format_rfc3339_seconds(used)
         );
     }

@@ -53,8 +53,8 @@ fn table(sessions: &[Session]) -> String {
                 s.repositories.iter().cloned().collect::<Vec<_>>().join(","),
                 super::clock(s.started_ms / 1000),
                 format!("{:.1}", (s.ended_ms - s.started_ms) as f64 / 1000.0),
-                s.manifest_hits.to_string(),
-                s.manifest_misses.to_string(),
+                s.hits().to_string(),
+                s.misses().to_string(),
                 s.hit_ratio()
                     .map_or("-".to_owned(), |r| format!("{:.0}", r * 100.0)),
                 size(s.bytes_served),

@@ -66,11 +66,7 @@ pub fn auto_bucket(span: i64) -> i64 {
 /// seconds by the time each session ended (when `None`, one chosen from the span the
 /// sessions cover, see [`auto_bucket`]). Sessions without lookups count nowhere.
 pub fn hit_ratios(sessions: &[Session], bucket: Option<i64>, now_ms: i64) -> HitRatios {
-    let with_lookups = || {
-        sessions
-            .iter()
-            .filter(|s| s.manifest_hits + s.manifest_misses > 0)
-    };
+    let with_lookups = || sessions.iter().filter(|s| s.hits() + s.misses() > 0);
     let bucket = bucket
         .unwrap_or_else(|| {
             let oldest = with_lookups().map(|s| s.ended_ms).min().unwrap_or(now_ms);
@@ -82,8 +78,8 @@ pub fn hit_ratios(sessions: &[Session], bucket: Option<i64>, now_ms: i64) -> Hit
         let at = (session.ended_ms / 1000).div_euclid(bucket) * bucket;
         for repo in &session.repositories {
             let slot = counts.entry(repo).or_default().entry(at).or_default();
-            slot.0 += session.manifest_hits;
-            slot.1 += session.manifest_misses;
+            slot.0 += session.hits();
+            slot.1 += session.misses();
         }
     }
     let mut repositories: Vec<RepoHitRatio> = counts
@@ -171,8 +167,8 @@ pub fn repositories(usage: Vec<RepoUsage>, sessions: &[Session]) -> Vec<RepoStat
             entry.bytes_served += session.bytes_served;
             entry.bytes_written += session.bytes_written;
             entry.bytes_avoided += session.bytes_avoided;
-            entry.hits += session.manifest_hits;
-            entry.misses += session.manifest_misses;
+            entry.hits += session.hits();
+            entry.misses += session.misses();
             entry.last_used_ms = entry.last_used_ms.max(Some(session.ended_ms));
         }
     }

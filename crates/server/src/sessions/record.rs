@@ -252,11 +252,20 @@ impl Session {
         self.unsaved = true;
     }
 
-    /// Hits over lookups (manifests and cache entries), if there were lookups.
+    /// Lookups that hit: manifests and Actions cache entries.
+    pub fn hits(&self) -> u64 {
+        self.manifest_hits + self.entry_hits
+    }
+
+    /// Lookups that missed: manifests and Actions cache entries.
+    pub fn misses(&self) -> u64 {
+        self.manifest_misses + self.entry_misses
+    }
+
+    /// Hits over lookups, if there were lookups.
     pub fn hit_ratio(&self) -> Option<f64> {
-        let hits = self.manifest_hits + self.entry_hits;
-        let lookups = hits + self.manifest_misses + self.entry_misses;
-        (lookups > 0).then(|| hits as f64 / lookups as f64)
+        let lookups = self.hits() + self.misses();
+        (lookups > 0).then(|| self.hits() as f64 / lookups as f64)
     }
 }
 
