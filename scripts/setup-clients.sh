@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Install the real clients the tests drive (Debian packages; chromium renders the
-# dashboard) and start dockerd.
+# dashboard; zstd and the npm package in crates/layercache/tests/actions-cache are the
+# GitHub Actions cache client) and start dockerd.
 # Safe to run repeatedly: it installs only what is missing and starts dockerd only if
 # it is not answering.
 set -euo pipefail
 
+root="$(cd "$(dirname "$0")/.." && pwd)"
+
 packages=()
-for pkg in docker.io buildah skopeo busybox-static docker-registry chromium; do
+for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
 done
+# node and npm may come from elsewhere than Debian; install Debian's only if missing.
+command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 
 if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -19,6 +24,13 @@ if [ ${#packages[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+
+# @actions/cache, pinned by its lock file.
+actions_cache="$root/crates/layercache/tests/actions-cache"
+if [ ! -d "$actions_cache/node_modules" ]; then
+  echo "installing @actions/cache (npm ci in $actions_cache)"
+  (cd "$actions_cache" && npm ci --silent --no-audit --no-fund)
 fi
 
 # The docker client from Debian's docker.io: newer clients without buildx refuse
@@ -32,4 +44,4 @@ if ! /usr/bin/docker info >/dev/null 2>&1; then
   done
   /usr/bin/docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/layercache-dockerd.log; exit 1; }
 fi
-echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version), $(chromium --version 2>/dev/null)"
+echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version), $(chromium --version 2>/dev/null), node $(node --version), @actions/cache $(node -p "require('$actions_cache/node_modules/@actions/cache/package.json').version")"

@@ -199,11 +199,7 @@ impl Store {
 
     /// Make an unfinished entry's content its staged blocks, in `blocks`' order.
     pub async fn assemble_entry(&self, id: i64, blocks: Vec<String>, limit: u64) -> Result<u64> {
-        let size = self.0.meta.assemble_entry(id, blocks).await?;
-        if size > limit {
-            return Err(Error::EntryTooLarge { limit });
-        }
-        Ok(size)
+        self.0.meta.assemble_entry(id, blocks, limit).await
     }
 
     /// Finish an entry whose uploaded bytes cover exactly `size`.

@@ -66,8 +66,11 @@ pub enum Error {
     /// The cache entry is finished: entries are immutable.
     #[error("the cache entry is already finished")]
     EntryFinished,
-    /// The uploaded parts do not cover the entry's size exactly.
-    #[error("the uploaded bytes cover {covered} contiguous bytes, not the {size} bytes declared")]
+    /// The uploaded parts do not cover the entry's size exactly (or nothing was placed).
+    #[error(
+        "the uploaded content covers {covered} contiguous bytes from the start, not the {size} \
+         bytes declared (or no content was uploaded and placed)"
+    )]
     EntryIncomplete {
         /// The size the client declared.
         size: u64,

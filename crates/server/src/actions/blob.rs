@@ -183,7 +183,7 @@ fn block_list(xml: &str) -> Result<Vec<String>> {
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut ids = Vec::new();
     let mut in_id = false;
-    let mut seen_root = false;
+    let mut closed = false;
     loop {
         let event = reader
             .read_event()
@@ -191,11 +191,7 @@ fn block_list(xml: &str) -> Result<Vec<String>> {
         match event {
             Event::Start(e) => {
                 let name = e.name();
-                let name = name.as_ref();
-                if name == b"BlockList" {
-                    seen_root = true;
-                }
-                in_id = matches!(name, b"Latest" | b"Committed" | b"Uncommitted");
+                in_id = matches!(name.as_ref(), b"Latest" | b"Committed" | b"Uncommitted");
             }
             Event::Text(t) if in_id => {
                 let id = t
@@ -203,13 +199,18 @@ fn block_list(xml: &str) -> Result<Vec<String>> {
                     .map_err(|e| ActionsError::Malformed(format!("block list: {e}")))?;
                 ids.push(id.trim().to_owned());
             }
-            Event::End(_) => in_id = false,
+            Event::End(e) => {
+                in_id = false;
+                closed |= e.name().as_ref() == b"BlockList";
+            }
             Event::Eof => break,
             _ => {}
         }
     }
-    if !seen_root {
-        return Err(ActionsError::Malformed("a <BlockList> is required".into()));
+    if !closed {
+        return Err(ActionsError::Malformed(
+            "a complete <BlockList> element is required".into(),
+        ));
     }
     Ok(ids)
 }
@@ -273,7 +274,13 @@ mod tests {
     fn a_block_list_keeps_its_order() {
         let xml = r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><BlockList><Latest>b</Latest><Latest>a</Latest><Uncommitted>c</Uncommitted></BlockList>"#;
         assert_eq!(block_list(xml).unwrap(), ["b", "a", "c"]);
-        assert!(block_list("not xml <").is_err() || block_list("not xml <").unwrap().is_empty());
-        assert!(block_list("<Other/>").is_err());
+        for bad in [
+            "not xml <",
+            "<Other/>",
+            "<BlockList><Latest>b</Latest>",
+            "<BlockList><Latest>",
+        ] {
+            assert!(block_list(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -283,7 +283,8 @@ pub trait MetaStore: Send + Sync + 'static {
     // ---- cache entries ----
 
     /// Reserve an entry (its upload not done yet); [`Error::EntryExists`] when the key
-    /// and version are taken in the scope, finished or not.
+    /// and version are taken in the scope, finished or being uploaded (an upload idle
+    /// for ten minutes is abandoned and replaced).
     ///
     /// [`Error::EntryExists`]: crate::Error::EntryExists
     async fn create_entry(&self, entry: NewEntry) -> Result<Entry>;
@@ -307,9 +308,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Record a stored blob as a staged block of an unfinished entry.
     async fn add_entry_block(&self, id: i64, block: String, digest: Digest, len: u64)
     -> Result<()>;
-    /// Make an unfinished entry's content its staged blocks in `blocks`' order; returns
-    /// its size.
-    async fn assemble_entry(&self, id: i64, blocks: Vec<String>) -> Result<u64>;
+    /// Make an unfinished entry's content its staged blocks in `blocks`' order, unless
+    /// that would exceed `limit` bytes; returns its size.
+    async fn assemble_entry(&self, id: i64, blocks: Vec<String>, limit: u64) -> Result<u64>;
     /// Finish an entry whose parts cover exactly `size` bytes.
     async fn finish_entry(&self, id: i64, size: u64) -> Result<Entry>;
     /// An entry's parts, in order.
@@ -365,7 +366,8 @@ pub struct Entry {
     pub size: Option<u64>,
     /// When it was created (finished, once it is), in milliseconds since the epoch.
     pub created_ms: i64,
-    /// Its last restore (or its creation), in seconds since the epoch.
+    /// Its last restore or creation (while unfinished: its last upload activity), in
+    /// seconds since the epoch.
     pub last_used: i64,
 }
 

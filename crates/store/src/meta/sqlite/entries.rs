@@ -45,7 +45,16 @@ fn prefix_end(prefix: &str) -> Option<String> {
     None
 }
 
+/// An unfinished entry without upload activity for this long (seconds) no longer holds
+/// its key: its client is taken to be gone, and a new save may replace it.
+const ABANDONED_AFTER: i64 = 600;
+
 pub(super) fn create(c: &Connection, new: &NewEntry) -> Result<Entry> {
+    if let Some(stale) =
+        by_key(c, new)?.filter(|e| e.size.is_none() && e.last_used < now_secs() - ABANDONED_AFTER)
+    {
+        delete(c, stale.id)?;
+    }
     let inserted = c
         .prepare_cached(&format!(
             "INSERT INTO cache_entries (repository, scope, key, version, created_ms, accessed_at)
@@ -169,12 +178,14 @@ pub(super) fn list(
     Ok(found)
 }
 
-/// The entry `id`, which must not be finished yet.
+/// The entry `id`, which must not be finished yet; records upload activity on it.
 fn unfinished(c: &Connection, id: i64) -> Result<Entry> {
     let found = get(c, id)?.ok_or(Error::NotFound(Missing::Entry))?;
     if found.size.is_some() {
         return Err(Error::EntryFinished);
     }
+    c.prepare_cached("UPDATE cache_entries SET accessed_at = ?2 WHERE id = ?1")?
+        .execute(params![id, now_secs()])?;
     Ok(found)
 }
 
@@ -223,7 +234,7 @@ pub(super) fn add_block(
     Ok(())
 }
 
-pub(super) fn assemble(c: &Connection, id: i64, blocks: &[String]) -> Result<u64> {
+pub(super) fn assemble(c: &Connection, id: i64, blocks: &[String], limit: u64) -> Result<u64> {
     unfinished(c, id)?;
     let mut parts = Vec::with_capacity(blocks.len());
     let mut start = 0u64;
@@ -237,6 +248,9 @@ pub(super) fn assemble(c: &Connection, id: i64, blocks: &[String]) -> Result<u64
             .ok_or_else(|| Error::UnknownBlock(block.clone()))?;
         parts.push((start, digest, len));
         start += len as u64;
+        if start > limit {
+            return Err(Error::EntryTooLarge { limit });
+        }
     }
     c.prepare_cached("DELETE FROM cache_parts WHERE entry_id = ?1")?
         .execute([id])?;
@@ -259,7 +273,8 @@ pub(super) fn finish(c: &Connection, id: i64, size: u64) -> Result<Entry> {
         }
         covered += part.len;
     }
-    if covered != size {
+    // Nothing placed (no upload, or blocks never listed) is not an empty entry.
+    if covered != size || parts.is_empty() {
         return Err(Error::EntryIncomplete { size, covered });
     }
     c.prepare_cached("DELETE FROM cache_blocks WHERE entry_id = ?1")?

@@ -766,8 +766,9 @@ impl MetaStore for SqliteMeta {
             .await
     }
 
-    async fn assemble_entry(&self, id: i64, blocks: Vec<String>) -> Result<u64> {
-        self.write(move |c| entries::assemble(c, id, &blocks)).await
+    async fn assemble_entry(&self, id: i64, blocks: Vec<String>, limit: u64) -> Result<u64> {
+        self.write(move |c| entries::assemble(c, id, &blocks, limit))
+            .await
     }
 
     async fn finish_entry(&self, id: i64, size: u64) -> Result<Entry> {

@@ -1,0 +1,1046 @@
+//! The GitHub Actions cache client, `@actions/cache` 6.3.0 from npm (driven by
+//! `tests/actions-cache/cache.mjs`), against layercache over both of its protocols: the
+//! legacy REST API (v1, `ACTIONS_CACHE_URL`) and twirp with Azure Blob uploads (v2,
+//! `ACTIONS_RESULTS_URL` + `ACTIONS_CACHE_SERVICE_V2`).
+//!
+//! A 512 MiB directory saves and restores byte for byte; restore keys pick the newest
+//! entry by prefix; another path list is another version, so a miss; entries are
+//! immutable; a pull request's token writes only its own scope and reads main's; a
+//! read-only token cannot write; a bad token is refused; and a server killed in the
+//! middle of a block upload either lets the client's retries finish the save or leaves a
+//! clean miss that a new save fills. Saves and restores show up in the build sessions.
+//!
+//! The client comes from `npm ci` in `tests/actions-cache` (`scripts/setup-clients.sh`);
+//! without it the tests are skipped, unless `REQUIRE_REAL_CLIENTS=1` or `CI=true`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::Digest as _;
+
+/// The npm package holding the client and `cache.mjs`.
+const CLIENT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/actions-cache");
+
+const MIB: usize = 1 << 20;
+
+/// The large directory every big test saves: incompressible, in several files, 512 MiB
+/// and a bit (so that the v2 archive is well over the client's 128 MiB single-shot limit
+/// and goes up as Put Block + Put Block List).
+const PAYLOAD_FILES: &[(&str, usize)] = &[
+    ("a.bin", 192 * MIB),
+    ("b.bin", 160 * MIB),
+    ("sub/c.bin", 100 * MIB),
+    ("sub/deeper/d.bin", 60 * MIB),
+    ("e.txt", 4097),
+];
+
+/// The default branch's scope.
+const MAIN: &str = "refs/heads/main";
+
+/// A pull request's scope.
+const PR: &str = "refs/pull/7/merge";
+
+/// How long one run of a small save or restore may take.
+const SMALL_RUN: Duration = Duration::from_secs(120);
+
+/// How long one run of a big save or restore may take.
+const BIG_RUN: Duration = Duration::from_secs(300);
+
+/// Environment of the test process that must not reach the client.
+const CLEARED_ENV: &[&str] = &[
+    "ACTIONS_CACHE_URL",
+    "ACTIONS_RESULTS_URL",
+    "ACTIONS_CACHE_SERVICE_V2",
+    "ACTIONS_CACHE_MODE",
+    "ACTIONS_RUNTIME_TOKEN",
+    "ACTIONS_STEP_DEBUG",
+    "CACHE_UPLOAD_CONCURRENCY",
+    "CACHE_UPLOAD_CHUNK_SIZE",
+    "GITHUB_REF",
+    "GITHUB_SERVER_URL",
+    "GITHUB_WORKSPACE",
+    "RUNNER_DEBUG",
+    "RUNNER_TEMP",
+    "SEGMENT_DOWNLOAD_TIMEOUT_MINS",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+];
+
+/// Whether the client is installed; if not, skip (or fail when real clients are required).
+fn client_ready() -> bool {
+    if !common::require_tool("node") || !common::require_tool("zstd") {
+        return false;
+    }
+    let installed = Path::new(CLIENT_DIR)
+        .join("node_modules/@actions/cache/package.json")
+        .is_file();
+    if !installed {
+        let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+            || std::env::var("REQUIRE_REAL_CLIENTS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "@actions/cache is required but not installed in {CLIENT_DIR} \
+             (scripts/setup-clients.sh runs npm ci there)"
+        );
+        eprintln!("SKIPPED: @actions/cache is not installed (npm ci in {CLIENT_DIR})");
+    }
+    installed
+}
+
+/// The cache protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Legacy REST: `ACTIONS_CACHE_URL`.
+    V1,
+    /// Twirp + Azure Blob: `ACTIONS_RESULTS_URL`, `ACTIONS_CACHE_SERVICE_V2`.
+    V2,
+}
+
+/// A server on a data directory this test owns.
+struct Cache {
+    /// Declared before `_dir`: killed before its directory goes.
+    server: common::Server,
+    _dir: tempfile::TempDir,
+}
+
+impl Cache {
+    fn start() -> Cache {
+        Cache::start_with_env(&[])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Cache {
+        let dir = tempfile::tempdir().unwrap();
+        let server =
+            common::Server::start_on_with_env(&dir.path().join("data"), "127.0.0.1:0", env);
+        Cache { server, _dir: dir }
+    }
+
+    /// `layercache token --data-dir <the server's> args...`.
+    fn token(&self, args: &[&str]) -> String {
+        mint(self.server.data_dir(), args)
+    }
+
+    /// A token of a push to main: reads and writes main's scope.
+    fn main_token(&self) -> String {
+        self.token(&["--read", MAIN, "--write", MAIN])
+    }
+
+    /// A client of `protocol` with `token`.
+    fn client<'a>(&self, protocol: Protocol, token: &'a str) -> Client<'a> {
+        Client {
+            protocol,
+            url: format!("{}/", self.server.url),
+            token,
+        }
+    }
+}
+
+/// Mint a token with `layercache token --data-dir data_dir args...`.
+fn mint(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_layercache"))
+        .arg("token")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("LAYERCACHE_SERVER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "layercache token {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
+    token
+}
+
+/// `cache.mjs` run as a job step would: with the runner's environment for one protocol,
+/// a token, a fresh `RUNNER_TEMP` and the working directory at `GITHUB_WORKSPACE`.
+struct Client<'a> {
+    protocol: Protocol,
+    /// The base URL, with its trailing slash.
+    url: String,
+    token: &'a str,
+}
+
+impl Client<'_> {
+    /// `node cache.mjs args...` in `workspace`, with `runner_temp`.
+    fn command(&self, workspace: &Path, runner_temp: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new("node");
+        command
+            .arg(Path::new(CLIENT_DIR).join("cache.mjs"))
+            .args(args)
+            .current_dir(workspace);
+        for var in CLEARED_ENV {
+            command.env_remove(var);
+        }
+        command
+            .env("RUNNER_TEMP", runner_temp)
+            .env("GITHUB_WORKSPACE", workspace)
+            .env("ACTIONS_RUNTIME_TOKEN", self.token);
+        match self.protocol {
+            Protocol::V1 => command.env("ACTIONS_CACHE_URL", &self.url),
+            Protocol::V2 => command
+                .env("ACTIONS_RESULTS_URL", &self.url)
+                .env("ACTIONS_CACHE_SERVICE_V2", "true")
+                .env("GITHUB_SERVER_URL", "https://github.com"),
+        };
+        command
+    }
+
+    /// Run `cache.mjs args...`; the `result` it printed and its output.
+    fn run(&self, workspace: &Path, args: &[&str], limit: Duration) -> (Value, String) {
+        let runner_temp = tempfile::tempdir().unwrap();
+        let mut running = Running::spawn(self.command(workspace, runner_temp.path(), args));
+        let (status, output) = running.finish(limit);
+        assert!(
+            status.success(),
+            "{:?} cache.mjs {args:?} failed ({status}):\n{output}",
+            self.protocol
+        );
+        (result_of(&output), output)
+    }
+
+    /// `saveCache(paths, key)` from `workspace`: the cache id (-1: not saved) and the output.
+    fn save(&self, workspace: &Path, key: &str, paths: &[&str], limit: Duration) -> (i64, String) {
+        let args: Vec<&str> = ["save", key].iter().chain(paths).copied().collect();
+        let (result, output) = self.run(workspace, &args, limit);
+        let id = result
+            .as_i64()
+            .unwrap_or_else(|| panic!("save result {result} is not a number:\n{output}"));
+        (id, output)
+    }
+
+    /// `restoreCache(paths, primary, restore_keys)` into `workspace`: the matched key and
+    /// the output.
+    fn restore(
+        &self,
+        workspace: &Path,
+        primary: &str,
+        restore_keys: &[&str],
+        paths: &[&str],
+        limit: Duration,
+    ) -> (Option<String>, String) {
+        let keys = if restore_keys.is_empty() {
+            "-".to_owned()
+        } else {
+            restore_keys.join(",")
+        };
+        let args: Vec<&str> = ["restore", primary, &keys]
+            .iter()
+            .copied()
+            .chain(paths.iter().copied())
+            .collect();
+        let (result, output) = self.run(workspace, &args, limit);
+        let matched = match result {
+            Value::Null => None,
+            Value::String(key) => Some(key),
+            other => panic!("restore result {other} is neither a key nor null:\n{output}"),
+        };
+        (matched, output)
+    }
+
+    /// A small save that must succeed: the cache id.
+    fn save_ok(&self, workspace: &Path, key: &str, paths: &[&str]) -> i64 {
+        let (id, output) = self.save(workspace, key, paths, SMALL_RUN);
+        assert!(
+            id > 0,
+            "{:?} save of {key} failed (id {id}):\n{output}",
+            self.protocol
+        );
+        id
+    }
+
+    /// A small restore into a fresh workspace: the matched key, the restored tree's
+    /// digests (empty on a miss) and the output.
+    fn restore_fresh(
+        &self,
+        primary: &str,
+        restore_keys: &[&str],
+        paths: &[&str],
+    ) -> (Option<String>, BTreeMap<String, String>, String) {
+        let workspace = tempfile::tempdir().unwrap();
+        let (matched, output) =
+            self.restore(workspace.path(), primary, restore_keys, paths, SMALL_RUN);
+        (matched, tree_digests(workspace.path()), output)
+    }
+}
+
+/// The `result` of the last `{"result": ...}` line of `output`.
+fn result_of(output: &str) -> Value {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"result\""))
+        .unwrap_or_else(|| panic!("no result line in:\n{output}"));
+    let parsed: Value = serde_json::from_str(line).unwrap();
+    parsed["result"].clone()
+}
+
+/// A child process whose stdout and stderr lines are collected as they come.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    output: String,
+}
+
+impl Running {
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let (send, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        fn forward(from: impl Read + Send + 'static, to: mpsc::Sender<String>) {
+            std::thread::spawn(move || {
+                for line in BufReader::new(from).lines() {
+                    let Ok(line) = line else { return };
+                    if to.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        forward(stdout, send.clone());
+        forward(stderr, send);
+        Running {
+            child,
+            lines,
+            output: String::new(),
+        }
+    }
+
+    /// Collect the lines available now, and those arriving within `wait`.
+    fn drain(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.output.push_str(&line);
+                    self.output.push('\n');
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Wait (up to `limit`) for a line containing `needle`; whether one came.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.output.contains(needle) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.output.push_str(&line);
+                    self.output.push('\n');
+                }
+                Err(_) => return self.output.contains(needle),
+            }
+        }
+    }
+
+    /// Wait for the process to end (killing it after `limit`): its status and output.
+    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    self.output.push_str(&line);
+                    self.output.push('\n');
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the client did not finish within {limit:?}; its output:\n{}",
+                    self.output
+                );
+            }
+        }
+        let status = self.child.wait().unwrap();
+        (status, std::mem::take(&mut self.output))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every regular file under `dir`: its path relative to `dir` → `sha256` hex.
+fn tree_digests(dir: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, into: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                walk(root, &path, into);
+            } else {
+                let mut hasher = sha2::Sha256::new();
+                std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut hasher).unwrap();
+                let relative = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                into.insert(relative, hex::encode(hasher.finalize()));
+            }
+        }
+    }
+    let mut digests = BTreeMap::new();
+    walk(dir, dir, &mut digests);
+    digests
+}
+
+/// Write `files` (path under `dir`, length) of pseudo-random bytes from stream `seed`;
+/// their digests as [`tree_digests`] of `dir` reports them.
+fn write_tree(dir: &Path, seed: u64, files: &[(&str, usize)]) -> BTreeMap<String, String> {
+    let mut digests = BTreeMap::new();
+    for (i, &(name, len)) in files.iter().enumerate() {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut file = std::fs::File::create(&path).unwrap();
+        let mut hasher = sha2::Sha256::new();
+        for chunk in common::chunks(seed * 1000 + i as u64, len, 8 * MIB) {
+            hasher.update(&chunk);
+            file.write_all(&chunk).unwrap();
+        }
+        let relative = path
+            .strip_prefix(dir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        digests.insert(relative, hex::encode(hasher.finalize()));
+    }
+    digests
+}
+
+/// A workspace holding a small directory `name` of pseudo-random files from `seed`; its
+/// digests (relative to the workspace).
+fn small_workspace(name: &str, seed: u64) -> (tempfile::TempDir, BTreeMap<String, String>) {
+    let workspace = tempfile::tempdir().unwrap();
+    let files = [
+        (format!("{name}/lib.bin"), 48 * 1024),
+        (format!("{name}/nested/index.json"), 700),
+        (format!("{name}/one"), 1),
+    ];
+    let files: Vec<(&str, usize)> = files.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    let digests = write_tree(workspace.path(), seed, &files);
+    (workspace, digests)
+}
+
+/// The shared large directory: `payload/` in a workspace, and its digests.
+struct Payload {
+    workspace: PathBuf,
+    digests: BTreeMap<String, String>,
+}
+
+/// The large directory, written once per test process (under the target's temporary
+/// directory, named by process id; directories of processes that are gone are removed).
+fn payload() -> &'static Payload {
+    static PAYLOAD: OnceLock<Payload> = OnceLock::new();
+    PAYLOAD.get_or_init(|| {
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let prefix = "actions-client-payload-";
+        if let Ok(entries) = std::fs::read_dir(tmp) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix(prefix) else {
+                    continue;
+                };
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let workspace = tmp.join(format!("{prefix}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&workspace);
+        let files: Vec<(String, usize)> = PAYLOAD_FILES
+            .iter()
+            .map(|&(name, len)| (format!("payload/{name}"), len))
+            .collect();
+        let files: Vec<(&str, usize)> = files.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let started = Instant::now();
+        let digests = write_tree(&workspace, 42, &files);
+        eprintln!(
+            "wrote the {} MiB payload in {:?}",
+            payload_len() / MIB,
+            started.elapsed()
+        );
+        Payload { workspace, digests }
+    })
+}
+
+/// The payload's size in bytes.
+fn payload_len() -> usize {
+    PAYLOAD_FILES.iter().map(|&(_, len)| len).sum()
+}
+
+/// Big saves and restores one at a time (two cores; each one is CPU and disk bound).
+fn big() -> MutexGuard<'static, ()> {
+    static BIG: Mutex<()> = Mutex::new(());
+    BIG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Restore `key` (exact) of the payload into a fresh workspace and check every byte.
+fn assert_payload_restores(client: &Client<'_>, key: &str) {
+    let payload = payload();
+    let workspace = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (matched, output) = client.restore(workspace.path(), key, &[], &["payload"], BIG_RUN);
+    eprintln!(
+        "{:?} restore of {key}: {:?}",
+        client.protocol,
+        started.elapsed()
+    );
+    assert_eq!(
+        matched.as_deref(),
+        Some(key),
+        "{:?} restore of {key}:\n{output}",
+        client.protocol
+    );
+    let restored = tree_digests(workspace.path());
+    assert_eq!(
+        restored, payload.digests,
+        "{:?} restore of {key} differs from what was saved:\n{output}",
+        client.protocol
+    );
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// `GET /api/v1/sessions`.
+fn sessions(server: &common::Server) -> Vec<Value> {
+    block_on(async {
+        let response = reqwest::Client::new()
+            .get(server.at("/api/v1/sessions"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    })
+}
+
+/// The session named `name` shows the entry written and hit, and at least `bytes` each
+/// way.
+fn assert_session_shows_round_trip(server: &common::Server, name: &str, bytes: u64) {
+    let count = |s: &Value, field: &str| s[field].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = sessions(server);
+        let found = all.iter().any(|s| {
+            s["name"].as_str() == Some(name)
+                && count(s, "entry_hits") >= 1
+                && count(s, "entries_written") >= 1
+                && count(s, "bytes_written") >= bytes
+                && count(s, "bytes_served") >= bytes
+        });
+        if found {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session named {name} with entry_hits >= 1, entries_written >= 1, \
+             bytes_written and bytes_served >= {bytes}: {}",
+            serde_json::to_string_pretty(&all).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+// --- a. A 512 MiB directory round trip --------------------------------------------
+
+/// A 512 MiB directory of several incompressible files saves (a positive id) and
+/// restores into a clean workspace byte for byte, under its exact key; the build
+/// session named by the token shows the entry written and hit.
+fn large_directory_round_trip(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let payload = payload();
+    let _big = big();
+    let cache = Cache::start();
+    let session = format!("round-trip-{protocol:?}").to_lowercase();
+    let token = cache.token(&["--read", MAIN, "--write", MAIN, "--session", &session]);
+    let client = cache.client(protocol, &token);
+    let key = format!("large-{protocol:?}");
+
+    let started = Instant::now();
+    let (id, output) = client.save(&payload.workspace, &key, &["payload"], BIG_RUN);
+    eprintln!("{protocol:?} save of {key}: {:?}", started.elapsed());
+    assert!(
+        id > 0,
+        "{protocol:?} save of {key} failed (id {id}):\n{output}"
+    );
+    assert!(
+        !output.contains("::warning::") && !output.contains("::error::"),
+        "{protocol:?} save of {key} warned:\n{output}"
+    );
+    if protocol == Protocol::V2 {
+        // Over 128 MiB: the Azure SDK stages blocks and commits a block list.
+        assert!(output.contains("::debug::BlobClient:"), "{output}");
+    }
+
+    assert_payload_restores(&client, &key);
+    assert_session_shows_round_trip(&cache.server, &session, (512 * MIB) as u64);
+}
+
+#[test]
+fn v1_large_directory_round_trip() {
+    large_directory_round_trip(Protocol::V1);
+}
+
+#[test]
+fn v2_large_directory_round_trip() {
+    large_directory_round_trip(Protocol::V2);
+}
+
+// --- b. Restore keys ------------------------------------------------------------------
+
+/// With no entry under the primary key, a restore key matches by prefix and the newest
+/// entry wins; an exact primary key still beats a newer entry.
+fn restore_key_prefix_picks_newest(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let cache = Cache::start();
+    let token = cache.main_token();
+    let client = cache.client(protocol, &token);
+
+    let (older, older_digests) = small_workspace("deps", 1);
+    client.save_ok(older.path(), "deps-a", &["deps"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (newer, newer_digests) = small_workspace("deps", 2);
+    client.save_ok(newer.path(), "deps-b", &["deps"]);
+    assert_ne!(older_digests, newer_digests);
+
+    let (matched, restored, output) = client.restore_fresh("deps-zzz", &["deps-"], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("deps-b"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, newer_digests, "{protocol:?}:\n{output}");
+
+    let (matched, restored, output) = client.restore_fresh("deps-a", &["deps-"], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("deps-a"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, older_digests, "{protocol:?}:\n{output}");
+}
+
+#[test]
+fn v1_restore_key_prefix_picks_newest() {
+    restore_key_prefix_picks_newest(Protocol::V1);
+}
+
+#[test]
+fn v2_restore_key_prefix_picks_newest() {
+    restore_key_prefix_picks_newest(Protocol::V2);
+}
+
+// --- c. Versions ----------------------------------------------------------------------
+
+/// The version covers the path list: a restore of the same key with another path list
+/// misses, and a save of the same key with another path list is another entry.
+fn version_mismatch_is_a_miss(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let cache = Cache::start();
+    let token = cache.main_token();
+    let client = cache.client(protocol, &token);
+    let (workspace, digests) = small_workspace("src", 3);
+    client.save_ok(workspace.path(), "build-1", &["src"]);
+
+    let (matched, restored, output) = client.restore_fresh("build-1", &[], &["src", "extra"]);
+    assert_eq!(matched, None, "{protocol:?} other path list:\n{output}");
+    assert!(restored.is_empty(), "{protocol:?}: {restored:?}");
+
+    let (matched, restored, output) = client.restore_fresh("build-1", &[], &["src"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("build-1"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, digests, "{protocol:?}:\n{output}");
+
+    // Same key, another version: not a conflict.
+    let (other, other_digests) = small_workspace("src", 4);
+    client.save_ok(other.path(), "build-1", &["src", "extra"]);
+    let (matched, restored, output) = client.restore_fresh("build-1", &[], &["src", "extra"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("build-1"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, other_digests, "{protocol:?}:\n{output}");
+    let (_, restored, output) = client.restore_fresh("build-1", &[], &["src"]);
+    assert_eq!(restored, digests, "{protocol:?}:\n{output}");
+}
+
+#[test]
+fn v1_version_mismatch_is_a_miss() {
+    version_mismatch_is_a_miss(Protocol::V1);
+}
+
+#[test]
+fn v2_version_mismatch_is_a_miss() {
+    version_mismatch_is_a_miss(Protocol::V2);
+}
+
+// --- d. Immutability ------------------------------------------------------------------
+
+/// A second save of the same key and version is refused (-1, "another job may be
+/// creating this cache") and the first content is still what restores.
+fn second_save_is_refused(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let cache = Cache::start();
+    let token = cache.main_token();
+    let client = cache.client(protocol, &token);
+    let (first, first_digests) = small_workspace("out", 5);
+    client.save_ok(first.path(), "immutable", &["out"]);
+
+    let (second, _) = small_workspace("out", 6);
+    let (id, output) = client.save(second.path(), "immutable", &["out"], SMALL_RUN);
+    assert_eq!(id, -1, "{protocol:?} second save was accepted:\n{output}");
+    assert!(
+        output.contains("another job may be creating this cache"),
+        "{protocol:?}:\n{output}"
+    );
+
+    let (matched, restored, output) = client.restore_fresh("immutable", &[], &["out"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("immutable"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, first_digests, "{protocol:?}:\n{output}");
+}
+
+#[test]
+fn v1_second_save_is_refused() {
+    second_save_is_refused(Protocol::V1);
+}
+
+#[test]
+fn v2_second_save_is_refused() {
+    second_save_is_refused(Protocol::V2);
+}
+
+// --- e. Scopes ------------------------------------------------------------------------
+
+/// A pull request's token reads main's entries but writes only its own scope, so it
+/// cannot poison main; a read-only token cannot write at all.
+fn pull_request_cannot_poison_main(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let cache = Cache::start();
+    let main = cache.main_token();
+    let pr = cache.token(&["--read", MAIN, "--write", PR]);
+    let read_only = cache.token(&["--read", MAIN]);
+    let main_client = cache.client(protocol, &main);
+    let pr_client = cache.client(protocol, &pr);
+    let read_only_client = cache.client(protocol, &read_only);
+
+    let (main_ws, main_digests) = small_workspace("deps", 7);
+    main_client.save_ok(main_ws.path(), "deps-lock", &["deps"]);
+
+    // The pull request's scope is empty: it reads main's entry.
+    let (matched, restored, output) = pr_client.restore_fresh("deps-lock", &[], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("deps-lock"),
+        "{protocol:?} PR:\n{output}"
+    );
+    assert_eq!(restored, main_digests, "{protocol:?} PR:\n{output}");
+
+    // Its save of the same key lands in its own scope.
+    let (pr_ws, pr_digests) = small_workspace("deps", 8);
+    pr_client.save_ok(pr_ws.path(), "deps-lock", &["deps"]);
+
+    let (matched, restored, output) = main_client.restore_fresh("deps-lock", &[], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("deps-lock"),
+        "{protocol:?} main:\n{output}"
+    );
+    assert_eq!(
+        restored, main_digests,
+        "{protocol:?}: the pull request's save replaced main's entry:\n{output}"
+    );
+    let (matched, restored, output) = pr_client.restore_fresh("deps-lock", &[], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("deps-lock"),
+        "{protocol:?} PR:\n{output}"
+    );
+    assert_eq!(
+        restored, pr_digests,
+        "{protocol:?}: the pull request reads its own scope first:\n{output}"
+    );
+
+    // Read-only: refused with the denial the client knows, nothing stored.
+    let (ro_ws, _) = small_workspace("deps", 9);
+    for key in ["deps-readonly", "deps-lock"] {
+        let (id, output) = read_only_client.save(ro_ws.path(), key, &["deps"], SMALL_RUN);
+        assert_eq!(id, -1, "{protocol:?} read-only save of {key}:\n{output}");
+        assert!(
+            output
+                .lines()
+                .any(|l| l.starts_with("::warning::") && l.contains("cache write denied")),
+            "{protocol:?} read-only save of {key}: no `cache write denied` warning:\n{output}"
+        );
+    }
+    let (matched, _, output) = main_client.restore_fresh("deps-readonly", &[], &["deps"]);
+    assert_eq!(
+        matched, None,
+        "{protocol:?} read-only save stored something:\n{output}"
+    );
+    let (matched, _, output) = pr_client.restore_fresh("deps-readonly", &[], &["deps"]);
+    assert_eq!(
+        matched, None,
+        "{protocol:?} read-only save stored something:\n{output}"
+    );
+    let (_, restored, output) = main_client.restore_fresh("deps-lock", &[], &["deps"]);
+    assert_eq!(restored, main_digests, "{protocol:?}:\n{output}");
+    // The read-only token still reads.
+    let (matched, restored, output) = read_only_client.restore_fresh("deps-lock", &[], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("deps-lock"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, main_digests, "{protocol:?}:\n{output}");
+}
+
+#[test]
+fn v1_pull_request_cannot_poison_main() {
+    pull_request_cannot_poison_main(Protocol::V1);
+}
+
+#[test]
+fn v2_pull_request_cannot_poison_main() {
+    pull_request_cannot_poison_main(Protocol::V2);
+}
+
+// --- f. Bad tokens --------------------------------------------------------------------
+
+/// A token that is not a JWT, or is signed with another server's key, neither saves
+/// (-1, nothing stored) nor restores (a miss, even of an entry that exists).
+fn bad_token_is_refused(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let cache = Cache::start();
+    let good = cache.main_token();
+    let good_client = cache.client(protocol, &good);
+    let (workspace, _) = small_workspace("deps", 10);
+    good_client.save_ok(workspace.path(), "present", &["deps"]);
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let foreign = mint(elsewhere.path(), &["--read", MAIN, "--write", MAIN]);
+    assert_ne!(foreign, good);
+    for (what, token) in [
+        ("garbage", "garbage.not-a.jwt"),
+        ("foreign", foreign.as_str()),
+    ] {
+        let bad_client = cache.client(protocol, token);
+        let key = format!("bad-{what}");
+        let (id, output) = bad_client.save(workspace.path(), &key, &["deps"], SMALL_RUN);
+        assert_eq!(id, -1, "{protocol:?} save with a {what} token:\n{output}");
+        let (matched, restored, output) = bad_client.restore_fresh(&key, &[], &["deps"]);
+        assert_eq!(matched, None, "{protocol:?} {what} token:\n{output}");
+        assert!(restored.is_empty());
+        let (matched, restored, output) = bad_client.restore_fresh("present", &[], &["deps"]);
+        assert_eq!(
+            matched, None,
+            "{protocol:?} restore with a {what} token:\n{output}"
+        );
+        assert!(restored.is_empty());
+        assert!(
+            output.contains("401"),
+            "{protocol:?} restore with a {what} token: no 401 in:\n{output}"
+        );
+        let (matched, _, output) = good_client.restore_fresh(&key, &[], &["deps"]);
+        assert_eq!(
+            matched, None,
+            "{protocol:?} the save with a {what} token stored something:\n{output}"
+        );
+    }
+}
+
+#[test]
+fn v1_bad_token_is_refused() {
+    bad_token_is_refused(Protocol::V1);
+}
+
+#[test]
+fn v2_bad_token_is_refused() {
+    bad_token_is_refused(Protocol::V2);
+}
+
+// --- g. A crash in the middle of a block upload -----------------------------------------
+
+/// Total size of the files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The server is SIGKILLed while the v2 client stages the blocks of a 512 MiB archive,
+/// and restarted on the same address and data directory. The client's retries either
+/// finish the save, and the entry restores byte for byte; or the save fails, a restore
+/// is a clean miss, and a new save of the key succeeds and restores. Never a corrupt
+/// restore.
+#[test]
+fn v2_server_killed_during_block_upload() {
+    if !client_ready() {
+        return;
+    }
+    let payload = payload();
+    let _big = big();
+    let mut cache = Cache::start();
+    let token = cache.main_token();
+    let key = "killed-mid-upload";
+
+    let started = Instant::now();
+    let (outcome, output) = {
+        let client = cache.client(Protocol::V2, &token);
+        let runner_temp = tempfile::tempdir().unwrap();
+        let mut running = Running::spawn(client.command(
+            &payload.workspace,
+            runner_temp.path(),
+            &["save", key, "payload"],
+        ));
+        // Logged just before `BlockBlobClient.uploadFile`: the archive is built.
+        assert!(
+            running.wait_for("::debug::BlobClient:", BIG_RUN),
+            "the upload never started:\n{}",
+            running.output
+        );
+        // Kill once the server has taken in some of the blocks (or soon anyway).
+        let data_dir = cache.server.data_dir().to_owned();
+        let before = dir_size(&data_dir);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut grown = 0;
+        while Instant::now() < deadline {
+            grown = dir_size(&data_dir).saturating_sub(before);
+            if grown >= (48 * MIB) as u64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        running.drain(Duration::ZERO);
+        // Whether the kill came too late to cut into the upload (a valid run all the same).
+        let uploaded = running.output.contains("(100.0%)")
+            || running.output.contains("FinalizeCacheEntryUpload");
+        cache.server.restart();
+        eprintln!(
+            "killed the server {:?} into the save, {} MiB into the data directory{}",
+            started.elapsed(),
+            grown / MIB as u64,
+            if uploaded {
+                " (too late: the upload was done)"
+            } else {
+                ", mid-upload"
+            }
+        );
+        let (status, output) = running.finish(BIG_RUN);
+        assert!(
+            status.success(),
+            "cache.mjs save failed ({status}):\n{output}"
+        );
+        (result_of(&output), output)
+    };
+    let id = outcome
+        .as_i64()
+        .unwrap_or_else(|| panic!("save result {outcome} is not a number:\n{output}"));
+    eprintln!(
+        "the save across the restart returned {id} after {:?}; its output:\n{output}",
+        started.elapsed()
+    );
+
+    let client = cache.client(Protocol::V2, &token);
+    if id > 0 {
+        assert_payload_restores(&client, key);
+        return;
+    }
+    assert_eq!(id, -1, "{output}");
+    let workspace = tempfile::tempdir().unwrap();
+    let (matched, restore_output) =
+        client.restore(workspace.path(), key, &[], &["payload"], BIG_RUN);
+    assert_eq!(
+        matched, None,
+        "the failed save left an entry:\n{output}\nrestore:\n{restore_output}"
+    );
+    assert!(
+        tree_digests(workspace.path()).is_empty(),
+        "a miss restored files:\n{restore_output}"
+    );
+    let (id, again) = client.save(&payload.workspace, key, &["payload"], BIG_RUN);
+    assert!(
+        id > 0,
+        "a new save after the failed one was refused (id {id}):\n{again}\nthe failed save:\n{output}"
+    );
+    assert_payload_restores(&client, key);
+}
