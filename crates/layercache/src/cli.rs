@@ -17,7 +17,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the cache server (OCI distribution API).
+    /// Run the cache server (OCI distribution API and GitHub Actions cache service).
     Serve(ServeArgs),
     /// Run one eviction pass on a running server now and print what it freed.
     Gc(GcArgs),
