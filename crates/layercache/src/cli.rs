@@ -25,6 +25,12 @@ pub enum Command {
     Report(ReportArgs),
     /// Fail (exit 1) unless builds used the cache as required: for a CI step.
     Expect(ExpectArgs),
+    /// Explain why a build missed the cache: compare two images or cache exports, check
+    /// an image meant for --cache-from, or go through a build session's misses.
+    Explain(crate::commands::explain::ExplainArgs),
+    /// Check Dockerfiles, compose, bake and GitHub workflow files for the mistakes that
+    /// silently lose the cache.
+    Lint(crate::commands::lint::LintArgs),
     /// Mint a runtime token for the Actions cache service (ACTIONS_RUNTIME_TOKEN), signed
     /// with the server's key.
     Token(TokenArgs),

@@ -27,6 +27,8 @@ fn main() -> anyhow::Result<()> {
         Command::Report(args) => runtime.block_on(commands::report::run(args)),
         Command::Expect(args) => runtime.block_on(commands::expect::run(args)),
         Command::Token(args) => commands::token::run(args),
+        Command::Explain(args) => runtime.block_on(commands::explain::run(args)),
+        Command::Lint(args) => commands::lint::run(args),
     }
 }
 

@@ -1,7 +1,9 @@
 //! The subcommands that talk to a running server.
 
 pub mod expect;
+pub mod explain;
 pub mod gc;
+pub mod lint;
 pub mod report;
 pub mod token;
 

@@ -1,0 +1,1 @@
+//! Linting build configurations.
