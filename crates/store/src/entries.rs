@@ -140,7 +140,14 @@ impl Store {
                 });
             }
             let (digest, _locked) = self.0.blobs.commit_as_hashed(&id, hasher).await?;
-            record(digest.clone(), len).await?;
+            if let Err(e) = record(digest.clone(), len).await {
+                // Not recorded (the entry went meanwhile): a file nothing knows must not
+                // stay behind, unless the blob is stored for something else too.
+                if self.0.meta.blob_size(&digest).await?.is_none() {
+                    self.0.blobs.delete(&digest).await?;
+                }
+                return Err(e);
+            }
             Ok((digest, len))
         }
         .await;
@@ -170,13 +177,18 @@ impl Store {
             return Err(Error::EntryTooLarge { limit });
         }
         let meta = &self.0.meta;
-        let (_, len) = self
+        let stored = self
             .store_part(body, room, declared, async |digest, len| {
                 let part = Part { start, digest, len };
                 meta.add_entry_part(id, part, whole).await
             })
-            .await?;
-        Ok(len)
+            .await;
+        match stored {
+            Ok((_, len)) => Ok(len),
+            // The room left after `start` ran out: report the entry's limit.
+            Err(Error::EntryTooLarge { .. }) => Err(Error::EntryTooLarge { limit }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stage a block of an unfinished entry under its client-chosen id.
