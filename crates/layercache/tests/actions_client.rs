@@ -135,7 +135,7 @@ impl Cache {
 
     /// `layercache token --data-dir <the server's> args...`.
     fn token(&self, args: &[&str]) -> String {
-        mint(self.server.data_dir(), args)
+        common::mint_token(self.server.data_dir(), args)
     }
 
     /// A token of a push to main: reads and writes main's scope.
@@ -151,26 +151,6 @@ impl Cache {
             token,
         }
     }
-}
-
-/// Mint a token with `layercache token --data-dir data_dir args...`.
-fn mint(data_dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_layercache"))
-        .arg("token")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env_remove("LAYERCACHE_SERVER")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "layercache token {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
-    token
 }
 
 /// `cache.mjs` run as a job step would: with the runner's environment for one protocol,
@@ -889,7 +869,7 @@ fn bad_token_is_refused(protocol: Protocol) {
     good_client.save_ok(workspace.path(), "present", &["deps"]);
 
     let elsewhere = tempfile::tempdir().unwrap();
-    let foreign = mint(elsewhere.path(), &["--read", MAIN, "--write", MAIN]);
+    let foreign = common::mint_token(elsewhere.path(), &["--read", MAIN, "--write", MAIN]);
     assert_ne!(foreign, good);
     for (what, token) in [
         ("garbage", "garbage.not-a.jwt"),

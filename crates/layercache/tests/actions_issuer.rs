@@ -191,13 +191,7 @@ fn without_an_issuer_only_the_servers_own_tokens_are_trusted() {
     let token = sign(&key, "k1", claims(ISSUER, "refs/heads/main"));
     let (status, body) = create(&server, &token, "k");
     assert_eq!(status, 401, "{body}");
-    let minted = Command::new(env!("CARGO_BIN_EXE_layercache"))
-        .args(["token", "--write", "refs/heads/main", "--data-dir"])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(minted.status.success());
-    let minted = String::from_utf8(minted.stdout).unwrap();
+    let minted = common::mint_token(server.data_dir(), &["--write", "refs/heads/main"]);
     let (status, body) = create(&server, minted.trim(), "k");
     assert_eq!((status, body["ok"].clone()), (200, serde_json::json!(true)));
 }

@@ -17,7 +17,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::Server;
@@ -70,25 +69,6 @@ impl Entry {
             bytes,
         }
     }
-}
-
-/// Mint a token with `layercache token --data-dir DIR ARGS…`.
-fn mint(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_layercache"))
-        .arg("token")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "layercache token {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
-    token
 }
 
 /// `GET /api/v1/gc`'s usage.
@@ -220,7 +200,7 @@ impl Gha {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let server = Server::start_on_with_env(&dir, "127.0.0.1:0", env);
-        let token = mint(&dir, &["--read", SCOPE, "--write", SCOPE]);
+        let token = common::mint_token(&dir, &["--read", SCOPE, "--write", SCOPE]);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::none())
@@ -2080,7 +2060,7 @@ async fn missing_or_bad_tokens_are_unauthenticated() {
     let gha = Gha::start();
     let base = baseline(&gha).await;
     let elsewhere = tempfile::tempdir().unwrap();
-    let foreign = mint(elsewhere.path(), &["--read", SCOPE, "--write", SCOPE]);
+    let foreign = common::mint_token(elsewhere.path(), &["--read", SCOPE, "--write", SCOPE]);
     let tampered = {
         let mut parts: Vec<String> = gha.token.split('.').map(str::to_owned).collect();
         let mut sig: Vec<char> = parts[2].chars().collect();
@@ -2163,7 +2143,7 @@ async fn missing_or_bad_tokens_are_unauthenticated() {
     gha.invisible("intruder").await;
 
     // A read-only token reads but is denied writes with GitHub's wording.
-    let reader = mint(gha.dir(), &["--read", SCOPE]);
+    let reader = common::mint_token(gha.dir(), &["--read", SCOPE]);
     let response = gha
         .http
         .get(gha.v1_lookup_url(&[&base[0].key]))

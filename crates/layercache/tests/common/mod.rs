@@ -377,3 +377,23 @@ pub fn tar_header(path: &str, len: u64) -> [u8; 512] {
     h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     h
 }
+
+/// Mint an Actions cache runtime token with `layercache token --data-dir DIR ARGS…`.
+pub fn mint_token(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_layercache"))
+        .arg("token")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("LAYERCACHE_SERVER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "layercache token {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
+    token
+}
