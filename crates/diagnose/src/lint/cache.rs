@@ -1,0 +1,572 @@
+//! Builds as the cache sees them, whatever file they come from (a `docker build` in a
+//! workflow step, `docker/build-push-action`, a compose service, a bake target): what each
+//! imports and exports, and the rules that look across all of them
+//! (`cache-from-without-metadata`, `cache-write-never-read`, `no-cache-with-export`,
+//! `gha-cache-heavy`, `uncompressed-choice`).
+
+use std::path::PathBuf;
+
+use super::finding::{Finding, Level, Rule};
+
+/// A value and the line it was written on.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct At<T> {
+    /// The value.
+    pub value: T,
+    /// Its line (1-based) in the build's file.
+    pub line: usize,
+}
+
+/// Where a cache lives, as `--cache-from` / `--cache-to` name it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum CacheKind {
+    /// `type=registry,ref=REF`, or a bare image reference.
+    Registry(String),
+    /// `type=inline`: the metadata rides in the image itself.
+    Inline,
+    /// `type=gha` with its scope (default `buildkit`).
+    Gha(String),
+    /// `type=local` with its directory (`dest` to export, `src` to import).
+    Local(String),
+    /// Any other type (s3, azblob, ...), not followed.
+    Other(String),
+}
+
+/// One `--cache-from` or `--cache-to` value.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct CacheSpec {
+    /// Where the cache lives.
+    pub kind: CacheKind,
+    /// Every `key=value`, as written.
+    pub attrs: Vec<(String, String)>,
+    /// The value as written.
+    pub text: String,
+}
+
+impl CacheSpec {
+    /// Parses `type=registry,ref=r,mode=max` or a bare `image:tag`.
+    pub fn parse(text: &str) -> CacheSpec {
+        let text = text.trim().to_owned();
+        let attrs: Vec<(String, String)> = if text.contains('=') {
+            split_csv(&text)
+                .into_iter()
+                .filter_map(|field| {
+                    field
+                        .split_once('=')
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let attr = |key: &str| attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let kind = if attrs.is_empty() {
+            CacheKind::Registry(text.clone())
+        } else {
+            match attr("type").as_deref() {
+                Some("registry") | None => match attr("ref") {
+                    Some(r) => CacheKind::Registry(r),
+                    None => CacheKind::Other(String::new()),
+                },
+                Some("inline") => CacheKind::Inline,
+                Some("gha") => CacheKind::Gha(attr("scope").unwrap_or_else(|| "buildkit".into())),
+                Some("local") => {
+                    CacheKind::Local(attr("dest").or_else(|| attr("src")).unwrap_or_default())
+                }
+                Some(other) => CacheKind::Other(other.to_owned()),
+            }
+        };
+        CacheSpec { kind, attrs, text }
+    }
+
+    /// The value of `key`, if given.
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// An equivalent spec given as a list of `key=value` pairs (bake's object form).
+    pub fn from_pairs(pairs: &[(String, String)]) -> CacheSpec {
+        let text = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        CacheSpec::parse(&text)
+    }
+}
+
+/// A build argument (`--build-arg NAME=VALUE`) and its line.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct BuildArg {
+    /// The argument's name.
+    pub name: String,
+    /// Its value as written (possibly an expression).
+    pub value: String,
+    /// The line it is passed on.
+    pub line: usize,
+}
+
+/// One build: where it is defined and what it reads and writes.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Build {
+    /// The file that defines it (as displayed).
+    pub file: String,
+    /// The line that starts it.
+    pub line: usize,
+    /// What it is, for messages: "`docker build`", "compose service `web`", ...
+    pub what: String,
+    /// `--cache-from` values.
+    pub cache_from: Vec<At<CacheSpec>>,
+    /// `--cache-to` values.
+    pub cache_to: Vec<At<CacheSpec>>,
+    /// The line of `--no-cache`, when given.
+    pub no_cache: Option<usize>,
+    /// Build arguments.
+    pub build_args: Vec<BuildArg>,
+    /// The images it produces (`-t`, `tags:`, compose `image:`, an image output's name).
+    pub tags: Vec<String>,
+    /// The build context on disk, when it is a local directory.
+    pub context: Option<PathBuf>,
+    /// The Dockerfile on disk, when known.
+    pub dockerfile: Option<PathBuf>,
+}
+
+impl Build {
+    /// Whether the image carries its own cache metadata (inline cache).
+    pub fn inline_cache(&self) -> bool {
+        self.build_args.iter().any(|a| {
+            a.name == "BUILDKIT_INLINE_CACHE" && matches!(a.value.trim(), "1" | "true" | "True")
+        }) || self
+            .cache_to
+            .iter()
+            .any(|c| c.value.kind == CacheKind::Inline)
+    }
+
+    fn place(&self) -> String {
+        format!("{}:{}", self.file, self.line)
+    }
+}
+
+/// The cross-file cache rules over every build found.
+pub(crate) fn check(builds: &[Build]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for build in builds {
+        for from in &build.cache_from {
+            findings.extend(check_import(build, from, builds));
+        }
+        for to in &build.cache_to {
+            findings.extend(check_export(build, to, builds));
+        }
+        if let Some(line) = build.no_cache {
+            let exports: Vec<&str> = build
+                .cache_to
+                .iter()
+                .map(|c| c.value.text.as_str())
+                .collect();
+            if !exports.is_empty() || build.inline_cache() {
+                let what = if exports.is_empty() {
+                    "inline cache (BUILDKIT_INLINE_CACHE=1)".to_owned()
+                } else {
+                    format!("cache ({})", exports.join(", "))
+                };
+                findings.push(Finding::new(
+                    Rule::NoCacheWithExport,
+                    &build.file,
+                    line,
+                    format!(
+                        "{} runs with no-cache but exports {what}: it rebuilds every step and \
+                         never reads the cache it writes",
+                        build.what
+                    ),
+                    "drop no-cache so the build imports its own cache (use --no-cache-filter \
+                     STAGE for steps that must rerun), or drop the export",
+                ));
+            }
+        }
+    }
+    findings
+}
+
+fn check_import(build: &Build, from: &At<CacheSpec>, builds: &[Build]) -> Option<Finding> {
+    match &from.value.kind {
+        CacheKind::Registry(reference) => {
+            if is_unknown(reference) {
+                return None;
+            }
+            let exported = builds.iter().any(|b| {
+                b.cache_to.iter().any(
+                    |c| matches!(&c.value.kind, CacheKind::Registry(r) if refs_match(r, reference)),
+                ) || (b.inline_cache() && b.tags.iter().any(|t| refs_match(t, reference)))
+            });
+            if exported {
+                return None;
+            }
+            let producer = builds.iter().find(|b| {
+                b.tags
+                    .iter()
+                    .any(|t| !is_unknown(t) && refs_match(t, reference))
+            });
+            Some(match producer {
+                Some(producer) => Finding::new(
+                    Rule::CacheFromWithoutMetadata,
+                    &build.file,
+                    from.line,
+                    format!(
+                        "{} imports cache from `{reference}`, but that image is built by {} at \
+                         {} without cache metadata (no BUILDKIT_INLINE_CACHE=1, no --cache-to \
+                         type=inline): it is pulled, yet every step is rebuilt",
+                        build.what,
+                        producer.what,
+                        producer.place()
+                    ),
+                    format!(
+                        "build `{reference}` at {} with --build-arg BUILDKIT_INLINE_CACHE=1 (or \
+                         --cache-to type=inline), or export a registry cache there \
+                         (--cache-to type=registry,ref=REF,mode=max) and import that ref",
+                        producer.place()
+                    ),
+                )
+                .at(Level::Error),
+                None => Finding::new(
+                    Rule::CacheFromWithoutMetadata,
+                    &build.file,
+                    from.line,
+                    format!(
+                        "{} imports cache from `{reference}`, but nothing in the scanned files \
+                         exports cache into it (no --cache-to type=registry,ref={reference}, no \
+                         build of it with BUILDKIT_INLINE_CACHE=1): a plain image carries no \
+                         cache metadata",
+                        build.what
+                    ),
+                    format!(
+                        "export cache into `{reference}` where it is built (--cache-to \
+                         type=registry,ref={reference},mode=max, or BUILDKIT_INLINE_CACHE=1 on \
+                         that image's build)"
+                    ),
+                ),
+            })
+        }
+        CacheKind::Gha(_) | CacheKind::Local(_) => {
+            let exported = builds
+                .iter()
+                .any(|b| b.cache_to.iter().any(|c| same_store(&c.value, &from.value)));
+            (!exported && !store_unknown(&from.value.kind)).then(|| {
+                Finding::new(
+                    Rule::CacheWriteNeverRead,
+                    &build.file,
+                    from.line,
+                    format!(
+                        "{} imports `{}`, but no build in the scanned files exports to it",
+                        build.what, from.value.text
+                    ),
+                    "export to it with a matching --cache-to (same type and scope or \
+                     directory), or drop the import",
+                )
+            })
+        }
+        CacheKind::Inline | CacheKind::Other(_) => None,
+    }
+}
+
+fn check_export(build: &Build, to: &At<CacheSpec>, builds: &[Build]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let spec = &to.value;
+    if let CacheKind::Gha(_) = spec.kind
+        && spec.attr("mode") == Some("max")
+    {
+        findings.push(Finding::new(
+            Rule::GhaCacheHeavy,
+            &build.file,
+            to.line,
+            format!(
+                "{} exports every intermediate layer to GitHub's cache (type=gha, mode=max): \
+                 the cache is capped at 10 GB per repository, evicts older entries, and \
+                 uploads and downloads are rate-limited, so large images often build slower \
+                 with it than without",
+                build.what
+            ),
+            "use a registry cache on persistent local disk, e.g. layercache: \
+             --cache-to type=registry,ref=HOST:5000/cache/app,mode=max,compression=zstd \
+             (or keep type=gha with mode=min)",
+        ));
+    }
+    if let CacheKind::Registry(reference) = &spec.kind {
+        if spec.attr("compression") != Some("zstd") {
+            findings.push(Finding::new(
+                Rule::UncompressedChoice,
+                &build.file,
+                to.line,
+                format!(
+                    "{} exports a registry cache to `{reference}` compressed with gzip (the \
+                     default), which costs CPU on every export and import; on a LAN the \
+                     network is not the bottleneck",
+                    build.what
+                ),
+                "add compression=zstd to the cache export (BuildKit >= 0.10); layers already \
+                 gzip-compressed stay gzip unless force-compression=true is added too",
+            ));
+        }
+        if !is_unknown(reference) {
+            let imported = builds.iter().any(|b| {
+                b.cache_from.iter().any(
+                    |c| matches!(&c.value.kind, CacheKind::Registry(r) if refs_match(r, reference)),
+                )
+            });
+            if !imported {
+                findings.push(Finding::new(
+                    Rule::CacheWriteNeverRead,
+                    &build.file,
+                    to.line,
+                    format!(
+                        "{} exports cache to `{reference}`, but no build in the scanned files \
+                         imports it (no --cache-from of that ref): the export costs time and \
+                         storage and saves nothing",
+                        build.what
+                    ),
+                    format!(
+                        "add --cache-from type=registry,ref={reference} to the builds that \
+                         should reuse it (usually this same build), or drop the export"
+                    ),
+                ));
+            }
+        }
+    }
+    if let CacheKind::Gha(_) | CacheKind::Local(_) = spec.kind {
+        let imported = builds
+            .iter()
+            .any(|b| b.cache_from.iter().any(|c| same_store(&c.value, spec)));
+        if !imported && !store_unknown(&spec.kind) {
+            findings.push(Finding::new(
+                Rule::CacheWriteNeverRead,
+                &build.file,
+                to.line,
+                format!(
+                    "{} exports cache to `{}`, but no build in the scanned files imports it",
+                    build.what, spec.text
+                ),
+                "import it with a matching --cache-from (same type and scope or directory), \
+                 or drop the export",
+            ));
+        }
+    }
+    findings
+}
+
+/// Whether two gha or local specs name the same store.
+fn same_store(a: &CacheSpec, b: &CacheSpec) -> bool {
+    match (&a.kind, &b.kind) {
+        (CacheKind::Gha(x), CacheKind::Gha(y)) => patterns_meet(x, y),
+        (CacheKind::Local(x), CacheKind::Local(y)) => {
+            patterns_meet(x.trim_end_matches('/'), y.trim_end_matches('/'))
+        }
+        _ => false,
+    }
+}
+
+fn store_unknown(kind: &CacheKind) -> bool {
+    match kind {
+        CacheKind::Gha(s) | CacheKind::Local(s) => is_unknown(s),
+        _ => true,
+    }
+}
+
+/// Whether a value is entirely an expression (`${{ inputs.ref }}`, `$REF`), so nothing
+/// can be said about it.
+fn is_unknown(value: &str) -> bool {
+    wildcard_pattern(value).trim_matches('*').trim().is_empty()
+}
+
+/// Whether two image references may name the same image: equal once normalised
+/// (`docker.io/library/`, default tag `latest`), or equal if the expressions in either
+/// (`${{ ... }}`, `${VAR}`, `$VAR`, `$(...)`) stand for the right text.
+pub(crate) fn refs_match(a: &str, b: &str) -> bool {
+    let (a, b) = (normalize_ref(a), normalize_ref(b));
+    patterns_meet(&a, &b)
+}
+
+fn patterns_meet(a: &str, b: &str) -> bool {
+    a == b || glob(&wildcard_pattern(a), b) || glob(&wildcard_pattern(b), a)
+}
+
+fn normalize_ref(reference: &str) -> String {
+    let mut r = reference.trim().to_owned();
+    for prefix in ["docker.io/library/", "docker.io/", "index.docker.io/"] {
+        if let Some(rest) = r.strip_prefix(prefix) {
+            r = rest.to_owned();
+        }
+    }
+    if let Some(rest) = r.strip_prefix("library/") {
+        r = rest.to_owned();
+    }
+    let last = r.rsplit('/').next().unwrap_or(&r);
+    if !last.contains(':') && !last.contains('@') && !r.contains('$') {
+        r.push_str(":latest");
+    }
+    r
+}
+
+/// The text with every expression replaced by `*`.
+pub(crate) fn wildcard_pattern(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while let Some(&c) = chars.get(i) {
+        if c == '*' {
+            out.push('\u{1}');
+            i += 1;
+            continue;
+        }
+        if c != '$' {
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        let next = chars.get(i + 1).copied();
+        let close = match next {
+            Some('{') if chars.get(i + 2) == Some(&'{') => find_close(&chars, i + 3, "}}"),
+            Some('{') => find_close(&chars, i + 2, "}"),
+            Some('(') => find_close(&chars, i + 2, ")"),
+            Some(n) if n.is_ascii_alphabetic() || n == '_' => {
+                let mut j = i + 1;
+                while chars
+                    .get(j)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+                {
+                    j += 1;
+                }
+                Some(j)
+            }
+            _ => None,
+        };
+        match close {
+            Some(end) => {
+                if !out.ends_with('*') {
+                    out.push('*');
+                }
+                i = end;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The index just past `close`, searching from `from`.
+fn find_close(chars: &[char], from: usize, close: &str) -> Option<usize> {
+    let close: Vec<char> = close.chars().collect();
+    let mut i = from;
+    while i < chars.len() {
+        if chars.get(i..i + close.len()) == Some(close.as_slice()) {
+            return Some(i + close.len());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `*` matches any run of characters (a literal `*` in the pattern is `\u{1}`).
+fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match (p.get(pi), t.get(ti)) {
+            (Some('*'), _) => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            (Some(&pc), Some(&tc)) if pc == tc || (pc == '\u{1}' && tc == '*') => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+}
+
+/// Splits `a=1,b="x,y"` on commas outside double quotes, removing the quotes.
+pub(crate) fn split_csv(text: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut field)),
+            _ => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+        .into_iter()
+        .map(|f| f.trim().to_owned())
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
+    use super::*;
+
+    #[test]
+    fn specs_parse_in_every_spelling() {
+        assert_eq!(
+            CacheSpec::parse("ghcr.io/o/app:cache").kind,
+            CacheKind::Registry("ghcr.io/o/app:cache".into())
+        );
+        let spec = CacheSpec::parse("type=registry,ref=r:c,mode=max,compression=zstd");
+        assert_eq!(spec.kind, CacheKind::Registry("r:c".into()));
+        assert_eq!(spec.attr("compression"), Some("zstd"));
+        assert_eq!(
+            CacheSpec::parse("type=gha,mode=max").kind,
+            CacheKind::Gha("buildkit".into())
+        );
+        assert_eq!(CacheSpec::parse("type=inline").kind, CacheKind::Inline);
+        assert_eq!(
+            CacheSpec::parse("type=local,dest=/tmp/c").kind,
+            CacheKind::Local("/tmp/c".into())
+        );
+        assert_eq!(
+            CacheSpec::parse("ref=r:c").kind,
+            CacheKind::Registry("r:c".into())
+        );
+    }
+
+    #[test]
+    fn references_match_through_defaults_and_expressions() {
+        assert!(refs_match("alpine", "docker.io/library/alpine:latest"));
+        assert!(refs_match(
+            "ghcr.io/o/app:cache-${{ github.ref_name }}",
+            "ghcr.io/o/app:cache-main"
+        ));
+        assert!(refs_match(
+            "${REGISTRY}/app:cache",
+            "${{ env.REGISTRY }}/app:cache"
+        ));
+        assert!(!refs_match("ghcr.io/o/app:cache", "ghcr.io/o/app:prefix"));
+        assert!(is_unknown("${{ inputs.cache }}"));
+        assert!(!is_unknown("ghcr.io/o/app:${TAG}"));
+    }
+}

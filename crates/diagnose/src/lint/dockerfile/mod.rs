@@ -1,0 +1,603 @@
+//! Dockerfile checks: `layer-depth` (a stage chain deeper than overlay filesystems stack)
+//! and `context-busts-cache` (the whole context copied before installing dependencies,
+//! `.git` sent with the context, a per-commit ARG ahead of expensive steps).
+
+pub(crate) mod parse;
+
+use std::path::{Path, PathBuf};
+
+use self::parse::{Dockerfile, Instruction};
+use super::cache::Build;
+use super::finding::{Finding, Level, Rule};
+
+pub(crate) use self::parse::parse;
+
+/// Layers at which a warning is due.
+const WARN_DEPTH: usize = 100;
+/// Layers at which overlay storage gives up (`max depth exceeded`).
+const MAX_DEPTH: usize = 125;
+
+/// One stage: `FROM base [AS name]` and its instructions.
+struct Stage<'a> {
+    name: Option<String>,
+    base: String,
+    instructions: &'a [Instruction],
+}
+
+/// Where the rest of the scan uses a Dockerfile.
+pub(crate) struct Uses<'a> {
+    /// The builds that name this Dockerfile.
+    pub builds: Vec<&'a Build>,
+    /// The directories the lint was asked to scan (a context that is one of them is the
+    /// root of a checkout, which holds `.git`).
+    pub roots: &'a [PathBuf],
+}
+
+/// Every Dockerfile check.
+pub(crate) fn check(file: &str, path: &Path, dockerfile: &Dockerfile, uses: &Uses) -> Vec<Finding> {
+    let stages = stages(dockerfile);
+    let mut findings = layer_depth(file, &stages);
+    for stage in &stages {
+        findings.extend(context_copied_before_install(file, stage));
+        findings.extend(per_commit_args(file, stage, &uses.builds));
+    }
+    findings.extend(git_in_context(file, path, &stages, uses));
+    findings
+}
+
+fn stages(dockerfile: &Dockerfile) -> Vec<Stage<'_>> {
+    let all = dockerfile.instructions.as_slice();
+    let starts: Vec<usize> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.is("FROM"))
+        .map(|(index, _)| index)
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .filter_map(|(n, &start)| {
+            let end = starts.get(n + 1).copied().unwrap_or(all.len());
+            let from = all.get(start)?;
+            let words = from.words();
+            Some(Stage {
+                name: words.get(2).map(|s| s.to_ascii_lowercase()),
+                base: words.first().cloned().unwrap_or_default(),
+                instructions: all.get(start + 1..end).unwrap_or(&[]),
+            })
+        })
+        .collect()
+}
+
+fn creates_layer(instruction: &Instruction) -> bool {
+    matches!(instruction.keyword.as_str(), "RUN" | "COPY" | "ADD")
+}
+
+/// The stage each stage is built on, when it is an earlier stage.
+fn parents(stages: &[Stage]) -> Vec<Option<usize>> {
+    stages
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| {
+            let base = stage.base.to_ascii_lowercase();
+            stages
+                .get(..i)?
+                .iter()
+                .rposition(|s| s.name.as_deref() == Some(base.as_str()))
+        })
+        .collect()
+}
+
+fn stage_label(stages: &[Stage], index: usize) -> String {
+    match stages.get(index).and_then(|s| s.name.clone()) {
+        Some(name) => format!("`{name}`"),
+        None => format!("#{index}"),
+    }
+}
+
+fn layer_depth(file: &str, stages: &[Stage]) -> Vec<Finding> {
+    let parents = parents(stages);
+    let mut findings: Vec<Finding> = Vec::new();
+    for leaf in 0..stages.len() {
+        if parents.contains(&Some(leaf)) {
+            continue;
+        }
+        let mut chain = vec![leaf];
+        let mut current = leaf;
+        while let Some(Some(parent)) = parents.get(current) {
+            chain.push(*parent);
+            current = *parent;
+        }
+        chain.reverse();
+        let layers: Vec<&Instruction> = chain
+            .iter()
+            .filter_map(|&i| stages.get(i))
+            .flat_map(|s| s.instructions.iter().filter(|i| creates_layer(i)))
+            .collect();
+        let total = layers.len();
+        let (limit, level) = if total >= MAX_DEPTH {
+            (MAX_DEPTH, Level::Error)
+        } else if total >= WARN_DEPTH {
+            (WARN_DEPTH, Level::Warning)
+        } else {
+            continue;
+        };
+        let Some(at) = layers.get(limit - 1) else {
+            continue;
+        };
+        if findings.iter().any(|f| f.line == at.line) {
+            continue;
+        }
+        let names: Vec<String> = chain.iter().map(|&i| stage_label(stages, i)).collect();
+        let stage = if chain.len() > 1 {
+            format!(
+                "stage {} (through {})",
+                stage_label(stages, leaf),
+                names.join(" → ")
+            )
+        } else if stages.len() > 1 {
+            format!("stage {}", stage_label(stages, leaf))
+        } else {
+            "the stage".to_owned()
+        };
+        let base = chain
+            .first()
+            .and_then(|&i| stages.get(i))
+            .map(|s| s.base.clone())
+            .unwrap_or_default();
+        findings.push(
+            Finding::new(
+                Rule::LayerDepth,
+                file,
+                at.line,
+                format!(
+                    "{stage} stacks {total} layers (RUN, COPY, ADD) on top of the base image \
+                     `{base}`, whose own layers are not known here and come on top; this is \
+                     layer {limit}: overlay storage stacks about {MAX_DEPTH} layers, beyond \
+                     that the build fails with `max depth exceeded`"
+                ),
+                "merge consecutive RUN instructions (&& or a heredoc) and COPY instructions, \
+                 or flatten the earlier layers into a fresh stage (FROM scratch + COPY --from)",
+            )
+            .at(level),
+        );
+    }
+    findings
+}
+
+/// `COPY . dst` / `ADD . dst`: the whole context, from the context (not another stage).
+fn copies_whole_context(instruction: &Instruction) -> bool {
+    if !(instruction.is("COPY") || instruction.is("ADD"))
+        || instruction.flag("from").is_some()
+        || !instruction.heredocs.is_empty()
+    {
+        return false;
+    }
+    let words = instruction.words();
+    let sources = words.get(..words.len().saturating_sub(1)).unwrap_or(&[]);
+    sources
+        .iter()
+        .any(|s| matches!(s.as_str(), "." | "./" | "./." | "*" | "./*"))
+}
+
+/// The simple commands of a RUN: split on `&&`, `||`, `;`, `|` and newlines, leading
+/// variable assignments and wrappers (`sudo`, `env`) dropped.
+fn simple_commands(text: &str) -> Vec<Vec<String>> {
+    let mut commands = Vec::new();
+    let normalized = text
+        .replace("&&", "\n")
+        .replace("||", "\n")
+        .replace([';', '|'], "\n");
+    for part in normalized.lines() {
+        let mut words = parse::split_words(part);
+        while words.first().is_some_and(|w| {
+            is_assignment(w) || matches!(w.as_str(), "sudo" | "env" | "exec" | "time")
+        }) {
+            words.remove(0);
+        }
+        if !words.is_empty() {
+            commands.push(words);
+        }
+    }
+    commands
+}
+
+fn is_assignment(word: &str) -> bool {
+    word.split_once('=').is_some_and(|(name, _)| {
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+/// The dependency installers a RUN calls, by name (`npm ci`, `pip install`, ...).
+fn installs_dependencies(instruction: &Instruction) -> Option<String> {
+    if !instruction.is("RUN") {
+        return None;
+    }
+    simple_commands(&instruction.command_text())
+        .into_iter()
+        .find_map(|words| install_command(&words))
+}
+
+fn install_command(words: &[String]) -> Option<String> {
+    let program = words.first()?.rsplit('/').next()?.to_owned();
+    let rest: Vec<&str> = words.iter().skip(1).map(String::as_str).collect();
+    let sub = rest.iter().find(|w| !w.starts_with('-')).copied();
+    let found = match program.as_str() {
+        "npm" => matches!(sub, Some("install" | "i" | "ci")),
+        "yarn" => matches!(sub, None | Some("install")),
+        "pnpm" => matches!(sub, Some("install" | "i" | "fetch")),
+        "pip" | "pip3" => sub == Some("install"),
+        "python" | "python3" => rest.windows(3).any(|w| w == ["-m", "pip", "install"]),
+        "uv" => matches!(sub, Some("sync" | "pip")),
+        "poetry" => sub == Some("install"),
+        "pipenv" => matches!(sub, Some("install" | "sync")),
+        "go" => rest.windows(2).any(|w| w == ["mod", "download"]),
+        "cargo" => matches!(sub, Some("build" | "fetch" | "chef")),
+        "bundle" | "bundler" => sub == Some("install"),
+        "apt-get" | "apt" => sub == Some("install"),
+        "apk" => sub == Some("add"),
+        "yum" | "dnf" | "microdnf" => sub == Some("install"),
+        "mvn" | "mvnw" | "gradle" | "gradlew" => true,
+        "composer" => sub == Some("install"),
+        "dotnet" => sub == Some("restore"),
+        _ => false,
+    };
+    found.then(|| match program.as_str() {
+        "go" => "go mod download".to_owned(),
+        "python" | "python3" => format!("{program} -m pip install"),
+        _ => match sub {
+            Some(sub) => format!("{program} {sub}"),
+            None => program,
+        },
+    })
+}
+
+/// A RUN worth caching: a dependency install or a build.
+fn is_expensive(instruction: &Instruction) -> bool {
+    if installs_dependencies(instruction).is_some() {
+        return true;
+    }
+    if !instruction.is("RUN") {
+        return false;
+    }
+    simple_commands(&instruction.command_text())
+        .iter()
+        .any(|words| {
+            let program = words
+                .first()
+                .and_then(|w| w.rsplit('/').next())
+                .unwrap_or("");
+            let sub = words.get(1).map(String::as_str);
+            match program {
+                "make" | "cmake" | "ninja" | "bazel" | "gcc" | "g++" | "rustc" | "javac" => true,
+                "go" => matches!(sub, Some("build" | "install" | "generate")),
+                "npm" | "pnpm" | "yarn" => matches!(sub, Some("run" | "build")),
+                "dotnet" => matches!(sub, Some("build" | "publish")),
+                "cargo" => matches!(sub, Some("install")),
+                _ => false,
+            }
+        })
+}
+
+fn context_copied_before_install(file: &str, stage: &Stage) -> Option<Finding> {
+    let copy_at = stage.instructions.iter().position(copies_whole_context)?;
+    let (before, after) = stage.instructions.split_at(copy_at);
+    if before.iter().any(|i| installs_dependencies(i).is_some()) {
+        // Dependencies were installed from their manifests first; a later install is
+        // the project itself.
+        return None;
+    }
+    let copy = after.first()?;
+    let (install, command) = after
+        .iter()
+        .skip(1)
+        .find_map(|i| installs_dependencies(i).map(|c| (i, c)))?;
+    Some(Finding::new(
+        Rule::ContextBustsCache,
+        file,
+        copy.line,
+        format!(
+            "{} copies the whole build context before `{command}` at line {}: any change to \
+             any file reruns the dependency install and every step after it",
+            copy.keyword, install.line
+        ),
+        "copy only the dependency manifests first (package.json and lock file, \
+         requirements.txt, go.mod/go.sum, Cargo.toml/Cargo.lock, ...), install, then copy \
+         the rest",
+    ))
+}
+
+/// A build argument's name that says it changes with every commit or build.
+fn per_commit_name(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    let tokens: Vec<&str> = upper.split(['_', '-']).collect();
+    tokens.iter().any(|t| {
+        matches!(
+            *t,
+            "SHA"
+                | "COMMIT"
+                | "REVISION"
+                | "REV"
+                | "GITSHA"
+                | "GITCOMMIT"
+                | "TIMESTAMP"
+                | "BUILDDATE"
+                | "BUILDTIME"
+        )
+    }) || [
+        "BUILD_DATE",
+        "BUILD_TIME",
+        "BUILD_NUMBER",
+        "BUILD_ID",
+        "RUN_ID",
+        "RUN_NUMBER",
+    ]
+    .iter()
+    .any(|p| upper.contains(p))
+}
+
+/// A value that changes with every commit or run (`${{ github.sha }}`, `$(date)`, ...).
+pub(crate) fn per_commit_value(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    [
+        "github.sha",
+        "github_sha",
+        "github.run_id",
+        "github_run_id",
+        "github.run_number",
+        "github_run_number",
+        "github.event.head_commit",
+        "git rev-parse",
+        "git describe",
+        "$(date",
+        "`date",
+        "ci_commit_sha",
+        "ci_pipeline_id",
+        "build_number",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+}
+
+fn per_commit_args(file: &str, stage: &Stage, builds: &[&Build]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (index, instruction) in stage.instructions.iter().enumerate() {
+        if !instruction.is("ARG") {
+            continue;
+        }
+        for word in instruction.words() {
+            let name = word.split('=').next().unwrap_or(&word).to_owned();
+            let fed = builds
+                .iter()
+                .flat_map(|b| b.build_args.iter().map(move |a| (b, a)))
+                .find(|(_, a)| a.name == name && per_commit_value(&a.value));
+            if !per_commit_name(&name) && fed.is_none() {
+                continue;
+            }
+            let later = stage.instructions.get(index + 1..).unwrap_or(&[]);
+            let Some(expensive) = later.iter().find(|i| is_expensive(i)) else {
+                continue;
+            };
+            let runs = later.iter().filter(|i| i.is("RUN")).count();
+            let why = match fed {
+                Some((build, arg)) => format!(
+                    "is given `{}` by {} at {}:{}",
+                    arg.value, build.what, build.file, arg.line
+                ),
+                None => "is named like a per-commit value".to_owned(),
+            };
+            findings.push(Finding::new(
+                Rule::ContextBustsCache,
+                file,
+                instruction.line,
+                format!(
+                    "ARG {name} {why}, so it changes with every commit; BuildKit passes build \
+                     arguments to every later RUN of the stage, so the {runs} RUN \
+                     instruction(s) after it miss the cache, including the expensive one at \
+                     line {}",
+                    expensive.line
+                ),
+                format!(
+                    "declare ARG {name} after the expensive steps, just before the instruction \
+                     that uses it (for a label or a version file, in the final stage)"
+                ),
+            ));
+        }
+    }
+    findings
+}
+
+fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Option<Finding> {
+    let copy = stages
+        .iter()
+        .flat_map(|s| s.instructions.iter())
+        .find(|i| copies_whole_context(i))?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut contexts: Vec<PathBuf> = uses
+        .builds
+        .iter()
+        .filter_map(|b| b.context.clone())
+        .collect();
+    if uses.builds.is_empty() {
+        contexts.push(dir.to_path_buf());
+    }
+    // A Dockerfile-specific ignore file (Dockerfile.dockerignore) wins over the context's.
+    let own_ignore = path.with_file_name(format!(
+        "{}.dockerignore",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("Dockerfile")
+    ));
+    let own = std::fs::read_to_string(&own_ignore).ok();
+    for context in contexts {
+        let holds_git =
+            context.join(".git").exists() || uses.roots.iter().any(|root| same_dir(root, &context));
+        if !holds_git {
+            continue;
+        }
+        let ignore = own
+            .clone()
+            .or_else(|| std::fs::read_to_string(context.join(".dockerignore")).ok());
+        if ignore.as_deref().is_some_and(excludes_git) {
+            continue;
+        }
+        let shown = super::files::display(&context);
+        let problem = match ignore {
+            Some(_) => "its .dockerignore does not exclude .git",
+            None => "it has no .dockerignore",
+        };
+        return Some(Finding::new(
+            Rule::ContextBustsCache,
+            file,
+            copy.line,
+            format!(
+                "{} copies the whole build context `{shown}`, and {problem}: .git changes with \
+                 every commit, so this layer and every one after it miss the cache",
+                copy.keyword
+            ),
+            format!(
+                "add `.git` to {}",
+                super::files::display(&context.join(".dockerignore"))
+            ),
+        ));
+    }
+    None
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    let clean = |p: &Path| super::files::normalize(p);
+    clean(a) == clean(b)
+}
+
+/// Whether a .dockerignore's patterns exclude `.git` (last matching pattern wins, `!`
+/// re-includes).
+pub(crate) fn excludes_git(patterns: &str) -> bool {
+    let mut excluded = false;
+    for line in patterns.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (negated, pattern) = match line.strip_prefix('!') {
+            Some(rest) => (true, rest.trim()),
+            None => (false, line),
+        };
+        let pattern = pattern
+            .trim_start_matches("./")
+            .trim_start_matches('/')
+            .trim_end_matches('/');
+        if [".git", ".git/HEAD"]
+            .iter()
+            .any(|path| ignore_match(pattern, path))
+        {
+            excluded = !negated;
+        }
+    }
+    excluded
+}
+
+/// `.dockerignore` matching of one path: `*` within a segment, `**` across segments, a
+/// pattern that matches a parent directory matches what it holds.
+fn ignore_match(pattern: &str, path: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    (1..=path.len()).any(|n| segments_match(&pattern, path.get(..n).unwrap_or(&[])))
+}
+
+fn segments_match(pattern: &[&str], path: &[&str]) -> bool {
+    match (pattern.split_first(), path.split_first()) {
+        (None, None) => true,
+        (Some((&"**", rest)), _) => {
+            segments_match(rest, path)
+                || path
+                    .split_first()
+                    .is_some_and(|(_, tail)| segments_match(pattern, tail))
+        }
+        (Some((p, prest)), Some((s, srest))) => segment_glob(p, s) && segments_match(prest, srest),
+        _ => false,
+    }
+}
+
+/// `*` (any run) and `?` (one character) within one path segment.
+fn segment_glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match (p.get(pi), t.get(ti)) {
+            (Some('*'), _) => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            (Some(&pc), Some(&tc)) if pc == tc || pc == '?' => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
+    use super::*;
+
+    #[test]
+    fn dockerignore_patterns_that_exclude_git() {
+        assert!(excludes_git(".git\n"));
+        assert!(excludes_git("/.git/\n"));
+        assert!(excludes_git("**/.git\n"));
+        assert!(excludes_git("*\n!src\n"));
+        assert!(excludes_git(".*\n"));
+        assert!(!excludes_git("node_modules\n"));
+        assert!(!excludes_git(".git\n!.git\n"));
+        assert!(!excludes_git("# .git\n"));
+    }
+
+    #[test]
+    fn installers_are_recognised_and_others_are_not() {
+        let run = |text: &str| {
+            let file = parse(&format!("FROM a\nRUN {text}\n")).unwrap();
+            installs_dependencies(&file.instructions[1])
+        };
+        assert_eq!(run("npm ci --omit=dev").as_deref(), Some("npm ci"));
+        assert_eq!(
+            run("cd app && pip install -r requirements.txt").as_deref(),
+            Some("pip install")
+        );
+        assert_eq!(run("go mod download").as_deref(), Some("go mod download"));
+        assert_eq!(
+            run("DEBIAN_FRONTEND=noninteractive apt-get install -y curl").as_deref(),
+            Some("apt-get install")
+        );
+        assert_eq!(run("yarn --frozen-lockfile").as_deref(), Some("yarn"));
+        assert_eq!(run("npm run test"), None);
+        assert_eq!(run("echo pip install"), None);
+    }
+
+    #[test]
+    fn per_commit_names() {
+        assert!(per_commit_name("GIT_SHA"));
+        assert!(per_commit_name("COMMIT"));
+        assert!(per_commit_name("BUILD_DATE"));
+        assert!(per_commit_name("VCS_REVISION"));
+        assert!(!per_commit_name("NODE_VERSION"));
+        assert!(!per_commit_name("TARBALL_SHA256"));
+    }
+}
