@@ -270,6 +270,7 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
         loopback_tcp: Summary::of(&tcp),
         http_get_ceiling: Summary::of(&get),
         http_put_ceiling: Summary::of(&put),
+        ..Limits::default()
     })
 }
 

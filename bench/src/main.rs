@@ -6,7 +6,12 @@
 //! measures the machine's limits, runs every workload against both servers in turn for
 //! several rounds, runs DESIGN.md scenario 1 with the real dockerd/BuildKit, then prints
 //! one table (median and spread, ratio, limit, PASS/FAIL) and writes it as JSON.
+//!
+//! `--only actions` measures the GitHub Actions cache service instead: the official
+//! `@actions/cache` client saving and restoring a 1 GiB entry against layercache (v2 and
+//! v1) and against a null server that gives the client's own ceiling (see `actions.rs`).
 
+mod actions;
 mod e2e;
 mod limits;
 mod payload;
@@ -84,6 +89,13 @@ struct Args {
     /// Seconds of simulated compute in the end-to-end compute variant.
     #[arg(long, default_value_t = 64)]
     compute_secs: u64,
+    /// Size of the file the GitHub Actions cache client saves and restores, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    actions_mib: usize,
+    /// The npm package (package.json and cache.mjs) that runs @actions/cache [default:
+    /// crates/layercache/tests/actions-cache, which the tests pin].
+    #[arg(long)]
+    actions_client: Option<PathBuf>,
 }
 
 /// A workload that `--only` can select.
@@ -107,6 +119,8 @@ enum Workload {
     Export,
     /// dockerd/BuildKit end to end.
     E2e,
+    /// GitHub Actions cache save and restore through @actions/cache (layercache only).
+    Actions,
 }
 
 /// What the JSON report holds.
@@ -121,6 +135,7 @@ struct Report {
     limits: Limits,
     figures: Vec<Figure>,
     e2e: Vec<Outcome>,
+    actions: Option<actions::Report>,
     failed: Vec<String>,
 }
 
@@ -165,6 +180,14 @@ async fn run(args: &Args) -> Result<Report> {
         setup::ensure_installed(&args.dockerd_bin, "docker.io")?;
         setup::ensure_installed(&args.busybox, "busybox-static")?;
     }
+    let actions_client = if selection.has(Workload::Actions) {
+        Some(actions::ClientPackage::prepare(
+            &root,
+            args.actions_client.as_deref(),
+        )?)
+    } else {
+        None
+    };
 
     let tmp = match &args.tmp_dir {
         Some(dir) => tempfile::Builder::new()
@@ -181,12 +204,16 @@ async fn run(args: &Args) -> Result<Report> {
         blob_mib: args.blob_mib,
         head_secs: args.head_secs,
         manifest_secs: args.manifest_secs,
+        actions_mib: args.actions_mib,
         ..Shape::default()
     };
-    let base_mib = shape
+    let mut base_mib = shape
         .blob_mib
         .max(shape.pull_mib)
         .max(shape.export_large_mib);
+    if selection.has(Workload::Actions) {
+        base_mib = base_mib.max(shape.actions_mib);
+    }
     eprintln!("bench: generating {base_mib} MiB of payload");
     let base = tokio::task::spawn_blocking(move || Base::generate(base_mib, 0x5eed)).await?;
 
@@ -208,11 +235,13 @@ async fn run(args: &Args) -> Result<Report> {
         Workload::E2e,
     ]);
     let mut servers = Vec::new();
-    if uses_servers {
+    if uses_servers || selection.has(Workload::Actions) {
         servers.push(Server::start_layercache(
             &layercache_bin,
             &dir.join("layercache"),
         )?);
+    }
+    if uses_servers {
         servers.push(Server::start_distribution(
             &args.registry_bin,
             &dir.join("distribution"),
@@ -254,6 +283,24 @@ async fn run(args: &Args) -> Result<Report> {
         }
     }
     let mut samples = bench.samples;
+
+    let mut actions_report = None;
+    if let Some(package) = &actions_client {
+        let layercache = servers
+            .iter_mut()
+            .find(|s| s.kind == Kind::Layercache)
+            .context("layercache is not running")?;
+        let ctx = actions::Inputs {
+            dir,
+            base: &base,
+            http: &client,
+            layercache_bin: &layercache_bin,
+            client: package,
+            payload_mib: shape.actions_mib,
+            rounds: args.rounds,
+        };
+        actions_report = Some(actions::run(&ctx, layercache, &mut samples, &mut limits).await?);
+    }
 
     let mut outcomes = Vec::new();
     let plan = Plan {
@@ -303,6 +350,7 @@ async fn run(args: &Args) -> Result<Report> {
         limits,
         figures,
         e2e: outcomes,
+        actions: actions_report,
         failed,
     };
 
@@ -313,6 +361,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if !report.figures.is_empty() {
         println!("{}", report::figures_table(&report.figures));
+    }
+    if let Some(actions) = &report.actions {
+        println!("{}", actions::table(actions));
     }
     println!(
         "rounds: {}; total {:.0} s; {} of {} targets met",

@@ -40,7 +40,8 @@ impl Summary {
         })
     }
 
-    fn show(&self) -> String {
+    /// `median [min-max]`, or the median alone for one sample.
+    pub fn show(&self) -> String {
         if self.samples.len() > 1 {
             format!("{} [{}-{}]", num(self.median), num(self.min), num(self.max))
         } else {
@@ -49,7 +50,8 @@ impl Summary {
     }
 }
 
-/// The machine's limits, each a summary over its repetitions (MB/s).
+/// The machine's limits, each a summary over its repetitions (MB/s; the Actions cache
+/// client's ceilings in MiB/s).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Limits {
     /// One core's SHA-256.
@@ -66,6 +68,14 @@ pub struct Limits {
     pub http_get_ceiling: Option<Summary>,
     /// The benchmark's HTTP client pushing to a trivial server (not a target).
     pub http_put_ceiling: Option<Summary>,
+    /// `@actions/cache` saving to a null v2 server (MiB/s).
+    pub actions_v2_save: Option<Summary>,
+    /// `@actions/cache` restoring from a null v2 server (MiB/s).
+    pub actions_v2_restore: Option<Summary>,
+    /// `@actions/cache` saving to a null v1 server (MiB/s).
+    pub actions_v1_save: Option<Summary>,
+    /// `@actions/cache` restoring from a null v1 server (MiB/s).
+    pub actions_v1_restore: Option<Summary>,
 }
 
 impl Limits {
@@ -118,6 +128,11 @@ pub enum Target {
         /// The bound, in the figure's unit.
         value: f64,
     },
+    /// layercache >= `fraction` x the limit (no peer in this run).
+    OfLimit {
+        /// Minimum fraction of the limit.
+        fraction: f64,
+    },
 }
 
 impl Target {
@@ -135,6 +150,7 @@ impl Target {
             Target::AtMostRatio { ratio } => format!("<= {ratio}x"),
             Target::Below => "< distribution".into(),
             Target::AtMost { value } => format!("<= {} {unit}", num(value)),
+            Target::OfLimit { fraction } => format!(">= {:.0}% limit", fraction * 100.0),
         }
     }
 }
@@ -156,6 +172,8 @@ pub struct Figure {
     pub ratio: Option<f64>,
     /// The machine limit the target uses, in the figure's unit.
     pub limit: Option<f64>,
+    /// layercache's median over the limit.
+    pub of_limit: Option<f64>,
     /// The target.
     pub target: Target,
     /// Whether the target is met; `None` without a target or without both values.
@@ -183,6 +201,7 @@ impl Figure {
         let pass = match (target, lc, dist) {
             (Target::None, _, _) => None,
             (Target::AtMost { value }, Some(a), _) => Some(a <= value),
+            (Target::OfLimit { fraction }, Some(a), _) => limit.map(|l| a >= fraction * l),
             (Target::AtLeast { ratio: r, of_limit }, Some(a), Some(b)) => {
                 let vs_limit = match (of_limit, limit) {
                     (Some(f), Some(l)) => a >= f * l,
@@ -202,6 +221,10 @@ impl Figure {
             distribution,
             ratio,
             limit,
+            of_limit: match (lc, limit) {
+                (Some(a), Some(l)) if l != 0.0 => Some(a / l),
+                _ => None,
+            },
             target,
             pass,
         }
@@ -255,7 +278,10 @@ pub fn figures(
         of_limit: None,
     };
     let loopback = limits.loopback_tcp.as_ref().map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 18] = [
+    let median = |s: &Option<Summary>| s.as_ref().map(|s| s.median);
+    let actions = size(shape.actions_mib);
+    let of_ceiling = Target::OfLimit { fraction: 0.9 };
+    let rows: [(&str, String, &str, Option<f64>, Target); 22] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -351,6 +377,34 @@ pub fn figures(
             Target::AtMostRatio { ratio: 0.5 },
         ),
         (
+            "actions_v2_save_mib_s",
+            format!("actions cache v2 save {actions}"),
+            "MiB/s",
+            median(&limits.actions_v2_save),
+            of_ceiling,
+        ),
+        (
+            "actions_v2_restore_mib_s",
+            format!("actions cache v2 restore {actions}"),
+            "MiB/s",
+            median(&limits.actions_v2_restore),
+            of_ceiling,
+        ),
+        (
+            "actions_v1_save_mib_s",
+            format!("actions cache v1 save {actions}"),
+            "MiB/s",
+            median(&limits.actions_v1_save),
+            of_ceiling,
+        ),
+        (
+            "actions_v1_restore_mib_s",
+            format!("actions cache v1 restore {actions}"),
+            "MiB/s",
+            median(&limits.actions_v1_restore),
+            of_ceiling,
+        ),
+        (
             "rss_mib",
             "peak RSS over the run".into(),
             "MiB",
@@ -404,22 +458,43 @@ pub fn figures(
 /// The machine limits as a small table.
 pub fn limits_table(limits: &Limits) -> String {
     let rows = [
-        ("SHA-256, one core", &limits.sha256_one_core),
-        ("page-cache read", &limits.page_cache_read),
-        ("disk write, then fsync", &limits.disk_write_fsync),
+        ("SHA-256, one core", &limits.sha256_one_core, "MB/s"),
+        ("page-cache read", &limits.page_cache_read, "MB/s"),
+        ("disk write, then fsync", &limits.disk_write_fsync, "MB/s"),
         (
             "disk write, fdatasync overlapped",
             &limits.disk_write_fsync_overlapped,
+            "MB/s",
         ),
-        ("loopback TCP, one stream", &limits.loopback_tcp),
-        ("HTTP client GET ceiling", &limits.http_get_ceiling),
-        ("HTTP client PUT ceiling", &limits.http_put_ceiling),
+        ("loopback TCP, one stream", &limits.loopback_tcp, "MB/s"),
+        ("HTTP client GET ceiling", &limits.http_get_ceiling, "MB/s"),
+        ("HTTP client PUT ceiling", &limits.http_put_ceiling, "MB/s"),
+        (
+            "actions cache v2 save, null server",
+            &limits.actions_v2_save,
+            "MiB/s",
+        ),
+        (
+            "actions cache v2 restore, null server",
+            &limits.actions_v2_restore,
+            "MiB/s",
+        ),
+        (
+            "actions cache v1 save, null server",
+            &limits.actions_v1_save,
+            "MiB/s",
+        ),
+        (
+            "actions cache v1 restore, null server",
+            &limits.actions_v1_restore,
+            "MiB/s",
+        ),
     ];
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .filter_map(|(name, s)| {
+        .filter_map(|(name, s, unit)| {
             s.as_ref()
-                .map(|s| vec![(*name).to_owned(), format!("{} MB/s", s.show())])
+                .map(|s| vec![(*name).to_owned(), format!("{} {unit}", s.show())])
         })
         .collect();
     if rows.is_empty() {
@@ -439,6 +514,7 @@ pub fn figures_table(figures: &[Figure]) -> String {
                 f.distribution.as_ref().map_or("-".into(), Summary::show),
                 f.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
                 f.limit.map_or("-".into(), num),
+                f.of_limit.map_or("-".into(), |r| format!("{r:.2}x")),
                 f.target.describe(&f.unit),
                 match f.pass {
                     Some(true) => "PASS".into(),
@@ -455,6 +531,7 @@ pub fn figures_table(figures: &[Figure]) -> String {
             "distribution",
             "lc/dist",
             "limit",
+            "lc/limit",
             "target",
             "result",
         ],
@@ -463,7 +540,7 @@ pub fn figures_table(figures: &[Figure]) -> String {
 }
 
 /// A plain-text table with aligned columns (first column left, others right).
-fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -571,5 +648,18 @@ mod tests {
             Figure::new("k", "l", "ms", &s, None, Target::None).pass,
             None
         );
+    }
+
+    #[test]
+    fn fraction_of_limit_needs_the_limit_only() {
+        let s = samples(&[95.0], &[]);
+        let target = Target::OfLimit { fraction: 0.9 };
+        let f = Figure::new("k", "l", "MiB/s", &s, Some(100.0), target);
+        assert_eq!(f.pass, Some(true));
+        assert_eq!(f.of_limit, Some(0.95));
+        let f = Figure::new("k", "l", "MiB/s", &s, Some(110.0), target);
+        assert_eq!(f.pass, Some(false));
+        let f = Figure::new("k", "l", "MiB/s", &s, None, target);
+        assert_eq!(f.pass, None);
     }
 }

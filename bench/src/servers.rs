@@ -43,6 +43,8 @@ pub struct Server {
     pub url: String,
     /// `127.0.0.1:PORT`, as image references want it.
     pub host: String,
+    /// Where the server keeps its data (`layercache token` reads its key there).
+    pub data_dir: PathBuf,
     log: PathBuf,
 }
 
@@ -51,9 +53,10 @@ impl Server {
     pub fn start_layercache(bin: &Path, dir: &Path) -> Result<Server> {
         std::fs::create_dir_all(dir)?;
         let log = dir.join("server.log");
+        let data_dir = dir.join("data");
         let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"))
+            .arg(&data_dir)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(File::create(&log)?)
@@ -81,6 +84,7 @@ impl Server {
             child,
             url,
             host,
+            data_dir,
             log,
         })
     }
@@ -92,6 +96,7 @@ impl Server {
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
         let host = format!("127.0.0.1:{port}");
+        let data_dir = dir.join("data");
         let config = dir.join("config.yml");
         let mut f = File::create(&config)?;
         write!(
@@ -101,7 +106,7 @@ impl Server {
              storage:\n  cache:\n    blobdescriptor: inmemory\n  \
              filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
              http:\n  addr: {host}\n",
-            dir.join("data").display()
+            data_dir.display()
         )?;
         let log = dir.join("server.log");
         let child = Command::new(bin)
@@ -116,6 +121,7 @@ impl Server {
             child,
             url: format!("http://{host}"),
             host,
+            data_dir,
             log,
         })
     }
@@ -139,6 +145,11 @@ impl Server {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Fail if the process has exited.

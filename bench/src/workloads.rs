@@ -60,6 +60,8 @@ pub struct Shape {
     pub export_head_conns: usize,
     /// Concurrent uploads during the export.
     pub export_upload_conns: usize,
+    /// Size of the file the GitHub Actions cache client saves and restores, in MiB.
+    pub actions_mib: usize,
 }
 
 impl Default for Shape {
@@ -80,6 +82,7 @@ impl Default for Shape {
             export_missing_large: 1,
             export_head_conns: 8,
             export_upload_conns: 4,
+            actions_mib: 1024,
         }
     }
 }
