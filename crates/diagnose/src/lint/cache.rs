@@ -472,32 +472,21 @@ fn find_close(chars: &[char], from: usize, close: &str) -> Option<usize> {
 
 /// `*` matches any run of characters (a literal `*` in the pattern is `\u{1}`).
 fn glob(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match (p.get(pi), t.get(ti)) {
-            (Some('*'), _) => {
-                star = Some((pi, ti));
-                pi += 1;
+    let mut escaped = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        match c {
+            '\u{1}' => escaped.push_str("[*]"),
+            '?' | '[' | ']' | '{' | '}' | '\\' => {
+                escaped.push('\\');
+                escaped.push(c);
             }
-            (Some(&pc), Some(&tc)) if pc == tc || (pc == '\u{1}' && tc == '*') => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
+            c => escaped.push(c),
         }
     }
-    p.get(pi..)
-        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+    globset::GlobBuilder::new(&escaped)
+        .backslash_escape(true)
+        .build()
+        .is_ok_and(|g| g.compile_matcher().is_match(text))
 }
 
 /// Splits `a=1,b="x,y"` on commas outside double quotes, removing the quotes.

@@ -496,56 +496,22 @@ pub(crate) fn excludes_git(patterns: &str) -> bool {
     excluded
 }
 
-/// `.dockerignore` matching of one path: `*` within a segment, `**` across segments, a
-/// pattern that matches a parent directory matches what it holds.
+/// `.dockerignore` matching of one path: `*` and `?` within a segment, `**` across
+/// segments, and a pattern that matches a parent directory matches what it holds.
 fn ignore_match(pattern: &str, path: &str) -> bool {
-    let pattern: Vec<&str> = pattern.split('/').collect();
-    let path: Vec<&str> = path.split('/').collect();
-    (1..=path.len()).any(|n| segments_match(&pattern, path.get(..n).unwrap_or(&[])))
-}
-
-fn segments_match(pattern: &[&str], path: &[&str]) -> bool {
-    match (pattern.split_first(), path.split_first()) {
-        (None, None) => true,
-        (Some((&"**", rest)), _) => {
-            segments_match(rest, path)
-                || path
-                    .split_first()
-                    .is_some_and(|(_, tail)| segments_match(pattern, tail))
-        }
-        (Some((p, prest)), Some((s, srest))) => segment_glob(p, s) && segments_match(prest, srest),
-        _ => false,
-    }
-}
-
-/// `*` (any run) and `?` (one character) within one path segment.
-fn segment_glob(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match (p.get(pi), t.get(ti)) {
-            (Some('*'), _) => {
-                star = Some((pi, ti));
-                pi += 1;
-            }
-            (Some(&pc), Some(&tc)) if pc == tc || pc == '?' => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p.get(pi..)
-        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+    let Ok(glob) = globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+    else {
+        return false;
+    };
+    let matcher = glob.compile_matcher();
+    let segments: Vec<&str> = path.split('/').collect();
+    (1..=segments.len()).any(|n| {
+        segments
+            .get(..n)
+            .is_some_and(|parent| matcher.is_match(parent.join("/")))
+    })
 }
 
 #[cfg(test)]
