@@ -459,16 +459,16 @@ impl Store {
         for root in self.0.meta.roots().await? {
             let root = match root {
                 Evictable::Manifest(root) => root,
-                // A restore may still be reading it.
-                Evictable::Entry(entry) if now - entry.last_used < in_use => {
-                    report.kept_in_use += 1;
-                    continue;
-                }
-                entry @ Evictable::Entry(_) => {
-                    candidates.push(Candidate {
-                        root: entry,
-                        forced: false,
-                    });
+                Evictable::Entry(entry) => {
+                    // A restore may still be reading it.
+                    if now - entry.last_used < in_use {
+                        report.kept_in_use += 1;
+                    } else {
+                        candidates.push(Candidate {
+                            root: Evictable::Entry(entry),
+                            forced: false,
+                        });
+                    }
                     continue;
                 }
             };

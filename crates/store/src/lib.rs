@@ -25,7 +25,16 @@ pub use meta::{Entry, EntryQuery, EntryRoot, NewEntry, RepoUsage, SessionFilter,
 pub use registry::{BlobRead, PutManifest, Store};
 pub use upload::UploadId;
 
-/// Seconds since the Unix epoch, the time unit of all stored timestamps.
+/// Milliseconds since the Unix epoch: cache entries' creation, which orders entries
+/// saved within the same second.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, the time unit of the other stored timestamps.
 pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

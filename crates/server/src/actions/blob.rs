@@ -13,7 +13,7 @@ use base64::Engine;
 use quick_xml::events::Event;
 use store::ByteRange;
 
-use super::{ActionsError, UrlUse, record, remote_addr};
+use super::{ActionsError, UrlUse, entry_id, record};
 use crate::app::AppState;
 use crate::body::{byte_stream, drain_on_drop, parse_range};
 use crate::sessions::Outcome;
@@ -72,9 +72,7 @@ pub(super) async fn dispatch(
 }
 
 async fn handle(state: &AppState, entry: &str, parts: &Parts, body: Body) -> Result {
-    let id: i64 = entry
-        .parse()
-        .map_err(|_| ActionsError::Store(store::Error::NotFound(store::error::Missing::Entry)))?;
+    let id = entry_id(entry)?;
     let query: Query = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
         .map_err(|e| ActionsError::Invalid(format!("malformed query: {e}")))?;
     let verifier = &state.actions.verifier;
@@ -133,12 +131,13 @@ async fn put_blob(state: &AppState, id: i64, parts: &Parts, body: Body) -> Resul
         ));
     }
     let limit = state.actions.max_entry_size();
-    if content_length(parts).is_some_and(|len| len > limit) {
+    let declared = content_length(parts);
+    if declared.is_some_and(|len| len > limit) {
         return Err(store::Error::EntryTooLarge { limit }.into());
     }
     state
         .store
-        .put_entry_part(id, 0, content_length(parts), true, byte_stream(body), limit)
+        .put_entry_part(id, 0, declared, true, byte_stream(body), limit)
         .await?;
     created()
 }
@@ -237,7 +236,7 @@ async fn get_blob(state: &AppState, id: i64, parts: &Parts, session: Option<Stri
     } else {
         record(
             state,
-            remote_addr(parts),
+            crate::sessions::remote_addr(parts),
             session.as_deref(),
             &scope,
             Outcome::EntryServed { bytes: len },

@@ -15,12 +15,11 @@ pub mod token;
 mod twirp;
 mod v1;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use axum::routing::{any, post};
@@ -158,7 +157,7 @@ impl Caller {
         let grant = state.actions.verifier.verify(authorization).await?;
         Ok(Caller {
             grant,
-            addr: remote_addr(parts),
+            addr: crate::sessions::remote_addr(parts),
         })
     }
 
@@ -304,11 +303,10 @@ fn record(
     tracing::Span::current().record("session", id.as_str());
 }
 
-fn remote_addr(parts: &Parts) -> Option<IpAddr> {
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+/// The entry an id in a path names (an id that does not parse names none).
+fn entry_id(id: &str) -> Result<i64, ActionsError> {
+    id.parse()
+        .map_err(|_| store::Error::NotFound(store::error::Missing::Entry).into())
 }
 
 /// A key is 1 to 512 characters, without commas (the v1 API joins keys with them) or

@@ -8,7 +8,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ActionsError, Caller, UrlUse, rfc3339};
+use super::{ActionsError, Caller, UrlUse, entry_id, rfc3339};
 use crate::app::AppState;
 use crate::body::{byte_stream, drain_on_drop};
 
@@ -95,11 +95,6 @@ async fn json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T> {
         .map_err(|e| ActionsError::Malformed(format!("request body: {e}")))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ActionsError::Malformed(format!("request body: {e}")))
-}
-
-fn entry_id(id: &str) -> Result<i64> {
-    id.parse()
-        .map_err(|_| ActionsError::Store(store::Error::NotFound(store::error::Missing::Entry)))
 }
 
 /// `GET cache?keys=k1,k2&version=v`: 200 with the entry, or 204.

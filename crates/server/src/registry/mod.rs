@@ -12,10 +12,8 @@ mod referrers;
 mod tags;
 mod uploads;
 
-use std::net::SocketAddr;
-
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -69,11 +67,7 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
                 .await
                 .unwrap_or_else(IntoResponse::into_response);
             if let Some((repo, outcome)) = outcome(&endpoint, &response) {
-                let addr = parts
-                    .extensions
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map(|c| c.0.ip());
-                let client = Client::of(&parts.headers, addr);
+                let client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
                 state.metrics.outcome(&outcome);
                 let session = state.sessions.record(&client, repo.as_str(), outcome);
                 span.record("session", session.as_str());

@@ -80,6 +80,14 @@ impl Client {
     }
 }
 
+/// The address a request came from, when the server records it.
+pub fn remote_addr(parts: &axum::http::request::Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
 /// The user name of `Basic` credentials.
 fn basic_user(authorization: &str) -> Option<String> {
     let (scheme, encoded) = authorization.split_once(' ')?;

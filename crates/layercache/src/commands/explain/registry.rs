@@ -11,11 +11,17 @@ use anyhow::{Context, bail};
 use oci::Digest;
 use reqwest::{Method, Response, StatusCode, header};
 
-/// Every manifest and index type `explain` reads.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
+/// Every manifest and index type `explain` reads, as an `Accept` value.
+fn manifest_accept() -> String {
+    use oci::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
+    [
+        OCI_INDEX,
+        OCI_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        DOCKER_MANIFEST,
+    ]
+    .join(", ")
+}
 
 /// The build session a layercache server records these lookups under, apart from the
 /// builds they explain.
@@ -179,7 +185,7 @@ impl Registry {
     pub async fn manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Fetched> {
         let path = format!("/v2/{repo}/manifests/{reference}");
         let response = self
-            .send(Method::GET, repo, &path, Some(MANIFEST_ACCEPT))
+            .send(Method::GET, repo, &path, Some(&manifest_accept()))
             .await?;
         let status = response.status();
         if !status.is_success() {

@@ -4,10 +4,10 @@
 use oci::Digest;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::parse_digest;
+use super::{parse_digest, record_blob};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part};
-use crate::{Error, Result, now_secs};
+use crate::{Error, Result, now_ms, now_secs};
 
 const COLUMNS: &str = "id, repository, scope, key, version, size, created_ms, accessed_at";
 
@@ -22,13 +22,6 @@ fn entry(r: &Row<'_>) -> rusqlite::Result<Entry> {
         created_ms: r.get(6)?,
         last_used: r.get(7)?,
     })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The smallest string greater than every string starting with `prefix` (`None` when
@@ -189,19 +182,9 @@ fn unfinished(c: &Connection, id: i64) -> Result<Entry> {
     Ok(found)
 }
 
-/// Record a stored blob (it may already be recorded, for a layer or another entry).
-fn record_blob(c: &Connection, digest: &Digest, len: u64) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "INSERT INTO blobs (digest, size, created_at, accessed_at) VALUES (?1, ?2, ?3, ?3)
-         ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
-    )?
-    .execute(params![digest.to_string(), len as i64, now_secs()])?;
-    Ok(())
-}
-
 pub(super) fn add_part(c: &Connection, id: i64, part: &Part, whole: bool) -> Result<()> {
     unfinished(c, id)?;
-    record_blob(c, &part.digest, part.len)?;
+    record_blob(c, &part.digest.to_string(), part.len)?;
     if whole {
         c.prepare_cached("DELETE FROM cache_parts WHERE entry_id = ?1")?
             .execute([id])?;
@@ -226,7 +209,7 @@ pub(super) fn add_block(
     len: u64,
 ) -> Result<()> {
     unfinished(c, id)?;
-    record_blob(c, digest, len)?;
+    record_blob(c, &digest.to_string(), len)?;
     c.prepare_cached(
         "INSERT OR REPLACE INTO cache_blocks (entry_id, block, digest, len) VALUES (?1, ?2, ?3, ?4)",
     )?

@@ -240,6 +240,16 @@ fn parse_repo(s: String) -> rusqlite::Result<RepoName> {
 
 const REPO_ID: &str = "(SELECT id FROM repos WHERE name = ?1)";
 
+/// Record a stored blob, or its new use when it is already recorded.
+fn record_blob(conn: &Connection, digest: &str, size: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO blobs (digest, size, created_at, accessed_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
+    )?
+    .execute(params![digest, size as i64, now_secs()])?;
+    Ok(())
+}
+
 fn ensure_repo(conn: &Connection, repo: &RepoName) -> rusqlite::Result<i64> {
     conn.prepare_cached("INSERT INTO repos (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")?
         .execute([repo.as_str()])?;
@@ -341,13 +351,8 @@ impl MetaStore for SqliteMeta {
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |c| {
-            let now = now_secs();
             let repo_id = ensure_repo(c, &repo)?;
-            c.prepare_cached(
-                "INSERT INTO blobs (digest, size, created_at, accessed_at) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
-            )?
-            .execute(params![digest, size as i64, now])?;
+            record_blob(c, &digest, size)?;
             c.prepare_cached("INSERT OR IGNORE INTO repo_blobs (repo_id, digest) VALUES (?1, ?2)")?
                 .execute(params![repo_id, digest])?;
             Ok(())
