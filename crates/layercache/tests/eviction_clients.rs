@@ -20,24 +20,23 @@
 
 mod common;
 
+use common::registry::{
+    assert_gone, assert_intact, blobs_of, disk_usage, error_code, field, get_blob, get_json,
+    get_manifest, push_image, random_bytes, upload,
+};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// The Debian docker.io client: newer clients without buildx refuse `DOCKER_BUILDKIT=1`.
 const DOCKER: &str = "/usr/bin/docker";
 
 const MIB: u64 = 1 << 20;
-
-/// Manifest types a registry client accepts.
-const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.oci.image.index.v1+json";
 
 /// Timestamps of use have a one-second resolution: uses further apart than this are
 /// ordered.
@@ -48,21 +47,6 @@ const TICK: Duration = Duration::from_millis(1100);
 fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
         || std::env::var("REQUIRE_REAL_CLIENTS").is_ok_and(|v| v == "1")
-}
-
-async fn get_json(client: &reqwest::Client, url: &str) -> Value {
-    let r = client.get(url).send().await.unwrap();
-    assert_eq!(r.status(), 200, "GET {url}");
-    r.json().await.unwrap()
-}
-
-fn field(value: &Value, path: &[&str]) -> u64 {
-    let mut v = value;
-    for key in path {
-        v = &v[*key];
-    }
-    v.as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {value}"))
 }
 
 /// Wait until the server's passes have brought usage down to the high watermark, then
@@ -87,97 +71,6 @@ async fn settle(client: &reqwest::Client, server: &common::Server) -> Value {
         .unwrap();
     assert_eq!(r.status(), 200);
     get_json(client, &server.at("/api/v1/gc")).await
-}
-
-/// Bytes under `dir`, files and directories: (apparent sizes, allocated blocks).
-fn disk_usage(dir: &Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    let mut apparent = 0;
-    let mut allocated = 0;
-    let mut pending = vec![dir.to_owned()];
-    while let Some(path) = pending.pop() {
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
-            // Deleted since the listing.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => panic!("{}: {e}", path.display()),
-        };
-        apparent += meta.len();
-        allocated += meta.blocks() * 512;
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap() {
-                pending.push(entry.unwrap().path());
-            }
-        }
-    }
-    (apparent, allocated)
-}
-
-/// `GET /v2/<repo>/manifests/<reference>`: status and body.
-async fn get_manifest(
-    client: &reqwest::Client,
-    server: &common::Server,
-    repo: &str,
-    reference: &str,
-) -> (u16, Bytes) {
-    let r = client
-        .get(server.at(&format!("/v2/{repo}/manifests/{reference}")))
-        .header("accept", ACCEPT)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.bytes().await.unwrap())
-}
-
-/// The code of the first error in an OCI error body.
-fn error_code(body: &[u8]) -> String {
-    let value: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!(
-            "not an OCI error body ({e}): {}",
-            String::from_utf8_lossy(body)
-        )
-    });
-    value["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no errors[0].code in {value}"))
-        .to_owned()
-}
-
-/// The digests of a manifest's config and layers.
-fn blobs_of(manifest: &[u8]) -> Vec<String> {
-    let value: Value = serde_json::from_slice(manifest).unwrap();
-    let mut blobs = vec![value["config"]["digest"].as_str().unwrap().to_owned()];
-    for layer in value["layers"].as_array().unwrap() {
-        blobs.push(layer["digest"].as_str().unwrap().to_owned());
-    }
-    blobs
-}
-
-/// `GET` a blob: its status, and for a 200 whether the bytes hash to `digest`; for an
-/// error, its code.
-async fn get_blob(
-    client: &reqwest::Client,
-    server: &common::Server,
-    repo: &str,
-    digest: &str,
-) -> Result<(), (u16, String)> {
-    let r = client
-        .get(server.at(&format!("/v2/{repo}/blobs/{digest}")))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let body = r.bytes().await.unwrap();
-    if status == 200 {
-        assert_eq!(
-            common::digest_of(&body),
-            digest,
-            "{repo}: blob {digest} came back changed"
-        );
-        Ok(())
-    } else {
-        Err((status, error_code(&body)))
-    }
 }
 
 // ---- docker ----
@@ -297,6 +190,7 @@ async fn real_clients_stay_under_the_quota() {
         ("LAYERCACHE_STORE__EVICTION__LOW_WATERMARK", "80%"),
         ("LAYERCACHE_STORE__EVICTION__GRACE", "2s"),
         ("LAYERCACHE_STORE__EVICTION__IN_USE", "1s"),
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "1s"),
         ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1s"),
     ]);
     let client = reqwest::Client::new();
@@ -537,124 +431,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// An image pushed over the API: a config and one layer.
-struct Pushed {
-    repo: String,
-    manifest: Vec<u8>,
-    layer: String,
-    config: String,
-}
-
-fn random_bytes(seed: u64, len: u64) -> Bytes {
-    Bytes::from(
-        common::chunks(seed, len as usize, 1 << 20)
-            .flat_map(|c| c.to_vec())
-            .collect::<Vec<u8>>(),
-    )
-}
-
-/// Monolithic upload of `bytes` into `repo`.
-async fn upload(
-    client: &reqwest::Client,
-    server: &common::Server,
-    repo: &str,
-    bytes: Bytes,
-) -> reqwest::Response {
-    let digest = common::digest_of(&bytes);
-    client
-        .post(server.at(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(bytes)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("upload of {digest} to {repo}: {e:?}"))
-}
-
-/// Push an image whose layer is `layer` as `repo:v1`.
-async fn push_image(
-    client: &reqwest::Client,
-    server: &common::Server,
-    repo: &str,
-    layer: Bytes,
-) -> Pushed {
-    let layer_digest = common::digest_of(&layer);
-    let layer_len = layer.len();
-    // Like real clients, skip a layer the repository already has.
-    let head = client
-        .head(server.at(&format!("/v2/{repo}/blobs/{layer_digest}")))
-        .send()
-        .await
-        .unwrap();
-    if head.status() != 200 {
-        let r = upload(client, server, repo, layer).await;
-        assert_eq!(r.status(), 201, "{repo}: {}", r.text().await.unwrap());
-    }
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Labels": { "repo": repo } },
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-    }))
-    .unwrap();
-    let config_digest = common::digest_of(&config);
-    let config_len = config.len();
-    let r = upload(client, server, repo, Bytes::from(config)).await;
-    assert_eq!(r.status(), 201, "{repo}: {}", r.text().await.unwrap());
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config_len,
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest,
-            "size": layer_len,
-        }],
-    }))
-    .unwrap();
-    let r = client
-        .put(server.at(&format!("/v2/{repo}/manifests/v1")))
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(manifest.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{repo}: {}", r.text().await.unwrap());
-    Pushed {
-        repo: repo.to_owned(),
-        manifest,
-        layer: layer_digest,
-        config: config_digest,
-    }
-}
-
-/// The image is there, manifest and blobs, byte for byte.
-async fn assert_intact(client: &reqwest::Client, server: &common::Server, image: &Pushed) {
-    let (code, body) = get_manifest(client, server, &image.repo, "v1").await;
-    assert_eq!(
-        code,
-        200,
-        "{}: {}",
-        image.repo,
-        String::from_utf8_lossy(&body)
-    );
-    assert_eq!(body, image.manifest, "{}", image.repo);
-    for digest in [&image.layer, &image.config] {
-        get_blob(client, server, &image.repo, digest)
-            .await
-            .unwrap_or_else(|e| panic!("{}: blob {digest}: {e:?}", image.repo));
-    }
-}
-
-/// The image's manifest is gone.
-async fn assert_gone(client: &reqwest::Client, server: &common::Server, image: &Pushed) {
-    let (code, body) = get_manifest(client, server, &image.repo, "v1").await;
-    assert_eq!(code, 404, "{} is still there", image.repo);
-    assert_eq!(error_code(&body), "MANIFEST_UNKNOWN", "{}", image.repo);
-}
-
 /// Bytes in upload staging files.
 fn staged_bytes(data_dir: &Path) -> u64 {
     std::fs::read_dir(data_dir.join("uploads"))
@@ -695,6 +471,7 @@ async fn disk_full_upload_fails_cleanly_then_eviction_makes_room() {
             ("LAYERCACHE_STORE__EVICTION__LOW_WATERMARK", "80%"),
             ("LAYERCACHE_STORE__EVICTION__GRACE", "1s"),
             ("LAYERCACHE_STORE__EVICTION__IN_USE", "1s"),
+            ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "1s"),
             ("LAYERCACHE_STORE__EVICTION__UPLOAD_EXPIRY", "3s"),
             ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1s"),
         ],

@@ -881,6 +881,7 @@ async fn soak_push_pull_under_continuous_eviction() {
         ("LAYERCACHE_STORE__EVICTION__MIN_FREE", "0"),
         ("LAYERCACHE_STORE__EVICTION__GRACE", "0s"),
         ("LAYERCACHE_STORE__EVICTION__IN_USE", "2s"),
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "2s"),
         ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1s"),
     ]);
     let stats = Arc::new(Stats::default());
@@ -1160,6 +1161,7 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
     let base_env = [
         ("LAYERCACHE_STORE__EVICTION__GRACE", "0s"),
         ("LAYERCACHE_STORE__EVICTION__IN_USE", "0s"),
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "0s"),
     ];
     let mut first = common::Server::start_with_env(&base_env);
     let dir = first.data_dir().to_owned();
@@ -1544,6 +1546,7 @@ async fn pass_evicts_only_what_it_needs_when_blobs_are_in_grace() {
     let env = [
         ("LAYERCACHE_STORE__EVICTION__GRACE", "1h"),
         ("LAYERCACHE_STORE__EVICTION__IN_USE", "0s"),
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "0s"),
     ];
     let mut rng = StdRng::seed_from_u64(0x6ace);
     let images: Vec<Image> = (0..10)
@@ -1584,6 +1587,7 @@ async fn evicting_an_index_frees_its_children_before_newer_roots() {
     let env = [
         ("LAYERCACHE_STORE__EVICTION__GRACE", "0s"),
         ("LAYERCACHE_STORE__EVICTION__IN_USE", "0s"),
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "0s"),
     ];
     let mut rng = StdRng::seed_from_u64(0x1dec);
     let index = Index::new(vec![

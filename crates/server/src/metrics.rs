@@ -66,7 +66,9 @@ pub struct Metrics {
     entry_lookups: Family<ResultLabels, Counter>,
     stored_bytes: Gauge,
     stored_blobs: Gauge,
+    released_bytes: Gauge,
     quota_bytes: Gauge,
+    shortfall_bytes: Gauge,
     upload_sessions: Gauge,
     build_sessions: Gauge,
 }
@@ -88,11 +90,13 @@ impl Metrics {
         let manifest_lookups = Family::<ResultLabels, Counter>::default();
         let blob_checks = Family::<ResultLabels, Counter>::default();
         let entry_lookups = Family::<ResultLabels, Counter>::default();
-        let gauges: [Gauge; 5] = Default::default();
+        let gauges: [Gauge; 7] = Default::default();
         let [
             stored_bytes,
             stored_blobs,
+            released_bytes,
             quota_bytes,
+            shortfall_bytes,
             upload_sessions,
             build_sessions,
         ] = gauges;
@@ -137,7 +141,18 @@ impl Metrics {
             stored_bytes.clone(),
         );
         registry.register("stored_blobs", "Blobs stored", stored_blobs.clone());
+        registry.register(
+            "released_bytes",
+            "Of the stored bytes, those evicted roots released, waiting out the push window",
+            released_bytes.clone(),
+        );
         registry.register("quota_bytes", "The quota in force", quota_bytes.clone());
+        registry.register(
+            "eviction_shortfall_bytes",
+            "Bytes the last eviction pass could not free because every root left is in use \
+             or pinned (0 when the quota was met)",
+            shortfall_bytes.clone(),
+        );
         registry.register(
             "upload_sessions",
             "Open upload sessions",
@@ -159,7 +174,9 @@ impl Metrics {
             entry_lookups,
             stored_bytes,
             stored_blobs,
+            released_bytes,
             quota_bytes,
+            shortfall_bytes,
             upload_sessions,
             build_sessions,
         })
@@ -222,6 +239,7 @@ pub async fn serve(State(state): State<AppState>) -> Response {
         Ok((usage, quota)) => {
             metrics.stored_bytes.set(usage.total as i64);
             metrics.stored_blobs.set(usage.blobs as i64);
+            metrics.released_bytes.set(usage.released_bytes as i64);
             metrics.quota_bytes.set(quota.limit as i64);
         }
         Err(e) => tracing::warn!(error = %e, "reading usage for metrics failed"),
@@ -232,6 +250,8 @@ pub async fn serve(State(state): State<AppState>) -> Response {
         }
         Err(e) => tracing::warn!(error = %e, "counting upload sessions failed"),
     }
+    let shortfall = state.store.last_gc().map_or(0, |pass| pass.shortfall);
+    metrics.shortfall_bytes.set(shortfall as i64);
     metrics
         .build_sessions
         .set(state.sessions.open_count() as i64);

@@ -48,9 +48,15 @@ pub struct Eviction {
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
     /// After a manifest is read, it and everything it references are kept at least this
-    /// long, so a client that got the manifest can fetch the rest.
+    /// long, so a client that got the manifest can fetch the rest (a BuildKit build that
+    /// imported a cache fetches its layers as its steps need them).
     #[serde(with = "humantime_serde")]
     pub in_use: Duration,
+    /// A blob uploaded, checked, mounted or read this recently stays when the last root
+    /// referencing it is evicted or deleted, so the manifest PUT that ends a push finds
+    /// the layers the push checked; after it, the blob leaves at the next pass.
+    #[serde(with = "humantime_serde")]
+    pub push_window: Duration,
     /// Upload sessions (and staging files) idle for this long are abandoned and removed.
     #[serde(with = "humantime_serde")]
     pub upload_expiry: Duration,
@@ -71,6 +77,7 @@ impl Default for Eviction {
             low_watermark: Percent(80),
             grace: Duration::from_secs(2 * 3600),
             in_use: Duration::from_secs(15 * 60),
+            push_window: Duration::from_secs(15 * 60),
             upload_expiry: Duration::from_secs(24 * 3600),
             interval: Duration::from_secs(60),
             rules: Vec::new(),

@@ -3,8 +3,14 @@
 //! A pass (see [`Store::gc`]) expires abandoned uploads, evicts roots (a manifest nothing
 //! else needs, with its tags) from the least recently used while usage is above the low
 //! watermark or a rule's maximum age has passed, then sweeps the blobs no manifest
-//! references: those the evicted roots released once unused for `in_use`, any other
-//! once idle for the grace period (a client may push layers long before their manifest).
+//! references: those a root released (an evicted or deleted one referenced them) once
+//! unused for the push window, any other once idle for the grace period (a client may
+//! push layers long before their manifest).
+//!
+//! The quota holds without a cascade (invariant 7): a released blob is remembered as
+//! such in the metadata, so it survives restarts and leaves at the first pass after its
+//! window, for which a pass is scheduled; until then a pass counts it as freed already,
+//! and evicts only what the low watermark needs beyond it.
 //!
 //! What is in use is never removed:
 //! * a manifest PUT and the sweep are ordered by the metadata writer: the PUT either
@@ -12,6 +18,8 @@
 //!   MANIFEST_BLOB_UNKNOWN;
 //! * an upload publishing a blob and the sweep removing it hold the digest's lock, so a
 //!   sweep never deletes a file an upload has just published under the same digest;
+//! * a blob a push checked or uploaded stays for the push window, so the manifest PUT
+//!   that ends the push finds it;
 //! * a manifest that was read is leased for `in_use`: it is not evicted, and if it was
 //!   read while being evicted, the blobs it references are leased too. Reads hold the
 //!   read side of a barrier while they look a manifest up and take the lease; after each
@@ -32,7 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Eviction;
 use crate::meta::{
-    BlobUsage, Candidate, EntryRoot, EvictRequest, Evictable, RepoUsage, Root, on_disk,
+    BlobUsage, Candidate, EntryRoot, EvictRequest, Evictable, RepoUsage, Root, Unreferenced,
+    on_disk,
 };
 use crate::{Error, Result, Store, now_secs};
 
@@ -51,6 +60,8 @@ pub enum Trigger {
     Schedule,
     /// The server started (finishing whatever a previous run left).
     Startup,
+    /// Released blobs came out of their window.
+    Released,
 }
 
 /// The data directory's usage, in bytes on disk.
@@ -66,6 +77,10 @@ pub struct Usage {
     pub metadata_bytes: u64,
     /// All of the above.
     pub total: u64,
+    /// Of the blob bytes, those released and waiting out their window: they leave at the
+    /// first pass after it.
+    #[serde(default)]
+    pub released_bytes: u64,
 }
 
 /// The quota in force, resolved against the filesystem.
@@ -124,6 +139,21 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Abandoned upload sessions and staging files removed.
     pub uploads_expired: u64,
+    /// Bytes released and still waiting out their window after the pass.
+    #[serde(default)]
+    pub released_bytes: u64,
+    /// Bytes of unreferenced blobs never released, inside their grace (pushed ahead of
+    /// their manifest).
+    #[serde(default)]
+    pub young_bytes: u64,
+    /// Bytes the pass could not free towards the low watermark because every root left
+    /// is in use or pinned (0 when the quota was met).
+    #[serde(default)]
+    pub shortfall: u64,
+    /// When the next released blob comes out of its window, in seconds since the epoch:
+    /// a pass is scheduled for then.
+    #[serde(default)]
+    pub next_sweep_at: Option<i64>,
 }
 
 /// One configured rule, compiled.
@@ -154,6 +184,8 @@ pub(crate) struct Evictor {
     high: AtomicU64,
     /// The last pass that was not a dry run.
     last: Mutex<Option<GcReport>>,
+    /// The last pass fell short of the quota (so a recovery is logged once, too).
+    short: std::sync::atomic::AtomicBool,
 }
 
 impl Evictor {
@@ -200,6 +232,7 @@ impl Evictor {
             estimate: AtomicU64::new(0),
             high: AtomicU64::new(u64::MAX),
             last: Mutex::default(),
+            short: Default::default(),
         })
     }
 
@@ -218,10 +251,16 @@ impl Evictor {
     }
 
     fn leased(&self, digest: &Digest) -> bool {
+        self.lease_end(digest).is_some()
+    }
+
+    /// When `digest`'s lease ends, if it is leased now.
+    fn lease_end(&self, digest: &Digest) -> Option<Instant> {
         let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         leases
             .get(digest)
-            .is_some_and(|&until| until > Instant::now())
+            .copied()
+            .filter(|&until| until > Instant::now())
     }
 
     fn drop_expired_leases(&self) {
@@ -248,6 +287,34 @@ impl Evictor {
     /// The last pass that changed something (or found nothing to do).
     pub(crate) fn last_report(&self) -> Option<GcReport> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Log, once each way, that a pass could not meet the quota or met it again.
+    fn note_shortfall(&self, report: &GcReport) {
+        let short = report.shortfall > 0;
+        if self.short.swap(short, Ordering::Relaxed) == short {
+            return;
+        }
+        if short {
+            tracing::warn!(
+                usage = report.usage_after.total,
+                limit = report.quota.limit,
+                low_watermark = report.quota.low,
+                shortfall = report.shortfall,
+                roots_in_use = report.kept_in_use,
+                roots_pinned = report.kept_pinned,
+                released_waiting = report.released_bytes,
+                young = report.young_bytes,
+                uploads = report.usage_after.upload_bytes,
+                "the quota cannot be met: every root left is in use or pinned"
+            );
+        } else {
+            tracing::info!(
+                usage = report.usage_after.total,
+                limit = report.quota.limit,
+                "the quota is met again"
+            );
+        }
     }
 
     fn rule_for(&self, repo: &RepoName) -> Option<&Rule> {
@@ -291,7 +358,11 @@ fn filesystem(path: &Path) -> Result<(u64, u64)> {
 impl Store {
     /// The store's current usage and the quota in force.
     pub async fn usage(&self) -> Result<(Usage, Quota)> {
-        let BlobUsage { blobs, bytes } = self.0.meta.blob_usage().await?;
+        let BlobUsage {
+            blobs,
+            bytes,
+            released_bytes,
+        } = self.0.meta.blob_usage().await?;
         let upload_bytes = self
             .0
             .blobs
@@ -307,6 +378,7 @@ impl Store {
             upload_bytes,
             metadata_bytes,
             total: bytes + upload_bytes + metadata_bytes,
+            released_bytes,
         };
         let root = self.0.data_dir.clone();
         let (total, available) = tokio::task::spawn_blocking(move || filesystem(&root)).await??;
@@ -334,17 +406,18 @@ impl Store {
         self.flush_access_times().await?;
         evictor.drop_expired_leases();
         let idle_before = started_at - evictor.config.grace.as_secs() as i64;
-        // Blobs evicted roots release were in use, not young: they only wait out `in_use`
-        // since their last upload, check or read (a push may be about to reference them).
-        let unused_before = started_at - evictor.config.in_use.as_secs() as i64;
+        let unused_before = started_at - evictor.config.push_window.as_secs() as i64;
         let uploads_expired = self.expire_uploads(started_at, dry_run).await?;
         let (usage_before, mut quota) = self.usage().await?;
+        // Released bytes are as good as gone: eviction starts when what stays passes the
+        // high watermark.
+        let staying = usage_before.total - usage_before.released_bytes;
         if !dry_run && evictor.disk_full.swap(false, Ordering::Relaxed) {
             // The failed upload's bytes are gone again, so usage looks fine: make room
             // as if the store were at its limit.
-            quota = evictor.shrink(quota, usage_before.total);
+            quota = evictor.shrink(quota, staying);
         }
-        let over = usage_before.total > quota.high;
+        let over = staying > quota.high;
         let mut report = GcReport {
             dry_run,
             trigger,
@@ -360,6 +433,10 @@ impl Store {
             blobs_removed: 0,
             bytes_freed: 0,
             uploads_expired,
+            released_bytes: 0,
+            young_bytes: 0,
+            shortfall: 0,
+            next_sweep_at: None,
         };
         let mut used = usage_before.total;
         loop {
@@ -376,6 +453,7 @@ impl Store {
                     candidates,
                     need,
                     idle_before,
+                    unused_before,
                     dry_run,
                 })
                 .await?;
@@ -388,10 +466,6 @@ impl Store {
                     evictor.lease(&evicted.references);
                 }
             }
-            let unused =
-                |(d, _): &(Digest, u64)| !evictor.leased(d) && !self.0.access.pending_blob(d);
-            let released: Vec<_> = outcome.released.into_iter().filter(unused).collect();
-            let orphans: Vec<_> = outcome.orphans.into_iter().filter(unused).collect();
             let progress = !outcome.evicted.is_empty();
             for evicted in outcome.evicted {
                 match evicted.root {
@@ -404,19 +478,37 @@ impl Store {
                     Evictable::Entry(entry) => report.evicted_entries.push(entry),
                 }
             }
+            // What is leased or was read since the flush waits for a later pass.
+            let mut due = Vec::new();
+            let mut waiting = outcome.waiting;
+            for blob in outcome.sweepable {
+                if dry_run
+                    || !(evictor.leased(&blob.digest) || self.0.access.pending_blob(&blob.digest))
+                {
+                    due.push(blob);
+                } else if blob.released {
+                    waiting.push(blob);
+                }
+            }
             let swept = if dry_run {
-                released.into_iter().chain(orphans).collect()
+                due.into_iter().map(|b| (b.digest, b.size)).collect()
             } else {
-                let mut swept = self.sweep(released, unused_before).await?;
-                swept.extend(self.sweep(orphans, idle_before).await?);
-                swept
+                self.sweep(due, idle_before, unused_before).await?
             };
             let freed: u64 = swept.iter().map(|(_, s)| on_disk(*s)).sum();
             report.blobs_removed += swept.len() as u64;
             report.bytes_freed += freed;
+            report.released_bytes = waiting.iter().map(|b| on_disk(b.size)).sum();
+            report.young_bytes = outcome.young_bytes;
+            report.shortfall = need.saturating_sub(outcome.counted);
+            report.next_sweep_at = self.next_sweep(&waiting, started_at);
             used = used.saturating_sub(freed);
             // Evicting an index can make its children roots: go round while that helps.
-            if dry_run || !progress || !over || used <= quota.low {
+            if dry_run
+                || !progress
+                || !over
+                || used.saturating_sub(report.released_bytes) <= quota.low
+            {
                 break;
             }
         }
@@ -425,6 +517,7 @@ impl Store {
                 total: used,
                 blobs: usage_before.blobs - report.blobs_removed.min(usage_before.blobs),
                 blob_bytes: usage_before.blob_bytes.saturating_sub(report.bytes_freed),
+                released_bytes: report.released_bytes,
                 ..usage_before
             }
         } else {
@@ -432,13 +525,43 @@ impl Store {
         };
         report.seconds = started.elapsed().as_secs_f64();
         if !dry_run {
-            evictor
-                .estimate
-                .store(report.usage_after.total, Ordering::Relaxed);
+            // Released bytes are as good as gone: only growth beyond them wakes a pass.
+            let projected = report
+                .usage_after
+                .total
+                .saturating_sub(report.usage_after.released_bytes);
+            evictor.estimate.store(projected, Ordering::Relaxed);
             evictor.high.store(quota.high, Ordering::Relaxed);
+            evictor.note_shortfall(&report);
             *evictor.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         }
         Ok(report)
+    }
+
+    /// When the first of `waiting` may be swept, in seconds since the epoch: after its
+    /// window, and after its lease if it has one.
+    fn next_sweep(&self, waiting: &[Unreferenced], now: i64) -> Option<i64> {
+        let evictor = &self.0.evictor;
+        let window = evictor.config.push_window.as_secs() as i64;
+        waiting
+            .iter()
+            .map(|blob| {
+                // Sweepable once its last use is strictly before `now - window`.
+                let unused = blob.last_used + window + 1;
+                let leased = evictor.lease_end(&blob.digest).map(|end| {
+                    now + end.saturating_duration_since(Instant::now()).as_secs() as i64 + 1
+                });
+                unused.max(leased.unwrap_or(0)).max(now + 1)
+            })
+            .min()
+    }
+
+    /// When the background loop should run a pass for released blobs coming due.
+    pub(crate) fn next_sweep_at(&self) -> Option<i64> {
+        self.0
+            .evictor
+            .last_report()
+            .and_then(|report| report.next_sweep_at)
     }
 
     /// The roots eviction may take, in order: neither pinned nor in use. None when
@@ -492,19 +615,23 @@ impl Store {
         Ok(candidates)
     }
 
-    /// Delete `orphans` that are still unreferenced and idle since before `idle_before`:
-    /// the metadata first, then the files, under each digest's lock. Returns what was
-    /// deleted.
+    /// Delete those of `blobs` that are still sweepable: the metadata first, then the
+    /// files, under each digest's lock. Returns what was deleted.
     async fn sweep(
         &self,
-        orphans: Vec<(Digest, u64)>,
+        blobs: Vec<Unreferenced>,
         idle_before: i64,
+        unused_before: i64,
     ) -> Result<Vec<(Digest, u64)>> {
         let mut swept = Vec::new();
-        for batch in orphans.chunks(SWEEP_BATCH) {
-            let digests: Vec<Digest> = batch.iter().map(|(d, _)| d.clone()).collect();
+        for batch in blobs.chunks(SWEEP_BATCH) {
+            let digests: Vec<Digest> = batch.iter().map(|b| b.digest.clone()).collect();
             let _locked = self.0.blobs.lock_digests(&digests).await;
-            let forgotten = self.0.meta.forget_blobs(digests, idle_before).await?;
+            let forgotten = self
+                .0
+                .meta
+                .forget_blobs(digests, idle_before, unused_before)
+                .await?;
             for (digest, _) in &forgotten {
                 self.0.blobs.delete(digest).await?;
             }

@@ -523,7 +523,8 @@ async fn flush_access_times(store: Weak<Shared>) {
 }
 
 /// Run eviction passes while the store lives: one at startup (removing blob files a
-/// crash left unrecorded first), then on every interval and whenever woken.
+/// crash left unrecorded first), then on every interval, whenever woken, and when
+/// released blobs come out of their window.
 async fn evict_in_background(store: Weak<Shared>) {
     let Some((interval, wake)) = store
         .upgrade()
@@ -553,6 +554,7 @@ async fn evict_in_background(store: Weak<Shared>) {
                 evicted = r.evicted.len(),
                 blobs = r.blobs_removed,
                 freed = r.bytes_freed,
+                released_waiting = r.released_bytes,
                 uploads = r.uploads_expired,
                 usage = r.usage_after.total,
                 limit = r.quota.limit,
@@ -561,10 +563,23 @@ async fn evict_in_background(store: Weak<Shared>) {
             ),
             Err(e) => tracing::warn!(error = %e, "eviction pass failed"),
         }
+        // Released blobs coming out of their window get a pass of their own.
+        let released_due = store
+            .next_sweep_at()
+            .map(|at| Duration::from_secs(at.saturating_sub(now_secs()).max(1) as u64));
         drop(store);
         trigger = tokio::select! {
             _ = tick.tick() => Trigger::Schedule,
             () = wake.notified() => Trigger::Quota,
+            () = sleep_for(released_due) => Trigger::Released,
         };
+    }
+}
+
+/// Sleep for `duration`, or forever without one.
+async fn sleep_for(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
     }
 }

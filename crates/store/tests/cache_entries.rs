@@ -1294,6 +1294,7 @@ fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_ho
             low_watermark: Percent(100),
             grace: Duration::ZERO,
             in_use: Duration::ZERO,
+            push_window: Duration::ZERO,
             ..Eviction::default()
         },
     );
@@ -1372,6 +1373,7 @@ fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires() {
             max_size: Size::Bytes(1),
             grace: Duration::ZERO,
             in_use: Duration::ZERO,
+            push_window: Duration::ZERO,
             upload_expiry: Duration::from_secs(3),
             ..Eviction::default()
         },

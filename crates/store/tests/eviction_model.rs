@@ -232,6 +232,7 @@ impl Runtimes {
                 min_free: Size::Bytes(0),
                 grace: Duration::ZERO,
                 in_use: Duration::ZERO,
+                push_window: Duration::ZERO,
                 interval: Duration::from_secs(3600),
                 ..Eviction::default()
             },

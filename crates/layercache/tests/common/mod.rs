@@ -9,6 +9,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod registry;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -152,8 +152,10 @@ pub struct EvictRequest {
     pub candidates: Vec<Candidate>,
     /// Bytes to free; candidates past this point go only if forced.
     pub need: u64,
-    /// Unreferenced blobs count as freed only when idle since before this time.
+    /// Unreferenced blobs never released may be swept once idle since before this time.
     pub idle_before: i64,
+    /// Released blobs may be swept once unused since before this time.
+    pub unused_before: i64,
     /// Change nothing: report what would be evicted and which blobs that would orphan.
     pub dry_run: bool,
 }
@@ -167,16 +169,58 @@ pub struct Evicted {
     pub references: Vec<Digest>,
 }
 
+/// A stored blob nothing references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreferenced {
+    /// The blob.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its last upload, check, mount or read, in seconds since the epoch.
+    pub last_used: i64,
+    /// Whether a root that referenced it was evicted or deleted (else it was pushed and
+    /// never referenced yet, and waits for the grace period).
+    pub released: bool,
+}
+
 /// What an eviction did (or, in a dry run, would do).
 #[derive(Debug, Clone, Default)]
 pub struct EvictOutcome {
     /// Roots removed.
     pub evicted: Vec<Evicted>,
-    /// Blobs the evicted roots referenced and nothing references now, with their sizes:
-    /// swept at once (they were in use, not young).
-    pub released: Vec<(Digest, u64)>,
-    /// Other blobs nothing references, idle long enough to sweep, with their sizes.
-    pub orphans: Vec<(Digest, u64)>,
+    /// Unreferenced blobs a sweep may remove now: released ones (including those the
+    /// evicted roots just released) unused since before `unused_before`, others idle
+    /// since before `idle_before`.
+    pub sweepable: Vec<Unreferenced>,
+    /// Released blobs still inside their window: they leave at a later pass.
+    pub waiting: Vec<Unreferenced>,
+    /// Bytes on disk of unreferenced blobs never released, inside their grace.
+    pub young_bytes: u64,
+    /// Bytes counted as freed towards `need`: the sweepable and waiting blobs, and what
+    /// the evicted roots release through their child manifests too.
+    pub counted: u64,
+}
+
+impl EvictOutcome {
+    /// File an unreferenced blob as sweepable now, waiting, or young, and count what
+    /// will go.
+    pub(crate) fn classify(&mut self, blob: Unreferenced, request: &EvictRequest) {
+        let bytes = on_disk(blob.size);
+        let due = if blob.released {
+            blob.last_used < request.unused_before
+        } else {
+            blob.last_used < request.idle_before
+        };
+        if due {
+            self.counted += bytes;
+            self.sweepable.push(blob);
+        } else if blob.released {
+            self.counted += bytes;
+            self.waiting.push(blob);
+        } else {
+            self.young_bytes += bytes;
+        }
+    }
 }
 
 /// Blob bytes the metadata accounts for.
@@ -186,6 +230,9 @@ pub struct BlobUsage {
     pub blobs: u64,
     /// Their size on disk (rounded up to whole 4 KiB blocks).
     pub bytes: u64,
+    /// Of those, the bytes of released blobs nothing references again: they leave at
+    /// the first pass after their window.
+    pub released_bytes: u64,
 }
 
 /// What one repository holds. A blob linked into several repositories counts in each,
@@ -229,7 +276,8 @@ pub trait MetaStore: Send + Sync + 'static {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<StoredManifest>>;
-    /// Delete a manifest and every tag pointing at it; `false` when absent.
+    /// Delete a manifest and every tag pointing at it, releasing the blobs it leaves
+    /// unreferenced; `false` when absent.
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
     /// Delete a tag; `false` when absent.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
@@ -260,16 +308,18 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Every root and committed cache entry, least recently used first.
     async fn roots(&self) -> Result<Vec<Evictable>>;
     /// Remove candidates in order (each only if it is still a root, unused since it was
-    /// listed) until the idle unreferenced blobs plus what the removed roots release
-    /// (through their unreferenced child manifests too) add up to `need`, then only
-    /// forced ones; in one transaction, rolled back for a dry run.
+    /// listed) until the unreferenced blobs that will go (sweepable now, or released and
+    /// waiting out their window) plus what the removed roots release (through their
+    /// unreferenced child manifests too) add up to `need`, then only forced ones; mark
+    /// what they release as released; in one transaction, rolled back for a dry run.
     async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome>;
-    /// Forget each of `blobs` that is still unreferenced and idle since before
-    /// `idle_before`, with its links; returns those forgotten, with their sizes.
+    /// Forget each of `blobs` that is still sweepable (see [`EvictOutcome::sweepable`]),
+    /// with its links; returns those forgotten, with their sizes.
     async fn forget_blobs(
         &self,
         blobs: Vec<Digest>,
         idle_before: i64,
+        unused_before: i64,
     ) -> Result<Vec<(Digest, u64)>>;
     /// Stored blobs and their bytes.
     async fn blob_usage(&self) -> Result<BlobUsage>;
@@ -315,7 +365,7 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn finish_entry(&self, id: i64, size: u64) -> Result<Entry>;
     /// An entry's parts, in order.
     async fn entry_parts(&self, id: i64) -> Result<Vec<Part>>;
-    /// Delete an entry; `false` when absent.
+    /// Delete an entry, releasing the blobs it leaves unreferenced; `false` when absent.
     async fn delete_entry(&self, id: i64) -> Result<bool>;
     /// Delete unfinished entries created before `before_ms`; returns how many.
     async fn expire_entries(&self, before_ms: i64) -> Result<u64>;

@@ -46,7 +46,7 @@ pub(super) fn create(c: &Connection, new: &NewEntry) -> Result<Entry> {
     if let Some(stale) =
         by_key(c, new)?.filter(|e| e.size.is_none() && e.last_used < now_secs() - ABANDONED_AFTER)
     {
-        delete(c, stale.id)?;
+        delete_and_release(c, stale.id)?;
     }
     let inserted = c
         .prepare_cached(&format!(
@@ -286,16 +286,32 @@ pub(super) fn parts(c: &Connection, id: i64) -> rusqlite::Result<Vec<Part>> {
 }
 
 /// Delete an entry with its parts and blocks (their blobs stay until swept).
-pub(super) fn delete(c: &Connection, id: i64) -> rusqlite::Result<bool> {
+/// Delete an entry; returns the blobs its parts and blocks held, `None` when absent.
+pub(super) fn delete(c: &Connection, id: i64) -> rusqlite::Result<Option<Vec<Digest>>> {
+    let mut held = Vec::new();
     for sql in [
-        "DELETE FROM cache_parts WHERE entry_id = ?1",
-        "DELETE FROM cache_blocks WHERE entry_id = ?1",
+        "DELETE FROM cache_parts WHERE entry_id = ?1 RETURNING digest",
+        "DELETE FROM cache_blocks WHERE entry_id = ?1 RETURNING digest",
     ] {
-        c.prepare_cached(sql)?.execute([id])?;
+        let deleted = c
+            .prepare_cached(sql)?
+            .query_map([id], |r| parse_digest(r.get(0)?))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        held.extend(deleted);
     }
-    Ok(c.prepare_cached("DELETE FROM cache_entries WHERE id = ?1")?
-        .execute([id])?
-        > 0)
+    let deleted = c
+        .prepare_cached("DELETE FROM cache_entries WHERE id = ?1")?
+        .execute([id])?;
+    Ok((deleted > 0).then_some(held))
+}
+
+/// Delete an entry and release the blobs it held; `false` when absent.
+pub(super) fn delete_and_release(c: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let Some(held) = delete(c, id)? else {
+        return Ok(false);
+    };
+    super::evict::release(c, &held, &mut Default::default())?;
+    Ok(true)
 }
 
 pub(super) fn expire(c: &Connection, before_ms: i64) -> Result<u64> {
@@ -304,7 +320,7 @@ pub(super) fn expire(c: &Connection, before_ms: i64) -> Result<u64> {
         .query_map([before_ms], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for &id in &ids {
-        delete(c, id)?;
+        delete_and_release(c, id)?;
     }
     Ok(ids.len() as u64)
 }

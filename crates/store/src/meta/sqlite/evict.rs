@@ -11,7 +11,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::parse_digest;
 use crate::meta::{
-    BlobUsage, EntryRoot, EvictOutcome, EvictRequest, Evictable, Evicted, Root, on_disk,
+    BlobUsage, EntryRoot, EvictOutcome, EvictRequest, Evictable, Evicted, Root, Unreferenced,
+    on_disk,
 };
 
 /// A manifest's last use: its own push or read, or any of its tags'. (Without the
@@ -37,10 +38,11 @@ const UNREFERENCED: &str =
 /// A finished cache entry's last use: its last restore, or its creation.
 const ENTRY_LAST_USED: &str = "max(e.created_ms / 1000, e.accessed_at)";
 
-/// Blob `b` is unreferenced, and idle since before `?1`: what a sweep removes.
-fn sweepable_where() -> String {
-    format!("max(b.created_at, b.accessed_at) < ?1 AND {UNREFERENCED}")
-}
+/// Blob `b`'s last upload, check, mount or read.
+const BLOB_LAST_USED: &str = "max(b.created_at, b.accessed_at)";
+
+/// Blob `b` was released: a root that referenced it was evicted or deleted.
+const RELEASED: &str = "EXISTS (SELECT 1 FROM released_blobs r WHERE r.digest = b.digest)";
 
 /// Every root and finished cache entry, least recently used first.
 pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Evictable>> {
@@ -106,15 +108,14 @@ fn manifest_roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
 /// Run an eviction (see [`crate::meta::MetaStore::evict`]); the caller provides the
 /// transaction.
 pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<EvictOutcome> {
-    let orphans = sweepable(c, request.idle_before)?;
-    let mut counted: HashSet<Digest> = orphans.iter().map(|(d, _)| d.clone()).collect();
-    let mut freed: u64 = orphans.iter().map(|(_, size)| on_disk(*size)).sum();
-    let mut outcome = EvictOutcome {
-        orphans,
-        ..EvictOutcome::default()
-    };
+    let mut outcome = EvictOutcome::default();
+    let mut counted = HashSet::new();
+    for blob in unreferenced(c)? {
+        counted.insert(blob.digest.clone());
+        outcome.classify(blob, request);
+    }
     for candidate in &request.candidates {
-        if freed >= request.need && !candidate.forced {
+        if outcome.counted >= request.need && !candidate.forced {
             continue;
         }
         let (released, estimate, references) = match &candidate.root {
@@ -129,13 +130,14 @@ pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<
                 let Some(references) = evict_entry(c, entry)? else {
                     continue;
                 };
-                let released = unreferenced_blobs(c, &references, &mut counted)?;
-                let estimate = released.iter().map(|(_, size)| on_disk(*size)).sum();
-                (released, estimate, references)
+                let released = release(c, &references, &mut counted)?;
+                (released, 0, references)
             }
         };
-        freed += estimate;
-        outcome.released.extend(released);
+        for blob in released {
+            outcome.classify(blob, request);
+        }
+        outcome.counted += estimate;
         outcome.evicted.push(Evicted {
             root: candidate.root.clone(),
             references,
@@ -144,20 +146,36 @@ pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<
     Ok(outcome)
 }
 
+/// Every stored blob nothing references.
+fn unreferenced(c: &Connection) -> rusqlite::Result<Vec<Unreferenced>> {
+    c.prepare_cached(&format!(
+        "SELECT b.digest, b.size, {BLOB_LAST_USED}, {RELEASED} FROM blobs b WHERE {UNREFERENCED}"
+    ))?
+    .query_map([], |r| {
+        Ok(Unreferenced {
+            digest: parse_digest(r.get(0)?)?,
+            size: r.get::<_, i64>(1)? as u64,
+            last_used: r.get(2)?,
+            released: r.get(3)?,
+        })
+    })?
+    .collect()
+}
+
 /// What removing a manifest that referenced `references` in `repo_id` frees: the blobs
-/// it leaves unreferenced (returned, to sweep now), and an estimate in bytes that also
-/// counts what child manifests it leaves unreferenced would free in turn. Those go as
-/// roots in a later round, once reads that saw the parent have taken their leases; here
-/// their removal is only simulated, then rolled back. `counted` keeps a blob from being
-/// counted twice.
+/// it releases (marked released, returned to sweep now or later), and an estimate in
+/// bytes of what the child manifests it leaves unreferenced would free in turn. Those
+/// go as roots in a later round, once reads that saw the parent have taken their
+/// leases; here their removal is only simulated, then rolled back. `counted` keeps a
+/// blob from being counted twice.
 fn released_by(
     c: &Connection,
     repo_id: i64,
     references: &[Digest],
     counted: &mut HashSet<Digest>,
-) -> rusqlite::Result<(Vec<(Digest, u64)>, u64)> {
-    let released = unreferenced_blobs(c, references, counted)?;
-    let mut estimate: u64 = released.iter().map(|(_, size)| on_disk(*size)).sum();
+) -> rusqlite::Result<(Vec<Unreferenced>, u64)> {
+    let released = release(c, references, counted)?;
+    let mut estimate = 0;
     c.execute_batch("SAVEPOINT estimate")?;
     let mut children = references.to_vec();
     while let Some(child) = children.pop() {
@@ -172,35 +190,43 @@ fn released_by(
             continue;
         }
         let grandchildren = remove_manifest(c, repo_id, &child)?;
-        let freed = unreferenced_blobs(c, &grandchildren, counted)?;
-        estimate += freed.iter().map(|(_, size)| on_disk(*size)).sum::<u64>();
+        let freed = release(c, &grandchildren, counted)?;
+        estimate += freed.iter().map(|b| on_disk(b.size)).sum::<u64>();
         children.extend(grandchildren);
     }
     c.execute_batch("ROLLBACK TO estimate; RELEASE estimate")?;
     Ok((released, estimate))
 }
 
-/// Those of `digests` that are stored blobs no manifest references, not yet in
-/// `counted` (and now added to it), with their sizes.
-fn unreferenced_blobs(
+/// Mark released those of `digests` that are stored blobs nothing references any more,
+/// not yet in `counted` (and now added to it); returns them.
+pub(super) fn release(
     c: &Connection,
     digests: &[Digest],
     counted: &mut HashSet<Digest>,
-) -> rusqlite::Result<Vec<(Digest, u64)>> {
+) -> rusqlite::Result<Vec<Unreferenced>> {
     let mut found = Vec::new();
     for digest in digests {
         if counted.contains(digest) {
             continue;
         }
-        let size: Option<i64> = c
+        let key = digest.to_string();
+        let blob = c
             .prepare_cached(&format!(
-                "SELECT size FROM blobs b WHERE b.digest = ?1 AND {UNREFERENCED}"
+                "SELECT b.size, {BLOB_LAST_USED} FROM blobs b WHERE b.digest = ?1 AND {UNREFERENCED}"
             ))?
-            .query_row([digest.to_string()], |r| r.get(0))
+            .query_row([&key], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
             .optional()?;
-        if let Some(size) = size {
+        if let Some((size, last_used)) = blob {
+            c.prepare_cached("INSERT OR IGNORE INTO released_blobs (digest) VALUES (?1)")?
+                .execute([&key])?;
             counted.insert(digest.clone());
-            found.push((digest.clone(), size as u64));
+            found.push(Unreferenced {
+                digest: digest.clone(),
+                size: size as u64,
+                last_used,
+                released: true,
+            });
         }
     }
     Ok(found)
@@ -229,7 +255,7 @@ fn evict_root(c: &Connection, root: &Root) -> rusqlite::Result<Option<(i64, Vec<
     Ok(Some((repo_id, remove_manifest(c, repo_id, &root.digest)?)))
 }
 
-/// Remove a cache entry if it is unused since it was listed; returns its parts' blobs.
+/// Remove a cache entry if it is unused since it was listed; returns the blobs it held.
 fn evict_entry(c: &Connection, root: &EntryRoot) -> rusqlite::Result<Option<Vec<Digest>>> {
     let last_used: Option<i64> = c
         .prepare_cached(&format!(
@@ -240,16 +266,15 @@ fn evict_entry(c: &Connection, root: &EntryRoot) -> rusqlite::Result<Option<Vec<
     if last_used.is_none_or(|used| used > root.last_used) {
         return Ok(None);
     }
-    let references = super::entries::parts(c, root.id)?
-        .into_iter()
-        .map(|p| p.digest)
-        .collect();
-    super::entries::delete(c, root.id)?;
-    Ok(Some(references))
+    super::entries::delete(c, root.id)
 }
 
 /// Delete a manifest, its tags and its references; returns what it referenced.
-fn remove_manifest(c: &Connection, repo_id: i64, digest: &Digest) -> rusqlite::Result<Vec<Digest>> {
+pub(super) fn remove_manifest(
+    c: &Connection,
+    repo_id: i64,
+    digest: &Digest,
+) -> rusqlite::Result<Vec<Digest>> {
     let digest = digest.to_string();
     let references = c
         .prepare_cached(
@@ -267,50 +292,52 @@ fn remove_manifest(c: &Connection, repo_id: i64, digest: &Digest) -> rusqlite::R
     Ok(references)
 }
 
-/// Blobs a sweep may remove now, with their sizes.
-fn sweepable(c: &Connection, idle_before: i64) -> rusqlite::Result<Vec<(Digest, u64)>> {
-    c.prepare_cached(&format!(
-        "SELECT b.digest, b.size FROM blobs b WHERE {}",
-        sweepable_where()
-    ))?
-    .query_map([idle_before], |r| {
-        Ok((parse_digest(r.get(0)?)?, r.get::<_, i64>(1)? as u64))
-    })?
-    .collect()
-}
-
 /// Forget each of `blobs` that is still sweepable, with its links.
 pub(super) fn forget_blobs(
     c: &Connection,
     blobs: &[Digest],
     idle_before: i64,
+    unused_before: i64,
 ) -> rusqlite::Result<Vec<(Digest, u64)>> {
     let mut forgotten = Vec::new();
     for digest in blobs {
         let key = digest.to_string();
         let size: Option<i64> = c
             .prepare_cached(&format!(
-                "DELETE FROM blobs AS b WHERE b.digest = ?2 AND {} RETURNING size",
-                sweepable_where()
+                "DELETE FROM blobs AS b WHERE b.digest = ?3
+                 AND {BLOB_LAST_USED} < CASE WHEN {RELEASED} THEN ?2 ELSE ?1 END
+                 AND {UNREFERENCED} RETURNING size"
             ))?
-            .query_row(params![idle_before, key], |r| r.get(0))
+            .query_row(params![idle_before, unused_before, key], |r| r.get(0))
             .optional()?;
         if let Some(size) = size {
-            c.prepare_cached("DELETE FROM repo_blobs WHERE digest = ?1")?
-                .execute([&key])?;
+            for sql in [
+                "DELETE FROM repo_blobs WHERE digest = ?1",
+                "DELETE FROM released_blobs WHERE digest = ?1",
+            ] {
+                c.prepare_cached(sql)?.execute([&key])?;
+            }
             forgotten.push((digest.clone(), size as u64));
         }
     }
     Ok(forgotten)
 }
 
-/// Stored blobs and their bytes on disk.
+/// Stored blobs, their bytes on disk, and the bytes of those released and waiting.
 pub(super) fn blob_usage(c: &Connection) -> rusqlite::Result<BlobUsage> {
-    c.prepare_cached("SELECT count(*), coalesce(sum((size + 4095) / 4096 * 4096), 0) FROM blobs")?
-        .query_row([], |r| {
-            Ok(BlobUsage {
-                blobs: r.get::<_, i64>(0)? as u64,
-                bytes: r.get::<_, i64>(1)? as u64,
-            })
-        })
+    const ON_DISK: &str = "coalesce(sum((b.size + 4095) / 4096 * 4096), 0)";
+    let (blobs, bytes) = c
+        .prepare_cached(&format!("SELECT count(*), {ON_DISK} FROM blobs b"))?
+        .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+    let released_bytes = c
+        .prepare_cached(&format!(
+            "SELECT {ON_DISK} FROM released_blobs r JOIN blobs b ON b.digest = r.digest
+             WHERE {UNREFERENCED}"
+        ))?
+        .query_row([], |r| r.get::<_, i64>(0))?;
+    Ok(BlobUsage {
+        blobs: blobs as u64,
+        bytes: bytes as u64,
+        released_bytes: released_bytes as u64,
+    })
 }

@@ -115,6 +115,9 @@ CREATE TABLE IF NOT EXISTS cache_blocks (
     PRIMARY KEY (entry_id, block)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cache_blocks_by_digest ON cache_blocks (digest);
+CREATE TABLE IF NOT EXISTS released_blobs (
+    digest TEXT PRIMARY KEY
+) WITHOUT ROWID;
 ";
 
 const READERS: usize = 4;
@@ -484,22 +487,20 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let (repo, digest) = (repo.to_string(), digest.to_string());
+        let (repo, digest) = (repo.to_string(), digest.clone());
         self.write(move |c| {
-            let deleted = c
+            let repo_id: Option<i64> = c
                 .prepare_cached(&format!(
-                    "DELETE FROM manifests WHERE repo_id = {REPO_ID} AND digest = ?2"
+                    "SELECT repo_id FROM manifests WHERE repo_id = {REPO_ID} AND digest = ?2"
                 ))?
-                .execute(params![repo, digest])?;
-            for sql in [
-                format!("DELETE FROM tags WHERE repo_id = {REPO_ID} AND digest = ?2"),
-                format!(
-                    "DELETE FROM manifest_refs WHERE repo_id = {REPO_ID} AND manifest_digest = ?2"
-                ),
-            ] {
-                c.prepare_cached(&sql)?.execute(params![repo, digest])?;
-            }
-            Ok(deleted > 0)
+                .query_row(params![repo, digest.to_string()], |r| r.get(0))
+                .optional()?;
+            let Some(repo_id) = repo_id else {
+                return Ok(false);
+            };
+            let references = evict::remove_manifest(c, repo_id, &digest)?;
+            evict::release(c, &references, &mut Default::default())?;
+            Ok(true)
         })
         .await
     }
@@ -685,8 +686,9 @@ impl MetaStore for SqliteMeta {
         &self,
         blobs: Vec<Digest>,
         idle_before: i64,
+        unused_before: i64,
     ) -> Result<Vec<(Digest, u64)>> {
-        self.write(move |c| Ok(evict::forget_blobs(c, &blobs, idle_before)?))
+        self.write(move |c| Ok(evict::forget_blobs(c, &blobs, idle_before, unused_before)?))
             .await
     }
 
@@ -785,7 +787,8 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn delete_entry(&self, id: i64) -> Result<bool> {
-        self.write(move |c| Ok(entries::delete(c, id)?)).await
+        self.write(move |c| Ok(entries::delete_and_release(c, id)?))
+            .await
     }
 
     async fn expire_entries(&self, before_ms: i64) -> Result<u64> {
