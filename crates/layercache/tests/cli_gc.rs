@@ -1,5 +1,7 @@
 //! `layercache gc`: a dry run changes nothing, a pass evicts what a rule's maximum age
-//! says, and pinned tags stay; `serve` refuses a data directory another server holds.
+//! says, and pinned tags stay; a quota that cannot be met because every root left is in
+//! use or pinned is said once (log, metric, report, usage history) and nothing in use is
+//! evicted; `serve` refuses a data directory another server holds.
 
 #![allow(
     clippy::unwrap_used,
@@ -129,6 +131,126 @@ async fn gc_dry_run_changes_nothing_and_a_pass_follows_the_rules() {
         .unwrap();
     assert_eq!(status["last_pass"]["trigger"], "manual", "{status:#}");
     assert_eq!(status["last_pass"]["evicted"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted() {
+    const MIB: u64 = 1 << 20;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[store.eviction]\nmax_size = \"8MiB\"\nmin_free = 0\n\n\
+         [[store.eviction.rules]]\nrepositories = \"pinned/*\"\npin_tags = [\"v1\"]\n",
+    )
+    .unwrap();
+    // The default in-use window (an hour) and push window.
+    let server =
+        common::Server::start_logged(&[("LAYERCACHE_CONFIG", config.path().to_str().unwrap())]);
+    let client = reqwest::Client::new();
+    let mut images = Vec::new();
+    for (i, repo) in ["pinned/a", "pinned/b", "used/c", "used/d"]
+        .into_iter()
+        .enumerate()
+    {
+        let layer = common::registry::random_bytes(0x5407 + i as u64, 3 * MIB);
+        images.push(common::registry::push_image(&client, &server, repo, layer).await);
+        if repo.starts_with("used/") {
+            // Pulled: in use for the next hour.
+            common::registry::assert_intact(&client, &server, &images[i]).await;
+        }
+    }
+    let mut reports = Vec::new();
+    for _ in 0..3 {
+        let report: Value = serde_json::from_str(&gc(&server, &["--json"])).unwrap();
+        assert_eq!(
+            report["evicted"],
+            json!([]),
+            "evicted what is in use or pinned: {report:#}"
+        );
+        assert_eq!(
+            (
+                report["kept_in_use"].as_u64(),
+                report["kept_pinned"].as_u64()
+            ),
+            (Some(2), Some(2)),
+            "{report:#}"
+        );
+        reports.push(report);
+    }
+    let shortfall = reports[2]["shortfall"].as_u64().unwrap();
+    let over_low = reports[2]["usage_before"]["total"].as_u64().unwrap()
+        - reports[2]["quota"]["low"].as_u64().unwrap();
+    assert_eq!(shortfall, over_low, "{:#}", reports[2]);
+    for image in &images {
+        common::registry::assert_intact(&client, &server, image).await;
+    }
+    let text = gc(&server, &[]);
+    assert!(text.contains("the quota cannot be met"), "{text}");
+    let metrics = client
+        .get(server.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!("layercache_eviction_shortfall_bytes {shortfall}")),
+        "{metrics}"
+    );
+    // The usage history (the dashboard's quota plot) marks it from its next sample.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let history: Value = client
+            .get(server.at("/api/v1/usage/history"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if history
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["shortfall"].as_u64() > Some(0))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the usage history does not show it: {history:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let said = |what: &str| server.log().matches(what).count();
+    assert_eq!(said("the quota cannot be met"), 1, "{}", server.log());
+
+    // Once the pinned images are deleted, what they release counts as freed: met again,
+    // said once, and still nothing in use evicted.
+    for image in &images[2..] {
+        let digest = common::digest_of(&image.manifest);
+        let r = client
+            .delete(server.at(&format!("/v2/{}/manifests/{digest}", image.repo)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    for _ in 0..2 {
+        let report: Value = serde_json::from_str(&gc(&server, &["--json"])).unwrap();
+        assert_eq!(report["shortfall"], 0, "{report:#}");
+        assert_eq!(report["evicted"], json!([]), "{report:#}");
+        assert!(
+            report["released_bytes"].as_u64() >= Some(6 * MIB),
+            "{report:#}"
+        );
+    }
+    for image in &images[..2] {
+        common::registry::assert_intact(&client, &server, image).await;
+    }
+    assert_eq!(said("the quota cannot be met"), 1, "{}", server.log());
+    assert_eq!(said("the quota is met again"), 1, "{}", server.log());
 }
 
 #[test]

@@ -63,6 +63,23 @@ fn summary(r: &GcReport) -> String {
             r.kept_in_use, r.kept_pinned
         );
     }
+    if r.released_bytes > 0 {
+        let when = r.next_sweep_at.map_or(String::new(), |at| {
+            let at = UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
+            format!(", the first at {}", humantime::format_rfc3339_seconds(at))
+        });
+        out += &format!(
+            "{} released, leaving once their push window lapses{when}\n",
+            size(r.released_bytes)
+        );
+    }
+    if r.shortfall > 0 {
+        out += &format!(
+            "the quota cannot be met: {} over the low watermark, and every root left is in use or \
+             pinned\n",
+            size(r.shortfall)
+        );
+    }
     for root in &r.evicted {
         let used = UNIX_EPOCH + Duration::from_secs(root.last_used.max(0) as u64);
         let name = if root.tags.is_empty() {

@@ -25,6 +25,10 @@ pub struct UsageSample {
     pub total: u64,
     /// Of which blobs.
     pub blob_bytes: u64,
+    /// Of the blobs, bytes released and waiting to be swept.
+    pub released_bytes: u64,
+    /// What the last pass could not free because every root left was in use or pinned.
+    pub shortfall: u64,
     /// The quota's limit.
     pub limit: u64,
     /// Usage at which eviction starts.
@@ -62,6 +66,8 @@ impl UsageHistory {
             at: crate::now_ms() / 1000,
             total: usage.total,
             blob_bytes: usage.blob_bytes,
+            released_bytes: usage.released_bytes,
+            shortfall: self.store.last_gc().map_or(0, |pass| pass.shortfall),
             limit: quota.limit,
             high: quota.high,
             low: quota.low,
@@ -86,7 +92,7 @@ impl UsageHistory {
 
     /// Samples taken at or after `since` (seconds since the epoch), oldest first, at most
     /// `points` of them: when there are more, consecutive samples are merged (the latest
-    /// time and quota, the highest usage, so peaks stay visible).
+    /// time and quota, the highest usage and shortfall, so peaks stay visible).
     pub fn since(&self, since: i64, points: usize) -> Vec<UsageSample> {
         let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         let recent: Vec<UsageSample> = samples.iter().filter(|s| s.at >= since).copied().collect();
@@ -114,6 +120,16 @@ fn merge(samples: Vec<UsageSample>, points: usize) -> Vec<UsageSample> {
                     .map(|s| s.blob_bytes)
                     .max()
                     .unwrap_or(last.blob_bytes),
+                released_bytes: group
+                    .iter()
+                    .map(|s| s.released_bytes)
+                    .max()
+                    .unwrap_or(last.released_bytes),
+                shortfall: group
+                    .iter()
+                    .map(|s| s.shortfall)
+                    .max()
+                    .unwrap_or(last.shortfall),
                 ..last
             })
         })
@@ -146,6 +162,8 @@ mod tests {
             at,
             total,
             blob_bytes: total,
+            released_bytes: 0,
+            shortfall: 0,
             limit: 1000,
             high: 900,
             low: 800,
