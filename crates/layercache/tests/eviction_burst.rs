@@ -11,6 +11,8 @@
 //!   write.
 //! * A restart while released blobs wait does not forget them: they still leave on time,
 //!   by a pass scheduled for the end of their window (the interval here is an hour).
+//! * A released blob that a push checks again is taken up: it waits for that push's
+//!   manifest like a new blob, while one nobody touches leaves after its window.
 
 #![allow(
     clippy::unwrap_used,
@@ -328,4 +330,63 @@ async fn released_blobs_still_leave_on_time_after_a_restart() {
         last["last_pass"]["trigger"], "released",
         "not swept by the scheduled pass: {last:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_blob_checked_again_waits_for_the_manifest_of_that_push() {
+    let server = common::Server::start_with_env(&[
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "1s"),
+        ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1h"),
+    ]);
+    let client = reqwest::Client::new();
+    let taken = push_image(&client, &server, "release/taken", random_bytes(71, MIB)).await;
+    let left = push_image(&client, &server, "release/left", random_bytes(72, MIB)).await;
+    for image in [&taken, &left] {
+        let digest = common::digest_of(&image.manifest);
+        let r = client
+            .delete(server.at(&format!("/v2/{}/manifests/{digest}", image.repo)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let status = get_json(&client, &server.at("/api/v1/gc")).await;
+    assert!(
+        field(&status, &["usage", "released_bytes"]) >= 2 * MIB,
+        "the deleted images' blobs are not released: {status:#}"
+    );
+    // A push checks the first image's layer and config again ...
+    for digest in [&taken.layer, &taken.config] {
+        let r = client
+            .head(server.at(&format!("/v2/{}/blobs/{digest}", taken.repo)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // ... and takes its time: past the push window, passes keep what it checked and
+    // sweep what nobody touched.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let pass = post_gc(&client, &server, false).await;
+    let files = blob_files(server.data_dir());
+    assert!(
+        files.contains(&taken.layer),
+        "a blob a push checked was swept: {pass:#}"
+    );
+    assert!(
+        !files.contains(&left.layer),
+        "an untouched released blob stayed: {pass:#}"
+    );
+    assert_eq!(pass["released_bytes"], 0, "{pass:#}");
+    assert!(pass["young_bytes"].as_u64() >= Some(MIB), "{pass:#}");
+    let r = client
+        .put(server.at(&format!("/v2/{}/manifests/again", taken.repo)))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(taken.manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let (code, _) = common::registry::get_manifest(&client, &server, &taken.repo, "again").await;
+    assert_eq!(code, 200);
 }

@@ -18,8 +18,9 @@
 //!   MANIFEST_BLOB_UNKNOWN;
 //! * an upload publishing a blob and the sweep removing it hold the digest's lock, so a
 //!   sweep never deletes a file an upload has just published under the same digest;
-//! * a blob a push checked or uploaded stays for the push window, so the manifest PUT
-//!   that ends the push finds it;
+//! * a blob a push checked or uploaded stays for the push window after its release, so
+//!   the manifest PUT that ends the push finds it; one checked, uploaded or read after
+//!   its release is taken up again and waits for the grace period like a new push;
 //! * a manifest that was read is leased for `in_use`: it is not evicted, and if it was
 //!   read while being evicted, the blobs it references are leased too. Reads hold the
 //!   read side of a barrier while they look a manifest up and take the lease; after each
@@ -411,7 +412,9 @@ impl Store {
         let (usage_before, mut quota) = self.usage().await?;
         // Released bytes are as good as gone: eviction starts when what stays passes the
         // high watermark.
-        let staying = usage_before.total - usage_before.released_bytes;
+        let staying = usage_before
+            .total
+            .saturating_sub(usage_before.released_bytes);
         if !dry_run && evictor.disk_full.swap(false, Ordering::Relaxed) {
             // The failed upload's bytes are gone again, so usage looks fine: make room
             // as if the store were at its limit.

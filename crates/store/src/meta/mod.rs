@@ -178,8 +178,8 @@ pub struct Unreferenced {
     pub size: u64,
     /// Its last upload, check, mount or read, in seconds since the epoch.
     pub last_used: i64,
-    /// Whether a root that referenced it was evicted or deleted (else it was pushed and
-    /// never referenced yet, and waits for the grace period).
+    /// Whether a root that referenced it was evicted or deleted and nothing used it since
+    /// (else it was pushed, or used again, and waits for a manifest for the grace period).
     pub released: bool,
 }
 

@@ -250,6 +250,14 @@ fn record_blob(conn: &Connection, digest: &str, size: u64) -> rusqlite::Result<(
          ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
     )?
     .execute(params![digest, size as i64, now_secs()])?;
+    take_up(conn, digest)
+}
+
+/// A released blob used again (uploaded, checked, mounted or read) is taken up by that
+/// use: it waits for a manifest like a blob just pushed, no longer counted as freed.
+fn take_up(conn: &Connection, digest: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM released_blobs WHERE digest = ?1")?
+        .execute([digest])?;
     Ok(())
 }
 
@@ -627,9 +635,12 @@ impl MetaStore for SqliteMeta {
         self.write(move |c| {
                         for touch in &batch {
                 match touch {
-                    Touch::Blob(d) => c
-                        .prepare_cached("UPDATE blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1")?
-                        .execute(params![d.to_string(), at])?,
+                    Touch::Blob(d) => {
+                        let digest = d.to_string();
+                        take_up(c, &digest)?;
+                        c.prepare_cached("UPDATE blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1")?
+                            .execute(params![digest, at])?
+                    }
                     Touch::Manifest(repo, d) => c
                         .prepare_cached(&format!(
                             "UPDATE manifests SET accessed_at = max(accessed_at, ?3)
