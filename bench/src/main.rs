@@ -10,9 +10,14 @@
 //! `--only actions` measures the GitHub Actions cache service instead: the official
 //! `@actions/cache` client saving and restoring a 1 GiB entry against layercache (v2 and
 //! v1) and against a null server that gives the client's own ceiling (see `actions.rs`).
+//!
+//! `--only eviction` measures eviction on servers of its own: how fast a pass evicts
+//! thousands of images, distribution's offline garbage collection on the same images for
+//! reference, and a push and a pull beside a long pass (see `eviction.rs`).
 
 mod actions;
 mod e2e;
+mod eviction;
 mod limits;
 mod payload;
 mod registry;
@@ -92,6 +97,10 @@ struct Args {
     /// Size of the file the GitHub Actions cache client saves and restores, in MiB.
     #[arg(long, default_value_t = 1024)]
     actions_mib: usize,
+    /// Rounds of the eviction workload (each fills fresh servers with thousands of
+    /// images, so one by default; a round's transfers beside a pass give several samples).
+    #[arg(long, default_value_t = 1)]
+    eviction_rounds: usize,
     /// The npm package (package.json and cache.mjs) that runs @actions/cache [default:
     /// crates/layercache/tests/actions-cache, which the tests pin].
     #[arg(long)]
@@ -121,6 +130,8 @@ enum Workload {
     E2e,
     /// GitHub Actions cache save and restore through @actions/cache (layercache only).
     Actions,
+    /// Eviction passes, and a push and a pull beside one (on servers of its own).
+    Eviction,
 }
 
 /// What the JSON report holds.
@@ -136,6 +147,7 @@ struct Report {
     figures: Vec<Figure>,
     e2e: Vec<Outcome>,
     actions: Option<actions::Report>,
+    eviction: Option<eviction::Report>,
     failed: Vec<String>,
 }
 
@@ -169,6 +181,10 @@ async fn run(args: &Args) -> Result<Report> {
         skip_e2e: args.skip_e2e,
     };
     ensure!(args.rounds > 0, "--rounds must be at least 1");
+    ensure!(
+        args.eviction_rounds > 0,
+        "--eviction-rounds must be at least 1"
+    );
     let root = setup::workspace_root()?;
 
     let layercache_bin = match &args.layercache_bin {
@@ -213,6 +229,9 @@ async fn run(args: &Args) -> Result<Report> {
         .max(shape.export_large_mib);
     if selection.has(Workload::Actions) {
         base_mib = base_mib.max(shape.actions_mib);
+    }
+    if selection.has(Workload::Eviction) {
+        base_mib = base_mib.max(shape.evict_large.layer_kib.div_ceil(1024));
     }
     eprintln!("bench: generating {base_mib} MiB of payload");
     let base = tokio::task::spawn_blocking(move || Base::generate(base_mib, 0x5eed)).await?;
@@ -302,6 +321,20 @@ async fn run(args: &Args) -> Result<Report> {
         actions_report = Some(actions::run(&ctx, layercache, &mut samples, &mut limits).await?);
     }
 
+    let mut eviction_report = None;
+    if selection.has(Workload::Eviction) {
+        let ctx = eviction::Inputs {
+            dir,
+            base: &base,
+            http: &client,
+            layercache_bin: &layercache_bin,
+            registry_bin: &args.registry_bin,
+            shape: &shape,
+            rounds: args.eviction_rounds,
+        };
+        eviction_report = Some(eviction::run(&ctx, &mut samples).await?);
+    }
+
     let mut outcomes = Vec::new();
     let plan = Plan {
         layer_mib: args.e2e_layer_mib,
@@ -351,6 +384,7 @@ async fn run(args: &Args) -> Result<Report> {
         figures,
         e2e: outcomes,
         actions: actions_report,
+        eviction: eviction_report,
         failed,
     };
 
@@ -364,6 +398,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if let Some(actions) = &report.actions {
         println!("{}", actions::table(actions));
+    }
+    if let Some(eviction) = &report.eviction {
+        println!("{}", eviction::table(eviction));
     }
     println!(
         "rounds: {}; total {:.0} s; {} of {} targets met",

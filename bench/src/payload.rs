@@ -62,6 +62,39 @@ impl Base {
             format!("sha256:{}", hex::encode(hasher.finalize())),
         ))
     }
+
+    /// The first `len` bytes of the base (at most 1 MiB), for [`Prefix::blob`].
+    pub fn prefix(&self, len: usize) -> Result<Prefix> {
+        let bytes = self
+            .slices
+            .first()
+            .filter(|s| s.len() >= len)
+            .with_context(|| format!("a {len}-byte prefix of a {} MiB base", self.slices.len()))?
+            .slice(..len);
+        let mut state = Sha256::new();
+        state.update(&bytes);
+        Ok(Prefix { bytes, state })
+    }
+}
+
+/// The first bytes of a [`Base`], hashed once: many distinct small blobs of one size
+/// cost neither memory nor hashing beyond their suffix.
+pub struct Prefix {
+    bytes: Bytes,
+    state: Sha256,
+}
+
+impl Prefix {
+    /// The prefix followed by a suffix unique to `label`.
+    pub fn blob(&self, label: &str) -> Blob {
+        let suffix = Bytes::from(format!("\n{label}\n").into_bytes());
+        let mut hasher = self.state.clone();
+        hasher.update(&suffix);
+        Blob::from_slices(
+            vec![self.bytes.clone(), suffix],
+            format!("sha256:{}", hex::encode(hasher.finalize())),
+        )
+    }
 }
 
 /// A blob body and its digest.
@@ -176,6 +209,21 @@ mod tests {
         assert_eq!(blob.digest, format!("sha256:{}", hex::encode(h.finalize())));
         assert_eq!(blob.len, 2 * MIB as u64 + 3);
         assert_ne!(blob.digest, base.blob(2, "y").unwrap().digest);
+    }
+
+    #[test]
+    fn prefix_blobs_are_distinct_and_hash_right() {
+        let base = Base::generate(1, 3);
+        let prefix = base.prefix(1000).unwrap();
+        let (a, b) = (prefix.blob("a"), prefix.blob("b"));
+        assert_ne!(a.digest, b.digest);
+        assert_eq!(a.len, 1003);
+        let mut h = Sha256::new();
+        for s in &a.slices {
+            h.update(s);
+        }
+        assert_eq!(a.digest, format!("sha256:{}", hex::encode(h.finalize())));
+        assert!(base.prefix(MIB + 1).is_err());
     }
 
     #[test]

@@ -186,6 +186,23 @@ impl Registry {
         let body = success(response, "GET manifest").await?.bytes().await?;
         Ok(body.len())
     }
+
+    /// `DELETE /v2/<repo>/manifests/<digest>`: the manifest and the tags pointing at it.
+    pub async fn delete_manifest(&self, repo: &str, digest: &str) -> Result<()> {
+        let response = self
+            .client
+            .delete(self.url(&format!("/v2/{repo}/manifests/{digest}"))?)
+            .send()
+            .await?;
+        success(response, "DELETE manifest").await.map(drop)
+    }
+
+    /// `GET` a JSON document from the server's own API (such as `/api/v1/gc`).
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self.client.get(self.url(path)?).send().await?;
+        let body = success(response, "GET").await?.bytes().await?;
+        serde_json::from_slice(&body).with_context(|| format!("the JSON of GET {path}"))
+    }
 }
 
 /// The response if it is a 2xx, else an error carrying the status and the body.

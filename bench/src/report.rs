@@ -281,7 +281,8 @@ pub fn figures(
     let median = |s: &Option<Summary>| s.as_ref().map(|s| s.median);
     let actions = size(shape.actions_mib);
     let of_ceiling = Target::OfLimit { fraction: 0.9 };
-    let rows: [(&str, String, &str, Option<f64>, Target); 22] = [
+    let (small, large) = (shape.evict_small.describe(), shape.evict_large.describe());
+    let rows: [(&str, String, &str, Option<f64>, Target); 36] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -403,6 +404,104 @@ pub fn figures(
             "MiB/s",
             median(&limits.actions_v1_restore),
             of_ceiling,
+        ),
+        (
+            "evict_small_roots_s",
+            format!("eviction pass, {small}: roots"),
+            "roots/s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_small_blobs_s",
+            format!("eviction pass, {small}: blobs swept"),
+            "blobs/s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_small_gib_s",
+            format!("eviction pass, {small}: freed"),
+            "GiB/s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_small_s",
+            format!("eviction pass, {small}: time"),
+            "s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_large_roots_s",
+            format!("eviction pass, {large}: roots"),
+            "roots/s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_large_blobs_s",
+            format!("eviction pass, {large}: blobs swept"),
+            "blobs/s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_large_gib_s",
+            format!("eviction pass, {large}: freed"),
+            "GiB/s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_large_s",
+            format!("eviction pass, {large}: time"),
+            "s",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_push_idle_mb_s",
+            format!("push {blob}, idle, {small} stored"),
+            "MB/s",
+            limits.push(),
+            Target::None,
+        ),
+        (
+            "evict_push_busy_mb_s",
+            format!("push {blob} beside an eviction pass"),
+            "MB/s",
+            limits.push(),
+            Target::None,
+        ),
+        (
+            "evict_push_busy_pct",
+            "push beside a pass / idle".into(),
+            "%",
+            None,
+            Target::None,
+        ),
+        (
+            "evict_pull_idle_mb_s",
+            format!("pull {blob}, idle, {small} stored"),
+            "MB/s",
+            loopback,
+            Target::None,
+        ),
+        (
+            "evict_pull_busy_mb_s",
+            format!("pull {blob} beside an eviction pass"),
+            "MB/s",
+            loopback,
+            Target::None,
+        ),
+        (
+            "evict_pull_busy_pct",
+            "pull beside a pass / idle".into(),
+            "%",
+            None,
+            Target::None,
         ),
         (
             "rss_mib",

@@ -51,6 +51,17 @@ pub struct Server {
 impl Server {
     /// Start `layercache serve` on a free port with its data in `dir/data`.
     pub fn start_layercache(bin: &Path, dir: &Path) -> Result<Server> {
+        Server::start_layercache_with(bin, dir, &[])
+    }
+
+    /// Start `layercache serve` on a free port with its data in `dir/data` (kept from a
+    /// previous start, if any) and extra environment (such as `LAYERCACHE_CONFIG`); its log
+    /// is appended to `dir/server.log`.
+    pub fn start_layercache_with(
+        bin: &Path,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> Result<Server> {
         std::fs::create_dir_all(dir)?;
         let log = dir.join("server.log");
         let data_dir = dir.join("data");
@@ -58,8 +69,9 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .env("RUST_LOG", "error")
+            .envs(env.iter().cloned())
             .stdout(Stdio::piped())
-            .stderr(File::create(&log)?)
+            .stderr(File::options().create(true).append(true).open(&log)?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().context("layercache stdout")?;
@@ -97,7 +109,7 @@ impl Server {
         let port = free_port()?;
         let host = format!("127.0.0.1:{port}");
         let data_dir = dir.join("data");
-        let config = dir.join("config.yml");
+        let config = distribution_config(dir);
         let mut f = File::create(&config)?;
         write!(
             f,
@@ -147,6 +159,30 @@ impl Server {
         }
     }
 
+    /// Stop the server as an operator would: `SIGTERM`, then up to 60 s for it to exit
+    /// (killed after that).
+    pub async fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if status.success() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if self.child.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("{} did not stop on SIGTERM", self.kind.name())
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -183,6 +219,11 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The configuration file of a distribution registry started in `dir`.
+pub fn distribution_config(dir: &Path) -> PathBuf {
+    dir.join("config.yml")
 }
 
 /// A loopback port nothing listens on right now.

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 
+use crate::eviction::Fill;
 use crate::limits::mbps;
 use crate::payload::{Base, Blob, MIB};
 use crate::registry::{OCI_INDEX, OCI_MANIFEST, Registry};
@@ -62,6 +63,13 @@ pub struct Shape {
     pub export_upload_conns: usize,
     /// Size of the file the GitHub Actions cache client saves and restores, in MiB.
     pub actions_mib: usize,
+    /// The eviction workload's fill of many small images (also the one a push and a pull
+    /// run beside the pass of).
+    pub evict_small: Fill,
+    /// The eviction workload's fill of fewer large images.
+    pub evict_large: Fill,
+    /// Share of the blob bytes the eviction workload's lowered quota keeps, in percent.
+    pub evict_keep_pct: u64,
 }
 
 impl Default for Shape {
@@ -83,6 +91,17 @@ impl Default for Shape {
             export_head_conns: 8,
             export_upload_conns: 4,
             actions_mib: 1024,
+            evict_small: Fill {
+                images: 4000,
+                layers: 3,
+                layer_kib: 256,
+            },
+            evict_large: Fill {
+                images: 200,
+                layers: 2,
+                layer_kib: 16 * 1024,
+            },
+            evict_keep_pct: 10,
         }
     }
 }
@@ -417,7 +436,8 @@ fn cache_config(layers: &[&Blob]) -> Result<Blob> {
     Ok(Blob::from_bytes(Bytes::from(serde_json::to_vec(&config)?)))
 }
 
-fn descriptor(media_type: &str, blob: &Blob) -> serde_json::Value {
+/// An OCI descriptor of `blob` with `media_type`.
+pub fn descriptor(media_type: &str, blob: &Blob) -> serde_json::Value {
     json!({"mediaType": media_type, "digest": blob.digest, "size": blob.len})
 }
 
