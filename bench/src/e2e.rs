@@ -141,7 +141,7 @@ impl Daemon {
     }
 
     /// Run the docker client against this daemon; returns stdout and stderr together.
-    async fn run(&self, args: &[&str]) -> Result<String> {
+    pub(crate) async fn run(&self, args: &[&str]) -> Result<String> {
         let out = tokio::process::Command::new(&self.docker)
             .args(args)
             .env("DOCKER_HOST", &self.host)
@@ -169,7 +169,7 @@ impl Daemon {
     }
 
     /// Remove every image and all build cache.
-    async fn wipe(&self) -> Result<()> {
+    pub(crate) async fn wipe(&self) -> Result<()> {
         self.run(&["builder", "prune", "-af"]).await?;
         let ids = self.run(&["image", "ls", "-aq"]).await?;
         let mut ids: Vec<&str> = ids.split_whitespace().collect();

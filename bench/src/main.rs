@@ -24,6 +24,7 @@ mod registry;
 mod report;
 mod servers;
 mod setup;
+mod windows;
 mod workloads;
 
 use std::collections::BTreeMap;
@@ -55,7 +56,7 @@ struct Args {
     /// Exit with an error when a figure misses its target.
     #[arg(long)]
     strict: bool,
-    /// Skip the end-to-end dockerd/BuildKit scenario.
+    /// Skip what needs dockerd: the end-to-end scenario and the protection windows.
     #[arg(long)]
     skip_e2e: bool,
     /// Also write the JSON report here (it always goes to bench/results/latest.json).
@@ -101,6 +102,12 @@ struct Args {
     /// images, so one by default; a round's transfers beside a pass give several samples).
     #[arg(long, default_value_t = 1)]
     eviction_rounds: usize,
+    /// Size of each of the three layers the protection-window pushes move, in MiB.
+    #[arg(long, default_value_t = 256)]
+    windows_layer_mib: usize,
+    /// Seconds of the step a build runs before it needs a layer of its imported cache.
+    #[arg(long, default_value_t = 20)]
+    windows_step_secs: u64,
     /// The npm package (package.json and cache.mjs) that runs @actions/cache [default:
     /// crates/layercache/tests/actions-cache, which the tests pin].
     #[arg(long)]
@@ -132,6 +139,9 @@ enum Workload {
     Actions,
     /// Eviction passes, and a push and a pull beside one (on servers of its own).
     Eviction,
+    /// The gaps eviction's protection windows cover, with docker, buildah, skopeo and
+    /// BuildKit (a server and a dockerd of its own).
+    Windows,
 }
 
 /// What the JSON report holds.
@@ -148,6 +158,7 @@ struct Report {
     e2e: Vec<Outcome>,
     actions: Option<actions::Report>,
     eviction: Option<eviction::Report>,
+    windows: Option<windows::Report>,
     failed: Vec<String>,
 }
 
@@ -192,7 +203,7 @@ async fn run(args: &Args) -> Result<Report> {
         None => setup::build_layercache(&root)?,
     };
     setup::ensure_installed(&args.registry_bin, "docker-registry")?;
-    if selection.has(Workload::E2e) {
+    if selection.any(&[Workload::E2e, Workload::Windows]) {
         setup::ensure_installed(&args.dockerd_bin, "docker.io")?;
         setup::ensure_installed(&args.busybox, "busybox-static")?;
     }
@@ -335,6 +346,26 @@ async fn run(args: &Args) -> Result<Report> {
         eviction_report = Some(eviction::run(&ctx, &mut samples).await?);
     }
 
+    let mut windows_report = None;
+    if selection.has(Workload::Windows) {
+        ensure!(
+            setup::is_root(),
+            "the protection-window workload starts its own dockerd and needs root (or pass --skip-e2e)"
+        );
+        windows_report = Some(
+            windows::run_all(&windows::Inputs {
+                dir,
+                layercache_bin: &layercache_bin,
+                dockerd_bin: &args.dockerd_bin,
+                docker_bin: &args.docker_bin,
+                busybox: &args.busybox,
+                layer_mib: args.windows_layer_mib,
+                step_secs: args.windows_step_secs,
+            })
+            .await?,
+        );
+    }
+
     let mut outcomes = Vec::new();
     let plan = Plan {
         layer_mib: args.e2e_layer_mib,
@@ -385,6 +416,7 @@ async fn run(args: &Args) -> Result<Report> {
         e2e: outcomes,
         actions: actions_report,
         eviction: eviction_report,
+        windows: windows_report,
         failed,
     };
 
@@ -401,6 +433,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if let Some(eviction) = &report.eviction {
         println!("{}", eviction::table(eviction));
+    }
+    if let Some(windows) = &report.windows {
+        println!("{}", windows::table(windows));
     }
     println!(
         "rounds: {}; total {:.0} s; {} of {} targets met",
@@ -436,7 +471,7 @@ impl Selection {
     /// Whether `workload` runs.
     fn has(&self, workload: Workload) -> bool {
         (self.only.is_empty() || self.only.contains(&workload))
-            && !(workload == Workload::E2e && self.skip_e2e)
+            && !(matches!(workload, Workload::E2e | Workload::Windows) && self.skip_e2e)
     }
 
     /// Whether any of `workloads` runs.
