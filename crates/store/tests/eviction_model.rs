@@ -1,21 +1,35 @@
 //! Model-based property test of eviction: random sequences of blob pushes (whole and
-//! chunked) and cross-repository mounts, image manifests (OCI and Docker), indexes and
-//! manifest lists (nested too), BuildKit cache indexes, referrers, tag moves, tag and
-//! manifest deletions, pulls and eviction passes, under a quota that nothing fits in or
-//! one that leaves the blobs a few hundred KB. After every step the store is read back
-//! (every manifest the model ever pushed, by digest; every tag listed, by tag; every
-//! blob file on disk, hashed; the referrers of every subject; the usage) and compared
-//! with the model, which predicts every result exactly except which roots a pass
-//! evicts (last use has a one-second resolution, so the LRU order among roots used in
-//! the same second is not the model's to predict). A pass is checked for what it may
-//! do instead: it evicts only over the high watermark, only roots (an index's children
-//! and a referrer only after the index or subject went), exactly the manifests that
-//! disappeared with exactly their tags, sweeps every unreferenced blob not touched
-//! since the clock last moved and keeps those touched in the second it started, ends
-//! within the quota or with nothing left to evict, and reports the blobs and bytes it
-//! freed. Pulls read through the API; the per-step checks read blob files directly,
-//! since a read through the API marks the blob used and would keep it from the next
-//! sweep.
+//! chunked), checks (HEAD) and cross-repository mounts, image manifests (OCI and Docker),
+//! indexes and manifest lists (nested too), BuildKit cache indexes, referrers, tag moves,
+//! tag and manifest deletions, pulls and eviction passes, under a quota that nothing fits
+//! in or one that leaves the blobs a few hundred KB, with no push window or one of
+//! [`WINDOW_SECS`] (more than one [`age`] step, so a released blob waits across one).
+//! After every step the store is read back (every manifest and tag stored; the tags
+//! listed; every blob file on disk, hashed; the referrers of every subject; the usage,
+//! released bytes included) and compared with the model, which predicts every result
+//! exactly except which roots a pass evicts in what order among roots last used in the
+//! same second (last use has a one-second resolution) and whether a blob used in the
+//! second a window or the grace ends is swept. Pulls read through the API; the per-step
+//! checks read the metadata and the blob files directly, since a read through the API
+//! marks what it reads used (a manifest then looks used in the second of the next pass,
+//! a blob is kept from the next sweep).
+//!
+//! The model keeps which blobs are released (the unreferenced blobs of a root it saw a
+//! pass evict or that it deleted, until a later upload, check, mount or read takes them
+//! up) and bounds of the last use of every blob, manifest and tag. A pass is replayed on
+//! the model in the order of the roots it reports evicted, round by round as the store
+//! goes, and must match it: it evicts only when usage less the released bytes is over
+//! the high watermark, only roots (an index's children and a referrer only after the
+//! index or subject went), least recently used first (then by repository and digest),
+//! each only while what it counts as freed (unreferenced blobs that leave now or are
+//! released and waiting, what the roots evicted so far release, directly or through the
+//! untagged child manifests they orphan) is short of what the low watermark needs, and
+//! every root it can while short (so it never evicts more than needed once the waiting
+//! bytes go, and never stops early); it sweeps a released blob once its last use is
+//! before the window and any other unreferenced blob once idle (the grace is zero),
+//! keeps the rest waiting or young, and reports the bytes waiting, young and short of
+//! the low watermark and when the first waiting blob comes due. The manifests evicted go
+//! with exactly their tags.
 //!
 //! Focused tests race a manifest PUT, and a blob mount, against a pass sweeping the
 //! blobs they use.
@@ -27,10 +41,12 @@
 //!   passes the high watermark would otherwise wake a background pass at any moment);
 //! * time is moved forward by shifting every stored timestamp back ([`age`]), not by
 //!   sleeping: timestamps have a one-second resolution and a blob touched in the second
-//!   a pass starts is not idle, even with a zero grace.
+//!   a pass starts is not idle, even with a zero grace. Released blobs are recorded
+//!   without a time, so they need no shifting.
 //!
 //! `EVICTION_MODEL_CASES` (default 96) sets the number of cases, `EVICTION_MODEL_QUOTA`
-//! fixes the quota, `EVICTION_MODEL_DEBUG` prints every pass.
+//! fixes the quota, `EVICTION_MODEL_WINDOW` the push window in seconds,
+//! `EVICTION_MODEL_DEBUG` prints every pass.
 
 #![allow(
     clippy::unwrap_used,
@@ -62,6 +78,9 @@ const TAGS: [&str; 4] = ["latest", "v1", "main", "buildcache"];
 const POOL: usize = 12;
 /// Seconds [`age`] moves the store's clock forward.
 const AGE_SECS: i64 = 10;
+/// The push window of the cases that have one: a blob released within one [`age`] step
+/// of its last use waits across that step and leaves after the next.
+const WINDOW_SECS: u64 = 15;
 
 const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER_MT: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -94,6 +113,11 @@ fn tag_ref(name: &str) -> Reference {
 /// A blob's size on disk, as the store accounts it.
 fn on_disk(size: u64) -> u64 {
     size.div_ceil(4096) * 4096
+}
+
+/// The on-disk size of blobs of `sizes`.
+fn disk_bytes<'a>(sizes: impl IntoIterator<Item = &'a u64>) -> u64 {
+    sizes.into_iter().map(|&s| on_disk(s)).sum()
 }
 
 /// `bytes` as a request body of about `chunks` pieces.
@@ -200,6 +224,63 @@ fn blob_files(data_dir: &Path) -> BTreeMap<Digest, u64> {
     found
 }
 
+/// Every repository's manifests (digest -> media type and content) and tags (tag ->
+/// digest), read from the metadata directly: a read through the API is a use of the
+/// manifest, which would make every root look used in the second of the next pass.
+/// Tags name stored manifests.
+#[allow(clippy::type_complexity)]
+fn stored_manifests(
+    data_dir: &Path,
+) -> Vec<(
+    BTreeMap<Digest, (String, Vec<u8>)>,
+    BTreeMap<String, Digest>,
+)> {
+    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    let dangling: i64 = db
+        .query_row(
+            "SELECT count(*) FROM tags t WHERE NOT EXISTS
+             (SELECT 1 FROM manifests m WHERE m.repo_id = t.repo_id AND m.digest = t.digest)",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(dangling, 0, "tags naming no stored manifest");
+    let digest = |text: String| -> Digest { text.parse().unwrap() };
+    REPOS
+        .iter()
+        .map(|repo| {
+            let manifests = db
+                .prepare(
+                    "SELECT m.digest, m.media_type, m.content FROM manifests m
+                     JOIN repos r ON r.id = m.repo_id WHERE r.name = ?1",
+                )
+                .unwrap()
+                .query_map([repo], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                .unwrap()
+                .map(|row| {
+                    let (d, media_type, content) = row.unwrap();
+                    (digest(d), (media_type, content))
+                })
+                .collect();
+            let tags = db
+                .prepare(
+                    "SELECT t.name, t.digest FROM tags t
+                     JOIN repos r ON r.id = t.repo_id WHERE r.name = ?1",
+                )
+                .unwrap()
+                .query_map([repo], |row| Ok((row.get(0)?, row.get(1)?)))
+                .unwrap()
+                .map(|row| {
+                    let (name, d) = row.unwrap();
+                    (name, digest(d))
+                })
+                .collect();
+            (manifests, tags)
+        })
+        .collect()
+}
+
 struct Runtimes {
     /// Holds the store's background tasks, frozen once the startup pass is done.
     background: tokio::runtime::Runtime,
@@ -222,9 +303,10 @@ impl Runtimes {
         }
     }
 
-    /// Open a store and let its startup pass finish; its background tasks stay on the
+    /// Open a store with a zero grace and in-use window and a push window of `window`
+    /// seconds, and let its startup pass finish; its background tasks stay on the
     /// background runtime, which is never driven again.
-    fn open(&self, data_dir: &Path, max_size: u64) -> Store {
+    fn open(&self, data_dir: &Path, max_size: u64, window: u64) -> Store {
         let config = Config {
             data_dir: data_dir.to_owned(),
             eviction: Eviction {
@@ -232,7 +314,7 @@ impl Runtimes {
                 min_free: Size::Bytes(0),
                 grace: Duration::ZERO,
                 in_use: Duration::ZERO,
-                push_window: Duration::ZERO,
+                push_window: Duration::from_secs(window),
                 interval: Duration::from_secs(3600),
                 ..Eviction::default()
             },
@@ -253,15 +335,25 @@ impl Runtimes {
 // ---------------------------------------------------------------- statistics
 
 static CASES: AtomicU64 = AtomicU64::new(0);
+static WINDOW_CASES: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 static PUTS_OK: AtomicU64 = AtomicU64::new(0);
 static PUTS_REFUSED: AtomicU64 = AtomicU64::new(0);
 static PASSES: AtomicU64 = AtomicU64::new(0);
 static PASSES_OVER: AtomicU64 = AtomicU64::new(0);
+static PASSES_DISCOUNTED: AtomicU64 = AtomicU64::new(0);
+static PASSES_ROUNDS: AtomicU64 = AtomicU64::new(0);
 static PASSES_PARTIAL: AtomicU64 = AtomicU64::new(0);
+static PASSES_SHORT: AtomicU64 = AtomicU64::new(0);
+static PASSES_MET: AtomicU64 = AtomicU64::new(0);
 static EVICTED: AtomicU64 = AtomicU64::new(0);
 static SWEPT: AtomicU64 = AtomicU64::new(0);
-static KEPT_FRESH: AtomicU64 = AtomicU64::new(0);
+static SWEPT_RELEASED: AtomicU64 = AtomicU64::new(0);
+static RELEASED: AtomicU64 = AtomicU64::new(0);
+static TAKEN_UP: AtomicU64 = AtomicU64::new(0);
+static REFERENCED_AGAIN: AtomicU64 = AtomicU64::new(0);
+static KEPT_WAITING: AtomicU64 = AtomicU64::new(0);
+static KEPT_YOUNG: AtomicU64 = AtomicU64::new(0);
 
 fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
@@ -294,29 +386,121 @@ struct RepoModel {
     user_deleted: BTreeSet<Digest>,
 }
 
+/// Bounds of a time the store recorded, in its (shifted) clock's whole seconds: the
+/// clock read before the call that recorded it, and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    lo: i64,
+    hi: i64,
+}
+
+impl Span {
+    /// The later of two times.
+    fn max(self, other: Span) -> Span {
+        Span {
+            lo: self.lo.max(other.lo),
+            hi: self.hi.max(other.hi),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 struct Model {
     repos: Vec<RepoModel>,
     /// Blobs stored, with their sizes.
     stored: BTreeMap<Digest, u64>,
-    /// Blobs touched since the store's clock last moved, with a lower bound of the
-    /// time recorded (a pass starting at or before it must keep them).
-    fresh: BTreeMap<Digest, i64>,
+    /// Each stored blob's last use (upload, mount or recorded read).
+    last_use: BTreeMap<Digest, Span>,
+    /// Blobs the store holds as released: a root that referenced them was evicted or
+    /// deleted, and no upload, check, mount or read took them up since. Only the
+    /// unreferenced ones matter (a root releasing one again marks it again).
+    released: BTreeSet<Digest>,
     /// Blobs read, not yet recorded (the next pass records them as it starts).
     pending_reads: BTreeSet<Digest>,
+    /// Each present manifest's own last use (push or recorded read), by repository.
+    manifest_use: BTreeMap<(usize, Digest), Span>,
+    /// Each tag's last use (set or recorded read), by repository.
+    tag_use: BTreeMap<(usize, String), Span>,
+    /// Manifests read, not yet recorded.
+    pending_manifest_reads: BTreeSet<(usize, Digest)>,
+    /// Tags read, not yet recorded.
+    pending_tag_reads: BTreeSet<(usize, String)>,
+    /// The push window, in seconds.
+    window: i64,
 }
 
 impl Model {
-    fn new() -> Model {
+    fn new(window: u64) -> Model {
         Model {
             repos: vec![RepoModel::default(); REPOS.len()],
+            window: window as i64,
             ..Model::default()
         }
     }
 
-    fn touch(&mut self, digest: &Digest, at: i64) {
-        let entry = self.fresh.entry(digest.clone()).or_insert(at);
-        *entry = (*entry).max(at);
+    /// `digest` was used between `lo` and `hi`: its last use is at least that.
+    fn used(&mut self, digest: &Digest, lo: i64, hi: i64) {
+        let at = Span { lo, hi };
+        let span = self.last_use.entry(digest.clone()).or_insert(at);
+        *span = span.max(at);
+    }
+
+    /// A use of `digest` takes it up if it was released: it waits for a manifest again,
+    /// like a blob just pushed.
+    fn take_up(&mut self, digest: &Digest) {
+        if self.released.remove(digest) && !self.referenced().contains(digest) {
+            bump(&TAKEN_UP, 1);
+        }
+    }
+
+    /// The store's clock moved `AGE_SECS` forward.
+    fn age(&mut self) {
+        let spans = self
+            .last_use
+            .values_mut()
+            .chain(self.manifest_use.values_mut())
+            .chain(self.tag_use.values_mut());
+        for span in spans {
+            span.lo -= AGE_SECS;
+            span.hi -= AGE_SECS;
+        }
+    }
+
+    /// Record the manifest and tag reads waiting, at a time between `lo` and `hi`, on
+    /// those still there.
+    fn record_reads(&mut self, lo: i64, hi: i64) {
+        let at = Span { lo, hi };
+        for (repo, digest) in std::mem::take(&mut self.pending_manifest_reads) {
+            if let Some(span) = self.manifest_use.get_mut(&(repo, digest)) {
+                *span = span.max(at);
+            }
+        }
+        for (repo, tag) in std::mem::take(&mut self.pending_tag_reads) {
+            if let Some(span) = self.tag_use.get_mut(&(repo, tag)) {
+                *span = span.max(at);
+            }
+        }
+    }
+
+    /// Forget the last uses of the manifests and tags gone (pushed again, they start
+    /// afresh).
+    fn forget_gone(&mut self) {
+        let repos = &self.repos;
+        self.manifest_use
+            .retain(|(repo, d), _| repos[*repo].present.contains(d));
+        self.tag_use
+            .retain(|(repo, t), _| repos[*repo].tags.contains_key(t));
+    }
+
+    /// Manifest `digest`'s last use in `repo` as eviction sees it: its own, or any of its
+    /// tags'.
+    fn manifest_last_use(&self, repo: usize, digest: &Digest) -> Span {
+        self.repos[repo]
+            .tags
+            .iter()
+            .filter(|(_, d)| *d == digest)
+            .map(|(t, _)| self.tag_use[&(repo, t.clone())])
+            .fold(self.manifest_use[&(repo, digest.clone())], Span::max)
     }
 
     fn referenced(&self) -> BTreeSet<Digest> {
@@ -329,6 +513,28 @@ impl Model {
             })
             .collect()
     }
+
+    /// On-disk bytes of the released blobs nothing references: waiting out the window.
+    fn waiting_bytes(&self) -> u64 {
+        let referenced = self.referenced();
+        disk_bytes(
+            self.released
+                .iter()
+                .filter(|d| !referenced.contains(*d))
+                .filter_map(|d| self.stored.get(d)),
+        )
+    }
+
+    /// Mark released the blobs `man` referenced that nothing references now.
+    fn release(&mut self, man: &Man) {
+        let referenced = self.referenced();
+        for blob in &man.blobs {
+            if self.stored.contains_key(blob) && !referenced.contains(blob) {
+                self.released.insert(blob.clone());
+                bump(&RELEASED, 1);
+            }
+        }
+    }
 }
 
 /// What the store shows, read back after a step.
@@ -337,6 +543,144 @@ struct Observed {
     present: Vec<BTreeSet<Digest>>,
     tags: Vec<BTreeMap<String, Digest>>,
     files: BTreeMap<Digest, u64>,
+}
+
+/// What a pass did to the unreferenced blobs, replayed on the model.
+#[derive(Debug, Default)]
+struct Replayed {
+    /// Blobs swept.
+    swept: BTreeSet<Digest>,
+    /// Every unreferenced blob the pass looked at, with whether it was released.
+    classified: BTreeMap<Digest, bool>,
+    /// Released blobs left waiting out the window.
+    waiting: BTreeSet<Digest>,
+    /// Unreferenced blobs never released (or taken up) left inside the grace.
+    young: BTreeSet<Digest>,
+    /// The released blobs after the pass.
+    released: BTreeSet<Digest>,
+    /// Bytes the last round could not count towards what the low watermark needs.
+    shortfall: u64,
+    /// Rounds that evicted.
+    rounds: u64,
+}
+
+/// The store's manifests and blobs as a pass changes them, replayed on the model.
+#[derive(Clone)]
+struct PassState<'a> {
+    /// Every manifest the model pushed, per repository.
+    repos: &'a [RepoModel],
+    present: Vec<BTreeSet<Digest>>,
+    tags: Vec<BTreeMap<String, Digest>>,
+    stored: BTreeMap<Digest, u64>,
+    released: BTreeSet<Digest>,
+    /// Blobs the evicted roots released.
+    released_now: BTreeSet<Digest>,
+}
+
+impl<'a> PassState<'a> {
+    fn new(m: &'a Model) -> PassState<'a> {
+        PassState {
+            repos: &m.repos,
+            present: m.repos.iter().map(|r| r.present.clone()).collect(),
+            tags: m.repos.iter().map(|r| r.tags.clone()).collect(),
+            stored: m.stored.clone(),
+            released: m.released.clone(),
+            released_now: BTreeSet::new(),
+        }
+    }
+
+    fn referenced(&self) -> BTreeSet<&Digest> {
+        self.present
+            .iter()
+            .zip(self.repos)
+            .flat_map(|(present, r)| present.iter().flat_map(|d| &r.known[d].blobs))
+            .collect()
+    }
+
+    fn unreferenced(&self) -> Vec<Digest> {
+        let referenced = self.referenced();
+        self.stored
+            .keys()
+            .filter(|d| !referenced.contains(d))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `digest` is a root of `repo`: there, listed by no manifest there, and its
+    /// subject (if any) not there.
+    fn is_root(&self, repo: usize, digest: &Digest) -> bool {
+        let (present, known) = (&self.present[repo], &self.repos[repo].known);
+        present.contains(digest)
+            && !present.iter().any(|p| known[p].children.contains(digest))
+            && known[digest]
+                .subject
+                .as_ref()
+                .is_none_or(|s| !present.contains(s))
+    }
+
+    fn roots(&self) -> BTreeSet<(usize, Digest)> {
+        (0..REPOS.len())
+            .flat_map(|repo| {
+                self.present[repo]
+                    .iter()
+                    .filter(move |d| self.is_root(repo, d))
+                    .map(move |d| (repo, d.clone()))
+            })
+            .collect()
+    }
+
+    /// Remove manifest `digest` from `repo` with its tags; returns what it referenced
+    /// (its blobs and child manifests).
+    fn remove(&mut self, repo: usize, digest: &Digest) -> Vec<Digest> {
+        self.present[repo].remove(digest);
+        self.tags[repo].retain(|_, d| d != digest);
+        let man = &self.repos[repo].known[digest];
+        man.blobs.iter().chain(&man.children).cloned().collect()
+    }
+
+    /// Mark released those of `digests` that are stored blobs nothing references now
+    /// and that are not counted yet (counting them); returns their bytes on disk.
+    fn release(&mut self, digests: &[Digest], counted: &mut BTreeSet<Digest>) -> u64 {
+        let referenced: BTreeSet<Digest> = self.referenced().into_iter().cloned().collect();
+        let mut bytes = 0;
+        for d in digests {
+            if let Some(&size) = self.stored.get(d)
+                && !referenced.contains(d)
+                && counted.insert(d.clone())
+            {
+                self.released.insert(d.clone());
+                self.released_now.insert(d.clone());
+                bytes += on_disk(size);
+            }
+        }
+        bytes
+    }
+
+    /// What the untagged child manifests that removing a root of `repo` (which
+    /// referenced `references`) leaves as roots would release in turn, all the way
+    /// down, not counted yet (now counted): the pass counts it as freed, and evicts
+    /// them as roots in a later round.
+    fn orphaned_release(
+        &self,
+        repo: usize,
+        references: &[Digest],
+        counted: &mut BTreeSet<Digest>,
+    ) -> u64 {
+        let mut simulated = self.clone();
+        let mut bytes = 0;
+        let mut children = references.to_vec();
+        while let Some(child) = children.pop() {
+            if !simulated.is_root(repo, &child)
+                || simulated.tags[repo].values().any(|d| *d == child)
+            {
+                continue;
+            }
+            let grandchildren = simulated.remove(repo, &child);
+            bytes += simulated.release(&grandchildren, counted);
+            children.extend(grandchildren);
+        }
+        bytes
+    }
 }
 
 // ---------------------------------------------------------------- operations
@@ -351,6 +695,10 @@ enum Op {
     Mount {
         repo: usize,
         from: Option<usize>,
+        blob: usize,
+    },
+    Head {
+        repo: usize,
         blob: usize,
     },
     PushImage {
@@ -415,6 +763,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(repo, blobs, chunked)| Op::PushBlobs { repo, blobs, chunked }),
         2 => (repo(), proptest::option::of(repo()), blob())
             .prop_map(|(repo, from, blob)| Op::Mount { repo, from, blob }),
+        2 => (repo(), blob()).prop_map(|(repo, blob)| Op::Head { repo, blob }),
         6 => (repo(), blob(), prop::collection::vec(blob(), 0..3), tag(), any::<bool>(), nonce(),
               prop::bool::weighted(0.85))
             .prop_map(|(repo, config, layers, tag, docker, nonce, upload_first)| Op::PushImage {
@@ -442,12 +791,14 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// A case: blob sizes, a content seed, the quota's headroom over the metadata, the steps.
+/// A case: blob sizes, a content seed, the quota's headroom over the metadata, the push
+/// window in seconds, the steps.
 #[derive(Debug, Clone)]
 struct Case {
     sizes: Vec<usize>,
     seed: u64,
     max_size: u64,
+    window: u64,
     ops: Vec<Op>,
 }
 
@@ -461,14 +812,28 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         prop::collection::vec(size, POOL),
         any::<u64>(),
         quota_strategy(),
+        window_strategy(),
         prop::collection::vec(op_strategy(), 40..80),
     )
-        .prop_map(|(sizes, seed, max_size, ops)| Case {
+        .prop_map(|(sizes, seed, max_size, window, ops)| Case {
             sizes,
             seed,
             max_size,
+            window,
             ops,
         })
+}
+
+/// No push window (released blobs leave at the next pass, like any unreferenced one),
+/// or one a released blob waits across an [`age`] step in.
+fn window_strategy() -> impl Strategy<Value = u64> {
+    if let Some(w) = std::env::var("EVICTION_MODEL_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+    {
+        return Just(w).boxed();
+    }
+    prop_oneof![Just(0), Just(WINDOW_SECS)].boxed()
 }
 
 fn quota_strategy() -> impl Strategy<Value = u64> {
@@ -479,10 +844,14 @@ fn quota_strategy() -> impl Strategy<Value = u64> {
         return Just(q).boxed();
     }
     // The metadata alone takes about 1.15 MB (see `grow_write_ahead_log`): a tiny quota
-    // that nothing fits in, or one that leaves the blobs from nothing to about 700 KB.
+    // that nothing fits in, or one that leaves the blobs from nothing to about 700 KB;
+    // mostly one whose low watermark leaves them some (about 0 to 300 KB), so passes
+    // evict part of what is stored and stop at the low watermark.
     prop_oneof![
         1 => Just(64u64 * 1024),
-        3 => 1_250_000u64..2_100_000,
+        1 => 1_250_000u64..1_450_000,
+        4 => 1_450_000u64..1_800_000,
+        1 => 1_800_000u64..2_100_000,
     ]
     .boxed()
 }
@@ -552,7 +921,8 @@ impl Harness {
         assert_eq!(size, bytes.len() as u64, "{}", self.ctx("pushed size"));
         self.m.repos[repo].linked.insert(digest.clone());
         self.m.stored.insert(digest.clone(), size);
-        self.m.touch(&digest, at);
+        self.m.take_up(&digest);
+        self.m.used(&digest, at, now_secs());
     }
 
     async fn mount(&mut self, repo: usize, from: Option<usize>, blob: usize) {
@@ -576,10 +946,35 @@ impl Harness {
             self.ctx(&format!("mount {digest}"))
         );
         if mounted {
-            // Linking records the time; the mount is also recorded as a read, written
-            // by the next pass as it starts.
+            // Linking records the time (and takes a released blob up); the mount is also
+            // recorded as a read, written by the next pass as it starts.
             self.m.repos[repo].linked.insert(digest.clone());
-            self.m.touch(&digest, at);
+            self.m.take_up(&digest);
+            self.m.used(&digest, at, now_secs());
+            self.m.pending_reads.insert(digest);
+        }
+    }
+
+    /// Check a blob like a client's HEAD: found if linked into `repo`, and recorded as a
+    /// read, written by the next pass as it starts.
+    async fn head(&mut self, repo: usize, blob: usize) {
+        let digest = self.pool[blob].0.clone();
+        let expected = self.m.repos[repo]
+            .linked
+            .contains(&digest)
+            .then(|| self.m.stored[&digest]);
+        let found = match self.store.open_blob(&repo_name(repo), &digest).await {
+            Ok(blob) => Some(blob.size),
+            Err(Error::NotFound(Missing::Blob)) => None,
+            Err(e) => panic!("{}: {e}", self.ctx(&format!("HEAD {digest}"))),
+        };
+        assert_eq!(
+            found,
+            expected,
+            "{}",
+            self.ctx(&format!("HEAD {digest} in {}", REPOS[repo]))
+        );
+        if found.is_some() {
             self.m.pending_reads.insert(digest);
         }
     }
@@ -721,6 +1116,7 @@ impl Harness {
             Some(t) => tag_ref(t),
             None => Reference::Digest(man.digest.clone()),
         };
+        let at = now_secs();
         let result = self
             .store
             .put_manifest(
@@ -730,6 +1126,10 @@ impl Harness {
                 man.content.clone(),
             )
             .await;
+        let put_at = Span {
+            lo: at,
+            hi: now_secs(),
+        };
         let what = self.ctx(&format!(
             "PUT {} {} in {} (missing {missing:?})",
             man.media_type, man.digest, REPOS[repo]
@@ -740,6 +1140,29 @@ impl Harness {
                 assert_eq!(put.digest, man.digest, "{what}");
                 assert_eq!(put.subject, man.subject, "{what}");
                 bump(&PUTS_OK, 1);
+                let referenced = self.m.referenced();
+                let again = man
+                    .blobs
+                    .iter()
+                    .filter(|b| self.m.released.contains(*b) && !referenced.contains(*b))
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                bump(&REFERENCED_AGAIN, again as u64);
+                // A new manifest is used now; one pushed again is used again.
+                let used = self
+                    .m
+                    .manifest_use
+                    .entry((repo, man.digest.clone()))
+                    .or_insert(put_at);
+                *used = used.max(put_at);
+                if let Some(t) = tag {
+                    // Setting the tag is its use now (a read of it may have been later).
+                    let used = self.m.tag_use.entry((repo, t.to_owned())).or_insert(put_at);
+                    *used = Span {
+                        lo: put_at.lo,
+                        hi: used.hi.max(put_at.hi),
+                    };
+                }
                 let r = &mut self.m.repos[repo];
                 r.present.insert(man.digest.clone());
                 r.user_deleted.remove(&man.digest);
@@ -787,6 +1210,7 @@ impl Harness {
                     assert!(r.present.contains(child), "{}", self.ctx("child served"));
                     let child_man = r.known[child].clone();
                     assert_eq!(stored.content, child_man.content);
+                    self.m.pending_manifest_reads.insert((repo, child.clone()));
                     Box::pin(self.pull_contents(repo, &child_man)).await;
                 }
                 Err(Error::NotFound(Missing::Manifest)) => assert!(
@@ -803,6 +1227,7 @@ impl Harness {
         let r = &self.m.repos[repo];
         let (reference, expected) = if by_tag && !r.tags.is_empty() {
             let (t, d) = r.tags.iter().nth(target.index(r.tags.len())).unwrap();
+            self.m.pending_tag_reads.insert((repo, t.clone()));
             (tag_ref(t), Some(d.clone()))
         } else if let Some(man) = self.pick_known(repo, target) {
             let present = r.present.contains(&man.digest);
@@ -825,6 +1250,7 @@ impl Harness {
                     self.ctx("pulled content")
                 );
                 assert_eq!(stored.media_type, man.media_type);
+                self.m.pending_manifest_reads.insert((repo, d));
                 self.pull_contents(repo, &man).await;
             }
             (Err(Error::NotFound(Missing::Manifest)), None) => {}
@@ -852,6 +1278,7 @@ impl Harness {
             }
             Err(e) => panic!("{}: {e}", self.ctx("delete tag")),
         }
+        self.m.forget_gone();
     }
 
     async fn delete_manifest(&mut self, repo: usize, target: &Index) {
@@ -872,67 +1299,46 @@ impl Harness {
             Err(e) => panic!("{}: {e}", self.ctx("delete manifest")),
         }
         r.tags.retain(|_, d| *d != man.digest);
-        r.user_deleted.insert(man.digest);
+        r.user_deleted.insert(man.digest.clone());
+        if had {
+            // The blobs it leaves unreferenced are released (its children stay roots).
+            self.m.release(&man);
+        }
+        self.m.forget_gone();
     }
 
     // ---- observation and invariants
 
+    /// Read the store back: manifests and tags from the metadata (see
+    /// [`stored_manifests`]), the tag listing through the API, blob files from disk.
     async fn observe(&self) -> Observed {
+        let stored = stored_manifests(&self.data_dir);
         let mut present = Vec::new();
         let mut tags = Vec::new();
-        for (i, r) in self.m.repos.iter().enumerate() {
-            let name = repo_name(i);
-            let mut here = BTreeSet::new();
-            for (digest, man) in &r.known {
-                match self
-                    .store
-                    .get_manifest(&name, &Reference::Digest(digest.clone()))
-                    .await
-                {
-                    Ok(stored) => {
-                        assert_eq!(
-                            stored.content,
-                            man.content,
-                            "{}",
-                            self.ctx("served content")
-                        );
-                        assert_eq!(stored.media_type, man.media_type);
-                        here.insert(digest.clone());
-                    }
-                    Err(Error::NotFound(Missing::Manifest)) => {}
-                    Err(e) => panic!("{}: {e}", self.ctx("get manifest")),
-                }
-            }
-            present.push(here);
-            let page = match self.store.tags(&name, 1000, None).await {
-                Ok(page) => page.items,
-                Err(Error::NotFound(Missing::Repository)) => Vec::new(),
-                Err(e) => panic!("{}: {e}", self.ctx("tags")),
-            };
-            let mut served = BTreeMap::new();
-            for t in page {
-                let stored = self
-                    .store
-                    .get_manifest(&name, &tag_ref(&t))
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {e}", self.ctx(&format!("listed tag {t}"))));
-                // (c) a tag serves the content last PUT under it.
-                let expected = r.tags.get(&t).unwrap_or_else(|| {
+        for (i, (r, (manifests, tagged))) in self.m.repos.iter().zip(stored).enumerate() {
+            for (digest, (media_type, content)) in &manifests {
+                let man = r.known.get(digest).unwrap_or_else(|| {
                     panic!(
                         "{}",
-                        self.ctx(&format!("tag {t} served, not pushed or deleted"))
+                        self.ctx(&format!("{digest} stored in {}, never pushed", REPOS[i]))
                     )
                 });
-                assert_eq!(
-                    &stored.digest,
-                    expected,
-                    "{}",
-                    self.ctx(&format!("tag {t}"))
-                );
-                assert_eq!(stored.content, r.known[expected].content);
-                served.insert(t, stored.digest);
+                assert_eq!(&content[..], &man.content[..], "{}", self.ctx("content"));
+                assert_eq!(media_type, man.media_type, "{}", self.ctx("media type"));
             }
-            tags.push(served);
+            present.push(manifests.into_keys().collect());
+            let listed: BTreeSet<String> = match self.store.tags(&repo_name(i), 1000, None).await {
+                Ok(page) => page.items.into_iter().collect(),
+                Err(Error::NotFound(Missing::Repository)) => BTreeSet::new(),
+                Err(e) => panic!("{}: {e}", self.ctx("tags")),
+            };
+            assert_eq!(
+                listed,
+                tagged.keys().cloned().collect(),
+                "{}",
+                self.ctx(&format!("tags listed in {}", REPOS[i]))
+            );
+            tags.push(tagged);
         }
         Observed {
             present,
@@ -1028,33 +1434,71 @@ impl Harness {
             self.ctx("usage: blob bytes")
         );
         assert_eq!(usage.upload_bytes, 0, "{}", self.ctx("usage: uploads"));
+        assert_eq!(
+            usage.released_bytes,
+            self.m.waiting_bytes(),
+            "{}",
+            self.ctx("usage: released bytes")
+        );
     }
 
-    /// One eviction pass, checked against the model; returns its report.
+    /// One eviction pass, checked against the model (see [`Harness::replay`]); returns
+    /// its report.
     async fn gc(&mut self) -> GcReport {
         let report = self.store.gc(Trigger::Manual, false).await.unwrap();
+        let ended = now_secs();
         bump(&PASSES, 1);
         if std::env::var_os("EVICTION_MODEL_DEBUG").is_some() {
             eprintln!(
-                "step {}: pass: quota {:?}; before {:?}; after {:?}; evicted {}, swept {}",
+                "step {}: pass at {}: quota {:?}; before {:?}; after {:?}; evicted {}, swept \
+                 {}; waiting {}, young {}, short {}, next sweep at {:?}",
                 self.step,
+                report.started_at,
                 report.quota,
                 report.usage_before,
                 report.usage_after,
                 report.evicted.len(),
-                report.blobs_removed
+                report.blobs_removed,
+                report.released_bytes,
+                report.young_bytes,
+                report.shortfall,
+                report.next_sweep_at,
             );
         }
         assert!(!report.dry_run && report.trigger == Trigger::Manual);
-        // The pass recorded pending reads as it started: at or after `started_at`.
+        // The pass recorded pending reads as it started (at or after `started_at`),
+        // taking up the released blobs among them.
         for d in std::mem::take(&mut self.m.pending_reads) {
-            self.m.touch(&d, report.started_at);
+            self.m.take_up(&d);
+            self.m.used(&d, report.started_at, ended);
         }
+        self.m.record_reads(report.started_at, ended);
         let seen = self.observe().await;
         let what = self.ctx("pass");
-        let over = report.usage_before.total > report.quota.high;
+
+        // Usage before the pass, as the model has it (the metadata's bytes aside); the
+        // released bytes count as freed already.
+        let before = &report.usage_before;
+        assert_eq!(
+            before.blobs,
+            self.m.stored.len() as u64,
+            "{what}: blobs before"
+        );
+        assert_eq!(
+            before.blob_bytes,
+            disk_bytes(self.m.stored.values()),
+            "{what}: blob bytes before"
+        );
+        assert_eq!(
+            before.released_bytes,
+            self.m.waiting_bytes(),
+            "{what}: released bytes before"
+        );
+        let over = before.total.saturating_sub(before.released_bytes) > report.quota.high;
         if over {
             bump(&PASSES_OVER, 1);
+        } else if before.total > report.quota.high {
+            bump(&PASSES_DISCOUNTED, 1);
         }
 
         // Evicted roots: exactly the manifests that went, each with the tags it had, each
@@ -1092,7 +1536,8 @@ impl Harness {
         if !over {
             assert!(
                 evicted.is_empty(),
-                "{what}: evicted under the high watermark: {report:?}"
+                "{what}: evicted with usage less released bytes under the high watermark: \
+                 {report:?}"
             );
         }
         for (pos, (e, (repo, digest))) in report.evicted.iter().zip(&evicted).enumerate() {
@@ -1134,15 +1579,14 @@ impl Harness {
         }
         bump(&EVICTED, evicted.len() as u64);
 
-        // Apply the evictions to the model.
-        for (i, r) in self.m.repos.iter_mut().enumerate() {
-            r.present = seen.present[i].clone();
-            r.tags = seen.tags[i].clone();
+        // The pass replayed on the model, in the order it evicted.
+        let replayed = self.replay(&report, &evicted, &seen, over);
+        if replayed.rounds > 1 {
+            bump(&PASSES_ROUNDS, 1);
         }
 
-        // Sweep: nothing appeared, the report counts what went; (e) every file left is
-        // referenced or was touched since the clock last moved; blobs touched in the
-        // second the pass started (or later) were kept.
+        // Sweep: nothing appeared, the report counts what went, exactly the blobs the
+        // replay swept went.
         let files_before = self.m.stored.clone();
         for (d, size) in &seen.files {
             assert_eq!(
@@ -1151,10 +1595,15 @@ impl Harness {
                 "{what}: blob file {d} appeared"
             );
         }
-        let swept: Vec<(&Digest, &u64)> = files_before
+        let swept: BTreeMap<&Digest, &u64> = files_before
             .iter()
             .filter(|(d, _)| !seen.files.contains_key(*d))
             .collect();
+        assert_eq!(
+            swept.keys().copied().collect::<BTreeSet<_>>(),
+            replayed.swept.iter().collect(),
+            "{what}: blobs swept"
+        );
         assert_eq!(
             report.blobs_removed,
             swept.len() as u64,
@@ -1162,38 +1611,222 @@ impl Harness {
         );
         assert_eq!(
             report.bytes_freed,
-            swept.iter().map(|(_, s)| on_disk(**s)).sum::<u64>(),
+            disk_bytes(swept.values().copied()),
             "{what}: bytes freed"
         );
+        // Each unreferenced blob went exactly when due: a released one once its last use
+        // was before the window, another once idle (a zero grace); a use in the very
+        // second that ends either may go both ways.
+        for (d, &released) in &replayed.classified {
+            let span = self.m.last_use[d];
+            let (rule, unused_before) = if released {
+                (
+                    "released, its push window",
+                    report.started_at - self.m.window,
+                )
+            } else {
+                ("never released, its grace", report.started_at)
+            };
+            if span.hi < unused_before {
+                assert!(
+                    replayed.swept.contains(d),
+                    "{what}: {d} ({rule} ended: last used {span:?}, before {unused_before}) kept"
+                );
+            }
+            if span.lo >= unused_before {
+                assert!(
+                    !replayed.swept.contains(d),
+                    "{what}: {d} ({rule} not over: last used {span:?}, not before \
+                     {unused_before}) swept"
+                );
+            }
+            if released && replayed.swept.contains(d) {
+                bump(&SWEPT_RELEASED, 1);
+            }
+        }
         bump(&SWEPT, swept.len() as u64);
-        let referenced = self.m.referenced();
-        for d in seen.files.keys() {
-            if !referenced.contains(d) {
-                assert!(
-                    self.m.fresh.contains_key(d),
-                    "{what}: unreferenced, idle blob {d} left on disk"
-                );
-                bump(&KEPT_FRESH, 1);
-            }
+        bump(&KEPT_WAITING, replayed.waiting.len() as u64);
+        bump(&KEPT_YOUNG, replayed.young.len() as u64);
+
+        // What the report says is left: waiting, young, short; when the first waiting
+        // blob comes due (after its window, and after the pass).
+        let waiting_bytes = disk_bytes(replayed.waiting.iter().map(|d| &files_before[d]));
+        assert_eq!(
+            report.released_bytes, waiting_bytes,
+            "{what}: released bytes waiting"
+        );
+        assert_eq!(
+            report.usage_after.released_bytes, waiting_bytes,
+            "{what}: usage after: released bytes"
+        );
+        assert_eq!(
+            report.young_bytes,
+            disk_bytes(replayed.young.iter().map(|d| &files_before[d])),
+            "{what}: young bytes"
+        );
+        assert_eq!(report.shortfall, replayed.shortfall, "{what}: shortfall");
+        if report.shortfall > 0 {
+            bump(&PASSES_SHORT, 1);
+        } else if !report.evicted.is_empty() {
+            bump(&PASSES_MET, 1);
         }
-        for (d, &at) in &self.m.fresh {
-            if at >= report.started_at && files_before.contains_key(d) {
-                assert!(
-                    seen.files.contains_key(d),
-                    "{what}: blob {d} touched at/after the pass started ({at} >= {}) was swept",
-                    report.started_at
-                );
-            }
-        }
-        self.m.stored = seen.files.clone();
-        for r in &mut self.m.repos {
+        let comes_due = |bound: fn(&Span) -> i64| {
+            replayed
+                .waiting
+                .iter()
+                .map(|d| {
+                    (bound(&self.m.last_use[d]) + self.m.window + 1).max(report.started_at + 1)
+                })
+                .min()
+        };
+        let (earliest, latest) = (comes_due(|s| s.lo), comes_due(|s| s.hi));
+        assert!(
+            report.next_sweep_at >= earliest && report.next_sweep_at <= latest,
+            "{what}: next sweep at {:?}, expected from {earliest:?} to {latest:?}",
+            report.next_sweep_at
+        );
+
+        // Apply the pass to the model.
+        for (i, r) in self.m.repos.iter_mut().enumerate() {
+            r.present = seen.present[i].clone();
+            r.tags = seen.tags[i].clone();
             r.linked.retain(|d| seen.files.contains_key(d));
         }
+        self.m.stored = seen.files.clone();
+        self.m.last_use.retain(|d, _| seen.files.contains_key(d));
+        self.m.released = replayed.released;
+        self.m.forget_gone();
         if over && !report.evicted.is_empty() && report.usage_after.total <= report.quota.high {
             bump(&PASSES_PARTIAL, 1);
         }
         self.check_state(&seen).await;
         report
+    }
+
+    /// Replay a pass on the model, in the order it evicted, round by round as the store
+    /// goes, and check it at each step. A round counts as freed every unreferenced blob
+    /// that leaves now or is released and waiting; while that is short of what the low
+    /// watermark needs (nothing unless usage less the released bytes was over the high
+    /// watermark), it evicts the least recently used of the roots it started with (the
+    /// next one the pass reports, which no root left may precede by the model's bounds
+    /// of their last uses), counting what that releases, directly or through the
+    /// untagged child manifests it orphans; it stops when the count reaches the need or
+    /// no root is left. Then it sweeps what is due, and goes round again while it
+    /// evicted something and usage less the bytes still waiting is above the low
+    /// watermark. Whether a blob was due is taken from whether it went (checked against
+    /// its last use by the caller): only a use in the second a window ends leaves it open.
+    fn replay(
+        &self,
+        report: &GcReport,
+        evicted: &[(usize, Digest)],
+        seen: &Observed,
+        over: bool,
+    ) -> Replayed {
+        let what = self.ctx("pass");
+        let due = |d: &Digest| !seen.files.contains_key(d);
+        let mut state = PassState::new(&self.m);
+        let mut out = Replayed::default();
+        let mut used = report.usage_before.total;
+        let mut next = 0;
+        for round in 1.. {
+            let need = if over {
+                used.saturating_sub(report.quota.low)
+            } else {
+                0
+            };
+            let mut counted_blobs = BTreeSet::new();
+            let mut counted = 0;
+            for d in state.unreferenced() {
+                if state.released.contains(&d) || due(&d) {
+                    counted += on_disk(state.stored[&d]);
+                }
+                counted_blobs.insert(d);
+            }
+            let mut candidates = if need > 0 {
+                state.roots()
+            } else {
+                BTreeSet::new()
+            };
+            let (mut evicted_here, mut last_used) = (0, i64::MIN);
+            while counted < need && next < evicted.len() {
+                let (repo, digest) = &evicted[next];
+                if !candidates.remove(&(*repo, digest.clone())) {
+                    break;
+                }
+                // Least recently used first, then by repository and digest: every root
+                // left may have been used later (or ties and sorts after it).
+                let root = &report.evicted[next];
+                let span = self.m.manifest_last_use(*repo, digest);
+                assert!(
+                    span.lo <= root.last_used && root.last_used <= span.hi,
+                    "{what}: {digest} in {} reported last used at {}, the model has {span:?}",
+                    REPOS[*repo],
+                    root.last_used
+                );
+                assert!(
+                    root.last_used >= last_used,
+                    "{what}: round {round}: {digest} last used at {} evicted after a root \
+                     last used at {last_used}",
+                    root.last_used
+                );
+                last_used = root.last_used;
+                let order = (root.last_used, REPOS[*repo], digest.to_string());
+                for (other_repo, other) in &candidates {
+                    let latest = self.m.manifest_last_use(*other_repo, other).hi;
+                    assert!(
+                        (latest, REPOS[*other_repo], other.to_string()) > order,
+                        "{what}: round {round}: {digest} in {} (last used at {}) evicted \
+                         before {other} in {} (last used at {latest} at the latest)",
+                        REPOS[*repo],
+                        root.last_used,
+                        REPOS[*other_repo]
+                    );
+                }
+                let references = state.remove(*repo, digest);
+                counted += state.release(&references, &mut counted_blobs);
+                counted += state.orphaned_release(*repo, &references, &mut counted_blobs);
+                next += 1;
+                evicted_here += 1;
+            }
+            assert!(
+                counted >= need || candidates.is_empty(),
+                "{what}: round {round} stopped at {counted} of the {need} bytes the low \
+                 watermark needs, with roots left to evict: {candidates:?}"
+            );
+            out.shortfall = need.saturating_sub(counted);
+            let mut freed = 0;
+            out.waiting.clear();
+            out.young.clear();
+            for d in state.unreferenced() {
+                let released = state.released.contains(&d);
+                out.classified.insert(d.clone(), released);
+                if due(&d) {
+                    freed += on_disk(state.stored.remove(&d).unwrap());
+                    state.released.remove(&d);
+                    out.swept.insert(d);
+                } else if released {
+                    out.waiting.insert(d);
+                } else {
+                    out.young.insert(d);
+                }
+            }
+            used = used.saturating_sub(freed);
+            let waiting: u64 = out.waiting.iter().map(|d| on_disk(state.stored[d])).sum();
+            if evicted_here > 0 {
+                out.rounds += 1;
+            }
+            if evicted_here == 0 || !over || used.saturating_sub(waiting) <= report.quota.low {
+                break;
+            }
+        }
+        assert!(
+            next == evicted.len(),
+            "{what}: evicted beyond what the low watermark needed: {:?}",
+            &report.evicted[next..]
+        );
+        bump(&RELEASED, state.released_now.len() as u64);
+        out.released = state.released;
+        out
     }
 
     async fn apply(&mut self, op: &Op) {
@@ -1208,6 +1841,7 @@ impl Harness {
                 }
             }
             Op::Mount { repo, from, blob } => self.mount(*repo, *from, *blob).await,
+            Op::Head { repo, blob } => self.head(*repo, *blob).await,
             Op::PushImage {
                 repo,
                 config,
@@ -1288,7 +1922,7 @@ impl Harness {
                 tokio::task::spawn_blocking(move || age(&dir))
                     .await
                     .unwrap();
-                self.m.fresh.clear();
+                self.m.age();
             }
             Op::Gc => {
                 self.gc().await;
@@ -1316,7 +1950,7 @@ impl Harness {
 fn run_case(case: &Case) {
     let runtimes = Runtimes::new();
     let dir = tempfile::tempdir().unwrap();
-    let store = runtimes.open(dir.path(), case.max_size);
+    let store = runtimes.open(dir.path(), case.max_size, case.window);
     let pool = (0..POOL)
         .map(|i| {
             let bytes = content(case.seed, i, case.sizes[i]);
@@ -1327,7 +1961,7 @@ fn run_case(case: &Case) {
         store,
         data_dir: dir.path().to_owned(),
         pool,
-        m: Model::new(),
+        m: Model::new(case.window),
         step: 0,
     };
     runtimes.main.block_on(async {
@@ -1347,6 +1981,7 @@ fn run_case(case: &Case) {
         harness.apply(&Op::Gc).await;
     });
     bump(&CASES, 1);
+    bump(&WINDOW_CASES, u64::from(case.window > 0));
     bump(&STEPS, case.ops.len() as u64);
     drop(harness);
     drop(runtimes);
@@ -1368,20 +2003,35 @@ fn eviction_keeps_what_it_serves_complete_and_within_quota() {
         run_case(&case);
         Ok(())
     });
+    let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
     eprintln!(
-        "eviction model: {} cases, {} steps; manifest PUTs {} accepted, {} refused; {} passes \
-         ({} over the high watermark, {} brought back under it by evicting); {} roots evicted, \
-         {} blobs swept, {} unreferenced blobs kept as recently touched",
-        CASES.load(Ordering::Relaxed),
-        STEPS.load(Ordering::Relaxed),
-        PUTS_OK.load(Ordering::Relaxed),
-        PUTS_REFUSED.load(Ordering::Relaxed),
-        PASSES.load(Ordering::Relaxed),
-        PASSES_OVER.load(Ordering::Relaxed),
-        PASSES_PARTIAL.load(Ordering::Relaxed),
-        EVICTED.load(Ordering::Relaxed),
-        SWEPT.load(Ordering::Relaxed),
-        KEPT_FRESH.load(Ordering::Relaxed),
+        "eviction model: {} cases ({} with a push window), {} steps; manifest PUTs {} \
+         accepted, {} refused; {} passes ({} over the high watermark less the released \
+         bytes, {} over it only with them, {} evicting in several rounds, {} brought back \
+         under it by evicting, {} evicting just enough for the low watermark, {} short of \
+         it); {} roots evicted; {} blobs released, {} taken up by a use, {} referenced \
+         again; {} blobs swept ({} released); unreferenced blobs kept by a pass: {} waiting \
+         out the window, {} young",
+        n(&CASES),
+        n(&WINDOW_CASES),
+        n(&STEPS),
+        n(&PUTS_OK),
+        n(&PUTS_REFUSED),
+        n(&PASSES),
+        n(&PASSES_OVER),
+        n(&PASSES_DISCOUNTED),
+        n(&PASSES_ROUNDS),
+        n(&PASSES_PARTIAL),
+        n(&PASSES_MET),
+        n(&PASSES_SHORT),
+        n(&EVICTED),
+        n(&RELEASED),
+        n(&TAKEN_UP),
+        n(&REFERENCED_AGAIN),
+        n(&SWEPT),
+        n(&SWEPT_RELEASED),
+        n(&KEPT_WAITING),
+        n(&KEPT_YOUNG),
     );
     if let Err(e) = result {
         panic!("{e}");
@@ -1428,7 +2078,7 @@ fn manifest_put_racing_a_pass_never_points_at_a_swept_blob() {
     let runtimes = Runtimes::new();
     let dir = tempfile::tempdir().unwrap();
     // No quota pressure: nothing is evicted, but every pass sweeps unreferenced blobs.
-    let store = runtimes.open(dir.path(), 1 << 40);
+    let store = runtimes.open(dir.path(), 1 << 40, 0);
     let repo = repo_name(0);
     let rounds = 80;
     let (mut accepted, mut refused) = (0, 0);
@@ -1511,7 +2161,7 @@ fn manifest_put_racing_a_pass_never_points_at_a_swept_blob() {
 fn blob_mount_racing_a_pass_never_links_a_swept_blob() {
     let runtimes = Runtimes::new();
     let dir = tempfile::tempdir().unwrap();
-    let store = runtimes.open(dir.path(), 1 << 40);
+    let store = runtimes.open(dir.path(), 1 << 40, 0);
     let (source, target) = (repo_name(0), repo_name(1));
     let rounds = 80;
     let (mut mounted, mut not_mounted) = (0, 0);
