@@ -44,7 +44,8 @@ pub struct Eviction {
     /// Usage (share of the quota) eviction brings the store back down to.
     pub low_watermark: Percent,
     /// Unreferenced blobs written, linked or read more recently than this are kept (a
-    /// client may push layers well before the manifest that references them).
+    /// client may push layers well before the manifest that references them); never less
+    /// than `push_window`.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
     /// After a manifest is read, it and everything it references are kept at least this

@@ -406,7 +406,9 @@ impl Store {
         let started_at = now_secs();
         self.flush_access_times().await?;
         evictor.drop_expired_leases();
-        let idle_before = started_at - evictor.config.grace.as_secs() as i64;
+        // A blob taken up again stays at least as long as it would have as released.
+        let grace = evictor.config.grace.max(evictor.config.push_window);
+        let idle_before = started_at - grace.as_secs() as i64;
         let unused_before = started_at - evictor.config.push_window.as_secs() as i64;
         let uploads_expired = self.expire_uploads(started_at, dry_run).await?;
         let (usage_before, mut quota) = self.usage().await?;

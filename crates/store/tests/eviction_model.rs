@@ -26,7 +26,8 @@
 //! untagged child manifests they orphan) is short of what the low watermark needs, and
 //! every root it can while short (so it never evicts more than needed once the waiting
 //! bytes go, and never stops early); it sweeps a released blob once its last use is
-//! before the window and any other unreferenced blob once idle (the grace is zero),
+//! before the window and any other unreferenced blob once idle for the grace (zero, so
+//! the push window, the least it can be),
 //! keeps the rest waiting or young, and reports the bytes waiting, young and short of
 //! the low watermark and when the first waiting blob comes due. The manifests evicted go
 //! with exactly their tags.
@@ -1615,7 +1616,8 @@ impl Harness {
             "{what}: bytes freed"
         );
         // Each unreferenced blob went exactly when due: a released one once its last use
-        // was before the window, another once idle (a zero grace); a use in the very
+        // was before the window, another once idle for the grace (zero here, so the
+        // window: a blob taken up again stays at least that long); a use in the very
         // second that ends either may go both ways.
         for (d, &released) in &replayed.classified {
             let span = self.m.last_use[d];
@@ -1625,7 +1627,11 @@ impl Harness {
                     report.started_at - self.m.window,
                 )
             } else {
-                ("never released, its grace", report.started_at)
+                // The grace is zero, but never shorter than the push window.
+                (
+                    "never released, its grace",
+                    report.started_at - self.m.window,
+                )
             };
             if span.hi < unused_before {
                 assert!(
