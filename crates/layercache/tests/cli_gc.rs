@@ -121,14 +121,7 @@ async fn gc_dry_run_changes_nothing_and_a_pass_follows_the_rules() {
     // Outside the rule's repositories nothing is old enough to go, whatever its age.
     assert_eq!(tags(&client, &server, "other/app").await, ["old"]);
 
-    let status: Value = client
-        .get(server.at("/api/v1/gc"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = common::registry::get_json(&client, &server.at("/api/v1/gc")).await;
     assert_eq!(status["last_pass"]["trigger"], "manual", "{status:#}");
     assert_eq!(status["last_pass"]["evicted"].as_array().unwrap().len(), 2);
 }
@@ -186,14 +179,7 @@ async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted()
     }
     let text = gc(&server, &[]);
     assert!(text.contains("the quota cannot be met"), "{text}");
-    let metrics = client
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::registry::get_text(&client, &server.at("/metrics")).await;
     assert!(
         metrics.contains(&format!("layercache_eviction_shortfall_bytes {shortfall}")),
         "{metrics}"
@@ -201,14 +187,8 @@ async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted()
     // The usage history (the dashboard's quota plot) marks it from its next sample.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let history: Value = client
-            .get(server.at("/api/v1/usage/history"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let history: Value =
+            common::registry::get_json(&client, &server.at("/api/v1/usage/history")).await;
         if history
             .as_array()
             .unwrap()

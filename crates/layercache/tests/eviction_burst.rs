@@ -218,14 +218,7 @@ async fn a_burst_on_the_default_timings_evicts_only_what_the_quota_needs() {
             "image {i}'s layer left inside its window"
         );
     }
-    let metrics = client
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::registry::get_text(&client, &server.at("/metrics")).await;
     assert!(
         metrics.contains(&format!("layercache_released_bytes {released}")),
         "metrics do not show the released bytes:\n{metrics}"

@@ -21,6 +21,13 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     r.json().await.unwrap()
 }
 
+/// `GET url` as text (e.g. `/metrics`).
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    let r = client.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "GET {url}");
+    r.text().await.unwrap()
+}
+
 pub fn field(value: &Value, path: &[&str]) -> u64 {
     let mut v = value;
     for key in path {
