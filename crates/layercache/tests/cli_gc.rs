@@ -141,7 +141,9 @@ async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted()
         common::Server::start_logged(&[("LAYERCACHE_CONFIG", config.path().to_str().unwrap())]);
     let client = reqwest::Client::new();
     let mut images = Vec::new();
-    for (i, repo) in ["pinned/a", "pinned/b", "used/c", "used/d"]
+    // The pulled ones first: each is in use before the quota is passed, and a pinned tag
+    // is pinned as its manifest arrives.
+    for (i, repo) in ["used/a", "used/b", "pinned/c", "pinned/d"]
         .into_iter()
         .enumerate()
     {
@@ -166,7 +168,8 @@ async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted()
                 report["kept_pinned"].as_u64()
             ),
             (Some(2), Some(2)),
-            "{report:#}"
+            "{report:#}\n{}",
+            server.log()
         );
         reports.push(report);
     }
