@@ -1,9 +1,19 @@
 //! Eviction under load and under crashes.
 //!
-//! * A soak: pushers and pullers run against a server with a tiny quota while passes run
-//!   back to back. A pull that got its manifest must get every blob it references, intact
-//!   (the in-use lease); a push may be told MANIFEST_BLOB_UNKNOWN and retries; an evicted
-//!   tag is a cache miss. Afterwards the store holds exactly what its manifests reference.
+//! * A soak: sixteen clients push images (layers shared from a pool and layers of their
+//!   own; monolithic, session and chunked uploads, each after a HEAD), move tags, delete
+//!   manifests, pull, and save and restore GitHub Actions cache entries over the v2
+//!   protocol, against a quota small enough that the server's own passes (woken by the
+//!   quota, on the interval, and scheduled for released blobs) evict all the time. Every
+//!   timing is its default divided by one factor, [`TIME_FACTOR`] (300); with today's
+//!   defaults `in_use` is 12 s, `push_window` 1 s, `grace` 24 s, `interval` 200 ms and
+//!   `upload_expiry` 288 s. A read may miss only as a cache miss before it began; a part
+//!   of something read within `in_use` must be there and intact. Then the store on disk
+//!   is checked against what is kept: at once, the blob files nothing kept references
+//!   are exactly the released, young and due bytes a dry-run pass reports; after grace +
+//!   push window + interval without writes, they are exactly the referenced ones, under
+//!   the high watermark. CI runs 20 000 events (HTTP requests);
+//!   `LAYERCACHE_SOAK_EVENTS` asks for more.
 //! * A crash test: a full store restarted with a small quota is killed (`kill -9`) while
 //!   its startup pass evicts, several times; once it settles, everything still listed is
 //!   whole, nothing unreferenced is left on disk, and the least recently used went first.
@@ -19,174 +29,253 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::actions::{self, SCOPE};
+use common::load::{
+    Blob, Client, Counters, IMAGE, INDEX, Image, Index, Problem, PullProblem, Pulled,
+    blob_file_sizes, blob_files, config_blob, image_blobs, meta_files, on_disk, summary,
+    usage_total,
+};
 use futures::StreamExt;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-const IMAGE: &str = "application/vnd.oci.image.manifest.v1+json";
-const INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const ACCEPT: &str =
-    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
-/// Pushes of one image (or index) before giving up on MANIFEST_BLOB_UNKNOWN.
-const MAX_ATTEMPTS: usize = 25;
 
-// ---- content ----
+// ---- the soak ----
 
-#[derive(Clone)]
-struct Blob {
-    bytes: Bytes,
-    digest: String,
+/// The soak runs every eviction timing at its default divided by this one factor, so a
+/// minute of soak stands for five hours of a server on the defaults.
+const TIME_FACTOR: u32 = 300;
+
+/// The eviction timings of the soak: each the default divided by [`TIME_FACTOR`].
+#[derive(Clone, Copy, Debug)]
+struct Timings {
+    in_use: Duration,
+    push_window: Duration,
+    grace: Duration,
+    interval: Duration,
+    upload_expiry: Duration,
 }
 
-impl Blob {
-    fn new(bytes: Vec<u8>) -> Blob {
-        let digest = common::digest_of(&bytes);
-        Blob {
-            bytes: Bytes::from(bytes),
-            digest,
+impl Timings {
+    fn scaled() -> Timings {
+        let defaults = store::config::Eviction::default();
+        Timings {
+            in_use: defaults.in_use / TIME_FACTOR,
+            push_window: defaults.push_window / TIME_FACTOR,
+            grace: defaults.grace / TIME_FACTOR,
+            interval: defaults.interval / TIME_FACTOR,
+            upload_expiry: defaults.upload_expiry / TIME_FACTOR,
         }
     }
 
-    fn random(rng: &mut StdRng, len: usize) -> Blob {
-        let mut bytes = vec![0u8; len];
-        rng.fill_bytes(&mut bytes);
-        Blob::new(bytes)
-    }
-}
-
-#[derive(Clone)]
-struct Image {
-    config: Blob,
-    layers: Vec<Blob>,
-    body: String,
-    digest: String,
-}
-
-impl Image {
-    fn new(config: Blob, layers: Vec<Blob>) -> Image {
-        let descriptors: Vec<Value> = layers
-            .iter()
-            .map(|l| {
-                serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": l.digest, "size": l.bytes.len()})
-            })
-            .collect();
-        let body = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": IMAGE,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config.digest, "size": config.bytes.len()},
-            "layers": descriptors,
+    /// As the server's environment sets them.
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("IN_USE", self.in_use),
+            ("PUSH_WINDOW", self.push_window),
+            ("GRACE", self.grace),
+            ("INTERVAL", self.interval),
+            ("UPLOAD_EXPIRY", self.upload_expiry),
+        ]
+        .map(|(key, d)| {
+            (
+                format!("LAYERCACHE_STORE__EVICTION__{key}"),
+                format!("{}ms", d.as_millis()),
+            )
         })
-        .to_string();
-        let digest = common::digest_of(body.as_bytes());
-        Image {
-            config,
-            layers,
-            body,
-            digest,
-        }
-    }
-
-    fn blobs(&self) -> impl Iterator<Item = &Blob> {
-        std::iter::once(&self.config).chain(&self.layers)
+        .to_vec()
     }
 }
 
+const SOAK_SEED: u64 = 0x5eed_50a4;
+/// Events (HTTP requests from the clients) of the bounded soak CI runs.
+const SOAK_EVENTS: u64 = 20_000;
+/// A small share of what the soak writes: the server evicts all the time.
+const SOAK_QUOTA: &str = "64MiB";
+const CLIENTS: usize = 16;
+const REPOS: usize = 4;
+/// Tags and keys readers choose from most of the time: the most recently written.
+const RECENT: usize = 32;
+/// Entries of at least this size go up in blocks of it, smaller ones in one Put Blob.
+const ENTRY_BLOCK: usize = 256 * KIB;
+/// Keys every client saves to now and then (most saves find them taken).
+const SHARED_KEYS: u64 = 6;
+/// The roots a client remembers, to retag or delete, newest last.
+const OWN_KEPT: usize = 16;
+/// The longest pause of a client between two operations: the soak's 20 000 events
+/// take about a minute, several times `in_use`.
+const THINK: Duration = Duration::from_millis(400);
+
+/// The bytes saved under cache key `key`, 4 KiB to 1.5 MiB.
+fn entry_content(key: &str) -> Vec<u8> {
+    actions::keyed_content(key, 4 * KIB, 1536 * KIB)
+}
+
+/// The blobs (digest, size) an entry saved by a soak client is stored as: one per
+/// block, or one for a Put Blob.
+fn entry_blobs(bytes: &[u8]) -> Vec<(String, u64)> {
+    actions::stored_pieces(bytes, ENTRY_BLOCK)
+}
+
+/// A manifest the soak pushed.
 #[derive(Clone)]
-struct Index {
-    children: Vec<Image>,
-    body: String,
-    digest: String,
+struct Known {
+    /// The blobs it references, for an image.
+    blobs: Vec<(String, u64)>,
+    /// The manifests it lists, for an index.
+    children: Vec<String>,
 }
 
-impl Index {
-    fn new(children: Vec<Image>) -> Index {
-        let descriptors: Vec<Value> = children
-            .iter()
-            .zip(["amd64", "arm64", "riscv64"])
-            .map(|(c, arch)| {
-                serde_json::json!({"mediaType": IMAGE, "digest": c.digest, "size": c.body.len(),
-                    "platform": {"architecture": arch, "os": "linux"}})
-            })
-            .collect();
-        let body = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": INDEX,
-            "manifests": descriptors,
-        })
-        .to_string();
-        let digest = common::digest_of(body.as_bytes());
-        Index {
-            children,
-            body,
-            digest,
+/// A root one client pushed (by tag), which it may retag or delete.
+#[derive(Clone)]
+struct Own {
+    repo: String,
+    digest: String,
+    content: Content,
+}
+
+/// What a root is made of.
+#[derive(Clone)]
+enum Content {
+    Image(Image),
+    Index(Index),
+}
+
+impl Content {
+    fn media_type(&self) -> &'static str {
+        match self {
+            Content::Image(_) => IMAGE,
+            Content::Index(_) => INDEX,
+        }
+    }
+
+    fn body(&self) -> &str {
+        match self {
+            Content::Image(image) => &image.body,
+            Content::Index(index) => &index.body,
         }
     }
 }
 
-/// A config blob unique to `nonce`.
-fn config_blob(nonce: &str) -> Blob {
-    Blob::new(
-        serde_json::json!({"architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": []}, "nonce": nonce})
-        .to_string()
-        .into_bytes(),
-    )
+/// What the soak's clients wrote, shared between them.
+#[derive(Default)]
+struct World {
+    /// Recently pushed or moved (repo, tag), newest last.
+    recent_tags: Mutex<VecDeque<(String, String)>>,
+    /// Every (repo, tag) ever written.
+    all_tags: Mutex<Vec<(String, String)>>,
+    /// Every manifest pushed, by (repo, digest).
+    manifests: Mutex<BTreeMap<(String, String), Known>>,
+    /// Manifests a client deleted (202), by (repo, digest).
+    deleted: Mutex<BTreeSet<(String, String)>>,
+    /// Recently finalized keys, newest last.
+    recent_keys: Mutex<VecDeque<String>>,
+    /// Every key finalized.
+    keys: Mutex<Vec<String>>,
 }
 
-// ---- figures ----
+impl World {
+    fn tagged(&self, repo: &str, tag: &str) {
+        let pair = (repo.to_owned(), tag.to_owned());
+        let mut recent = self.recent_tags.lock().unwrap();
+        recent.push_back(pair.clone());
+        while recent.len() > RECENT {
+            recent.pop_front();
+        }
+        self.all_tags.lock().unwrap().push(pair);
+    }
 
+    fn pushed(&self, repo: &str, content: &Content) {
+        let mut manifests = self.manifests.lock().unwrap();
+        let mut image = |image: &Image| {
+            let blobs = image
+                .blobs()
+                .map(|b| (b.digest.clone(), b.bytes.len() as u64))
+                .collect();
+            let known = Known {
+                blobs,
+                children: Vec::new(),
+            };
+            manifests.insert((repo.to_owned(), image.digest.clone()), known);
+        };
+        match content {
+            Content::Image(i) => image(i),
+            Content::Index(index) => {
+                index.children.iter().for_each(&mut image);
+                let known = Known {
+                    blobs: Vec::new(),
+                    children: index.children.iter().map(|c| c.digest.clone()).collect(),
+                };
+                manifests.insert((repo.to_owned(), index.digest.clone()), known);
+            }
+        }
+    }
+
+    fn finalized(&self, key: &str) {
+        let mut recent = self.recent_keys.lock().unwrap();
+        recent.push_back(key.to_owned());
+        while recent.len() > RECENT {
+            recent.pop_front();
+        }
+        self.keys.lock().unwrap().push(key.to_owned());
+    }
+
+    /// A recently written (or, now and then, any) tag.
+    fn tag_to_pull(&self, rng: &mut StdRng) -> Option<(String, String)> {
+        if rng.random_bool(0.8) {
+            let recent = self.recent_tags.lock().unwrap();
+            (!recent.is_empty()).then(|| recent[rng.random_range(0..recent.len())].clone())
+        } else {
+            let all = self.all_tags.lock().unwrap();
+            (!all.is_empty()).then(|| all[rng.random_range(0..all.len())].clone())
+        }
+    }
+}
+
+/// What the soak counted (the registry client's own counters are apart).
 #[derive(Default)]
 struct Stats {
-    requests: AtomicU64,
+    /// The server's `in_use`: a read that loses a part sooner fails.
+    in_use: Duration,
     pushes: AtomicU64,
     index_pushes: AtomicU64,
     tag_moves: AtomicU64,
-    tag_moves_refused: AtomicU64,
-    blob_unknown_retries: AtomicU64,
-    blobs_uploaded: AtomicU64,
-    blobs_skipped: AtomicU64,
+    tag_move_misses: AtomicU64,
+    tag_moves_repushed: AtomicU64,
+    deletes: AtomicU64,
+    delete_misses: AtomicU64,
     pulls: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    blobs_verified: AtomicU64,
-    bytes_verified: AtomicU64,
-    beyond_in_use: AtomicU64,
+    pull_hits: AtomicU64,
+    pull_misses: AtomicU64,
+    saves: AtomicU64,
+    saves_taken: AtomicU64,
+    restores: AtomicU64,
+    prefix_restores: AtomicU64,
+    restore_hits: AtomicU64,
+    restore_misses: AtomicU64,
+    entry_bytes_verified: AtomicU64,
+    /// Reads that lost a part more than `in_use` after they began (nothing promised).
+    past_in_use: AtomicU64,
+    /// Reads that got bytes other than the ones asked for, or a body cut off.
     corrupt: AtomicU64,
-    failures: AtomicU64,
-    gc_passes: AtomicU64,
-    background_passes: AtomicU64,
-    background_evicted: AtomicU64,
-    background_removed: AtomicU64,
-    evicted_roots: AtomicU64,
-    blobs_removed: AtomicU64,
-    bytes_freed: AtomicU64,
-    kept_in_use: AtomicU64,
-    max_usage_before: AtomicU64,
-    max_usage_after: AtomicU64,
-    /// The report of the pass that started at the highest usage.
-    peak_report: Mutex<Option<Value>>,
+    /// Client-visible failures, by kind.
+    failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// The first problems, for the log.
     problems: Mutex<Vec<String>>,
 }
 
 impl Stats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     fn note(&self, what: String) {
@@ -196,934 +285,752 @@ impl Stats {
         }
     }
 
-    fn fail(&self, what: String) {
-        Stats::add(&self.failures, 1);
-        self.note(format!("FAILURE {what}"));
+    fn fail(&self, kind: &'static str, what: String) {
+        *self.failures.lock().unwrap().entry(kind).or_default() += 1;
+        self.note(format!("FAILURE ({kind}) {what}"));
     }
 
     fn corrupt(&self, what: String) {
-        Stats::add(&self.corrupt, 1);
+        Stats::add(&self.corrupt);
         self.note(format!("CORRUPT {what}"));
     }
+
+    fn failure_count(&self) -> u64 {
+        self.failures.lock().unwrap().values().sum()
+    }
+
+    /// A read lost a part `since` its lease began: a failure within `in_use`, past it
+    /// only a note.
+    fn lost(&self, kind: &'static str, what: String, since: Instant) {
+        if since.elapsed() < self.in_use {
+            self.fail(kind, what);
+        } else {
+            Stats::add(&self.past_in_use);
+            self.note(format!("past in_use ({:?}): {what}", since.elapsed()));
+        }
+    }
 }
 
-// ---- a registry client that counts its requests ----
-
-#[derive(Clone)]
-struct Client {
-    http: reqwest::Client,
-    base: String,
+/// One soak client's means: a registry client and an Actions cache client, both counting
+/// into the soak's shared event counters.
+struct Soaker {
+    id: usize,
+    rng: StdRng,
+    registry: Client,
+    cache: actions::Client,
+    pool: Arc<Vec<Blob>>,
+    world: Arc<World>,
     stats: Arc<Stats>,
+    /// The last [`OWN_KEPT`] roots this client pushed, oldest first.
+    own: VecDeque<Own>,
+    n: usize,
 }
 
-/// A blob read that went wrong.
-enum BlobProblem {
-    /// 200 but not the bytes the digest names.
-    Corrupt(String),
-    /// Anything else: a status other than 200, a connection error.
-    Failed(String),
-}
-
-impl Client {
-    fn new(base: &str, stats: Arc<Stats>) -> Client {
-        Client {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .unwrap(),
-            base: base.to_owned(),
-            stats,
-        }
+impl Soaker {
+    fn events(&self) -> u64 {
+        Counters::get(&self.registry.counters.requests) + self.cache.requests_sent()
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
-        Stats::add(&self.stats.requests, 1);
-        request
-            .send()
-            .await
-            .map_err(|e| format!("connection error: {e:?}"))
-    }
-
-    /// Status, registry error code (if any) and body text of a response.
-    async fn explain(r: reqwest::Response) -> (u16, String, String) {
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap_or_default();
-        let code = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned))
-            .unwrap_or_default();
-        (status, code, text)
-    }
-
-    async fn blob_exists(&self, repo: &str, blob: &Blob) -> Result<bool, String> {
-        let r = self
-            .send(
-                self.http
-                    .head(format!("{}/v2/{repo}/blobs/{}", self.base, blob.digest)),
-            )
-            .await?;
-        match r.status().as_u16() {
-            200 => Ok(true),
-            404 => Ok(false),
-            other => Err(format!("HEAD blob {repo} {}: {other}", blob.digest)),
-        }
-    }
-
-    /// Upload `blob` monolithically (`POST ?digest=`) or as a session (`POST`, `PUT`).
-    async fn upload(&self, repo: &str, blob: &Blob, session: bool) -> Result<(), String> {
-        Stats::add(&self.stats.blobs_uploaded, 1);
-        let base = &self.base;
-        let digest = &blob.digest;
-        let r = if session {
-            let r = self
-                .send(self.http.post(format!("{base}/v2/{repo}/blobs/uploads/")))
-                .await?;
-            if r.status() != 202 {
-                let (status, code, text) = Client::explain(r).await;
-                return Err(format!("POST upload {repo}: {status} {code} {text}"));
+    /// Operations, picked at random, until the soak's events are spent.
+    async fn run(mut self, budget: u64) {
+        while self.events() < budget {
+            // A build step between operations.
+            let pause = self.rng.random_range(0..=THINK.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            self.n += 1;
+            match self.rng.random_range(0..100) {
+                0..26 => self.push().await,
+                26..52 => self.pull().await,
+                52..58 => self.move_tag().await,
+                58..62 => self.delete().await,
+                62..81 => self.save().await,
+                _ => self.restore().await,
             }
-            let location = r.headers()["location"].to_str().unwrap().to_owned();
-            let url = if location.starts_with("http") {
-                location
-            } else {
-                format!("{base}{location}")
-            };
-            let sep = if url.contains('?') { '&' } else { '?' };
-            self.send(
-                self.http
-                    .put(format!("{url}{sep}digest={digest}"))
-                    .header("content-type", "application/octet-stream")
-                    .body(blob.bytes.clone()),
-            )
-            .await?
-        } else {
-            self.send(
-                self.http
-                    .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}"))
-                    .header("content-type", "application/octet-stream")
-                    .body(blob.bytes.clone()),
-            )
-            .await?
-        };
-        if r.status() == 201 {
-            Ok(())
-        } else {
-            let (status, code, text) = Client::explain(r).await;
-            Err(format!("upload {repo} {digest}: {status} {code} {text}"))
         }
     }
 
-    /// PUT a manifest: `Ok(None)` stored, `Ok(Some(message))` MANIFEST_BLOB_UNKNOWN.
-    async fn put_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: &str,
-    ) -> Result<Option<String>, String> {
-        let r = self
-            .send(
-                self.http
-                    .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
-                    .header("content-type", media_type)
-                    .body(body.to_owned()),
-            )
-            .await?;
-        if r.status() == 201 {
-            return Ok(None);
-        }
-        let (status, code, text) = Client::explain(r).await;
-        if status == 400 && code == "MANIFEST_BLOB_UNKNOWN" {
-            return Ok(Some(text));
-        }
-        Err(format!(
-            "PUT manifest {repo}:{reference}: {status} {code} {text}"
-        ))
-    }
-
-    /// Push `image` under `reference`; on MANIFEST_BLOB_UNKNOWN upload every blob again
-    /// and retry. On the first attempt, blobs in `pooled` the repository already holds
-    /// are not uploaded (as real clients do after a HEAD).
-    async fn push_image(
-        &self,
-        repo: &str,
-        image: &Image,
-        reference: &str,
-        pooled: &HashSet<String>,
-    ) -> Result<(), String> {
-        let mut last = String::new();
-        for attempt in 0..MAX_ATTEMPTS {
-            for (i, blob) in image.blobs().enumerate() {
-                if attempt == 0
-                    && pooled.contains(&blob.digest)
-                    && self.blob_exists(repo, blob).await?
-                {
-                    Stats::add(&self.stats.blobs_skipped, 1);
-                    continue;
-                }
-                self.upload(repo, blob, i % 2 == 1).await?;
-            }
-            match self
-                .put_manifest(repo, reference, IMAGE, &image.body)
-                .await?
-            {
-                None => return Ok(()),
-                Some(message) => last = message,
-            }
-            Stats::add(&self.stats.blob_unknown_retries, 1);
-            backoff(attempt).await;
-        }
-        Err(format!(
-            "push {repo}:{reference}: MANIFEST_BLOB_UNKNOWN {MAX_ATTEMPTS} times in a row, last {last}"
-        ))
-    }
-
-    /// Push `index`'s children by digest, then the index under `tag`; on
-    /// MANIFEST_BLOB_UNKNOWN (a child evicted meanwhile) push everything again.
-    async fn push_index(
-        &self,
-        repo: &str,
-        index: &Index,
-        tag: &str,
-        pooled: &HashSet<String>,
-    ) -> Result<(), String> {
-        let mut last = String::new();
-        for attempt in 0..MAX_ATTEMPTS {
-            let pushing = Instant::now();
-            for child in &index.children {
-                self.push_image(repo, child, &child.digest, pooled).await?;
-            }
-            let children_pushed = pushing.elapsed();
-            match self.put_manifest(repo, tag, INDEX, &index.body).await? {
-                None => return Ok(()),
-                Some(message) => {
-                    last = format!(
-                        "{message} (children pushed in {children_pushed:?}, refused {:?} after the first)",
-                        pushing.elapsed()
-                    );
-                }
-            }
-            Stats::add(&self.stats.blob_unknown_retries, 1);
-            backoff(attempt).await;
-        }
-        Err(format!(
-            "push index {repo}:{tag}: MANIFEST_BLOB_UNKNOWN {MAX_ATTEMPTS} times in a row, last {last}"
-        ))
-    }
-
-    /// GET a manifest: `Ok(None)` on 404 MANIFEST_UNKNOWN; otherwise its digest header,
-    /// its body, parsed. The body must hash to the digest header (and to `reference`
-    /// when that is a digest).
-    async fn get_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-    ) -> Result<Option<(String, Value)>, BlobProblem> {
-        let r = self
-            .send(
-                self.http
-                    .get(format!("{}/v2/{repo}/manifests/{reference}", self.base))
-                    .header("accept", ACCEPT),
-            )
-            .await
-            .map_err(BlobProblem::Failed)?;
-        if r.status() != 200 {
-            let (status, code, text) = Client::explain(r).await;
-            if status == 404 && code == "MANIFEST_UNKNOWN" {
-                return Ok(None);
-            }
-            return Err(BlobProblem::Failed(format!(
-                "GET manifest {repo}:{reference}: {status} {code} {text}"
-            )));
-        }
-        let header = r
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let body = r.bytes().await.map_err(|e| {
-            BlobProblem::Failed(format!("GET manifest {repo}:{reference} body: {e:?}"))
-        })?;
-        let digest = common::digest_of(&body);
-        if digest != header || (reference.starts_with("sha256:") && digest != reference) {
-            return Err(BlobProblem::Corrupt(format!(
-                "manifest {repo}:{reference}: body hashes to {digest}, header says {header:?}"
-            )));
-        }
-        let parsed = serde_json::from_slice(&body).map_err(|e| {
-            BlobProblem::Corrupt(format!("manifest {repo}:{reference} is not JSON: {e}"))
-        })?;
-        Ok(Some((digest, parsed)))
-    }
-
-    /// GET a blob and check its bytes against `digest` and `size`.
-    async fn get_blob(&self, repo: &str, digest: &str, size: u64) -> Result<(), BlobProblem> {
-        let r = self
-            .send(
-                self.http
-                    .get(format!("{}/v2/{repo}/blobs/{digest}", self.base)),
-            )
-            .await
-            .map_err(BlobProblem::Failed)?;
-        if r.status() != 200 {
-            let (status, code, text) = Client::explain(r).await;
-            return Err(BlobProblem::Failed(format!(
-                "GET blob {repo} {digest}: {status} {code} {text}"
-            )));
-        }
-        let body = r
-            .bytes()
-            .await
-            .map_err(|e| BlobProblem::Failed(format!("GET blob {repo} {digest} body: {e:?}")))?;
-        let got = common::digest_of(&body);
-        if got != digest || body.len() as u64 != size {
-            return Err(BlobProblem::Corrupt(format!(
-                "blob {repo} {digest}: got {} bytes hashing to {got}, want {size}",
-                body.len()
-            )));
-        }
-        Stats::add(&self.stats.blobs_verified, 1);
-        Stats::add(&self.stats.bytes_verified, size);
-        Ok(())
-    }
-
-    async fn tags(&self, repo: &str) -> Vec<String> {
-        let r = self
-            .send(self.http.get(format!("{}/v2/{repo}/tags/list", self.base)))
-            .await
-            .unwrap();
-        match r.status().as_u16() {
-            404 => Vec::new(),
-            200 => {
-                let v: Value = r.json().await.unwrap();
-                v["tags"]
-                    .as_array()
-                    .map(|a| a.iter().map(|t| t.as_str().unwrap().to_owned()).collect())
-                    .unwrap_or_default()
-            }
-            other => panic!("tags/list {repo}: {other}"),
-        }
-    }
-
-    async fn gc(&self) -> Value {
-        let r = self
-            .send(
-                self.http
-                    .post(format!("{}/api/v1/gc?dry_run=false", self.base)),
-            )
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "POST /api/v1/gc");
-        r.json().await.unwrap()
-    }
-
-    async fn gc_status(&self) -> Value {
-        let r = self
-            .send(self.http.get(format!("{}/api/v1/gc", self.base)))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "GET /api/v1/gc");
-        r.json().await.unwrap()
-    }
-}
-
-/// Wait before retry `attempt` (from 0) of a push, as clients do: 10 ms doubling up to
-/// 320 ms, so MAX_ATTEMPTS span several seconds (several passes, and sweeps).
-async fn backoff(attempt: usize) {
-    let ms = 10u64 << attempt.min(5);
-    tokio::time::sleep(Duration::from_millis(ms)).await;
-}
-
-/// The blobs (digest, size) an image manifest references.
-fn image_blobs(manifest: &Value) -> Vec<(String, u64)> {
-    std::iter::once(&manifest["config"])
-        .chain(manifest["layers"].as_array().into_iter().flatten())
-        .map(|d| {
-            (
-                d["digest"].as_str().unwrap().to_owned(),
-                d["size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// The child manifests an index lists.
-fn index_children(manifest: &Value) -> Vec<String> {
-    manifest["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|d| d["digest"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn is_index(manifest: &Value) -> bool {
-    manifest["mediaType"].as_str() == Some(INDEX) || manifest.get("manifests").is_some()
-}
-
-/// The committed blob files under `data_dir`, as digests.
-fn blob_files(data_dir: &Path) -> BTreeSet<String> {
-    let mut found = BTreeSet::new();
-    let Ok(shards) = std::fs::read_dir(data_dir.join("blobs/sha256")) else {
-        return found;
-    };
-    for shard in shards {
-        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
-            let name = file.unwrap().file_name().to_str().unwrap().to_owned();
-            found.insert(format!("sha256:{name}"));
-        }
-    }
-    found
-}
-
-/// The sizes of the metadata database's files, for the figures.
-fn meta_files(data_dir: &Path) -> String {
-    ["meta.db", "meta.db-wal", "meta.db-shm"]
-        .iter()
-        .map(|name| {
-            let len = std::fs::metadata(data_dir.join(name)).map_or(0, |m| m.len());
-            format!("{name} {len}")
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A pass report without its list of evicted roots.
-fn summary(report: &Value) -> Value {
-    let mut report = report.clone();
-    if let Some(evicted) = report.get("evicted").and_then(Value::as_array) {
-        report["evicted"] = Value::from(evicted.len());
-    }
-    report
-}
-
-fn usage_total(status: &Value) -> u64 {
-    status["usage"]["total"].as_u64().unwrap()
-}
-
-// ---- the soak ----
-
-const SOAK_SEED: u64 = 0x5eed_50a4;
-/// About a tenth of what the soak pushes, a little more than the pushers have in flight
-/// at once (at 8 MiB the uploads in flight alone exceed it, and every manifest is
-/// evicted as soon as it is pushed).
-const SOAK_QUOTA: &str = "16MiB";
-const SOAK_QUOTA_BYTES: u64 = 16 << 20;
-const PUSHERS: usize = 8;
-const PUSHES_PER_PUSHER: usize = 24;
-const PULLERS: usize = 8;
-const PULLS_PER_PULLER: usize = 60;
-const REPOS: usize = 4;
-const IN_USE: Duration = Duration::from_secs(2);
-/// Tags pullers choose from: the most recently pushed.
-const RECENT: usize = 16;
-
-/// What the soak pushed, shared between its tasks.
-#[derive(Default)]
-struct Pushed {
-    /// Recently pushed (repo, tag), newest last.
-    recent: Mutex<VecDeque<(String, String)>>,
-    /// Every image manifest pushed: (repo, digest) -> its blobs.
-    images: Mutex<BTreeMap<(String, String), Vec<String>>>,
-    /// Every index pushed: (repo, digest) -> its children.
-    indexes: Mutex<BTreeMap<(String, String), Vec<String>>>,
-}
-
-impl Pushed {
-    fn tagged(&self, repo: &str, tag: &str) {
-        let mut recent = self.recent.lock().unwrap();
-        recent.push_back((repo.to_owned(), tag.to_owned()));
-        while recent.len() > RECENT {
-            recent.pop_front();
-        }
-    }
-
-    fn image(&self, repo: &str, image: &Image) {
-        self.images.lock().unwrap().insert(
-            (repo.to_owned(), image.digest.clone()),
-            image.blobs().map(|b| b.digest.clone()).collect(),
-        );
-    }
-}
-
-/// One pusher: images of 2-4 layers (fresh or from the shared pool), now and then an
-/// index over two images, now and then a tag moved to the newest image.
-async fn pusher(client: Client, id: usize, pool: Arc<Vec<Blob>>, pushed: Arc<Pushed>) {
-    let mut rng = StdRng::seed_from_u64(SOAK_SEED ^ ((id as u64 + 1) * 0x9e37_79b9));
-    let repo = format!("soak/r{}", id % REPOS);
-    let pooled: HashSet<String> = pool.iter().map(|b| b.digest.clone()).collect();
-    let stats = client.stats.clone();
-    let make_image = |rng: &mut StdRng, n: usize, part: usize| {
-        let layers: Vec<Blob> = (0..rng.random_range(2..=4))
+    /// An image of 1 to 4 layers, pooled or fresh (4 KiB to 512 KiB, log-uniform).
+    fn image(&mut self, part: usize) -> Image {
+        let layers: Vec<Blob> = (0..self.rng.random_range(1..=4))
             .map(|_| {
-                if rng.random_bool(0.3) {
-                    pool[rng.random_range(0..pool.len())].clone()
+                if self.rng.random_bool(0.3) {
+                    self.pool[self.rng.random_range(0..self.pool.len())].clone()
                 } else {
-                    // 16 KiB to 1 MiB, small ones more often (log-uniform).
-                    let len = (16.0 * KIB as f64 * 64f64.powf(rng.random::<f64>())) as usize;
-                    Blob::random(rng, len)
+                    let len = (4.0 * KIB as f64 * 128f64.powf(self.rng.random::<f64>())) as usize;
+                    Blob::random(&mut self.rng, len)
                 }
             })
             .collect();
-        Image::new(config_blob(&format!("soak {id} {n} {part}")), layers)
-    };
-    for n in 0..PUSHES_PER_PUSHER {
-        // A build between pushes.
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
-        let tag = format!("p{id}-{n}");
-        let newest = if rng.random_bool(0.2) {
-            let index = Index::new(vec![make_image(&mut rng, n, 0), make_image(&mut rng, n, 1)]);
-            if let Err(e) = client.push_index(&repo, &index, &tag, &pooled).await {
-                stats.fail(e);
-                continue;
-            }
-            for child in &index.children {
-                pushed.image(&repo, child);
-            }
-            pushed.indexes.lock().unwrap().insert(
-                (repo.clone(), index.digest.clone()),
-                index.children.iter().map(|c| c.digest.clone()).collect(),
-            );
-            Stats::add(&stats.index_pushes, 1);
-            (INDEX, index.body)
+        let nonce = format!("soak {} {} {part}", self.id, self.n);
+        Image::new(config_blob(&nonce), layers)
+    }
+
+    async fn push(&mut self) {
+        let repo = format!("soak/r{}", self.rng.random_range(0..REPOS));
+        let tag = format!("c{}-{}", self.id, self.n);
+        let content = if self.rng.random_bool(0.15) {
+            Content::Index(Index::new(vec![self.image(0), self.image(1)]))
         } else {
-            let image = make_image(&mut rng, n, 0);
-            if let Err(e) = client.push_image(&repo, &image, &tag, &pooled).await {
-                stats.fail(e);
-                continue;
-            }
-            pushed.image(&repo, &image);
-            (IMAGE, image.body)
+            Content::Image(self.image(0))
         };
-        Stats::add(&stats.pushes, 1);
-        pushed.tagged(&repo, &tag);
-        if rng.random_bool(0.25) {
-            // Move this pusher's `latest` to what it just pushed (by re-putting the
-            // manifest under the tag; its content must still be all there).
-            let latest = format!("latest-{id}");
-            match client
-                .put_manifest(&repo, &latest, newest.0, &newest.1)
-                .await
-            {
-                Ok(None) => {
-                    Stats::add(&stats.tag_moves, 1);
-                    pushed.tagged(&repo, &latest);
-                }
-                // What it references was evicted since: the tag move is dropped.
-                Ok(Some(_)) => Stats::add(&stats.tag_moves_refused, 1),
-                Err(e) => stats.fail(e),
-            }
+        let pushed = match &content {
+            Content::Image(image) => self.registry.push_image(&repo, image, &tag).await,
+            Content::Index(index) => self.registry.push_index(&repo, index, &tag).await,
+        };
+        if let Err(e) = pushed {
+            return self.stats.fail("push", e);
+        }
+        Stats::add(&self.stats.pushes);
+        if let Content::Index(_) = content {
+            Stats::add(&self.stats.index_pushes);
+        }
+        self.world.pushed(&repo, &content);
+        self.world.tagged(&repo, &tag);
+        let digest = match &content {
+            Content::Image(image) => image.digest.clone(),
+            Content::Index(index) => index.digest.clone(),
+        };
+        self.own.push_back(Own {
+            repo,
+            digest,
+            content,
+        });
+        // Older roots are left alone (and their layers' bytes dropped).
+        if self.own.len() > OWN_KEPT {
+            self.own.pop_front();
         }
     }
-}
 
-/// Record a problem with a read made `since` the lease that protects it began: a failure
-/// within the in-use window, past it only a note (the server promised nothing then).
-fn read_problem(stats: &Stats, problem: BlobProblem, since: Instant) {
-    match problem {
-        BlobProblem::Corrupt(what) => stats.corrupt(what),
-        BlobProblem::Failed(what) if since.elapsed() >= IN_USE => {
-            Stats::add(&stats.beyond_in_use, 1);
-            stats.note(format!(
-                "beyond in_use ({:?} after the manifest): {what}",
-                since.elapsed()
-            ));
+    async fn pull(&mut self) {
+        let Some((repo, tag)) = self.world.tag_to_pull(&mut self.rng) else {
+            return;
+        };
+        Stats::add(&self.stats.pulls);
+        match self.registry.pull(&repo, &tag).await {
+            Ok(Pulled::Miss) => Stats::add(&self.stats.pull_misses),
+            Ok(Pulled::Whole { .. }) => Stats::add(&self.stats.pull_hits),
+            Err(PullProblem {
+                problem: Problem::Corrupt(what),
+                ..
+            }) => self.stats.corrupt(what),
+            Err(PullProblem {
+                problem: Problem::Failed(what),
+                since,
+            }) => self.stats.lost("pull", what, since),
         }
-        BlobProblem::Failed(what) => stats.fail(what),
     }
-}
 
-/// Pull `repo:tag` whole: the manifest, for an index every child, and every blob.
-async fn pull(client: &Client, repo: &str, tag: &str) {
-    let stats = &client.stats;
-    Stats::add(&stats.pulls, 1);
-    let t0 = Instant::now();
-    let (_, manifest) = match client.get_manifest(repo, tag).await {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            Stats::add(&stats.misses, 1);
+    /// Move the repository's `latest` to one of this client's recent roots, as `crane
+    /// tag` does: GET it by digest, PUT it under the tag.
+    async fn move_tag(&mut self) {
+        if self.own.is_empty() {
             return;
         }
-        Err(BlobProblem::Corrupt(what)) => return stats.corrupt(what),
-        Err(BlobProblem::Failed(what)) => return stats.fail(what),
-    };
-    Stats::add(&stats.hits, 1);
-    // (lease start, image manifest) to fetch the blobs of.
-    let mut images = Vec::new();
-    if is_index(&manifest) {
-        for child in index_children(&manifest) {
-            let tc = Instant::now();
-            match client.get_manifest(repo, &child).await {
-                Ok(Some((_, m))) => images.push((tc, m)),
-                Ok(None) => {
-                    return read_problem(
-                        stats,
-                        BlobProblem::Failed(format!(
-                            "child {repo}@{child} of {repo}:{tag}: 404 MANIFEST_UNKNOWN"
-                        )),
-                        t0,
-                    );
-                }
-                Err(p) => return read_problem(stats, p, t0),
-            }
-        }
-    } else {
-        images.push((t0, manifest));
-    }
-    for (since, image) in images {
-        for (digest, size) in image_blobs(&image) {
-            if let Err(p) = client.get_blob(repo, &digest, size).await {
-                read_problem(stats, p, since);
+        let recent = self.own.len().saturating_sub(8);
+        let pick = self.rng.random_range(recent..self.own.len());
+        let own = self.own[pick].clone();
+        let began = Instant::now();
+        match self.registry.get_manifest(&own.repo, &own.digest).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                Stats::add(&self.stats.tag_move_misses);
+                self.own.remove(pick);
                 return;
             }
+            Err(Problem::Corrupt(what)) => return self.stats.corrupt(what),
+            Err(Problem::Failed(what)) => return self.stats.fail("tag move", what),
         }
-    }
-}
-
-async fn puller(client: Client, id: usize, pushed: Arc<Pushed>, pushers_done: Arc<AtomicBool>) {
-    let mut rng = StdRng::seed_from_u64(SOAK_SEED ^ ((id as u64 + 101) * 0x85eb_ca6b));
-    let mut done = 0;
-    while done < PULLS_PER_PULLER {
-        let pick = {
-            let recent = pushed.recent.lock().unwrap();
-            (!recent.is_empty()).then(|| recent[rng.random_range(0..recent.len())].clone())
-        };
-        let Some((repo, tag)) = pick else {
-            if pushers_done.load(Ordering::Relaxed) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        pull(&client, &repo, &tag).await;
-        done += 1;
-        // Spread the pulls over the pushes rather than racing through them at the start.
-        if !pushers_done.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
-        }
-    }
-}
-
-/// Passes back to back until `stop`, adding up what they report.
-async fn collector(client: Client, stop: Arc<AtomicBool>) {
-    let stats = client.stats.clone();
-    let mut seen = HashSet::new();
-    while !stop.load(Ordering::Relaxed) {
-        // The server's own passes (schedule, quota), as far as the last one shows them.
-        let status = client.gc_status().await;
-        let last = &status["last_pass"];
-        if last["trigger"].as_str().is_some_and(|t| t != "manual")
-            && seen.insert((last["started_at"].to_string(), last["seconds"].to_string()))
-        {
-            Stats::add(&stats.background_passes, 1);
-            Stats::add(
-                &stats.background_evicted,
-                last["evicted"].as_array().unwrap().len() as u64,
-            );
-            Stats::add(
-                &stats.background_removed,
-                last["blobs_removed"].as_u64().unwrap(),
-            );
-        }
-        let r = match client
-            .send(
-                client
-                    .http
-                    .post(format!("{}/api/v1/gc?dry_run=false", client.base)),
+        let put = self
+            .registry
+            .put_manifest(
+                &own.repo,
+                "latest",
+                own.content.media_type(),
+                own.content.body(),
             )
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                stats.fail(format!("POST /api/v1/gc: {e}"));
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            .await;
+        match put {
+            Ok(None) => {}
+            Ok(Some(refusal)) if began.elapsed() < self.stats.in_use => {
+                return self.stats.fail(
+                    "tag move",
+                    format!(
+                        "{}@{} read {:?} ago, then MANIFEST_BLOB_UNKNOWN: {refusal}",
+                        own.repo,
+                        own.digest,
+                        began.elapsed()
+                    ),
+                );
             }
+            Ok(Some(_)) => {
+                // Read longer ago than the lease: push it all again, as a client would.
+                Stats::add(&self.stats.tag_moves_repushed);
+                let pushed = match &own.content {
+                    Content::Image(image) => {
+                        self.registry.push_image(&own.repo, image, "latest").await
+                    }
+                    Content::Index(index) => {
+                        self.registry.push_index(&own.repo, index, "latest").await
+                    }
+                };
+                if let Err(e) = pushed {
+                    return self.stats.fail("tag move", e);
+                }
+            }
+            Err(e) => return self.stats.fail("tag move", e),
+        }
+        Stats::add(&self.stats.tag_moves);
+        self.world.tagged(&own.repo, "latest");
+    }
+
+    /// Delete one of this client's roots by digest (its tags go with it).
+    async fn delete(&mut self) {
+        if self.own.is_empty() {
+            return;
+        }
+        let pick = self.rng.random_range(0..self.own.len());
+        let own = self.own.remove(pick).unwrap();
+        match self.registry.delete_manifest(&own.repo, &own.digest).await {
+            Ok(true) => {
+                Stats::add(&self.stats.deletes);
+                self.world
+                    .deleted
+                    .lock()
+                    .unwrap()
+                    .insert((own.repo, own.digest));
+            }
+            Ok(false) => Stats::add(&self.stats.delete_misses),
+            Err(e) => self.stats.fail("delete", e),
+        }
+    }
+
+    /// Save an entry as go-actions-cache does: create, Put Blob or Put Blocks and a
+    /// block list, finalize. A key another client holds is taken: nothing to save.
+    async fn save(&mut self) {
+        let key = if self.rng.random_bool(0.1) {
+            format!("shared-{}", self.rng.random_range(0..SHARED_KEYS))
+        } else {
+            format!("soak-{}-{}", self.id, self.n)
         };
-        if r.status() != 200 {
-            let (status, code, text) = Client::explain(r).await;
-            stats.fail(format!("POST /api/v1/gc: {status} {code} {text}"));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let bytes = entry_content(&key);
+        let url = match self.cache.try_v2_create(&key).await {
+            Ok(Some(url)) => url,
+            Ok(None) => return Stats::add(&self.stats.saves_taken),
+            Err(e) => return self.stats.fail("save: create", e),
+        };
+        let uploaded = if bytes.len() < ENTRY_BLOCK {
+            self.cache.try_v2_put_blob(&url, &bytes).await
+        } else {
+            self.cache
+                .try_upload_blocks(&url, &bytes, ENTRY_BLOCK, 4)
+                .await
+        };
+        if let Err(e) = uploaded {
+            return self.stats.fail("save: upload", format!("{key}: {e}"));
         }
-        let report: Value = r.json().await.unwrap();
-        Stats::add(&stats.gc_passes, 1);
-        Stats::add(
-            &stats.evicted_roots,
-            report["evicted"].as_array().unwrap().len() as u64,
-        );
-        Stats::add(
-            &stats.blobs_removed,
-            report["blobs_removed"].as_u64().unwrap(),
-        );
-        Stats::add(&stats.bytes_freed, report["bytes_freed"].as_u64().unwrap());
-        Stats::add(&stats.kept_in_use, report["kept_in_use"].as_u64().unwrap());
-        let before = report["usage_before"]["total"].as_u64().unwrap();
-        if stats.max_usage_before.fetch_max(before, Ordering::Relaxed) < before {
-            let mut peak = report.clone();
-            peak["evicted"] = Value::from(report["evicted"].as_array().unwrap().len());
-            *stats.peak_report.lock().unwrap() = Some(peak);
+        if let Err(e) = self.cache.try_v2_finalize(&key, bytes.len()).await {
+            return self.stats.fail("save: finalize", e);
         }
-        stats.max_usage_after.fetch_max(
-            report["usage_after"]["total"].as_u64().unwrap(),
-            Ordering::Relaxed,
+        Stats::add(&self.stats.saves);
+        self.world.finalized(&key);
+    }
+
+    /// Restore a recently saved key, any key, or the newest of a client's keys by
+    /// prefix; check the bytes against the key matched.
+    async fn restore(&mut self) {
+        let roll = self.rng.random_range(0..100);
+        let (key, prefix) = if roll < 15 {
+            let client = self.rng.random_range(0..CLIENTS);
+            (
+                format!("soak-{client}-none"),
+                Some(format!("soak-{client}-")),
+            )
+        } else {
+            let picked = if roll < 85 {
+                let recent = self.world.recent_keys.lock().unwrap();
+                (!recent.is_empty()).then(|| recent[self.rng.random_range(0..recent.len())].clone())
+            } else {
+                let keys = self.world.keys.lock().unwrap();
+                (!keys.is_empty()).then(|| keys[self.rng.random_range(0..keys.len())].clone())
+            };
+            let Some(key) = picked else { return };
+            (key, None)
+        };
+        Stats::add(&self.stats.restores);
+        if prefix.is_some() {
+            Stats::add(&self.stats.prefix_restores);
+        }
+        let restore_keys: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        let began = Instant::now();
+        let (url, matched) = match self.cache.try_v2_lookup(&key, &restore_keys).await {
+            Ok(Some(hit)) => hit,
+            Ok(None) => return Stats::add(&self.stats.restore_misses),
+            Err(e) => return self.stats.fail("restore: lookup", e),
+        };
+        // No exact match matches the newest key with the key, then a restore key, as a
+        // prefix (as on GitHub).
+        let expected_key =
+            matched.starts_with(&key) || prefix.as_deref().is_some_and(|p| matched.starts_with(p));
+        if !expected_key {
+            return self.stats.fail(
+                "restore: lookup",
+                format!("{key} {prefix:?} matched {matched}"),
+            );
+        }
+        match self.cache.try_get(&url).await {
+            Ok((status, body)) if status == 200 => {
+                if body == entry_content(&matched) {
+                    Stats::add(&self.stats.restore_hits);
+                    self.stats
+                        .entry_bytes_verified
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                } else {
+                    self.stats.corrupt(format!(
+                        "entry {matched}: {} bytes that are not the ones saved",
+                        body.len()
+                    ));
+                }
+            }
+            Ok((status, body)) => self.stats.lost(
+                "restore: download",
+                format!(
+                    "entry {matched} found, then its download answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+                began,
+            ),
+            Err(e) if e.contains("body cut off") => {
+                self.stats.corrupt(format!("entry {matched}: {e}"));
+            }
+            Err(e) => self.stats.lost("restore: download", e, began),
+        }
+    }
+}
+
+/// What the soak saw of the server's passes and usage from `GET /api/v1/gc`.
+#[derive(Default)]
+struct Watched {
+    polls: u64,
+    /// Distinct passes seen, by (started_at, trigger, seconds).
+    passes: BTreeSet<(i64, String, String)>,
+    passes_by_trigger: BTreeMap<String, u64>,
+    evicted_roots: u64,
+    evicted_entries: u64,
+    bytes_freed: u64,
+    peak_total: u64,
+    /// The highest usage net of released bytes (what the quota is held to).
+    peak_staying: u64,
+    peak_released: u64,
+    peak_upload_bytes: u64,
+    max_shortfall: u64,
+    quota: Value,
+}
+
+impl Watched {
+    fn saw(&mut self, status: &Value) {
+        self.polls += 1;
+        let usage = &status["usage"];
+        let field = |v: &Value, name: &str| v[name].as_u64().unwrap_or(0);
+        let total = field(usage, "total");
+        let released = field(usage, "released_bytes");
+        self.peak_total = self.peak_total.max(total);
+        self.peak_staying = self.peak_staying.max(total - released.min(total));
+        self.peak_released = self.peak_released.max(released);
+        self.peak_upload_bytes = self.peak_upload_bytes.max(field(usage, "upload_bytes"));
+        self.quota = status["quota"].clone();
+        let last = &status["last_pass"];
+        if last.is_null() {
+            return;
+        }
+        let trigger = last["trigger"].as_str().unwrap_or("?").to_owned();
+        let id = (
+            last["started_at"].as_i64().unwrap_or(0),
+            trigger.clone(),
+            last["seconds"].to_string(),
         );
+        if self.passes.insert(id) {
+            *self.passes_by_trigger.entry(trigger).or_default() += 1;
+            self.evicted_roots += last["evicted"].as_array().map_or(0, Vec::len) as u64;
+            self.evicted_entries += last["evicted_entries"].as_array().map_or(0, Vec::len) as u64;
+            self.bytes_freed += field(last, "bytes_freed");
+            self.max_shortfall = self.max_shortfall.max(field(last, "shortfall"));
+        }
+    }
+}
+
+/// Poll `GET /api/v1/gc` until `stop`, for the figures.
+async fn watch(url: String, stop: Arc<AtomicBool>) -> Watched {
+    let http = reqwest::Client::new();
+    let mut watched = Watched::default();
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(r) = http.get(format!("{url}/api/v1/gc")).send().await
+            && let Ok(status) = r.json::<Value>().await
+        {
+            watched.saw(&status);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    watched
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn soak_push_pull_under_continuous_eviction() {
-    let started = Instant::now();
-    let server = common::Server::start_with_env(&[
-        ("LAYERCACHE_STORE__EVICTION__MAX_SIZE", SOAK_QUOTA),
-        ("LAYERCACHE_STORE__EVICTION__MIN_FREE", "0"),
-        ("LAYERCACHE_STORE__EVICTION__GRACE", "0s"),
-        ("LAYERCACHE_STORE__EVICTION__IN_USE", "2s"),
-        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "2s"),
-        ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1s"),
-    ]);
-    let stats = Arc::new(Stats::default());
-    let client = Client::new(&server.url, stats.clone());
-    let quota = client.gc_status().await["quota"].clone();
-    assert_eq!(quota["limit"].as_u64(), Some(SOAK_QUOTA_BYTES), "{quota}");
-
-    // A small pool of layers images share (within and across repositories).
-    let mut rng = StdRng::seed_from_u64(SOAK_SEED);
-    let pool: Arc<Vec<Blob>> = Arc::new(
-        (0..6)
-            .map(|_| {
-                let len = rng.random_range(16 * KIB..=256 * KIB);
-                Blob::random(&mut rng, len)
-            })
-            .collect(),
-    );
-
-    let pushed = Arc::new(Pushed::default());
-    let pushers_done = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let gc = tokio::spawn(collector(client.clone(), stop.clone()));
-    let pushers: Vec<_> = (0..PUSHERS)
-        .map(|id| tokio::spawn(pusher(client.clone(), id, pool.clone(), pushed.clone())))
-        .collect();
-    let pullers: Vec<_> = (0..PULLERS)
-        .map(|id| {
-            tokio::spawn(puller(
-                client.clone(),
-                id,
-                pushed.clone(),
-                pushers_done.clone(),
-            ))
+/// The server's own log of its passes (those that evicted or removed something):
+/// (passes, roots evicted, blobs removed, bytes freed).
+fn logged_passes(log: &str) -> (u64, u64, u64, u64) {
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    log.lines()
+        .filter(|l| l.contains("eviction pass") && l.contains("trigger="))
+        .fold((0, 0, 0, 0), |(n, roots, blobs, freed), l| {
+            (
+                n + 1,
+                roots + field(l, "evicted"),
+                blobs + field(l, "blobs"),
+                freed + field(l, "freed"),
+            )
         })
-        .collect();
-    for p in pushers {
-        p.await.unwrap();
-    }
-    pushers_done.store(true, Ordering::Relaxed);
-    for p in pullers {
-        p.await.unwrap();
-    }
-    stop.store(true, Ordering::Relaxed);
-    gc.await.unwrap();
-    let load_seconds = started.elapsed().as_secs_f64();
+}
 
-    // Quiet now: let the leases run out, then one more pass.
-    tokio::time::sleep(IN_USE + Duration::from_secs(1)).await;
-    let last = client.gc().await;
-    Stats::add(
-        &stats.evicted_roots,
-        last["evicted"].as_array().unwrap().len() as u64,
-    );
-    Stats::add(
-        &stats.blobs_removed,
-        last["blobs_removed"].as_u64().unwrap(),
-    );
-    let on_disk = blob_files(server.data_dir());
-    let status = client.gc_status().await;
+/// What the server keeps of what the soak wrote, read back from it.
+struct Kept {
+    /// Manifests still there, by (repo, digest).
+    manifests: BTreeSet<(String, String)>,
+    /// Keys whose entries still restore, whole.
+    keys: BTreeSet<String>,
+    /// The blobs those reference, with their sizes.
+    referenced: BTreeMap<String, u64>,
+}
 
-    let s = &*stats;
-    let g = Stats::get;
-    println!(
-        "eviction soak ({load_seconds:.1} s of load, {:.1} s in all):",
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "  events (requests): {}\n  pushes: {} ({} indexes, {} tag moves, {} refused; {} blobs uploaded, {} skipped after HEAD)\n  \
-         MANIFEST_BLOB_UNKNOWN retries: {}\n  pulls: {} ({} hits, {} misses; {} blobs / {} MiB verified)\n  \
-         reads past in_use: {}\n  failures: {}, corrupt reads: {}\n  \
-         gc passes asked for: {}; evicted roots: {}, blobs removed: {}, MiB freed: {}, kept in use: {}\n  \
-         the server's own passes seen: {}; evicted roots: {}, blobs removed: {}\n  \
-         quota: {quota}\n  max usage before a pass: {} KiB, after: {} KiB; now {} KiB, {} blob files",
-        g(&s.requests),
-        g(&s.pushes),
-        g(&s.index_pushes),
-        g(&s.tag_moves),
-        g(&s.tag_moves_refused),
-        g(&s.blobs_uploaded),
-        g(&s.blobs_skipped),
-        g(&s.blob_unknown_retries),
-        g(&s.pulls),
-        g(&s.hits),
-        g(&s.misses),
-        g(&s.blobs_verified),
-        g(&s.bytes_verified) / MIB as u64,
-        g(&s.beyond_in_use),
-        g(&s.failures),
-        g(&s.corrupt),
-        g(&s.gc_passes),
-        g(&s.evicted_roots),
-        g(&s.blobs_removed),
-        g(&s.bytes_freed) / MIB as u64,
-        g(&s.kept_in_use),
-        g(&s.background_passes),
-        g(&s.background_evicted),
-        g(&s.background_removed),
-        g(&s.max_usage_before) / KIB as u64,
-        g(&s.max_usage_after) / KIB as u64,
-        usage_total(&status) / KIB as u64,
-        on_disk.len(),
-    );
-    println!(
-        "  peak pass: {}",
-        s.peak_report.lock().unwrap().clone().unwrap_or_default()
-    );
-    println!("  usage now: {}", status["usage"]);
-    let problems = s.problems.lock().unwrap().clone();
-    for p in &problems {
-        println!("  {p}");
-    }
-
-    assert_eq!(g(&s.failures), 0, "failures: {problems:#?}");
-    assert_eq!(g(&s.corrupt), 0, "corrupt reads: {problems:#?}");
-    assert_eq!(
-        g(&s.pushes),
-        (PUSHERS * PUSHES_PER_PUSHER) as u64,
-        "every push eventually succeeds"
-    );
-    assert!(g(&s.hits) > 0, "no pull ever found its tag");
-    assert!(
-        g(&s.evicted_roots) + g(&s.blobs_removed) > 0,
-        "the passes asked for never evicted anything"
-    );
-    assert!(
-        usage_total(&status) <= status["quota"]["high"].as_u64().unwrap(),
-        "usage {} is above the high watermark after a quiet pass: {status}",
-        usage_total(&status)
-    );
-
-    // On disk: every file hashes to its name, and the files are exactly the blobs the
-    // manifests still stored reference (grace is 0, so nothing else may stay).
-    common::assert_blob_files_match_their_names(server.data_dir());
-    let images = pushed.images.lock().unwrap().clone();
-    let indexes = pushed.indexes.lock().unwrap().clone();
-    let mut referenced = BTreeSet::new();
-    let mut kept_images = 0;
-    for ((repo, digest), blobs) in &images {
-        match client.get_manifest(repo, digest).await {
-            Ok(Some(_)) => {
-                kept_images += 1;
-                referenced.extend(blobs.iter().cloned());
+/// Read back every manifest the soak pushed (by digest; an index's children are
+/// manifests pushed too) and restore every key it finalized, checking the bytes.
+async fn kept(registry: &Client, cache: &actions::Client, world: &World) -> Kept {
+    let manifests = world.manifests.lock().unwrap().clone();
+    let mut kept = Kept {
+        manifests: BTreeSet::new(),
+        keys: BTreeSet::new(),
+        referenced: BTreeMap::new(),
+    };
+    let reads = futures::stream::iter(manifests.iter())
+        .map(|((repo, digest), known)| async move {
+            match registry.get_manifest(repo, digest).await {
+                Ok(found) => (repo, digest, known, found.is_some()),
+                Err(p) => panic!("reading back {repo}@{digest}: {}", p.text()),
             }
-            Ok(None) => {}
-            Err(BlobProblem::Corrupt(w) | BlobProblem::Failed(w)) => panic!("{w}"),
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for (repo, digest, known, found) in reads {
+        if found {
+            kept.manifests.insert((repo.clone(), digest.clone()));
+            kept.referenced.extend(known.blobs.iter().cloned());
         }
     }
-    for ((repo, digest), children) in &indexes {
-        if let Ok(Some(_)) = client.get_manifest(repo, digest).await {
-            for child in children {
+    for ((repo, digest), known) in &manifests {
+        if kept.manifests.contains(&(repo.clone(), digest.clone())) {
+            for child in &known.children {
                 assert!(
-                    matches!(client.get_manifest(repo, child).await, Ok(Some(_))),
+                    kept.manifests.contains(&(repo.clone(), child.clone())),
                     "index {repo}@{digest} is kept but its child {child} is not"
                 );
             }
         }
     }
-    let leaked: Vec<_> = on_disk.difference(&referenced).collect();
-    let lost: Vec<_> = referenced.difference(&on_disk).collect();
-    println!(
-        "  after the last pass: {kept_images} of {} image manifests kept, {} blobs referenced, {} files",
-        images.len(),
-        referenced.len(),
-        on_disk.len()
-    );
-    assert!(
-        lost.is_empty(),
-        "blobs of kept manifests missing on disk: {lost:?}"
-    );
-    assert!(
-        leaked.is_empty(),
-        "blob files no kept manifest references: {leaked:?}"
-    );
-    assert!(
-        kept_images < images.len() / 2,
-        "most of what was pushed should have been evicted: kept {kept_images} of {}",
-        images.len()
-    );
-
-    // The store still takes pushes once the storm is over (within the quota, so they
-    // stay): three images and an index, then one more pass.
-    let mut rng = StdRng::seed_from_u64(SOAK_SEED + 7);
-    let none = HashSet::new();
-    let mut after_tags = Vec::new();
-    for i in 0..3 {
-        let image = Image::new(
-            config_blob(&format!("after {i}")),
-            vec![Blob::random(&mut rng, 64 * KIB), pool[i].clone()],
-        );
-        client
-            .push_image("soak/after", &image, &format!("a{i}"), &none)
-            .await
-            .unwrap();
-        after_tags.push(format!("a{i}"));
+    let keys: BTreeSet<String> = world.keys.lock().unwrap().iter().cloned().collect();
+    let restores = futures::stream::iter(keys)
+        .map(|key| async move {
+            let found = cache
+                .try_v2_lookup(&key, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            // A key with no exact match matches the newest with it as a prefix, as on
+            // GitHub: that one is checked as itself.
+            let (url, _) = found.filter(|(_, matched)| *matched == key)?;
+            let (status, body) = cache.try_get(&url).await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(status, 200, "entry {key} found, then not downloaded");
+            assert!(
+                body == entry_content(&key),
+                "entry {key}: {} bytes that are not the ones saved",
+                body.len()
+            );
+            Some(key)
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for key in restores.into_iter().flatten() {
+        kept.referenced.extend(entry_blobs(&entry_content(&key)));
+        kept.keys.insert(key);
     }
-    let index = Index::new(
-        (0..2)
-            .map(|i| {
-                Image::new(
-                    config_blob(&format!("after index {i}")),
-                    vec![Blob::random(&mut rng, 32 * KIB)],
-                )
+    kept
+}
+
+/// The bytes on disk (whole 4 KiB blocks) of the blob files in `files` not in
+/// `referenced`; panics if a referenced blob has no file.
+fn unreferenced_bytes(files: &BTreeMap<String, u64>, referenced: &BTreeMap<String, u64>) -> u64 {
+    let missing: Vec<_> = referenced
+        .keys()
+        .filter(|d| !files.contains_key(*d))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "blobs of kept manifests or entries missing on disk: {missing:?}"
+    );
+    files
+        .iter()
+        .filter(|(d, _)| !referenced.contains_key(*d))
+        .map(|(_, &size)| on_disk(size))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn soak_push_pull_under_continuous_eviction() {
+    let budget: u64 = std::env::var(common::SOAK_EVENTS)
+        .ok()
+        .map(|v| v.parse().expect("LAYERCACHE_SOAK_EVENTS is a number"))
+        .unwrap_or(SOAK_EVENTS);
+    let started = Instant::now();
+    let t = Timings::scaled();
+    let timings = t.env();
+    let mut env: Vec<(&str, &str)> = vec![
+        ("LAYERCACHE_STORE__EVICTION__MAX_SIZE", SOAK_QUOTA),
+        ("LAYERCACHE_STORE__EVICTION__MIN_FREE", "0"),
+    ];
+    env.extend(timings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let server = common::Server::start_logged(&env);
+    let token = common::mint_token(server.data_dir(), &["--read", SCOPE, "--write", SCOPE]);
+    let counters = Arc::new(Counters::default());
+    let cache_sent = Arc::new(AtomicU64::new(0));
+    let registry = Client::new(&server.url, counters.clone()).with_push_window(t.push_window);
+    let cache = actions::Client::new(&server.url, token).counting_into(cache_sent.clone());
+    let world = Arc::new(World::default());
+    let stats = Arc::new(Stats {
+        in_use: t.in_use,
+        ..Stats::default()
+    });
+
+    // A pool of layers images share, within and across repositories.
+    let mut rng = StdRng::seed_from_u64(SOAK_SEED);
+    let pool: Arc<Vec<Blob>> = Arc::new(
+        (0..12)
+            .map(|_| {
+                let len = rng.random_range(16 * KIB..=128 * KIB);
+                Blob::random(&mut rng, len)
             })
             .collect(),
     );
-    client
-        .push_index("soak/after", &index, "multi", &none)
-        .await
-        .unwrap();
-    after_tags.push("multi".to_owned());
-    client.gc().await;
-    assert_eq!(
-        client.tags("soak/after").await,
-        after_tags,
-        "pushed after the run, within the quota"
-    );
 
-    // Every tag still listed resolves, whole.
-    let mut tags_checked = 0;
-    let repos = (0..REPOS)
-        .map(|r| format!("soak/r{r}"))
-        .chain(["soak/after".to_owned()]);
-    for repo in repos {
-        for tag in client.tags(&repo).await {
-            let before = stats.failures.load(Ordering::Relaxed)
-                + stats.corrupt.load(Ordering::Relaxed)
-                + stats.misses.load(Ordering::Relaxed);
-            pull(&client, &repo, &tag).await;
-            let after = stats.failures.load(Ordering::Relaxed)
-                + stats.corrupt.load(Ordering::Relaxed)
-                + stats.misses.load(Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch(server.url.clone(), stop.clone()));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let soaker = Soaker {
+                id,
+                rng: StdRng::seed_from_u64(SOAK_SEED ^ ((id as u64 + 1) * 0x9e37_79b9)),
+                registry: registry.clone(),
+                cache: cache.clone(),
+                pool: pool.clone(),
+                world: world.clone(),
+                stats: stats.clone(),
+                own: VecDeque::new(),
+                n: 0,
+            };
+            tokio::spawn(soaker.run(budget))
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let watched = watcher.await.unwrap();
+    let load_seconds = started.elapsed().as_secs_f64();
+    let events = Counters::get(&counters.requests) + cache_sent.load(Ordering::Relaxed);
+
+    // (a) Every blob file hashes to its name.
+    let dir = server.data_dir().to_owned();
+    common::assert_blob_files_match_their_names(&dir);
+
+    // (b) At once: the files nothing kept references are exactly what a dry run reports
+    // as released (waiting out the window), young (inside grace) or due now. A pass
+    // evicting between the read-back and the dry run would skew it: then once more.
+    let reader = Client::new(&server.url, Arc::new(Counters::default()));
+    let mut attempts = 0;
+    let (kept_then, dry, unreferenced) = loop {
+        attempts += 1;
+        let kept = kept(&reader, &cache, &world).await;
+        let files = blob_file_sizes(&dir);
+        let dry = reader.gc_pass(true).await;
+        let files_after = blob_file_sizes(&dir);
+        let unreferenced = unreferenced_bytes(&files, &kept.referenced);
+        let field = |name: &str| dry[name].as_u64().unwrap();
+        let accounted = field("released_bytes") + field("young_bytes") + field("bytes_freed");
+        let quiet = files == files_after
+            && dry["evicted"] == Value::Array(vec![])
+            && dry["evicted_entries"] == Value::Array(vec![]);
+        if (quiet && unreferenced == accounted) || attempts == 3 {
+            assert!(quiet, "the store kept changing under the check: {dry:#}");
             assert_eq!(
-                before,
-                after,
-                "listed tag {repo}:{tag} does not pull whole: {:#?}",
-                stats.problems.lock().unwrap()
+                unreferenced,
+                accounted,
+                "blob files nothing kept references ({unreferenced} bytes on disk) are not \
+                 the released + young + due bytes of a dry run: {:#}",
+                summary(&dry)
             );
-            tags_checked += 1;
+            break (kept, dry, unreferenced);
+        }
+    };
+    let pushed_manifests = world.manifests.lock().unwrap().len() as u64;
+    let deleted = world.deleted.lock().unwrap().len() as u64;
+    let finalized = Counters::get(&stats.saves);
+    let evicted_manifests =
+        pushed_manifests.saturating_sub(kept_then.manifests.len() as u64 + deleted);
+    let evicted_entries = finalized.saturating_sub(kept_then.keys.len() as u64);
+
+    // (c) After grace + push window + interval without writes (and a second for the
+    // whole-second timestamps), the files are exactly the referenced ones, within quota.
+    let quiet = t.grace + t.push_window + t.interval + Duration::from_secs(1);
+    tokio::time::sleep(quiet).await;
+    let kept_after = kept(&reader, &cache, &world).await;
+    let files = blob_file_sizes(&dir);
+    let status = reader.gc_status().await;
+    let leaked: Vec<_> = files
+        .keys()
+        .filter(|d| !kept_after.referenced.contains_key(*d))
+        .collect();
+    let settled_unreferenced = unreferenced_bytes(&files, &kept_after.referenced);
+    common::assert_blob_files_match_their_names(&dir);
+
+    // Every tag still listed pulls whole.
+    let mut tags_pulled = 0;
+    for r in 0..REPOS {
+        let repo = format!("soak/r{r}");
+        for tag in reader.tags(&repo).await {
+            match reader.pull(&repo, &tag).await {
+                Ok(Pulled::Whole { .. }) => tags_pulled += 1,
+                other => panic!("listed tag {repo}:{tag} does not pull whole: {other:?}"),
+            }
         }
     }
-    println!("  listed tags pulled whole after the run (4 pushed after it): {tags_checked}");
-    common::assert_blob_files_match_their_names(server.data_dir());
+
+    let (logged, logged_roots, logged_blobs, logged_freed) = logged_passes(&server.log());
+    let s = &*stats;
+    let g = Counters::get;
+    let failures = s.failures.lock().unwrap().clone();
+    let quota_limit = watched.quota["limit"].as_u64().unwrap_or(1);
+    println!(
+        "eviction soak summary\n\
+         \x20 timings: defaults / {TIME_FACTOR} (in_use {:?}, push_window {:?}, grace {:?}, interval {:?}, upload_expiry {:?}); quota {SOAK_QUOTA}, {CLIENTS} clients\n\
+         \x20 events: {events} (budget {budget}) in {load_seconds:.1} s of load ({:.0}/s); {:.1} s in all\n\
+         \x20 pushes: {} ({} indexes; blobs uploaded {} monolithic, {} session, {} chunked; {} skipped after HEAD)\n\
+         \x20 MANIFEST_BLOB_UNKNOWN retries: {} (each followed by a push that succeeded; {} naming a blob found or uploaded within the push window, {} an index's child)\n\
+         \x20 tag moves: {} ({} found the root gone first, {} pushed again as read past in_use)\n\
+         \x20 deletes: {} ({} found the root gone)\n\
+         \x20 pulls: {} ({} hits, {} misses; {} blobs / {} MiB verified)\n\
+         \x20 saves: {} ({} found the key taken); restores: {} ({} by prefix; {} hits, {} misses; {} MiB verified)\n\
+         \x20 reads that lost a part past in_use (allowed): {}\n\
+         \x20 failures: {} {failures:?}; corrupt or torn reads: {}\n\
+         \x20 passes seen: {} sampled of {} polls {:?}; {logged} logged as evicting or removing\n\
+         \x20 evicted: {evicted_manifests} distinct manifests, {evicted_entries} entries (exact: pushed - kept - deleted); \
+         sampled passes {} roots, {} entries; logged passes {logged_roots} roots (a manifest pushed again counts again), {logged_blobs} blobs removed, {} MiB freed\n\
+         \x20 peak usage {} KiB ({:.2}x the quota of {} KiB, high watermark {} KiB); net of released {} KiB ({:.2}x); released up to {} KiB; uploads up to {} KiB; largest shortfall {} KiB\n\
+         \x20 check at once (attempt {attempts}): {} manifests and {} entries kept; unreferenced on disk {unreferenced} = released {} + young {} + due {}\n\
+         \x20 check after {quiet:?} quiet: {} manifests and {} entries kept, {} blob files, {} referenced, {settled_unreferenced} bytes unreferenced; usage {} KiB (high {} KiB), released {}; {tags_pulled} listed tags pulled whole; {}",
+        t.in_use,
+        t.push_window,
+        t.grace,
+        t.interval,
+        t.upload_expiry,
+        events as f64 / load_seconds,
+        started.elapsed().as_secs_f64(),
+        g(&s.pushes),
+        g(&s.index_pushes),
+        g(&counters.monolithic),
+        g(&counters.sessions),
+        g(&counters.chunked),
+        g(&counters.blobs_skipped),
+        g(&counters.blob_unknown_retries),
+        g(&counters.blob_unknown_within_window),
+        g(&counters.blob_unknown_child),
+        g(&s.tag_moves),
+        g(&s.tag_move_misses),
+        g(&s.tag_moves_repushed),
+        g(&s.deletes),
+        g(&s.delete_misses),
+        g(&s.pulls),
+        g(&s.pull_hits),
+        g(&s.pull_misses),
+        g(&counters.blobs_verified),
+        g(&counters.bytes_verified) / MIB as u64,
+        g(&s.saves),
+        g(&s.saves_taken),
+        g(&s.restores),
+        g(&s.prefix_restores),
+        g(&s.restore_hits),
+        g(&s.restore_misses),
+        g(&s.entry_bytes_verified) / MIB as u64,
+        g(&s.past_in_use),
+        s.failure_count(),
+        g(&s.corrupt),
+        watched.passes.len(),
+        watched.polls,
+        watched.passes_by_trigger,
+        watched.evicted_roots,
+        watched.evicted_entries,
+        logged_freed / MIB as u64,
+        watched.peak_total / KIB as u64,
+        watched.peak_total as f64 / quota_limit as f64,
+        quota_limit / KIB as u64,
+        watched.quota["high"].as_u64().unwrap_or(0) / KIB as u64,
+        watched.peak_staying / KIB as u64,
+        watched.peak_staying as f64 / quota_limit as f64,
+        watched.peak_released / KIB as u64,
+        watched.peak_upload_bytes / KIB as u64,
+        watched.max_shortfall / KIB as u64,
+        kept_then.manifests.len(),
+        kept_then.keys.len(),
+        dry["released_bytes"],
+        dry["young_bytes"],
+        dry["bytes_freed"],
+        kept_after.manifests.len(),
+        kept_after.keys.len(),
+        files.len(),
+        kept_after.referenced.len(),
+        usage_total(&status) / KIB as u64,
+        status["quota"]["high"].as_u64().unwrap() / KIB as u64,
+        status["usage"]["released_bytes"],
+        meta_files(&dir),
+    );
+    let problems = s.problems.lock().unwrap().clone();
+    for p in &problems {
+        println!("  {p}");
+    }
+    for r in counters.refusals.lock().unwrap().iter() {
+        println!("  MANIFEST_BLOB_UNKNOWN: {r}");
+    }
+
+    assert_eq!(s.failure_count(), 0, "failures: {problems:#?}");
+    assert_eq!(g(&s.corrupt), 0, "corrupt reads: {problems:#?}");
+    assert!(events >= budget, "the clients stopped early");
+    assert!(
+        g(&s.pull_hits) > 0 && g(&s.restore_hits) > 0,
+        "nothing was ever read back"
+    );
+    assert!(
+        evicted_manifests > 0 && evicted_entries > 0,
+        "the server never evicted both manifests and entries"
+    );
+    assert!(
+        leaked.is_empty(),
+        "blob files nothing kept references, after {quiet:?} without writes: {leaked:?}"
+    );
+    assert_eq!(status["usage"]["released_bytes"], 0, "{status:#}");
+    assert!(
+        usage_total(&status) <= status["quota"]["high"].as_u64().unwrap(),
+        "usage is above the high watermark after {quiet:?} without writes: {status:#}"
+    );
 }
 
 // ---- crashes during the startup pass ----
@@ -1148,13 +1055,6 @@ struct Root {
     images: Vec<(String, Vec<String>)>,
 }
 
-/// What a root is made of.
-#[derive(Clone)]
-enum Content {
-    Image(Image),
-    Index(Index),
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_mid_eviction_pass_loses_nothing_referenced() {
     let started = Instant::now();
@@ -1165,11 +1065,10 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
     ];
     let mut first = common::Server::start_with_env(&base_env);
     let dir = first.data_dir().to_owned();
-    let stats = Arc::new(Stats::default());
-    let client = Client::new(&first.url, stats.clone());
+    let counters = Arc::new(Counters::default());
+    let client = Client::new(&first.url, counters.clone());
     let mut rng = StdRng::seed_from_u64(CRASH_SEED);
     let pool: Vec<Blob> = (0..16).map(|_| Blob::random(&mut rng, 4 * KIB)).collect();
-    let pooled: HashSet<String> = pool.iter().map(|b| b.digest.clone()).collect();
 
     // Fill: rounds of images more than a second apart, so their last use orders them.
     let mut roots: Vec<Root> = Vec::new();
@@ -1234,13 +1133,13 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
         }
         // Push the round 16 at a time.
         let pushes = batch.iter().map(|(root, content)| {
-            let (client, pooled) = (client.clone(), pooled.clone());
+            let client = client.clone();
             let (repo, tag) = (root.repo.clone(), root.tag.clone());
             let content = content.clone();
             tokio::spawn(async move {
                 match content {
-                    Content::Image(image) => client.push_image(&repo, &image, &tag, &pooled).await,
-                    Content::Index(index) => client.push_index(&repo, &index, &tag, &pooled).await,
+                    Content::Image(image) => client.push_image(&repo, &image, &tag).await,
+                    Content::Index(index) => client.push_index(&repo, &index, &tag).await,
                 }
             })
         });
@@ -1298,7 +1197,7 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
         let mut server = start(&quota_env(keep));
         let delay = Duration::from_millis(kill_rng.random_range(20..=300));
         tokio::time::sleep(delay).await;
-        let status = Client::new(&server.url, stats.clone()).gc_status().await;
+        let status = Client::new(&server.url, counters.clone()).gc_status().await;
         server.kill();
         if status["last_pass"].is_null() {
             mid_pass_kills += 1;
@@ -1316,7 +1215,7 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
     // Once more, killed as soon as the sweep is seen under way (the metadata holds fewer
     // blobs than when the server started), whatever the machine's speed.
     let mut server = start(&quota_env(CRASH_KEEP_PERCENT));
-    let watcher = Client::new(&server.url, stats.clone());
+    let watcher = Client::new(&server.url, counters.clone());
     let at_start = watcher.gc_status().await["usage"]["blobs"]
         .as_u64()
         .unwrap();
@@ -1340,7 +1239,7 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
 
     // Start once more and let it settle.
     let server = start(&quota_env(CRASH_KEEP_PERCENT));
-    let client = Client::new(&server.url, stats.clone());
+    let client = Client::new(&server.url, counters.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     let settled = loop {
         let status = client.gc_status().await;
@@ -1382,7 +1281,7 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
     for root in &roots {
         let by_digest = match client.get_manifest(&root.repo, &root.digest).await {
             Ok(m) => m.is_some(),
-            Err(BlobProblem::Corrupt(w) | BlobProblem::Failed(w)) => panic!("{w}"),
+            Err(p) => panic!("{}", p.text()),
         };
         let is_listed = listed.contains(&(root.repo.clone(), root.tag.clone()));
         assert_eq!(
@@ -1406,21 +1305,13 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
     // evicted index's children may outlive it (they are roots of their own then).
     let mut referenced = BTreeSet::new();
     for root in &kept {
-        let before = stats.failures.load(Ordering::Relaxed)
-            + stats.corrupt.load(Ordering::Relaxed)
-            + stats.misses.load(Ordering::Relaxed);
-        pull(&client, &root.repo, &root.tag).await;
-        let after = stats.failures.load(Ordering::Relaxed)
-            + stats.corrupt.load(Ordering::Relaxed)
-            + stats.misses.load(Ordering::Relaxed);
-        assert_eq!(
-            before,
-            after,
-            "kept root {}:{} does not pull whole: {:#?}",
-            root.repo,
-            root.tag,
-            stats.problems.lock().unwrap()
-        );
+        match client.pull(&root.repo, &root.tag).await {
+            Ok(Pulled::Whole { .. }) => {}
+            other => panic!(
+                "kept root {}:{} does not pull whole: {other:?}",
+                root.repo, root.tag
+            ),
+        }
         for (_, blobs) in &root.images {
             referenced.extend(blobs.iter().cloned());
         }
@@ -1430,15 +1321,13 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
         for (digest, blobs) in root.images.iter().skip(1) {
             let child = match client.get_manifest(&root.repo, digest).await {
                 Ok(child) => child,
-                Err(BlobProblem::Corrupt(w) | BlobProblem::Failed(w)) => panic!("{w}"),
+                Err(p) => panic!("{}", p.text()),
             };
-            if let Some((_, child)) = child {
+            if let Some((_, _, child)) = child {
                 orphaned_children += 1;
                 for (blob, size) in image_blobs(&child) {
-                    if let Err(BlobProblem::Corrupt(w) | BlobProblem::Failed(w)) =
-                        client.get_blob(&root.repo, &blob, size).await
-                    {
-                        panic!("kept child {digest}: {w}");
+                    if let Err(p) = client.get_blob(&root.repo, &blob, size).await {
+                        panic!("kept child {digest}: {}", p.text());
                     }
                 }
                 referenced.extend(blobs.iter().cloned());
@@ -1479,8 +1368,6 @@ async fn restart_mid_eviction_pass_loses_nothing_referenced() {
         newest_evicted <= oldest_kept,
         "evicted a root of round {newest_evicted} but kept one of round {oldest_kept}"
     );
-    assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
-    assert_eq!(stats.corrupt.load(Ordering::Relaxed), 0);
     common::assert_blob_files_match_their_names(&dir);
 }
 
@@ -1495,7 +1382,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let mut server = common::Server::start_with_env(env);
-    let client = Client::new(&server.url, Arc::new(Stats::default()));
+    let client = Client::new(&server.url, Arc::new(Counters::default()));
     push(client.clone()).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let status = client.gc_status().await;
@@ -1521,7 +1408,7 @@ async fn restart_over_quota(
         ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1h"),
     ]);
     let server = common::Server::start_on_with_env(dir, "127.0.0.1:0", &env);
-    let client = Client::new(&server.url, Arc::new(Stats::default()));
+    let client = Client::new(&server.url, Arc::new(Counters::default()));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = client.gc_status().await;
@@ -1560,10 +1447,7 @@ async fn pass_evicts_only_what_it_needs_when_blobs_are_in_grace() {
                 tokio::time::sleep(Duration::from_millis(1100)).await;
             }
             let tag = format!("img-{i}");
-            client
-                .push_image("grace/app", image, &tag, &HashSet::new())
-                .await
-                .unwrap();
+            client.push_image("grace/app", image, &tag).await.unwrap();
         }
     })
     .await;
@@ -1599,14 +1483,11 @@ async fn evicting_an_index_frees_its_children_before_newer_roots() {
         .collect();
     let (old, pushed) = (index.clone(), newer.clone());
     let (first, status) = fill_then_stop(&env, |client| async move {
-        client
-            .push_index("lru/app", &old, "old", &HashSet::new())
-            .await
-            .unwrap();
+        client.push_index("lru/app", &old, "old").await.unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         for (i, image) in pushed.iter().enumerate() {
             client
-                .push_image("lru/app", image, &format!("new-{i}"), &HashSet::new())
+                .push_image("lru/app", image, &format!("new-{i}"))
                 .await
                 .unwrap();
         }

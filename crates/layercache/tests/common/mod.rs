@@ -9,12 +9,17 @@
     clippy::indexing_slicing
 )]
 
+pub mod actions;
+pub mod load;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// How many events the eviction soak runs (a test's setting, never the server's).
+pub const SOAK_EVENTS: &str = "LAYERCACHE_SOAK_EVENTS";
 
 /// A running server.
 pub struct Server {
@@ -75,6 +80,9 @@ impl Server {
         command
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
+            // The tests' own settings: the server reads every `LAYERCACHE_` variable as
+            // configuration and refuses the ones it does not know.
+            .env_remove(SOAK_EVENTS)
             .envs(env.iter().copied())
             .stdout(Stdio::piped());
         match log {
@@ -388,6 +396,7 @@ pub fn mint_token(data_dir: &Path, args: &[&str]) -> String {
         .arg(data_dir)
         .args(args)
         .env_remove("LAYERCACHE_SERVER")
+        .env_remove(SOAK_EVENTS)
         .output()
         .unwrap();
     assert!(

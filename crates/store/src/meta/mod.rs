@@ -342,7 +342,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn entry(&self, id: i64) -> Result<Option<Entry>>;
     /// The entry, finished or not, with exactly this key and version in this scope.
     async fn entry_by_key(&self, key: NewEntry) -> Result<Option<Entry>>;
-    /// The finished entry a restore gets (see [`EntryQuery`]).
+    /// The finished entry a restore gets (see [`EntryQuery`]), recorded as used in the
+    /// same transaction, so no eviction removes it between the lookup and the download.
     async fn find_entry(&self, query: EntryQuery) -> Result<Option<Entry>>;
     /// Finished entries in `scopes` of `repository` whose key starts with one of
     /// `prefixes` (any key when empty), newest first.

@@ -755,7 +755,20 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn find_entry(&self, query: EntryQuery) -> Result<Option<Entry>> {
-        self.read(move |c| entries::find(c, &query)).await
+        // Found and marked used in one write: an eviction either took the entry first (a
+        // miss) or finds it used since it listed it and keeps it, so a restore is never
+        // handed an entry that is gone before its download.
+        self.write(move |c| {
+            let found = entries::find(c, &query)?;
+            if let Some(entry) = &found {
+                c.prepare_cached(
+                    "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1",
+                )?
+                .execute(params![entry.id, now_secs()])?;
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn list_entries(
