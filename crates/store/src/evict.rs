@@ -21,6 +21,8 @@
 //! * a blob a push checked or uploaded stays for the push window after its release, so
 //!   the manifest PUT that ends the push finds it; one checked, uploaded or read after
 //!   its release is taken up again and waits for the grace period like a new push;
+//! * a manifest pushed by digest (an index's child, a referrer) is not evicted within the
+//!   push window, so the index or referrer that names it finds it;
 //! * a manifest that was read is leased for `in_use`: it is not evicted, and if it was
 //!   read while being evicted, the blobs it references are leased too. Reads hold the
 //!   read side of a barrier while they look a manifest up and take the lease; after each
@@ -248,6 +250,15 @@ impl Evictor {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         for digest in digests {
             leases.insert(digest.clone(), until);
+        }
+    }
+
+    /// Lease `references` if `manifest`, just removed, was read within the in-use window:
+    /// first wait for reads that may have seen it, so they hold their leases.
+    pub(crate) async fn lease_if_read(&self, manifest: &Digest, references: &[Digest]) {
+        drop(self.reads.write().await);
+        if self.leased(manifest) {
+            self.lease(references);
         }
     }
 
@@ -569,7 +580,8 @@ impl Store {
             .and_then(|report| report.next_sweep_at)
     }
 
-    /// The roots eviction may take, in order: neither pinned nor in use. None when
+    /// The roots eviction may take, in order: neither pinned nor in use (read within
+    /// `in_use`, or an untagged manifest pushed within the push window). None when
     /// nothing needs freeing and no rule sets a maximum age.
     async fn candidates(
         &self,
@@ -584,6 +596,7 @@ impl Store {
             return Ok(candidates);
         }
         let in_use = evictor.config.in_use.as_secs() as i64;
+        let push_window = evictor.config.push_window.as_secs() as i64;
         for root in self.0.meta.roots().await? {
             let root = match root {
                 Evictable::Manifest(root) => root,
@@ -606,6 +619,11 @@ impl Store {
                 continue;
             }
             if evictor.leased(&root.digest) {
+                report.kept_in_use += 1;
+                continue;
+            }
+            if root.tags.is_empty() && now - root.last_used <= push_window {
+                // Pushed by digest just now: the index or referrer naming it comes next.
                 report.kept_in_use += 1;
                 continue;
             }

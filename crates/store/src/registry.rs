@@ -5,7 +5,7 @@
 //! before metadata links them; a manifest is recorded only in the same transaction that
 //! finds everything it references.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -72,10 +72,11 @@ pub struct PutManifest {
     pub subject: Option<Digest>,
 }
 
-/// Reads waiting to be recorded as last use, flushed in batches so reads stay cheap.
+/// Reads waiting to be recorded as last use, with the second each happened last,
+/// flushed in batches so reads stay cheap.
 #[derive(Default)]
 pub(crate) struct AccessLog {
-    pending: Mutex<HashSet<Touch>>,
+    pending: Mutex<HashMap<Touch, i64>>,
 }
 
 impl AccessLog {
@@ -83,7 +84,7 @@ impl AccessLog {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(touch);
+            .insert(touch, now_secs());
     }
 
     /// Whether a read of blob `digest` is waiting to be recorded.
@@ -91,11 +92,11 @@ impl AccessLog {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&Touch::Blob(digest.clone()))
+            .contains_key(&Touch::Blob(digest.clone()))
     }
 
     async fn flush(&self, meta: &dyn MetaStore) -> Result<()> {
-        let batch: Vec<Touch> = self
+        let batch: Vec<(Touch, i64)> = self
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -104,7 +105,7 @@ impl AccessLog {
         if batch.is_empty() {
             return Ok(());
         }
-        meta.touch(batch, now_secs()).await
+        meta.touch(batch).await
     }
 }
 
@@ -464,7 +465,14 @@ impl Store {
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
         let deleted = match reference {
             Reference::Tag(tag) => self.0.meta.delete_tag(repo, tag).await?,
-            Reference::Digest(digest) => self.0.meta.delete_manifest(repo, digest).await?,
+            Reference::Digest(digest) => {
+                let Some(references) = self.0.meta.delete_manifest(repo, digest).await? else {
+                    return Err(Error::NotFound(Missing::Manifest));
+                };
+                // A pull that read it finds the rest for `in_use`, as after an eviction.
+                self.0.evictor.lease_if_read(digest, &references).await;
+                true
+            }
         };
         if deleted {
             Ok(())
@@ -548,10 +556,15 @@ async fn evict_in_background(store: Weak<Shared>) {
             }
         }
         match store.gc(trigger, false).await {
-            Ok(r) if r.evicted.is_empty() && r.blobs_removed == 0 && r.uploads_expired == 0 => {}
+            Ok(r)
+                if r.evicted.is_empty()
+                    && r.evicted_entries.is_empty()
+                    && r.blobs_removed == 0
+                    && r.uploads_expired == 0 => {}
             Ok(r) => tracing::info!(
                 trigger = ?r.trigger,
                 evicted = r.evicted.len(),
+                evicted_entries = r.evicted_entries.len(),
                 blobs = r.blobs_removed,
                 freed = r.bytes_freed,
                 released_waiting = r.released_bytes,

@@ -4,33 +4,46 @@
 //! tag and manifest deletions, pulls and eviction passes, under a quota that nothing fits
 //! in or one that leaves the blobs a few hundred KB, with no push window or one of
 //! [`WINDOW_SECS`] (more than one [`age`] step, so a released blob waits across one).
-//! After every step the store is read back (every manifest and tag stored; the tags
-//! listed; every blob file on disk, hashed; the referrers of every subject; the usage,
-//! released bytes included) and compared with the model, which predicts every result
-//! exactly except which roots a pass evicts in what order among roots last used in the
-//! same second (last use has a one-second resolution) and whether a blob used in the
-//! second a window or the grace ends is swept. Pulls read through the API; the per-step
-//! checks read the metadata and the blob files directly, since a read through the API
-//! marks what it reads used (a manifest then looks used in the second of the next pass,
-//! a blob is kept from the next sweep).
+//! After every step the store is read back (every manifest and tag stored, with the last
+//! use the metadata records for each; the tags listed; every blob file on disk, hashed,
+//! with its recorded last use; the blobs marked released, with the second of the
+//! release; the referrers of every subject; the usage, released bytes included) and
+//! compared with the model. The model bounds every time the store records (by the clock
+//! read before and after the call that recorded it) and predicts every result exactly,
+//! except where those bounds leave one second open: whether a blob used in the second a
+//! window or the grace ends is swept, and whether a use in the second of a release came
+//! after it. Pulls read through the API; the per-step checks read the metadata and the
+//! blob files directly, since a read through the API is a use of what it reads.
 //!
-//! The model keeps which blobs are released (the unreferenced blobs of a root it saw a
-//! pass evict or that it deleted, until a later upload, check, mount or read takes them
-//! up) and bounds of the last use of every blob, manifest and tag. A pass is replayed on
-//! the model in the order of the roots it reports evicted, round by round as the store
-//! goes, and must match it: it evicts only when usage less the released bytes is over
-//! the high watermark, only roots (an index's children and a referrer only after the
-//! index or subject went), least recently used first (then by repository and digest),
-//! each only while what it counts as freed (unreferenced blobs that leave now or are
-//! released and waiting, what the roots evicted so far release, directly or through the
-//! untagged child manifests they orphan) is short of what the low watermark needs, and
-//! every root it can while short (so it never evicts more than needed once the waiting
-//! bytes go, and never stops early); it sweeps a released blob once its last use is
-//! before the window and any other unreferenced blob once idle for the grace (zero, so
-//! the push window, the least it can be),
-//! keeps the rest waiting or young, and reports the bytes waiting, young and short of
-//! the low watermark and when the first waiting blob comes due. The manifests evicted go
-//! with exactly their tags.
+//! The rules the model follows:
+//! * a use is recorded at its own second: an upload or a mount at once, a read (a blob's
+//!   check, mount or pull; a manifest's or tag's pull) when the store next records its
+//!   reads, at the second of the latest such read, not the second it records them in;
+//! * a root evicted or deleted releases the blobs it leaves unreferenced, each marked
+//!   with the second of its (latest) release; a use takes a released blob up (it waits
+//!   for a manifest again, like a blob just pushed) only if it came in a later second
+//!   than the release: a read made before the release or in its second, recorded after
+//!   it, does not. Where the model's bounds cannot tell, the next look at the metadata
+//!   settles it (before a pass, the harness has the pending reads recorded first);
+//! * a pass, replayed on the model round by round as the store goes, evicts only when
+//!   usage less the released bytes is over the high watermark, only roots (an index's
+//!   children and a referrer only after the index or subject went), and of those never
+//!   an untagged one last used within the push window before the pass started (a
+//!   manifest pushed by digest: the index or referrer naming it comes next; the report
+//!   counts them as kept in use); the others least recently used first (by the last use
+//!   the store recorded, reported for the roots evicted and read back for the others,
+//!   each checked against the model's bounds), then by repository and digest, each only
+//!   while what it counts as freed (unreferenced blobs that leave now or are released
+//!   and waiting, what the roots evicted so far release, directly or through the
+//!   untagged child manifests they orphan) is short of what the low watermark needs,
+//!   and every candidate it can while short (so it never evicts more than needed once
+//!   the waiting bytes go, and never stops early). The model predicts that sequence
+//!   exactly;
+//! * the pass sweeps a released blob once its last use is before the window and any
+//!   other unreferenced blob once idle for the grace (zero, so the push window, the
+//!   least it can be), keeps the rest waiting or young, and reports the bytes waiting,
+//!   young and short of the low watermark and when the first waiting blob comes due.
+//!   The manifests evicted go with exactly their tags.
 //!
 //! Focused tests race a manifest PUT, and a blob mount, against a pass sweeping the
 //! blobs they use.
@@ -40,10 +53,17 @@
 //!   startup pass has finished: its background tasks (access-time flusher, evictor) are
 //!   frozen from then on, so the only passes are the ones a test runs (a blob push that
 //!   passes the high watermark would otherwise wake a background pass at any moment);
-//! * time is moved forward by shifting every stored timestamp back ([`age`]), not by
-//!   sleeping: timestamps have a one-second resolution and a blob touched in the second
-//!   a pass starts is not idle, even with a zero grace. Released blobs are recorded
-//!   without a time, so they need no shifting.
+//! * time is moved forward by shifting every stored timestamp back ([`age`]), the
+//!   seconds of the releases too, not by sleeping: timestamps have a one-second
+//!   resolution and a blob touched in the second a pass starts is not idle, even with a
+//!   zero grace. The reads the store holds in memory cannot be shifted, so each step of
+//!   time first has them recorded, as the store's flusher would have in that time.
+//!
+//! A case runs in well under a second of the wall clock, so a use and its recording, or
+//! a release and a later use, mostly share a second: [`Op::Tick`] waits for the next
+//! second when it is near, and in one case of eight the final pulls wait for it halfway
+//! (every other manifest pulled again), so the final pass records reads of an earlier
+//! second than its own, some read in two seconds.
 //!
 //! `EVICTION_MODEL_CASES` (default 96) sets the number of cases, `EVICTION_MODEL_QUOTA`
 //! fixes the quota, `EVICTION_MODEL_WINDOW` the push window in seconds,
@@ -79,6 +99,8 @@ const TAGS: [&str; 4] = ["latest", "v1", "main", "buildcache"];
 const POOL: usize = 12;
 /// Seconds [`age`] moves the store's clock forward.
 const AGE_SECS: i64 = 10;
+/// How close the next second of the wall clock must be for [`Op::Tick`] to wait for it.
+const TICK_MS: u64 = 300;
 /// The push window of the cases that have one: a blob released within one [`age`] step
 /// of its last use waits across that step and leaves after the next.
 const WINDOW_SECS: u64 = 15;
@@ -121,6 +143,20 @@ fn disk_bytes<'a>(sizes: impl IntoIterator<Item = &'a u64>) -> u64 {
     sizes.into_iter().map(|&s| on_disk(s)).sum()
 }
 
+/// Let the wall clock reach its next second if it is at most `within` away: then a use
+/// and its recording, or a release and a later use, fall in different seconds, which
+/// they seldom do in a fast run.
+async fn next_second(within: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let left = Duration::from_secs(now.as_secs() + 1).saturating_sub(now);
+    if left <= within {
+        bump(&TICKS, 1);
+        tokio::time::sleep(left + Duration::from_millis(2)).await;
+    }
+}
+
 /// `bytes` as a request body of about `chunks` pieces.
 fn body(bytes: &Bytes, chunks: usize) -> ByteStream {
     let step = bytes.len().div_ceil(chunks.max(1)).max(1);
@@ -148,7 +184,9 @@ async fn read_blob(store: &Store, repo: &RepoName, digest: &Digest) -> Result<Ve
     Ok(out)
 }
 
-/// Move the store's clock `AGE_SECS` forward: shift every stored timestamp back.
+/// Move the store's clock `AGE_SECS` forward: shift every stored timestamp back, the
+/// seconds of the releases too. (The uses the store keeps in memory until it records
+/// them cannot be shifted: the caller has them recorded first.)
 fn age(data_dir: &Path) {
     let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
     db.busy_timeout(Duration::from_secs(30)).unwrap();
@@ -158,6 +196,7 @@ fn age(data_dir: &Path) {
          UPDATE manifests SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE tags SET updated_at = updated_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE uploads SET created_at = created_at - {AGE_SECS};
+         UPDATE released_blobs SET released_at = released_at - {AGE_SECS};
          COMMIT;"
     ))
     .unwrap();
@@ -225,17 +264,20 @@ fn blob_files(data_dir: &Path) -> BTreeMap<Digest, u64> {
     found
 }
 
-/// Every repository's manifests (digest -> media type and content) and tags (tag ->
-/// digest), read from the metadata directly: a read through the API is a use of the
-/// manifest, which would make every root look used in the second of the next pass.
-/// Tags name stored manifests.
-#[allow(clippy::type_complexity)]
-fn stored_manifests(
-    data_dir: &Path,
-) -> Vec<(
-    BTreeMap<Digest, (String, Vec<u8>)>,
-    BTreeMap<String, Digest>,
-)> {
+/// A repository's manifests and tags, as the metadata holds them.
+#[derive(Debug, Default)]
+struct StoredRepo {
+    /// Digest -> media type, content and the manifest's own last use (its push or a
+    /// recorded read).
+    manifests: BTreeMap<Digest, (String, Vec<u8>, i64)>,
+    /// Tag -> the manifest it names and the tag's last use (set or a recorded read).
+    tags: BTreeMap<String, (Digest, i64)>,
+}
+
+/// Every repository's manifests and tags, read from the metadata directly: a read
+/// through the API is a use of the manifest, which would make every root look used in
+/// the second of the next pass. Tags name stored manifests.
+fn stored_manifests(data_dir: &Path) -> Vec<StoredRepo> {
     let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
     db.busy_timeout(Duration::from_secs(30)).unwrap();
     let dangling: i64 = db
@@ -253,33 +295,57 @@ fn stored_manifests(
         .map(|repo| {
             let manifests = db
                 .prepare(
-                    "SELECT m.digest, m.media_type, m.content FROM manifests m
-                     JOIN repos r ON r.id = m.repo_id WHERE r.name = ?1",
+                    "SELECT m.digest, m.media_type, m.content, max(m.created_at, m.accessed_at)
+                     FROM manifests m JOIN repos r ON r.id = m.repo_id WHERE r.name = ?1",
+                )
+                .unwrap()
+                .query_map([repo], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })
+                .unwrap()
+                .map(|row| {
+                    let (d, media_type, content, used) = row.unwrap();
+                    (digest(d), (media_type, content, used))
+                })
+                .collect();
+            let tags = db
+                .prepare(
+                    "SELECT t.name, t.digest, max(t.updated_at, t.accessed_at)
+                     FROM tags t JOIN repos r ON r.id = t.repo_id WHERE r.name = ?1",
                 )
                 .unwrap()
                 .query_map([repo], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 .unwrap()
                 .map(|row| {
-                    let (d, media_type, content) = row.unwrap();
-                    (digest(d), (media_type, content))
+                    let (name, d, used) = row.unwrap();
+                    (name, (digest(d), used))
                 })
                 .collect();
-            let tags = db
-                .prepare(
-                    "SELECT t.name, t.digest FROM tags t
-                     JOIN repos r ON r.id = t.repo_id WHERE r.name = ?1",
-                )
-                .unwrap()
-                .query_map([repo], |row| Ok((row.get(0)?, row.get(1)?)))
-                .unwrap()
-                .map(|row| {
-                    let (name, d) = row.unwrap();
-                    (name, digest(d))
-                })
-                .collect();
-            (manifests, tags)
+            StoredRepo { manifests, tags }
         })
         .collect()
+}
+
+/// The blobs the metadata records, each with its last use (upload, check, mount or
+/// recorded read), and those marked released, each with the second of its release.
+fn stored_blobs(data_dir: &Path) -> (BTreeMap<Digest, i64>, BTreeMap<Digest, i64>) {
+    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(30)).unwrap();
+    let read = |sql: &str| -> BTreeMap<Digest, i64> {
+        db.prepare(sql)
+            .unwrap()
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))
+            .unwrap()
+            .map(|row| {
+                let (d, at) = row.unwrap();
+                (d.parse().unwrap(), at)
+            })
+            .collect()
+    };
+    (
+        read("SELECT digest, max(created_at, accessed_at) FROM blobs"),
+        read("SELECT digest, released_at FROM released_blobs"),
+    )
 }
 
 struct Runtimes {
@@ -352,6 +418,10 @@ static SWEPT: AtomicU64 = AtomicU64::new(0);
 static SWEPT_RELEASED: AtomicU64 = AtomicU64::new(0);
 static RELEASED: AtomicU64 = AtomicU64::new(0);
 static TAKEN_UP: AtomicU64 = AtomicU64::new(0);
+static NOT_TAKEN_UP: AtomicU64 = AtomicU64::new(0);
+static SETTLED: AtomicU64 = AtomicU64::new(0);
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static ROOTS_KEPT_YOUNG: AtomicU64 = AtomicU64::new(0);
 static REFERENCED_AGAIN: AtomicU64 = AtomicU64::new(0);
 static KEPT_WAITING: AtomicU64 = AtomicU64::new(0);
 static KEPT_YOUNG: AtomicU64 = AtomicU64::new(0);
@@ -396,12 +466,21 @@ struct Span {
 }
 
 impl Span {
+    /// The clock read before a call (`lo`) and now.
+    fn since(lo: i64) -> Span {
+        Span { lo, hi: now_secs() }
+    }
+
     /// The later of two times.
     fn max(self, other: Span) -> Span {
         Span {
             lo: self.lo.max(other.lo),
             hi: self.hi.max(other.hi),
         }
+    }
+
+    fn contains(self, at: i64) -> bool {
+        self.lo <= at && at <= self.hi
     }
 }
 
@@ -412,20 +491,26 @@ struct Model {
     stored: BTreeMap<Digest, u64>,
     /// Each stored blob's last use (upload, mount or recorded read).
     last_use: BTreeMap<Digest, Span>,
-    /// Blobs the store holds as released: a root that referenced them was evicted or
-    /// deleted, and no upload, check, mount or read took them up since. Only the
-    /// unreferenced ones matter (a root releasing one again marks it again).
-    released: BTreeSet<Digest>,
-    /// Blobs read, not yet recorded (the next pass records them as it starts).
-    pending_reads: BTreeSet<Digest>,
+    /// Blobs the store holds as released, with the second of their last release: a root
+    /// that referenced them was evicted or deleted, and no upload, check, mount or read
+    /// in a later second took them up since. Only the unreferenced ones count (a root
+    /// releasing one again marks it again, in the second it goes).
+    released: BTreeMap<Digest, Span>,
+    /// Released blobs a use may or may not have taken up: the model's bounds do not
+    /// tell whether the use came in a later second than the release. The next look at
+    /// the metadata settles it.
+    undecided: BTreeSet<Digest>,
+    /// Blobs read (checked, mounted, pulled), not yet recorded, with the second of the
+    /// latest read: the store records each at its own second, when it flushes.
+    pending_reads: BTreeMap<Digest, Span>,
     /// Each present manifest's own last use (push or recorded read), by repository.
     manifest_use: BTreeMap<(usize, Digest), Span>,
     /// Each tag's last use (set or recorded read), by repository.
     tag_use: BTreeMap<(usize, String), Span>,
-    /// Manifests read, not yet recorded.
-    pending_manifest_reads: BTreeSet<(usize, Digest)>,
-    /// Tags read, not yet recorded.
-    pending_tag_reads: BTreeSet<(usize, String)>,
+    /// Manifests read, not yet recorded, with the second of the latest read.
+    pending_manifest_reads: BTreeMap<(usize, Digest), Span>,
+    /// Tags read, not yet recorded, with the second of the latest read.
+    pending_tag_reads: BTreeMap<(usize, String), Span>,
     /// The push window, in seconds.
     window: i64,
 }
@@ -439,47 +524,83 @@ impl Model {
         }
     }
 
-    /// `digest` was used between `lo` and `hi`: its last use is at least that.
-    fn used(&mut self, digest: &Digest, lo: i64, hi: i64) {
-        let at = Span { lo, hi };
+    /// `digest` was used at `at`: its last use is at least that.
+    fn used(&mut self, digest: &Digest, at: Span) {
         let span = self.last_use.entry(digest.clone()).or_insert(at);
         *span = span.max(at);
     }
 
-    /// A use of `digest` takes it up if it was released: it waits for a manifest again,
-    /// like a blob just pushed.
-    fn take_up(&mut self, digest: &Digest) {
-        if self.released.remove(digest) && !self.referenced().contains(digest) {
-            bump(&TAKEN_UP, 1);
+    /// A use of `digest` at `at` takes it up if it was released in an earlier second: it
+    /// waits for a manifest again, like a blob just pushed. One in the second of the
+    /// release, or before it (a read recorded late), does not.
+    fn take_up(&mut self, digest: &Digest, at: Span) {
+        let Some(&released) = self.released.get(digest) else {
+            return;
+        };
+        if at.lo > released.hi {
+            self.released.remove(digest);
+            self.undecided.remove(digest);
+            if !self.referenced().contains(digest) {
+                bump(&TAKEN_UP, 1);
+            }
+        } else if at.hi > released.lo {
+            self.undecided.insert(digest.clone());
+        } else if !self.referenced().contains(digest) {
+            bump(&NOT_TAKEN_UP, 1);
         }
     }
 
-    /// The store's clock moved `AGE_SECS` forward.
+    /// Settle the undecided take-ups from the blobs the metadata holds as released.
+    fn settle(&mut self, released: &BTreeMap<Digest, i64>) {
+        for d in std::mem::take(&mut self.undecided) {
+            let referenced = self.referenced().contains(&d);
+            bump(&SETTLED, 1);
+            if released.contains_key(&d) {
+                bump(&NOT_TAKEN_UP, u64::from(!referenced));
+            } else {
+                self.released.remove(&d);
+                bump(&TAKEN_UP, u64::from(!referenced));
+            }
+        }
+    }
+
+    /// The store recorded the pending reads, each at its own second (taking up the
+    /// released blobs read after the second of their release), on what is still there.
+    fn flush(&mut self) {
+        for (d, at) in std::mem::take(&mut self.pending_reads) {
+            if self.stored.contains_key(&d) {
+                self.take_up(&d, at);
+                self.used(&d, at);
+            }
+        }
+        for (key, at) in std::mem::take(&mut self.pending_manifest_reads) {
+            if let Some(span) = self.manifest_use.get_mut(&key) {
+                *span = span.max(at);
+            }
+        }
+        for (key, at) in std::mem::take(&mut self.pending_tag_reads) {
+            if let Some(span) = self.tag_use.get_mut(&key) {
+                *span = span.max(at);
+            }
+        }
+    }
+
+    /// The store's clock moved `AGE_SECS` forward (with no reads pending).
     fn age(&mut self) {
+        assert!(
+            self.pending_reads.is_empty()
+                && self.pending_manifest_reads.is_empty()
+                && self.pending_tag_reads.is_empty()
+        );
         let spans = self
             .last_use
             .values_mut()
             .chain(self.manifest_use.values_mut())
-            .chain(self.tag_use.values_mut());
+            .chain(self.tag_use.values_mut())
+            .chain(self.released.values_mut());
         for span in spans {
             span.lo -= AGE_SECS;
             span.hi -= AGE_SECS;
-        }
-    }
-
-    /// Record the manifest and tag reads waiting, at a time between `lo` and `hi`, on
-    /// those still there.
-    fn record_reads(&mut self, lo: i64, hi: i64) {
-        let at = Span { lo, hi };
-        for (repo, digest) in std::mem::take(&mut self.pending_manifest_reads) {
-            if let Some(span) = self.manifest_use.get_mut(&(repo, digest)) {
-                *span = span.max(at);
-            }
-        }
-        for (repo, tag) in std::mem::take(&mut self.pending_tag_reads) {
-            if let Some(span) = self.tag_use.get_mut(&(repo, tag)) {
-                *span = span.max(at);
-            }
         }
     }
 
@@ -520,18 +641,19 @@ impl Model {
         let referenced = self.referenced();
         disk_bytes(
             self.released
-                .iter()
+                .keys()
                 .filter(|d| !referenced.contains(*d))
                 .filter_map(|d| self.stored.get(d)),
         )
     }
 
-    /// Mark released the blobs `man` referenced that nothing references now.
-    fn release(&mut self, man: &Man) {
+    /// Mark released, at `at`, the blobs `man` referenced that nothing references now.
+    fn release(&mut self, man: &Man, at: Span) {
         let referenced = self.referenced();
-        for blob in &man.blobs {
+        for blob in man.blobs.iter().collect::<BTreeSet<_>>() {
             if self.stored.contains_key(blob) && !referenced.contains(blob) {
-                self.released.insert(blob.clone());
+                self.released.insert(blob.clone(), at);
+                self.undecided.remove(blob);
                 bump(&RELEASED, 1);
             }
         }
@@ -544,6 +666,26 @@ struct Observed {
     present: Vec<BTreeSet<Digest>>,
     tags: Vec<BTreeMap<String, Digest>>,
     files: BTreeMap<Digest, u64>,
+    /// Each stored manifest's own last use, by repository.
+    manifest_use: BTreeMap<(usize, Digest), i64>,
+    /// Each tag's last use, by repository.
+    tag_use: BTreeMap<(usize, String), i64>,
+    /// Each blob's last use, as the metadata records it.
+    blob_use: BTreeMap<Digest, i64>,
+    /// The blobs marked released, with the second of the release.
+    released: BTreeMap<Digest, i64>,
+}
+
+impl Observed {
+    /// Manifest `digest`'s last use in `repo` as eviction sees it: its own, or any of its
+    /// tags'.
+    fn last_use(&self, repo: usize, digest: &Digest) -> i64 {
+        self.tags[repo]
+            .iter()
+            .filter(|(_, d)| *d == digest)
+            .map(|(t, _)| self.tag_use[&(repo, t.clone())])
+            .fold(self.manifest_use[&(repo, digest.clone())], i64::max)
+    }
 }
 
 /// What a pass did to the unreferenced blobs, replayed on the model.
@@ -558,9 +700,11 @@ struct Replayed {
     /// Unreferenced blobs never released (or taken up) left inside the grace.
     young: BTreeSet<Digest>,
     /// The released blobs after the pass.
-    released: BTreeSet<Digest>,
+    released: BTreeMap<Digest, Span>,
     /// Bytes the last round could not count towards what the low watermark needs.
     shortfall: u64,
+    /// Untagged roots the last round kept as pushed within the window.
+    kept_young: u64,
     /// Rounds that evicted.
     rounds: u64,
 }
@@ -573,13 +717,15 @@ struct PassState<'a> {
     present: Vec<BTreeSet<Digest>>,
     tags: Vec<BTreeMap<String, Digest>>,
     stored: BTreeMap<Digest, u64>,
-    released: BTreeSet<Digest>,
+    released: BTreeMap<Digest, Span>,
     /// Blobs the evicted roots released.
     released_now: BTreeSet<Digest>,
+    /// When the pass ran: the second of the releases it makes.
+    now: Span,
 }
 
 impl<'a> PassState<'a> {
-    fn new(m: &'a Model) -> PassState<'a> {
+    fn new(m: &'a Model, now: Span) -> PassState<'a> {
         PassState {
             repos: &m.repos,
             present: m.repos.iter().map(|r| r.present.clone()).collect(),
@@ -587,6 +733,7 @@ impl<'a> PassState<'a> {
             stored: m.stored.clone(),
             released: m.released.clone(),
             released_now: BTreeSet::new(),
+            now,
         }
     }
 
@@ -649,7 +796,7 @@ impl<'a> PassState<'a> {
                 && !referenced.contains(d)
                 && counted.insert(d.clone())
             {
-                self.released.insert(d.clone());
+                self.released.insert(d.clone(), self.now);
                 self.released_now.insert(d.clone());
                 bytes += on_disk(size);
             }
@@ -751,6 +898,8 @@ enum Op {
         by_tag: bool,
     },
     Age,
+    /// Let the wall clock reach its next second if it is at most [`TICK_MS`] away.
+    Tick,
     Gc,
 }
 
@@ -788,12 +937,15 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (repo(), any::<Index>(), any::<bool>())
             .prop_map(|(repo, target, by_tag)| Op::Pull { repo, target, by_tag }),
         4 => Just(Op::Age),
+        2 => Just(Op::Tick),
         4 => Just(Op::Gc),
     ]
 }
 
 /// A case: blob sizes, a content seed, the quota's headroom over the metadata, the push
-/// window in seconds, the steps.
+/// window in seconds, the steps, and whether the final pulls go on in the wall clock's
+/// next second (so the final pass records reads of an earlier second than its own, and
+/// of two seconds).
 #[derive(Debug, Clone)]
 struct Case {
     sizes: Vec<usize>,
@@ -801,6 +953,7 @@ struct Case {
     max_size: u64,
     window: u64,
     ops: Vec<Op>,
+    last_pass_later: bool,
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
@@ -815,14 +968,18 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         quota_strategy(),
         window_strategy(),
         prop::collection::vec(op_strategy(), 40..80),
+        prop::bool::weighted(0.125),
     )
-        .prop_map(|(sizes, seed, max_size, window, ops)| Case {
-            sizes,
-            seed,
-            max_size,
-            window,
-            ops,
-        })
+        .prop_map(
+            |(sizes, seed, max_size, window, ops, last_pass_later)| Case {
+                sizes,
+                seed,
+                max_size,
+                window,
+                ops,
+                last_pass_later,
+            },
+        )
 }
 
 /// No push window (released blobs leave at the next pass, like any unreferenced one),
@@ -920,10 +1077,11 @@ impl Harness {
                 .unwrap()
         };
         assert_eq!(size, bytes.len() as u64, "{}", self.ctx("pushed size"));
+        let at = Span::since(at);
         self.m.repos[repo].linked.insert(digest.clone());
         self.m.stored.insert(digest.clone(), size);
-        self.m.take_up(&digest);
-        self.m.used(&digest, at, now_secs());
+        self.m.take_up(&digest, at);
+        self.m.used(&digest, at);
     }
 
     async fn mount(&mut self, repo: usize, from: Option<usize>, blob: usize) {
@@ -947,23 +1105,26 @@ impl Harness {
             self.ctx(&format!("mount {digest}"))
         );
         if mounted {
-            // Linking records the time (and takes a released blob up); the mount is also
-            // recorded as a read, written by the next pass as it starts.
+            // Linking records the time (and takes up a blob released in an earlier
+            // second); the mount is also a read, recorded at its second when the store
+            // next flushes its reads.
+            let at = Span::since(at);
             self.m.repos[repo].linked.insert(digest.clone());
-            self.m.take_up(&digest);
-            self.m.used(&digest, at, now_secs());
-            self.m.pending_reads.insert(digest);
+            self.m.take_up(&digest, at);
+            self.m.used(&digest, at);
+            self.m.pending_reads.insert(digest, at);
         }
     }
 
-    /// Check a blob like a client's HEAD: found if linked into `repo`, and recorded as a
-    /// read, written by the next pass as it starts.
+    /// Check a blob like a client's HEAD: found if linked into `repo`, and a read,
+    /// recorded at its second when the store next flushes its reads.
     async fn head(&mut self, repo: usize, blob: usize) {
         let digest = self.pool[blob].0.clone();
         let expected = self.m.repos[repo]
             .linked
             .contains(&digest)
             .then(|| self.m.stored[&digest]);
+        let at = now_secs();
         let found = match self.store.open_blob(&repo_name(repo), &digest).await {
             Ok(blob) => Some(blob.size),
             Err(Error::NotFound(Missing::Blob)) => None,
@@ -976,7 +1137,7 @@ impl Harness {
             self.ctx(&format!("HEAD {digest} in {}", REPOS[repo]))
         );
         if found.is_some() {
-            self.m.pending_reads.insert(digest);
+            self.m.pending_reads.insert(digest, Span::since(at));
         }
     }
 
@@ -1145,7 +1306,7 @@ impl Harness {
                 let again = man
                     .blobs
                     .iter()
-                    .filter(|b| self.m.released.contains(*b) && !referenced.contains(*b))
+                    .filter(|b| self.m.released.contains_key(*b) && !referenced.contains(*b))
                     .collect::<BTreeSet<_>>()
                     .len();
                 bump(&REFERENCED_AGAIN, again as u64);
@@ -1189,6 +1350,7 @@ impl Harness {
     async fn pull_contents(&mut self, repo: usize, man: &Man) {
         let name = repo_name(repo);
         for blob in &man.blobs {
+            let at = now_secs();
             let bytes = read_blob(&self.store, &name, blob)
                 .await
                 .unwrap_or_else(|e| {
@@ -1198,9 +1360,10 @@ impl Harness {
                     )
                 });
             assert_eq!(sha256(&bytes), *blob, "{}", self.ctx("pulled blob content"));
-            self.m.pending_reads.insert(blob.clone());
+            self.m.pending_reads.insert(blob.clone(), Span::since(at));
         }
         for child in &man.children {
+            let at = now_secs();
             let got = self
                 .store
                 .get_manifest(&name, &Reference::Digest(child.clone()))
@@ -1211,7 +1374,9 @@ impl Harness {
                     assert!(r.present.contains(child), "{}", self.ctx("child served"));
                     let child_man = r.known[child].clone();
                     assert_eq!(stored.content, child_man.content);
-                    self.m.pending_manifest_reads.insert((repo, child.clone()));
+                    self.m
+                        .pending_manifest_reads
+                        .insert((repo, child.clone()), Span::since(at));
                     Box::pin(self.pull_contents(repo, &child_man)).await;
                 }
                 Err(Error::NotFound(Missing::Manifest)) => assert!(
@@ -1228,7 +1393,6 @@ impl Harness {
         let r = &self.m.repos[repo];
         let (reference, expected) = if by_tag && !r.tags.is_empty() {
             let (t, d) = r.tags.iter().nth(target.index(r.tags.len())).unwrap();
-            self.m.pending_tag_reads.insert((repo, t.clone()));
             (tag_ref(t), Some(d.clone()))
         } else if let Some(man) = self.pick_known(repo, target) {
             let present = r.present.contains(&man.digest);
@@ -1239,7 +1403,9 @@ impl Harness {
         } else {
             return;
         };
+        let at = now_secs();
         let got = self.store.get_manifest(&repo_name(repo), &reference).await;
+        let at = Span::since(at);
         match (got, expected) {
             (Ok(stored), Some(d)) => {
                 let man = self.m.repos[repo].known[&d].clone();
@@ -1251,7 +1417,10 @@ impl Harness {
                     self.ctx("pulled content")
                 );
                 assert_eq!(stored.media_type, man.media_type);
-                self.m.pending_manifest_reads.insert((repo, d));
+                if let Reference::Tag(t) = &reference {
+                    self.m.pending_tag_reads.insert((repo, t.to_string()), at);
+                }
+                self.m.pending_manifest_reads.insert((repo, d), at);
                 self.pull_contents(repo, &man).await;
             }
             (Err(Error::NotFound(Missing::Manifest)), None) => {}
@@ -1286,10 +1455,12 @@ impl Harness {
         let Some(man) = self.pick_known(repo, target) else {
             return;
         };
+        let at = now_secs();
         let result = self
             .store
             .delete_manifest(&repo_name(repo), &Reference::Digest(man.digest.clone()))
             .await;
+        let at = Span::since(at);
         let r = &mut self.m.repos[repo];
         let had = r.present.remove(&man.digest);
         match result {
@@ -1303,7 +1474,7 @@ impl Harness {
         r.user_deleted.insert(man.digest.clone());
         if had {
             // The blobs it leaves unreferenced are released (its children stay roots).
-            self.m.release(&man);
+            self.m.release(&man, at);
         }
         self.m.forget_gone();
     }
@@ -1311,14 +1482,22 @@ impl Harness {
     // ---- observation and invariants
 
     /// Read the store back: manifests and tags from the metadata (see
-    /// [`stored_manifests`]), the tag listing through the API, blob files from disk.
+    /// [`stored_manifests`]), the tag listing through the API, blob files from disk, the
+    /// blobs' last uses and release marks from the metadata.
     async fn observe(&self) -> Observed {
         let stored = stored_manifests(&self.data_dir);
-        let mut present = Vec::new();
-        let mut tags = Vec::new();
-        for (i, (r, (manifests, tagged))) in self.m.repos.iter().zip(stored).enumerate() {
-            for (digest, (media_type, content)) in &manifests {
-                let man = r.known.get(digest).unwrap_or_else(|| {
+        let mut seen = Observed {
+            present: Vec::new(),
+            tags: Vec::new(),
+            files: blob_files(&self.data_dir),
+            manifest_use: BTreeMap::new(),
+            tag_use: BTreeMap::new(),
+            blob_use: BTreeMap::new(),
+            released: BTreeMap::new(),
+        };
+        for (i, (r, stored)) in self.m.repos.iter().zip(stored).enumerate() {
+            for (digest, (media_type, content, used)) in stored.manifests {
+                let man = r.known.get(&digest).unwrap_or_else(|| {
                     panic!(
                         "{}",
                         self.ctx(&format!("{digest} stored in {}, never pushed", REPOS[i]))
@@ -1326,8 +1505,15 @@ impl Harness {
                 });
                 assert_eq!(&content[..], &man.content[..], "{}", self.ctx("content"));
                 assert_eq!(media_type, man.media_type, "{}", self.ctx("media type"));
+                seen.manifest_use.insert((i, digest), used);
             }
-            present.push(manifests.into_keys().collect());
+            seen.present.push(
+                seen.manifest_use
+                    .keys()
+                    .filter(|(repo, _)| *repo == i)
+                    .map(|(_, d)| d.clone())
+                    .collect(),
+            );
             let listed: BTreeSet<String> = match self.store.tags(&repo_name(i), 1000, None).await {
                 Ok(page) => page.items.into_iter().collect(),
                 Err(Error::NotFound(Missing::Repository)) => BTreeSet::new(),
@@ -1335,17 +1521,19 @@ impl Harness {
             };
             assert_eq!(
                 listed,
-                tagged.keys().cloned().collect(),
+                stored.tags.keys().cloned().collect(),
                 "{}",
                 self.ctx(&format!("tags listed in {}", REPOS[i]))
             );
-            tags.push(tagged);
+            let mut tagged = BTreeMap::new();
+            for (tag, (digest, used)) in stored.tags {
+                seen.tag_use.insert((i, tag.clone()), used);
+                tagged.insert(tag, digest);
+            }
+            seen.tags.push(tagged);
         }
-        Observed {
-            present,
-            tags,
-            files: blob_files(&self.data_dir),
-        }
+        (seen.blob_use, seen.released) = stored_blobs(&self.data_dir);
+        seen
     }
 
     /// Invariants that hold after every step, with the model updated to the step.
@@ -1421,6 +1609,41 @@ impl Harness {
             }
         }
         assert_eq!(seen.files, self.m.stored, "{}", self.ctx("blob files"));
+        // Every time the metadata records is within the model's bounds: each use at its
+        // own second, each release at the second it was made.
+        let within = |what: String, at: i64, span: Option<&Span>| {
+            assert!(
+                span.is_some_and(|s| s.contains(at)),
+                "{}",
+                self.ctx(&format!("{what}: recorded at {at}, the model has {span:?}"))
+            );
+        };
+        for ((repo, d), &at) in &seen.manifest_use {
+            let what = format!("last use of {d} in {}", REPOS[*repo]);
+            within(what, at, self.m.manifest_use.get(&(*repo, d.clone())));
+        }
+        for ((repo, t), &at) in &seen.tag_use {
+            let what = format!("last use of tag {t} in {}", REPOS[*repo]);
+            within(what, at, self.m.tag_use.get(&(*repo, t.clone())));
+        }
+        assert_eq!(
+            seen.blob_use.keys().collect::<Vec<_>>(),
+            seen.files.keys().collect::<Vec<_>>(),
+            "{}",
+            self.ctx("blobs recorded vs. blob files")
+        );
+        for (d, &at) in &seen.blob_use {
+            within(format!("last use of blob {d}"), at, self.m.last_use.get(d));
+        }
+        assert_eq!(
+            seen.released.keys().collect::<Vec<_>>(),
+            self.m.released.keys().collect::<Vec<_>>(),
+            "{}",
+            self.ctx("blobs marked released")
+        );
+        for (d, &at) in &seen.released {
+            within(format!("release of {d}"), at, self.m.released.get(d));
+        }
         let (usage, _) = self.store.usage().await.unwrap();
         assert_eq!(
             usage.blobs,
@@ -1446,6 +1669,16 @@ impl Harness {
     /// One eviction pass, checked against the model (see [`Harness::replay`]); returns
     /// its report.
     async fn gc(&mut self) -> GcReport {
+        // The pass first records the pending reads, each at its own second, taking up the
+        // blobs read in a later second than their release. Where the model cannot tell
+        // the seconds apart, the reads are recorded before the pass (as the store's
+        // flusher might have) and the marks left read back.
+        self.m.flush();
+        if !self.m.undecided.is_empty() {
+            self.store.flush_access_times().await.unwrap();
+            let (_, released) = stored_blobs(&self.data_dir);
+            self.m.settle(&released);
+        }
         let report = self.store.gc(Trigger::Manual, false).await.unwrap();
         let ended = now_secs();
         bump(&PASSES, 1);
@@ -1467,13 +1700,6 @@ impl Harness {
             );
         }
         assert!(!report.dry_run && report.trigger == Trigger::Manual);
-        // The pass recorded pending reads as it started (at or after `started_at`),
-        // taking up the released blobs among them.
-        for d in std::mem::take(&mut self.m.pending_reads) {
-            self.m.take_up(&d);
-            self.m.used(&d, report.started_at, ended);
-        }
-        self.m.record_reads(report.started_at, ended);
         let seen = self.observe().await;
         let what = self.ctx("pass");
 
@@ -1580,10 +1806,21 @@ impl Harness {
         }
         bump(&EVICTED, evicted.len() as u64);
 
-        // The pass replayed on the model, in the order it evicted.
-        let replayed = self.replay(&report, &evicted, &seen, over);
+        // The pass replayed on the model, round by round.
+        let now = Span {
+            lo: report.started_at,
+            hi: ended,
+        };
+        let replayed = self.replay(&report, &evicted, &seen, over, now);
         if replayed.rounds > 1 {
             bump(&PASSES_ROUNDS, 1);
+        }
+        assert_eq!(
+            report.kept_in_use, replayed.kept_young,
+            "{what}: roots kept in use (untagged, pushed within the window)"
+        );
+        if replayed.kept_young > 0 {
+            bump(&ROOTS_KEPT_YOUNG, replayed.kept_young);
         }
 
         // Sweep: nothing appeared, the report counts what went, exactly the blobs the
@@ -1709,28 +1946,48 @@ impl Harness {
         report
     }
 
-    /// Replay a pass on the model, in the order it evicted, round by round as the store
-    /// goes, and check it at each step. A round counts as freed every unreferenced blob
-    /// that leaves now or is released and waiting; while that is short of what the low
-    /// watermark needs (nothing unless usage less the released bytes was over the high
-    /// watermark), it evicts the least recently used of the roots it started with (the
-    /// next one the pass reports, which no root left may precede by the model's bounds
-    /// of their last uses), counting what that releases, directly or through the
-    /// untagged child manifests it orphans; it stops when the count reaches the need or
-    /// no root is left. Then it sweeps what is due, and goes round again while it
-    /// evicted something and usage less the bytes still waiting is above the low
-    /// watermark. Whether a blob was due is taken from whether it went (checked against
-    /// its last use by the caller): only a use in the second a window ends leaves it open.
+    /// Replay a pass on the model, round by round as the store goes, and check that it
+    /// evicted exactly what the model predicts, in the same order. A round counts as
+    /// freed every unreferenced blob that leaves now or is released and waiting; while
+    /// that is short of what the low watermark needs (nothing unless usage less the
+    /// released bytes was over the high watermark), it evicts the least recently used
+    /// (then by repository and digest) of the roots it started with, except untagged
+    /// ones last used within the push window, counting what each releases, directly or
+    /// through the untagged child manifests it orphans; it stops when the count reaches
+    /// the need or no candidate is left. Then it sweeps what is due, and goes round
+    /// again while it evicted something and usage less the bytes still waiting is above
+    /// the low watermark. A root's last use is the one the store recorded (reported for
+    /// the roots evicted, read back for the others; checked against the model's bounds).
+    /// Whether a blob was due is taken from whether it went (checked against its last
+    /// use by the caller): only a use in the second a window ends leaves it open.
     fn replay(
         &self,
         report: &GcReport,
         evicted: &[(usize, Digest)],
         seen: &Observed,
         over: bool,
+        now: Span,
     ) -> Replayed {
         let what = self.ctx("pass");
         let due = |d: &Digest| !seen.files.contains_key(d);
-        let mut state = PassState::new(&self.m);
+        // Every manifest's last use at the start of the pass, as the store recorded it.
+        let mut last_used = BTreeMap::new();
+        for (i, r) in self.m.repos.iter().enumerate() {
+            for d in &r.present {
+                let at = match evicted.iter().position(|e| *e == (i, d.clone())) {
+                    Some(pos) => report.evicted[pos].last_used,
+                    None => seen.last_use(i, d),
+                };
+                let span = self.m.manifest_last_use(i, d);
+                assert!(
+                    span.contains(at),
+                    "{what}: {d} in {} last used at {at}, the model has {span:?}",
+                    REPOS[i]
+                );
+                last_used.insert((i, d.clone()), at);
+            }
+        }
+        let mut state = PassState::new(&self.m, now);
         let mut out = Replayed::default();
         let mut used = report.usage_before.total;
         let mut next = 0;
@@ -1743,68 +2000,62 @@ impl Harness {
             let mut counted_blobs = BTreeSet::new();
             let mut counted = 0;
             for d in state.unreferenced() {
-                if state.released.contains(&d) || due(&d) {
+                if state.released.contains_key(&d) || due(&d) {
                     counted += on_disk(state.stored[&d]);
                 }
                 counted_blobs.insert(d);
             }
-            let mut candidates = if need > 0 {
-                state.roots()
-            } else {
-                BTreeSet::new()
-            };
-            let (mut evicted_here, mut last_used) = (0, i64::MIN);
-            while counted < need && next < evicted.len() {
-                let (repo, digest) = &evicted[next];
-                if !candidates.remove(&(*repo, digest.clone())) {
+            // The candidates, in the order the pass takes them: every root but the
+            // untagged ones last used within the push window (pushed by digest: what
+            // names them may come next).
+            let mut candidates = Vec::new();
+            out.kept_young = 0;
+            if need > 0 {
+                for (repo, digest) in state.roots() {
+                    let at = last_used[&(repo, digest.clone())];
+                    let tagged = state.tags[repo].values().any(|d| *d == digest);
+                    if !tagged && report.started_at - at <= self.m.window {
+                        out.kept_young += 1;
+                    } else {
+                        candidates.push((at, REPOS[repo], digest.to_string(), repo, digest));
+                    }
+                }
+            }
+            candidates.sort();
+            let mut evicted_here = 0;
+            for (at, _, _, repo, digest) in candidates {
+                if counted >= need {
                     break;
                 }
-                // Least recently used first, then by repository and digest: every root
-                // left may have been used later (or ties and sorts after it).
-                let root = &report.evicted[next];
-                let span = self.m.manifest_last_use(*repo, digest);
-                assert!(
-                    span.lo <= root.last_used && root.last_used <= span.hi,
-                    "{what}: {digest} in {} reported last used at {}, the model has {span:?}",
-                    REPOS[*repo],
-                    root.last_used
-                );
-                assert!(
-                    root.last_used >= last_used,
-                    "{what}: round {round}: {digest} last used at {} evicted after a root \
-                     last used at {last_used}",
-                    root.last_used
-                );
-                last_used = root.last_used;
-                let order = (root.last_used, REPOS[*repo], digest.to_string());
-                for (other_repo, other) in &candidates {
-                    let latest = self.m.manifest_last_use(*other_repo, other).hi;
-                    assert!(
-                        (latest, REPOS[*other_repo], other.to_string()) > order,
-                        "{what}: round {round}: {digest} in {} (last used at {}) evicted \
-                         before {other} in {} (last used at {latest} at the latest)",
-                        REPOS[*repo],
-                        root.last_used,
-                        REPOS[*other_repo]
+                let Some(got) = evicted.get(next) else {
+                    panic!(
+                        "{what}: round {round} stopped at {counted} of the {need} bytes the \
+                         low watermark needs, with roots left to evict, the first {digest} in \
+                         {} (last used at {at})",
+                        REPOS[repo]
                     );
-                }
-                let references = state.remove(*repo, digest);
+                };
+                assert!(
+                    *got == (repo, digest.clone()),
+                    "{what}: round {round}: evicted {} in {} (last used at {}), where the \
+                     least recently used candidate left is {digest} in {} (last used at {at})",
+                    got.1,
+                    REPOS[got.0],
+                    report.evicted[next].last_used,
+                    REPOS[repo]
+                );
+                let references = state.remove(repo, &digest);
                 counted += state.release(&references, &mut counted_blobs);
-                counted += state.orphaned_release(*repo, &references, &mut counted_blobs);
+                counted += state.orphaned_release(repo, &references, &mut counted_blobs);
                 next += 1;
                 evicted_here += 1;
             }
-            assert!(
-                counted >= need || candidates.is_empty(),
-                "{what}: round {round} stopped at {counted} of the {need} bytes the low \
-                 watermark needs, with roots left to evict: {candidates:?}"
-            );
             out.shortfall = need.saturating_sub(counted);
             let mut freed = 0;
             out.waiting.clear();
             out.young.clear();
             for d in state.unreferenced() {
-                let released = state.released.contains(&d);
+                let released = state.released.contains_key(&d);
                 out.classified.insert(d.clone(), released);
                 if due(&d) {
                     freed += on_disk(state.stored.remove(&d).unwrap());
@@ -1924,11 +2175,18 @@ impl Harness {
                 by_tag,
             } => self.pull(*repo, target, *by_tag).await,
             Op::Age => {
+                // Within the time skipped the store's flusher records the pending reads.
+                self.store.flush_access_times().await.unwrap();
+                self.m.flush();
                 let dir = self.data_dir.clone();
                 tokio::task::spawn_blocking(move || age(&dir))
                     .await
                     .unwrap();
                 self.m.age();
+            }
+            Op::Tick => {
+                next_second(Duration::from_millis(TICK_MS)).await;
+                return;
             }
             Op::Gc => {
                 self.gc().await;
@@ -1949,6 +2207,7 @@ impl Harness {
             }
         }
         let seen = self.observe().await;
+        self.m.settle(&seen.released);
         self.check_state(&seen).await;
     }
 }
@@ -1975,13 +2234,23 @@ fn run_case(case: &Case) {
             harness.step = step;
             harness.apply(op).await;
         }
-        // Finally pull everything still served, then let a pass run over it.
+        // Finally pull everything still served, then let a pass run over it. In some
+        // cases the wall clock moves to its next second first and every other manifest is
+        // pulled again: the pass then records reads of one second and of two.
         harness.step = case.ops.len();
-        for repo in 0..REPOS.len() {
-            let present: Vec<Digest> = harness.m.repos[repo].present.iter().cloned().collect();
-            for d in present {
-                let man = harness.m.repos[repo].known[&d].clone();
-                harness.pull_contents(repo, &man).await;
+        let present: Vec<(usize, Man)> = (0..REPOS.len())
+            .flat_map(|repo| {
+                let r = &harness.m.repos[repo];
+                r.present.iter().map(move |d| (repo, r.known[d].clone()))
+            })
+            .collect();
+        for (repo, man) in &present {
+            harness.pull_contents(*repo, man).await;
+        }
+        if case.last_pass_later {
+            next_second(Duration::from_secs(1)).await;
+            for (repo, man) in present.iter().step_by(2) {
+                harness.pull_contents(*repo, man).await;
             }
         }
         harness.apply(&Op::Gc).await;
@@ -2015,9 +2284,11 @@ fn eviction_keeps_what_it_serves_complete_and_within_quota() {
          accepted, {} refused; {} passes ({} over the high watermark less the released \
          bytes, {} over it only with them, {} evicting in several rounds, {} brought back \
          under it by evicting, {} evicting just enough for the low watermark, {} short of \
-         it); {} roots evicted; {} blobs released, {} taken up by a use, {} referenced \
-         again; {} blobs swept ({} released); unreferenced blobs kept by a pass: {} waiting \
-         out the window, {} young",
+         it); {} roots evicted, {} untagged roots kept as pushed within the window; {} \
+         blobs released, {} taken up by a use after the release, {} used no later than the \
+         second of the release and kept released ({} of these two settled from the \
+         metadata), {} referenced again; {} blobs swept ({} released); unreferenced blobs \
+         kept by a pass: {} waiting out the window, {} young; {} waits for the next second",
         n(&CASES),
         n(&WINDOW_CASES),
         n(&STEPS),
@@ -2031,13 +2302,17 @@ fn eviction_keeps_what_it_serves_complete_and_within_quota() {
         n(&PASSES_MET),
         n(&PASSES_SHORT),
         n(&EVICTED),
+        n(&ROOTS_KEPT_YOUNG),
         n(&RELEASED),
         n(&TAKEN_UP),
+        n(&NOT_TAKEN_UP),
+        n(&SETTLED),
         n(&REFERENCED_AGAIN),
         n(&SWEPT),
         n(&SWEPT_RELEASED),
         n(&KEPT_WAITING),
         n(&KEPT_YOUNG),
+        n(&TICKS),
     );
     if let Err(e) = result {
         panic!("{e}");

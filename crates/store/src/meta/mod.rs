@@ -277,8 +277,12 @@ pub trait MetaStore: Send + Sync + 'static {
         reference: &Reference,
     ) -> Result<Option<StoredManifest>>;
     /// Delete a manifest and every tag pointing at it, releasing the blobs it leaves
-    /// unreferenced; `false` when absent.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    /// unreferenced; returns what it referenced, `None` when absent.
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Vec<Digest>>>;
     /// Delete a tag; `false` when absent.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
     /// Tags of `repo` after `last`, at most `n`; `None` when the repository is unknown.
@@ -298,8 +302,9 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn upload_repo(&self, id: &UploadId) -> Result<Option<RepoName>>;
     /// Forget an upload session.
     async fn remove_upload(&self, id: &UploadId) -> Result<()>;
-    /// Record last use of everything in `batch` at `at` (seconds since the epoch).
-    async fn touch(&self, batch: Vec<Touch>, at: i64) -> Result<()>;
+    /// Record the last use of each of `batch` at its time (seconds since the epoch); a
+    /// released blob used after its release is taken up again.
+    async fn touch(&self, batch: Vec<(Touch, i64)>) -> Result<()>;
     /// Every upload session with the time it started.
     async fn uploads(&self) -> Result<Vec<(UploadId, i64)>>;
 

@@ -14,6 +14,7 @@ use crate::meta::{
     BlobUsage, EntryRoot, EvictOutcome, EvictRequest, Evictable, Evicted, Root, Unreferenced,
     on_disk,
 };
+use crate::now_secs;
 
 /// A manifest's last use: its own push or read, or any of its tags'. (Without the
 /// index hint SQLite scans a repository's every tag per manifest.)
@@ -218,8 +219,11 @@ pub(super) fn release(
             .query_row([&key], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
             .optional()?;
         if let Some((size, last_used)) = blob {
-            c.prepare_cached("INSERT OR IGNORE INTO released_blobs (digest) VALUES (?1)")?
-                .execute([&key])?;
+            c.prepare_cached(
+                "INSERT INTO released_blobs (digest, released_at) VALUES (?1, ?2)
+                 ON CONFLICT (digest) DO UPDATE SET released_at = excluded.released_at",
+            )?
+            .execute(params![key, now_secs()])?;
             counted.insert(digest.clone());
             found.push(Unreferenced {
                 digest: digest.clone(),

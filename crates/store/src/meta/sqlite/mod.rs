@@ -116,7 +116,8 @@ CREATE TABLE IF NOT EXISTS cache_blocks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cache_blocks_by_digest ON cache_blocks (digest);
 CREATE TABLE IF NOT EXISTS released_blobs (
-    digest TEXT PRIMARY KEY
+    digest      TEXT PRIMARY KEY,
+    released_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -250,14 +251,15 @@ fn record_blob(conn: &Connection, digest: &str, size: u64) -> rusqlite::Result<(
          ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
     )?
     .execute(params![digest, size as i64, now_secs()])?;
-    take_up(conn, digest)
+    take_up(conn, digest, now_secs())
 }
 
-/// A released blob used again (uploaded, checked, mounted or read) is taken up by that
-/// use: it waits for a manifest like a blob just pushed, no longer counted as freed.
-fn take_up(conn: &Connection, digest: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached("DELETE FROM released_blobs WHERE digest = ?1")?
-        .execute([digest])?;
+/// A released blob used again (uploaded, checked, mounted or read) after the second of
+/// its release is taken up by that use: it waits for a manifest like a blob just pushed,
+/// no longer counted as freed.
+fn take_up(conn: &Connection, digest: &str, used_at: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM released_blobs WHERE digest = ?1 AND released_at < ?2")?
+        .execute(params![digest, used_at])?;
     Ok(())
 }
 
@@ -494,7 +496,11 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Vec<Digest>>> {
         let (repo, digest) = (repo.to_string(), digest.clone());
         self.write(move |c| {
             let repo_id: Option<i64> = c
@@ -504,11 +510,11 @@ impl MetaStore for SqliteMeta {
                 .query_row(params![repo, digest.to_string()], |r| r.get(0))
                 .optional()?;
             let Some(repo_id) = repo_id else {
-                return Ok(false);
+                return Ok(None);
             };
             let references = evict::remove_manifest(c, repo_id, &digest)?;
             evict::release(c, &references, &mut Default::default())?;
-            Ok(true)
+            Ok(Some(references))
         })
         .await
     }
@@ -631,15 +637,17 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn touch(&self, batch: Vec<Touch>, at: i64) -> Result<()> {
+    async fn touch(&self, batch: Vec<(Touch, i64)>) -> Result<()> {
         self.write(move |c| {
-                        for touch in &batch {
+            for (touch, at) in &batch {
                 match touch {
                     Touch::Blob(d) => {
                         let digest = d.to_string();
-                        take_up(c, &digest)?;
-                        c.prepare_cached("UPDATE blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1")?
-                            .execute(params![digest, at])?
+                        take_up(c, &digest, *at)?;
+                        c.prepare_cached(
+                            "UPDATE blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1",
+                        )?
+                        .execute(params![digest, at])?
                     }
                     Touch::Manifest(repo, d) => c
                         .prepare_cached(&format!(
@@ -649,11 +657,14 @@ impl MetaStore for SqliteMeta {
                         .execute(params![repo.as_str(), d.to_string(), at])?,
                     Touch::Tag(repo, t) => c
                         .prepare_cached(&format!(
-                            "UPDATE tags SET accessed_at = max(accessed_at, ?3) WHERE repo_id = {REPO_ID} AND name = ?2"
+                            "UPDATE tags SET accessed_at = max(accessed_at, ?3)
+                             WHERE repo_id = {REPO_ID} AND name = ?2"
                         ))?
                         .execute(params![repo.as_str(), t.as_str(), at])?,
                     Touch::Entry(id) => c
-                        .prepare_cached("UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1")?
+                        .prepare_cached(
+                            "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1",
+                        )?
                         .execute(params![id, at])?,
                 };
             }
