@@ -13,6 +13,8 @@
 //!   by a pass scheduled for the end of their window (the interval here is an hour).
 //! * A released blob that a push checks again is taken up: it waits for that push's
 //!   manifest like a new blob, while one nobody touches leaves after its window.
+//! * A manifest its owner deletes while a pull is reading it leaves its blobs to that
+//!   pull for `in_use`, as an evicted one does.
 
 #![allow(
     clippy::unwrap_used,
@@ -28,7 +30,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::registry::{
-    Pushed, assert_gone, assert_intact, disk_usage, field, get_json, push_image, random_bytes,
+    Pushed, assert_gone, assert_intact, delete_image, disk_usage, field, get_json, push_image,
+    random_bytes,
 };
 use serde_json::Value;
 
@@ -335,13 +338,7 @@ async fn a_released_blob_checked_again_waits_for_the_manifest_of_that_push() {
     let taken = push_image(&client, &server, "release/taken", random_bytes(71, MIB)).await;
     let left = push_image(&client, &server, "release/left", random_bytes(72, MIB)).await;
     for image in [&taken, &left] {
-        let digest = common::digest_of(&image.manifest);
-        let r = client
-            .delete(server.at(&format!("/v2/{}/manifests/{digest}", image.repo)))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        delete_image(&client, &server, image).await;
     }
     let status = get_json(&client, &server.at("/api/v1/gc")).await;
     assert!(
@@ -384,4 +381,33 @@ async fn a_released_blob_checked_again_waits_for_the_manifest_of_that_push() {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let (code, _) = common::registry::get_manifest(&client, &server, &taken.repo, "again").await;
     assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_finds_the_blobs_of_a_manifest_deleted_after_it_read_it() {
+    let server = common::Server::start_with_env(&[
+        ("LAYERCACHE_STORE__EVICTION__PUSH_WINDOW", "1s"),
+        ("LAYERCACHE_STORE__EVICTION__INTERVAL", "1h"),
+    ]);
+    let client = reqwest::Client::new();
+    let read = push_image(&client, &server, "delete/read", random_bytes(81, MIB)).await;
+    let unread = push_image(&client, &server, "delete/unread", random_bytes(82, MIB)).await;
+    // Past the push window of the uploads: only the pull's lease keeps a blob now.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (code, _) = common::registry::get_manifest(&client, &server, &read.repo, "v1").await;
+    assert_eq!(code, 200);
+    for image in [&read, &unread] {
+        delete_image(&client, &server, image).await;
+    }
+    let pass = post_gc(&client, &server, false).await;
+    for digest in [&read.layer, &read.config] {
+        common::registry::get_blob(&client, &server, &read.repo, digest)
+            .await
+            .unwrap_or_else(|e| panic!("the pull lost blob {digest}: {e:?} ({pass:#})"));
+    }
+    assert_eq!(
+        common::registry::get_blob(&client, &server, &unread.repo, &unread.layer).await,
+        Err((404, "BLOB_UNKNOWN".to_owned())),
+        "a blob of a deleted manifest nobody read stayed: {pass:#}"
+    );
 }

@@ -221,6 +221,17 @@ pub async fn push_image(
     }
 }
 
+/// Delete the image's manifest by digest (its tags go with it), as its owner would.
+pub async fn delete_image(client: &reqwest::Client, server: &Server, image: &Pushed) {
+    let digest = super::digest_of(&image.manifest);
+    let r = client
+        .delete(server.at(&format!("/v2/{}/manifests/{digest}", image.repo)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}: DELETE {digest}", image.repo);
+}
+
 /// The image is there, manifest and blobs, byte for byte.
 pub async fn assert_intact(client: &reqwest::Client, server: &Server, image: &Pushed) {
     let (code, body) = get_manifest(client, server, &image.repo, "v1").await;
