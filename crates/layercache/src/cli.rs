@@ -85,8 +85,14 @@ pub struct ReportArgs {
     pub json: bool,
 }
 
-/// Options of `layercache expect`.
+/// Options of `layercache expect`: at least one check.
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("check")
+        .required(true)
+        .multiple(true)
+        .args(["reads", "writes", "min_hit_ratio"])
+))]
 pub struct ExpectArgs {
     /// The running server.
     #[command(flatten)]
@@ -106,7 +112,8 @@ pub struct ExpectArgs {
     /// Require cache writes (layers or manifests stored).
     #[arg(long)]
     pub writes: bool,
-    /// Require at least this share of manifest lookups to hit (0 to 1).
+    /// Require at least this share of the repository's lookups to hit (0 to 1); a check
+    /// of a tag the build then pushed is no lookup.
     #[arg(long)]
     pub min_hit_ratio: Option<f64>,
 }

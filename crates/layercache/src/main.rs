@@ -10,7 +10,18 @@ use clap::Parser;
 use crate::cli::{Cli, Command, ServeArgs};
 use crate::config::Config;
 
-fn main() -> anyhow::Result<()> {
+/// Run the command; an error is printed as one chain of causes, never with a backtrace.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -264,10 +264,10 @@ fn warm_rebuild_session_shows_hits_and_bytes_served() {
         before.iter().all(|s| s.ended_ms < warm_since * 1000),
         "a session spans the wipe: {sessions:#?}"
     );
-    let pushed: u64 = before.iter().map(|s| s.manifests_written).sum();
+    let pushed: u64 = before.iter().map(|s| s.counts.manifests_written).sum();
     assert!(pushed >= 1, "the push wrote no manifest: {before:#?}");
-    let hits: u64 = warm.iter().map(|s| s.manifest_hits).sum();
-    let served: u64 = warm.iter().map(|s| s.bytes_served).sum();
+    let hits: u64 = warm.iter().map(|s| s.counts.manifest_hits).sum();
+    let served: u64 = warm.iter().map(|s| s.counts.bytes_served).sum();
     assert!(hits > 0, "the warm build hit no manifest: {warm:#?}");
     assert!(served > 0, "the warm build read no bytes: {warm:#?}");
     assert!(
@@ -275,7 +275,10 @@ fn warm_rebuild_session_shows_hits_and_bytes_served() {
         "the warm build did not read the tag: {warm:#?}"
     );
     for session in &warm {
-        assert_eq!(session.blobs_written + session.manifests_written, 0);
+        assert_eq!(
+            session.counts.blobs_written + session.counts.manifests_written,
+            0
+        );
         let name = session.name.as_deref().unwrap_or(&session.id);
         assert!(rows.iter().any(|r| r.starts_with(name)), "{name}:\n{table}");
     }
@@ -448,9 +451,13 @@ fn partial_rebuild_writes_exactly_the_new_blobs() {
     let push = pushes[0];
     eprintln!(
         "push of v2 ({}): written {:?}, avoided {:?}, {} present, {} absent",
-        push.user_agent, push.written, push.avoided, push.blobs_present, push.blobs_absent
+        push.user_agent,
+        push.written,
+        push.avoided,
+        push.counts.blobs_present,
+        push.counts.blobs_absent
     );
-    assert_eq!(push.manifests_written, 1, "{push:#?}");
+    assert_eq!(push.counts.manifests_written, 1, "{push:#?}");
     assert!(push.tags.contains("cache/app:v2"), "{push:#?}");
     let written: BTreeSet<&String> = push.written.iter().collect();
     assert_eq!(
@@ -458,8 +465,12 @@ fn partial_rebuild_writes_exactly_the_new_blobs() {
         added.keys().copied().collect(),
         "written: {push:#?}"
     );
-    assert_eq!(push.blobs_written, added.len() as u64, "{push:#?}");
-    assert_eq!(push.bytes_written, added.values().sum::<u64>(), "{push:#?}");
+    assert_eq!(push.counts.blobs_written, added.len() as u64, "{push:#?}");
+    assert_eq!(
+        push.counts.bytes_written,
+        added.values().sum::<u64>(),
+        "{push:#?}"
+    );
     for layer in &shared {
         assert!(
             push.avoided.contains(*layer),
@@ -468,7 +479,7 @@ fn partial_rebuild_writes_exactly_the_new_blobs() {
         assert!(!push.written.contains(*layer), "{layer} written: {push:#?}");
     }
     assert!(
-        push.bytes_avoided >= shared.iter().map(|d| new[*d]).sum::<u64>(),
+        push.counts.bytes_avoided >= shared.iter().map(|d| new[*d]).sum::<u64>(),
         "{push:#?}"
     );
 }
@@ -535,19 +546,21 @@ struct Tally {
 }
 
 impl Tally {
-    fn of(s: &Session) -> Tally {
+    /// The counts `s` reports for `repo`.
+    fn of(s: &Session, repo: &str) -> Tally {
+        let c = s.counts_in(repo);
         Tally {
-            requests: s.requests,
-            manifest_hits: s.manifest_hits,
-            manifest_misses: s.manifest_misses,
-            manifests_written: s.manifests_written,
-            blobs_present: s.blobs_present,
-            blobs_absent: s.blobs_absent,
-            blobs_served: s.blobs_served,
-            bytes_served: s.bytes_served,
-            blobs_written: s.blobs_written,
-            bytes_avoided: s.bytes_avoided,
-            errors: s.errors,
+            requests: c.requests,
+            manifest_hits: c.manifest_hits,
+            manifest_misses: c.manifest_misses,
+            manifests_written: c.manifests_written,
+            blobs_present: c.blobs_present,
+            blobs_absent: c.blobs_absent,
+            blobs_served: c.blobs_served,
+            bytes_served: c.bytes_served,
+            blobs_written: c.blobs_written,
+            bytes_avoided: c.bytes_avoided,
+            errors: c.errors,
         }
     }
 
@@ -660,7 +673,7 @@ fn assert_sessions_match_log(
     let sessions = api_sessions(server, since, repo);
     let from_api: BTreeMap<Option<String>, Tally> = sessions
         .iter()
-        .map(|s| (Some(s.id.clone()), Tally::of(s)))
+        .map(|s| (Some(s.id.clone()), Tally::of(s, repo)))
         .collect();
     assert_eq!(from_api, from_log, "{repo}: API (left) vs log (right)");
     let (mut api_sum, mut log_sum) = (Tally::default(), Tally::default());
@@ -768,13 +781,16 @@ fn session_counts_agree_with_the_request_log() {
     let (second, first) = (&sessions[0], &sessions[1]);
     let written: BTreeSet<String> = first.written.iter().cloned().collect();
     assert_eq!(written, pushed, "{first:#?}");
-    assert_eq!(first.manifests_written, 1, "{first:#?}");
+    assert_eq!(first.counts.manifests_written, 1, "{first:#?}");
     assert!(second.written.is_empty(), "{second:#?}");
-    assert_eq!(second.manifests_written, 1, "{second:#?}");
-    assert!(second.manifest_misses >= 1, "{second:#?}");
+    assert_eq!(second.counts.manifests_written, 1, "{second:#?}");
+    assert!(second.counts.manifest_misses >= 1, "{second:#?}");
     let avoided: BTreeSet<String> = second.avoided.iter().cloned().collect();
     assert_eq!(avoided, pushed, "{second:#?}");
-    assert!(second.blobs_served >= pushed.len() as u64, "{second:#?}");
+    assert!(
+        second.counts.blobs_served >= pushed.len() as u64,
+        "{second:#?}"
+    );
 
     // BuildKit: the warm rebuild's reads.
     let Some(_daemon) = daemon() else { return };
@@ -790,8 +806,8 @@ fn session_counts_agree_with_the_request_log() {
     let lines = served_since(&server, from);
     let sessions = assert_sessions_match_log(&server, "cache/app", since, &lines);
     let total = |f: fn(&Session) -> u64| sessions.iter().map(f).sum::<u64>();
-    assert!(total(|s| s.manifest_hits) > 0, "{sessions:#?}");
-    assert!(total(|s| s.blobs_served) > 0, "{sessions:#?}");
+    assert!(total(|s| s.counts.manifest_hits) > 0, "{sessions:#?}");
+    assert!(total(|s| s.counts.blobs_served) > 0, "{sessions:#?}");
 }
 
 /// A request after the idle gap starts a new session even when it comes before the
@@ -816,7 +832,7 @@ fn a_request_after_the_idle_gap_starts_a_new_session() {
         }
     });
     let sessions = api_sessions(&server, since, "gap/app");
-    let requests: Vec<u64> = sessions.iter().map(|s| s.requests).collect();
+    let requests: Vec<u64> = sessions.iter().map(|s| s.counts.requests).collect();
     assert_eq!(requests, vec![1; tries], "{sessions:#?}");
 }
 
@@ -900,7 +916,284 @@ fn docker_login_names_the_build_session() {
     let names: BTreeSet<Option<&str>> = sessions.iter().map(|s| s.name.as_deref()).collect();
     assert_eq!(names, BTreeSet::from([Some("run-1234")]), "{sessions:#?}");
     let total = |f: fn(&Session) -> u64| sessions.iter().map(f).sum::<u64>();
-    assert!(total(|s| s.blobs_written) > 0, "{sessions:#?}");
-    assert!(total(|s| s.manifest_hits) > 0, "{sessions:#?}");
-    assert!(total(|s| s.bytes_served) > 0, "{sessions:#?}");
+    assert!(total(|s| s.counts.blobs_written) > 0, "{sessions:#?}");
+    assert!(total(|s| s.counts.manifest_hits) > 0, "{sessions:#?}");
+    assert!(total(|s| s.counts.bytes_served) > 0, "{sessions:#?}");
+}
+
+/// `docker login` to the server as `user` for as long as it lives.
+struct Login(String);
+
+impl Login {
+    fn new(server: &common::Server, user: &str) -> Login {
+        let out = common::run_ok(&mut common::docker(&[
+            "login",
+            "-u",
+            user,
+            "-p",
+            "any",
+            &server.host,
+        ]));
+        assert!(out.contains("Login Succeeded"), "{out}");
+        Login(server.host.clone())
+    }
+}
+
+impl Drop for Login {
+    fn drop(&mut self) {
+        common::run(&mut common::docker(&["logout", &self.0]));
+    }
+}
+
+/// One named build reads the cache repository and pushes its image to another: the
+/// gate judges the cache repository alone (the image push is no lookup of it), says
+/// where the writes went when the cache got none, and layercache's own `explain`
+/// reads count for no build.
+#[test]
+fn the_gate_judges_the_cache_repository_by_what_the_build_did_there() {
+    let Some(_daemon) = daemon() else { return };
+    let server = common::Server::start_with_env(&[
+        IDLE_GAP,
+        ("LAYERCACHE_SERVER__SESSIONS__ASK_CREDENTIALS", "true"),
+    ]);
+    let cache = format!("{}/cache/gate:v1", server.host);
+    let image = format!("{}/gate/app:v2", server.host);
+    let _cleanup = Cleanup(vec![cache.clone(), image.clone()]);
+    let _login = Login::new(&server, "run-gate");
+    let context = context(&server, "gate");
+    cold_build_and_push(context.path(), &cache);
+    settle(&server, "cache/gate");
+
+    // The warm build: every step CACHED from the cache image (whose layers dockerd
+    // pulls for the output), the output pushed to another repository.
+    let since = now_secs().to_string();
+    wipe(&[&cache, &image]);
+    let warm = common::docker_build(context.path(), &image, true, Some(&cache));
+    let ran: Vec<_> = steps(&warm)
+        .into_iter()
+        .filter(|(_, end)| end != "CACHED")
+        .collect();
+    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+    common::run_ok(&mut common::docker(&["push", &image]));
+    settle(&server, "gate/app");
+    let sessions = api_sessions(&server, since.parse().unwrap(), "gate/app");
+    assert_eq!(sessions.len(), 1, "{sessions:#?}");
+    let build = &sessions[0];
+    assert!(build.repositories.contains("cache/gate"), "{build:#?}");
+    let read = build.counts_in("cache/gate");
+    assert!(read.hits() > 0, "{build:#?}");
+    assert_eq!(read.misses(), 0, "{build:#?}");
+    let pushed = build.counts_in("gate/app");
+    assert_eq!(pushed.manifests_written, 1, "{build:#?}");
+    eprintln!(
+        "warm build: cache/gate {read:?}; gate/app {pushed:?}; missed {:?}",
+        build.missed
+    );
+
+    let expect = |since: &str, checks: &[&str]| {
+        let mut args = vec![
+            "expect",
+            "--server",
+            &server.url,
+            "--repo",
+            "cache/gate",
+            "--since",
+            since,
+        ];
+        args.extend(checks);
+        layercache(&args)
+    };
+    let out = expect(&since, &["--reads", "--min-hit-ratio", "0.9"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // It exported no cache: the failure says where its writes went.
+    let out = expect(&since, &["--writes"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("no cache writes for cache/gate since")
+            && said.contains("gate/app: 1 manifest(s)"),
+        "{said}"
+    );
+    // Without a check there is nothing to judge.
+    let out = expect(&since, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("--reads"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // explain reads the cache image whole; no build did, so the gate still fails.
+    settle(&server, "gate/app");
+    let later = now_secs().to_string();
+    let out = layercache(&["explain", "--cache-from", &cache]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = expect(&later, &["--reads"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "explain counted as a read: {out:?}"
+    );
+    assert!(
+        text(&out.stderr).contains("nothing reached layercache since"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// BuildKit's registry cache export and import, replayed request by request as
+/// `shared/traces/buildkit.md` records them (its pusher checks the tag with a `HEAD`
+/// before the `PUT`; its import resolves the tag, then fetches by digest). Returns the
+/// cache manifest's digest.
+async fn replay_export(
+    client: &reqwest::Client,
+    server: &common::Server,
+    session: &str,
+    import: Option<&str>,
+) -> String {
+    const REPO: &str = "cache/replay";
+    const WIDE: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+        application/vnd.docker.distribution.manifest.list.v2+json, \
+        application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json,*/*";
+    const NARROW: &str = "application/vnd.oci.image.manifest.v1+json,*/*";
+    let send = |request: reqwest::RequestBuilder| async move {
+        request
+            .header("user-agent", "buildkit/v0.11")
+            .header("x-layercache-session", session)
+            .send()
+            .await
+            .unwrap()
+    };
+    let manifests = |r: &str| server.at(&format!("/v2/{REPO}/manifests/{r}"));
+    if let Some(digest) = import {
+        let r = send(client.head(manifests("buildcache")).header("accept", WIDE)).await;
+        assert_eq!(r.status(), 200);
+        let r = send(client.get(manifests(digest)).header("accept", NARROW)).await;
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        let config = body["config"]["digest"].as_str().unwrap().to_owned();
+        let r = send(client.get(server.at(&format!("/v2/{REPO}/blobs/{config}")))).await;
+        assert_eq!(r.status(), 200);
+    }
+    let layer = format!("a layer exported by {session}").into_bytes();
+    let config = format!("{{\"layers\":[],\"records\":[],\"by\":\"{session}\"}}").into_bytes();
+    for blob in [&layer, &config] {
+        let digest = common::digest_of(blob);
+        let r = send(client.head(server.at(&format!("/v2/{REPO}/blobs/{digest}")))).await;
+        assert_eq!(r.status(), 404);
+        let r = send(
+            client
+                .post(server.at(&format!("/v2/{REPO}/blobs/uploads/?digest={digest}")))
+                .body(blob.clone()),
+        )
+        .await;
+        assert_eq!(r.status(), 201);
+    }
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.buildkit.cacheconfig.v0",
+            "digest": common::digest_of(&config),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": common::digest_of(&layer),
+            "size": layer.len(),
+        }],
+    })
+    .to_string();
+    let r = send(
+        client
+            .head(manifests("buildcache"))
+            .header("accept", NARROW),
+    )
+    .await;
+    assert_eq!(r.status(), if import.is_some() { 200 } else { 404 });
+    let r = send(
+        client
+            .put(manifests("buildcache"))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(manifest.clone()),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    common::digest_of(manifest.as_bytes())
+}
+
+/// A cache export's check of its own tag is a push probe: the cold export has no
+/// lookups at all, the warm one (which imported the cache first) only hits.
+#[test]
+fn a_cache_export_checking_its_own_tag_is_no_lookup() {
+    let server = common::Server::start_with_env(&[IDLE_GAP]);
+    let client = reqwest::Client::new();
+    let since = now_secs().to_string();
+    let digest = block_on(replay_export(&client, &server, "cold", None));
+    block_on(replay_export(&client, &server, "warm", Some(&digest)));
+    let sessions = api_sessions(&server, 0, "cache/replay");
+    let by_name = |name: &str| {
+        sessions
+            .iter()
+            .find(|s| s.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no session {name}: {sessions:#?}"))
+            .counts
+            .clone()
+    };
+    let (cold, warm) = (by_name("cold"), by_name("warm"));
+    assert_eq!(
+        (cold.hits(), cold.misses(), cold.push_probes),
+        (0, 0, 1),
+        "{cold:?}"
+    );
+    assert_eq!(
+        (warm.hits(), warm.misses(), warm.push_probes),
+        (2, 0, 1),
+        "{warm:?}"
+    );
+    let expect = |session: &str, checks: &[&str]| {
+        let mut args = vec![
+            "expect",
+            "--server",
+            &server.url,
+            "--repo",
+            "cache/replay",
+            "--since",
+            &since,
+            "--session",
+            session,
+        ];
+        args.extend(checks);
+        layercache(&args)
+    };
+    let out = expect("warm", &["--reads", "--min-hit-ratio", "0.9"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("0 miss(es), 1 push probe(s)"),
+        "{out:?}"
+    );
+    let out = expect("cold", &["--reads"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = expect("cold", &["--writes"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }

@@ -1,6 +1,6 @@
 //! `layercache expect`: fail a CI step whose build did not use the cache as required.
 
-use server::sessions::Session;
+use server::sessions::{Counts, Session};
 
 use crate::cli::ExpectArgs;
 
@@ -8,41 +8,39 @@ use crate::cli::ExpectArgs;
 /// sentence for the CI log.
 pub async fn run(args: ExpectArgs) -> anyhow::Result<()> {
     let since = super::since(&args.since)?;
-    let sessions = super::sessions(
-        &args.server.url,
-        since,
-        Some(&args.repo),
-        args.session.as_deref(),
-    )
-    .await?;
-    let verdict = judge(&args, &sessions, &super::clock(since));
-    match verdict {
+    let session = args.session.as_deref();
+    let url = &args.server.url;
+    let sessions = super::sessions(url, since, Some(&args.repo), session).await?;
+    let clock = super::clock(since);
+    match judge(&args, &sessions, &clock) {
         Ok(summary) => {
             println!("{summary}");
             Ok(())
         }
         Err(failure) => {
-            eprintln!("layercache expect: {failure}");
+            // Say what did reach layercache, so the log shows where the build went.
+            let all = super::sessions(url, since, None, session).await?;
+            eprintln!("layercache expect: {failure}; {}", seen(&all, &clock));
             std::process::exit(1);
         }
     }
 }
 
-/// What the sessions add up to, against what `args` requires.
+/// What the sessions did in `repo`, added up.
+fn counts_in(sessions: &[Session], repo: &str) -> Counts {
+    let mut total = Counts::default();
+    for session in sessions {
+        total.add(&session.counts_in(repo));
+    }
+    total
+}
+
+/// What the sessions add up to in the repository, against what `args` requires.
 fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String, String> {
-    let total = |f: fn(&Session) -> u64| sessions.iter().map(f).sum::<u64>();
-    // Manifest lookups and Actions cache restores alike.
-    let (hits, misses) = (total(Session::hits), total(Session::misses));
-    let served = total(|s| s.bytes_served);
-    let (blobs_written, manifests_written, entries_written) = (
-        total(|s| s.blobs_written),
-        total(|s| s.manifests_written),
-        total(|s| s.entries_written),
-    );
-    let reads = hits + total(|s| s.blobs_served);
-    let writes = blobs_written + manifests_written + entries_written;
     let repo = &args.repo;
-    if reads == 0 && writes == 0 {
+    let c = counts_in(sessions, repo);
+    let (hits, misses) = (c.hits(), c.misses());
+    if c.reads() == 0 && c.writes() == 0 {
         let asked = if misses > 0 {
             format!(" ({misses} lookup(s) missed)")
         } else {
@@ -50,13 +48,14 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
         };
         return Err(format!(
             "no cache reads or writes for {repo} since {since}{asked}: the build did not reach \
-             layercache — check that --cache-to / --cache-from reached the builder"
+             {repo} — check that --cache-to / --cache-from reached the builder"
         ));
     }
-    if args.reads && reads == 0 {
+    if args.reads && c.reads() == 0 {
         let missed: Vec<&str> = sessions
             .iter()
             .flat_map(|s| s.missed.iter().map(String::as_str))
+            .filter(|m| m.starts_with(&format!("{repo}:")) || m.starts_with(&format!("{repo}@")))
             .take(5)
             .collect();
         return Err(format!(
@@ -66,15 +65,14 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
             missed.join(", ")
         ));
     }
-    if args.writes && writes == 0 {
+    if args.writes && c.writes() == 0 {
         return Err(format!(
-            "no cache writes for {repo} since {since}: nothing was stored — check --cache-to \
-             (or BUILDKIT_INLINE_CACHE=1 and the push)"
+            "no cache writes for {repo} since {since}: nothing was stored in {repo} — check \
+             --cache-to (or BUILDKIT_INLINE_CACHE=1 and the push)"
         ));
     }
-    let ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
     if let Some(min) = args.min_hit_ratio {
-        let got = ratio.unwrap_or(0.0);
+        let got = c.hit_ratio().unwrap_or(0.0);
         if got < min {
             return Err(format!(
                 "cache hit ratio for {repo} since {since} is {:.0}% ({hits} of {} lookups), \
@@ -86,9 +84,88 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
         }
     }
     Ok(format!(
-        "{repo} since {since}: {} session(s), {hits} hit(s), {misses} miss(es), {served} bytes \
-         read, {blobs_written} blob(s), {manifests_written} manifest(s) and {entries_written} \
-         cache entr(ies) written",
-        sessions.len()
+        "{repo} since {since}: {} session(s), {hits} hit(s), {misses} miss(es), {} push \
+         probe(s), {} bytes read, {} blob(s), {} manifest(s) and {} cache entr(ies) written",
+        sessions.len(),
+        c.push_probes,
+        c.bytes_served,
+        c.blobs_written,
+        c.manifests_written,
+        c.entries_written
     ))
+}
+
+/// A sentence on what the sessions did, repository by repository.
+fn seen(sessions: &[Session], since: &str) -> String {
+    let mut repos: Vec<&str> = sessions
+        .iter()
+        .flat_map(|s| s.repositories.iter().map(String::as_str))
+        .collect();
+    repos.sort_unstable();
+    repos.dedup();
+    let done: Vec<String> = repos
+        .into_iter()
+        .filter_map(|repo| {
+            let c = counts_in(sessions, repo);
+            let mut did = Vec::new();
+            if c.manifests_written + c.blobs_written + c.entries_written > 0 {
+                did.push(format!(
+                    "{} manifest(s), {} blob(s) and {} cache entr(ies) written",
+                    c.manifests_written, c.blobs_written, c.entries_written
+                ));
+            }
+            if c.hits() + c.blobs_served > 0 {
+                did.push(format!(
+                    "{} hit(s), {} blob(s) read",
+                    c.hits(),
+                    c.blobs_served
+                ));
+            }
+            if c.misses() > 0 {
+                did.push(format!("{} miss(es)", c.misses()));
+            }
+            (!did.is_empty()).then(|| format!("{repo}: {}", did.join(", ")))
+        })
+        .collect();
+    if done.is_empty() {
+        format!("nothing reached layercache since {since}")
+    } else {
+        format!("what reached layercache since {since}: {}", done.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(repo: &str, change: impl Fn(&mut Counts)) -> Session {
+        let mut counts = Counts::default();
+        change(&mut counts);
+        let mut session: Session = serde_json::from_value(serde_json::json!({
+            "id": "s", "name": null, "client": null, "user_agent": "", "started_ms": 0,
+            "ended_ms": 0, "open": false, "repositories": [repo], "tags": [], "missed": [],
+            "written": [], "avoided": [],
+        }))
+        .unwrap();
+        session.by_repo.insert(repo.to_owned(), counts.clone());
+        session.counts = counts;
+        session
+    }
+
+    #[test]
+    fn what_reached_layercache_is_said_by_repository() {
+        let sessions = [
+            session("s5/app", |c| {
+                c.manifests_written = 1;
+                c.blobs_written = 3;
+            }),
+            session("cache/s5", |c| c.manifest_misses = 1),
+        ];
+        assert_eq!(
+            seen(&sessions, "T"),
+            "what reached layercache since T: cache/s5: 1 miss(es); s5/app: 1 manifest(s), \
+             3 blob(s) and 0 cache entr(ies) written"
+        );
+        assert_eq!(seen(&[], "T"), "nothing reached layercache since T");
+    }
 }

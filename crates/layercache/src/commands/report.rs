@@ -23,12 +23,12 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
         println!("no build sessions since {}", super::clock(since));
         return Ok(());
     }
-    print!("{}", table(&sessions));
+    print!("{}", table(&sessions, args.repo.as_deref()));
     Ok(())
 }
 
-/// One row per session, most recent first.
-fn table(sessions: &[Session]) -> String {
+/// One row per session, most recent first; with `repo`, the counts are those in it.
+fn table(sessions: &[Session], repo: Option<&str>) -> String {
     let header = [
         "SESSION",
         "CLIENT",
@@ -38,6 +38,7 @@ fn table(sessions: &[Session]) -> String {
         "HITS",
         "MISSES",
         "HIT%",
+        "PROBES",
         "READ",
         "WRITTEN",
         "AVOIDED",
@@ -47,20 +48,22 @@ fn table(sessions: &[Session]) -> String {
     let rows: Vec<Vec<String>> = sessions
         .iter()
         .map(|s| {
+            let c = repo.map_or_else(|| s.counts.clone(), |r| s.counts_in(r));
             vec![
                 s.name.clone().unwrap_or_else(|| s.id.clone()),
                 s.client.clone().unwrap_or_default(),
                 s.repositories.iter().cloned().collect::<Vec<_>>().join(","),
                 super::clock(s.started_ms / 1000),
                 format!("{:.1}", (s.ended_ms - s.started_ms) as f64 / 1000.0),
-                s.hits().to_string(),
-                s.misses().to_string(),
-                s.hit_ratio()
+                c.hits().to_string(),
+                c.misses().to_string(),
+                c.hit_ratio()
                     .map_or("-".to_owned(), |r| format!("{:.0}", r * 100.0)),
-                size(s.bytes_served),
-                size(s.bytes_written),
-                size(s.bytes_avoided),
-                s.errors.to_string(),
+                c.push_probes.to_string(),
+                size(c.bytes_served),
+                size(c.bytes_written),
+                size(c.bytes_avoided),
+                c.errors.to_string(),
             ]
         })
         .collect();

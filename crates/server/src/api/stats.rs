@@ -66,7 +66,11 @@ pub fn auto_bucket(span: i64) -> i64 {
 /// seconds by the time each session ended (when `None`, one chosen from the span the
 /// sessions cover, see [`auto_bucket`]). Sessions without lookups count nowhere.
 pub fn hit_ratios(sessions: &[Session], bucket: Option<i64>, now_ms: i64) -> HitRatios {
-    let with_lookups = || sessions.iter().filter(|s| s.hits() + s.misses() > 0);
+    let with_lookups = || {
+        sessions
+            .iter()
+            .filter(|s| s.counts.hits() + s.counts.misses() > 0)
+    };
     let bucket = bucket
         .unwrap_or_else(|| {
             let oldest = with_lookups().map(|s| s.ended_ms).min().unwrap_or(now_ms);
@@ -77,9 +81,13 @@ pub fn hit_ratios(sessions: &[Session], bucket: Option<i64>, now_ms: i64) -> Hit
     for session in with_lookups() {
         let at = (session.ended_ms / 1000).div_euclid(bucket) * bucket;
         for repo in &session.repositories {
+            let used = session.counts_in(repo);
+            if used.hits() + used.misses() == 0 {
+                continue;
+            }
             let slot = counts.entry(repo).or_default().entry(at).or_default();
-            slot.0 += session.hits();
-            slot.1 += session.misses();
+            slot.0 += used.hits();
+            slot.1 += used.misses();
         }
     }
     let mut repositories: Vec<RepoHitRatio> = counts
@@ -163,12 +171,13 @@ pub fn repositories(usage: Vec<RepoUsage>, sessions: &[Session]) -> Vec<RepoStat
                 repo: repo.clone(),
                 ..RepoStats::default()
             });
+            let used = session.counts_in(repo);
             entry.sessions += 1;
-            entry.bytes_served += session.bytes_served;
-            entry.bytes_written += session.bytes_written;
-            entry.bytes_avoided += session.bytes_avoided;
-            entry.hits += session.hits();
-            entry.misses += session.misses();
+            entry.bytes_served += used.bytes_served;
+            entry.bytes_written += used.bytes_written;
+            entry.bytes_avoided += used.bytes_avoided;
+            entry.hits += used.hits();
+            entry.misses += used.misses();
             entry.last_used_ms = entry.last_used_ms.max(Some(session.ended_ms));
         }
     }
@@ -199,9 +208,9 @@ mod tests {
         session.id = format!("s{ended_s}");
         session.ended_ms = ended_s * 1000 + 500;
         session.repositories = repos.iter().map(|r| r.to_string()).collect();
-        session.manifest_hits = hits;
-        session.manifest_misses = misses;
-        session.bytes_served = served;
+        session.counts.manifest_hits = hits;
+        session.counts.manifest_misses = misses;
+        session.counts.bytes_served = served;
         session
     }
 

@@ -66,8 +66,10 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
             let response = handle(&state, endpoint.clone(), &parts, body)
                 .await
                 .unwrap_or_else(IntoResponse::into_response);
-            if let Some((repo, outcome)) = outcome(&endpoint, &response) {
-                let client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
+            let client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
+            if let Some((repo, outcome)) = outcome(&endpoint, &response)
+                && !client.is_layercache()
+            {
                 state.metrics.outcome(&outcome);
                 let session = state.sessions.record(&client, repo.as_str(), outcome);
                 span.record("session", session.as_str());
@@ -156,12 +158,14 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
         Endpoint::Base | Endpoint::Catalog => return None,
         Endpoint::GetManifest(repo, r) | Endpoint::HeadManifest(repo, r) if found || missing => {
             let by_tag = matches!(r, Reference::Tag(_));
+            let head = matches!(endpoint, Endpoint::HeadManifest(..));
             let reference = reference(repo, r);
             (
                 repo,
                 Outcome::ManifestLookup {
                     reference,
                     by_tag,
+                    head,
                     found,
                 },
             )

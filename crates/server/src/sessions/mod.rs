@@ -4,7 +4,8 @@
 //!
 //! A request belongs to the session its client names (the user name of its registry
 //! credentials, or an `X-Layercache-Session` header); otherwise to the implicit session
-//! of its client address, user agent and repository. A session closes after
+//! of its client address, user agent and repository. Requests of layercache's own tools
+//! belong to no session. A session closes after
 //! `idle_gap` without requests. Open sessions are saved every few seconds and when they
 //! close, so they survive restarts; saved sessions are pruned after `keep`.
 
@@ -19,7 +20,7 @@ use axum::http::HeaderMap;
 use base64::Engine;
 use store::{SessionFilter, SessionRecord, Store};
 
-pub use record::{Outcome, Session};
+pub use record::{Counts, Outcome, Session};
 
 /// How often open sessions are saved and idle ones closed.
 const SAVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -78,7 +79,16 @@ impl Client {
             user_agent: header("user-agent").unwrap_or("").to_owned(),
         }
     }
+
+    /// Whether it is one of layercache's own tools (`explain`, `report`): what they read
+    /// is no build's use of the cache.
+    pub fn is_layercache(&self) -> bool {
+        self.user_agent.starts_with(TOOL_AGENT_PREFIX)
+    }
 }
+
+/// How the user agents of layercache's own tools begin (`layercache-explain/0.1.0`).
+pub const TOOL_AGENT_PREFIX: &str = "layercache-";
 
 /// The address a request came from, when the server records it.
 pub fn remote_addr(parts: &axum::http::request::Parts) -> Option<IpAddr> {
@@ -180,9 +190,15 @@ impl Sessions {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a request with `headers` must first be asked for credentials.
+    /// Whether a request with `headers` must first be asked for credentials (not one of
+    /// layercache's own tools: they name no build).
     pub fn wants_credentials(&self, headers: &HeaderMap) -> bool {
+        let tool = headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|agent| agent.starts_with(TOOL_AGENT_PREFIX));
         self.config.ask_credentials
+            && !tool
             && !headers.contains_key("authorization")
             && !headers.contains_key("x-layercache-session")
     }

@@ -1,6 +1,6 @@
 //! One build session's record, and what a request adds to it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,8 @@ pub enum Outcome {
         reference: String,
         /// It names a tag.
         by_tag: bool,
+        /// It was a `HEAD` (the manifest itself was not sent).
+        head: bool,
         /// Whether it was there.
         found: bool,
     },
@@ -85,6 +87,126 @@ pub enum Outcome {
     Other,
 }
 
+/// What a build asked of the cache and got: for a whole session, or for one repository
+/// within it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counts {
+    /// Requests.
+    pub requests: u64,
+    /// Manifest lookups that found the manifest.
+    pub manifest_hits: u64,
+    /// Manifest lookups that did not.
+    pub manifest_misses: u64,
+    /// Checks of a tag the build then pushed (an output image, a cache export's own tag):
+    /// neither hits nor misses.
+    pub push_probes: u64,
+    /// Manifests stored.
+    pub manifests_written: u64,
+    /// Blob checks that found the blob (an upload the client could skip).
+    pub blobs_present: u64,
+    /// Blob checks that did not.
+    pub blobs_absent: u64,
+    /// Blob downloads.
+    pub blobs_served: u64,
+    /// Bytes downloaded.
+    pub bytes_served: u64,
+    /// Blobs uploaded.
+    pub blobs_written: u64,
+    /// Bytes uploaded.
+    pub bytes_written: u64,
+    /// Bytes the client did not have to upload (blobs found present or mounted).
+    pub bytes_avoided: u64,
+    /// Cache entry lookups that matched an entry.
+    pub entry_hits: u64,
+    /// Cache entry lookups that did not.
+    pub entry_misses: u64,
+    /// Cache entries saved.
+    pub entries_written: u64,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+impl Counts {
+    /// Lookups that hit: manifests and Actions cache entries.
+    pub fn hits(&self) -> u64 {
+        self.manifest_hits + self.entry_hits
+    }
+
+    /// Lookups that missed: manifests and Actions cache entries.
+    pub fn misses(&self) -> u64 {
+        self.manifest_misses + self.entry_misses
+    }
+
+    /// Hits over lookups, if there were lookups.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let lookups = self.hits() + self.misses();
+        (lookups > 0).then(|| self.hits() as f64 / lookups as f64)
+    }
+
+    /// Reads: lookups that hit and blobs served.
+    pub fn reads(&self) -> u64 {
+        self.hits() + self.blobs_served
+    }
+
+    /// Writes: blobs, manifests and cache entries stored.
+    pub fn writes(&self) -> u64 {
+        self.blobs_written + self.manifests_written + self.entries_written
+    }
+
+    /// Add up `other`.
+    pub fn add(&mut self, other: &Counts) {
+        let Counts {
+            requests,
+            manifest_hits,
+            manifest_misses,
+            push_probes,
+            manifests_written,
+            blobs_present,
+            blobs_absent,
+            blobs_served,
+            bytes_served,
+            blobs_written,
+            bytes_written,
+            bytes_avoided,
+            entry_hits,
+            entry_misses,
+            entries_written,
+            errors,
+        } = other;
+        self.requests += requests;
+        self.manifest_hits += manifest_hits;
+        self.manifest_misses += manifest_misses;
+        self.push_probes += push_probes;
+        self.manifests_written += manifests_written;
+        self.blobs_present += blobs_present;
+        self.blobs_absent += blobs_absent;
+        self.blobs_served += blobs_served;
+        self.bytes_served += bytes_served;
+        self.blobs_written += blobs_written;
+        self.bytes_written += bytes_written;
+        self.bytes_avoided += bytes_avoided;
+        self.entry_hits += entry_hits;
+        self.entry_misses += entry_misses;
+        self.entries_written += entries_written;
+        self.errors += errors;
+    }
+}
+
+/// The latest lookup of a tag in a session, until the build pushes that tag (a push
+/// probe, when nothing was fetched through it) or resolves it (an import).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TagLookup {
+    /// It found the tag.
+    found: bool,
+    /// It was a `HEAD`, which is how a push checks its tag first.
+    head: bool,
+    /// A manifest of the repository was fetched by digest after it: an import.
+    resolved: bool,
+    /// An earlier lookup of the tag missed, so the tag stays among the misses.
+    missed_before: bool,
+}
+
 /// A build session: what one build asked of the cache, and what it got.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
@@ -106,39 +228,12 @@ pub struct Session {
     pub repositories: BTreeSet<String>,
     /// Tags it read or wrote (`repo:tag`; the first 1000).
     pub tags: BTreeSet<String>,
-    /// Requests.
-    pub requests: u64,
-    /// Manifest lookups that found the manifest.
-    pub manifest_hits: u64,
-    /// Manifest lookups that did not.
-    pub manifest_misses: u64,
-    /// Manifests stored.
-    pub manifests_written: u64,
-    /// Blob checks that found the blob (an upload the client could skip).
-    pub blobs_present: u64,
-    /// Blob checks that did not.
-    pub blobs_absent: u64,
-    /// Blob downloads.
-    pub blobs_served: u64,
-    /// Bytes downloaded.
-    pub bytes_served: u64,
-    /// Blobs uploaded.
-    pub blobs_written: u64,
-    /// Bytes uploaded.
-    pub bytes_written: u64,
-    /// Bytes the client did not have to upload (blobs found present or mounted).
-    pub bytes_avoided: u64,
-    /// Cache entry lookups that matched an entry.
+    /// What it asked and got, in all.
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// The same, per repository.
     #[serde(default)]
-    pub entry_hits: u64,
-    /// Cache entry lookups that did not.
-    #[serde(default)]
-    pub entry_misses: u64,
-    /// Cache entries saved.
-    #[serde(default)]
-    pub entries_written: u64,
-    /// Failed requests.
-    pub errors: u64,
+    pub by_repo: BTreeMap<String, Counts>,
     /// References asked for and absent, in order (the first 1000).
     pub missed: Vec<String>,
     /// Blobs uploaded (the first 1000).
@@ -148,6 +243,9 @@ pub struct Session {
     /// Changed since it was last saved.
     #[serde(skip)]
     pub(super) unsaved: bool,
+    /// The latest lookup of each tag (`repo:tag`), while the session is open.
+    #[serde(skip)]
+    tag_lookups: HashMap<String, TagLookup>,
 }
 
 impl Session {
@@ -166,33 +264,75 @@ impl Session {
         }
     }
 
+    /// What the session asked and got in `repo` (nothing if it never touched it; all of
+    /// it for a session saved before counts were kept per repository).
+    pub fn counts_in(&self, repo: &str) -> Counts {
+        match self.by_repo.get(repo) {
+            Some(counts) => counts.clone(),
+            None if self.by_repo.is_empty() && self.repositories.contains(repo) => {
+                self.counts.clone()
+            }
+            None => Counts::default(),
+        }
+    }
+
+    /// Change the counts of the whole session and of `repo` alike.
+    fn count(&mut self, repo: &str, change: impl Fn(&mut Counts)) {
+        change(&mut self.counts);
+        change(self.by_repo.entry(repo.to_owned()).or_default());
+    }
+
     /// Add one request to `repo` that had `outcome`, at `now` (milliseconds).
     pub(super) fn record(&mut self, repo: &str, outcome: Outcome, now: i64) {
-        self.requests += 1;
         self.ended_ms = self.ended_ms.max(now);
         self.unsaved = true;
         if !self.repositories.contains(repo) {
             self.repositories.insert(repo.to_owned());
         }
+        self.count(repo, |c| c.requests += 1);
         match outcome {
             Outcome::ManifestLookup {
                 reference,
                 by_tag,
+                head,
                 found,
             } => {
+                if by_tag {
+                    let missed_before = self
+                        .tag_lookups
+                        .get(&reference)
+                        .is_some_and(|l| l.missed_before || !l.found);
+                    let lookup = TagLookup {
+                        found,
+                        head,
+                        resolved: false,
+                        missed_before,
+                    };
+                    self.tag_lookups.insert(reference.clone(), lookup);
+                } else {
+                    let prefix = format!("{repo}:");
+                    for (_, lookup) in self
+                        .tag_lookups
+                        .iter_mut()
+                        .filter(|(tag, _)| tag.starts_with(&prefix))
+                    {
+                        lookup.resolved = true;
+                    }
+                }
                 if found {
-                    self.manifest_hits += 1;
+                    self.count(repo, |c| c.manifest_hits += 1);
                     if by_tag {
                         note(&mut self.tags, reference);
                     }
                 } else {
-                    self.manifest_misses += 1;
+                    self.count(repo, |c| c.manifest_misses += 1);
                     list(&mut self.missed, reference);
                 }
             }
             Outcome::ManifestWritten { tag } => {
-                self.manifests_written += 1;
+                self.count(repo, |c| c.manifests_written += 1);
                 if let Some(tag) = tag {
+                    self.push_probed(repo, &tag);
                     note(&mut self.tags, tag);
                 }
             }
@@ -205,44 +345,72 @@ impl Session {
                 digest,
                 size: Some(size),
             } => {
-                self.blobs_present += 1;
-                self.bytes_avoided += size;
+                self.count(repo, |c| {
+                    c.blobs_present += 1;
+                    c.bytes_avoided += size;
+                });
                 note(&mut self.avoided, digest);
             }
-            Outcome::BlobChecked { size: None, .. } => self.blobs_absent += 1,
-            Outcome::BlobServed { bytes, .. } => {
-                self.blobs_served += 1;
-                self.bytes_served += bytes;
-            }
+            Outcome::BlobChecked { size: None, .. } => self.count(repo, |c| c.blobs_absent += 1),
+            Outcome::BlobServed { bytes, .. } => self.count(repo, |c| {
+                c.blobs_served += 1;
+                c.bytes_served += bytes;
+            }),
             Outcome::BlobWritten { digest, bytes } => {
-                self.blobs_written += 1;
-                self.bytes_written += bytes;
+                self.count(repo, |c| {
+                    c.blobs_written += 1;
+                    c.bytes_written += bytes;
+                });
                 note(&mut self.written, digest);
             }
             Outcome::BlobMounted { digest, bytes } => {
-                self.bytes_avoided += bytes;
+                self.count(repo, |c| c.bytes_avoided += bytes);
                 note(&mut self.avoided, digest);
             }
             Outcome::BlobMissing { digest } => {
-                self.errors += 1;
+                self.count(repo, |c| c.errors += 1);
                 list(&mut self.missed, digest);
             }
             Outcome::EntryLookup { key, found } => {
                 if found {
-                    self.entry_hits += 1;
+                    self.count(repo, |c| c.entry_hits += 1);
                 } else {
-                    self.entry_misses += 1;
+                    self.count(repo, |c| c.entry_misses += 1);
                     list(&mut self.missed, key);
                 }
             }
             Outcome::EntryWritten { key, bytes } => {
-                self.entries_written += 1;
-                self.bytes_written += bytes;
+                self.count(repo, |c| {
+                    c.entries_written += 1;
+                    c.bytes_written += bytes;
+                });
                 note(&mut self.written, key);
             }
-            Outcome::EntryServed { bytes } => self.bytes_served += bytes,
-            Outcome::Failed => self.errors += 1,
+            Outcome::EntryServed { bytes } => self.count(repo, |c| c.bytes_served += bytes),
+            Outcome::Failed => self.count(repo, |c| c.errors += 1),
             Outcome::Other => {}
+        }
+    }
+
+    /// The build pushed `tag`: if its latest lookup was a `HEAD` that fetched nothing
+    /// through it, that was the push checking its own tag, not a cache lookup.
+    fn push_probed(&mut self, repo: &str, tag: &str) {
+        let Some(lookup) = self.tag_lookups.remove(tag) else {
+            return;
+        };
+        if !lookup.head || lookup.resolved {
+            return;
+        }
+        self.count(repo, |c| {
+            if lookup.found {
+                c.manifest_hits = c.manifest_hits.saturating_sub(1);
+            } else {
+                c.manifest_misses = c.manifest_misses.saturating_sub(1);
+            }
+            c.push_probes += 1;
+        });
+        if !lookup.found && !lookup.missed_before {
+            self.missed.retain(|m| m != tag);
         }
     }
 
@@ -250,22 +418,6 @@ impl Session {
     pub(super) fn close(&mut self) {
         self.open = false;
         self.unsaved = true;
-    }
-
-    /// Lookups that hit: manifests and Actions cache entries.
-    pub fn hits(&self) -> u64 {
-        self.manifest_hits + self.entry_hits
-    }
-
-    /// Lookups that missed: manifests and Actions cache entries.
-    pub fn misses(&self) -> u64 {
-        self.manifest_misses + self.entry_misses
-    }
-
-    /// Hits over lookups, if there were lookups.
-    pub fn hit_ratio(&self) -> Option<f64> {
-        let lookups = self.hits() + self.misses();
-        (lookups > 0).then(|| self.hits() as f64 / lookups as f64)
     }
 }
 
@@ -280,5 +432,101 @@ fn note(items: &mut BTreeSet<String>, item: String) {
 fn list(items: &mut Vec<String>, item: String) {
     if items.len() < MAX_LISTED && !items.contains(&item) {
         items.push(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(reference: &str, head: bool, found: bool) -> Outcome {
+        Outcome::ManifestLookup {
+            reference: reference.to_owned(),
+            by_tag: !reference.contains('@'),
+            head,
+            found,
+        }
+    }
+
+    fn push(tag: &str) -> Outcome {
+        Outcome::ManifestWritten {
+            tag: Some(tag.to_owned()),
+        }
+    }
+
+    fn session(requests: Vec<(&str, Outcome)>) -> Session {
+        let mut session = Session::default();
+        for (at, (repo, outcome)) in requests.into_iter().enumerate() {
+            session.record(repo, outcome, at as i64);
+        }
+        session
+    }
+
+    #[test]
+    fn a_push_checking_its_own_tag_is_neither_hit_nor_miss() {
+        // BuildKit pushing its output image, then exporting its cache over an old one.
+        let s = session(vec![
+            ("app", lookup("app:v1", true, false)),
+            ("app", push("app:v1")),
+            ("cache/app", lookup("cache/app:main", true, true)),
+            ("cache/app", push("cache/app:main")),
+        ]);
+        assert_eq!((s.counts.hits(), s.counts.misses()), (0, 0));
+        assert_eq!(s.counts.push_probes, 2);
+        assert!(s.missed.is_empty(), "{:?}", s.missed);
+        assert_eq!(s.counts_in("app").push_probes, 1);
+    }
+
+    #[test]
+    fn an_import_of_the_tag_a_build_then_exports_stays_a_lookup() {
+        // Warm: the import resolves the tag and fetches it by digest, then the export
+        // checks the tag and pushes it.
+        let warm = session(vec![
+            ("cache/app", lookup("cache/app:main", true, true)),
+            ("cache/app", lookup("cache/app@sha256:1", false, true)),
+            ("cache/app", lookup("cache/app:main", true, true)),
+            ("cache/app", push("cache/app:main")),
+        ]);
+        assert_eq!(warm.counts.manifest_hits, 2);
+        assert_eq!(warm.counts.push_probes, 1);
+        // Cold: the import misses, so does the export's check.
+        let cold = session(vec![
+            ("cache/app", lookup("cache/app:main", true, false)),
+            ("cache/app", lookup("cache/app:main", true, false)),
+            ("cache/app", push("cache/app:main")),
+        ]);
+        assert_eq!(cold.counts.manifest_misses, 1);
+        assert_eq!(cold.counts.push_probes, 1);
+        assert_eq!(cold.missed, ["cache/app:main"]);
+        // A pull by tag (GET) before a push of the same tag is a real lookup.
+        let pulled = session(vec![
+            ("app", lookup("app:v1", false, true)),
+            ("app", push("app:v1")),
+        ]);
+        assert_eq!(pulled.counts.manifest_hits, 1);
+        assert_eq!(pulled.counts.push_probes, 0);
+    }
+
+    #[test]
+    fn counts_are_kept_per_repository() {
+        let s = session(vec![
+            ("cache/app", lookup("cache/app:main", true, true)),
+            (
+                "cache/app",
+                Outcome::BlobServed {
+                    digest: "sha256:2".into(),
+                    bytes: 10,
+                },
+            ),
+            ("other", lookup("other:v1", false, false)),
+        ]);
+        assert_eq!(s.counts.requests, 3);
+        let cache = s.counts_in("cache/app");
+        assert_eq!(
+            (cache.hits(), cache.misses(), cache.bytes_served),
+            (1, 0, 10)
+        );
+        assert_eq!(s.counts_in("other").misses(), 1);
+        assert_eq!(s.counts_in("elsewhere"), Counts::default());
     }
 }

@@ -23,10 +23,6 @@ fn manifest_accept() -> String {
     .join(", ")
 }
 
-/// The build session a layercache server records these lookups under, apart from the
-/// builds they explain.
-pub const SESSION_NAME: &str = "layercache-explain";
-
 /// Largest manifest read.
 pub const MAX_MANIFEST: usize = 4 << 20;
 
@@ -56,7 +52,12 @@ impl Registry {
     /// A client of the registry at `base` (`http://host:port`).
     pub fn new(base: &str) -> anyhow::Result<Registry> {
         let http = reqwest::Client::builder()
-            .user_agent(concat!("layercache-explain/", env!("CARGO_PKG_VERSION")))
+            // A layercache server counts these reads in no build's session.
+            .user_agent(format!(
+                "{}explain/{}",
+                server::sessions::TOOL_AGENT_PREFIX,
+                env!("CARGO_PKG_VERSION")
+            ))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
             .build()
@@ -91,10 +92,7 @@ impl Registry {
         };
         let mut retried = false;
         loop {
-            let mut request = self
-                .http
-                .request(method.clone(), &url)
-                .header("x-layercache-session", SESSION_NAME);
+            let mut request = self.http.request(method.clone(), &url);
             if let Some(accept) = accept {
                 request = request.header(header::ACCEPT, accept);
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use diagnose::explain::session::{BlobElsewhere, EvictedRoot, SessionFacts, repository_of};
 
-use super::registry::{Registry, SESSION_NAME};
+use super::registry::Registry;
 
 /// Most tags listed per repository, and repositories from the catalog.
 const MAX_LISTED: usize = 10_000;
@@ -126,7 +126,6 @@ pub async fn gather(server: &str, name: &str) -> anyhow::Result<SessionFacts> {
     let arrived: BTreeSet<(&str, &str)> = later
         .iter()
         .filter(|s| !ours.contains(s.id.as_str()) && s.started_ms >= started_ms)
-        .filter(|s| s.name.as_deref() != Some(SESSION_NAME))
         .flat_map(|s| {
             s.repositories.iter().flat_map(move |r| {
                 s.written
