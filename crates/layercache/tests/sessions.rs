@@ -1028,10 +1028,12 @@ fn the_gate_judges_the_cache_repository_by_what_the_build_did_there() {
         text(&out.stderr)
     );
 
-    // explain reads the cache image whole; no build did, so the gate still fails.
+    // explain (given the cache as pasted from a build command) reads the cache image
+    // whole; no build did, so the gate still fails.
     settle(&server, "gate/app");
     let later = now_secs().to_string();
-    let out = layercache(&["explain", "--cache-from", &cache]);
+    let pasted = format!("type=registry,ref={cache},mode=max");
+    let out = layercache(&["explain", "--cache-from", &pasted]);
     assert!(
         out.status.success(),
         "{}{}",

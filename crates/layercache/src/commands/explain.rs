@@ -44,7 +44,8 @@ use crate::cli::ServerArg;
 pub struct ExplainArgs {
     /// Two images to compare, the earlier build (A) first: REGISTRY/REPO:TAG or
     /// REGISTRY/REPO@DIGEST (plain HTTP for 127.0.0.1 and localhost), or an OCI layout:
-    /// oci:DIR or oci:DIR:TAG.
+    /// oci:DIR or oci:DIR:TAG. Every reference may also be pasted as a BuildKit cache
+    /// option: type=registry,ref=REGISTRY/REPO:TAG,… or type=local,src=DIR.
     #[arg(value_name = "IMAGE", num_args = 2)]
     pub images: Vec<String>,
     /// List a BuildKit cache in build order: a registry cache export (index or

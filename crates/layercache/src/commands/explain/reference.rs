@@ -61,8 +61,30 @@ fn is_local(host: &str) -> bool {
     name == "localhost" || name == "::1" || name.starts_with("127.")
 }
 
-/// Parse `text`; `insecure` makes registries other than this machine plain HTTP too.
+/// The reference a BuildKit cache option pasted from a build command names
+/// (`type=registry,ref=HOST/REPO:TAG,mode=max`, or `type=local,src=DIR` as a layout).
+fn cache_option(text: &str) -> Option<String> {
+    if !text.starts_with("type=") && !text.starts_with("ref=") {
+        return None;
+    }
+    let field = |key: &str| {
+        text.split(',')
+            .filter_map(|f| f.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    };
+    match field("type") {
+        Some("local") => field("src").map(|dir| format!("oci:{dir}")),
+        _ => field("ref").map(str::to_owned),
+    }
+}
+
+/// Parse `text` (a pasted BuildKit cache option too); `insecure` makes registries other
+/// than this machine plain HTTP too.
 pub fn parse(text: &str, insecure: bool) -> anyhow::Result<Location> {
+    if let Some(named) = cache_option(text) {
+        return parse(&named, insecure);
+    }
     if let Some(rest) = text.strip_prefix("oci:") {
         return Ok(layout(rest));
     }
@@ -202,6 +224,24 @@ mod tests {
         ] {
             assert!(parse(bad, false).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn pasted_cache_options_name_their_reference() {
+        let pasted = parse(
+            "type=registry,ref=127.0.0.1:5000/cache/app:main,mode=max",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            pasted,
+            parse("127.0.0.1:5000/cache/app:main", false).unwrap()
+        );
+        assert_eq!(
+            parse("type=local,src=/no/such/dir", false).unwrap(),
+            parse("oci:/no/such/dir", false).unwrap()
+        );
+        assert!(parse("type=gha,scope=main", false).is_err());
     }
 
     #[test]
