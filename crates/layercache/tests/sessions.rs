@@ -1,8 +1,11 @@
 //! Build sessions seen from real clients: dockerd's BuildKit and `docker push`, and
 //! skopeo. A warm rebuild's session shows its hits and the bytes it read, and `report`
 //! and `expect` say so; a build that never reached the cache fails `expect`; a partial
-//! rebuild's push writes exactly the blobs the registry did not have; and every
-//! session's counts agree with the server's own request log.
+//! rebuild's push writes exactly the blobs the registry did not have; every session's
+//! counts agree with the server's own request log. `expect` judges the cache repository
+//! by what the build did there (judged against the builder's CACHED markers), says where
+//! its writes went, and does not count `explain`'s reads; BuildKit's cache export,
+//! replayed, checks its own tag as a push probe, not a lookup.
 //!
 //! dockerd is one shared daemon and `docker builder prune` wipes all of its build cache,
 //! so the tests that use it take [`daemon`] first.
@@ -891,22 +894,7 @@ fn docker_login_names_the_build_session() {
     );
     let tag = format!("{}/named/app:v1", server.host);
     let _cleanup = Cleanup(vec![tag.clone()]);
-    let login = common::run_ok(&mut common::docker(&[
-        "login",
-        "-u",
-        "run-1234",
-        "-p",
-        "any",
-        &server.host,
-    ]));
-    assert!(login.contains("Login Succeeded"), "{login}");
-    struct Logout(String);
-    impl Drop for Logout {
-        fn drop(&mut self) {
-            common::run(&mut common::docker(&["logout", &self.0]));
-        }
-    }
-    let _logout = Logout(server.host.clone());
+    let _login = Login::new(&server, "run-1234");
     let since = now_secs();
     let context = context(&server, "named");
     cold_build_and_push(context.path(), &tag);
