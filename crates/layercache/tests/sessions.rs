@@ -203,6 +203,21 @@ fn layercache(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Run `layercache expect` against the server for `repo` since `since`, with `checks`.
+fn expect(server: &common::Server, repo: &str, since: &str, checks: &[&str]) -> Output {
+    let mut args = vec![
+        "expect",
+        "--server",
+        &server.url,
+        "--repo",
+        repo,
+        "--since",
+        since,
+    ];
+    args.extend(checks);
+    layercache(&args)
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -288,18 +303,7 @@ fn warm_rebuild_session_shows_hits_and_bytes_served() {
 
     // The warm build read the cache and wrote nothing.
     let since = humantime::format_rfc3339_seconds(warm_started).to_string();
-    let expect = |what: &str| {
-        layercache(&[
-            "expect",
-            "--server",
-            &server.url,
-            "--repo",
-            "cache/app",
-            "--since",
-            &since,
-            what,
-        ])
-    };
+    let expect = |what: &str| expect(&server, "cache/app", &since, &[what]);
     let out = expect("--reads");
     assert!(
         out.status.success(),
@@ -342,20 +346,8 @@ fn dropped_cache_flags_fail_expect() {
     let _cleanup = Cleanup(vec![tag.clone()]);
     common::docker_build(context.path(), &tag, false, None);
 
-    let expect = |repo: &str, what: &[&str]| {
-        let since = since.to_string();
-        let mut args = vec![
-            "expect",
-            "--server",
-            &server.url,
-            "--repo",
-            repo,
-            "--since",
-            &since,
-        ];
-        args.extend(what);
-        layercache(&args)
-    };
+    let since = since.to_string();
+    let expect = |repo: &str, what: &[&str]| expect(&server, repo, &since, what);
     let out = expect("cache/dropped", &["--reads", "--writes"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -978,19 +970,7 @@ fn the_gate_judges_the_cache_repository_by_what_the_build_did_there() {
         build.missed
     );
 
-    let expect = |since: &str, checks: &[&str]| {
-        let mut args = vec![
-            "expect",
-            "--server",
-            &server.url,
-            "--repo",
-            "cache/gate",
-            "--since",
-            since,
-        ];
-        args.extend(checks);
-        layercache(&args)
-    };
+    let expect = |since: &str, checks: &[&str]| expect(&server, "cache/gate", since, checks);
     let out = expect(&since, &["--reads", "--min-hit-ratio", "0.9"]);
     assert!(
         out.status.success(),
@@ -1152,19 +1132,8 @@ fn a_cache_export_checking_its_own_tag_is_no_lookup() {
         "{warm:?}"
     );
     let expect = |session: &str, checks: &[&str]| {
-        let mut args = vec![
-            "expect",
-            "--server",
-            &server.url,
-            "--repo",
-            "cache/replay",
-            "--since",
-            &since,
-            "--session",
-            session,
-        ];
-        args.extend(checks);
-        layercache(&args)
+        let checks = [&["--session", session], checks].concat();
+        expect(&server, "cache/replay", &since, &checks)
     };
     let out = expect("warm", &["--reads", "--min-hit-ratio", "0.9"]);
     assert!(

@@ -463,22 +463,21 @@ impl Store {
 
     /// Delete a tag, or a manifest (and its tags) by digest.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
-        let deleted = match reference {
-            Reference::Tag(tag) => self.0.meta.delete_tag(repo, tag).await?,
+        let gone = Error::NotFound(Missing::Manifest);
+        match reference {
+            Reference::Tag(tag) => {
+                if !self.0.meta.delete_tag(repo, tag).await? {
+                    return Err(gone);
+                }
+            }
             Reference::Digest(digest) => {
-                let Some(references) = self.0.meta.delete_manifest(repo, digest).await? else {
-                    return Err(Error::NotFound(Missing::Manifest));
-                };
+                let references = self.0.meta.delete_manifest(repo, digest).await?;
+                let references = references.ok_or(gone)?;
                 // A pull that read it finds the rest for `in_use`, as after an eviction.
                 self.0.evictor.lease_if_read(digest, &references).await;
-                true
             }
-        };
-        if deleted {
-            Ok(())
-        } else {
-            Err(Error::NotFound(Missing::Manifest))
         }
+        Ok(())
     }
 
     /// One page of `repo`'s tags.

@@ -54,7 +54,8 @@ impl Params {
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = crate::body::drain_on_drop(body);
-    let parsed = if state.sessions.wants_credentials(&parts.headers) {
+    let client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
+    let parsed = if state.sessions.wants_credentials(&client, &parts.headers) {
         Err(ask_credentials())
     } else {
         Endpoint::parse(&parts.method, parts.uri.path())
@@ -66,7 +67,6 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
             let response = handle(&state, endpoint.clone(), &parts, body)
                 .await
                 .unwrap_or_else(IntoResponse::into_response);
-            let client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
             if let Some((repo, outcome)) = outcome(&endpoint, &response)
                 && !client.is_layercache()
             {

@@ -80,8 +80,8 @@ impl Client {
         }
     }
 
-    /// Whether it is one of layercache's own tools (`explain`, `report`): what they read
-    /// is no build's use of the cache.
+    /// Whether it is one of layercache's own tools (`explain`): what they read is no
+    /// build's use of the cache.
     pub fn is_layercache(&self) -> bool {
         self.user_agent.starts_with(TOOL_AGENT_PREFIX)
     }
@@ -190,15 +190,11 @@ impl Sessions {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a request with `headers` must first be asked for credentials (not one of
-    /// layercache's own tools: they name no build).
-    pub fn wants_credentials(&self, headers: &HeaderMap) -> bool {
-        let tool = headers
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|agent| agent.starts_with(TOOL_AGENT_PREFIX));
+    /// Whether a request of `client` with `headers` must first be asked for credentials
+    /// (not one of layercache's own tools: they name no build).
+    pub fn wants_credentials(&self, client: &Client, headers: &HeaderMap) -> bool {
         self.config.ask_credentials
-            && !tool
+            && !client.is_layercache()
             && !headers.contains_key("authorization")
             && !headers.contains_key("x-layercache-session")
     }

@@ -171,6 +171,13 @@ pub(super) fn list(
     Ok(found)
 }
 
+/// Record a use of entry `id` at `at` (seconds since the epoch).
+pub(super) fn touch(c: &Connection, id: i64, at: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1")?
+        .execute(params![id, at])?;
+    Ok(())
+}
+
 /// The entry `id`, which must not be finished yet; records upload activity on it.
 fn unfinished(c: &Connection, id: i64) -> Result<Entry> {
     let found = get(c, id)?.ok_or(Error::NotFound(Missing::Entry))?;

@@ -647,26 +647,32 @@ impl MetaStore for SqliteMeta {
                         c.prepare_cached(
                             "UPDATE blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1",
                         )?
-                        .execute(params![digest, at])?
+                        .execute(params![digest, at])?;
                     }
-                    Touch::Manifest(repo, d) => c
-                        .prepare_cached(&format!(
+                    Touch::Manifest(repo, d) => {
+                        c.prepare_cached(&format!(
                             "UPDATE manifests SET accessed_at = max(accessed_at, ?3)
                              WHERE repo_id = {REPO_ID} AND digest = ?2"
                         ))?
-                        .execute(params![repo.as_str(), d.to_string(), at])?,
-                    Touch::Tag(repo, t) => c
-                        .prepare_cached(&format!(
+                        .execute(params![
+                            repo.as_str(),
+                            d.to_string(),
+                            at
+                        ])?;
+                    }
+                    Touch::Tag(repo, t) => {
+                        c.prepare_cached(&format!(
                             "UPDATE tags SET accessed_at = max(accessed_at, ?3)
                              WHERE repo_id = {REPO_ID} AND name = ?2"
                         ))?
-                        .execute(params![repo.as_str(), t.as_str(), at])?,
-                    Touch::Entry(id) => c
-                        .prepare_cached(
-                            "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1",
-                        )?
-                        .execute(params![id, at])?,
-                };
+                        .execute(params![
+                            repo.as_str(),
+                            t.as_str(),
+                            at
+                        ])?;
+                    }
+                    Touch::Entry(id) => entries::touch(c, *id, *at)?,
+                }
             }
             Ok(())
         })
@@ -772,10 +778,7 @@ impl MetaStore for SqliteMeta {
         self.write(move |c| {
             let found = entries::find(c, &query)?;
             if let Some(entry) = &found {
-                c.prepare_cached(
-                    "UPDATE cache_entries SET accessed_at = max(accessed_at, ?2) WHERE id = ?1",
-                )?
-                .execute(params![entry.id, now_secs()])?;
+                entries::touch(c, entry.id, now_secs())?;
             }
             Ok(found)
         })
