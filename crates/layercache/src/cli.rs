@@ -106,14 +106,17 @@ pub struct ExpectArgs {
     /// Only this session (its name or id).
     #[arg(long)]
     pub session: Option<String>,
-    /// Require cache reads (manifests found, layers served).
+    /// Require cache reads: cache records the build obtained (a cache export, or an image
+    /// with inline cache, fetched; Actions cache entries found). An image without cache
+    /// metadata is no cache read.
     #[arg(long)]
     pub reads: bool,
     /// Require cache writes (layers or manifests stored).
     #[arg(long)]
     pub writes: bool,
-    /// Require at least this share of the repository's lookups to hit (0 to 1); a check
-    /// of a tag the build then pushed is no lookup.
+    /// Require at least this share of the repository's lookups to find cache (0 to 1); a
+    /// check of a tag the build then pushed, or of an image without cache metadata, is
+    /// no lookup.
     #[arg(long)]
     pub min_hit_ratio: Option<f64>,
 }

@@ -353,8 +353,12 @@ fn session_names_the_existing_nearest_tag_for_a_missing_cache_from() {
         .ok()
         .stdout;
     assert!(text.contains("cache/app:pr-12"), "{text}");
+    // The flag of the client that built (dockerd), with the host it used.
     assert!(
-        text.contains("add `--cache-from cache/app:main` as a second --cache-from"),
+        text.contains(&format!(
+            "add `--cache-from {}/cache/app:main` (docker build) as a second cache import",
+            server.host
+        )),
         "{text}"
     );
     let json = explain(&["--session", &session.id, "--server", &server.url, "--json"])
@@ -748,6 +752,11 @@ async fn bad_input_gets_a_clear_error_and_a_non_zero_exit_never_a_panic() {
     .failed();
     assert!(unknown.stderr.contains("no manifest"), "{}", unknown.stderr);
     assert!(unknown.stderr.contains("nope/app:v1"), "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("there is no repository nope/app"),
+        "{}",
+        unknown.stderr
+    );
 
     // Not an image: an artifact whose config is the empty descriptor.
     let empty = descriptor(OCI_EMPTY, b"{}");
@@ -774,6 +783,14 @@ async fn bad_input_gets_a_clear_error_and_a_non_zero_exit_never_a_panic() {
 
     // A malformed image config, and one that is valid JSON but not a config.
     push_small_image(&api, "broken/app", "json", b"{\"architecture\": ").await;
+    // A tag that is not there: the nearest that are.
+    let typo = explain(&["--cache-from", &format!("{host}/broken/app:jsn")]).failed();
+    assert!(
+        typo.stderr
+            .contains("broken/app has no tag jsn; its nearest tags: json"),
+        "{}",
+        typo.stderr
+    );
     push_small_image(
         &api,
         "broken/app",
@@ -860,4 +877,84 @@ async fn bad_input_gets_a_clear_error_and_a_non_zero_exit_never_a_panic() {
     // Usage errors are clap's.
     assert_eq!(explain(&[&format!("{host}/plain/app:v1")]).code, 2);
     assert_eq!(explain(&[]).code, 2);
+}
+
+/// A registry cache export in BuildKit's default shape names no step; the image the
+/// same build pushed (same layers) names them through its history: found in the same
+/// registry, or given with `--image`. The server says which manifest carries cache.
+#[tokio::test]
+async fn a_cache_export_names_its_steps_from_the_history_of_an_image_of_the_same_build() {
+    let server = Server::start();
+    let api = Api::new(&server);
+    let (config, layers) = cache_export(1);
+    for blob in layers.iter().chain([&config]) {
+        api.push_blob("cache/app", &blob.bytes).await;
+    }
+    let mut manifests: Vec<Value> = layers.iter().map(|l| l.json()).collect();
+    manifests.push(config.json());
+    let bare = index(OCI_INDEX, &manifests, None);
+    api.push_manifest("cache/app", "bare", OCI_INDEX, &bare)
+        .await;
+    let history: Vec<Value> = DESCRIPTIONS
+        .iter()
+        .map(|d| json!({ "created_by": format!("{d} # buildkit") }))
+        .collect();
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+    let image_config = json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        "history": history,
+    });
+    let image_config = descriptor(OCI_CONFIG, &serde_json::to_vec(&image_config).unwrap());
+    for blob in layers.iter().chain([&image_config]) {
+        api.push_blob("team/app", &blob.bytes).await;
+    }
+    let image = image_manifest(OCI_MANIFEST, &image_config, &layers, None);
+    api.push_manifest("team/app", "v1", OCI_MANIFEST, &image)
+        .await;
+
+    let cache = format!("{}/cache/app:bare", server.host);
+    let image = format!("{}/team/app:v1", server.host);
+    let descriptions = |json: &Value| -> Vec<String> {
+        json["cache"]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["description"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let named = |step: &str| format!("{step}  (history of {image})");
+    let expected = [
+        "source or file checksum (no layer)".to_owned(),
+        named("COPY busybox /bin/busybox"),
+        named("RUN setup"),
+        "source or file checksum (no layer)".to_owned(),
+        named("COPY app.txt /app/"),
+        named("RUN build"),
+    ];
+    let found = explain(&["--cache", &cache, "--json"]).ok().json();
+    assert_eq!(descriptions(&found), expected);
+    let given = explain(&["--cache", &cache, "--image", &image, "--json"])
+        .ok()
+        .json();
+    assert_eq!(descriptions(&given), expected);
+
+    let records = |repo: &str, tag: &str| {
+        let url = server.at(&format!("/v2/{repo}/manifests/{tag}"));
+        async move {
+            let response = reqwest::Client::new()
+                .head(url)
+                .header("accept", format!("{OCI_INDEX}, {OCI_MANIFEST}"))
+                .send()
+                .await
+                .unwrap();
+            let value = response.headers().get("layercache-cache-records").cloned();
+            value.map(|v| v.to_str().unwrap().to_owned())
+        }
+    };
+    assert_eq!(
+        records("cache/app", "bare").await.as_deref(),
+        Some("export")
+    );
+    assert_eq!(records("team/app", "v1").await.as_deref(), Some("none"));
 }

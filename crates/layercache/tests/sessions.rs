@@ -528,7 +528,7 @@ fn served(log: &str) -> Vec<Served> {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Tally {
     requests: u64,
-    manifest_hits: u64,
+    manifests_found: u64,
     manifest_misses: u64,
     manifests_written: u64,
     blobs_present: u64,
@@ -546,7 +546,8 @@ impl Tally {
         let c = s.counts_in(repo);
         Tally {
             requests: c.requests,
-            manifest_hits: c.manifest_hits,
+            // The log tells found from absent only: with or without cache metadata.
+            manifests_found: c.manifest_hits + c.no_cache_lookups,
             manifest_misses: c.manifest_misses,
             manifests_written: c.manifests_written,
             blobs_present: c.blobs_present,
@@ -561,7 +562,7 @@ impl Tally {
 
     fn add(&mut self, other: &Tally) {
         self.requests += other.requests;
-        self.manifest_hits += other.manifest_hits;
+        self.manifests_found += other.manifests_found;
         self.manifest_misses += other.manifest_misses;
         self.manifests_written += other.manifests_written;
         self.blobs_present += other.blobs_present;
@@ -610,7 +611,7 @@ fn tally_log(lines: &[Served], repo: &str, data_dir: &Path) -> BTreeMap<Option<S
         let mut error = status >= 400;
         if path.starts_with(&manifests) {
             match (method, status) {
-                ("GET" | "HEAD", 200) => t.manifest_hits += 1,
+                ("GET" | "HEAD", 200) => t.manifests_found += 1,
                 ("GET" | "HEAD", 404) => {
                     t.manifest_misses += 1;
                     error = false;
@@ -1143,7 +1144,7 @@ fn a_cache_export_checking_its_own_tag_is_no_lookup() {
         text(&out.stderr)
     );
     assert!(
-        text(&out.stdout).contains("0 miss(es), 1 push probe(s)"),
+        text(&out.stdout).contains("0 miss(es), 1 cache import(s), 1 push probe(s)"),
         "{out:?}"
     );
     let out = expect("cold", &["--reads"]);
@@ -1155,4 +1156,122 @@ fn a_cache_export_checking_its_own_tag_is_no_lookup() {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+/// The staged-jobs failure: job 1 pushes a prebuild image without cache metadata, job 2
+/// (on a wiped builder) imports it and runs every step again. The gate fails naming the
+/// image and the fix; report and `explain --session` name the useless import first.
+#[test]
+fn an_import_without_cache_metadata_fails_the_reads_gate() {
+    let Some(_daemon) = daemon() else { return };
+    let server = common::Server::start();
+    let prebuild = format!("{}/s5/prebuild:v1", server.host);
+    let image = format!("{}/s5/app:v1", server.host);
+    let _cleanup = Cleanup(vec![prebuild.clone(), image.clone()]);
+    let context = context(&server, "staged");
+
+    // Job 1: the prebuild image, pushed without its cache.
+    wipe(&[&prebuild, &image]);
+    common::docker_build(context.path(), &prebuild, false, None);
+    common::run_ok(&mut common::docker(&["push", &prebuild]));
+
+    // Job 2, right after, from the same runner: nothing CACHED.
+    let since = now_secs().to_string();
+    wipe(&[&prebuild]);
+    let job2 = common::docker_build(context.path(), &image, false, Some(&prebuild));
+    let cached: Vec<_> = steps(&job2)
+        .into_iter()
+        .filter(|(_, end)| end == "CACHED")
+        .collect();
+    assert!(cached.is_empty(), "steps CACHED: {cached:#?}\n{job2}");
+    common::run_ok(&mut common::docker(&["push", &image]));
+
+    let out = expect(&server, "s5/prebuild", &since, &["--reads"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("no cache reads for s5/prebuild")
+            && said.contains("imported s5/prebuild:v1")
+            && said.contains(&format!("push {prebuild} with its cache"))
+            && said.contains("BUILDKIT_INLINE_CACHE=1"),
+        "{said}"
+    );
+    let out = expect(&server, "s5/prebuild", &since, &["--min-hit-ratio", "0.5"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // Job 2's session: its import and its push, and nothing of job 1.
+    let sessions = api_sessions(&server, 0, "s5/prebuild");
+    let job2 = sessions
+        .iter()
+        .find(|s| s.no_cache_images.iter().any(|i| i == "s5/prebuild:v1"))
+        .unwrap_or_else(|| panic!("no session imported s5/prebuild:v1: {sessions:#?}"));
+    assert_eq!(job2.counts.reads(), 0, "{job2:#?}");
+    assert_eq!(job2.counts_in("s5/app").manifests_written, 1, "{job2:#?}");
+    assert_eq!(job2.counts_in("s5/prebuild").writes(), 0, "{job2:#?}");
+
+    let report = layercache(&["report", "--server", &server.url, "--since", "10m"]);
+    let report = text(&report.stdout);
+    assert!(
+        report.contains(&format!(
+            "{}: useless import: it looked up s5/prebuild:v1",
+            job2.id
+        )),
+        "{report}"
+    );
+    let out = layercache(&["explain", "--session", &job2.id, "--server", &server.url]);
+    let explained = text(&out.stdout);
+    let first = explained
+        .lines()
+        .find(|l| !l.is_empty() && !l.starts_with("Build session"));
+    assert_eq!(
+        first,
+        Some("Imported, but without cache metadata (1): the build obtained no cache at all"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains(&format!("{prebuild} is an image without cache metadata"))
+            && explained.contains("--build-arg BUILDKIT_INLINE_CACHE=1"),
+        "{explained}"
+    );
+}
+
+/// Two builds run back to back from one runner, unnamed, on the default idle gap: each
+/// is one session (its cache import and its push together), split where the second
+/// build imports the first one's cache.
+#[test]
+fn two_back_to_back_unnamed_builds_are_two_sessions() {
+    let Some(_daemon) = daemon() else { return };
+    let server = common::Server::start();
+    let first = format!("{}/pair/app:v1", server.host);
+    let second = format!("{}/pair/app:v2", server.host);
+    let _cleanup = Cleanup(vec![first.clone(), second.clone()]);
+    let context = context(&server, "pair");
+
+    cold_build_and_push(context.path(), &first);
+    wipe(&[&first]);
+    let warm = common::docker_build(context.path(), &second, true, Some(&first));
+    let ran: Vec<_> = steps(&warm)
+        .into_iter()
+        .filter(|(_, end)| end != "CACHED")
+        .collect();
+    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+    common::run_ok(&mut common::docker(&["push", &second]));
+
+    let mut sessions = api_sessions(&server, 0, "pair/app");
+    sessions.sort_by_key(|s| s.started_ms);
+    assert_eq!(sessions.len(), 2, "{sessions:#?}");
+    let (one, two) = (&sessions[0], &sessions[1]);
+    assert!(!one.open, "{one:#?}");
+    assert_eq!(
+        (one.counts.reads(), one.counts.manifests_written),
+        (0, 1),
+        "{one:#?}"
+    );
+    assert!(one.tags.contains("pair/app:v1") && !one.tags.contains("pair/app:v2"));
+    // The second build's import (dockerd's BuildKit) and its push (dockerd) together.
+    assert_eq!(two.counts.cache_imports, 1, "{two:#?}");
+    assert_eq!(two.counts.manifests_written, 1, "{two:#?}");
+    assert!(two.tags.contains("pair/app:v2"), "{two:#?}");
+    assert!(two.user_agents.len() >= 2, "{:?}", two.user_agents);
+    assert!(two.started_ms >= one.ended_ms, "{sessions:#?}");
 }

@@ -14,5 +14,7 @@ pub mod name;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use error_code::ErrorCode;
-pub use manifest::{Manifest, ManifestError, RefKind, Reference as ManifestReference};
+pub use manifest::{
+    CacheRecords, Manifest, ManifestError, RefKind, Reference as ManifestReference,
+};
 pub use name::{NameError, Reference, RepoName, Tag};

@@ -52,6 +52,57 @@ pub struct Reference {
     pub required: bool,
 }
 
+/// The image config field BuildKit's inline cache lives in (base64 of its cache records).
+pub const INLINE_CACHE_FIELD: &str = "moby.buildkit.cache.v0";
+
+/// The BuildKit cache records a manifest gives a build that imports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheRecords {
+    /// None: an image pushed without cache metadata, or another artifact.
+    Without,
+    /// A registry cache export: a manifest or index carrying a BuildKit cache config.
+    Export,
+    /// An image whose config carries inline cache (`moby.buildkit.cache.v0`).
+    Inline,
+}
+
+impl CacheRecords {
+    /// Stable name used in metadata storage and the `Layercache-Cache-Records` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheRecords::Without => "none",
+            CacheRecords::Export => "export",
+            CacheRecords::Inline => "inline",
+        }
+    }
+
+    /// The value [`CacheRecords::as_str`] gives, back.
+    pub fn parse(name: &str) -> Option<CacheRecords> {
+        [
+            CacheRecords::Without,
+            CacheRecords::Export,
+            CacheRecords::Inline,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
+
+    /// Whether a build importing it finds cache records.
+    pub fn has_records(self) -> bool {
+        self != CacheRecords::Without
+    }
+}
+
+/// Whether an image config (its JSON bytes) carries inline cache.
+pub fn has_inline_cache(config: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "moby.buildkit.cache.v0")]
+        cache: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Probe>(config).is_ok_and(|p| p.cache.is_some())
+}
+
 /// A parsed manifest or index: what storage and the referrers API need of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -65,6 +116,10 @@ pub struct Manifest {
     pub annotations: BTreeMap<String, String>,
     /// Everything the manifest references (config, layers, children).
     pub references: Vec<Reference>,
+    /// It carries a BuildKit cache config: a registry cache export.
+    pub cache_export: bool,
+    /// The image config of an image manifest (not a cache config): its digest and size.
+    pub image_config: Option<(Digest, u64)>,
 }
 
 #[derive(serde::Deserialize)]
@@ -125,12 +180,18 @@ impl Manifest {
             .as_ref()
             .map(|t| t.to_string())
             .or_else(|| Some(m.config().media_type().to_string()));
+        let cache_export = m.config().media_type().as_ref() == media_type::BUILDKIT_CACHE_CONFIG;
+        let image_config = (!cache_export)
+            .then(|| Ok::<_, ManifestError>((digest_of(m.config())?, m.config().size())))
+            .transpose()?;
         Ok(Manifest {
             media_type,
             artifact_type,
             subject: m.subject().as_ref().map(digest_of).transpose()?,
             annotations: sorted(m.annotations()),
             references,
+            cache_export,
+            image_config,
         })
     }
 
@@ -154,12 +215,18 @@ impl Manifest {
                 })
             })
             .collect::<Result<_, ManifestError>>()?;
+        let cache_export = index
+            .manifests()
+            .iter()
+            .any(|d| d.media_type().as_ref() == media_type::BUILDKIT_CACHE_CONFIG);
         Ok(Manifest {
             media_type,
             artifact_type: index.artifact_type().as_ref().map(|t| t.to_string()),
             subject: index.subject().as_ref().map(digest_of).transpose()?,
             annotations: sorted(index.annotations()),
             references,
+            cache_export,
+            image_config: None,
         })
     }
 }
@@ -233,6 +300,38 @@ mod tests {
         let m = Manifest::parse(Some(media_type::OCI_INDEX), body.as_bytes()).unwrap();
         assert!(m.references.iter().all(|r| r.kind == RefKind::Blob));
         assert_eq!(m.references.len(), 2);
+        assert!(m.cache_export);
+        // The image-manifest shape of the same export (`image-manifest=true`).
+        let body = image(media_type::OCI_MANIFEST, media_type::BUILDKIT_CACHE_CONFIG);
+        let m = Manifest::parse(None, body.as_bytes()).unwrap();
+        assert!(m.cache_export && m.image_config.is_none());
+    }
+
+    #[test]
+    fn an_image_config_names_its_inline_cache() {
+        let body = image(
+            media_type::DOCKER_MANIFEST,
+            "application/vnd.docker.container.image.v1+json",
+        );
+        let m = Manifest::parse(None, body.as_bytes()).unwrap();
+        assert!(!m.cache_export);
+        assert_eq!(
+            m.image_config.map(|c| c.0.to_string()).as_deref(),
+            Some(CFG)
+        );
+        assert!(has_inline_cache(
+            br#"{"os":"linux","moby.buildkit.cache.v0":"W10="}"#
+        ));
+        assert!(!has_inline_cache(br#"{"os":"linux"}"#));
+        assert!(!has_inline_cache(br#"{"moby.buildkit.cache.v0":null}"#));
+        assert!(!has_inline_cache(b"not json"));
+        for records in [
+            CacheRecords::Without,
+            CacheRecords::Export,
+            CacheRecords::Inline,
+        ] {
+            assert_eq!(CacheRecords::parse(records.as_str()), Some(records));
+        }
     }
 
     #[test]

@@ -23,3 +23,14 @@ pub(crate) fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// A store in a new temporary directory (removed when the directory is dropped).
+#[cfg(test)]
+async fn temporary_store() -> (store::Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = store::Config {
+        data_dir: dir.path().join("data"),
+        ..store::Config::default()
+    };
+    (store::Store::open(&config).await.unwrap(), dir)
+}

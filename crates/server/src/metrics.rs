@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
+use oci::CacheRecords;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -122,7 +123,7 @@ impl Metrics {
         );
         registry.register(
             "manifest_lookups",
-            "Manifest GET/HEAD by result (hit or miss)",
+            "Manifest GET/HEAD by result (hit, no_cache: an image without cache metadata, or miss)",
             manifest_lookups.clone(),
         );
         registry.register(
@@ -206,8 +207,13 @@ impl Metrics {
     /// Count a registry request's cache outcome.
     pub fn outcome(&self, outcome: &Outcome) {
         let (family, result) = match outcome {
-            Outcome::ManifestLookup { found, .. } => {
-                (&self.manifest_lookups, if *found { "hit" } else { "miss" })
+            Outcome::ManifestLookup { found, records, .. } => {
+                let result = match (found, records) {
+                    (false, _) => "miss",
+                    (true, Some(CacheRecords::Without)) => "no_cache",
+                    (true, _) => "hit",
+                };
+                (&self.manifest_lookups, result)
             }
             Outcome::BlobChecked { size, .. } => (
                 &self.blob_checks,

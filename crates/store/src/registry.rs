@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use oci::{Algorithm, Digest, Hasher, Manifest, Reference, RepoName};
+use futures::StreamExt;
+use oci::{Algorithm, CacheRecords, Digest, Hasher, Manifest, Reference, RepoName};
 
 use crate::blob::{BlobStore, ByteRange, ByteStream, FsBackend};
 use crate::config::Config;
@@ -24,6 +25,8 @@ use crate::meta::{
 use crate::upload::{HashState, HashStates, UploadId};
 use crate::{Error, Result, now_secs};
 
+/// Largest image config read to learn whether it carries inline cache.
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// How often recorded reads are written to the metadata store.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -421,6 +424,7 @@ impl Store {
             Reference::Tag(t) => (Digest::sha256_of(&body), Some(t)),
         };
         let subject = parsed.subject.clone();
+        let cache = self.cache_records(repo, &parsed).await?;
         let record = ManifestRecord {
             digest: digest.clone(),
             media_type: parsed.media_type,
@@ -429,9 +433,48 @@ impl Store {
             annotations: parsed.annotations,
             content: body,
             references: parsed.references,
+            cache,
         };
         self.0.meta.put_manifest(repo, record, tag).await?;
         Ok(PutManifest { digest, subject })
+    }
+
+    /// The cache records `manifest`, about to be stored in `repo`, gives a build that
+    /// imports it: read from its image config, or from the children of an index.
+    async fn cache_records(&self, repo: &RepoName, manifest: &Manifest) -> Result<CacheRecords> {
+        if manifest.cache_export {
+            return Ok(CacheRecords::Export);
+        }
+        if let Some((config, size)) = &manifest.image_config {
+            if *size > MAX_CONFIG_BYTES {
+                return Ok(CacheRecords::Without);
+            }
+            let Some(mut stream) = self.0.blobs.read(config, None).await? else {
+                // The manifest is refused for it.
+                return Ok(CacheRecords::Without);
+            };
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                bytes.extend_from_slice(&chunk?);
+            }
+            return Ok(if oci::manifest::has_inline_cache(&bytes) {
+                CacheRecords::Inline
+            } else {
+                CacheRecords::Without
+            });
+        }
+        let children = manifest
+            .references
+            .iter()
+            .filter(|r| r.kind == oci::RefKind::Manifest);
+        for child in children {
+            let reference = Reference::Digest(child.digest.clone());
+            let stored = self.0.meta.get_manifest(repo, &reference).await?;
+            if let Some(records) = stored.and_then(|m| m.cache).filter(|c| c.has_records()) {
+                return Ok(records);
+            }
+        }
+        Ok(CacheRecords::Without)
     }
 
     /// The manifest a tag or digest names in `repo`.

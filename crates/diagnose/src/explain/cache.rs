@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 use super::image::Image;
 use super::{Error, Result, short_digest, text};
 
+/// The description of a record whose layer nothing describes.
+const UNDESCRIBED: &str = "(layer, no description)";
+
 /// The cache config, as BuildKit writes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct CacheConfig {
@@ -304,6 +307,33 @@ impl Cache {
         read(CacheForm::Inline, &config, &described, Vec::new()).map(Some)
     }
 
+    /// Whether a record's layer has no description (recent BuildKit registry exports
+    /// carry none).
+    pub fn has_undescribed(&self) -> bool {
+        self.records.iter().any(|r| r.description == UNDESCRIBED)
+    }
+
+    /// Name each record whose layer nothing describes after the step of `image` that
+    /// produced the same layer (an image pushed by the same build shares its layers);
+    /// `reference` names the image. Returns how many records were named.
+    pub fn name_from_history(&mut self, image: &Image, reference: &str) -> usize {
+        let step_of: HashMap<&str, &str> = (image.layers.iter().enumerate())
+            .filter_map(|(i, layer)| Some((layer.digest.as_str(), image.instruction_of_layer(i)?)))
+            .collect();
+        let mut named = 0;
+        for record in &mut self.records {
+            if record.description != UNDESCRIBED {
+                continue;
+            }
+            let step = record.layers.first().and_then(|l| step_of.get(l.as_str()));
+            if let Some(step) = step {
+                record.description = format!("{step}  (history of {reference})");
+                named += 1;
+            }
+        }
+        named
+    }
+
     /// Total size of the layers whose size is known.
     pub fn layer_bytes(&self) -> u64 {
         self.layers.iter().filter_map(|l| l.size).sum()
@@ -424,9 +454,7 @@ fn read(
                 .filter_map(|&l| config.layers.get(l).map(|x| x.blob.clone()))
                 .collect();
             let description = match top.first() {
-                Some(&l) => {
-                    layer_description(l).unwrap_or_else(|| "(layer, no description)".into())
-                }
+                Some(&l) => layer_description(l).unwrap_or_else(|| UNDESCRIBED.into()),
                 None if inputs.is_empty() => "source or file checksum (no layer)".to_owned(),
                 None => "(no layer)".to_owned(),
             };

@@ -5,10 +5,11 @@
 //! ignored, and every step runs again. It also ignores an inline cache whose config and
 //! manifest disagree on the layers. A registry cache export is usable as it is.
 
+use oci::manifest::INLINE_CACHE_FIELD;
 use serde::Serialize;
 
 use super::cache::{Cache, CacheForm};
-use super::image::{INLINE_CACHE_FIELD, Image};
+use super::image::Image;
 use super::text;
 
 /// The verdict on one `--cache-from` source.

@@ -7,9 +7,6 @@ use serde::Serialize;
 
 use super::{Error, Result};
 
-/// The config field BuildKit's inline cache lives in (base64 of JSON cache records).
-pub const INLINE_CACHE_FIELD: &str = "moby.buildkit.cache.v0";
-
 /// One layer of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Layer {

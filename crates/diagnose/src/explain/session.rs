@@ -46,11 +46,79 @@ pub struct BlobElsewhere {
     pub repositories: Vec<String>,
 }
 
+/// The build tool a session's requests came from, told by their user agents, so that
+/// advice is a flag to paste into that tool's command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Builder {
+    /// dockerd's BuildKit (`containerd/…`) and `docker push` (`docker/…`).
+    Docker,
+    /// BuildKit's daemon (`buildkit/…`), driven by buildctl or buildx.
+    BuildKit,
+    /// Another tool, or none known.
+    #[default]
+    Unknown,
+}
+
+impl Builder {
+    /// The builder that sent requests with `user_agents`.
+    pub fn of<'a>(user_agents: impl IntoIterator<Item = &'a str>) -> Builder {
+        let agents: Vec<&str> = user_agents.into_iter().collect();
+        if agents.iter().any(|a| a.starts_with("buildkit/")) {
+            Builder::BuildKit
+        } else if agents
+            .iter()
+            .any(|a| a.starts_with("docker/") || a.starts_with("containerd/"))
+        {
+            Builder::Docker
+        } else {
+            Builder::Unknown
+        }
+    }
+
+    /// The flag that imports the cache at `reference` (`HOST/REPO:TAG`).
+    pub fn import_flag(self, reference: &str) -> String {
+        let docker = format!("`--cache-from {reference}` (docker build)");
+        let buildctl = format!("`--import-cache type=registry,ref={reference}` (buildctl)");
+        let buildx = format!("`--cache-from type=registry,ref={reference}` (buildx)");
+        match self {
+            Builder::Docker => docker,
+            Builder::BuildKit => format!("{buildctl} or {buildx}"),
+            Builder::Unknown => format!("{docker}, {buildx} or {buildctl}"),
+        }
+    }
+
+    /// The flag that makes the build pushing the image `reference` put its cache
+    /// records in it (inline cache), so that importing it gives them.
+    pub fn inline_export_flag(self, reference: &str) -> String {
+        let docker = "`--build-arg BUILDKIT_INLINE_CACHE=1` (docker build)";
+        let buildkit = "`--export-cache type=inline` (buildctl) or `--cache-to type=inline` \
+                        (buildx)";
+        let tools = match self {
+            Builder::Docker => docker.to_owned(),
+            Builder::BuildKit => buildkit.to_owned(),
+            Builder::Unknown => format!("{docker}, {buildkit}"),
+        };
+        format!("{tools} on the build that pushes {reference}")
+    }
+}
+
 /// What the caller found out about a session and the registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionFacts {
     /// The session's name or id.
     pub session: String,
+    /// The registry host its client addressed (`registry.ci:5000`), for pasteable advice.
+    pub host: Option<String>,
+    /// The tool that made its requests.
+    pub builder: Builder,
+    /// Manifests with cache records it fetched.
+    pub cache_imports: u64,
+    /// Images without cache metadata it looked up, in order.
+    pub no_cache_images: Vec<String>,
+    /// Which existing tags (`repo:tag`) of the repositories it missed in carry cache
+    /// records (`false`: an image without cache metadata); tags not checked are absent.
+    pub tag_has_cache: BTreeMap<String, bool>,
     /// Repositories it touched.
     pub repositories: Vec<String>,
     /// What it asked for and did not find, in order.
@@ -89,6 +157,15 @@ pub struct MissedRef {
     pub advice: String,
 }
 
+/// An image a build imported that carries no cache records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UselessImport {
+    /// As looked up: `repo:tag` or `repo@digest`.
+    pub reference: String,
+    /// What to do, in a sentence.
+    pub advice: String,
+}
+
 /// A session's misses, explained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SessionExplanation {
@@ -96,6 +173,14 @@ pub struct SessionExplanation {
     pub session: String,
     /// Repositories it touched.
     pub repositories: Vec<String>,
+    /// The tool that made its requests.
+    pub builder: Builder,
+    /// Images it imported that carry no cache records, when it obtained no cache at
+    /// all: the first thing to fix.
+    pub useless_imports: Vec<UselessImport>,
+    /// Images without cache metadata it looked up while it did obtain cache elsewhere
+    /// (base images, most likely).
+    pub images_without_cache: Vec<String>,
     /// References asked for and absent.
     pub missed_refs: Vec<MissedRef>,
     /// Blobs asked for and absent.
@@ -236,9 +321,25 @@ pub fn explain(facts: &SessionFacts) -> SessionExplanation {
         .filter(|e| facts.repositories.contains(&e.repo))
         .cloned()
         .collect();
+    let (useless_imports, images_without_cache) = if facts.cache_imports == 0 {
+        let useless = facts
+            .no_cache_images
+            .iter()
+            .map(|reference| UselessImport {
+                reference: reference.clone(),
+                advice: useless_import_advice(facts, reference),
+            })
+            .collect();
+        (useless, Vec::new())
+    } else {
+        (Vec::new(), facts.no_cache_images.clone())
+    };
     SessionExplanation {
         session: facts.session.clone(),
         repositories: facts.repositories.clone(),
+        builder: facts.builder,
+        useless_imports,
+        images_without_cache,
         missed_refs,
         missed_blobs,
         missing_elsewhere: facts.missing_elsewhere.clone(),
@@ -248,6 +349,39 @@ pub fn explain(facts: &SessionFacts) -> SessionExplanation {
         last_gc: facts.last_gc,
         evicted,
         limits: facts.limits.clone(),
+    }
+}
+
+/// `reference` as a client pastes it: with the registry host, when known.
+fn qualified(facts: &SessionFacts, reference: &str) -> String {
+    match &facts.host {
+        Some(host) => format!("{host}/{reference}"),
+        None => reference.to_owned(),
+    }
+}
+
+/// What to do about `reference`, an image without cache metadata the build imported.
+pub fn useless_import_advice(facts: &SessionFacts, reference: &str) -> String {
+    let full = qualified(facts, reference);
+    format!(
+        "{full} is an image without cache metadata: the build imported it and found no \
+         cache records, so every step ran again. Push it with its cache: {}; or import a \
+         cache export instead with {}",
+        facts.builder.inline_export_flag(&full),
+        facts.builder.import_flag(&qualified(
+            facts,
+            &format!("{}:cache", repo_part(reference))
+        ))
+    )
+}
+
+/// The repository of `repo:tag` or `repo@digest`.
+fn repo_part(reference: &str) -> &str {
+    match reference.split_once('@') {
+        Some((repo, _)) => repo,
+        None => reference
+            .rsplit_once(':')
+            .map_or(reference, |(repo, _)| repo),
     }
 }
 
@@ -281,17 +415,30 @@ fn missed_tag(facts: &SessionFacts, reference: &str, repo: &str, tag: &str) -> M
             (near, evicted_advice(reference, root, facts.last_gc))
         }
         (None, Some(tags)) if !tags.is_empty() => {
-            let near: Vec<String> = nearest(tag, tags, NEAREST)
+            // Never offer an image a build would find no cache in.
+            let with_cache: Vec<String> = tags
+                .iter()
+                .filter(|t| facts.tag_has_cache.get(&format!("{repo}:{t}")) != Some(&false))
+                .cloned()
+                .collect();
+            let near: Vec<String> = nearest(tag, &with_cache, NEAREST)
                 .into_iter()
                 .map(|t| format!("{repo}:{t}"))
                 .collect();
             let advice = match near.first() {
                 Some(best) => format!(
-                    "{reference} does not exist; {best} does: add `--cache-from {best}` as a \
-                     second --cache-from (BuildKit imports from every one it is given), so a \
-                     build of a new branch starts from that cache"
+                    "{reference} does not exist; {best} does and carries cache: add {} as a \
+                     second cache import (BuildKit imports from every one it is given), so \
+                     a build of a new branch starts from that cache",
+                    facts.builder.import_flag(&qualified(facts, best))
                 ),
-                None => format!("{reference} does not exist"),
+                None => format!(
+                    "{reference} does not exist, and no tag of {repo} carries cache records: \
+                     export a cache to it ({})",
+                    facts
+                        .builder
+                        .inline_export_flag(&qualified(facts, reference))
+                ),
             };
             (near, advice)
         }
@@ -358,7 +505,8 @@ fn missed_manifest(facts: &SessionFacts, reference: &str, repo: &str, digest: &s
 impl SessionExplanation {
     /// Whether there is nothing to explain.
     pub fn is_clean(&self) -> bool {
-        self.missed_refs.is_empty()
+        self.useless_imports.is_empty()
+            && self.missed_refs.is_empty()
             && self.missed_blobs.is_empty()
             && self.missed_entries.is_empty()
             && self.uploaded_elsewhere.is_empty()
@@ -378,6 +526,16 @@ impl SessionExplanation {
         if self.is_clean() {
             out += "No misses: every reference it asked for was there, and it uploaded no \
                     blob another repository already held.\n";
+        }
+        if !self.useless_imports.is_empty() {
+            out += &format!(
+                "\nImported, but without cache metadata ({}): the build obtained no cache \
+                 at all\n",
+                self.useless_imports.len()
+            );
+            for u in &self.useless_imports {
+                out += &format!("  {}\n    {}.\n", u.reference, u.advice);
+            }
         }
         if !self.missed_refs.is_empty() {
             out += &format!(
@@ -447,6 +605,13 @@ impl SessionExplanation {
                 };
                 out += &format!("  {name}  (last used {})\n", text::utc(e.last_used));
             }
+        }
+        if !self.images_without_cache.is_empty() {
+            out += &format!(
+                "\nImages without cache metadata it looked up (base images, or cache \
+                 imports that gave nothing): {}\n",
+                self.images_without_cache.join(", ")
+            );
         }
         for limit in &self.limits {
             out += &format!("Note: {limit}.\n");
@@ -526,12 +691,38 @@ mod tests {
             "{}",
             first.advice
         );
+        // An image without cache metadata is never offered; the advice is the flag of
+        // the builder that asked, with the host.
+        facts.tag_has_cache.insert("cache/app:main".into(), false);
+        facts.host = Some("ci:5000".into());
+        facts.builder = Builder::BuildKit;
+        let advice = &explain(&facts).missed_refs[0].advice;
+        assert!(
+            advice.contains("no tag of cache/app carries cache"),
+            "{advice}"
+        );
+        assert!(
+            advice.contains("`--export-cache type=inline` (buildctl)"),
+            "{advice}"
+        );
+        facts
+            .tags
+            .insert("cache/app".into(), Some(strings(&["main", "pr-11-cache"])));
+        let e = explain(&facts);
+        assert_eq!(e.missed_refs[0].nearest, ["cache/app:pr-11-cache"]);
+        assert!(
+            e.missed_refs[0]
+                .advice
+                .contains("`--import-cache type=registry,ref=ci:5000/cache/app:pr-11-cache`"),
+            "{}",
+            e.missed_refs[0].advice
+        );
         let second = &e.missed_refs[1];
         assert!(!second.repository_exists);
         assert_eq!(second.nearest, ["cache/app"]);
         let text = e.text();
         assert!(text.contains("cache/app:pr-12"), "{text}");
-        assert!(text.contains("second --cache-from"), "{text}");
+        assert!(text.contains("second cache import"), "{text}");
     }
 
     #[test]
@@ -567,5 +758,40 @@ mod tests {
         assert!(text.contains("2026-11-23T19:06:31Z"), "{text}");
         assert!(text.contains("cache/base"), "{text}");
         assert!(!e.is_clean());
+    }
+
+    #[test]
+    fn an_import_without_cache_metadata_comes_first_when_nothing_gave_cache() {
+        let mut facts = SessionFacts {
+            session: "job-2".into(),
+            host: Some("127.0.0.1:5000".into()),
+            builder: Builder::of(["containerd/1.6.20", "docker/20.10.24 go/1.19"]),
+            repositories: strings(&["s5/prebuild"]),
+            no_cache_images: strings(&["s5/prebuild:v1"]),
+            missed: strings(&["s5/prebuild:other"]),
+            tags: [("s5/prebuild".to_owned(), Some(strings(&["v1"])))].into(),
+            ..SessionFacts::default()
+        };
+        let e = explain(&facts);
+        assert_eq!(e.builder, Builder::Docker);
+        assert_eq!(e.useless_imports.len(), 1);
+        let advice = &e.useless_imports[0].advice;
+        assert!(
+            advice.contains("127.0.0.1:5000/s5/prebuild:v1 is an image without cache metadata"),
+            "{advice}"
+        );
+        assert!(advice.contains("BUILDKIT_INLINE_CACHE=1"), "{advice}");
+        let text = e.text();
+        let first_section = text.lines().nth(2).unwrap_or("");
+        assert!(
+            first_section.starts_with("Imported, but without cache"),
+            "{text}"
+        );
+        assert!(!e.is_clean());
+        // With cache obtained elsewhere, such images are most likely base images.
+        facts.cache_imports = 1;
+        let e = explain(&facts);
+        assert!(e.useless_imports.is_empty());
+        assert_eq!(e.images_without_cache, ["s5/prebuild:v1"]);
     }
 }

@@ -1,5 +1,6 @@
 //! `layercache expect`: fail a CI step whose build did not use the cache as required.
 
+use diagnose::explain::session::Builder;
 use server::sessions::{Counts, Session};
 
 use crate::cli::ExpectArgs;
@@ -35,12 +36,45 @@ fn counts_in(sessions: &[Session], repo: &str) -> Counts {
     total
 }
 
+/// Images without cache metadata the sessions imported from `repo`, as a sentence that
+/// names them and the fix, or `None` when there were none.
+fn useless_imports(sessions: &[Session], repo: &str) -> Option<String> {
+    let mut images: Vec<&str> = Vec::new();
+    for image in sessions.iter().flat_map(|s| &s.no_cache_images) {
+        let in_repo = image
+            .strip_prefix(repo)
+            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('@'));
+        if in_repo && !images.contains(&image.as_str()) {
+            images.push(image);
+        }
+    }
+    let first = images.first()?;
+    let builder = Builder::of(
+        sessions
+            .iter()
+            .flat_map(|s| s.user_agents.iter().chain([&s.user_agent]))
+            .map(String::as_str),
+    );
+    let full = match sessions.iter().find_map(|s| s.host.as_deref()) {
+        Some(host) => format!("{host}/{first}"),
+        None => (*first).to_owned(),
+    };
+    Some(format!(
+        "the build imported {} — image(s) without cache metadata, so it got no cache \
+         records from them and ran every step (a useless import); push {full} with its \
+         cache: {}",
+        images.join(", "),
+        builder.inline_export_flag(&full)
+    ))
+}
+
 /// What the sessions add up to in the repository, against what `args` requires.
 fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String, String> {
     let repo = &args.repo;
     let c = counts_in(sessions, repo);
     let (hits, misses) = (c.hits(), c.misses());
-    if c.reads() == 0 && c.writes() == 0 {
+    let useless = useless_imports(sessions, repo);
+    if c.reads() == 0 && c.writes() == 0 && useless.is_none() {
         let asked = if misses > 0 {
             format!(" ({misses} lookup(s) missed)")
         } else {
@@ -52,6 +86,11 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
         ));
     }
     if args.reads && c.reads() == 0 {
+        if let Some(useless) = useless {
+            return Err(format!(
+                "no cache reads for {repo} since {since}: {useless}"
+            ));
+        }
         let missed: Vec<&str> = sessions
             .iter()
             .flat_map(|s| s.missed.iter().map(String::as_str))
@@ -74,9 +113,10 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
     if let Some(min) = args.min_hit_ratio {
         let got = c.hit_ratio().unwrap_or(0.0);
         if got < min {
+            let why = useless.map_or(String::new(), |u| format!("; {u}"));
             return Err(format!(
                 "cache hit ratio for {repo} since {since} is {:.0}% ({hits} of {} lookups), \
-                 below the required {:.0}%",
+                 below the required {:.0}%{why}",
                 got * 100.0,
                 hits + misses,
                 min * 100.0
@@ -84,9 +124,11 @@ fn judge(args: &ExpectArgs, sessions: &[Session], since: &str) -> Result<String,
         }
     }
     Ok(format!(
-        "{repo} since {since}: {} session(s), {hits} hit(s), {misses} miss(es), {} push \
-         probe(s), {} bytes read, {} blob(s), {} manifest(s) and {} cache entr(ies) written",
+        "{repo} since {since}: {} session(s), {hits} hit(s), {misses} miss(es), {} cache \
+         import(s), {} push probe(s), {} bytes read, {} blob(s), {} manifest(s) and {} \
+         cache entr(ies) written",
         sessions.len(),
+        c.cache_imports,
         c.push_probes,
         c.bytes_served,
         c.blobs_written,
@@ -123,6 +165,12 @@ fn seen(sessions: &[Session], since: &str) -> String {
             }
             if c.misses() > 0 {
                 did.push(format!("{} miss(es)", c.misses()));
+            }
+            if c.no_cache_lookups > 0 {
+                did.push(format!(
+                    "{} lookup(s) of images without cache metadata",
+                    c.no_cache_lookups
+                ));
             }
             (!did.is_empty()).then(|| format!("{repo}: {}", did.join(", ")))
         })
@@ -167,5 +215,32 @@ mod tests {
              3 blob(s) and 0 cache entr(ies) written"
         );
         assert_eq!(seen(&[], "T"), "nothing reached layercache since T");
+    }
+
+    #[test]
+    fn a_useless_import_fails_the_reads_check_naming_the_image_and_the_fix() {
+        let mut job2 = session("s5/prebuild", |c| c.no_cache_lookups = 2);
+        job2.no_cache_images = vec!["s5/prebuild:v1".into()];
+        job2.user_agents = ["containerd/1.6.20".to_owned()].into();
+        job2.host = Some("127.0.0.1:5000".into());
+        let args = |reads, ratio| ExpectArgs {
+            server: crate::cli::ServerArg { url: String::new() },
+            repo: "s5/prebuild".into(),
+            since: "1h".into(),
+            session: None,
+            reads,
+            writes: false,
+            min_hit_ratio: ratio,
+        };
+        let failure = judge(&args(true, None), &[job2.clone()], "T").unwrap_err();
+        assert!(failure.contains("imported s5/prebuild:v1"), "{failure}");
+        assert!(
+            failure.contains("push 127.0.0.1:5000/s5/prebuild:v1 with its cache"),
+            "{failure}"
+        );
+        assert!(failure.contains("BUILDKIT_INLINE_CACHE=1"), "{failure}");
+        let failure = judge(&args(false, Some(0.5)), &[job2], "T").unwrap_err();
+        assert!(failure.contains("0 of 0 lookups"), "{failure}");
+        assert!(failure.contains("useless import"), "{failure}");
     }
 }

@@ -56,6 +56,11 @@ pub struct ExplainArgs {
     /// new one.
     #[arg(long, value_name = "CACHE_REF", requires = "cache")]
     pub against: Option<String>,
+    /// With --cache: an image the same build pushed, whose history names the steps of
+    /// a cache export's layers (else one sharing its layers is looked for in the same
+    /// registry).
+    #[arg(long, value_name = "IMAGE", requires = "cache")]
+    pub image: Option<String>,
     /// Check whether BuildKit would reuse this image (or cache export) given to
     /// --cache-from; exits 1 when it would not.
     #[arg(long = "cache-from", value_name = "IMAGE")]
@@ -210,7 +215,10 @@ async fn explain_cache(
     platform: &Platform,
 ) -> anyhow::Result<()> {
     let (location, resolved) = fetch(args, reference, platform).await?;
-    let cache = cache_of(&location, &resolved)?;
+    let mut cache = cache_of(&location, &resolved)?;
+    if cache.has_undescribed() {
+        name_steps(args, &location, &mut cache, platform).await?;
+    }
     let earlier = match &args.against {
         Some(other) => {
             let (l, r) = fetch(args, other, platform).await?;
@@ -224,6 +232,65 @@ async fn explain_cache(
         (&location, &resolved, &cache),
         earlier.as_ref().map(|(l, r, c)| (l, r, c)),
     )
+}
+
+/// Most images read while looking for one that shares a cache export's layers.
+const MAX_HISTORY_CANDIDATES: usize = 30;
+
+/// Name the undescribed steps of `cache` (at `location`) from the history of the image
+/// given with `--image`, or of one found in the same registry that shares its layers:
+/// another tag of its repository, or a tag of a repository of the same last name.
+async fn name_steps(
+    args: &ExplainArgs,
+    location: &Location,
+    cache: &mut diagnose::explain::cache::Cache,
+    platform: &Platform,
+) -> anyhow::Result<()> {
+    if let Some(image) = &args.image {
+        let (l, r) = fetch(args, image, platform).await?;
+        let Resolved::Image { image, .. } = &r else {
+            bail!("--image {l} is not an image");
+        };
+        cache.name_from_history(image, &l.to_string());
+        return Ok(());
+    }
+    let Location::Registry(remote) = location else {
+        return Ok(());
+    };
+    let registry = registry::Registry::new(&remote.base)?;
+    let last = |repo: &str| repo.rsplit('/').next().unwrap_or(repo).to_owned();
+    let mut repos = vec![remote.repo.clone()];
+    if let Ok(catalog) = registry.catalog(10_000).await {
+        repos.extend(
+            catalog
+                .into_iter()
+                .filter(|r| *r != remote.repo && last(r) == last(&remote.repo)),
+        );
+    }
+    let mut candidates = Vec::new();
+    for repo in repos {
+        for tag in registry
+            .tags(&repo, 1000)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+        {
+            if repo != remote.repo || tag != remote.reference {
+                candidates.push(format!("{}/{repo}:{tag}", registry.host()));
+            }
+        }
+    }
+    for candidate in candidates.iter().take(MAX_HISTORY_CANDIDATES) {
+        let Ok((l, Resolved::Image { image, .. })) = fetch(args, candidate, platform).await else {
+            continue;
+        };
+        cache.name_from_history(&image, &l.to_string());
+        if !cache.has_undescribed() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn print_cache_comparison(

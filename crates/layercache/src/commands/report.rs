@@ -39,6 +39,8 @@ fn table(sessions: &[Session], repo: Option<&str>) -> String {
         "MISSES",
         "HIT%",
         "PROBES",
+        "IMPORTS",
+        "NO-CACHE",
         "READ",
         "WRITTEN",
         "AVOIDED",
@@ -60,6 +62,8 @@ fn table(sessions: &[Session], repo: Option<&str>) -> String {
                 c.hit_ratio()
                     .map_or("-".to_owned(), |r| format!("{:.0}", r * 100.0)),
                 c.push_probes.to_string(),
+                c.cache_imports.to_string(),
+                c.no_cache_lookups.to_string(),
                 size(c.bytes_served),
                 size(c.bytes_written),
                 size(c.bytes_avoided),
@@ -88,6 +92,20 @@ fn table(sessions: &[Session], repo: Option<&str>) -> String {
     let mut out = line(header.to_vec());
     for row in &rows {
         out += &line(row.iter().map(String::as_str).collect());
+    }
+    for s in sessions {
+        let c = repo.map_or_else(|| s.counts.clone(), |r| s.counts_in(r));
+        // A build (it wrote, or its cache repository was named) that got no cache.
+        let build = repo.is_some() || s.counts.writes() > 0;
+        if build && c.no_cache_lookups > 0 && c.reads() == 0 {
+            let name = s.name.as_deref().unwrap_or(&s.id);
+            out += &format!(
+                "\n{name}: useless import: it looked up {} (image(s) without cache metadata) \
+                 and obtained no cache; `layercache explain --session {name}` says what to \
+                 change\n",
+                s.no_cache_images.join(", ")
+            );
+        }
     }
     out
 }

@@ -30,7 +30,7 @@ pub use error::ActionsError;
 pub use token::{Grant, Issuer, IssuerError, TokenRequest, UrlUse, Verifier};
 
 use crate::app::AppState;
-use crate::sessions::{Client, Outcome};
+use crate::sessions::{ACTIONS_AREA, Client, Outcome};
 
 /// Most keys a restore may name (the primary key and its restore keys).
 const MAX_KEYS: usize = 10;
@@ -295,11 +295,12 @@ fn record(
         name: session.map(str::to_owned),
         addr,
         user_agent: "actions-cache".into(),
+        host: None,
     };
     state.metrics.outcome(&outcome);
     let id = state
         .sessions
-        .record(&client, &format!("actions:{scope}"), outcome);
+        .record(&client, &format!("{ACTIONS_AREA}{scope}"), outcome);
     tracing::Span::current().record("session", id.as_str());
 }
 

@@ -10,6 +10,9 @@ use super::{RegistryError, Result};
 use crate::app::AppState;
 
 const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+/// The cache records a manifest gives a build that imports it (`export`, `inline` or
+/// `none`), for layercache's own tools and the build sessions.
+pub const CACHE_RECORDS: HeaderName = HeaderName::from_static("layercache-cache-records");
 
 /// `GET` (with `body`) or `HEAD` of a manifest.
 pub async fn get_manifest(
@@ -40,7 +43,7 @@ pub async fn get_manifest(
     } else {
         Body::empty()
     };
-    Ok((
+    let mut response = (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, manifest.media_type),
@@ -49,7 +52,12 @@ pub async fn get_manifest(
         ],
         content,
     )
-        .into_response())
+        .into_response();
+    if let Some(records) = manifest.cache {
+        let value = header::HeaderValue::from_static(records.as_str());
+        response.headers_mut().insert(CACHE_RECORDS, value);
+    }
+    Ok(response)
 }
 
 /// `PUT /v2/<name>/manifests/<reference>`.

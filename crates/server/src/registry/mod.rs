@@ -17,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use oci::{ErrorCode, Reference, RepoName};
+use oci::{CacheRecords, ErrorCode, Reference, RepoName};
 
 pub use endpoint::Endpoint;
 pub use error::RegistryError;
@@ -160,6 +160,7 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
             let by_tag = matches!(r, Reference::Tag(_));
             let head = matches!(endpoint, Endpoint::HeadManifest(..));
             let reference = reference(repo, r);
+            let records = header(manifests::CACHE_RECORDS.as_str()).and_then(CacheRecords::parse);
             (
                 repo,
                 Outcome::ManifestLookup {
@@ -167,6 +168,7 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
                     by_tag,
                     head,
                     found,
+                    records,
                 },
             )
         }

@@ -2,12 +2,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use oci::CacheRecords;
 use serde::{Deserialize, Serialize};
 
 use super::Client;
 
 /// Most distinct digests or references a session lists per kind (counts go on).
 const MAX_LISTED: usize = 1000;
+/// Most distinct user agents a session lists.
+const MAX_AGENTS: usize = 16;
 
 /// What one registry request did, for its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +26,9 @@ pub enum Outcome {
         head: bool,
         /// Whether it was there.
         found: bool,
+        /// The cache records the manifest found gives a build (`None` when not found,
+        /// or stored before layercache recorded them).
+        records: Option<CacheRecords>,
     },
     /// A manifest was stored, under `tag` if one was given.
     ManifestWritten {
@@ -94,13 +100,19 @@ pub enum Outcome {
 pub struct Counts {
     /// Requests.
     pub requests: u64,
-    /// Manifest lookups that found the manifest.
+    /// Manifest lookups that found a manifest with cache records (or one stored before
+    /// layercache recorded them).
     pub manifest_hits: u64,
     /// Manifest lookups that did not.
     pub manifest_misses: u64,
     /// Checks of a tag the build then pushed (an output image, a cache export's own tag):
     /// neither hits nor misses.
     pub push_probes: u64,
+    /// Manifest lookups that found an image without cache metadata: a base image, or a
+    /// useless cache import; neither hits nor misses.
+    pub no_cache_lookups: u64,
+    /// Manifests with cache records fetched: the builder obtained cache it can use.
+    pub cache_imports: u64,
     /// Manifests stored.
     pub manifests_written: u64,
     /// Blob checks that found the blob (an upload the client could skip).
@@ -144,9 +156,9 @@ impl Counts {
         (lookups > 0).then(|| self.hits() as f64 / lookups as f64)
     }
 
-    /// Reads: lookups that hit and blobs served.
+    /// Cache reads: manifests with cache records fetched, and cache entries found.
     pub fn reads(&self) -> u64 {
-        self.hits() + self.blobs_served
+        self.cache_imports + self.entry_hits
     }
 
     /// Writes: blobs, manifests and cache entries stored.
@@ -161,6 +173,8 @@ impl Counts {
             manifest_hits,
             manifest_misses,
             push_probes,
+            no_cache_lookups,
+            cache_imports,
             manifests_written,
             blobs_present,
             blobs_absent,
@@ -178,6 +192,8 @@ impl Counts {
         self.manifest_hits += manifest_hits;
         self.manifest_misses += manifest_misses;
         self.push_probes += push_probes;
+        self.no_cache_lookups += no_cache_lookups;
+        self.cache_imports += cache_imports;
         self.manifests_written += manifests_written;
         self.blobs_present += blobs_present;
         self.blobs_absent += blobs_absent;
@@ -193,18 +209,48 @@ impl Counts {
     }
 }
 
+/// What a manifest lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// A manifest with cache records: a hit.
+    Cache,
+    /// An image without cache metadata.
+    NoCache,
+    /// Nothing: a miss.
+    Nothing,
+}
+
+impl Found {
+    fn of(found: bool, records: Option<CacheRecords>) -> Found {
+        match (found, records) {
+            (false, _) => Found::Nothing,
+            (true, Some(CacheRecords::Without)) => Found::NoCache,
+            (true, _) => Found::Cache,
+        }
+    }
+
+    /// The count it adds to.
+    fn counter(self, counts: &mut Counts) -> &mut u64 {
+        match self {
+            Found::Cache => &mut counts.manifest_hits,
+            Found::NoCache => &mut counts.no_cache_lookups,
+            Found::Nothing => &mut counts.manifest_misses,
+        }
+    }
+}
+
 /// The latest lookup of a tag in a session, until the build pushes that tag (a push
 /// probe, when nothing was fetched through it) or resolves it (an import).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TagLookup {
-    /// It found the tag.
-    found: bool,
+    /// What it found.
+    found: Found,
     /// It was a `HEAD`, which is how a push checks its tag first.
     head: bool,
     /// A manifest of the repository was fetched by digest after it: an import.
     resolved: bool,
-    /// An earlier lookup of the tag missed, so the tag stays among the misses.
-    missed_before: bool,
+    /// The tag was listed (among the misses, or the images without cache) before it.
+    listed_before: bool,
 }
 
 /// A build session: what one build asked of the cache, and what it got.
@@ -216,8 +262,15 @@ pub struct Session {
     pub name: Option<String>,
     /// The client's address.
     pub client: Option<String>,
-    /// The client's `User-Agent`.
+    /// The client's `User-Agent` (of its first request).
     pub user_agent: String,
+    /// Every `User-Agent` it sent (a docker build's pull comes from dockerd's BuildKit,
+    /// its push from dockerd).
+    #[serde(default)]
+    pub user_agents: BTreeSet<String>,
+    /// The `Host` its client addressed (`registry.ci:5000`), when it sent one.
+    #[serde(default)]
+    pub host: Option<String>,
     /// First request, in milliseconds since the epoch.
     pub started_ms: i64,
     /// Last request, in milliseconds since the epoch.
@@ -236,6 +289,10 @@ pub struct Session {
     pub by_repo: BTreeMap<String, Counts>,
     /// References asked for and absent, in order (the first 1000).
     pub missed: Vec<String>,
+    /// Images without cache metadata it looked up, in order (the first 1000): base
+    /// images, or cache imports that gave nothing.
+    #[serde(default)]
+    pub no_cache_images: Vec<String>,
     /// Blobs uploaded (the first 1000).
     pub written: BTreeSet<String>,
     /// Blobs found present or mounted instead of uploaded (the first 1000).
@@ -257,6 +314,7 @@ impl Session {
             name: client.name.clone(),
             client: client.addr.map(|a| a.to_string()),
             user_agent: client.user_agent.clone(),
+            host: client.host.clone(),
             started_ms: now,
             ended_ms: now,
             open: true,
@@ -273,6 +331,13 @@ impl Session {
                 self.counts.clone()
             }
             None => Counts::default(),
+        }
+    }
+
+    /// Note a `User-Agent` the client sent.
+    pub(super) fn note_agent(&mut self, user_agent: &str) {
+        if !self.user_agents.contains(user_agent) && self.user_agents.len() < MAX_AGENTS {
+            self.user_agents.insert(user_agent.to_owned());
         }
     }
 
@@ -296,37 +361,51 @@ impl Session {
                 by_tag,
                 head,
                 found,
+                records,
             } => {
+                let found = Found::of(found, records);
+                self.count(repo, |c| *found.counter(c) += 1);
+                if found == Found::Cache && !head {
+                    self.count(repo, |c| c.cache_imports += 1);
+                }
+                let listed = match found {
+                    Found::Cache => {
+                        if by_tag {
+                            note(&mut self.tags, reference.clone());
+                        }
+                        None
+                    }
+                    Found::NoCache => Some(&mut self.no_cache_images),
+                    Found::Nothing => Some(&mut self.missed),
+                };
                 if by_tag {
-                    let missed_before = self
-                        .tag_lookups
-                        .get(&reference)
-                        .is_some_and(|l| l.missed_before || !l.found);
+                    let listed_before = listed.as_ref().is_some_and(|l| l.contains(&reference));
+                    if let Some(listed) = listed {
+                        list(listed, reference.clone());
+                    }
                     let lookup = TagLookup {
                         found,
                         head,
                         resolved: false,
-                        missed_before,
+                        listed_before,
                     };
-                    self.tag_lookups.insert(reference.clone(), lookup);
+                    self.tag_lookups.insert(reference, lookup);
                 } else {
                     let prefix = format!("{repo}:");
-                    for (_, lookup) in self
+                    let mut tags_of_repo = self
                         .tag_lookups
                         .iter_mut()
                         .filter(|(tag, _)| tag.starts_with(&prefix))
-                    {
+                        .peekable();
+                    let resolved_a_tag = tags_of_repo.peek().is_some();
+                    for (_, lookup) in tags_of_repo {
                         lookup.resolved = true;
                     }
-                }
-                if found {
-                    self.count(repo, |c| c.manifest_hits += 1);
-                    if by_tag {
-                        note(&mut self.tags, reference);
+                    // An image without cache is listed by the tag that named it.
+                    let by_its_tag = found == Found::NoCache && resolved_a_tag;
+                    if let Some(listed) = listed.filter(|_| !by_its_tag) {
+                        list(listed, reference);
                     }
-                } else {
-                    self.count(repo, |c| c.manifest_misses += 1);
-                    list(&mut self.missed, reference);
                 }
             }
             Outcome::ManifestWritten { tag } => {
@@ -402,15 +481,13 @@ impl Session {
             return;
         }
         self.count(repo, |c| {
-            if lookup.found {
-                c.manifest_hits = c.manifest_hits.saturating_sub(1);
-            } else {
-                c.manifest_misses = c.manifest_misses.saturating_sub(1);
-            }
+            let counter = lookup.found.counter(c);
+            *counter = counter.saturating_sub(1);
             c.push_probes += 1;
         });
-        if !lookup.found && !lookup.missed_before {
+        if !lookup.listed_before {
             self.missed.retain(|m| m != tag);
+            self.no_cache_images.retain(|m| m != tag);
         }
     }
 
@@ -445,6 +522,17 @@ mod tests {
             by_tag: !reference.contains('@'),
             head,
             found,
+            records: found.then_some(CacheRecords::Export),
+        }
+    }
+
+    fn image_without_cache(reference: &str, head: bool) -> Outcome {
+        Outcome::ManifestLookup {
+            reference: reference.to_owned(),
+            by_tag: !reference.contains('@'),
+            head,
+            found: true,
+            records: Some(CacheRecords::Without),
         }
     }
 
@@ -528,5 +616,34 @@ mod tests {
         );
         assert_eq!(s.counts_in("other").misses(), 1);
         assert_eq!(s.counts_in("elsewhere"), Counts::default());
+    }
+
+    #[test]
+    fn an_image_without_cache_metadata_is_no_hit_and_no_cache_read() {
+        // A --cache-from of an image pushed without cache: BuildKit resolves the tag,
+        // fetches the manifest, finds no records.
+        let s = session(vec![
+            ("app", image_without_cache("app:prebuild", true)),
+            ("app", image_without_cache("app@sha256:1", false)),
+        ]);
+        assert_eq!((s.counts.hits(), s.counts.misses()), (0, 0));
+        assert_eq!((s.counts.no_cache_lookups, s.counts.reads()), (2, 0));
+        assert_eq!(s.no_cache_images, ["app:prebuild"]);
+        // A cache export fetched is a cache read; its tag check is a hit.
+        let warm = session(vec![
+            ("cache", lookup("cache:main", true, true)),
+            ("cache", lookup("cache@sha256:2", false, true)),
+        ]);
+        assert_eq!((warm.counts.hits(), warm.counts.reads()), (2, 1));
+        // A push over an image without cache checks its own tag first: a probe.
+        let pushed = session(vec![
+            ("app", image_without_cache("app:v1", true)),
+            ("app", push("app:v1")),
+        ]);
+        assert_eq!(
+            (pushed.counts.no_cache_lookups, pushed.counts.push_probes),
+            (0, 1)
+        );
+        assert!(pushed.no_cache_images.is_empty());
     }
 }

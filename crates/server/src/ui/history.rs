@@ -171,13 +171,7 @@ mod tests {
     }
 
     async fn history() -> (UsageHistory, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&store::Config {
-            data_dir: dir.path().join("data"),
-            ..store::Config::default()
-        })
-        .await
-        .unwrap();
+        let (store, dir) = crate::temporary_store().await;
         (UsageHistory::new(store), dir)
     }
 

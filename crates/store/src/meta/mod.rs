@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use oci::{Digest, ManifestReference, Reference, RepoName, Tag};
+use oci::{CacheRecords, Digest, ManifestReference, Reference, RepoName, Tag};
 
 pub use sqlite::SqliteMeta;
 
@@ -35,6 +35,8 @@ pub struct ManifestRecord {
     pub content: Bytes,
     /// Blobs and child manifests it references.
     pub references: Vec<ManifestReference>,
+    /// The cache records it gives a build that imports it.
+    pub cache: CacheRecords,
 }
 
 /// A stored manifest as served.
@@ -46,6 +48,9 @@ pub struct StoredManifest {
     pub media_type: String,
     /// Its bytes.
     pub content: Bytes,
+    /// The cache records it gives a build that imports it (`None` when stored before
+    /// layercache recorded them).
+    pub cache: Option<CacheRecords>,
 }
 
 /// One entry of a referrers response.

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use diagnose::explain::session::nearest;
 use oci::Digest;
 use reqwest::{Method, Response, StatusCode, header};
 
@@ -28,6 +29,8 @@ pub const MAX_MANIFEST: usize = 4 << 20;
 
 /// Most pages of a tag list or the catalog followed.
 const MAX_PAGES: usize = 20;
+/// Most tags listed to name the nearest to one that is not there.
+const MAX_TAGS_NEAREST: usize = 10_000;
 
 /// A fetched manifest or index.
 #[derive(Debug, Clone)]
@@ -188,7 +191,22 @@ impl Registry {
         let status = response.status();
         if !status.is_success() {
             let what = format!("{}/{repo}:{reference}", self.host());
-            return Err(refusal(response, &what, "manifest").await);
+            let error = refusal(response, &what, "manifest").await;
+            if status != StatusCode::NOT_FOUND || reference.parse::<Digest>().is_ok() {
+                return Err(error);
+            }
+            return Err(match self.tags(repo, MAX_TAGS_NEAREST).await {
+                Ok(Some(tags)) if !tags.is_empty() => {
+                    let near = nearest(reference, &tags, 3);
+                    error.context(format!(
+                        "{repo} has no tag {reference}; its nearest tags: {}",
+                        near.join(", ")
+                    ))
+                }
+                Ok(Some(_)) => error.context(format!("{repo} holds no tags")),
+                Ok(None) => error.context(format!("there is no repository {repo}")),
+                Err(_) => error,
+            });
         }
         let media_type = response
             .headers()
@@ -207,6 +225,21 @@ impl Registry {
             body,
             digest,
         })
+    }
+
+    /// Whether the manifest `repo:tag` carries cache records, as layercache says
+    /// (`None`: not there, or a registry that does not say).
+    pub async fn has_cache(&self, repo: &str, tag: &str) -> anyhow::Result<Option<bool>> {
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        let response = self
+            .send(Method::HEAD, repo, &path, Some(&manifest_accept()))
+            .await?;
+        Ok(response
+            .headers()
+            .get("layercache-cache-records")
+            .and_then(|v| v.to_str().ok())
+            .and_then(oci::CacheRecords::parse)
+            .map(oci::CacheRecords::has_records))
     }
 
     /// Blob `digest` of `repo`, at most `limit` bytes, checked against its digest.
@@ -318,7 +351,8 @@ impl Registry {
         Ok(body)
     }
 
-    fn host(&self) -> &str {
+    /// The registry host (`HOST:PORT`), as references name it.
+    pub fn host(&self) -> &str {
         self.base
             .split_once("://")
             .map_or(self.base.as_str(), |(_, h)| h)

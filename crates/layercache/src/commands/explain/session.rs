@@ -7,12 +7,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use diagnose::explain::session::{BlobElsewhere, EvictedRoot, SessionFacts, repository_of};
+use diagnose::explain::session::{
+    BlobElsewhere, Builder, EvictedRoot, SessionFacts, nearest, repository_of,
+};
 
 use super::registry::Registry;
 
 /// Most tags listed per repository, and repositories from the catalog.
 const MAX_LISTED: usize = 10_000;
+/// Most tags near a missed one checked for cache records.
+const CACHE_CHECKS: usize = 10;
 /// Most blobs looked for in other repositories.
 const MAX_BLOBS: usize = 200;
 /// Most other repositories a blob is looked for in.
@@ -51,8 +55,26 @@ pub async fn gather(server: &str, name: &str) -> anyhow::Result<SessionFacts> {
         );
     }
     let registry = Arc::new(Registry::new(server)?);
+    let mut no_cache_images: Vec<String> = Vec::new();
+    for image in sessions.iter().flat_map(|s| &s.no_cache_images) {
+        if !no_cache_images.contains(image) {
+            no_cache_images.push(image.clone());
+        }
+    }
     let mut facts = SessionFacts {
         session: name.to_owned(),
+        host: sessions
+            .iter()
+            .find_map(|s| s.host.clone())
+            .or_else(|| Some(registry.host().to_owned())),
+        builder: Builder::of(
+            sessions
+                .iter()
+                .flat_map(|s| s.user_agents.iter().chain([&s.user_agent]))
+                .map(String::as_str),
+        ),
+        cache_imports: sessions.iter().map(|s| s.counts.cache_imports).sum(),
+        no_cache_images,
         repositories: repositories.iter().cloned().collect(),
         missed: missed.clone(),
         ..SessionFacts::default()
@@ -64,6 +86,17 @@ pub async fn gather(server: &str, name: &str) -> anyhow::Result<SessionFacts> {
             .tags(&repo, MAX_LISTED)
             .await
             .with_context(|| format!("listing the tags of {repo}"))?;
+        // Which of the tags nearest to those missed carry cache, so advice names one.
+        let candidates: BTreeSet<String> = missed
+            .iter()
+            .filter_map(|m| m.strip_prefix(&format!("{repo}:")))
+            .flat_map(|tag| nearest(tag, tags.as_deref().unwrap_or_default(), CACHE_CHECKS))
+            .collect();
+        for tag in candidates {
+            if let Some(has) = registry.has_cache(&repo, &tag).await? {
+                facts.tag_has_cache.insert(format!("{repo}:{tag}"), has);
+            }
+        }
         facts.tags.insert(repo, tags);
     }
     match registry.catalog(MAX_LISTED).await {

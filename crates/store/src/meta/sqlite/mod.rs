@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS manifests (
     content       BLOB NOT NULL,
     created_at    INTEGER NOT NULL,
     accessed_at   INTEGER NOT NULL,
+    cache         TEXT,
     PRIMARY KEY (repo_id, digest)
 );
 CREATE INDEX IF NOT EXISTS manifests_by_subject ON manifests (repo_id, subject) WHERE subject IS NOT NULL;
@@ -226,6 +227,22 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Columns added after a table's first release, for databases created before them.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let added = [("manifests", "cache", "TEXT")];
+    for (table, column, kind) in added {
+        let present: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -275,6 +292,7 @@ impl SqliteMeta {
     pub fn open(path: &Path) -> Result<SqliteMeta> {
         let writer = connect(path)?;
         writer.execute_batch(SCHEMA)?;
+        add_missing_columns(&writer)?;
         let readers = (0..READERS)
             .map(|_| connect(path).map(Mutex::new))
             .collect::<rusqlite::Result<_>>()?;
@@ -416,8 +434,8 @@ impl MetaStore for SqliteMeta {
             let inserted = c
                 .prepare_cached(
                     "INSERT INTO manifests (repo_id, digest, media_type, artifact_type, subject,
-                        annotations, content, created_at, accessed_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                        annotations, content, created_at, accessed_at, cache)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
                      ON CONFLICT (repo_id, digest) DO NOTHING",
                 )?
                 .execute(params![
@@ -428,15 +446,17 @@ impl MetaStore for SqliteMeta {
                     record.subject.as_ref().map(|d| d.to_string()),
                     serde_json::to_string(&record.annotations).unwrap_or_else(|_| "{}".into()),
                     &record.content[..],
-                    now
+                    now,
+                    record.cache.as_str()
                 ])?;
             if inserted == 0 {
-                // Pushed again: that is a use too.
+                // Pushed again: that is a use too (and classifies one stored unclassified).
                 c.prepare_cached(
-                    "UPDATE manifests SET accessed_at = max(accessed_at, ?3)
+                    "UPDATE manifests SET accessed_at = max(accessed_at, ?3),
+                        cache = coalesce(cache, ?4)
                      WHERE repo_id = ?1 AND digest = ?2",
                 )?
-                .execute(params![repo_id, digest, now])?;
+                .execute(params![repo_id, digest, now, record.cache.as_str()])?;
             } else {
                 let mut insert_ref = c.prepare_cached(
                     "INSERT OR IGNORE INTO manifest_refs (repo_id, manifest_digest, child_digest, kind)
@@ -476,12 +496,12 @@ impl MetaStore for SqliteMeta {
         self.read(move |c| {
             let sql = if by_tag {
                 format!(
-                    "SELECT m.digest, m.media_type, m.content FROM tags t
+                    "SELECT m.digest, m.media_type, m.content, m.cache FROM tags t
                      JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest
                      WHERE t.repo_id = {REPO_ID} AND t.name = ?2"
                 )
             } else {
-                format!("SELECT digest, media_type, content FROM manifests WHERE repo_id = {REPO_ID} AND digest = ?2")
+                format!("SELECT digest, media_type, content, cache FROM manifests WHERE repo_id = {REPO_ID} AND digest = ?2")
             };
             c.prepare_cached(&sql)?
                 .query_row(params![repo, key], |r| {
@@ -489,6 +509,9 @@ impl MetaStore for SqliteMeta {
                         digest: parse_digest(r.get(0)?)?,
                         media_type: r.get(1)?,
                         content: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        cache: r
+                            .get::<_, Option<String>>(3)?
+                            .and_then(|c| oci::CacheRecords::parse(&c)),
                     })
                 })
                 .optional()
@@ -928,4 +951,35 @@ fn page(mut items: Vec<String>, n: usize) -> Page {
     let more = items.len() > n;
     items.truncate(n);
     Page { items, more }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_a_column_gets_it_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE manifests (repo_id INTEGER NOT NULL, digest TEXT NOT NULL,
+                media_type TEXT NOT NULL, artifact_type TEXT, subject TEXT,
+                annotations TEXT NOT NULL, content BLOB NOT NULL,
+                created_at INTEGER NOT NULL, accessed_at INTEGER NOT NULL,
+                PRIMARY KEY (repo_id, digest));
+             INSERT INTO manifests VALUES (1, 'sha256:1', 'm', NULL, NULL, '{}', x'00', 0, 0);",
+        )
+        .unwrap();
+        drop(old);
+        let conn = connect(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        add_missing_columns(&conn).unwrap();
+        // Twice: a second start finds it there.
+        add_missing_columns(&conn).unwrap();
+        let cache: Option<String> = conn
+            .query_row("SELECT cache FROM manifests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(cache, None);
+    }
 }
