@@ -66,13 +66,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the Actions cache service")?;
     let state = server::AppState::new(store.clone(), &config.server, actions);
     let app = server::build_router(state.clone());
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving")?;
+    server::serve(listener, app, &config.server.limits, shutdown_signal())
+        .await
+        .context("serving")?;
     state.sessions.save(true).await?;
     store.flush_access_times().await?;
     Ok(())

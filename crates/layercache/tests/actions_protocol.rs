@@ -790,6 +790,39 @@ async fn v2_block_list_naming_an_unknown_block_is_refused() {
 }
 
 #[tokio::test]
+async fn a_host_header_that_is_not_a_host_never_reaches_a_signed_url() {
+    let gha = Gha::start();
+    for (host, accepted) in [
+        ("evil.example:1/x?", false),
+        ("user@cache:8080", false),
+        ("cache.ci:8080", true),
+    ] {
+        let response = gha
+            .http
+            .post(gha.at(&format!("{TWIRP}CreateCacheEntry")))
+            .header("host", host)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {}", gha.token))
+            .body(
+                json!({"key": format!("host-{accepted}-{}", host.len()), "version": version()})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        if accepted {
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("http://cache.ci:8080/"), "{body}");
+        } else {
+            assert_4xx(status, &format!("Host {host:?}: {body}"));
+            assert!(!body.contains("evil.example:1/x"), "{body}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn v2_malformed_block_lists_are_refused() {
     let gha = Gha::start();
     let base = baseline(&gha).await;
@@ -808,6 +841,7 @@ async fn v2_malformed_block_lists_are_refused() {
         "<Other/>",
         "<BlockList><Latest>",
         truncated.as_str(),
+        r#"<?xml version="1.0"?><!DOCTYPE BlockList [<!ENTITY id "x">]><BlockList><Latest>&id;</Latest></BlockList>"#,
     ] {
         let response = gha
             .http

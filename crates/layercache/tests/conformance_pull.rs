@@ -105,12 +105,7 @@ async fn blob_range_requests_answer_206_with_content_range() {
         ("bytes=95-200", 95, 99),
         ("bytes=42-42", 42, 42),
     ] {
-        let resp = api
-            .request(Method::GET, &path)
-            .header("range", range)
-            .send()
-            .await
-            .unwrap();
+        let resp = api.get_with(&path, "range", range).await;
         expect_status(&resp, 206);
         assert_eq!(
             header(&resp, "content-range"),
@@ -131,17 +126,29 @@ async fn blob_range_requests_answer_206_with_content_range() {
 }
 
 #[tokio::test]
+async fn a_range_of_another_unit_or_malformed_is_ignored() {
+    let server = Server::start();
+    let api = Api::new(&server);
+    let bytes = pseudo_random(3, 1, 100);
+    let digest = api.push_blob("pull/range", &bytes).await;
+    for range in ["items=0-5", "bytes=-1-5", "bytes=a-b"] {
+        let resp = api
+            .get_with(&format!("/v2/pull/range/blobs/{digest}"), "range", range)
+            .await;
+        expect_status(&resp, 200);
+        assert_eq!(resp.bytes().await.unwrap().to_vec(), bytes, "{range}");
+    }
+}
+
+#[tokio::test]
 async fn unsatisfiable_blob_range_is_416_with_content_range_of_the_size() {
     let server = Server::start();
     let api = Api::new(&server);
     let digest = api.push_blob("pull/range", &pseudo_random(3, 0, 100)).await;
     for range in ["bytes=100-", "bytes=500-600", "bytes=9-3", "bytes=-0"] {
         let resp = api
-            .request(Method::GET, &format!("/v2/pull/range/blobs/{digest}"))
-            .header("range", range)
-            .send()
-            .await
-            .unwrap();
+            .get_with(&format!("/v2/pull/range/blobs/{digest}"), "range", range)
+            .await;
         assert_eq!(header(&resp, "content-range"), "bytes */100", "{range}");
         expect_error(resp, 416, "RANGE_INVALID").await;
     }
@@ -155,12 +162,7 @@ async fn manifest_get_and_head_by_tag_and_digest_answer_the_pushed_bytes() {
     let len = image.manifest.len().to_string();
     for reference in ["v1", image.digest.as_str()] {
         let path = format!("/v2/pull/manifest/manifests/{reference}");
-        let got = api
-            .request(Method::GET, &path)
-            .header("accept", OCI_MANIFEST)
-            .send()
-            .await
-            .unwrap();
+        let got = api.get_with(&path, "accept", OCI_MANIFEST).await;
         expect_status(&got, 200);
         assert_eq!(header(&got, "content-type"), OCI_MANIFEST);
         assert_eq!(header(&got, "content-length"), len);
@@ -269,7 +271,8 @@ async fn unknown_manifest_is_404_manifest_unknown_by_tag_and_digest() {
     let api = Api::new(&server);
     api.push_image("pull/known", "v1", 5).await;
     for repo in ["pull/known", "pull/never-pushed"] {
-        for reference in ["nope", ABSENT_DIGEST] {
+        // A name no tag can have is as unknown as any other (distribution-spec v1.1.1).
+        for reference in ["nope", ABSENT_DIGEST, ".INVALID_MANIFEST_NAME"] {
             let path = format!("/v2/{repo}/manifests/{reference}");
             expect_error(api.get(&path).await, 404, "MANIFEST_UNKNOWN").await;
             expect_status(&api.head(&path).await, 404);
@@ -319,12 +322,7 @@ async fn manifest_accept_negotiation_serves_admitted_types_and_refuses_others() 
         DOCKER_MANIFEST,
         &format!("{DOCKER_MANIFEST}, {DOCKER_LIST}"),
     ] {
-        let resp = api
-            .request(Method::GET, path)
-            .header("accept", accept)
-            .send()
-            .await
-            .unwrap();
+        let resp = api.get_with(path, "accept", accept).await;
         expect_error(resp, 404, "MANIFEST_UNKNOWN").await;
         let head = api
             .request(Method::HEAD, path)
@@ -351,11 +349,12 @@ async fn docker_schema2_manifest_round_trips_with_its_media_type() {
         .await;
 
     let got = api
-        .request(Method::GET, &format!("/v2/{repo}/manifests/latest"))
-        .header("accept", DOCKER_MANIFEST)
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            &format!("/v2/{repo}/manifests/latest"),
+            "accept",
+            DOCKER_MANIFEST,
+        )
+        .await;
     expect_status(&got, 200);
     assert_eq!(header(&got, "content-type"), DOCKER_MANIFEST);
     assert_eq!(header(&got, "docker-content-digest"), digest);
@@ -389,22 +388,24 @@ async fn docker_manifest_list_round_trips_over_its_platform_manifests() {
     let list_digest = api.push_manifest(repo, "multi", DOCKER_LIST, &list).await;
 
     let got = api
-        .request(Method::GET, &format!("/v2/{repo}/manifests/multi"))
-        .header("accept", format!("{DOCKER_LIST}, {DOCKER_MANIFEST}"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            &format!("/v2/{repo}/manifests/multi"),
+            "accept",
+            &format!("{DOCKER_LIST}, {DOCKER_MANIFEST}"),
+        )
+        .await;
     expect_status(&got, 200);
     assert_eq!(header(&got, "content-type"), DOCKER_LIST);
     assert_eq!(header(&got, "docker-content-digest"), list_digest);
     assert_eq!(got.bytes().await.unwrap().to_vec(), list);
     for (_, digest, manifest) in &children {
         let got = api
-            .request(Method::GET, &format!("/v2/{repo}/manifests/{digest}"))
-            .header("accept", DOCKER_MANIFEST)
-            .send()
-            .await
-            .unwrap();
+            .get_with(
+                &format!("/v2/{repo}/manifests/{digest}"),
+                "accept",
+                DOCKER_MANIFEST,
+            )
+            .await;
         expect_status(&got, 200);
         assert_eq!(&got.bytes().await.unwrap().to_vec(), manifest);
     }
@@ -426,11 +427,12 @@ async fn oci_index_round_trips_over_its_image_manifests() {
 
     for reference in ["multi", digest.as_str()] {
         let got = api
-            .request(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))
-            .header("accept", format!("{OCI_INDEX}, {OCI_MANIFEST}"))
-            .send()
-            .await
-            .unwrap();
+            .get_with(
+                &format!("/v2/{repo}/manifests/{reference}"),
+                "accept",
+                &format!("{OCI_INDEX}, {OCI_MANIFEST}"),
+            )
+            .await;
         expect_status(&got, 200);
         assert_eq!(header(&got, "content-type"), OCI_INDEX);
         assert_eq!(header(&got, "docker-content-digest"), digest);
@@ -525,11 +527,12 @@ async fn buildkit_cache_index_of_layers_and_cacheconfig_round_trips_like_buildki
     assert_eq!(header(&head, "content-length"), body.len().to_string());
     assert_eq!(header(&head, "docker-content-digest"), digest);
     let got = api
-        .request(Method::GET, &format!("/v2/{repo}/manifests/{digest}"))
-        .header("accept", format!("{OCI_INDEX},*/*"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            &format!("/v2/{repo}/manifests/{digest}"),
+            "accept",
+            &format!("{OCI_INDEX},*/*"),
+        )
+        .await;
     expect_status(&got, 200);
     assert_eq!(got.bytes().await.unwrap().to_vec(), body);
     let got = api
@@ -546,12 +549,7 @@ async fn buildkit_cache_index_of_layers_and_cacheconfig_round_trips_like_buildki
             header(&head, "content-length"),
             layer.bytes.len().to_string()
         );
-        let tail = api
-            .request(Method::GET, &path)
-            .header("range", "bytes=100-")
-            .send()
-            .await
-            .unwrap();
+        let tail = api.get_with(&path, "range", "bytes=100-").await;
         expect_status(&tail, 206);
         assert_eq!(
             tail.bytes().await.unwrap().to_vec(),
@@ -590,11 +588,12 @@ async fn buildkit_image_manifest_cache_with_cacheconfig_config_round_trips() {
     assert_eq!(header(&head, "content-type"), OCI_MANIFEST);
     assert_eq!(header(&head, "docker-content-digest"), digest);
     let got = api
-        .request(Method::GET, &format!("/v2/{repo}/manifests/{digest}"))
-        .header("accept", format!("{OCI_MANIFEST},*/*"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            &format!("/v2/{repo}/manifests/{digest}"),
+            "accept",
+            &format!("{OCI_MANIFEST},*/*"),
+        )
+        .await;
     expect_status(&got, 200);
     let parsed: serde_json::Value = serde_json::from_slice(&got.bytes().await.unwrap()).unwrap();
     assert_eq!(parsed["config"]["mediaType"], BUILDKIT_CACHE_CONFIG);
@@ -625,11 +624,12 @@ async fn buildkit_cache_as_docker_manifest_list_round_trips() {
         .push_manifest(repo, "buildcache", DOCKER_LIST, &body)
         .await;
     let got = api
-        .request(Method::GET, &format!("/v2/{repo}/manifests/buildcache"))
-        .header("accept", format!("{DOCKER_LIST},*/*"))
-        .send()
-        .await
-        .unwrap();
+        .get_with(
+            &format!("/v2/{repo}/manifests/buildcache"),
+            "accept",
+            &format!("{DOCKER_LIST},*/*"),
+        )
+        .await;
     expect_status(&got, 200);
     assert_eq!(header(&got, "content-type"), DOCKER_LIST);
     assert_eq!(header(&got, "docker-content-digest"), digest);

@@ -17,7 +17,7 @@ mod conformance_support;
 use common::{Server, digest_of};
 use conformance_support::*;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Files left in the upload staging directory.
 fn staged_files(server: &Server) -> Vec<String> {
@@ -857,6 +857,37 @@ async fn manifest_referencing_a_missing_blob_is_400_manifest_blob_unknown() {
         "MANIFEST_UNKNOWN",
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_descriptor_size_other_than_the_stored_size_is_400_manifest_invalid() {
+    let server = Server::start();
+    let api = Api::new(&server);
+    let repo = "push/sizes";
+    let config = descriptor(OCI_CONFIG, b"{\"size\":\"checked\"}");
+    let layer = descriptor(OCI_LAYER, b"a layer of known size");
+    api.push_blob(repo, &config.bytes).await;
+    api.push_blob(repo, &layer.bytes).await;
+    let good = image_manifest(OCI_MANIFEST, &config, std::slice::from_ref(&layer), None);
+    let mut lying: Value = serde_json::from_slice(&good).unwrap();
+    lying["config"]["size"] = json!(999_999);
+    let lying = serde_json::to_vec(&lying).unwrap();
+    let resp = api.put_manifest(repo, "lying", OCI_MANIFEST, &lying).await;
+    let entry = expect_error(resp, 400, "MANIFEST_INVALID").await;
+    assert!(
+        entry["message"].as_str().unwrap().contains("999999"),
+        "{entry}"
+    );
+    expect_status(&api.get(&format!("/v2/{repo}/manifests/lying")).await, 404);
+    // An index whose child's size is wrong, likewise.
+    let pushed = api.put_manifest(repo, "good", OCI_MANIFEST, &good).await;
+    expect_status(&pushed, 201);
+    let mut child = manifest_descriptor(OCI_MANIFEST, &good);
+    child["size"] = json!(good.len() + 1);
+    let resp = api
+        .put_manifest(repo, "index", OCI_INDEX, &index(OCI_INDEX, &[child], None))
+        .await;
+    expect_error(resp, 400, "MANIFEST_INVALID").await;
 }
 
 #[tokio::test]

@@ -749,21 +749,22 @@ fn session_counts_agree_with_the_request_log() {
 
     // skopeo: a copy in (blobs absent, uploaded); then, in a session of its own (the
     // server does not count a session's re-check of a blob it uploaded itself as
-    // present), a copy in under another tag (blobs present), a lookup of a tag that is
-    // not there, and a copy out (blobs served).
+    // present), a lookup of a tag that is not there and a copy in under another tag
+    // (blobs present); then a copy out (blobs served), whose manifest fetch after those
+    // writes starts the next job's session.
     let from = server.log().len();
     let since = now_secs();
     let copy_in = ["copy", "--preserve-digests", "--dest-tls-verify=false"];
     let src = format!("oci:{}:v1", layout.display());
     common::run_ok(skopeo(&copy_in).args([src.as_str(), &image("v1")]));
     settle(&server, "counted/app");
-    common::run_ok(skopeo(&copy_in).args([src.as_str(), &image("v2")]));
     let (found, out) = common::run(&mut skopeo(&[
         "inspect",
         "--tls-verify=false",
         &image("missing"),
     ]));
     assert!(!found, "{out}");
+    common::run_ok(skopeo(&copy_in).args([src.as_str(), &image("v2")]));
     let back = tmp.path().join("back");
     common::run_ok(
         skopeo(&["copy", "--src-tls-verify=false"])
@@ -773,8 +774,8 @@ fn session_counts_agree_with_the_request_log() {
     settle(&server, "counted/app");
     let lines = served_since(&server, from);
     let sessions = assert_sessions_match_log(&server, "counted/app", since, &lines);
-    assert_eq!(sessions.len(), 2, "{sessions:#?}");
-    let (second, first) = (&sessions[0], &sessions[1]);
+    assert_eq!(sessions.len(), 3, "{sessions:#?}");
+    let (third, second, first) = (&sessions[0], &sessions[1], &sessions[2]);
     let written: BTreeSet<String> = first.written.iter().cloned().collect();
     assert_eq!(written, pushed, "{first:#?}");
     assert_eq!(first.counts.manifests_written, 1, "{first:#?}");
@@ -783,9 +784,10 @@ fn session_counts_agree_with_the_request_log() {
     assert!(second.counts.manifest_misses >= 1, "{second:#?}");
     let avoided: BTreeSet<String> = second.avoided.iter().cloned().collect();
     assert_eq!(avoided, pushed, "{second:#?}");
+    assert_eq!(third.counts.writes(), 0, "{third:#?}");
     assert!(
-        second.counts.blobs_served >= pushed.len() as u64,
-        "{second:#?}"
+        third.counts.blobs_served >= pushed.len() as u64,
+        "{third:#?}"
     );
 
     // BuildKit: the warm rebuild's reads.
@@ -1029,7 +1031,7 @@ fn the_gate_judges_the_cache_repository_by_what_the_build_did_there() {
 async fn replay_export(
     client: &reqwest::Client,
     server: &common::Server,
-    session: &str,
+    session: Option<&str>,
     import: Option<&str>,
 ) -> String {
     const REPO: &str = "cache/replay";
@@ -1038,13 +1040,16 @@ async fn replay_export(
         application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json,*/*";
     const NARROW: &str = "application/vnd.oci.image.manifest.v1+json,*/*";
     let send = |request: reqwest::RequestBuilder| async move {
-        request
-            .header("user-agent", "buildkit/v0.11")
-            .header("x-layercache-session", session)
-            .send()
-            .await
-            .unwrap()
+        let request = request.header("user-agent", "buildkit/v0.11");
+        match session {
+            Some(name) => request.header("x-layercache-session", name),
+            None => request,
+        }
+        .send()
+        .await
+        .unwrap()
     };
+    let by = session.unwrap_or("an unnamed build");
     let manifests = |r: &str| server.at(&format!("/v2/{REPO}/manifests/{r}"));
     if let Some(digest) = import {
         let r = send(client.head(manifests("buildcache")).header("accept", WIDE)).await;
@@ -1056,8 +1061,9 @@ async fn replay_export(
         let r = send(client.get(server.at(&format!("/v2/{REPO}/blobs/{config}")))).await;
         assert_eq!(r.status(), 200);
     }
-    let layer = format!("a layer exported by {session}").into_bytes();
-    let config = format!("{{\"layers\":[],\"records\":[],\"by\":\"{session}\"}}").into_bytes();
+    let layer = format!("a layer exported by {by} {import:?}").into_bytes();
+    let config =
+        format!("{{\"layers\":[],\"records\":[],\"by\":\"{by} {import:?}\"}}").into_bytes();
     for blob in [&layer, &config] {
         let digest = common::digest_of(blob);
         let r = send(client.head(server.at(&format!("/v2/{REPO}/blobs/{digest}")))).await;
@@ -1110,8 +1116,8 @@ fn a_cache_export_checking_its_own_tag_is_no_lookup() {
     let server = common::Server::start_with_env(&[IDLE_GAP]);
     let client = reqwest::Client::new();
     let since = now_secs().to_string();
-    let digest = block_on(replay_export(&client, &server, "cold", None));
-    block_on(replay_export(&client, &server, "warm", Some(&digest)));
+    let digest = block_on(replay_export(&client, &server, Some("cold"), None));
+    block_on(replay_export(&client, &server, Some("warm"), Some(&digest)));
     let sessions = api_sessions(&server, 0, "cache/replay");
     let by_name = |name: &str| {
         sessions
@@ -1156,6 +1162,22 @@ fn a_cache_export_checking_its_own_tag_is_no_lookup() {
         text(&out.stdout),
         text(&out.stderr)
     );
+
+    // The same two builds unnamed, back to back, on the default idle gap: two sessions,
+    // split where the second imports, with the same counts.
+    let server = common::Server::start();
+    let digest = block_on(replay_export(&client, &server, None, None));
+    block_on(replay_export(&client, &server, None, Some(&digest)));
+    let mut sessions = api_sessions(&server, 0, "cache/replay");
+    sessions.sort_by_key(|s| s.started_ms);
+    let counts: Vec<(u64, u64, u64, u64)> = sessions
+        .iter()
+        .map(|s| {
+            let c = &s.counts;
+            (c.hits(), c.misses(), c.push_probes, c.cache_imports)
+        })
+        .collect();
+    assert_eq!(counts, [(0, 0, 1, 0), (2, 0, 1, 1)], "{sessions:#?}");
 }
 
 /// The staged-jobs failure: job 1 pushes a prebuild image without cache metadata, job 2

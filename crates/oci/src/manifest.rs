@@ -50,6 +50,8 @@ pub struct Reference {
     pub kind: RefKind,
     /// Whether the registry must hold it (foreign layers with `urls` need not be).
     pub required: bool,
+    /// The size its descriptor gives, which the stored content must have.
+    pub size: u64,
 }
 
 /// The image config field BuildKit's inline cache lives in (base64 of its cache records).
@@ -212,6 +214,7 @@ impl Manifest {
                     digest: digest_of(d)?,
                     kind,
                     required: d.urls().as_ref().is_none_or(|u| u.is_empty()),
+                    size: d.size(),
                 })
             })
             .collect::<Result<_, ManifestError>>()?;
@@ -254,6 +257,7 @@ fn blob_ref(descriptor: &Descriptor) -> Result<Reference, ManifestError> {
         digest: digest_of(descriptor)?,
         kind: RefKind::Blob,
         required: descriptor.urls().as_ref().is_none_or(|u| u.is_empty()),
+        size: descriptor.size(),
     })
 }
 

@@ -94,28 +94,42 @@ pub(crate) fn byte_stream(body: Body) -> store::ByteStream {
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 
-/// Parse one `bytes=` range against `size`. `Ok(None)` means "serve it all" (a form we
-/// may ignore, such as several ranges); `Err` means unsatisfiable or malformed.
+/// Parse one `bytes=` range against `size` (RFC 9110 §14). `Ok(None)` means "serve it
+/// all": a header to ignore (another unit, a malformed range, several ranges); `Err`
+/// means a range that is unsatisfiable or invalid.
 pub(crate) fn parse_range(value: &str, size: u64) -> std::result::Result<Option<ByteRange>, ()> {
-    let spec = value.trim().strip_prefix("bytes=").ok_or(())?;
-    if spec.contains(',') {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return Ok(None);
-    }
-    let (first, last) = spec.split_once('-').ok_or(())?;
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| ());
-    let (start, end) = match (first.trim().is_empty(), last.trim().is_empty()) {
-        (false, true) => (num(first)?, size.checked_sub(1).ok_or(())?),
-        (false, false) => (num(first)?, num(last)?.min(size.saturating_sub(1))),
+    };
+    let Some((first, last)) = spec.split_once('-').filter(|_| !spec.contains(',')) else {
+        return Ok(None);
+    };
+    let num = |s: &str| s.trim().parse::<u64>().ok();
+    let (first, last) = (first.trim(), last.trim());
+    let (start, end) = match (first.is_empty(), last.is_empty()) {
+        (false, true) => match num(first) {
+            Some(start) => (start, size.checked_sub(1).ok_or(())?),
+            None => return Ok(None),
+        },
+        (false, false) => match (num(first), num(last)) {
+            // Invalid (last before first): refused, as RFC 9110 §15.5.17 allows.
+            (Some(start), Some(end)) if end < start => return Err(()),
+            (Some(start), Some(end)) => (start, end.min(size.saturating_sub(1))),
+            _ => return Ok(None),
+        },
         (true, false) => {
-            let suffix = num(last)?.min(size);
+            let Some(suffix) = num(last) else {
+                return Ok(None);
+            };
+            let suffix = suffix.min(size);
             if suffix == 0 {
                 return Err(());
             }
             (size - suffix, size - 1)
         }
-        (true, true) => return Err(()),
+        (true, true) => return Ok(None),
     };
-    if start >= size || end < start {
+    if start >= size {
         return Err(());
     }
     Ok(Some(ByteRange {
@@ -160,17 +174,21 @@ mod tests {
         assert_eq!(parse_range("bytes=95-200", 100), r(95, 5));
         assert_eq!(parse_range("bytes=-500", 100), r(0, 100));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
-        for bad in [
-            "bytes=100-",
-            "bytes=5-2",
-            "bytes=-0",
-            "bytes=-",
-            "items=0-1",
-            "bytes=a-b",
-            "bytes=0-1-2",
-        ] {
-            assert_eq!(parse_range(bad, 100), Err(()), "{bad}");
+        // Unsatisfiable: 416.
+        for unsatisfiable in ["bytes=100-", "bytes=100-200", "bytes=-0", "bytes=5-2"] {
+            assert_eq!(parse_range(unsatisfiable, 100), Err(()), "{unsatisfiable}");
         }
         assert_eq!(parse_range("bytes=0-", 0), Err(()));
+        // Another unit, or malformed: ignored, the whole body is sent.
+        for ignored in [
+            "items=0-5",
+            "bytes=-1-5",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=0-1-2",
+            "bytes 0-5",
+        ] {
+            assert_eq!(parse_range(ignored, 100), Ok(None), "{ignored}");
+        }
     }
 }

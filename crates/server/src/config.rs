@@ -10,6 +10,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How requests are grouped into build sessions.
     pub sessions: crate::sessions::Config,
+    /// What one connection may hold.
+    pub limits: crate::serve::Limits,
 }
 
 impl Default for Config {
@@ -17,6 +19,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             sessions: crate::sessions::Config::default(),
+            limits: crate::serve::Limits::default(),
         }
     }
 }

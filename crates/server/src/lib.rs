@@ -10,11 +10,13 @@ mod body;
 pub mod config;
 pub mod metrics;
 pub mod registry;
+pub mod serve;
 pub mod sessions;
 pub mod ui;
 
 pub use app::{AppState, build_router};
 pub use config::Config;
+pub use serve::serve;
 
 /// Milliseconds since the Unix epoch: the clock of build sessions and usage samples.
 pub(crate) fn now_ms() -> i64 {

@@ -48,6 +48,18 @@ pub enum Error {
         /// `blob` or `manifest`.
         kind: &'static str,
     },
+    /// A manifest gives a size for content that the stored content does not have.
+    #[error("manifest gives {kind} {digest} a size of {declared} bytes; it has {stored}")]
+    ManifestSizeMismatch {
+        /// The content.
+        digest: Digest,
+        /// `blob` or `manifest`.
+        kind: &'static str,
+        /// The descriptor's size.
+        declared: u64,
+        /// The stored content's size.
+        stored: u64,
+    },
     /// The manifest body is not acceptable.
     #[error(transparent)]
     ManifestInvalid(#[from] oci::ManifestError),

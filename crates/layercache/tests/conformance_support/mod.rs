@@ -69,6 +69,12 @@ impl Api {
         self.request(Method::GET, path).send().await.unwrap()
     }
 
+    /// `GET` with one extra header.
+    pub async fn get_with(&self, path: &str, name: &str, value: &str) -> reqwest::Response {
+        let request = self.request(Method::GET, path).header(name, value);
+        request.send().await.unwrap()
+    }
+
     pub async fn head(&self, path: &str) -> reqwest::Response {
         self.request(Method::HEAD, path).send().await.unwrap()
     }

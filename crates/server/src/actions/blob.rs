@@ -202,6 +202,11 @@ fn block_list(xml: &str) -> Result<Vec<String>> {
                 in_id = false;
                 closed |= e.name().as_ref() == b"BlockList";
             }
+            Event::DocType(_) => {
+                return Err(ActionsError::Malformed(
+                    "a block list takes no document type declaration".into(),
+                ));
+            }
             Event::Eof => break,
             _ => {}
         }
@@ -278,6 +283,7 @@ mod tests {
             "<Other/>",
             "<BlockList><Latest>b</Latest>",
             "<BlockList><Latest>",
+            r#"<!DOCTYPE BlockList [<!ENTITY x "b">]><BlockList><Latest>&x;</Latest></BlockList>"#,
         ] {
             assert!(block_list(bad).is_err(), "{bad}");
         }

@@ -97,18 +97,25 @@ impl Actions {
         self.config.max_entry_size.as_u64()
     }
 
-    /// The base of the signed URLs handed to a client that sent `headers`.
-    fn base_url(&self, headers: &HeaderMap) -> String {
-        match &self.config.public_url {
-            Some(url) => url.trim_end_matches('/').to_owned(),
-            None => {
-                let host = headers
-                    .get(axum::http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("127.0.0.1");
-                format!("http://{host}")
-            }
+    /// The base of the signed URLs handed to a client that sent `headers`: the
+    /// configured `public_url`, else the `Host` it addressed, once checked to be only a
+    /// host and port.
+    fn base_url(&self, headers: &HeaderMap) -> Result<String, ActionsError> {
+        if let Some(url) = &self.config.public_url {
+            return Ok(url.trim_end_matches('/').to_owned());
         }
+        let Some(host) = headers.get(axum::http::header::HOST) else {
+            return Ok("http://127.0.0.1".to_owned());
+        };
+        let host = host
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+            .filter(|a| !a.as_str().contains('@'))
+            .ok_or_else(|| {
+                ActionsError::Invalid("the Host header is not a host and port".into())
+            })?;
+        Ok(format!("http://{host}"))
     }
 
     /// A signed URL for `use_` of `entry`.
@@ -118,15 +125,15 @@ impl Actions {
         use_: UrlUse,
         entry: i64,
         session: Option<&str>,
-    ) -> String {
+    ) -> Result<String, ActionsError> {
         let signature = self
             .verifier
             .sign_url(use_, entry, self.config.url_ttl, session);
-        format!(
+        Ok(format!(
             "{}{}?sig={signature}",
-            self.base_url(headers),
+            self.base_url(headers)?,
             blob::path(entry)
-        )
+        ))
     }
 }
 

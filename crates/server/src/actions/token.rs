@@ -279,6 +279,7 @@ impl Verifier {
             validation.set_issuer(&[ISSUER]);
             validation.required_spec_claims = HashSet::from(["exp".into(), "iss".into()]);
             validation.leeway = 5;
+            validation.validate_nbf = true;
             jsonwebtoken::decode(token, &self.decoding, &validation)
                 .map_err(bad)?
                 .claims
@@ -369,6 +370,7 @@ impl External {
             None => validation.validate_aud = false,
         }
         validation.leeway = 5;
+        validation.validate_nbf = true;
         jsonwebtoken::decode(token, &key, &validation)
             .map(|data| data.claims)
             .map_err(|e| ActionsError::Unauthenticated(format!("invalid runtime token: {e}")))
@@ -494,6 +496,27 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_not_valid_yet_is_refused() {
+        let (key, verifier) = verifier();
+        let now = unix_now();
+        let claims = |nbf: u64| MintedClaims {
+            ac: r#"[{"Scope":"refs/heads/main","Permission":1}]"#.into(),
+            iss: ISSUER,
+            iat: now,
+            nbf,
+            exp: now + 7200,
+            repository_id: "0".into(),
+            session: None,
+        };
+        let header = jsonwebtoken::Header::new(Algorithm::HS256);
+        let secret = EncodingKey::from_secret(&key);
+        let token = |nbf| jsonwebtoken::encode(&header, &claims(nbf), &secret).unwrap();
+        let bearer = |nbf| format!("Bearer {}", token(nbf));
+        assert!(verifier.verify(Some(&bearer(now))).await.is_ok());
+        assert!(verifier.verify(Some(&bearer(now + 3600))).await.is_err());
     }
 
     #[test]

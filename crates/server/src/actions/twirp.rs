@@ -156,7 +156,7 @@ async fn create(state: &AppState, caller: &Caller, parts: &Parts, request: KeyRe
                 UrlUse::Upload,
                 entry.id,
                 caller.grant.session.as_deref(),
-            ),
+            )?,
             ..Reply::default()
         }),
         Err(e @ ActionsError::WriteDenied(_)) => reply(Reply {
@@ -203,7 +203,7 @@ async fn download_url(
             UrlUse::Download,
             entry.id,
             caller.grant.session.as_deref(),
-        ),
+        )?,
         matched_key: entry.key,
         ..Reply::default()
     })

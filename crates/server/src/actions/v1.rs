@@ -116,7 +116,7 @@ async fn lookup(state: &AppState, caller: &Caller, parts: &Parts, query: Query) 
         UrlUse::Download,
         entry.id,
         caller.grant.session.as_deref(),
-    );
+    )?;
     Ok(axum::Json(Found {
         cache_key: entry.key,
         scope: entry.scope,

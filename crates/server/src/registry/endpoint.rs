@@ -100,7 +100,7 @@ impl Endpoint {
         let rest = decoded
             .strip_prefix("/v2")
             .ok_or_else(RegistryError::route_not_found)?;
-        let target = parse_target(rest)?;
+        let target = parse_target(rest, method)?;
         target.with_method(method)
     }
 }
@@ -127,7 +127,7 @@ fn digest(s: &str) -> Result<Digest, RegistryError> {
         .map_err(|e: oci::DigestError| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
 }
 
-fn parse_target(rest: &str) -> Result<Target, RegistryError> {
+fn parse_target(rest: &str, method: &Method) -> Result<Target, RegistryError> {
     if rest.is_empty() || rest == "/" {
         return Ok(Target::Base);
     }
@@ -160,7 +160,11 @@ fn parse_target(rest: &str) -> Result<Target, RegistryError> {
             oci::NameError::Digest(e) => {
                 RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
             }
-            other => RegistryError::new(ErrorCode::TagInvalid, other.to_string()),
+            // A tag that cannot exist is simply unknown, except to a push.
+            other if method == Method::PUT => {
+                RegistryError::new(ErrorCode::TagInvalid, other.to_string())
+            }
+            other => RegistryError::new(ErrorCode::ManifestUnknown, other.to_string()),
         })?;
         return Ok(Target::Manifest(repo(name)?, reference));
     }
@@ -305,6 +309,14 @@ mod tests {
         );
         assert_eq!(
             parse(Method::GET, "/v2/a/manifests/-bad"),
+            Err((ErrorCode::ManifestUnknown, 404))
+        );
+        assert_eq!(
+            parse(Method::HEAD, "/v2/a/manifests/.INVALID_MANIFEST_NAME"),
+            Err((ErrorCode::ManifestUnknown, 404))
+        );
+        assert_eq!(
+            parse(Method::PUT, "/v2/a/manifests/-bad"),
             Err((ErrorCode::TagInvalid, 400))
         );
         assert_eq!(

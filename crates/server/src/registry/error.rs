@@ -99,7 +99,9 @@ impl From<store::Error> for RegistryError {
                 RegistryError::new(ErrorCode::ManifestBlobUnknown, e.to_string())
                     .with_detail(detail)
             }
-            E::ManifestInvalid(_) => RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()),
+            E::ManifestInvalid(_) | E::ManifestSizeMismatch { .. } => {
+                RegistryError::new(ErrorCode::ManifestInvalid, e.to_string())
+            }
             E::ManifestTooLarge { .. } => {
                 RegistryError::new(ErrorCode::ManifestInvalid, e.to_string())
                     .with_status(StatusCode::PAYLOAD_TOO_LARGE)

@@ -119,20 +119,25 @@ fn next_build(
         } = outcome
         && (*by_tag || !*head)
     {
-        let boundary = Boundary {
+        let boundary = open.boundary.insert(Boundary {
             before: open.session.clone(),
             tag: reference.clone(),
             repo: repo.to_owned(),
             pending: Vec::new(),
-        };
+        });
         // A manifest fetched at once is an import: a new build, with nothing to replay.
-        if !*head {
-            open.boundary = Some(boundary);
-        } else {
-            open.boundary = Some(Boundary {
-                pending: vec![(repo.to_owned(), outcome.clone(), now)],
-                ..boundary
-            });
+        let fetched = matches!(
+            outcome,
+            Outcome::ManifestLookup {
+                head: false,
+                found: true,
+                ..
+            }
+        );
+        if !fetched {
+            boundary
+                .pending
+                .push((repo.to_owned(), outcome.clone(), now));
             return None;
         }
     }

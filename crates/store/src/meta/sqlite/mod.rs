@@ -416,17 +416,25 @@ impl MetaStore for SqliteMeta {
                         let repo_id = ensure_repo(c, &repo)?;
             for reference in record.references.iter().filter(|r| r.required) {
                 let sql = match reference.kind {
-                    oci::RefKind::Blob => "SELECT 1 FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2",
-                    oci::RefKind::Manifest => "SELECT 1 FROM manifests WHERE repo_id = ?1 AND digest = ?2",
+                    oci::RefKind::Blob => "SELECT b.size FROM repo_blobs r JOIN blobs b ON b.digest = r.digest
+                                           WHERE r.repo_id = ?1 AND r.digest = ?2",
+                    oci::RefKind::Manifest => "SELECT length(content) FROM manifests WHERE repo_id = ?1 AND digest = ?2",
                 };
-                let found = c
+                let stored: Option<i64> = c
                     .prepare_cached(sql)?
-                    .query_row(params![repo_id, reference.digest.to_string()], |_| Ok(()))
+                    .query_row(params![repo_id, reference.digest.to_string()], |r| r.get(0))
                     .optional()?;
-                if found.is_none() {
-                    return Err(Error::ManifestBlobUnknown {
-                        digest: reference.digest.clone(),
-                        kind: reference.kind.as_str(),
+                let (digest, kind) = (reference.digest.clone(), reference.kind.as_str());
+                let Some(stored) = stored else {
+                    return Err(Error::ManifestBlobUnknown { digest, kind });
+                };
+                // A pull must never be promised more (or fewer) bytes than exist.
+                if stored as u64 != reference.size {
+                    return Err(Error::ManifestSizeMismatch {
+                        digest,
+                        kind,
+                        declared: reference.size,
+                        stored: stored as u64,
                     });
                 }
             }
