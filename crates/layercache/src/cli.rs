@@ -62,6 +62,16 @@ pub struct TokenArgs {
     /// Name the build session its requests are recorded in.
     #[arg(long)]
     pub session: Option<String>,
+    /// Registry repositories it may pull, as globs (`cache/org/app/**`; `*` stays within
+    /// one path segment); repeat for more.
+    #[arg(long, value_name = "GLOB")]
+    pub pull: Vec<String>,
+    /// Registry repositories it may push to (and pull).
+    #[arg(long, value_name = "GLOB")]
+    pub push: Vec<String>,
+    /// Registry repositories it may delete manifests, tags and blobs in.
+    #[arg(long, value_name = "GLOB")]
+    pub delete: Vec<String>,
 }
 
 /// Options of `layercache report`.
@@ -151,6 +161,10 @@ pub struct ServeArgs {
     /// ("60%") [default: 60%].
     #[arg(long)]
     pub max_size: Option<store::config::Size>,
+    /// Serve without authentication even on a non-loopback address (`[server.auth]
+    /// mode = "open"`).
+    #[arg(long)]
+    pub open: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,

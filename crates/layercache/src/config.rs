@@ -43,6 +43,12 @@ impl Config {
         if let Some(dir) = &args.data_dir {
             figment = figment.merge(Serialized::default("store.data_dir", dir));
         }
+        if args.open {
+            figment = figment.merge(Serialized::default(
+                "server.auth.mode",
+                server::auth::Mode::Open,
+            ));
+        }
         if let Some(size) = args.max_size {
             figment = figment.merge(Serialized::default("store.eviction.max_size", size));
         }

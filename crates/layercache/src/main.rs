@@ -49,6 +49,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print!("{}", toml::to_string(&config)?);
         return Ok(());
     }
+    if let Some(refusal) = config.server.auth.refusal(config.server.listen) {
+        anyhow::bail!("{refusal}");
+    }
+    if config.server.auth.mode == Some(server::auth::Mode::Open)
+        && !config.server.listen.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %config.server.listen,
+            "serving without authentication: anyone who reaches the port can push, overwrite and delete"
+        );
+    }
     let store = store::Store::open(&config.store).await.with_context(|| {
         format!(
             "opening the data directory {}",
@@ -64,7 +75,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let actions = server::actions::Actions::open(config.actions.clone(), &config.store.data_dir)
         .await
         .context("starting the Actions cache service")?;
-    let state = server::AppState::new(store.clone(), &config.server, actions);
+    let key_path = config.actions.key_path(&config.store.data_dir);
+    let key = server::actions::token::load_or_create_key(&key_path)
+        .with_context(|| format!("reading the signing key {}", key_path.display()))?;
+    let state = server::AppState::new(store.clone(), &config.server, actions, &key);
     let app = server::build_router(state.clone());
     server::serve(listener, app, &config.server.limits, shutdown_signal())
         .await

@@ -56,20 +56,12 @@ fn sign(key: &Rsa, kid: &str, claims: serde_json::Value) -> String {
         URL_SAFE_NO_PAD.encode(header.to_string()),
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-sign"])
-        .arg(&key.pem)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::output_with_input(
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key.pem),
+        input.as_bytes(),
+    );
     assert!(out.status.success());
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(out.stdout))
 }

@@ -25,6 +25,7 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::layercache;
 use serde_json::{Value, json};
 use server::sessions::Session;
 
@@ -192,15 +193,6 @@ fn settle(server: &common::Server, repo: &str) {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// Run the `layercache` binary.
-fn layercache(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layercache"))
-        .args(args)
-        .env_remove("LAYERCACHE_SERVER")
-        .output()
-        .unwrap()
 }
 
 /// Run `layercache expect` against the server for `repo` since `since`, with `checks`.

@@ -14,6 +14,7 @@ use axum::routing::{any, get};
 use tracing::Instrument;
 
 use crate::actions::{self, Actions};
+use crate::auth::{self, Authority};
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
 use crate::ui::UsageHistory;
@@ -32,15 +33,23 @@ pub struct AppState {
     pub usage_history: Arc<UsageHistory>,
     /// The GitHub Actions cache service.
     pub actions: Arc<Actions>,
+    /// Who may pull, push and delete.
+    pub authority: Arc<Authority>,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
     /// State over an opened store (starts recording build sessions into it, and
-    /// sampling its usage).
-    pub fn new(store: store::Store, config: &crate::Config, actions: Actions) -> AppState {
+    /// sampling its usage); tokens are signed with `key`.
+    pub fn new(
+        store: store::Store,
+        config: &crate::Config,
+        actions: Actions,
+        key: &[u8],
+    ) -> AppState {
         AppState {
             actions: Arc::new(actions),
+            authority: Arc::new(Authority::new(config.auth.clone(), key)),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
             metrics: Metrics::new(),
             usage_history: UsageHistory::start(store.clone()),
@@ -60,6 +69,7 @@ pub fn build_router(state: AppState) -> Router {
         .merge(api::router())
         .merge(ui::router())
         .route("/metrics", get(metrics::serve))
+        .route("/token", get(auth::token).post(auth::token))
         .fallback(registry::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)

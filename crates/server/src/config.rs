@@ -12,6 +12,8 @@ pub struct Config {
     pub sessions: crate::sessions::Config,
     /// What one connection may hold.
     pub limits: crate::serve::Limits,
+    /// Who may pull, push and delete.
+    pub auth: crate::auth::Config,
 }
 
 impl Default for Config {
@@ -20,6 +22,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             sessions: crate::sessions::Config::default(),
             limits: crate::serve::Limits::default(),
+            auth: crate::auth::Config::default(),
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod actions;
 mod api;
 pub mod app;
+pub mod auth;
 mod body;
 pub mod config;
 pub mod metrics;
@@ -24,6 +25,14 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The server's URL as a request with `headers` addressed it (`http://HOST:PORT`):
+/// `None` when its `Host` is absent, or is more than a host and port.
+pub(crate) fn addressed_base(headers: &axum::http::HeaderMap) -> Option<String> {
+    let host = headers.get(axum::http::header::HOST)?.to_str().ok()?;
+    let authority = host.parse::<axum::http::uri::Authority>().ok()?;
+    (!authority.as_str().contains('@')).then(|| format!("http://{authority}"))
 }
 
 /// A store in a new temporary directory (removed when the directory is dropped).

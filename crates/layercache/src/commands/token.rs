@@ -1,4 +1,5 @@
-//! `layercache token`: mint a runtime token for the Actions cache service.
+//! `layercache token`: mint a credential: a runtime token for the Actions cache service,
+//! a registry password (any user name), or both.
 
 use anyhow::Context;
 
@@ -7,15 +8,23 @@ use crate::config::Config;
 
 /// Print a token granting `args`' scopes, signed with the server's key.
 pub fn run(args: TokenArgs) -> anyhow::Result<()> {
+    let registry = server::auth::RegistryScopes {
+        pull: args.pull,
+        push: args.push,
+        delete: args.delete,
+    };
     anyhow::ensure!(
-        !args.read.is_empty() || args.write.is_some(),
-        "name at least one scope with --read or --write"
+        !args.read.is_empty() || args.write.is_some() || !registry.is_empty(),
+        "name at least one scope: --read or --write (Actions cache), --pull, --push or \
+         --delete (registry)"
     );
+    registry.check().map_err(anyhow::Error::msg)?;
     let config = Config::load(&ServeArgs {
         config: args.config,
         listen: None,
         data_dir: args.data_dir,
         max_size: None,
+        open: false,
         print_config: false,
     })?;
     let path = config.actions.key_path(&config.store.data_dir);
@@ -29,6 +38,7 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
             ttl: args.ttl.into(),
             repository: args.repository,
             session: args.session,
+            registry,
         },
     )?;
     println!("{token}");

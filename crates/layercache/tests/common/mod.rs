@@ -298,6 +298,28 @@ pub fn run(command: &mut Command) -> (bool, String) {
     )
 }
 
+/// Run the `layercache` binary (without a `LAYERCACHE_SERVER` from the environment).
+pub fn layercache(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_layercache"))
+        .args(args)
+        .env_remove("LAYERCACHE_SERVER")
+        .output()
+        .unwrap()
+}
+
+/// Run `command` with `input` on its standard input; its output.
+pub fn output_with_input(command: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Run a client command that must succeed; its output.
 pub fn run_ok(command: &mut Command) -> String {
     let (ok, text) = run(command);

@@ -104,18 +104,11 @@ impl Actions {
         if let Some(url) = &self.config.public_url {
             return Ok(url.trim_end_matches('/').to_owned());
         }
-        let Some(host) = headers.get(axum::http::header::HOST) else {
+        if !headers.contains_key(axum::http::header::HOST) {
             return Ok("http://127.0.0.1".to_owned());
-        };
-        let host = host
-            .to_str()
-            .ok()
-            .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
-            .filter(|a| !a.as_str().contains('@'))
-            .ok_or_else(|| {
-                ActionsError::Invalid("the Host header is not a host and port".into())
-            })?;
-        Ok(format!("http://{host}"))
+        }
+        crate::addressed_base(headers)
+            .ok_or_else(|| ActionsError::Invalid("the Host header is not a host and port".into()))
     }
 
     /// A signed URL for `use_` of `entry`.

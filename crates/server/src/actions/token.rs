@@ -81,6 +81,8 @@ struct MintedClaims {
     repository_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     session: Option<String>,
+    #[serde(skip_serializing_if = "crate::auth::RegistryScopes::is_empty")]
+    reg: crate::auth::RegistryScopes,
 }
 
 /// The claims of a signed URL.
@@ -126,6 +128,8 @@ pub struct TokenRequest {
     pub repository: String,
     /// The build session its requests are recorded in.
     pub session: Option<String>,
+    /// The registry repositories it may pull, push to and delete in.
+    pub registry: crate::auth::RegistryScopes,
 }
 
 fn unix_now() -> u64 {
@@ -218,6 +222,7 @@ pub fn mint(key: &[u8], request: &TokenRequest) -> Result<String, jsonwebtoken::
         exp: now + request.ttl.as_secs(),
         repository_id: request.repository.clone(),
         session: request.session.clone(),
+        reg: request.registry.clone(),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -457,6 +462,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 repository: "42".into(),
                 session: Some("run-1".into()),
+                registry: Default::default(),
             },
         )
         .unwrap();
@@ -479,6 +485,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             repository: "0".into(),
             session: None,
+            registry: Default::default(),
         };
         let foreign = mint(&[8u8; 32], &request).unwrap();
         assert!(
@@ -510,6 +517,7 @@ mod tests {
             exp: now + 7200,
             repository_id: "0".into(),
             session: None,
+            reg: Default::default(),
         };
         let header = jsonwebtoken::Header::new(Algorithm::HS256);
         let secret = EncodingKey::from_secret(&key);

@@ -29,6 +29,8 @@ pub const MAX_MANIFEST: usize = 4 << 20;
 
 /// Most pages of a tag list or the catalog followed.
 const MAX_PAGES: usize = 20;
+/// The environment variable holding the credential explain logs in with.
+const CREDENTIAL_VAR: &str = "LAYERCACHE_CREDENTIAL";
 /// Most tags listed to name the nearest to one that is not there.
 const MAX_TAGS_NEAREST: usize = 10_000;
 
@@ -49,6 +51,9 @@ pub struct Registry {
     base: String,
     /// Bearer tokens by repository (`""` for the catalog).
     tokens: Mutex<HashMap<String, String>>,
+    /// The password the token service is asked with (`LAYERCACHE_CREDENTIAL`: a
+    /// credential from `layercache token`), else tokens are asked for anonymously.
+    credential: Option<String>,
 }
 
 impl Registry {
@@ -69,6 +74,7 @@ impl Registry {
             http,
             base: base.trim_end_matches('/').to_owned(),
             tokens: Mutex::default(),
+            credential: std::env::var(CREDENTIAL_VAR).ok().filter(|c| !c.is_empty()),
         })
     }
 
@@ -134,7 +140,8 @@ impl Registry {
         }
     }
 
-    /// An anonymous token for `scope` from the realm a Bearer challenge names.
+    /// A token for `scope` from the realm a Bearer challenge names (with the credential,
+    /// if one is set).
     async fn fetch_token(&self, params: &str, repo: &str) -> anyhow::Result<String> {
         let params = challenge_params(params);
         let realm = params
@@ -151,18 +158,17 @@ impl Registry {
         if let Some(scope) = scope {
             query.push(("scope", scope));
         }
-        let response = self
-            .http
-            .get(realm)
-            .query(&query)
-            .send()
-            .await
-            .map_err(|e| connect_error(realm, e))?;
+        let mut request = self.http.get(realm).query(&query);
+        if let Some(credential) = &self.credential {
+            request = request.basic_auth("layercache", Some(credential));
+        }
+        let response = request.send().await.map_err(|e| connect_error(realm, e))?;
         let status = response.status();
         let body = read_limited(response, 1 << 20, "the token").await?;
         if !status.is_success() {
             bail!(
-                "the token service {realm} refused an anonymous token ({status}): {}",
+                "the token service {realm} refused a token ({status}; set {CREDENTIAL_VAR} to \
+                 a credential that may pull): {}",
                 String::from_utf8_lossy(&body)
                     .chars()
                     .take(300)

@@ -1,0 +1,470 @@
+//! The registry token flow in `token` mode, with real clients: docker login, push and
+//! pull, BuildKit importing with the login's credentials, skopeo and buildah with
+//! `--creds`; a pull-request credential reads the default branch's cache and is
+//! `DENIED` writing it; bad credentials of every kind are refused; one credential
+//! carries registry and Actions cache scopes alike.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+
+use base64::Engine;
+use common::{Server, layercache};
+
+/// One docker build at a time: the daemon's build cache is shared.
+static DAEMON: Mutex<()> = Mutex::new(());
+
+const DOCKERFILE: &str = r#"FROM scratch
+COPY busybox /bin/busybox
+COPY nonce /nonce
+RUN ["/bin/busybox", "sh", "-c", "echo built > /built"]
+"#;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A server in `token` mode.
+fn token_server() -> Server {
+    Server::start_with_env(&[("LAYERCACHE_SERVER__AUTH__MODE", "token")])
+}
+
+/// A credential minted for `server` with `scopes` (`--pull GLOB`, ...).
+fn credential(server: &Server, scopes: &[&str]) -> String {
+    let data_dir = server.data_dir().to_str().unwrap().to_owned();
+    let out = layercache(&[&["token", "--data-dir", &data_dir], scopes].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+/// `docker` with its own client configuration (so logins do not meet other tests').
+fn docker(config: &Path, args: &[&str]) -> Command {
+    let mut command = common::docker(args);
+    command.env("DOCKER_CONFIG", config);
+    command
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Runtime::new().unwrap().block_on(future)
+}
+
+fn basic(user: &str, password: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
+}
+
+#[test]
+fn an_address_off_loopback_needs_auth_or_saying_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = layercache(&["serve", "--listen", "0.0.0.0:0", "--data-dir", data]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("mode = \"token\"") && said.contains("--open"),
+        "{said}"
+    );
+    // Said explicitly, it serves (and warns).
+    let open = Server::start_on_with_env(
+        &dir.path().join("open"),
+        "0.0.0.0:0",
+        &[("LAYERCACHE_SERVER__AUTH__MODE", "open")],
+    );
+    let port = open.host.rsplit(':').next().unwrap();
+    let status = block_on(reqwest::get(format!("http://127.0.0.1:{port}/v2/")))
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn requests_without_or_with_bad_credentials_are_refused() {
+    let server = token_server();
+    let client = reqwest::Client::new();
+    // Anonymous: the challenge, naming the token endpoint and the scope.
+    let r = client
+        .post(server.at("/v2/cache/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert_eq!(
+        challenge,
+        format!(
+            "Bearer realm=\"http://{}/token\",service=\"layercache\",scope=\"repository:cache/app:pull,push\"",
+            server.host
+        )
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+
+    // A credential from another server's key, an expired one, an unsigned one, and a
+    // signed URL of this server's Actions cache: all refused.
+    let other = token_server();
+    let foreign = credential(&other, &["--push", "**"]);
+    let expired = sign(
+        &server,
+        serde_json::json!({"iss": "layercache", "exp": 1_000_000_000u64, "reg": {"push": ["**"]}}),
+    );
+    let header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(r#"{"iss":"layercache","exp":4102444800,"reg":{"push":["**"]}}"#);
+    let unsigned = format!("{header}.{payload}.");
+    let wrong_audience = sign(
+        &server,
+        serde_json::json!({"iss": "layercache", "aud": "layercache-url", "exp": 4_102_444_800u64, "reg": {"push": ["**"]}}),
+    );
+    for (what, password) in [
+        ("foreign", foreign.as_str()),
+        ("expired", expired.as_str()),
+        ("alg none", unsigned.as_str()),
+        ("wrong audience", wrong_audience.as_str()),
+        ("garbage", "not-a-token"),
+    ] {
+        let token = "/token?service=layercache&scope=repository:cache/app:pull";
+        for (path, authorization) in [
+            ("/v2/", basic("ci", password)),
+            ("/v2/cache/app/tags/list", basic("ci", password)),
+            (token, basic("ci", password)),
+            ("/v2/cache/app/tags/list", format!("Bearer {password}")),
+        ] {
+            let r = client
+                .get(server.at(path))
+                .header("authorization", &authorization)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "{what} on {path} ({authorization:.6})");
+        }
+    }
+}
+
+/// A JWT of `claims` signed with `server`'s key.
+fn sign(server: &Server, claims: serde_json::Value) -> String {
+    let key = std::fs::read_to_string(server.data_dir().join("actions.key")).unwrap();
+    let key = hex::decode(key.trim()).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(&key),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_token_endpoint_speaks_both_forms_and_grants_only_what_the_identity_has() {
+    let server = token_server();
+    let pr = credential(
+        &server,
+        &["--pull", "cache/app/**", "--push", "cache/app/pr-7/**"],
+    );
+    let client = reqwest::Client::new();
+    // GET with Basic, as docker does; POST with the OAuth2 form, as containerd does.
+    let get = client
+        .get(server.at("/token?service=layercache&scope=repository:cache/app/main:pull,push"))
+        .header("authorization", basic("ci", &pr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    let get: serde_json::Value = get.json().await.unwrap();
+    let post = client
+        .post(server.at("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "ci"),
+            ("password", pr.as_str()),
+            ("service", "layercache"),
+            ("scope", "repository:cache/app/main:pull,push"),
+            ("client_id", "buildkit"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    let post: serde_json::Value = post.json().await.unwrap();
+    for answer in [&get, &post] {
+        let token = answer["access_token"].as_str().unwrap();
+        assert_eq!(answer["token"], token);
+        assert!(answer["expires_in"].as_u64().unwrap() > 0);
+        // Pull granted, push denied.
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull"]));
+        let r = client
+            .get(server.at("/v2/cache/app/main/tags/list"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "pull is allowed (the repository is empty)");
+        let r = client
+            .post(server.at("/v2/cache/app/main/blobs/uploads/"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "DENIED");
+    }
+    let bad = client
+        .post(server.at("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "ci"),
+            ("password", "x"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+}
+
+#[test]
+fn real_clients_push_their_own_namespace_and_are_denied_the_default_branch() {
+    let _daemon = DAEMON.lock().unwrap_or_else(|p| p.into_inner());
+    if !common::require_tool("/usr/bin/docker") {
+        return;
+    }
+    let server = token_server();
+    let main = credential(&server, &["--pull", "cache/**", "--push", "cache/app/main"]);
+    let pr = credential(
+        &server,
+        &["--pull", "cache/app/**", "--push", "cache/app/pr-7/**"],
+    );
+    let host = &server.host;
+    let main_image = format!("{host}/cache/app/main:v1");
+    let pr_image = format!("{host}/cache/app/pr-7/app:v1");
+    let config = tempfile::tempdir().unwrap();
+    let config = config.path();
+    let context = common::busybox_context(&server, "Dockerfile", DOCKERFILE);
+    let cleanup = |tags: &[&str]| {
+        common::run(&mut docker(config, &["builder", "prune", "-af"]));
+        for tag in tags {
+            common::run(&mut docker(config, &["image", "rm", "-f", tag]));
+        }
+    };
+    cleanup(&[&main_image, &pr_image]);
+
+    // The default branch's build pushes its image with inline cache.
+    let login = |user: &str, password: &str| {
+        let mut command = docker(config, &["login", host, "-u", user, "--password-stdin"]);
+        let out = common::output_with_input(&mut command, password.as_bytes());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    login("main-build", &main);
+    common::run_ok(
+        docker(
+            config,
+            &[
+                "build",
+                "--network=none",
+                "--progress=plain",
+                "-t",
+                &main_image,
+            ],
+        )
+        .args(["--build-arg", "BUILDKIT_INLINE_CACHE=1"])
+        .arg(context.path()),
+    );
+    common::run_ok(&mut docker(config, &["push", &main_image]));
+    cleanup(&[&main_image]);
+
+    // The pull request's build imports it with its own login: every step CACHED.
+    login("pr-7", &pr);
+    let warm = common::run_ok(
+        docker(config, &["build", "--network=none", "--progress=plain"])
+            .args(["--cache-from", &main_image, "-t", &pr_image])
+            .arg(context.path()),
+    );
+    let steps = common::step_outcomes(&warm);
+    assert!(!steps.is_empty(), "{warm}");
+    assert!(
+        steps.values().all(|end| end == "CACHED"),
+        "{steps:#?}\n{warm}"
+    );
+    common::run_ok(&mut docker(config, &["push", &pr_image]));
+    // Its push over the default branch's cache is denied.
+    common::run_ok(&mut docker(config, &["tag", &pr_image, &main_image]));
+    let (pushed, out) = common::run(&mut docker(config, &["push", &main_image]));
+    assert!(!pushed, "{out}");
+    assert!(out.contains("denied"), "{out}");
+
+    // explain reads with a credential that may pull, and says which one it needs.
+    let explain = |credential: &str| {
+        Command::new(env!("CARGO_BIN_EXE_layercache"))
+            .args(["explain", "--cache-from", &main_image])
+            .env("LAYERCACHE_CREDENTIAL", credential)
+            .output()
+            .unwrap()
+    };
+    let out = explain(&pr);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = explain("");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("LAYERCACHE_CREDENTIAL"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Sessions are named by the logins, without asking for a name.
+    let sessions: Vec<serde_json::Value> = block_on(async {
+        let response = reqwest::get(server.at("/api/v1/sessions?since=0")).await;
+        response.unwrap().json().await.unwrap()
+    });
+    let names: Vec<&str> = sessions.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(
+        names.contains(&"main-build") && names.contains(&"pr-7"),
+        "{names:?}"
+    );
+    cleanup(&[&main_image, &pr_image]);
+
+    // skopeo and buildah with --creds: the same rights.
+    if !common::require_tool("skopeo") || !common::require_tool("buildah") {
+        return;
+    }
+    let creds = format!("pr-7:{pr}");
+    let skopeo = |dest: &str| {
+        common::run(
+            Command::new("skopeo")
+                .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
+                .args(["--src-creds", &creds, "--dest-creds", &creds])
+                .arg(format!("docker://{pr_image}"))
+                .arg(format!("docker://{dest}")),
+        )
+    };
+    let (copied, out) = skopeo(&format!("{host}/cache/app/pr-7/copy:v1"));
+    assert!(copied, "{out}");
+    let (copied, out) = skopeo(&format!("{host}/cache/app/main:copied"));
+    assert!(!copied && out.to_lowercase().contains("denied"), "{out}");
+    let storage = tempfile::tempdir().unwrap();
+    let buildah = |args: &[&str]| {
+        common::run(
+            Command::new("buildah")
+                .arg("--root")
+                .arg(storage.path().join("root"))
+                .arg("--runroot")
+                .arg(storage.path().join("runroot"))
+                .args(["--storage-driver", "vfs"])
+                .args(args),
+        )
+    };
+    let (pulled, out) = buildah(&[
+        "pull",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{pr_image}"),
+    ]);
+    assert!(pulled, "{out}");
+    let (pushed, out) = buildah(&[
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &pr_image,
+        &format!("docker://{host}/cache/app/pr-7/buildah:v1"),
+    ]);
+    assert!(pushed, "{out}");
+    let (pushed, out) = buildah(&[
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &pr_image,
+        &format!("docker://{host}/cache/app/main:buildah"),
+    ]);
+    assert!(!pushed && out.to_lowercase().contains("denied"), "{out}");
+}
+
+#[tokio::test]
+async fn one_credential_carries_registry_and_actions_cache_scopes() {
+    let server = token_server();
+    let both = credential(
+        &server,
+        &[
+            "--pull",
+            "cache/app/**",
+            "--read",
+            "refs/heads/main",
+            "--write",
+            "refs/pull/7/merge",
+        ],
+    );
+    let client = reqwest::Client::new();
+    let r = client
+        .get(server.at("/v2/cache/app/main/tags/list"))
+        .header("authorization", basic("ci", &both))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "pull allowed, the repository is empty");
+    let r = client
+        .post(
+            server.at("/twirp/github.actions.results.api.v1.CacheService/GetCacheEntryDownloadURL"),
+        )
+        .header("authorization", format!("Bearer {both}"))
+        .header("content-type", "application/json")
+        .body(r#"{"key":"k","restore_keys":[],"version":"v"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn anonymous_pulls_when_allowed_and_is_asked_to_log_in_to_push() {
+    let server = Server::start_with_env(&[
+        ("LAYERCACHE_SERVER__AUTH__MODE", "token"),
+        ("LAYERCACHE_SERVER__AUTH__ANONYMOUS", "pull"),
+    ]);
+    let client = reqwest::Client::new();
+    let pull = client
+        .get(server.at("/v2/cache/app/main/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pull.status(), 404, "allowed; the repository is empty");
+    // An anonymous token pulls too, and is asked to log in to push.
+    let token: serde_json::Value = client
+        .get(server.at("/token?service=layercache&scope=repository:cache/app/main:pull,push"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["token"].as_str().unwrap();
+    for authorization in [None, Some(format!("Bearer {token}"))] {
+        let mut request = client.post(server.at("/v2/cache/app/main/blobs/uploads/"));
+        if let Some(authorization) = &authorization {
+            request = request.header("authorization", authorization);
+        }
+        let push = request.send().await.unwrap();
+        assert_eq!(push.status(), 401, "{authorization:?}");
+        assert!(push.headers().contains_key("www-authenticate"));
+    }
+}

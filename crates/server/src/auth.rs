@@ -1,0 +1,604 @@
+//! Who may pull, push and delete which repositories: the registry token flow.
+//!
+//! In `token` mode every `/v2/` request needs an identity with the right: a bearer
+//! token from [`token`] (the `realm` of the `401` challenge), or `Basic` credentials
+//! sent straight to `/v2/`. The password is a credential minted by `layercache token`
+//! (signed with the server's key, the one the Actions cache tokens use); its registry
+//! scopes are repository globs per action. A request its identity may not make is
+//! `DENIED` (403); one without credentials gets the challenge (401).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use oci::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::app::AppState;
+use crate::registry::{Endpoint, RegistryError};
+
+/// The `iss` of every token this server signs.
+const ISSUER: &str = "layercache";
+/// The `aud` of the bearer tokens the token endpoint issues, so that one is never
+/// taken for a credential, a runtime token or a signed URL.
+const BEARER_AUDIENCE: &str = "layercache-registry";
+/// Seconds of clock difference allowed on `exp` and `nbf`.
+const LEEWAY: u64 = 5;
+
+/// Whether requests need an identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Anyone who reaches the port may do anything.
+    #[default]
+    Open,
+    /// Every request needs an identity with the right (anonymous ones see `anonymous`).
+    Token,
+}
+
+/// What a request without credentials may do in `token` mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Anonymous {
+    /// Nothing.
+    #[default]
+    None,
+    /// Pull any repository.
+    Pull,
+}
+
+/// The `[server.auth]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `open` or `token`; unset is `open`, which a listen address other than loopback
+    /// refuses (say `open` to mean it).
+    pub mode: Option<Mode>,
+    /// What requests without credentials may do in `token` mode.
+    pub anonymous: Anonymous,
+    /// How long a bearer token from the token endpoint is valid (default 5 minutes).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<Duration>,
+}
+
+impl Config {
+    /// Why the server must not start with this configuration on `listen`, in the two
+    /// lines that fix it.
+    pub fn refusal(&self, listen: SocketAddr) -> Option<String> {
+        (self.mode.is_none() && !listen.ip().is_loopback()).then(|| {
+            format!(
+                "refusing to serve {listen} to the network without authentication:\n  \
+                 configure it: [server.auth] mode = \"token\" (credentials from `layercache \
+                 token --pull … --push …`)\n  or say it is meant: [server.auth] mode = \
+                 \"open\", or `serve --open`"
+            )
+        })
+    }
+
+    fn ttl(&self) -> Duration {
+        self.token_ttl.unwrap_or(Duration::from_secs(300))
+    }
+}
+
+/// Repository globs per action, as a credential carries them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RegistryScopes {
+    /// Repositories it may pull (`cache/org/app/**`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pull: Vec<String>,
+    /// Repositories it may push to (and pull).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub push: Vec<String>,
+    /// Repositories it may delete in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+}
+
+impl RegistryScopes {
+    /// Whether it grants nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pull.is_empty() && self.push.is_empty() && self.delete.is_empty()
+    }
+
+    /// Refuse a glob that does not compile.
+    pub fn check(&self) -> Result<(), String> {
+        self.compile().map(|_| ())
+    }
+
+    fn compile(&self) -> Result<Rights, String> {
+        let set = |globs: &[String]| {
+            let mut set = GlobSetBuilder::new();
+            for glob in globs {
+                let glob = GlobBuilder::new(glob)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| format!("repository glob {glob:?}: {e}"))?;
+                set.add(glob);
+            }
+            set.build().map_err(|e| e.to_string())
+        };
+        let pushable: Vec<String> = self.push.clone();
+        let pullable: Vec<String> = self.pull.iter().chain(&self.push).cloned().collect();
+        Ok(Rights {
+            pull: set(&pullable)?,
+            push: set(&pushable)?,
+            delete: set(&self.delete)?,
+        })
+    }
+}
+
+/// Compiled [`RegistryScopes`].
+struct Rights {
+    pull: GlobSet,
+    push: GlobSet,
+    delete: GlobSet,
+}
+
+/// An action on a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Read manifests, blobs and tags.
+    Pull,
+    /// Upload and tag.
+    Push,
+    /// Delete manifests, tags and blobs.
+    Delete,
+}
+
+impl Action {
+    fn scope(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "pull,push",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+/// The claims of a credential minted by `layercache token`.
+#[derive(Debug, Deserialize)]
+struct CredentialClaims {
+    #[serde(default)]
+    reg: RegistryScopes,
+    #[serde(default)]
+    session: Option<String>,
+}
+
+/// One granted scope, in the shape registries put in their tokens.
+#[derive(Debug, Serialize, Deserialize)]
+struct Access {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    actions: Vec<String>,
+}
+
+/// The claims of a bearer token from the token endpoint.
+#[derive(Debug, Serialize, Deserialize)]
+struct BearerClaims {
+    iss: String,
+    aud: String,
+    sub: String,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+    /// What the identity may do, whatever the scope it asked for.
+    reg: RegistryScopes,
+    /// The granted part of the scopes asked for.
+    access: Vec<Access>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
+    /// Issued without credentials.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    anonymous: bool,
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Its rights.
+    pub scopes: RegistryScopes,
+    /// The build session its credential names, if any.
+    pub session: Option<String>,
+    /// It sent no credentials.
+    pub anonymous: bool,
+}
+
+/// Checks credentials and bearer tokens, and issues the latter.
+pub struct Authority {
+    config: Config,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl Authority {
+    /// An authority over `config`, signing with the server's `key`.
+    pub fn new(config: Config, key: &[u8]) -> Authority {
+        Authority {
+            config,
+            encoding: EncodingKey::from_secret(key),
+            decoding: DecodingKey::from_secret(key),
+        }
+    }
+
+    /// Whether requests need an identity.
+    pub fn enforced(&self) -> bool {
+        self.config.mode == Some(Mode::Token)
+    }
+
+    /// The identity of `authorization` (a header value), or of no credentials.
+    fn identify(&self, authorization: Option<&str>) -> Result<Identity, String> {
+        let Some(value) = authorization else {
+            let scopes = match self.config.anonymous {
+                Anonymous::Pull => RegistryScopes {
+                    pull: vec!["**".into()],
+                    ..RegistryScopes::default()
+                },
+                Anonymous::None => RegistryScopes::default(),
+            };
+            return Ok(Identity {
+                scopes,
+                session: None,
+                anonymous: true,
+            });
+        };
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let mut validation = Validation::new(Algorithm::HS256);
+            validation.set_issuer(&[ISSUER]);
+            validation.set_audience(&[BEARER_AUDIENCE]);
+            validation.validate_nbf = true;
+            validation.leeway = LEEWAY;
+            let claims =
+                jsonwebtoken::decode::<BearerClaims>(rest.trim(), &self.decoding, &validation)
+                    .map_err(|e| format!("invalid bearer token: {e}"))?
+                    .claims;
+            return Ok(Identity {
+                scopes: claims.reg,
+                session: claims.session,
+                anonymous: claims.anonymous,
+            });
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            let (user, password) =
+                basic(rest).ok_or_else(|| "malformed Basic credentials".to_owned())?;
+            return self.credential(&user, &password);
+        }
+        Err(format!("unsupported authorization scheme {scheme:?}"))
+    }
+
+    /// The identity of a user name and password (a credential minted by `layercache
+    /// token`; any user name, which names the build session unless the credential does).
+    fn credential(&self, user: &str, password: &str) -> Result<Identity, String> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        validation.required_spec_claims = ["exp".to_owned(), "iss".to_owned()].into();
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY;
+        let claims =
+            jsonwebtoken::decode::<CredentialClaims>(password, &self.decoding, &validation)
+                .map_err(|e| format!("invalid credentials: {e}"))?
+                .claims;
+        let session = claims
+            .session
+            .or_else(|| (!user.is_empty()).then(|| user.to_owned()));
+        Ok(Identity {
+            scopes: claims.reg,
+            session,
+            anonymous: false,
+        })
+    }
+
+    /// Whether `identity` may do `action` on `repo` (`None`: the catalog, which needs
+    /// pull on every repository).
+    fn allows(identity: &Identity, action: Action, repo: Option<&str>) -> bool {
+        let Ok(rights) = identity.scopes.compile() else {
+            return false;
+        };
+        let repo = repo.unwrap_or("**");
+        match action {
+            Action::Pull if repo == "**" => identity
+                .scopes
+                .pull
+                .iter()
+                .chain(&identity.scopes.push)
+                .any(|g| g == "**"),
+            Action::Pull => rights.pull.is_match(repo),
+            Action::Push => rights.push.is_match(repo),
+            Action::Delete => rights.delete.is_match(repo),
+        }
+    }
+
+    /// Check a `/v2/` request for `endpoint` with `headers`: its identity, or the
+    /// registry's answer (the challenge, or `DENIED`). `base` is the server's URL as the
+    /// client addressed it.
+    pub fn authorize(
+        &self,
+        endpoint: &Endpoint,
+        method: &Method,
+        headers: &HeaderMap,
+        base: &str,
+    ) -> Result<Option<Identity>, RegistryError> {
+        if !self.enforced() {
+            return Ok(None);
+        }
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let action = action_of(endpoint, method);
+        let repo = endpoint.repo().map(|r| r.as_str());
+        let challenge = |message: String| {
+            let scope = match (repo, action) {
+                (Some(repo), Some(action)) => {
+                    format!(",scope=\"repository:{repo}:{}\"", action.scope())
+                }
+                (None, Some(_)) => ",scope=\"registry:catalog:*\"".to_owned(),
+                _ => String::new(),
+            };
+            RegistryError::new(ErrorCode::Unauthorized, message).with_header(
+                header::WWW_AUTHENTICATE,
+                format!("Bearer realm=\"{base}/token\",service=\"{ISSUER}\"{scope}"),
+            )
+        };
+        let identity = match self.identify(authorization) {
+            Ok(identity) => identity,
+            Err(message) => {
+                return Err(challenge(message));
+            }
+        };
+        let Some(action) = action else {
+            // `/v2/` itself: any identity (an anonymous one is asked to log in, so that
+            // `docker login` finds the token endpoint).
+            return if identity.anonymous {
+                Err(challenge("authentication required".into()))
+            } else {
+                Ok(Some(identity))
+            };
+        };
+        if Self::allows(&identity, action, repo) {
+            return Ok(Some(identity));
+        }
+        if identity.anonymous {
+            return Err(challenge("authentication required".into()));
+        }
+        Err(RegistryError::new(
+            ErrorCode::Denied,
+            format!(
+                "requested access to the resource is denied: {} on {}",
+                action.scope(),
+                repo.unwrap_or("the catalog")
+            ),
+        )
+        .with_status(StatusCode::FORBIDDEN))
+    }
+
+    /// A bearer token for `identity`, granting what it may of `scopes`
+    /// (`repository:NAME:ACTIONS`).
+    fn issue(
+        &self,
+        identity: &Identity,
+        subject: &str,
+        scopes: &[String],
+    ) -> Result<String, String> {
+        let access = scopes
+            .iter()
+            .filter_map(|scope| {
+                let mut parts = scope.splitn(3, ':');
+                let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                if kind != "repository" {
+                    return None;
+                }
+                let granted: Vec<String> = actions
+                    .split(',')
+                    .filter(|a| {
+                        let action = match *a {
+                            "pull" => Action::Pull,
+                            "push" => Action::Push,
+                            "delete" => Action::Delete,
+                            _ => return false,
+                        };
+                        Self::allows(identity, action, Some(name))
+                    })
+                    .map(str::to_owned)
+                    .collect();
+                Some(Access {
+                    kind: kind.to_owned(),
+                    name: name.to_owned(),
+                    actions: granted,
+                })
+            })
+            .collect();
+        let now = unix_now();
+        let claims = BearerClaims {
+            iss: ISSUER.to_owned(),
+            aud: BEARER_AUDIENCE.to_owned(),
+            sub: subject.to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now + self.config.ttl().as_secs(),
+            reg: identity.scopes.clone(),
+            access,
+            session: identity.session.clone(),
+            anonymous: identity.anonymous,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The action a request for `endpoint` with `method` needs (`None` for `/v2/`).
+fn action_of(endpoint: &Endpoint, method: &Method) -> Option<Action> {
+    match endpoint {
+        Endpoint::Base => None,
+        Endpoint::DeleteManifest(..) | Endpoint::DeleteBlob(..) => Some(Action::Delete),
+        Endpoint::CancelUpload(..) => Some(Action::Push),
+        _ if method == Method::GET || method == Method::HEAD => Some(Action::Pull),
+        _ => Some(Action::Push),
+    }
+}
+
+/// The user name and password of `Basic` credentials (base64 of `user:password`).
+fn basic(encoded: &str) -> Option<(String, String)> {
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The token endpoint's answer.
+#[derive(Debug, Serialize)]
+struct TokenAnswer {
+    token: String,
+    access_token: String,
+    expires_in: u64,
+    issued_at: String,
+}
+
+/// `GET /token` (Basic credentials, `scope` repeated) and `POST /token` (the OAuth2
+/// form BuildKit and containerd send: `grant_type=password` or `refresh_token`).
+pub async fn token(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let authority = &state.authority;
+    let form: Vec<(String, String)> = if method == Method::POST {
+        serde_urlencoded::from_bytes(&body).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let field = |name: &str| {
+        form.iter()
+            .chain(&query)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let scopes: Vec<String> = form
+        .iter()
+        .chain(&query)
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| v.split(' ').map(str::to_owned))
+        .collect();
+    let identity = if method == Method::POST {
+        match field("grant_type") {
+            Some("password") => authority.credential(
+                field("username").unwrap_or(""),
+                field("password").unwrap_or(""),
+            ),
+            Some("refresh_token") => authority.credential("", field("refresh_token").unwrap_or("")),
+            other => Err(format!("unsupported grant_type {other:?}")),
+        }
+    } else {
+        authority.identify(
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+    };
+    let identity = match identity {
+        // Without credentials there is nothing to grant unless anonymous pulls are on.
+        Ok(identity) if identity.anonymous && identity.scopes.is_empty() => {
+            Err("credentials are required".to_owned())
+        }
+        other => other,
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(message) => {
+            return RegistryError::new(ErrorCode::Unauthorized, message).into_response();
+        }
+    };
+    let subject = field("username")
+        .or(field("account"))
+        .unwrap_or(if identity.anonymous {
+            "anonymous"
+        } else {
+            "credential"
+        })
+        .to_owned();
+    match authority.issue(&identity, &subject, &scopes) {
+        Ok(token) => {
+            let ttl = authority.config.ttl().as_secs();
+            let issued_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            axum::Json(TokenAnswer {
+                access_token: token.clone(),
+                token,
+                expires_in: ttl,
+                issued_at: issued_at.to_string(),
+            })
+            .into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(pull: &[&str], push: &[&str]) -> Identity {
+        Identity {
+            scopes: RegistryScopes {
+                pull: pull.iter().map(|s| (*s).to_owned()).collect(),
+                push: push.iter().map(|s| (*s).to_owned()).collect(),
+                delete: Vec::new(),
+            },
+            session: None,
+            anonymous: false,
+        }
+    }
+
+    #[test]
+    fn globs_grant_whole_path_segments() {
+        let pr = identity(&["cache/org/app/**"], &["cache/org/app/pr-7/**"]);
+        let allows = |action, repo| Authority::allows(&pr, action, Some(repo));
+        assert!(allows(Action::Pull, "cache/org/app/main"));
+        assert!(allows(Action::Pull, "cache/org/app/pr-7/x"));
+        assert!(!allows(Action::Push, "cache/org/app/main"));
+        assert!(allows(Action::Push, "cache/org/app/pr-7/x"));
+        assert!(!allows(Action::Pull, "cache/org/other"));
+        assert!(!allows(Action::Delete, "cache/org/app/pr-7/x"));
+        let one_level = identity(&["team/*"], &[]);
+        assert!(Authority::allows(&one_level, Action::Pull, Some("team/a")));
+        assert!(!Authority::allows(
+            &one_level,
+            Action::Pull,
+            Some("team/a/b")
+        ));
+        assert!(!Authority::allows(&one_level, Action::Pull, None));
+        assert!(Authority::allows(
+            &identity(&["**"], &[]),
+            Action::Pull,
+            None
+        ));
+    }
+
+    #[test]
+    fn an_open_listener_off_loopback_needs_saying_so() {
+        let unset = Config::default();
+        assert!(unset.refusal("127.0.0.1:5000".parse().unwrap()).is_none());
+        assert!(unset.refusal("0.0.0.0:5000".parse().unwrap()).is_some());
+        let open = Config {
+            mode: Some(Mode::Open),
+            ..Config::default()
+        };
+        assert!(open.refusal("0.0.0.0:5000".parse().unwrap()).is_none());
+    }
+}
