@@ -7,7 +7,9 @@
 //! scopes are repository globs per action. A request its identity may not make is
 //! `DENIED` (403); one without credentials gets the challenge (401).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Query, State};
@@ -134,6 +136,7 @@ impl RegistryScopes {
 }
 
 /// Compiled [`RegistryScopes`].
+#[derive(Debug)]
 struct Rights {
     pull: GlobSet,
     push: GlobSet,
@@ -164,6 +167,7 @@ impl Action {
 /// The claims of a credential minted by `layercache token`.
 #[derive(Debug, Deserialize)]
 struct CredentialClaims {
+    exp: u64,
     #[serde(default)]
     reg: RegistryScopes,
     #[serde(default)]
@@ -200,7 +204,7 @@ struct BearerClaims {
 }
 
 /// Who made a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Identity {
     /// Its rights.
     pub scopes: RegistryScopes,
@@ -208,22 +212,65 @@ pub struct Identity {
     pub session: Option<String>,
     /// It sent no credentials.
     pub anonymous: bool,
+    /// `scopes`, compiled.
+    rights: Rights,
+    /// When its credential or token expires (seconds since the epoch).
+    expires: u64,
 }
+
+impl Identity {
+    fn new(
+        scopes: RegistryScopes,
+        session: Option<String>,
+        anonymous: bool,
+        expires: u64,
+    ) -> Identity {
+        // A glob that does not compile (minted elsewhere) grants nothing.
+        let rights = scopes.compile().unwrap_or_else(|_| {
+            RegistryScopes::default()
+                .compile()
+                .unwrap_or_else(|_| unreachable!("no globs always compile"))
+        });
+        Identity {
+            scopes,
+            session,
+            anonymous,
+            rights,
+            expires,
+        }
+    }
+}
+
+/// Most verified `Authorization` values remembered (then forgotten all at once).
+const MAX_VERIFIED: usize = 10_000;
 
 /// Checks credentials and bearer tokens, and issues the latter.
 pub struct Authority {
     config: Config,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    anonymous: Arc<Identity>,
+    /// Identities of `Authorization` values already verified, until they expire: a
+    /// signature is checked and globs compiled once per token, not per request.
+    verified: Mutex<HashMap<String, Arc<Identity>>>,
 }
 
 impl Authority {
     /// An authority over `config`, signing with the server's `key`.
     pub fn new(config: Config, key: &[u8]) -> Authority {
+        let scopes = match config.anonymous {
+            Anonymous::Pull => RegistryScopes {
+                pull: vec!["**".into()],
+                ..RegistryScopes::default()
+            },
+            Anonymous::None => RegistryScopes::default(),
+        };
         Authority {
             config,
             encoding: EncodingKey::from_secret(key),
             decoding: DecodingKey::from_secret(key),
+            anonymous: Arc::new(Identity::new(scopes, None, true, u64::MAX)),
+            verified: Mutex::default(),
         }
     }
 
@@ -233,21 +280,27 @@ impl Authority {
     }
 
     /// The identity of `authorization` (a header value), or of no credentials.
-    fn identify(&self, authorization: Option<&str>) -> Result<Identity, String> {
+    fn identify(&self, authorization: Option<&str>) -> Result<Arc<Identity>, String> {
         let Some(value) = authorization else {
-            let scopes = match self.config.anonymous {
-                Anonymous::Pull => RegistryScopes {
-                    pull: vec!["**".into()],
-                    ..RegistryScopes::default()
-                },
-                Anonymous::None => RegistryScopes::default(),
-            };
-            return Ok(Identity {
-                scopes,
-                session: None,
-                anonymous: true,
-            });
+            return Ok(Arc::clone(&self.anonymous));
         };
+        let now = unix_now();
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(identity) = verified.get(value).filter(|i| i.expires > now) {
+            return Ok(Arc::clone(identity));
+        }
+        drop(verified);
+        let identity = Arc::new(self.verify(value)?);
+        verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= MAX_VERIFIED {
+            verified.clear();
+        }
+        verified.insert(value.to_owned(), Arc::clone(&identity));
+        Ok(identity)
+    }
+
+    /// Verify `authorization` (a header value).
+    fn verify(&self, value: &str) -> Result<Identity, String> {
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let mut validation = Validation::new(Algorithm::HS256);
@@ -259,11 +312,12 @@ impl Authority {
                 jsonwebtoken::decode::<BearerClaims>(rest.trim(), &self.decoding, &validation)
                     .map_err(|e| format!("invalid bearer token: {e}"))?
                     .claims;
-            return Ok(Identity {
-                scopes: claims.reg,
-                session: claims.session,
-                anonymous: claims.anonymous,
-            });
+            return Ok(Identity::new(
+                claims.reg,
+                claims.session,
+                claims.anonymous,
+                claims.exp,
+            ));
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let (user, password) =
@@ -288,19 +342,13 @@ impl Authority {
         let session = claims
             .session
             .or_else(|| (!user.is_empty()).then(|| user.to_owned()));
-        Ok(Identity {
-            scopes: claims.reg,
-            session,
-            anonymous: false,
-        })
+        Ok(Identity::new(claims.reg, session, false, claims.exp))
     }
 
     /// Whether `identity` may do `action` on `repo` (`None`: the catalog, which needs
     /// pull on every repository).
     fn allows(identity: &Identity, action: Action, repo: Option<&str>) -> bool {
-        let Ok(rights) = identity.scopes.compile() else {
-            return false;
-        };
+        let rights = &identity.rights;
         let repo = repo.unwrap_or("**");
         match action {
             Action::Pull if repo == "**" => identity
@@ -324,7 +372,7 @@ impl Authority {
         method: &Method,
         headers: &HeaderMap,
         base: &str,
-    ) -> Result<Option<Identity>, RegistryError> {
+    ) -> Result<Option<Arc<Identity>>, RegistryError> {
         if !self.enforced() {
             return Ok(None);
         }
@@ -498,11 +546,15 @@ pub async fn token(
         .collect();
     let identity = if method == Method::POST {
         match field("grant_type") {
-            Some("password") => authority.credential(
-                field("username").unwrap_or(""),
-                field("password").unwrap_or(""),
-            ),
-            Some("refresh_token") => authority.credential("", field("refresh_token").unwrap_or("")),
+            Some("password") => authority
+                .credential(
+                    field("username").unwrap_or(""),
+                    field("password").unwrap_or(""),
+                )
+                .map(Arc::new),
+            Some("refresh_token") => authority
+                .credential("", field("refresh_token").unwrap_or(""))
+                .map(Arc::new),
             other => Err(format!("unsupported grant_type {other:?}")),
         }
     } else {
@@ -554,15 +606,12 @@ mod tests {
     use super::*;
 
     fn identity(pull: &[&str], push: &[&str]) -> Identity {
-        Identity {
-            scopes: RegistryScopes {
-                pull: pull.iter().map(|s| (*s).to_owned()).collect(),
-                push: push.iter().map(|s| (*s).to_owned()).collect(),
-                delete: Vec::new(),
-            },
-            session: None,
-            anonymous: false,
-        }
+        let scopes = RegistryScopes {
+            pull: pull.iter().map(|s| (*s).to_owned()).collect(),
+            push: push.iter().map(|s| (*s).to_owned()).collect(),
+            delete: Vec::new(),
+        };
+        Identity::new(scopes, None, false, u64::MAX)
     }
 
     #[test]

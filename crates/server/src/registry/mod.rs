@@ -66,7 +66,7 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
                 .unwrap_or_else(|| "http://127.0.0.1".to_owned());
             let identity = authority.authorize(&endpoint, &parts.method, &parts.headers, &base)?;
             // The credential names the build: no need to ask for a name.
-            if let Some(session) = identity.and_then(|i| i.session) {
+            if let Some(session) = identity.and_then(|i| i.session.clone()) {
                 client.name = Some(session);
             }
             Ok(endpoint)
