@@ -372,31 +372,17 @@ fn real_clients_push_their_own_namespace_and_are_denied_the_default_branch() {
                 .args(args),
         )
     };
-    let (pulled, out) = buildah(&[
-        "pull",
-        "--tls-verify=false",
-        "--creds",
-        &creds,
-        &format!("docker://{pr_image}"),
-    ]);
+    let with_creds = ["--tls-verify=false", "--creds", &creds];
+    let source = format!("docker://{pr_image}");
+    let (pulled, out) = buildah(&[&["pull"], &with_creds[..], &[&source]].concat());
     assert!(pulled, "{out}");
-    let (pushed, out) = buildah(&[
-        "push",
-        "--tls-verify=false",
-        "--creds",
-        &creds,
-        &pr_image,
-        &format!("docker://{host}/cache/app/pr-7/buildah:v1"),
-    ]);
+    let push_to = |dest: &str| {
+        let dest = format!("docker://{host}/{dest}");
+        buildah(&[&["push"], &with_creds[..], &[&pr_image, &dest]].concat())
+    };
+    let (pushed, out) = push_to("cache/app/pr-7/buildah:v1");
     assert!(pushed, "{out}");
-    let (pushed, out) = buildah(&[
-        "push",
-        "--tls-verify=false",
-        "--creds",
-        &creds,
-        &pr_image,
-        &format!("docker://{host}/cache/app/main:buildah"),
-    ]);
+    let (pushed, out) = push_to("cache/app/main:buildah");
     assert!(!pushed && out.to_lowercase().contains("denied"), "{out}");
 }
 
