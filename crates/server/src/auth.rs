@@ -364,14 +364,13 @@ impl Authority {
     }
 
     /// Check a `/v2/` request for `endpoint` with `headers`: its identity, or the
-    /// registry's answer (the challenge, or `DENIED`). `base` is the server's URL as the
-    /// client addressed it.
+    /// registry's answer (the challenge, naming the token endpoint at the address the
+    /// client used, or `DENIED`).
     pub fn authorize(
         &self,
         endpoint: &Endpoint,
         method: &Method,
         headers: &HeaderMap,
-        base: &str,
     ) -> Result<Option<Arc<Identity>>, RegistryError> {
         if !self.enforced() {
             return Ok(None);
@@ -382,6 +381,8 @@ impl Authority {
         let action = action_of(endpoint, method);
         let repo = endpoint.repo().map(|r| r.as_str());
         let challenge = |message: String| {
+            let base =
+                crate::addressed_base(headers).unwrap_or_else(|| "http://127.0.0.1".to_owned());
             let scope = match (repo, action) {
                 (Some(repo), Some(action)) => {
                     format!(",scope=\"repository:{repo}:{}\"", action.scope())

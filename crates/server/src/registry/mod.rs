@@ -56,22 +56,19 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
     let body = crate::body::drain_on_drop(body);
     let mut client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
     let authority = &state.authority;
-    let parsed = if !authority.enforced()
-        && state.sessions.wants_credentials(&client, &parts.headers)
-    {
-        Err(ask_credentials())
-    } else {
-        Endpoint::parse(&parts.method, parts.uri.path()).and_then(|endpoint| {
-            let base = crate::addressed_base(&parts.headers)
-                .unwrap_or_else(|| "http://127.0.0.1".to_owned());
-            let identity = authority.authorize(&endpoint, &parts.method, &parts.headers, &base)?;
-            // The credential names the build: no need to ask for a name.
-            if let Some(session) = identity.and_then(|i| i.session.clone()) {
-                client.name = Some(session);
-            }
-            Ok(endpoint)
-        })
-    };
+    let parsed =
+        if !authority.enforced() && state.sessions.wants_credentials(&client, &parts.headers) {
+            Err(ask_credentials())
+        } else {
+            Endpoint::parse(&parts.method, parts.uri.path()).and_then(|endpoint| {
+                let identity = authority.authorize(&endpoint, &parts.method, &parts.headers)?;
+                // The credential names the build: no need to ask for a name.
+                if let Some(session) = identity.and_then(|i| i.session.clone()) {
+                    client.name = Some(session);
+                }
+                Ok(endpoint)
+            })
+        };
     let mut response = match parsed {
         Ok(endpoint) => {
             let span = tracing::Span::current();
