@@ -72,6 +72,12 @@ pub struct TokenArgs {
     /// Registry repositories it may delete manifests, tags and blobs in.
     #[arg(long, value_name = "GLOB")]
     pub delete: Vec<String>,
+    /// It may read layercache's API (sessions for report and expect), /metrics and /ui.
+    #[arg(long)]
+    pub view: bool,
+    /// It may also run eviction passes through the API (layercache gc); implies --view.
+    #[arg(long)]
+    pub admin: bool,
 }
 
 /// Options of `layercache report`.

@@ -331,8 +331,13 @@ fn real_clients_push_their_own_namespace_and_are_denied_the_default_branch() {
     );
 
     // Sessions are named by the logins, without asking for a name.
+    let viewer = credential(&server, &["--view"]);
     let sessions: Vec<serde_json::Value> = block_on(async {
-        let response = reqwest::get(server.at("/api/v1/sessions?since=0")).await;
+        let response = reqwest::Client::new()
+            .get(server.at("/api/v1/sessions?since=0"))
+            .header("authorization", basic("viewer", &viewer))
+            .send()
+            .await;
         response.unwrap().json().await.unwrap()
     });
     let names: Vec<&str> = sessions.iter().filter_map(|s| s["name"].as_str()).collect();
@@ -453,4 +458,47 @@ async fn anonymous_pulls_when_allowed_and_is_asked_to_log_in_to_push() {
         assert_eq!(push.status(), 401, "{authorization:?}");
         assert!(push.headers().contains_key("www-authenticate"));
     }
+}
+
+#[tokio::test]
+async fn the_api_metrics_and_dashboard_need_a_viewer_and_gc_an_admin() {
+    let server = token_server();
+    let pull = credential(&server, &["--pull", "**"]);
+    let view = credential(&server, &["--view"]);
+    let admin = credential(&server, &["--admin"]);
+    let client = reqwest::Client::new();
+    let status = |method: reqwest::Method, path: &str, password: Option<&str>| {
+        let mut request = client.request(method, server.at(path));
+        if let Some(password) = password {
+            request = request.header("authorization", basic("ci", password));
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method;
+    for path in ["/api/v1/sessions", "/api/v1/gc", "/metrics", "/ui"] {
+        let anonymous = client.get(server.at(path)).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{path}");
+        assert_eq!(
+            anonymous.headers()["www-authenticate"],
+            "Basic realm=\"layercache\""
+        );
+        assert_eq!(status(Method::GET, path, Some(&pull)).await, 403, "{path}");
+        assert_eq!(status(Method::GET, path, Some(&view)).await, 200, "{path}");
+    }
+    assert_eq!(status(Method::POST, "/api/v1/gc", Some(&view)).await, 403);
+    assert_eq!(status(Method::POST, "/api/v1/gc", Some(&admin)).await, 200);
+
+    // The commands log in with LAYERCACHE_CREDENTIAL.
+    let report = |credential: &str| {
+        Command::new(env!("CARGO_BIN_EXE_layercache"))
+            .args(["report", "--server", &server.url])
+            .env("LAYERCACHE_CREDENTIAL", credential)
+            .output()
+            .unwrap()
+    };
+    let out = report(&view);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = report("");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("401"), "{}", text(&out.stderr));
 }

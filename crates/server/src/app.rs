@@ -66,9 +66,12 @@ pub fn build_router(state: AppState) -> Router {
         .route("/v2/", any(registry::dispatch))
         .route("/v2/{*path}", any(registry::dispatch))
         .merge(actions::router())
-        .merge(api::router())
-        .merge(ui::router())
-        .route("/metrics", get(metrics::serve))
+        .merge(
+            api::router()
+                .merge(ui::router())
+                .route("/metrics", get(metrics::serve))
+                .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard)),
+        )
         .route("/token", get(auth::token).post(auth::token))
         .fallback(registry::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))

@@ -100,12 +100,22 @@ pub struct RegistryScopes {
     /// Repositories it may delete in.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub delete: Vec<String>,
+    /// It may read layercache's own API (sessions, usage), `/metrics` and `/ui`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub view: bool,
+    /// It may also run eviction passes through the API (`POST /api/v1/gc`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 impl RegistryScopes {
     /// Whether it grants nothing.
     pub fn is_empty(&self) -> bool {
-        self.pull.is_empty() && self.push.is_empty() && self.delete.is_empty()
+        self.pull.is_empty()
+            && self.push.is_empty()
+            && self.delete.is_empty()
+            && !self.view
+            && !self.admin
     }
 
     /// Refuse a glob that does not compile.
@@ -481,6 +491,49 @@ impl Authority {
     }
 }
 
+/// Let a request to layercache's own API, `/metrics` or `/ui` through in `token` mode
+/// only with a credential that may view (or, for a `POST`, administer); one without
+/// credentials is asked for them with a Basic challenge, which browsers answer.
+pub async fn guard(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let authority = &state.authority;
+    if !authority.enforced() {
+        return next.run(request).await;
+    }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let admin = request.method() == Method::POST;
+    let refusal = match authority.identify(authorization) {
+        Ok(identity) if identity.anonymous && !identity.scopes.view => None,
+        Ok(identity) => {
+            let scopes = &identity.scopes;
+            if scopes.admin || (scopes.view && !admin) {
+                return next.run(request).await;
+            }
+            let needed = if admin { "--admin" } else { "--view" };
+            Some(format!(
+                "this credential may not do that: mint one with {needed}"
+            ))
+        }
+        Err(_) => None,
+    };
+    match refusal {
+        Some(message) => (StatusCode::FORBIDDEN, message).into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"layercache\"")],
+            "credentials required: any user name, a credential from `layercache token --view` \
+             as the password",
+        )
+            .into_response(),
+    }
+}
+
 /// The action a request for `endpoint` with `method` needs (`None` for `/v2/`).
 fn action_of(endpoint: &Endpoint, method: &Method) -> Option<Action> {
     match endpoint {
@@ -610,7 +663,7 @@ mod tests {
         let scopes = RegistryScopes {
             pull: pull.iter().map(|s| (*s).to_owned()).collect(),
             push: push.iter().map(|s| (*s).to_owned()).collect(),
-            delete: Vec::new(),
+            ..RegistryScopes::default()
         };
         Identity::new(scopes, None, false, u64::MAX)
     }

@@ -15,8 +15,7 @@ pub async fn run(args: GcArgs) -> anyhow::Result<()> {
         args.server.url.trim_end_matches('/'),
         args.dry_run
     );
-    let response = reqwest::Client::new()
-        .post(&url)
+    let response = super::with_credential(reqwest::Client::new().post(&url))
         .send()
         .await
         .with_context(|| format!("reaching layercache at {}", args.server.url))?;

@@ -37,6 +37,23 @@ pub fn clock(seconds: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
+/// The environment variable holding the credential the commands log in with.
+pub const CREDENTIAL_VAR: &str = "LAYERCACHE_CREDENTIAL";
+
+/// The credential the commands log in with (`LAYERCACHE_CREDENTIAL`: one from
+/// `layercache token`), if set.
+pub fn credential() -> Option<String> {
+    std::env::var(CREDENTIAL_VAR).ok().filter(|c| !c.is_empty())
+}
+
+/// `request` carrying the credential as Basic authentication, when one is set.
+pub fn with_credential(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match credential() {
+        Some(credential) => request.basic_auth("layercache", Some(credential)),
+        None => request,
+    }
+}
+
 /// The build sessions a server recorded, filtered.
 pub async fn sessions(
     server: &str,
@@ -48,9 +65,7 @@ pub async fn sessions(
     query.extend(repo.map(|r| ("repo", r.to_owned())));
     query.extend(session.map(|s| ("session", s.to_owned())));
     let url = format!("{}/api/v1/sessions", server.trim_end_matches('/'));
-    let response = reqwest::Client::new()
-        .get(&url)
-        .query(&query)
+    let response = with_credential(reqwest::Client::new().get(&url).query(&query))
         .send()
         .await
         .with_context(|| format!("reaching layercache at {server}"))?;

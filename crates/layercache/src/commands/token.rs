@@ -12,11 +12,13 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
         pull: args.pull,
         push: args.push,
         delete: args.delete,
+        view: args.view || args.admin,
+        admin: args.admin,
     };
     anyhow::ensure!(
         !args.read.is_empty() || args.write.is_some() || !registry.is_empty(),
         "name at least one scope: --read or --write (Actions cache), --pull, --push or \
-         --delete (registry)"
+         --delete (registry), --view or --admin (the API, /metrics and /ui)"
     );
     registry.check().map_err(anyhow::Error::msg)?;
     let config = Config::load(&ServeArgs {

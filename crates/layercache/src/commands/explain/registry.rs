@@ -29,8 +29,6 @@ pub const MAX_MANIFEST: usize = 4 << 20;
 
 /// Most pages of a tag list or the catalog followed.
 const MAX_PAGES: usize = 20;
-/// The environment variable holding the credential explain logs in with.
-const CREDENTIAL_VAR: &str = "LAYERCACHE_CREDENTIAL";
 /// Most tags listed to name the nearest to one that is not there.
 const MAX_TAGS_NEAREST: usize = 10_000;
 
@@ -74,7 +72,7 @@ impl Registry {
             http,
             base: base.trim_end_matches('/').to_owned(),
             tokens: Mutex::default(),
-            credential: std::env::var(CREDENTIAL_VAR).ok().filter(|c| !c.is_empty()),
+            credential: crate::commands::credential(),
         })
     }
 
@@ -167,8 +165,9 @@ impl Registry {
         let body = read_limited(response, 1 << 20, "the token").await?;
         if !status.is_success() {
             bail!(
-                "the token service {realm} refused a token ({status}; set {CREDENTIAL_VAR} to \
+                "the token service {realm} refused a token ({status}; set {} to \
                  a credential that may pull): {}",
+                crate::commands::CREDENTIAL_VAR,
                 String::from_utf8_lossy(&body)
                     .chars()
                     .take(300)
@@ -341,7 +340,11 @@ impl Registry {
 
     /// A JSON document of layercache's own API (`/api/v1/...`).
     pub async fn api(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let response = self.send(Method::GET, "", path, None).await?;
+        let url = format!("{}{path}", self.base);
+        let response = crate::commands::with_credential(self.http.get(&url))
+            .send()
+            .await
+            .map_err(|e| connect_error(&url, e))?;
         let status = response.status();
         let body = read_limited(response, 64 << 20, path).await?;
         if !status.is_success() {
