@@ -2442,7 +2442,9 @@ fn manifest_put_racing_a_pass_never_points_at_a_swept_blob() {
 fn blob_mount_racing_a_pass_never_links_a_swept_blob() {
     let runtimes = Runtimes::new();
     let dir = tempfile::tempdir().unwrap();
-    let store = runtimes.open(dir.path(), 1 << 40, 0);
+    // A one-second window: with none, a link made in second t is already idle for a pass
+    // in second t + 1, which may then forget it however the lock falls.
+    let store = runtimes.open(dir.path(), 1 << 40, 1);
     let (source, target) = (repo_name(0), repo_name(1));
     let rounds = 80;
     let (mut mounted, mut not_mounted) = (0, 0);
