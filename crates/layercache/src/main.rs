@@ -80,9 +80,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading the signing key {}", key_path.display()))?;
     let state = server::AppState::new(store.clone(), &config.server, actions, &key);
     let app = server::build_router(state.clone());
-    server::serve(listener, app, &config.server.limits, shutdown_signal())
-        .await
-        .context("serving")?;
+    server::serve(listener, app, &config.server.limits, shutdown_signal()).await;
     state.sessions.save(true).await?;
     store.flush_access_times().await?;
     Ok(())

@@ -21,11 +21,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use oci::ErrorCode;
 use serde::{Deserialize, Serialize};
 
+use crate::actions::token::{ISSUER, unix_now};
 use crate::app::AppState;
 use crate::registry::{Endpoint, RegistryError};
-
-/// The `iss` of every token this server signs.
-const ISSUER: &str = "layercache";
 /// The `aud` of the bearer tokens the token endpoint issues, so that one is never
 /// taken for a credential, a runtime token or a signed URL.
 const BEARER_AUDIENCE: &str = "layercache-registry";
@@ -135,11 +133,10 @@ impl RegistryScopes {
             }
             set.build().map_err(|e| e.to_string())
         };
-        let pushable: Vec<String> = self.push.clone();
         let pullable: Vec<String> = self.pull.iter().chain(&self.push).cloned().collect();
         Ok(Rights {
             pull: set(&pullable)?,
-            push: set(&pushable)?,
+            push: set(&self.push)?,
             delete: set(&self.delete)?,
         })
     }
@@ -236,10 +233,10 @@ impl Identity {
         expires: u64,
     ) -> Identity {
         // A glob that does not compile (minted elsewhere) grants nothing.
-        let rights = scopes.compile().unwrap_or_else(|_| {
-            RegistryScopes::default()
-                .compile()
-                .unwrap_or_else(|_| unreachable!("no globs always compile"))
+        let rights = scopes.compile().unwrap_or_else(|_| Rights {
+            pull: GlobSet::empty(),
+            push: GlobSet::empty(),
+            delete: GlobSet::empty(),
         });
         Identity {
             scopes,
@@ -331,7 +328,7 @@ impl Authority {
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let (user, password) =
-                basic(rest).ok_or_else(|| "malformed Basic credentials".to_owned())?;
+                basic(value).ok_or_else(|| "malformed Basic credentials".to_owned())?;
             return self.credential(&user, &password);
         }
         Err(format!("unsupported authorization scheme {scheme:?}"))
@@ -545,21 +542,19 @@ fn action_of(endpoint: &Endpoint, method: &Method) -> Option<Action> {
     }
 }
 
-/// The user name and password of `Basic` credentials (base64 of `user:password`).
-fn basic(encoded: &str) -> Option<(String, String)> {
+/// The user name and password of an `Authorization: Basic …` value (base64 of
+/// `user:password`; a value without `:` is a user name alone).
+pub(crate) fn basic(authorization: &str) -> Option<(String, String)> {
+    let (scheme, encoded) = authorization.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
-    let (user, password) = text.split_once(':')?;
+    let (user, password) = text.split_once(':').unwrap_or((&text, ""));
     Some((user.to_owned(), password.to_owned()))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The token endpoint's answer.

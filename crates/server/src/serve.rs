@@ -39,7 +39,7 @@ pub async fn serve(
     app: Router,
     limits: &Limits,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
@@ -70,7 +70,6 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
-    Ok(())
 }
 
 /// `app` as the hyper service of one connection from `addr`.

@@ -1,6 +1,5 @@
 //! `layercache expect`: fail a CI step whose build did not use the cache as required.
 
-use diagnose::explain::session::Builder;
 use server::sessions::{Counts, Session};
 
 use crate::cli::ExpectArgs;
@@ -49,13 +48,8 @@ fn useless_imports(sessions: &[Session], repo: &str) -> Option<String> {
         }
     }
     let first = images.first()?;
-    let builder = Builder::of(
-        sessions
-            .iter()
-            .flat_map(|s| s.user_agents.iter().chain([&s.user_agent]))
-            .map(String::as_str),
-    );
-    let full = match sessions.iter().find_map(|s| s.host.as_deref()) {
+    let builder = super::builder_of(sessions);
+    let full = match super::host_of(sessions) {
         Some(host) => format!("{host}/{first}"),
         None => (*first).to_owned(),
     };

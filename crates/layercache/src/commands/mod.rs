@@ -10,6 +10,7 @@ pub mod token;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use diagnose::explain::session::Builder;
 use server::sessions::Session;
 
 /// `--since` as seconds since the epoch: a duration ago ("15m"), a time
@@ -52,6 +53,21 @@ pub fn with_credential(request: reqwest::RequestBuilder) -> reqwest::RequestBuil
         Some(credential) => request.basic_auth("layercache", Some(credential)),
         None => request,
     }
+}
+
+/// The build tool that made the requests of `sessions`, by their user agents.
+pub fn builder_of(sessions: &[Session]) -> Builder {
+    Builder::of(
+        sessions
+            .iter()
+            .flat_map(|s| s.user_agents.iter().chain([&s.user_agent]))
+            .map(String::as_str),
+    )
+}
+
+/// The registry host the clients of `sessions` addressed, when one was recorded.
+pub fn host_of(sessions: &[Session]) -> Option<String> {
+    sessions.iter().find_map(|s| s.host.clone())
 }
 
 /// The build sessions a server recorded, filtered.

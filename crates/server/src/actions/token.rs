@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ActionsError;
 
-/// The `iss` of tokens this server mints.
-const ISSUER: &str = "layercache";
+/// The `iss` of every token this server signs.
+pub(crate) const ISSUER: &str = "layercache";
 /// The `aud` of signed URLs, so that one is never taken for a runtime token.
 const URL_AUDIENCE: &str = "layercache-url";
 /// Permission bit: read.
@@ -132,7 +132,8 @@ pub struct TokenRequest {
     pub registry: crate::auth::RegistryScopes,
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch: the clock of token claims.
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use base64::Engine;
 use store::{SessionFilter, SessionRecord, Store};
 
 pub use record::{Counts, Outcome, Session};
@@ -76,7 +75,11 @@ impl Client {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let name = header("x-layercache-session")
             .map(str::to_owned)
-            .or_else(|| header("authorization").and_then(basic_user))
+            .or_else(|| {
+                header("authorization")
+                    .and_then(crate::auth::basic)
+                    .map(|(user, _)| user)
+            })
             .filter(|n| !n.is_empty());
         Client {
             name,
@@ -168,23 +171,6 @@ pub fn remote_addr(parts: &axum::http::request::Parts) -> Option<IpAddr> {
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip())
-}
-
-/// The user name of `Basic` credentials.
-fn basic_user(authorization: &str) -> Option<String> {
-    let (scheme, encoded) = authorization.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    Some(
-        text.split_once(':')
-            .map_or(text.as_str(), |(user, _)| user)
-            .to_owned(),
-    )
 }
 
 /// What identifies an open session.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use diagnose::explain::session::{
-    BlobElsewhere, Builder, EvictedRoot, SessionFacts, nearest, repository_of,
+    BlobElsewhere, EvictedRoot, SessionFacts, nearest, repository_of,
 };
 
 use super::registry::Registry;
@@ -63,16 +63,8 @@ pub async fn gather(server: &str, name: &str) -> anyhow::Result<SessionFacts> {
     }
     let mut facts = SessionFacts {
         session: name.to_owned(),
-        host: sessions
-            .iter()
-            .find_map(|s| s.host.clone())
-            .or_else(|| Some(registry.host().to_owned())),
-        builder: Builder::of(
-            sessions
-                .iter()
-                .flat_map(|s| s.user_agents.iter().chain([&s.user_agent]))
-                .map(String::as_str),
-        ),
+        host: crate::commands::host_of(&sessions).or_else(|| Some(registry.host().to_owned())),
+        builder: crate::commands::builder_of(&sessions),
         cache_imports: sessions.iter().map(|s| s.counts.cache_imports).sum(),
         no_cache_images,
         repositories: repositories.iter().cloned().collect(),
