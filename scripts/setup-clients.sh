@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
 packages=()
-for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl; do
+for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
 done
 # node and npm may come from elsewhere than Debian; install Debian's only if missing.

@@ -4,6 +4,8 @@ mod cli;
 mod commands;
 mod config;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Parser;
 
@@ -72,13 +74,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.store.data_dir.display(), "layercache serving");
     println!("layercache listening on http://{addr}");
-    let actions = server::actions::Actions::open(config.actions.clone(), &config.store.data_dir)
-        .await
-        .context("starting the Actions cache service")?;
+    let auth = &config.server.auth;
+    let oidc = Arc::new(
+        server::auth::oidc::Oidc::load(&auth.issuers, &auth.rules)
+            .await
+            .context("loading the CI identity token issuers")?,
+    );
+    let actions = server::actions::Actions::open(
+        config.actions.clone(),
+        &config.store.data_dir,
+        Arc::clone(&oidc),
+    )
+    .await
+    .context("starting the Actions cache service")?;
     let key_path = config.actions.key_path(&config.store.data_dir);
     let key = server::actions::token::load_or_create_key(&key_path)
         .with_context(|| format!("reading the signing key {}", key_path.display()))?;
-    let state = server::AppState::new(store.clone(), &config.server, actions, &key);
+    let authority = server::auth::Authority::new(auth.clone(), &key, oidc)
+        .map_err(|e| anyhow::anyhow!("[server.auth]: {e}"))?;
+    let state = server::AppState::new(store.clone(), &config.server, actions, authority);
     let app = server::build_router(state.clone());
     server::serve(listener, app, &config.server.limits, shutdown_signal()).await;
     state.sessions.save(true).await?;

@@ -11,60 +11,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::Command;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::jwt::{Rsa, rsa_key, sign};
 
 const ISSUER: &str = "https://token.actions.example";
-
-/// An RSA key made with openssl, and its public half as a JSON Web Key Set.
-struct Rsa {
-    pem: std::path::PathBuf,
-    jwks: String,
-}
-
-fn rsa_key(dir: &Path, kid: &str) -> Rsa {
-    let pem = dir.join(format!("{kid}.pem"));
-    common::run_ok(
-        Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&pem)
-            .arg("2048"),
-    );
-    let out = Command::new("openssl")
-        .args(["rsa", "-noout", "-modulus", "-in"])
-        .arg(&pem)
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let modulus = hex::decode(text.trim().trim_start_matches("Modulus=")).unwrap();
-    let jwks = serde_json::json!({ "keys": [{
-        "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-        "n": URL_SAFE_NO_PAD.encode(modulus), "e": "AQAB",
-    }]})
-    .to_string();
-    Rsa { pem, jwks }
-}
-
-/// A JWT with `claims`, signed RS256 by `key` (with openssl), naming `kid`.
-fn sign(key: &Rsa, kid: &str, claims: serde_json::Value) -> String {
-    let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "kid": kid });
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let out = common::output_with_input(
-        Command::new("openssl")
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key.pem),
-        input.as_bytes(),
-    );
-    assert!(out.status.success());
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(out.stdout))
-}
 
 fn claims(iss: &str, scope: &str) -> serde_json::Value {
     let now = std::time::SystemTime::now()

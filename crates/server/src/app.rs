@@ -40,16 +40,16 @@ pub struct AppState {
 
 impl AppState {
     /// State over an opened store (starts recording build sessions into it, and
-    /// sampling its usage); tokens are signed with `key`.
+    /// sampling its usage) with the policy `authority` enforces.
     pub fn new(
         store: store::Store,
         config: &crate::Config,
         actions: Actions,
-        key: &[u8],
+        authority: Authority,
     ) -> AppState {
         AppState {
             actions: Arc::new(actions),
-            authority: Arc::new(Authority::new(config.auth.clone(), key)),
+            authority: Arc::new(authority),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
             metrics: Metrics::new(),
             usage_history: UsageHistory::start(store.clone()),

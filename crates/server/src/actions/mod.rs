@@ -17,6 +17,7 @@ mod v1;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -30,6 +31,7 @@ pub use error::ActionsError;
 pub use token::{Grant, Issuer, IssuerError, TokenRequest, UrlUse, Verifier};
 
 use crate::app::AppState;
+use crate::auth::oidc::Oidc;
 use crate::sessions::{ACTIONS_AREA, Client, Outcome};
 
 /// Most keys a restore may name (the primary key and its restore keys).
@@ -84,12 +86,17 @@ pub struct Actions {
 }
 
 impl Actions {
-    /// Load (or create) the signing key and the external issuer's keys.
-    pub async fn open(config: Config, data_dir: &Path) -> Result<Actions, IssuerError> {
+    /// Load (or create) the signing key and the external issuer's keys; CI identity
+    /// tokens get the scopes `oidc`'s rules grant.
+    pub async fn open(
+        config: Config,
+        data_dir: &Path,
+        oidc: Arc<Oidc>,
+    ) -> Result<Actions, IssuerError> {
         let path = config.key_path(data_dir);
         let key = token::load_or_create_key(&path)
             .map_err(|e| IssuerError::new(format!("signing key {}: {e}", path.display())))?;
-        let verifier = Verifier::new(&key, config.issuer.clone()).await?;
+        let verifier = Verifier::new(&key, config.issuer.clone(), oidc).await?;
         Ok(Actions { config, verifier })
     }
 

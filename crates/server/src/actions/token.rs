@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::JwkSet;
@@ -13,6 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::error::ActionsError;
+use crate::auth::oidc::{Oidc, unverified_issuer};
 
 /// The `iss` of every token this server signs.
 pub(crate) const ISSUER: &str = "layercache";
@@ -39,7 +41,7 @@ pub struct Issuer {
 }
 
 /// What a token lets its holder do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grant {
     /// The repository whose cache it reaches.
     pub repository: String,
@@ -233,7 +235,7 @@ pub fn mint(key: &[u8], request: &TokenRequest) -> Result<String, jsonwebtoken::
 }
 
 /// An external issuer with its keys.
-struct External {
+pub(crate) struct External {
     config: Issuer,
     keys: tokio::sync::RwLock<(JwkSet, Instant)>,
 }
@@ -243,26 +245,26 @@ pub struct Verifier {
     encoding: EncodingKey,
     decoding: DecodingKey,
     external: Option<External>,
+    oidc: Arc<Oidc>,
 }
 
 impl Verifier {
     /// A verifier with the server's `key`, also trusting `issuer` when given (its keys
-    /// are loaded now).
-    pub async fn new(key: &[u8], issuer: Option<Issuer>) -> Result<Verifier, IssuerError> {
+    /// are loaded now), and CI identity tokens as `oidc`'s rules grant.
+    pub async fn new(
+        key: &[u8],
+        issuer: Option<Issuer>,
+        oidc: Arc<Oidc>,
+    ) -> Result<Verifier, IssuerError> {
         let external = match issuer {
-            Some(config) => {
-                let keys = fetch_jwks(&config.jwks).await?;
-                Some(External {
-                    config,
-                    keys: tokio::sync::RwLock::new((keys, Instant::now())),
-                })
-            }
+            Some(config) => Some(External::load(config).await?),
             None => None,
         };
         Ok(Verifier {
             encoding: EncodingKey::from_secret(key),
             decoding: DecodingKey::from_secret(key),
             external,
+            oidc,
         })
     }
 
@@ -289,8 +291,16 @@ impl Verifier {
             jsonwebtoken::decode(token, &self.decoding, &validation)
                 .map_err(bad)?
                 .claims
+        } else if self.oidc.trusts(unverified_issuer(token).as_deref()) {
+            let granted = self.oidc.grant(token).await.map_err(|e| {
+                ActionsError::Unauthenticated(format!("invalid identity token: {e}"))
+            })?;
+            return Ok(granted.actions);
         } else if let Some(external) = &self.external {
-            external.decode(token, &header).await?
+            external
+                .decode(token, &header)
+                .await
+                .map_err(|e| ActionsError::Unauthenticated(format!("invalid runtime token: {e}")))?
         } else {
             return Err(ActionsError::Unauthenticated(format!(
                 "tokens signed with {:?} are not trusted: no external issuer is configured",
@@ -344,14 +354,33 @@ impl Verifier {
 }
 
 impl External {
-    async fn decode(&self, token: &str, header: &Header) -> Result<RuntimeClaims, ActionsError> {
+    /// The issuer `config` describes, with its keys loaded now.
+    pub(crate) async fn load(config: Issuer) -> Result<External, IssuerError> {
+        let keys = fetch_jwks(&config.jwks).await?;
+        Ok(External {
+            config,
+            keys: tokio::sync::RwLock::new((keys, Instant::now())),
+        })
+    }
+
+    /// The `iss` its tokens carry.
+    pub(crate) fn issuer(&self) -> &str {
+        &self.config.issuer
+    }
+
+    /// The claims of `token` (whose header is `header`), once its signature, issuer,
+    /// audience and validity period are checked; the key set is fetched again (at most
+    /// once a minute) when the token names a key it does not hold.
+    pub(crate) async fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        header: &Header,
+    ) -> Result<T, String> {
         if matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
         ) {
-            return Err(ActionsError::Unauthenticated(
-                "an external issuer's token must be signed with its public key".into(),
-            ));
+            return Err("an external issuer's token must be signed with its public key".into());
         }
         let kid = header.kid.clone().unwrap_or_default();
         let mut jwk = self.keys.read().await.0.find(&kid).cloned();
@@ -365,10 +394,8 @@ impl External {
             }
             jwk = keys.0.find(&kid).cloned();
         }
-        let jwk = jwk
-            .ok_or_else(|| ActionsError::Unauthenticated(format!("unknown signing key {kid:?}")))?;
-        let key = DecodingKey::from_jwk(&jwk)
-            .map_err(|e| ActionsError::Unauthenticated(format!("unusable signing key: {e}")))?;
+        let jwk = jwk.ok_or_else(|| format!("unknown signing key {kid:?}"))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("unusable signing key: {e}"))?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.config.issuer]);
         match &self.config.audience {
@@ -379,7 +406,7 @@ impl External {
         validation.validate_nbf = true;
         jsonwebtoken::decode(token, &key, &validation)
             .map(|data| data.claims)
-            .map_err(|e| ActionsError::Unauthenticated(format!("invalid runtime token: {e}")))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -448,6 +475,7 @@ mod tests {
             encoding: EncodingKey::from_secret(&key),
             decoding: DecodingKey::from_secret(&key),
             external: None,
+            oidc: Arc::default(),
         };
         (key, verifier)
     }

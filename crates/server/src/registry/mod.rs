@@ -60,14 +60,19 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
         if !authority.enforced() && state.sessions.wants_credentials(&client, &parts.headers) {
             Err(ask_credentials())
         } else {
-            Endpoint::parse(&parts.method, parts.uri.path()).and_then(|endpoint| {
-                let identity = authority.authorize(&endpoint, &parts.method, &parts.headers)?;
-                // The credential names the build: no need to ask for a name.
-                if let Some(session) = identity.and_then(|i| i.session.clone()) {
-                    client.name = Some(session);
-                }
-                Ok(endpoint)
-            })
+            match Endpoint::parse(&parts.method, parts.uri.path()) {
+                Ok(endpoint) => authority
+                    .authorize(&endpoint, &parts.method, &parts.headers)
+                    .await
+                    .map(|identity| {
+                        // The credential names the build: no need to ask for a name.
+                        if let Some(session) = identity.and_then(|i| i.session.clone()) {
+                            client.name = Some(session);
+                        }
+                        endpoint
+                    }),
+                Err(e) => Err(e),
+            }
         };
     let mut response = match parsed {
         Ok(endpoint) => {

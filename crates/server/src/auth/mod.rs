@@ -2,12 +2,16 @@
 //!
 //! In `token` mode every `/v2/` request needs an identity with the right: a bearer
 //! token from [`token`] (the `realm` of the `401` challenge), or `Basic` credentials
-//! sent straight to `/v2/`. The password is a credential minted by `layercache token`
-//! (signed with the server's key, the one the Actions cache tokens use); its registry
-//! scopes are repository globs per action. A request its identity may not make is
-//! `DENIED` (403); one without credentials gets the challenge (401).
+//! sent straight to `/v2/`. The password is one of: a credential minted by
+//! `layercache token` (signed with the server's key, the one the Actions cache tokens
+//! use), a static user's password ([`users`]), or a CI job's identity token
+//! ([`oidc`]). Rights are repository globs per action. A request its identity may not
+//! make is `DENIED` (403); one without credentials gets the challenge (401).
 
-use std::collections::HashMap;
+pub mod oidc;
+pub mod users;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -64,6 +68,16 @@ pub struct Config {
     /// How long a bearer token from the token endpoint is valid (default 5 minutes).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub token_ttl: Option<Duration>,
+    /// Static users and their rights.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<users::User>,
+    /// Issuers of CI identity tokens accepted as passwords (and as Actions cache
+    /// tokens).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<crate::actions::Issuer>,
+    /// What CI identity tokens may do, by their claims.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<oidc::Rule>,
 }
 
 impl Config {
@@ -208,11 +222,18 @@ struct BearerClaims {
     /// Issued without credentials.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     anonymous: bool,
+    /// The claims that granted the rights (a CI identity token's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    claims: BTreeMap<String, String>,
 }
 
 /// Who made a request.
 #[derive(Debug)]
 pub struct Identity {
+    /// Who it is: `anonymous`, a user's name, a CI token's subject, or `credential`.
+    pub subject: String,
+    /// The claims that granted its rights (a CI identity token's), for the record.
+    pub claims: BTreeMap<String, String>,
     /// Its rights.
     pub scopes: RegistryScopes,
     /// The build session its credential names, if any.
@@ -227,6 +248,7 @@ pub struct Identity {
 
 impl Identity {
     fn new(
+        subject: String,
         scopes: RegistryScopes,
         session: Option<String>,
         anonymous: bool,
@@ -239,6 +261,8 @@ impl Identity {
             delete: GlobSet::empty(),
         });
         Identity {
+            subject,
+            claims: BTreeMap::new(),
             scopes,
             session,
             anonymous,
@@ -256,6 +280,8 @@ pub struct Authority {
     config: Config,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    users: Vec<users::Account>,
+    oidc: Arc<oidc::Oidc>,
     anonymous: Arc<Identity>,
     /// Identities of `Authorization` values already verified, until they expire: a
     /// signature is checked and globs compiled once per token, not per request.
@@ -263,8 +289,14 @@ pub struct Authority {
 }
 
 impl Authority {
-    /// An authority over `config`, signing with the server's `key`.
-    pub fn new(config: Config, key: &[u8]) -> Authority {
+    /// An authority over `config`, signing with the server's `key` and trusting the CI
+    /// identity tokens `oidc` trusts; refuses a user whose hash or globs are unusable.
+    pub fn new(config: Config, key: &[u8], oidc: Arc<oidc::Oidc>) -> Result<Authority, String> {
+        let users = config
+            .users
+            .iter()
+            .map(users::User::account)
+            .collect::<Result<Vec<_>, _>>()?;
         let scopes = match config.anonymous {
             Anonymous::Pull => RegistryScopes {
                 pull: vec!["**".into()],
@@ -272,13 +304,21 @@ impl Authority {
             },
             Anonymous::None => RegistryScopes::default(),
         };
-        Authority {
+        Ok(Authority {
             config,
             encoding: EncodingKey::from_secret(key),
             decoding: DecodingKey::from_secret(key),
-            anonymous: Arc::new(Identity::new(scopes, None, true, u64::MAX)),
+            users,
+            oidc,
+            anonymous: Arc::new(Identity::new(
+                "anonymous".into(),
+                scopes,
+                None,
+                true,
+                u64::MAX,
+            )),
             verified: Mutex::default(),
-        }
+        })
     }
 
     /// Whether requests need an identity.
@@ -287,18 +327,23 @@ impl Authority {
     }
 
     /// The identity of `authorization` (a header value), or of no credentials.
-    fn identify(&self, authorization: Option<&str>) -> Result<Arc<Identity>, String> {
+    async fn identify(&self, authorization: Option<&str>) -> Result<Arc<Identity>, String> {
         let Some(value) = authorization else {
             return Ok(Arc::clone(&self.anonymous));
         };
         let now = unix_now();
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(identity) = verified.get(value).filter(|i| i.expires > now) {
-            return Ok(Arc::clone(identity));
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(value)
+            .filter(|i| i.expires > now)
+            .cloned();
+        if let Some(identity) = known {
+            return Ok(identity);
         }
-        drop(verified);
-        let identity = Arc::new(self.verify(value)?);
-        verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let identity = Arc::new(self.verify(value).await?);
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if verified.len() >= MAX_VERIFIED {
             verified.clear();
         }
@@ -307,7 +352,7 @@ impl Authority {
     }
 
     /// Verify `authorization` (a header value).
-    fn verify(&self, value: &str) -> Result<Identity, String> {
+    async fn verify(&self, value: &str) -> Result<Identity, String> {
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let mut validation = Validation::new(Algorithm::HS256);
@@ -319,24 +364,74 @@ impl Authority {
                 jsonwebtoken::decode::<BearerClaims>(rest.trim(), &self.decoding, &validation)
                     .map_err(|e| format!("invalid bearer token: {e}"))?
                     .claims;
-            return Ok(Identity::new(
+            let mut identity = Identity::new(
+                claims.sub,
                 claims.reg,
                 claims.session,
                 claims.anonymous,
                 claims.exp,
-            ));
+            );
+            identity.claims = claims.claims;
+            return Ok(identity);
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let (user, password) =
                 basic(value).ok_or_else(|| "malformed Basic credentials".to_owned())?;
-            return self.credential(&user, &password);
+            return self.credential(&user, &password).await;
         }
         Err(format!("unsupported authorization scheme {scheme:?}"))
     }
 
-    /// The identity of a user name and password (a credential minted by `layercache
-    /// token`; any user name, which names the build session unless the credential does).
-    fn credential(&self, user: &str, password: &str) -> Result<Identity, String> {
+    /// The identity of a user name and password: a credential minted by `layercache
+    /// token` (any user name, which names the build session unless the credential
+    /// does), a CI identity token (any user name), or a static user's password.
+    async fn credential(&self, user: &str, password: &str) -> Result<Identity, String> {
+        match jsonwebtoken::decode_header(password) {
+            Ok(header) if header.alg == Algorithm::HS256 => self.minted(user, password),
+            Ok(_) => {
+                let granted = self.oidc.grant(password).await?;
+                let session = granted.actions.session.clone();
+                let mut identity = Identity::new(
+                    granted.subject,
+                    granted.registry,
+                    session,
+                    false,
+                    granted.expires,
+                );
+                identity.claims = granted.claims;
+                Ok(identity)
+            }
+            Err(_) => {
+                let refused = || "unknown user or wrong password".to_owned();
+                let account = self
+                    .users
+                    .iter()
+                    .find(|a| a.name == user)
+                    .cloned()
+                    .ok_or_else(refused)?;
+                let password = password.to_owned();
+                let (account, right) = tokio::task::spawn_blocking(move || {
+                    let right = account.verify(&password);
+                    (account, right)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                if !right {
+                    return Err(refused());
+                }
+                Ok(Identity::new(
+                    account.name.clone(),
+                    account.scopes,
+                    Some(account.name),
+                    false,
+                    u64::MAX,
+                ))
+            }
+        }
+    }
+
+    /// The identity of a credential minted by `layercache token`.
+    fn minted(&self, user: &str, password: &str) -> Result<Identity, String> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.required_spec_claims = ["exp".to_owned(), "iss".to_owned()].into();
@@ -349,7 +444,13 @@ impl Authority {
         let session = claims
             .session
             .or_else(|| (!user.is_empty()).then(|| user.to_owned()));
-        Ok(Identity::new(claims.reg, session, false, claims.exp))
+        Ok(Identity::new(
+            "credential".into(),
+            claims.reg,
+            session,
+            false,
+            claims.exp,
+        ))
     }
 
     /// Whether `identity` may do `action` on `repo` (`None`: the catalog, which needs
@@ -373,7 +474,7 @@ impl Authority {
     /// Check a `/v2/` request for `endpoint` with `headers`: its identity, or the
     /// registry's answer (the challenge, naming the token endpoint at the address the
     /// client used, or `DENIED`).
-    pub fn authorize(
+    pub async fn authorize(
         &self,
         endpoint: &Endpoint,
         method: &Method,
@@ -402,7 +503,7 @@ impl Authority {
                 format!("Bearer realm=\"{base}/token\",service=\"{ISSUER}\"{scope}"),
             )
         };
-        let identity = match self.identify(authorization) {
+        let identity = match self.identify(authorization).await {
             Ok(identity) => identity,
             Err(message) => {
                 return Err(challenge(message));
@@ -436,12 +537,7 @@ impl Authority {
 
     /// A bearer token for `identity`, granting what it may of `scopes`
     /// (`repository:NAME:ACTIONS`).
-    fn issue(
-        &self,
-        identity: &Identity,
-        subject: &str,
-        scopes: &[String],
-    ) -> Result<String, String> {
+    fn issue(&self, identity: &Identity, scopes: &[String]) -> Result<String, String> {
         let access = scopes
             .iter()
             .filter_map(|scope| {
@@ -474,14 +570,16 @@ impl Authority {
         let claims = BearerClaims {
             iss: ISSUER.to_owned(),
             aud: BEARER_AUDIENCE.to_owned(),
-            sub: subject.to_owned(),
+            sub: identity.subject.clone(),
             iat: now,
             nbf: now,
-            exp: now + self.config.ttl().as_secs(),
+            // Never outliving the credential it was issued for.
+            exp: (now + self.config.ttl().as_secs()).min(identity.expires),
             reg: identity.scopes.clone(),
             access,
             session: identity.session.clone(),
             anonymous: identity.anonymous,
+            claims: identity.claims.clone(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| e.to_string())
@@ -505,7 +603,7 @@ pub async fn guard(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let admin = request.method() == Method::POST;
-    let refusal = match authority.identify(authorization) {
+    let refusal = match authority.identify(authorization).await {
         Ok(identity) if identity.anonymous && !identity.scopes.view => None,
         Ok(identity) => {
             let scopes = &identity.scopes;
@@ -600,18 +698,22 @@ pub async fn token(
                     field("username").unwrap_or(""),
                     field("password").unwrap_or(""),
                 )
+                .await
                 .map(Arc::new),
             Some("refresh_token") => authority
                 .credential("", field("refresh_token").unwrap_or(""))
+                .await
                 .map(Arc::new),
             other => Err(format!("unsupported grant_type {other:?}")),
         }
     } else {
-        authority.identify(
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok()),
-        )
+        authority
+            .identify(
+                headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok()),
+            )
+            .await
     };
     let identity = match identity {
         // Without credentials there is nothing to grant unless anonymous pulls are on.
@@ -626,15 +728,7 @@ pub async fn token(
             return RegistryError::new(ErrorCode::Unauthorized, message).into_response();
         }
     };
-    let subject = field("username")
-        .or(field("account"))
-        .unwrap_or(if identity.anonymous {
-            "anonymous"
-        } else {
-            "credential"
-        })
-        .to_owned();
-    match authority.issue(&identity, &subject, &scopes) {
+    match authority.issue(&identity, &scopes) {
         Ok(token) => {
             let ttl = authority.config.ttl().as_secs();
             let issued_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
@@ -660,7 +754,7 @@ mod tests {
             push: push.iter().map(|s| (*s).to_owned()).collect(),
             ..RegistryScopes::default()
         };
-        Identity::new(scopes, None, false, u64::MAX)
+        Identity::new("test".into(), scopes, None, false, u64::MAX)
     }
 
     #[test]
