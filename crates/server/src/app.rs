@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::actions::{self, Actions};
 use crate::auth::{self, Authority};
+use crate::limits::Limiter;
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
 use crate::ui::UsageHistory;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub actions: Arc<Actions>,
     /// Who may pull, push and delete.
     pub authority: Arc<Authority>,
+    /// How much each identity may do at once.
+    pub limiter: Arc<Limiter>,
     requests: Arc<AtomicU64>,
 }
 
@@ -50,6 +53,7 @@ impl AppState {
         AppState {
             actions: Arc::new(actions),
             authority: Arc::new(authority),
+            limiter: Arc::new(Limiter::new(&config.limits)),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
             metrics: Metrics::new(),
             usage_history: UsageHistory::start(store.clone()),

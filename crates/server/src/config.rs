@@ -10,8 +10,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How requests are grouped into build sessions.
     pub sessions: crate::sessions::Config,
-    /// What one connection may hold.
-    pub limits: crate::serve::Limits,
+    /// What one connection and one identity may hold.
+    pub limits: crate::limits::Limits,
     /// Who may pull, push and delete.
     pub auth: crate::auth::Config,
 }
@@ -21,7 +21,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
             sessions: crate::sessions::Config::default(),
-            limits: crate::serve::Limits::default(),
+            limits: crate::limits::Limits::default(),
             auth: crate::auth::Config::default(),
         }
     }

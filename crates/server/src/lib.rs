@@ -9,6 +9,7 @@ pub mod app;
 pub mod auth;
 mod body;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod registry;
 pub mod serve;

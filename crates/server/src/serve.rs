@@ -14,23 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-/// Limits on what one connection may hold.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// A request's head (request line and headers) must arrive within this, counted
-    /// from when the connection is ready for it (idle connections included).
-    #[serde(with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            header_read_timeout: Duration::from_secs(30),
-        }
-    }
-}
+use crate::limits::Limits;
 
 /// Serve `app` on `listener` until `shutdown` completes, then finish the requests in
 /// flight.

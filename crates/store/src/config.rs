@@ -15,6 +15,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Largest manifest accepted, in bytes (larger ones get MANIFEST_INVALID / 413).
     pub max_manifest_bytes: usize,
+    /// Largest blob accepted (larger uploads get BLOB_UPLOAD_INVALID / 413)
+    /// [default: no limit but the quota].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_blob_size: Option<bytesize::ByteSize>,
     /// How the store keeps itself inside its disk quota.
     pub eviction: Eviction,
 }
@@ -24,6 +28,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("layercache-data"),
             max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_size: None,
             eviction: Eviction::default(),
         }
     }

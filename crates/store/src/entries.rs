@@ -10,7 +10,7 @@ use oci::{Algorithm, Digest, Hasher};
 use crate::blob::{BlobStore, ByteRange, ByteStream};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
-use crate::{Error, Result, Store, UploadId};
+use crate::{Error, Result, Store, UploadId, limited, too_large};
 
 /// A finished entry, ready to be read.
 pub struct EntryRead {
@@ -55,19 +55,6 @@ impl EntryRead {
             .try_flatten();
         Box::pin(stream)
     }
-}
-
-/// Stop `body` with [`std::io::ErrorKind::FileTooLarge`] once it passes `limit` bytes.
-fn limited(body: ByteStream, limit: u64) -> ByteStream {
-    let mut seen = 0u64;
-    Box::pin(body.map(move |chunk| {
-        let chunk = chunk?;
-        seen += chunk.len() as u64;
-        if seen > limit {
-            return Err(std::io::ErrorKind::FileTooLarge.into());
-        }
-        Ok(chunk)
-    }))
 }
 
 impl Store {
@@ -127,12 +114,7 @@ impl Store {
                 .blobs
                 .append(&id, 0, limited(body, limit), Hasher::new(Algorithm::Sha256))
                 .await
-                .map_err(|e| match e {
-                    Error::Body(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                        Error::EntryTooLarge { limit }
-                    }
-                    e => e,
-                })?;
+                .map_err(|e| too_large(e, Error::EntryTooLarge { limit }))?;
             if let Some(declared) = expected.filter(|&d| d != len) {
                 return Err(Error::ChunkLength {
                     declared,

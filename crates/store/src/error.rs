@@ -71,6 +71,12 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The blob is larger than the configured limit.
+    #[error("a blob may hold at most {limit} bytes")]
+    BlobTooLarge {
+        /// The limit.
+        limit: u64,
+    },
     /// A cache entry with the same key and version exists in the scope (perhaps still
     /// being uploaded).
     #[error("a cache entry with the same key, version and scope already exists")]

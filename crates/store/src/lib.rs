@@ -34,6 +34,28 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Stop `body` with [`std::io::ErrorKind::FileTooLarge`] once it passes `limit` bytes.
+pub(crate) fn limited(body: ByteStream, limit: u64) -> ByteStream {
+    use futures::StreamExt;
+    let mut seen = 0u64;
+    Box::pin(body.map(move |chunk| {
+        let chunk = chunk?;
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        Ok(chunk)
+    }))
+}
+
+/// `error`, or `instead` when it is the stop [`limited`] makes.
+pub(crate) fn too_large(error: Error, instead: Error) -> Error {
+    match error {
+        Error::Body(e) if e.kind() == std::io::ErrorKind::FileTooLarge => instead,
+        e => e,
+    }
+}
+
 /// Seconds since the Unix epoch, the time unit of the other stored timestamps.
 pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now()

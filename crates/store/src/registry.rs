@@ -46,6 +46,7 @@ pub(crate) struct Shared {
     pub(crate) access: AccessLog,
     pub(crate) evictor: Evictor,
     max_manifest_bytes: usize,
+    max_blob_bytes: Option<u64>,
 }
 
 /// A blob found in a repository, ready to be read.
@@ -137,6 +138,7 @@ impl Store {
             access: AccessLog::default(),
             evictor,
             max_manifest_bytes: config.max_manifest_bytes,
+            max_blob_bytes: config.max_blob_size.map(|s| s.as_u64()),
         }));
         tokio::spawn(flush_access_times(Arc::downgrade(&store.0)));
         tokio::spawn(evict_in_background(Arc::downgrade(&store.0)));
@@ -242,8 +244,14 @@ impl Store {
             let (size, hasher) = self
                 .0
                 .blobs
-                .append(&id, 0, body, Hasher::new(digest.algorithm()))
-                .await?;
+                .append(
+                    &id,
+                    0,
+                    self.blob_limit(body, 0),
+                    Hasher::new(digest.algorithm()),
+                )
+                .await
+                .map_err(|e| self.blob_too_large(e))?;
             let _locked = self.0.blobs.commit(&id, digest, hasher).await?;
             self.0.meta.link_blob(repo, digest, size).await?;
             Ok(size)
@@ -253,6 +261,20 @@ impl Store {
             self.0.blobs.discard(&id).await?;
         }
         self.account(result, |&size| size)
+    }
+
+    /// `body`, stopped once a blob of which `len` bytes are already received passes
+    /// the size limit.
+    fn blob_limit(&self, body: ByteStream, len: u64) -> ByteStream {
+        match self.0.max_blob_bytes {
+            Some(max) => crate::limited(body, max.saturating_sub(len)),
+            None => body,
+        }
+    }
+
+    fn blob_too_large(&self, error: Error) -> Error {
+        let limit = self.0.max_blob_bytes.unwrap_or(u64::MAX);
+        crate::too_large(error, Error::BlobTooLarge { limit })
     }
 
     // ---- upload sessions ----
@@ -330,7 +352,12 @@ impl Store {
         let state = self
             .current_hash(id, len, slot.take(), Algorithm::Sha256)
             .await?;
-        let appended = self.0.blobs.append(id, state.len, body, state.hasher).await;
+        let appended = self
+            .0
+            .blobs
+            .append(id, state.len, self.blob_limit(body, len), state.hasher)
+            .await
+            .map_err(|e| self.blob_too_large(e));
         let (len, hasher) = self.account(appended, |_| 0)?;
         *slot = Some(HashState { len, hasher });
         Ok(len)

@@ -32,6 +32,9 @@ pub enum ActionsError {
     /// No such route or method.
     #[error("{0}")]
     NoRoute(String),
+    /// The caller is over its limits.
+    #[error(transparent)]
+    Limited(#[from] crate::limits::Refusal),
     /// A storage failure.
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -67,6 +70,11 @@ impl ActionsError {
                 StatusCode::FORBIDDEN,
                 "permission_denied",
                 "AuthorizationPermissionMismatch",
+            ),
+            ActionsError::Limited(_) => wire(
+                StatusCode::TOO_MANY_REQUESTS,
+                "resource_exhausted",
+                "ServerBusy",
             ),
             ActionsError::UrlDenied(_) => wire(
                 StatusCode::FORBIDDEN,
@@ -138,6 +146,17 @@ impl ActionsError {
         }
     }
 
+    /// `response` with a `Retry-After` when this is a refusal over limits.
+    fn with_retry_after(&self, mut response: Response) -> Response {
+        if let ActionsError::Limited(refusal) = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after_secs()),
+            );
+        }
+        response
+    }
+
     /// The v1 REST API's form: JSON with `message` (and `typeKey` where clients look
     /// for one). An oversized chunk is a plain 400 there.
     pub fn v1(self) -> Response {
@@ -151,7 +170,7 @@ impl ActionsError {
             obj.insert("typeName".into(), kind.into());
             obj.insert("typeKey".into(), kind.trim_end_matches("Exception").into());
         }
-        (wire.status, axum::Json(body)).into_response()
+        self.with_retry_after((wire.status, axum::Json(body)).into_response())
     }
 
     /// twirp's form: `{"code", "msg"}`.
@@ -159,7 +178,7 @@ impl ActionsError {
         let wire = self.wire();
         let message = self.message(&wire);
         let body = serde_json::json!({ "code": wire.twirp, "msg": message });
-        (wire.status, axum::Json(body)).into_response()
+        self.with_retry_after((wire.status, axum::Json(body)).into_response())
     }
 
     /// Azure Blob's form: an XML `<Error>` and the code in `x-ms-error-code`.
@@ -180,6 +199,6 @@ impl ActionsError {
         response
             .headers_mut()
             .insert("x-ms-error-code", HeaderValue::from_static(wire.azure));
-        response
+        self.with_retry_after(response)
     }
 }

@@ -162,6 +162,15 @@ impl Caller {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let grant = state.actions.verifier.verify(authorization).await?;
+        state.limiter.admit(&format!(
+            "actions/{}/{}",
+            grant.repository,
+            grant
+                .write
+                .as_deref()
+                .or(grant.session.as_deref())
+                .unwrap_or_default()
+        ))?;
         Ok(Caller {
             grant,
             addr: crate::sessions::remote_addr(parts),

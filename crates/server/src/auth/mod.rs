@@ -247,6 +247,19 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// What limits count it under: its subject and session (for a minted credential,
+    /// the login name), or the client address `addr` for an anonymous one.
+    pub fn limit_key(&self, addr: Option<std::net::IpAddr>) -> String {
+        match (self.anonymous, addr) {
+            (true, Some(addr)) => addr.to_string(),
+            _ => format!(
+                "{}/{}",
+                self.subject,
+                self.session.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+
     fn new(
         subject: String,
         scopes: RegistryScopes,

@@ -70,6 +70,15 @@ impl RegistryError {
     }
 }
 
+impl From<crate::limits::Refusal> for RegistryError {
+    fn from(refusal: crate::limits::Refusal) -> Self {
+        RegistryError::new(ErrorCode::TooManyRequests, refusal.to_string()).with_header(
+            axum::http::header::RETRY_AFTER,
+            refusal.retry_after_secs().to_string(),
+        )
+    }
+}
+
 impl From<store::Error> for RegistryError {
     fn from(e: store::Error) -> Self {
         use store::Error as E;
@@ -101,6 +110,10 @@ impl From<store::Error> for RegistryError {
             }
             E::ManifestInvalid(_) | E::ManifestSizeMismatch { .. } => {
                 RegistryError::new(ErrorCode::ManifestInvalid, e.to_string())
+            }
+            E::BlobTooLarge { .. } => {
+                RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string())
+                    .with_status(StatusCode::PAYLOAD_TOO_LARGE)
             }
             E::ManifestTooLarge { .. } => {
                 RegistryError::new(ErrorCode::ManifestInvalid, e.to_string())

@@ -54,7 +54,8 @@ impl Params {
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = crate::body::drain_on_drop(body);
-    let mut client = Client::of(&parts.headers, crate::sessions::remote_addr(&parts));
+    let addr = crate::sessions::remote_addr(&parts);
+    let mut client = Client::of(&parts.headers, addr);
     let authority = &state.authority;
     let parsed =
         if !authority.enforced() && state.sessions.wants_credentials(&client, &parts.headers) {
@@ -64,18 +65,33 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
                 Ok(endpoint) => authority
                     .authorize(&endpoint, &parts.method, &parts.headers)
                     .await
-                    .map(|identity| {
-                        // The credential names the build: no need to ask for a name.
-                        if let Some(session) = identity.and_then(|i| i.session.clone()) {
-                            client.name = Some(session);
-                        }
-                        endpoint
-                    }),
+                    .map(|identity| (endpoint, identity)),
                 Err(e) => Err(e),
             }
         };
-    let mut response = match parsed {
-        Ok(endpoint) => {
+    let admitted = parsed.and_then(|(endpoint, identity)| {
+        let key = match &identity {
+            Some(identity) => identity.limit_key(addr),
+            None => addr.map(|a| a.to_string()).unwrap_or_default(),
+        };
+        state.limiter.admit(&key)?;
+        // An upload is a request that carries blob bytes.
+        let slot = match endpoint {
+            Endpoint::StartUpload(..) | Endpoint::AppendUpload(..) | Endpoint::FinishUpload(..)
+                if has_body(&body) =>
+            {
+                state.limiter.upload(&key)?
+            }
+            _ => None,
+        };
+        // The credential names the build: no need to ask for a name.
+        if let Some(session) = identity.and_then(|i| i.session.clone()) {
+            client.name = Some(session);
+        }
+        Ok((endpoint, slot))
+    });
+    let mut response = match admitted {
+        Ok((endpoint, _upload)) => {
             let span = tracing::Span::current();
             span.record("endpoint", endpoint.name());
             let response = handle(&state, endpoint.clone(), &parts, body)
