@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod registry;
 pub mod serve;
 pub mod sessions;
+pub mod tls;
 pub mod ui;
 
 pub use app::{AppState, build_router};
@@ -27,12 +28,25 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The server's URL as a request with `headers` addressed it (`http://HOST:PORT`):
+/// The server's URL as a request addressed it (`http://HOST:PORT`, `https://` over TLS):
 /// `None` when its `Host` is absent, or is more than a host and port.
-pub(crate) fn addressed_base(headers: &axum::http::HeaderMap) -> Option<String> {
-    let host = headers.get(axum::http::header::HOST)?.to_str().ok()?;
+pub(crate) fn addressed_base(request: &axum::http::request::Parts) -> Option<String> {
+    let host = request
+        .headers
+        .get(axum::http::header::HOST)?
+        .to_str()
+        .ok()?;
     let authority = host.parse::<axum::http::uri::Authority>().ok()?;
-    (!authority.as_str().contains('@')).then(|| format!("http://{authority}"))
+    let scheme = serve::Scheme::of(&request.extensions).as_str();
+    (!authority.as_str().contains('@')).then(|| format!("{scheme}://{authority}"))
+}
+
+/// The server's URL for a request that named no usable host: loopback, in its scheme.
+pub(crate) fn loopback_base(request: &axum::http::request::Parts) -> String {
+    format!(
+        "{}://127.0.0.1",
+        serve::Scheme::of(&request.extensions).as_str()
+    )
 }
 
 /// A store in a new temporary directory (removed when the directory is dropped).

@@ -61,7 +61,7 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
             Err(ask_credentials())
         } else {
             Endpoint::parse(&parts.method, parts.uri.path()).and_then(|endpoint| {
-                let identity = authority.authorize(&endpoint, &parts.method, &parts.headers)?;
+                let identity = authority.authorize(&endpoint, &parts)?;
                 // The credential names the build: no need to ask for a name.
                 if let Some(session) = identity.and_then(|i| i.session.clone()) {
                     client.name = Some(session);
