@@ -25,6 +25,11 @@ use common::Server;
 /// One docker build at a time: the daemon's build cache is shared.
 static DAEMON: Mutex<()> = Mutex::new(());
 
+/// The port the docker test serves on. BuildKit inside dockerd 20.10 reads which
+/// `/etc/docker/certs.d/HOST:PORT` directories exist only when dockerd starts, so
+/// `scripts/setup-clients.sh` creates this one (on the machine's address) beforehand.
+const DOCKER_PORT: u16 = 5443;
+
 const DOCKERFILE: &str = r#"FROM scratch
 COPY busybox /bin/busybox
 COPY nonce /nonce
@@ -50,22 +55,28 @@ fn tls_init(dir: &Path, hosts: &[&str], force: bool) -> String {
 }
 
 /// An address of this machine that is not loopback: dockerd skips certificate checks for
-/// registries on `127.0.0.0/8`, so a test there would prove nothing about the CA.
+/// registries on `127.0.0.0/8`, so a test there would prove nothing about the CA. The
+/// first IPv4 address `hostname -I` lists, as `scripts/setup-clients.sh` picks it.
 fn machine_ip() -> Option<IpAddr> {
     let usable = |ip: &IpAddr| ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified();
-    // Connecting a UDP socket sends nothing: it only picks the outgoing address.
-    let routed = UdpSocket::bind("0.0.0.0:0")
-        .and_then(|socket| socket.connect("198.51.100.1:9").map(|()| socket))
-        .and_then(|socket| socket.local_addr())
-        .map(|addr| addr.ip())
+    let listed = Command::new("hostname")
+        .arg("-I")
+        .output()
         .ok()
-        .filter(usable);
-    routed.or_else(|| {
-        let out = Command::new("hostname").arg("-I").output().ok()?;
-        text(&out.stdout)
-            .split_whitespace()
-            .filter_map(|word| word.parse().ok())
-            .find(usable)
+        .and_then(|out| {
+            text(&out.stdout)
+                .split_whitespace()
+                .filter_map(|word| word.parse().ok())
+                .find(usable)
+        });
+    listed.or_else(|| {
+        // Connecting a UDP socket sends nothing: it only picks the outgoing address.
+        UdpSocket::bind("0.0.0.0:0")
+            .and_then(|socket| socket.connect("198.51.100.1:9").map(|()| socket))
+            .and_then(|socket| socket.local_addr())
+            .map(|addr| addr.ip())
+            .ok()
+            .filter(usable)
     })
 }
 
@@ -138,7 +149,8 @@ fn unique(what: &str) -> String {
 }
 
 /// dockerd's trust for one registry address, and the login to it: both removed when
-/// dropped.
+/// dropped (the directory stays: BuildKit only learns of directories when dockerd
+/// starts).
 struct DockerTrust {
     certs: PathBuf,
     host: String,
@@ -180,7 +192,7 @@ impl DockerTrust {
 impl Drop for DockerTrust {
     fn drop(&mut self) {
         let _ = common::run(&mut self.docker(&["logout", &self.host]));
-        let _ = std::fs::remove_dir_all(&self.certs);
+        let _ = std::fs::remove_file(self.certs.join("ca.crt"));
     }
 }
 
@@ -200,7 +212,7 @@ fn dockerd_and_buildkit_trust_the_ca_from_certs_d_and_refuse_the_server_without_
         return;
     };
     let ip = ip.to_string();
-    let tls = TlsServer::start(&format!("{ip}:0"), &[&ip], &[]);
+    let tls = TlsServer::start(&format!("{ip}:{DOCKER_PORT}"), &[&ip], &[]);
     let host = tls.server.host.clone();
     let credential = tls.credential();
     let trust = DockerTrust::new(&host);
@@ -241,14 +253,22 @@ fn dockerd_and_buildkit_trust_the_ca_from_certs_d_and_refuse_the_server_without_
     forget();
 
     // A rebuild on an empty builder imports the cache over TLS: every step CACHED.
+    // BuildKit reads the manifest through dockerd (certs.d); the docker client fetches
+    // its bearer tokens itself, trusting the system's roots or SSL_CERT_FILE.
     let warm = common::run_ok(
         trust
             .docker(&["build", "--network=none", "--progress=plain"])
             .args(["--cache-from", &image, "-t", &image])
+            .env("SSL_CERT_FILE", tls.tls.join("ca.crt"))
             .arg(context.path()),
     );
     let steps = common::step_outcomes(&warm);
     assert!(!steps.is_empty(), "{warm}");
+    assert!(
+        !warm.contains("x509"),
+        "BuildKit does not trust {host}: /etc/docker/certs.d/{host} must exist when \
+         dockerd starts (scripts/setup-clients.sh creates it; restart dockerd)\n{warm}"
+    );
     assert!(
         steps.values().all(|end| end == "CACHED"),
         "{steps:#?}\n{warm}"
