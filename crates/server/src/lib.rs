@@ -59,3 +59,49 @@ async fn temporary_store() -> (store::Store, tempfile::TempDir) {
     };
     (store::Store::open(&config).await.unwrap(), dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+
+    fn request(scheme: Option<serve::Scheme>, host: Option<&str>) -> axum::http::request::Parts {
+        let mut builder = Request::builder().uri("/v2/");
+        if let Some(host) = host {
+            builder = builder.header(axum::http::header::HOST, host);
+        }
+        if let Some(scheme) = scheme {
+            builder = builder.extension(scheme);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn urls_handed_out_say_https_when_the_connection_is_tls() {
+        let tls = request(Some(serve::Scheme::Https), Some("cache.internal:5000"));
+        assert_eq!(
+            addressed_base(&tls).as_deref(),
+            Some("https://cache.internal:5000")
+        );
+        assert_eq!(loopback_base(&tls), "https://127.0.0.1");
+        let plain = request(Some(serve::Scheme::Http), Some("cache.internal:5000"));
+        assert_eq!(
+            addressed_base(&plain).as_deref(),
+            Some("http://cache.internal:5000")
+        );
+        // No scheme recorded: plain HTTP, as served before TLS existed.
+        let unmarked = request(None, Some("10.0.0.1:5000"));
+        assert_eq!(
+            addressed_base(&unmarked).as_deref(),
+            Some("http://10.0.0.1:5000")
+        );
+        assert_eq!(
+            addressed_base(&request(Some(serve::Scheme::Https), None)),
+            None
+        );
+        assert_eq!(
+            addressed_base(&request(Some(serve::Scheme::Https), Some("u@h:1"))),
+            None
+        );
+    }
+}

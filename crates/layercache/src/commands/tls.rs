@@ -95,10 +95,15 @@ pub fn init(args: TlsInitArgs) -> anyhow::Result<()> {
             quoted(&ca_crt)
         );
         println!(
-            "    buildah, skopeo:   --cert-dir DIR (a directory holding ca.crt), or \
-             /etc/containers/certs.d/{address}/ca.crt"
+            "    buildah, skopeo:   --cert-dir DIR (a directory holding ca.crt and no .key), \
+             or /etc/containers/certs.d/{address}/ca.crt"
         );
     }
+    println!(
+        "  dockerd reads certs.d per request, but its BuildKit learns of new directories when \
+         dockerd starts; docker build fetches BuildKit's tokens in the client, which trusts \
+         the system's roots (or SSL_CERT_FILE)."
+    );
     Ok(())
 }
 
