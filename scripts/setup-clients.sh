@@ -33,6 +33,18 @@ if [ ! -d "$actions_cache/node_modules" ]; then
   (cd "$actions_cache" && npm ci --silent --no-audit --no-fund)
 fi
 
+# BuildKit inside dockerd (20.10) learns which registries /etc/docker/certs.d holds a CA
+# for only when dockerd starts. crates/layercache/tests/tls.rs serves HTTPS on this
+# machine's first address, port 5443, and puts its CA there: the directory must exist
+# before dockerd starts.
+tls_ip="$(hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+(\.[0-9]+){3}$' | grep -v '^127\.' | head -1 || true)"
+if [ -n "$tls_ip" ] && [ ! -d "/etc/docker/certs.d/$tls_ip:5443" ]; then
+  mkdir -p "/etc/docker/certs.d/$tls_ip:5443"
+  if /usr/bin/docker info >/dev/null 2>&1; then
+    echo "note: restart dockerd for BuildKit to use /etc/docker/certs.d/$tls_ip:5443 (tests/tls.rs)" >&2
+  fi
+fi
+
 # The docker client from Debian's docker.io: newer clients without buildx refuse
 # DOCKER_BUILDKIT=1.
 if ! /usr/bin/docker info >/dev/null 2>&1; then

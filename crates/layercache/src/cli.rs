@@ -34,6 +34,49 @@ pub enum Command {
     /// Mint a runtime token for the Actions cache service (ACTIONS_RUNTIME_TOKEN), signed
     /// with the server's key.
     Token(TokenArgs),
+    /// Certificates for HTTPS ([server.tls]).
+    Tls(TlsArgs),
+}
+
+/// Options of `layercache tls`.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: TlsCommand,
+}
+
+/// Subcommands of `layercache tls`.
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a private CA (kept if it exists) and a server certificate signed by it, and
+    /// print where each client wants the CA.
+    Init(TlsInitArgs),
+}
+
+/// Options of `layercache tls init`.
+#[derive(Debug, Args)]
+pub struct TlsInitArgs {
+    /// A DNS name or IP address clients reach the server by; repeat for more (the first
+    /// also names the certificate).
+    #[arg(long = "host", value_name = "NAME", required = true)]
+    pub hosts: Vec<String>,
+    /// Where to write ca.crt, ca.key, server.crt and server.key [default: the data
+    /// directory's tls/].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// How many days the server certificate is valid (a new CA: at least ten years).
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Replace an existing CA (every client must then be given the new ca.crt).
+    #[arg(long)]
+    pub force: bool,
+    /// The server's TOML configuration file (for its data directory and port).
+    #[arg(long, env = "LAYERCACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's data directory [default: ./layercache-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Options of `layercache token`.

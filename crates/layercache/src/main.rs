@@ -40,6 +40,9 @@ fn run() -> anyhow::Result<()> {
         Command::Report(args) => runtime.block_on(commands::report::run(args)),
         Command::Expect(args) => runtime.block_on(commands::expect::run(args)),
         Command::Token(args) => commands::token::run(args),
+        Command::Tls(args) => match args.command {
+            cli::TlsCommand::Init(args) => commands::tls::init(args),
+        },
         Command::Explain(args) => runtime.block_on(commands::explain::run(args)),
         Command::Lint(args) => commands::lint::run(args),
     }
@@ -68,12 +71,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config.store.data_dir.display()
         )
     })?;
+    let tls = match &config.server.tls {
+        Some(tls) => Some(server::tls::Tls::load(tls).context("loading the TLS certificate")?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("listening on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.store.data_dir.display(), "layercache serving");
-    println!("layercache listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, data_dir = %config.store.data_dir.display(), "layercache serving");
+    println!("layercache listening on {scheme}://{addr}");
+    if let Some(tls) = &tls {
+        reload_on_hangup(tls.clone());
+    }
     let auth = &config.server.auth;
     let oidc = Arc::new(
         server::auth::oidc::Oidc::load(&auth.issuers, &auth.rules)
@@ -94,10 +105,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("[server.auth]: {e}"))?;
     let state = server::AppState::new(store.clone(), &config.server, actions, authority);
     let app = server::build_router(state.clone());
-    server::serve(listener, app, &config.server.limits, shutdown_signal()).await;
+    server::serve(
+        listener,
+        app,
+        &config.server.limits,
+        tls.as_ref(),
+        shutdown_signal(),
+    )
+    .await;
     state.sessions.save(true).await?;
     store.flush_access_times().await?;
     Ok(())
+}
+
+/// Re-read the TLS certificate and key on every `SIGHUP` (they are also re-read when
+/// their files change).
+fn reload_on_hangup(tls: server::tls::Tls) {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tls.reload();
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "SIGHUP will not reload the TLS certificate"),
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 async fn shutdown_signal() {

@@ -14,6 +14,9 @@ pub struct Config {
     pub limits: crate::limits::Limits,
     /// Who may pull, push and delete.
     pub auth: crate::auth::Config,
+    /// HTTPS: the certificate and key to serve with (unset: plain HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::Config>,
 }
 
 impl Default for Config {
@@ -23,6 +26,7 @@ impl Default for Config {
             sessions: crate::sessions::Config::default(),
             limits: crate::limits::Limits::default(),
             auth: crate::auth::Config::default(),
+            tls: None,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod registry;
 pub mod serve;
 pub mod sessions;
+pub mod tls;
 pub mod ui;
 
 pub use app::{AppState, build_router};
@@ -28,12 +29,25 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The server's URL as a request with `headers` addressed it (`http://HOST:PORT`):
+/// The server's URL as a request addressed it (`http://HOST:PORT`, `https://` over TLS):
 /// `None` when its `Host` is absent, or is more than a host and port.
-pub(crate) fn addressed_base(headers: &axum::http::HeaderMap) -> Option<String> {
-    let host = headers.get(axum::http::header::HOST)?.to_str().ok()?;
+pub(crate) fn addressed_base(request: &axum::http::request::Parts) -> Option<String> {
+    let host = request
+        .headers
+        .get(axum::http::header::HOST)?
+        .to_str()
+        .ok()?;
     let authority = host.parse::<axum::http::uri::Authority>().ok()?;
-    (!authority.as_str().contains('@')).then(|| format!("http://{authority}"))
+    let scheme = serve::Scheme::of(&request.extensions).as_str();
+    (!authority.as_str().contains('@')).then(|| format!("{scheme}://{authority}"))
+}
+
+/// The server's URL for a request that named no usable host: loopback, in its scheme.
+pub(crate) fn loopback_base(request: &axum::http::request::Parts) -> String {
+    format!(
+        "{}://127.0.0.1",
+        serve::Scheme::of(&request.extensions).as_str()
+    )
 }
 
 /// A store in a new temporary directory (removed when the directory is dropped).
@@ -45,4 +59,50 @@ async fn temporary_store() -> (store::Store, tempfile::TempDir) {
         ..store::Config::default()
     };
     (store::Store::open(&config).await.unwrap(), dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+
+    fn request(scheme: Option<serve::Scheme>, host: Option<&str>) -> axum::http::request::Parts {
+        let mut builder = Request::builder().uri("/v2/");
+        if let Some(host) = host {
+            builder = builder.header(axum::http::header::HOST, host);
+        }
+        if let Some(scheme) = scheme {
+            builder = builder.extension(scheme);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn urls_handed_out_say_https_when_the_connection_is_tls() {
+        let tls = request(Some(serve::Scheme::Https), Some("cache.internal:5000"));
+        assert_eq!(
+            addressed_base(&tls).as_deref(),
+            Some("https://cache.internal:5000")
+        );
+        assert_eq!(loopback_base(&tls), "https://127.0.0.1");
+        let plain = request(Some(serve::Scheme::Http), Some("cache.internal:5000"));
+        assert_eq!(
+            addressed_base(&plain).as_deref(),
+            Some("http://cache.internal:5000")
+        );
+        // No scheme recorded: plain HTTP, as served before TLS existed.
+        let unmarked = request(None, Some("10.0.0.1:5000"));
+        assert_eq!(
+            addressed_base(&unmarked).as_deref(),
+            Some("http://10.0.0.1:5000")
+        );
+        assert_eq!(
+            addressed_base(&request(Some(serve::Scheme::Https), None)),
+            None
+        );
+        assert_eq!(
+            addressed_base(&request(Some(serve::Scheme::Https), Some("u@h:1"))),
+            None
+        );
+    }
 }

@@ -1,32 +1,67 @@
-//! Accepting connections: HTTP/1 with a deadline on every request head, so a client that
-//! sends nothing, or its headers a byte at a time, cannot hold a connection (nor, with
-//! many of them, the server's file descriptors); graceful shutdown.
+//! Accepting connections: HTTP/1, over TLS when configured, with a deadline on every
+//! request head (and on the TLS handshake before it), so a client that sends nothing, or
+//! its headers a byte at a time, cannot hold a connection (nor, with many of them, the
+//! server's file descriptors); graceful shutdown. Each request carries the [`Scheme`]
+//! its connection speaks, so the URLs the server hands out name the right one.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::limits::Limits;
+use crate::tls::Tls;
 
-/// Serve `app` on `listener` until `shutdown` completes, then finish the requests in
-/// flight.
+/// How a request reached the server: each request carries it as an extension, set by
+/// the accept loop (a request without one came over plain HTTP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    #[default]
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// The scheme of a request with `extensions`.
+    pub fn of(extensions: &axum::http::Extensions) -> Scheme {
+        extensions.get::<Scheme>().copied().unwrap_or_default()
+    }
+}
+
+
+/// Serve `app` on `listener` (HTTPS only, with `tls`) until `shutdown` completes, then
+/// finish the requests in flight. A TLS handshake must complete within the header read
+/// timeout too.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &Limits,
+    tls: Option<&Tls>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    let http = Arc::new(http);
+    let handshake_timeout = limits.header_read_timeout;
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -44,22 +79,57 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(stream), service(app.clone(), addr));
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %addr, "connection ended");
+        // Taken now, so a shutdown during the handshake still waits for this connection
+        // and then ends it gracefully.
+        let watcher = graceful.watcher();
+        let (http, app) = (Arc::clone(&http), app.clone());
+        match tls {
+            None => {
+                let connection =
+                    http.serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Http));
+                tokio::spawn(run(watcher, connection, addr));
             }
-        });
+            Some(tls) => {
+                let handshake = tls.acceptor().accept(stream);
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %addr, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = http
+                        .serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Https));
+                    run(watcher, connection, addr).await;
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;
 }
 
-/// `app` as the hyper service of one connection from `addr`.
+/// Serve one connection to its end, or to a graceful one after shutdown.
+async fn run<C>(watcher: Watcher, connection: C, addr: SocketAddr)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, %addr, "connection ended");
+    }
+}
+
+/// `app` as the hyper service of one connection from `addr`, speaking `scheme`.
 fn service(
     app: Router,
     addr: SocketAddr,
+    scheme: Scheme,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
@@ -69,6 +139,7 @@ fn service(
     hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut request = request.map(axum::body::Body::new);
         request.extensions_mut().insert(ConnectInfo(addr));
+        request.extensions_mut().insert(scheme);
         app.clone().oneshot(request)
     })
 }

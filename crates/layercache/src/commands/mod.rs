@@ -5,6 +5,7 @@ pub mod explain;
 pub mod gc;
 pub mod lint;
 pub mod report;
+pub mod tls;
 pub mod token;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -25,7 +25,7 @@ pub const SOAK_EVENTS: &str = "LAYERCACHE_SOAK_EVENTS";
 /// A running server.
 pub struct Server {
     child: Option<Child>,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS).
     pub url: String,
     /// `127.0.0.1:PORT`, as registry clients want it.
     pub host: String,
@@ -113,7 +113,10 @@ impl Server {
             .strip_prefix("layercache listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        let host = url.trim_start_matches("http://").to_owned();
+        let host = url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .to_owned();
         Server {
             child: Some(child),
             url,

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use axum::routing::{any, post};
 use bytesize::ByteSize;
@@ -107,21 +106,21 @@ impl Actions {
     /// The base of the signed URLs handed to a client that sent `headers`: the
     /// configured `public_url`, else the `Host` it addressed, once checked to be only a
     /// host and port.
-    fn base_url(&self, headers: &HeaderMap) -> Result<String, ActionsError> {
+    fn base_url(&self, request: &Parts) -> Result<String, ActionsError> {
         if let Some(url) = &self.config.public_url {
             return Ok(url.trim_end_matches('/').to_owned());
         }
-        if !headers.contains_key(axum::http::header::HOST) {
-            return Ok("http://127.0.0.1".to_owned());
+        if !request.headers.contains_key(axum::http::header::HOST) {
+            return Ok(crate::loopback_base(request));
         }
-        crate::addressed_base(headers)
+        crate::addressed_base(request)
             .ok_or_else(|| ActionsError::Invalid("the Host header is not a host and port".into()))
     }
 
     /// A signed URL for `use_` of `entry`.
     fn signed_url(
         &self,
-        headers: &HeaderMap,
+        request: &Parts,
         use_: UrlUse,
         entry: i64,
         session: Option<&str>,
@@ -131,7 +130,7 @@ impl Actions {
             .sign_url(use_, entry, self.config.url_ttl, session);
         Ok(format!(
             "{}{}?sig={signature}",
-            self.base_url(headers)?,
+            self.base_url(request)?,
             blob::path(entry)
         ))
     }

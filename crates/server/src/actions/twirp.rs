@@ -152,7 +152,7 @@ async fn create(state: &AppState, caller: &Caller, parts: &Parts, request: KeyRe
         Ok(entry) => reply(Reply {
             ok: true,
             signed_upload_url: state.actions.signed_url(
-                &parts.headers,
+                parts,
                 UrlUse::Upload,
                 entry.id,
                 caller.grant.session.as_deref(),
@@ -199,7 +199,7 @@ async fn download_url(
     reply(Reply {
         ok: true,
         signed_download_url: state.actions.signed_url(
-            &parts.headers,
+            parts,
             UrlUse::Download,
             entry.id,
             caller.grant.session.as_deref(),

@@ -112,7 +112,7 @@ async fn lookup(state: &AppState, caller: &Caller, parts: &Parts, query: Query) 
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let location = state.actions.signed_url(
-        &parts.headers,
+        parts,
         UrlUse::Download,
         entry.id,
         caller.grant.session.as_deref(),

@@ -484,18 +484,18 @@ impl Authority {
         }
     }
 
-    /// Check a `/v2/` request for `endpoint` with `headers`: its identity, or the
+    /// Check a `/v2/` `request` for `endpoint`: its identity, or the
     /// registry's answer (the challenge, naming the token endpoint at the address the
     /// client used, or `DENIED`).
     pub async fn authorize(
         &self,
         endpoint: &Endpoint,
-        method: &Method,
-        headers: &HeaderMap,
+        request: &axum::http::request::Parts,
     ) -> Result<Option<Arc<Identity>>, RegistryError> {
         if !self.enforced() {
             return Ok(None);
         }
+        let (method, headers) = (&request.method, &request.headers);
         let authorization = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
@@ -503,7 +503,7 @@ impl Authority {
         let repo = endpoint.repo().map(|r| r.as_str());
         let challenge = |message: String| {
             let base =
-                crate::addressed_base(headers).unwrap_or_else(|| "http://127.0.0.1".to_owned());
+                crate::addressed_base(request).unwrap_or_else(|| crate::loopback_base(request));
             let scope = match (repo, action) {
                 (Some(repo), Some(action)) => {
                     format!(",scope=\"repository:{repo}:{}\"", action.scope())

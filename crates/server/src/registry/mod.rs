@@ -63,7 +63,7 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
         } else {
             match Endpoint::parse(&parts.method, parts.uri.path()) {
                 Ok(endpoint) => authority
-                    .authorize(&endpoint, &parts.method, &parts.headers)
+                    .authorize(&endpoint, &parts)
                     .await
                     .map(|identity| (endpoint, identity)),
                 Err(e) => Err(e),
