@@ -14,6 +14,7 @@ use axum::routing::{any, get};
 use tracing::Instrument;
 
 use crate::actions::{self, Actions};
+use crate::audit::Audit;
 use crate::auth::{self, Authority};
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
@@ -35,23 +36,28 @@ pub struct AppState {
     pub actions: Arc<Actions>,
     /// Who may pull, push and delete.
     pub authority: Arc<Authority>,
+    /// The log of writes, deletes, administrative actions and denials.
+    pub audit: Audit,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
     /// State over an opened store (starts recording build sessions into it, and
-    /// sampling its usage); tokens are signed with `key`.
+    /// sampling its usage); tokens are signed with `key`; writes and denials go to
+    /// `audit`.
     pub fn new(
         store: store::Store,
         config: &crate::Config,
         actions: Actions,
         key: &[u8],
+        audit: Audit,
     ) -> AppState {
         AppState {
             actions: Arc::new(actions),
             authority: Arc::new(Authority::new(config.auth.clone(), key)),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
-            metrics: Metrics::new(),
+            metrics: Metrics::new(audit.dropped()),
+            audit,
             usage_history: UsageHistory::start(store.clone()),
             store,
             requests: Arc::default(),

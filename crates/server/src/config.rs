@@ -14,6 +14,8 @@ pub struct Config {
     pub limits: crate::serve::Limits,
     /// Who may pull, push and delete.
     pub auth: crate::auth::Config,
+    /// The log of writes, deletes, administrative actions and denials.
+    pub audit: crate::audit::Config,
 }
 
 impl Default for Config {
@@ -23,6 +25,7 @@ impl Default for Config {
             sessions: crate::sessions::Config::default(),
             limits: crate::serve::Limits::default(),
             auth: crate::auth::Config::default(),
+            audit: crate::audit::Config::default(),
         }
     }
 }
