@@ -29,7 +29,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     }
     let records = body
         .lines()
-        .map(|line| serde_json::from_str::<Record>(line))
+        .map(serde_json::from_str::<Record>)
         .collect::<Result<Vec<Record>, _>>()
         .context("parsing the audit log")?;
     if records.is_empty() {
