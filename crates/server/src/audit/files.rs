@@ -236,13 +236,7 @@ mod tests {
         assert_eq!(read_last(&layout, 2), expected[expected.len() - 2..]);
         let even: Vec<String> = expected
             .iter()
-            .filter(|l| {
-                l.contains("0,")
-                    || l.contains("2,")
-                    || l.contains("4,")
-                    || l.contains("6,")
-                    || l.contains("8,")
-            })
+            .filter(|l| ["0,", "2,", "4,", "6,", "8,"].iter().any(|d| l.contains(d)))
             .cloned()
             .collect();
         let filtered = super::read(&layout, usize::MAX, |l| even.iter().any(|e| e == l)).unwrap();

@@ -171,7 +171,7 @@ pub struct Audit {
 
 impl Audit {
     /// Open the log for a server on `data_dir` (creating its directory) and start its
-    /// writer; `None` of both when `config` turns it off.
+    /// writer; a log that records nothing when `config` turns it off.
     pub fn open(config: &Config, data_dir: &Path) -> std::io::Result<Audit> {
         if !config.enabled {
             return Ok(Audit::off());
