@@ -23,6 +23,9 @@ pub enum Command {
     Gc(GcArgs),
     /// Show what recent builds read from and wrote to the cache.
     Report(ReportArgs),
+    /// Show the audit log: who pushed, tagged, mounted, deleted, saved cache entries, ran
+    /// eviction passes, and who was denied.
+    Audit(AuditArgs),
     /// Fail (exit 1) unless builds used the cache as required: for a CI step.
     Expect(ExpectArgs),
     /// Explain why a build missed the cache: compare two images or cache exports, check
@@ -140,6 +143,24 @@ pub struct ReportArgs {
     #[arg(long)]
     pub session: Option<String>,
     /// Print the sessions as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `layercache audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The running server.
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Lines recorded since: a duration ago ("15m"), a time ("2026-11-23T12:03:00Z") or
+    /// seconds since the epoch.
+    #[arg(long, default_value = "1h")]
+    pub since: String,
+    /// Most lines to show (the newest) [default: the server's, 10000].
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print the JSON lines as stored.
     #[arg(long)]
     pub json: bool,
 }

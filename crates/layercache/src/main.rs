@@ -38,6 +38,7 @@ fn run() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Gc(args) => runtime.block_on(commands::gc::run(args)),
         Command::Report(args) => runtime.block_on(commands::report::run(args)),
+        Command::Audit(args) => runtime.block_on(commands::audit::run(args)),
         Command::Expect(args) => runtime.block_on(commands::expect::run(args)),
         Command::Token(args) => commands::token::run(args),
         Command::Tls(args) => match args.command {
@@ -101,9 +102,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let key_path = config.actions.key_path(&config.store.data_dir);
     let key = server::actions::token::load_or_create_key(&key_path)
         .with_context(|| format!("reading the signing key {}", key_path.display()))?;
+    let audit_config = &config.server.audit;
+    let audit =
+        server::audit::Audit::open(audit_config, &config.store.data_dir).with_context(|| {
+            let dir = audit_config.dir_in(&config.store.data_dir);
+            format!("opening the audit log in {}", dir.display())
+        })?;
     let authority = server::auth::Authority::new(auth.clone(), &key, oidc)
         .map_err(|e| anyhow::anyhow!("[server.auth]: {e}"))?;
-    let state = server::AppState::new(store.clone(), &config.server, actions, authority);
+    let state = server::AppState::new(store.clone(), &config.server, actions, authority, audit);
     let app = server::build_router(state.clone());
     server::serve(
         listener,
@@ -113,6 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await;
+    state.audit.flush().await;
     state.sessions.save(true).await?;
     store.flush_access_times().await?;
     Ok(())

@@ -14,6 +14,7 @@ use axum::routing::{any, get};
 use tracing::Instrument;
 
 use crate::actions::{self, Actions};
+use crate::audit::Audit;
 use crate::auth::{self, Authority};
 use crate::limits::Limiter;
 use crate::metrics::{self, Metrics, Route};
@@ -38,24 +39,29 @@ pub struct AppState {
     pub authority: Arc<Authority>,
     /// How much each identity may do at once.
     pub limiter: Arc<Limiter>,
+    /// The log of writes, deletes, administrative actions and denials.
+    pub audit: Audit,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
     /// State over an opened store (starts recording build sessions into it, and
-    /// sampling its usage) with the policy `authority` enforces.
+    /// sampling its usage) with the policy `authority` enforces; writes and denials go
+    /// to `audit`.
     pub fn new(
         store: store::Store,
         config: &crate::Config,
         actions: Actions,
         authority: Authority,
+        audit: Audit,
     ) -> AppState {
         AppState {
             actions: Arc::new(actions),
             authority: Arc::new(authority),
             limiter: Arc::new(Limiter::new(&config.limits)),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
-            metrics: Metrics::new(),
+            metrics: Metrics::new(audit.dropped()),
+            audit,
             usage_history: UsageHistory::start(store.clone()),
             store,
             requests: Arc::default(),

@@ -17,6 +17,8 @@ pub struct Config {
     /// HTTPS: the certificate and key to serve with (unset: plain HTTP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::Config>,
+    /// The log of writes, deletes, administrative actions and denials.
+    pub audit: crate::audit::Config,
 }
 
 impl Default for Config {
@@ -27,6 +29,7 @@ impl Default for Config {
             limits: crate::limits::Limits::default(),
             auth: crate::auth::Config::default(),
             tls: None,
+            audit: crate::audit::Config::default(),
         }
     }
 }

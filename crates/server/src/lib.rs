@@ -6,6 +6,7 @@
 pub mod actions;
 mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 mod body;
 pub mod config;

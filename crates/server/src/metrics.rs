@@ -80,8 +80,8 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Register every metric.
-    pub fn new() -> Arc<Metrics> {
+    /// Register every metric; `audit_dropped` counts audit log lines lost.
+    pub fn new(audit_dropped: Counter) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("layercache");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
@@ -163,6 +163,11 @@ impl Metrics {
             "build_sessions",
             "Open build sessions",
             build_sessions.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit log lines lost: the writer was behind (queue full) or a write failed",
+            audit_dropped,
         );
         Arc::new(Metrics {
             registry,

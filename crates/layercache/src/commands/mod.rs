@@ -1,5 +1,6 @@
 //! The subcommands that talk to a running server.
 
+pub mod audit;
 pub mod expect;
 pub mod explain;
 pub mod gc;
@@ -37,6 +38,33 @@ pub fn since(text: &str) -> anyhow::Result<i64> {
 pub fn clock(seconds: i64) -> String {
     let at = UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
     humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// `rows` under `header`, each column as wide as its widest cell, two spaces apart.
+pub fn aligned(header: &[&str], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .chain([header.get(i).map_or(0, |h| h.len())])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    out
 }
 
 /// The environment variable holding the credential the commands log in with.

@@ -71,28 +71,7 @@ fn table(sessions: &[Session], repo: Option<&str>) -> String {
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .map(String::len)
-                .chain([header.get(i).map_or(0, |h| h.len())])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        padded.join("  ").trim_end().to_owned() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    for row in &rows {
-        out += &line(row.iter().map(String::as_str).collect());
-    }
+    let mut out = super::aligned(&header, &rows);
     for s in sessions {
         let c = repo.map_or_else(|| s.counts.clone(), |r| s.counts_in(r));
         // A build (it wrote, or its cache repository was named) that got no cache.

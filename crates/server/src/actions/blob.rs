@@ -51,7 +51,7 @@ pub(super) async fn dispatch(
     let body = drain_on_drop(body);
     let mut response = handle(&state, &entry, &parts, body)
         .await
-        .unwrap_or_else(ActionsError::azure);
+        .unwrap_or_else(|e| super::refuse(&state, &parts, e, ActionsError::azure));
     let headers = response.headers_mut();
     let request_id = uuid::Uuid::new_v4().to_string();
     headers.insert(

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::request::Parts;
+use axum::response::Response;
 use axum::routing::{any, post};
 use bytesize::ByteSize;
 use store::{Entry, EntryQuery, NewEntry};
@@ -31,6 +32,7 @@ pub use token::{Grant, Issuer, IssuerError, TokenRequest, UrlUse, Verifier};
 
 use crate::app::AppState;
 use crate::auth::oidc::Oidc;
+use crate::audit::{Event, Who};
 use crate::sessions::{ACTIONS_AREA, Client, Outcome};
 
 /// Most keys a restore may name (the primary key and its restore keys).
@@ -176,6 +178,71 @@ impl Caller {
         })
     }
 
+    /// Who this caller is, for the audit log: the session its token names (else
+    /// `token`), and its grant.
+    fn who(&self) -> Who {
+        let grant = &self.grant;
+        Who {
+            identity: Some(grant.session.clone().unwrap_or_else(|| "token".to_owned())),
+            grounds: serde_json::json!({
+                "repository": grant.repository,
+                "read": grant.read,
+                "write": grant.write,
+                "session": grant.session,
+            }),
+            client: self.addr,
+        }
+    }
+
+    /// An audit event of this caller on `entry`.
+    fn event(&self, action: &'static str, entry: &Entry, size: Option<u64>) -> Event {
+        Event {
+            action,
+            repository: Some(entry.repository.clone()),
+            reference: Some(entry.key.clone()),
+            detail: Some(serde_json::json!({
+                "scope": entry.scope,
+                "version": entry.version,
+                "entry": entry.id,
+                "size": size,
+            })),
+            ..Event::default()
+        }
+    }
+
+    /// The response to this caller's request: `result`, in the protocol's form
+    /// (`wire`); what it wrote (the [`Event`] its handler attached) or a denial of its
+    /// token's scopes goes to the audit log.
+    fn answer(
+        &self,
+        state: &AppState,
+        parts: &Parts,
+        result: Result<Response, ActionsError>,
+        wire: fn(ActionsError) -> Response,
+    ) -> Response {
+        let (mut response, event) = match result {
+            Ok(response) => (response, None),
+            Err(e) => {
+                let denial = matches!(
+                    e,
+                    ActionsError::WriteDenied(_) | ActionsError::ReadDenied(_)
+                )
+                .then(|| Event::denied(Some(self.grant.repository.clone()), e.to_string()));
+                (wire(e), denial)
+            }
+        };
+        if let Some(event) = event.or_else(|| response.extensions_mut().remove::<Event>()) {
+            state.audit.record(
+                &self.who(),
+                &parts.method,
+                parts.uri.path(),
+                response.status(),
+                event,
+            );
+        }
+        response
+    }
+
     fn write_scope(&self) -> Result<&str, ActionsError> {
         self.grant
             .write
@@ -295,6 +362,37 @@ impl Caller {
         );
         Ok(finished)
     }
+}
+
+/// `error` answered in the protocol's form (`wire`); a runtime token or signed URL it
+/// refused (before any grant is known) goes to the audit log.
+fn refuse(
+    state: &AppState,
+    parts: &Parts,
+    error: ActionsError,
+    wire: fn(ActionsError) -> Response,
+) -> Response {
+    let refusal = match &error {
+        ActionsError::Unauthenticated(reason) | ActionsError::UrlDenied(reason) => {
+            Some(reason.clone())
+        }
+        _ => None,
+    };
+    let response = wire(error);
+    if let Some(reason) = refusal {
+        let who = Who {
+            client: crate::sessions::remote_addr(parts),
+            ..Who::default()
+        };
+        state.audit.record(
+            &who,
+            &parts.method,
+            parts.uri.path(),
+            response.status(),
+            Event::denied(None, reason),
+        );
+    }
+    response
 }
 
 /// Record `outcome` of a cache request from `addr` in its build session: the one the

@@ -12,6 +12,7 @@ use store::Entry;
 
 use super::{ActionsError, Caller, UrlUse, rfc3339};
 use crate::app::AppState;
+use crate::audit::Event;
 use crate::body::drain_on_drop;
 
 /// Largest request body accepted.
@@ -94,7 +95,7 @@ pub(super) async fn dispatch(
     let body = drain_on_drop(body);
     handle(&state, &method, &parts, body)
         .await
-        .unwrap_or_else(ActionsError::twirp)
+        .unwrap_or_else(|e| super::refuse(&state, &parts, e, ActionsError::twirp))
 }
 
 async fn handle(state: &AppState, method: &str, parts: &Parts, body: Body) -> Result {
@@ -120,18 +121,30 @@ async fn handle(state: &AppState, method: &str, parts: &Parts, body: Body) -> Re
         ));
     }
     let caller = Caller::of(state, parts).await?;
+    let result = call(state, &caller, method, parts, body).await;
+    Ok(caller.answer(state, parts, result, ActionsError::twirp))
+}
+
+/// Call `method` for `caller`.
+async fn call(
+    state: &AppState,
+    caller: &Caller,
+    method: &str,
+    parts: &Parts,
+    body: Body,
+) -> Result {
     let bytes = axum::body::to_bytes(body, MAX_JSON)
         .await
         .map_err(|e| ActionsError::Malformed(format!("request body: {e}")))?;
     let request: KeyRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ActionsError::Malformed(format!("the JSON body could not be decoded: {e}")))?;
     match method {
-        "CreateCacheEntry" => create(state, &caller, parts, request).await,
-        "FinalizeCacheEntryUpload" => finalize(state, &caller, request).await,
-        "GetCacheEntryDownloadURL" => download_url(state, &caller, parts, request).await,
-        "LookupCacheEntry" => lookup(state, &caller, request).await,
-        "ListCacheEntries" => list(state, &caller, request).await,
-        _ => delete(state, &caller, request).await,
+        "CreateCacheEntry" => create(state, caller, parts, request).await,
+        "FinalizeCacheEntryUpload" => finalize(state, caller, request).await,
+        "GetCacheEntryDownloadURL" => download_url(state, caller, parts, request).await,
+        "LookupCacheEntry" => lookup(state, caller, request).await,
+        "ListCacheEntries" => list(state, caller, request).await,
+        _ => delete(state, caller, request).await,
     }
 }
 
@@ -149,20 +162,31 @@ fn keys(request: &KeyRequest) -> Vec<String> {
 /// `cache write denied:` message.
 async fn create(state: &AppState, caller: &Caller, parts: &Parts, request: KeyRequest) -> Result {
     match caller.create(state, &request.key, &request.version).await {
-        Ok(entry) => reply(Reply {
-            ok: true,
-            signed_upload_url: state.actions.signed_url(
-                parts,
-                UrlUse::Upload,
-                entry.id,
-                caller.grant.session.as_deref(),
-            )?,
-            ..Reply::default()
-        }),
-        Err(e @ ActionsError::WriteDenied(_)) => reply(Reply {
-            message: e.to_string(),
-            ..Reply::default()
-        }),
+        Ok(entry) => {
+            let mut response = reply(Reply {
+                ok: true,
+                signed_upload_url: state.actions.signed_url(
+                    parts,
+                    UrlUse::Upload,
+                    entry.id,
+                    caller.grant.session.as_deref(),
+                )?,
+                ..Reply::default()
+            })?;
+            let event = caller.event("cache.create", &entry, None);
+            response.extensions_mut().insert(event);
+            Ok(response)
+        }
+        Err(e @ ActionsError::WriteDenied(_)) => {
+            let mut response = reply(Reply {
+                message: e.to_string(),
+                ..Reply::default()
+            })?;
+            let mut event = Event::denied(Some(caller.grant.repository.clone()), e.to_string());
+            event.reference = Some(request.key);
+            response.extensions_mut().insert(event);
+            Ok(response)
+        }
         Err(e) => Err(e),
     }
 }
@@ -177,11 +201,14 @@ async fn finalize(state: &AppState, caller: &Caller, request: KeyRequest) -> Res
         .await?
         .ok_or(store::Error::NotFound(store::error::Missing::Entry))?;
     let finished = caller.finish(state, &entry, size).await?;
-    reply(Reply {
+    let mut response = reply(Reply {
         ok: true,
         entry_id: Some(finished.id.to_string()),
         ..Reply::default()
-    })
+    })?;
+    let event = caller.event("cache.save", &entry, Some(size));
+    response.extensions_mut().insert(event);
+    Ok(response)
 }
 
 async fn download_url(
@@ -252,13 +279,16 @@ async fn delete(state: &AppState, caller: &Caller, request: KeyRequest) -> Resul
     let mut deleted = None;
     for entry in entries.into_iter().filter(|e| e.key == request.key) {
         if state.store.delete_entry(entry.id).await? {
-            deleted = Some(entry.id);
+            deleted = Some(entry);
         }
     }
-    let id = deleted.ok_or(store::Error::NotFound(store::error::Missing::Entry))?;
-    reply(Reply {
+    let entry = deleted.ok_or(store::Error::NotFound(store::error::Missing::Entry))?;
+    let mut response = reply(Reply {
         ok: true,
-        entry_id: Some(id.to_string()),
+        entry_id: Some(entry.id.to_string()),
         ..Reply::default()
-    })
+    })?;
+    let event = caller.event("cache.delete", &entry, None);
+    response.extensions_mut().insert(event);
+    Ok(response)
 }

@@ -62,7 +62,7 @@ pub(super) async fn dispatch(State(state): State<AppState>, request: Request) ->
     let body = drain_on_drop(body);
     handle(&state, &parts, body)
         .await
-        .unwrap_or_else(ActionsError::v1)
+        .unwrap_or_else(|e| super::refuse(&state, &parts, e, ActionsError::v1))
 }
 
 async fn handle(state: &AppState, parts: &Parts, body: Body) -> Result {
@@ -75,18 +75,25 @@ async fn handle(state: &AppState, parts: &Parts, body: Body) -> Result {
     let query: Query = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
         .map_err(|e| ActionsError::Invalid(format!("malformed query: {e}")))?;
     let caller = Caller::of(state, parts).await?;
-    match (&parts.method, segments.as_slice()) {
+    let result = match (&parts.method, segments.as_slice()) {
         (&Method::GET, ["cache"]) => lookup(state, &caller, parts, query).await,
         (&Method::GET, ["caches"]) => list(state, &caller, query).await,
-        (&Method::POST, ["caches"]) => reserve(state, &caller, json(body).await?).await,
+        (&Method::POST, ["caches"]) => match json(body).await {
+            Ok(request) => reserve(state, &caller, request).await,
+            Err(e) => Err(e),
+        },
         (&Method::PATCH, ["caches", id]) => upload(state, &caller, parts, id, body).await,
-        (&Method::POST, ["caches", id]) => commit(state, &caller, id, json(body).await?).await,
+        (&Method::POST, ["caches", id]) => match json(body).await {
+            Ok(request) => commit(state, &caller, id, request).await,
+            Err(e) => Err(e),
+        },
         _ => Err(ActionsError::NoRoute(format!(
             "no {} {} in the cache API",
             parts.method,
             parts.uri.path()
         ))),
-    }
+    };
+    Ok(caller.answer(state, parts, result, ActionsError::v1))
 }
 
 async fn json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T> {
@@ -168,6 +175,7 @@ async fn reserve(state: &AppState, caller: &Caller, request: Reserve) -> Result 
     let entry = caller.create(state, &request.key, &request.version).await?;
     Ok((
         StatusCode::CREATED,
+        axum::Extension(caller.event("cache.create", &entry, None)),
         axum::Json(serde_json::json!({ "cacheId": entry.id })),
     )
         .into_response())
@@ -217,5 +225,6 @@ async fn upload(state: &AppState, caller: &Caller, parts: &Parts, id: &str, body
 async fn commit(state: &AppState, caller: &Caller, id: &str, request: Commit) -> Result {
     let entry = caller.own_entry(state, entry_id(id)?).await?;
     caller.finish(state, &entry, request.size).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let event = caller.event("cache.save", &entry, Some(request.size));
+    Ok((StatusCode::NO_CONTENT, axum::Extension(event)).into_response())
 }

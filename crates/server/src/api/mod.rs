@@ -4,8 +4,11 @@
 
 mod stats;
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -13,12 +16,18 @@ use serde::{Deserialize, Serialize};
 use store::{GcReport, Quota, Trigger, Usage};
 
 use crate::app::AppState;
+use crate::audit::{Event, Who};
+use crate::auth::Identity;
 use crate::sessions::Session;
 use crate::ui::{UsageSample, history};
+
+/// The audit log's route (for administrators only, whatever the method).
+pub(crate) const AUDIT_ROUTE: &str = "/api/v1/audit";
 
 /// The API's routes.
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
+        .route(AUDIT_ROUTE, get(audit_log))
         .route("/api/v1/gc", get(gc_status).post(run_gc))
         .route("/api/v1/sessions", get(list_sessions))
         .route("/api/v1/sessions/{id}", get(one_session))
@@ -145,12 +154,89 @@ struct GcParams {
     dry_run: bool,
 }
 
-/// `POST /api/v1/gc[?dry_run=true]`: run one pass now and report it.
+/// `POST /api/v1/gc[?dry_run=true]`: run one pass now and report it (in the audit log
+/// too, with who asked).
 async fn run_gc(
     State(state): State<AppState>,
     Query(params): Query<GcParams>,
+    extensions: axum::http::Extensions,
 ) -> Result<Json<GcReport>, ApiError> {
-    Ok(Json(state.store.gc(Trigger::Manual, params.dry_run).await?))
+    let pass = state.store.gc(Trigger::Manual, params.dry_run).await;
+    let identity = extensions.get::<Arc<Identity>>().map(Arc::as_ref);
+    let client = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (status, detail, reason) = match &pass {
+        Ok(report) => (
+            StatusCode::OK,
+            serde_json::json!({
+                "dry_run": report.dry_run,
+                "roots_evicted": report.evicted.len() + report.evicted_entries.len(),
+                "blobs_removed": report.blobs_removed,
+                "bytes_freed": report.bytes_freed,
+            }),
+            None,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "dry_run": params.dry_run }),
+            Some(e.to_string()),
+        ),
+    };
+    let event = Event {
+        action: "gc",
+        detail: Some(detail),
+        reason,
+        ..Event::default()
+    };
+    let who = Who::of(identity, client);
+    state
+        .audit
+        .record(&who, &Method::POST, "/api/v1/gc", status, event);
+    Ok(Json(pass?))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditParams {
+    /// Lines recorded since: seconds since the epoch, or an RFC 3339 time.
+    since: Option<String>,
+    /// Most lines to answer (the newest).
+    limit: Option<usize>,
+}
+
+/// Lines answered when no limit is asked for.
+const AUDIT_LIMIT: usize = 10_000;
+
+/// `GET /api/v1/audit[?since=SECONDS|RFC3339][&limit=N]`: the audit log's lines as
+/// stored (`application/x-ndjson`), oldest first, across the current and rotated files;
+/// the newest `limit` (10000 unless asked).
+async fn audit_log(
+    State(state): State<AppState>,
+    Query(params): Query<AuditParams>,
+) -> Result<Response, ApiError> {
+    let since = match params.since.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(match text.parse::<u64>() {
+            Ok(seconds) => std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+            Err(_) => humantime::parse_rfc3339_weak(text).map_err(|e| {
+                ApiError::Invalid(format!(
+                    "since {text:?}: neither seconds since the epoch nor an RFC 3339 time: {e}"
+                ))
+            })?,
+        }),
+    };
+    let limit = params.limit.unwrap_or(AUDIT_LIMIT);
+    let lines = state
+        .audit
+        .read(since, limit)
+        .await
+        .ok_or_else(|| ApiError::NotFound("the audit log is off ([server.audit])".into()))?
+        .map_err(|e| ApiError::Store(store::Error::Io(e)))?;
+    let mut body = lines.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
 /// A failure of the JSON API, answered as `{"error": "..."}`.
@@ -158,6 +244,8 @@ async fn run_gc(
 pub(crate) enum ApiError {
     /// What was asked for does not exist.
     NotFound(String),
+    /// The request is not valid.
+    Invalid(String),
     /// The store failed.
     Store(store::Error),
 }
@@ -172,6 +260,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, message) = match self {
             ApiError::NotFound(message) => (StatusCode::NOT_FOUND, message),
+            ApiError::Invalid(message) => (StatusCode::BAD_REQUEST, message),
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "api request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actions::token::{ISSUER, unix_now};
 use crate::app::AppState;
+use crate::audit::{Event, Who};
 use crate::registry::{Endpoint, RegistryError};
 /// The `aud` of the bearer tokens the token endpoint issues, so that one is never
 /// taken for a credential, a runtime token or a signed URL.
@@ -283,6 +284,28 @@ impl Identity {
             expires,
         }
     }
+
+    /// Who this is, for the audit log: `anonymous`, a user's name, a CI token's
+    /// subject, or for a minted credential the build session it names (else
+    /// `credential`).
+    pub fn name(&self) -> String {
+        match (&self.session, self.subject.as_str()) {
+            (Some(session), "credential") => session.clone(),
+            _ => self.subject.clone(),
+        }
+    }
+
+    /// What grants its requests, for the audit log: its registry scopes, and the claims
+    /// of a CI identity token that the rules matched.
+    pub fn grounds(&self) -> serde_json::Value {
+        let mut grounds = serde_json::to_value(&self.scopes).unwrap_or_default();
+        if let Some(object) = grounds.as_object_mut()
+            && !self.claims.is_empty()
+        {
+            object.insert("claims".into(), serde_json::json!(self.claims));
+        }
+        grounds
+    }
 }
 
 /// Most verified `Authorization` values remembered (then forgotten all at once).
@@ -362,6 +385,14 @@ impl Authority {
         }
         verified.insert(value.to_owned(), Arc::clone(&identity));
         Ok(identity)
+    }
+
+    /// The identity the credentials in `headers` carry, once verified (`None` without
+    /// credentials, or when they failed), for the audit log of a request refused.
+    pub fn identity_of(&self, headers: &HeaderMap) -> Option<Arc<Identity>> {
+        let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        verified.get(authorization).cloned()
     }
 
     /// Verify `authorization` (a header value).
@@ -599,12 +630,18 @@ impl Authority {
     }
 }
 
+/// The API routes that need the admin scope whatever their method (what they answer is
+/// for administrators only).
+const ADMIN_ROUTES: [&str; 1] = [crate::api::AUDIT_ROUTE];
+
 /// Let a request to layercache's own API, `/metrics` or `/ui` through in `token` mode
-/// only with a credential that may view (or, for a `POST`, administer); one without
-/// credentials is asked for them with a Basic challenge, which browsers answer.
+/// only with a credential that may view (or, for a `POST` or the audit log, administer);
+/// one without credentials is asked for them with a Basic challenge, which browsers
+/// answer. The identity let through rides in the request's extensions; a refusal of
+/// credentials is audited.
 pub async fn guard(
     State(state): State<AppState>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let authority = &state.authority;
@@ -615,22 +652,22 @@ pub async fn guard(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let admin = request.method() == Method::POST;
-    let refusal = match authority.identify(authorization).await {
-        Ok(identity) if identity.anonymous && !identity.scopes.view => None,
+    let admin = request.method() == Method::POST || ADMIN_ROUTES.contains(&request.uri().path());
+    let (refusal, refused) = match authority.identify(authorization).await {
+        Ok(identity) if identity.anonymous && !identity.scopes.view => (None, None),
         Ok(identity) => {
             let scopes = &identity.scopes;
             if scopes.admin || (scopes.view && !admin) {
+                request.extensions_mut().insert(identity);
                 return next.run(request).await;
             }
             let needed = if admin { "--admin" } else { "--view" };
-            Some(format!(
-                "this credential may not do that: mint one with {needed}"
-            ))
+            let message = format!("this credential may not do that: mint one with {needed}");
+            (Some(message.clone()), Some((Some(identity), message)))
         }
-        Err(_) => None,
+        Err(message) => (None, Some((None, message))),
     };
-    match refusal {
+    let response = match refusal {
         Some(message) => (StatusCode::FORBIDDEN, message).into_response(),
         None => (
             StatusCode::UNAUTHORIZED,
@@ -639,7 +676,21 @@ pub async fn guard(
              as the password",
         )
             .into_response(),
+    };
+    if let Some((identity, reason)) = refused {
+        let client = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        state.audit.record(
+            &Who::of(identity.as_deref(), client),
+            request.method(),
+            request.uri().path(),
+            response.status(),
+            Event::denied(None, reason),
+        );
     }
+    response
 }
 
 /// The action a request for `endpoint` with `method` needs (`None` for `/v2/`).
@@ -683,6 +734,7 @@ pub async fn token(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     Query(query): Query<Vec<(String, String)>>,
     body: axum::body::Bytes,
 ) -> Response {
@@ -738,7 +790,26 @@ pub async fn token(
     let identity = match identity {
         Ok(identity) => identity,
         Err(message) => {
-            return RegistryError::new(ErrorCode::Unauthorized, message).into_response();
+            let response =
+                RegistryError::new(ErrorCode::Unauthorized, message.clone()).into_response();
+            // Credentials presented and refused (not the anonymous first try).
+            if method == Method::POST || headers.contains_key(header::AUTHORIZATION) {
+                let client = extensions
+                    .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip());
+                let repository = scopes
+                    .first()
+                    .and_then(|s| s.split(':').nth(1))
+                    .map(str::to_owned);
+                state.audit.record(
+                    &Who::of(None, client),
+                    &method,
+                    "/token",
+                    response.status(),
+                    Event::denied(repository, message),
+                );
+            }
+            return response;
         }
     };
     match authority.issue(&identity, &scopes) {

@@ -68,6 +68,11 @@ impl RegistryError {
     pub fn status(&self) -> StatusCode {
         self.0.status
     }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
 }
 
 impl From<crate::limits::Refusal> for RegistryError {

@@ -23,6 +23,7 @@ pub use endpoint::Endpoint;
 pub use error::RegistryError;
 
 use crate::app::AppState;
+use crate::audit::{Event, Who};
 use crate::metrics::Route;
 use crate::sessions::{Client, Outcome};
 
@@ -57,19 +58,26 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
     let addr = crate::sessions::remote_addr(&parts);
     let mut client = Client::of(&parts.headers, addr);
     let authority = &state.authority;
+    let mut identity = None;
     let parsed =
         if !authority.enforced() && state.sessions.wants_credentials(&client, &parts.headers) {
             Err(ask_credentials())
         } else {
             match Endpoint::parse(&parts.method, parts.uri.path()) {
-                Ok(endpoint) => authority
-                    .authorize(&endpoint, &parts)
-                    .await
-                    .map(|identity| (endpoint, identity)),
+                Ok(endpoint) => match authority.authorize(&endpoint, &parts).await {
+                    Ok(found) => {
+                        identity = found;
+                        Ok(endpoint)
+                    }
+                    Err(e) => {
+                        audit_refusal(&state, &endpoint, &parts, &e);
+                        Err(e)
+                    }
+                },
                 Err(e) => Err(e),
             }
         };
-    let admitted = parsed.and_then(|(endpoint, identity)| {
+    let admitted = parsed.and_then(|endpoint| {
         let key = match &identity {
             Some(identity) => identity.limit_key(addr),
             None => addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -85,7 +93,7 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
             _ => None,
         };
         // The credential names the build: no need to ask for a name.
-        if let Some(session) = identity.and_then(|i| i.session.clone()) {
+        if let Some(session) = identity.as_ref().and_then(|i| i.session.clone()) {
             client.name = Some(session);
         }
         Ok((endpoint, slot))
@@ -94,9 +102,20 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
         Ok((endpoint, _upload)) => {
             let span = tracing::Span::current();
             span.record("endpoint", endpoint.name());
-            let response = handle(&state, endpoint.clone(), &parts, body)
-                .await
-                .unwrap_or_else(IntoResponse::into_response);
+            let result = handle(&state, endpoint.clone(), &parts, body).await;
+            let failure = result
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {}", e.code().as_str(), e.message()));
+            let response = result.unwrap_or_else(IntoResponse::into_response);
+            if let Some(mut event) = audited(&endpoint, &parts, &response) {
+                event.reason = failure;
+                let who = Who::of(identity.as_deref(), crate::sessions::remote_addr(&parts));
+                let (method, path) = (&parts.method, parts.uri.path());
+                state
+                    .audit
+                    .record(&who, method, path, response.status(), event);
+            }
             if let Some((repo, outcome)) = outcome(&endpoint, &response)
                 && !client.is_layercache()
             {
@@ -115,6 +134,106 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
         HeaderValue::from_static("registry/2.0"),
     );
     response
+}
+
+/// Audit a request `authorize` refused: `DENIED`, or credentials that failed (the
+/// challenge to a request without credentials is how every client starts: not audited).
+fn audit_refusal(state: &AppState, endpoint: &Endpoint, parts: &Parts, refusal: &RegistryError) {
+    let denied = refusal.status() == StatusCode::FORBIDDEN;
+    let presented = parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION);
+    if !denied && !presented {
+        return;
+    }
+    let identity = if denied {
+        state.authority.identity_of(&parts.headers)
+    } else {
+        None
+    };
+    let who = Who::of(identity.as_deref(), crate::sessions::remote_addr(parts));
+    let repository = endpoint.repo().map(ToString::to_string);
+    let mut event = Event::denied(repository, refusal.message());
+    event.digest = match endpoint {
+        Endpoint::DeleteBlob(_, d) => Some(d.to_string()),
+        Endpoint::PutManifest(_, Reference::Digest(d))
+        | Endpoint::DeleteManifest(_, Reference::Digest(d)) => Some(d.to_string()),
+        _ => None,
+    };
+    event.reference = match endpoint {
+        Endpoint::PutManifest(_, Reference::Tag(t))
+        | Endpoint::DeleteManifest(_, Reference::Tag(t)) => Some(t.to_string()),
+        _ => None,
+    };
+    let (method, path) = (&parts.method, parts.uri.path());
+    state
+        .audit
+        .record(&who, method, path, refusal.status(), event);
+}
+
+/// What the audit log says of a request to `endpoint` answered with `response`: a write
+/// that completed or failed (not the opening of an upload session, nor a chunk), or a
+/// delete; `None` for reads.
+fn audited(endpoint: &Endpoint, parts: &Parts, response: &Response) -> Option<Event> {
+    let status = response.status();
+    let answered = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let params = Params::parse(parts.uri.query()).unwrap_or_default();
+    let event = |action, repo: &RepoName| Event {
+        action,
+        repository: Some(repo.to_string()),
+        ..Event::default()
+    };
+    Some(match endpoint {
+        Endpoint::PutManifest(repo, reference) => match reference {
+            Reference::Tag(tag) => Event {
+                reference: Some(tag.to_string()),
+                digest: answered,
+                ..event("tag", repo)
+            },
+            Reference::Digest(digest) => Event {
+                digest: Some(digest.to_string()),
+                ..event("push", repo)
+            },
+        },
+        Endpoint::DeleteManifest(repo, reference) => match reference {
+            Reference::Tag(tag) => Event {
+                reference: Some(tag.to_string()),
+                ..event("delete", repo)
+            },
+            Reference::Digest(digest) => Event {
+                digest: Some(digest.to_string()),
+                ..event("delete", repo)
+            },
+        },
+        Endpoint::DeleteBlob(repo, digest) => Event {
+            digest: Some(digest.to_string()),
+            ..event("delete", repo)
+        },
+        // A mount that fell back to an upload session (202) wrote nothing yet.
+        Endpoint::StartUpload(repo) if params.mount.is_some() => {
+            if status == StatusCode::ACCEPTED {
+                return None;
+            }
+            Event {
+                digest: params.mount,
+                detail: params.from.map(|from| serde_json::json!({ "from": from })),
+                ..event("mount", repo)
+            }
+        }
+        Endpoint::StartUpload(repo) if params.digest.is_some() => Event {
+            digest: params.digest,
+            ..event("push", repo)
+        },
+        Endpoint::FinishUpload(repo, _) => Event {
+            digest: params.digest,
+            ..event("push", repo)
+        },
+        _ => return None,
+    })
 }
 
 /// The challenge that makes clients send their (any) credentials, naming the session.
