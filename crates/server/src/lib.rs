@@ -10,6 +10,8 @@ pub mod auth;
 mod body;
 pub mod config;
 pub mod metrics;
+#[doc(hidden)]
+pub mod parse;
 pub mod registry;
 pub mod serve;
 pub mod sessions;
