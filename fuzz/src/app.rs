@@ -121,6 +121,13 @@ fn server() -> &'static Server {
     })
 }
 
+/// Whether `FUZZ_DEBUG` asks for each request and its status on standard error (to
+/// check that a seed goes where it means to).
+fn debug() -> bool {
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var_os("FUZZ_DEBUG").is_some())
+}
+
 /// What the last responses handed out, for the placeholders.
 #[derive(Default)]
 struct Flow {
@@ -269,6 +276,9 @@ async fn send(router: &Router, request: Request<Body>, flow: &mut Flow) {
         panic!("{method} {uri} took longer than {REQUEST_TIME:?}");
     };
     let status = parts.status;
+    if debug() {
+        eprintln!("  {method} {uri} -> {status}");
+    }
     let body = body.unwrap_or_else(|e| panic!("{method} {uri}: the response body failed: {e}"));
     assert!(
         !status.is_server_error(),
