@@ -77,7 +77,7 @@ binary="target/$triple/fuzz/fuzz_target"
 echo "fuzz: built in $((SECONDS - started))s; ${seconds}s per target ($mode), $jobs at a time"
 
 export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_FAST_CAL=1
-export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_CRASHES=1
+export AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
 export AFL_IGNORE_UNKNOWN_ENVS=1
 export RUST_BACKTRACE=0
 
