@@ -8,3 +8,6 @@ cd "$(dirname "$0")/.."
 scripts/setup-clients.sh
 export REQUIRE_REAL_CLIENTS=1
 cargo test --release --workspace --all-targets
+
+# Then a bounded coverage-guided run of every fuzz target (a few minutes; fails on a crash).
+scripts/fuzz.sh --ci

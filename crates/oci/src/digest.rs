@@ -207,4 +207,42 @@ mod tests {
         h.update(b"world");
         assert_eq!(h.finish(), Digest::sha256_of(b"hello world"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn whatever_parses_prints_back_the_same(s in "\\PC{0,80}|sha(256|512):[0-9a-fA-F]{60,130}") {
+                if let Ok(digest) = s.parse::<Digest>() {
+                    prop_assert_eq!(digest.to_string(), s);
+                }
+            }
+
+            #[test]
+            fn well_formed_digests_parse(hex in "[0-9a-f]{64}", hex512 in "[0-9a-f]{128}") {
+                let digest: Digest = format!("sha256:{hex}").parse().unwrap();
+                prop_assert_eq!(digest.hex(), hex.as_str());
+                let digest: Digest = format!("sha512:{hex512}").parse().unwrap();
+                prop_assert_eq!(digest.algorithm(), Algorithm::Sha512);
+            }
+
+            #[test]
+            fn a_digest_is_safe_as_a_file_name(s in "sha256:[0-9a-f./A-F]{62,66}") {
+                if let Ok(digest) = s.parse::<Digest>() {
+                    prop_assert!(digest.hex().bytes().all(|b| b.is_ascii_hexdigit()));
+                }
+            }
+
+            #[test]
+            fn hashing_matches_its_own_digest(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let digest = Digest::sha256_of(&bytes);
+                prop_assert!(digest.matches(&bytes));
+                prop_assert_eq!(digest.to_string().parse::<Digest>(), Ok(digest));
+            }
+        }
+    }
 }

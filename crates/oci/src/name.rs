@@ -218,4 +218,43 @@ mod tests {
         ));
         assert!("sha256:nothex".parse::<Reference>().is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const COMPONENT: &str = "[a-z0-9]{1,5}(([._]|__|-{1,3})[a-z0-9]{1,5}){0,2}";
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn names_tags_and_references_print_back_the_same(s in "\\PC{0,40}|[a-z0-9._/-]{1,40}|[a-zA-Z0-9_.:-]{1,40}") {
+                if let Ok(name) = s.parse::<RepoName>() {
+                    prop_assert_eq!(name.to_string(), s.clone());
+                    prop_assert!(!name.as_str().contains(".."));
+                }
+                if let Ok(tag) = s.parse::<Tag>() {
+                    prop_assert_eq!(tag.to_string(), s.clone());
+                }
+                if let Ok(reference) = s.parse::<Reference>() {
+                    prop_assert_eq!(reference.to_string(), s.clone());
+                    prop_assert_eq!(matches!(reference, Reference::Digest(_)), s.contains(':'));
+                }
+            }
+
+            #[test]
+            fn names_from_the_grammar_parse(components in proptest::collection::vec(COMPONENT, 1..5)) {
+                let name = components.join("/");
+                prop_assume!(name.len() <= MAX_NAME_LEN);
+                prop_assert_eq!(name.parse::<RepoName>().map(|n| n.to_string()), Ok(name));
+            }
+
+            #[test]
+            fn tags_from_the_grammar_parse(tag in "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}") {
+                prop_assert_eq!(tag.parse::<Tag>().map(|t| t.to_string()), Ok(tag.clone()));
+                prop_assert!(matches!(tag.parse::<Reference>(), Ok(Reference::Tag(_))));
+            }
+        }
+    }
 }

@@ -191,4 +191,39 @@ mod tests {
             assert_eq!(parse_range(ignored, 100), Ok(None), "{ignored}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn a_satisfiable_range_lies_inside_the_content(
+                value in "\\PC{0,30}|bytes= ?[0-9]{0,21} ?- ?[0-9]{0,21}",
+                size in prop_oneof![0..200u64, any::<u64>()],
+            ) {
+                if let Ok(Some(range)) = parse_range(&value, size) {
+                    prop_assert!(range.len >= 1);
+                    prop_assert!(range.start.checked_add(range.len).is_some_and(|end| end <= size));
+                }
+            }
+
+            #[test]
+            fn a_range_from_first_to_last_is_exact(first in 0..1000u64, len in 1..1000u64, size in 0..3000u64) {
+                let last = first + len - 1;
+                match parse_range(&format!("bytes={first}-{last}"), size) {
+                    Ok(Some(range)) => {
+                        prop_assert_eq!(range.start, first);
+                        prop_assert_eq!(range.len, len.min(size - first));
+                    }
+                    other => {
+                        prop_assert_eq!(other, Err(()));
+                        prop_assert!(first >= size);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -12,6 +12,8 @@ mod body;
 pub mod config;
 pub mod limits;
 pub mod metrics;
+#[doc(hidden)]
+pub mod parse;
 pub mod registry;
 pub mod serve;
 pub mod sessions;

@@ -178,7 +178,7 @@ async fn put_block_list(state: &AppState, id: i64, body: Body) -> Result {
 
 /// The ids of a `<BlockList>`, in order (`Latest`, `Committed` and `Uncommitted` alike:
 /// a block is staged until the entry is finished).
-fn block_list(xml: &str) -> Result<Vec<String>> {
+pub(crate) fn block_list(xml: &str) -> Result<Vec<String>> {
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut ids = Vec::new();
     let mut in_id = false;

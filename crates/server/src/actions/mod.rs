@@ -15,6 +15,9 @@ pub mod token;
 mod twirp;
 mod v1;
 
+pub(crate) use blob::block_list;
+pub(crate) use v1::content_range;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -182,7 +182,7 @@ async fn reserve(state: &AppState, caller: &Caller, request: Reserve) -> Result 
 }
 
 /// The first and last byte a `Content-Range: bytes S-E/*` names.
-fn content_range(parts: &Parts) -> Result<(u64, u64)> {
+pub(crate) fn content_range(parts: &Parts) -> Result<(u64, u64)> {
     let value = parts
         .headers
         .get(axum::http::header::CONTENT_RANGE)

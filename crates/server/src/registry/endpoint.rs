@@ -336,4 +336,51 @@ mod tests {
             Err((ErrorCode::Unsupported, 404))
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const METHODS: [Method; 6] = [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_path_is_an_endpoint_or_a_client_error(
+                method in 0..METHODS.len(),
+                path in "/v2(/[a-z0-9._%:-]{0,12}){0,6}/?|/v2/\\PC{0,60}",
+            ) {
+                let method = &METHODS[method];
+                match Endpoint::parse(method, &path) {
+                    Ok(endpoint) => {
+                        if let Some(repo) = endpoint.repo() {
+                            let again: Option<RepoName> = repo.as_str().parse().ok();
+                            prop_assert_eq!(again.as_ref(), Some(repo));
+                        }
+                    }
+                    Err(error) => prop_assert!(error.status().is_client_error(), "{path}: {error:?}"),
+                }
+            }
+
+            #[test]
+            fn a_manifest_path_names_its_repository_and_reference(
+                repo in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,3}",
+                tag in "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,20}",
+            ) {
+                let path = format!("/v2/{repo}/manifests/{tag}");
+                prop_assert_eq!(
+                    Endpoint::parse(&Method::GET, &path).ok(),
+                    Some(Endpoint::GetManifest(repo.parse().unwrap(), tag.parse().unwrap()))
+                );
+            }
+        }
+    }
 }

@@ -12,6 +12,8 @@ mod referrers;
 mod tags;
 mod uploads;
 
+pub(crate) use uploads::chunk_start;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::request::Parts;

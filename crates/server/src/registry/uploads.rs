@@ -106,7 +106,7 @@ pub async fn get_upload(state: &AppState, repo: &RepoName, id: &UploadId) -> Res
 }
 
 /// The start offset a chunk claims, checked against its `Content-Length` when both are given.
-fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
+pub(crate) fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
     let Some(value) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
