@@ -69,12 +69,20 @@ async fn router(mode: server::auth::Mode, dir: &std::path::Path) -> Router {
         max_entry_size: bytesize::ByteSize::mib(64),
         ..server::actions::Config::default()
     };
-    let actions = server::actions::Actions::open(actions_config, &data_dir)
+    let oidc = std::sync::Arc::<server::auth::oidc::Oidc>::default();
+    let actions = server::actions::Actions::open(actions_config, &data_dir, oidc.clone())
         .await
         .unwrap_or_else(|e| unreachable!("opening the cache service: {e}"));
     let mut config = server::Config::default();
     config.auth.mode = Some(mode);
-    let state = server::AppState::new(store, &config, actions, &KEY);
+    // The audit log is written too, kept small.
+    config.audit.max_file_size = bytesize::ByteSize::mib(1);
+    config.audit.keep = 1;
+    let audit = server::audit::Audit::open(&config.audit, &data_dir)
+        .unwrap_or_else(|e| unreachable!("opening the audit log: {e}"));
+    let authority = server::auth::Authority::new(config.auth.clone(), &KEY, oidc)
+        .unwrap_or_else(|e| unreachable!("the policy: {e}"));
+    let state = server::AppState::new(store, &config, actions, authority, audit);
     server::build_router(state)
 }
 

@@ -46,7 +46,6 @@ impl Scheme {
     }
 }
 
-
 /// Serve `app` on `listener` (HTTPS only, with `tls`) until `shutdown` completes, then
 /// finish the requests in flight. A TLS handshake must complete within the header read
 /// timeout too.

@@ -34,8 +34,8 @@ pub use error::ActionsError;
 pub use token::{Grant, Issuer, IssuerError, TokenRequest, UrlUse, Verifier};
 
 use crate::app::AppState;
-use crate::auth::oidc::Oidc;
 use crate::audit::{Event, Who};
+use crate::auth::oidc::Oidc;
 use crate::sessions::{ACTIONS_AREA, Client, Outcome};
 
 /// Most keys a restore may name (the primary key and its restore keys).
