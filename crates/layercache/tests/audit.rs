@@ -446,7 +446,9 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
         failed[0]["reason"]
             .as_str()
             .unwrap()
-            .contains("invalid credentials")
+            .contains("unknown user or wrong password"),
+        "{:?}",
+        failed[0]["reason"]
     );
 
     // The cache save, and the refused saves.
