@@ -11,11 +11,16 @@
 //! `@actions/cache` client saving and restoring a 1 GiB entry against layercache (v2 and
 //! v1) and against a null server that gives the client's own ceiling (see `actions.rs`).
 //!
+//! `--only head,manifest,auth` also measures HEAD and manifest rates on a second
+//! layercache in `token` mode, through a bearer token as clients hold one (see
+//! `auth.rs`), against the open one's in the same rounds.
+//!
 //! `--only eviction` measures eviction on servers of its own: how fast a pass evicts
 //! thousands of images, distribution's offline garbage collection on the same images for
 //! reference, and a push and a pull beside a long pass (see `eviction.rs`).
 
 mod actions;
+mod auth;
 mod e2e;
 mod eviction;
 mod limits;
@@ -133,6 +138,8 @@ enum Workload {
     Manifest,
     /// BuildKit-style cache export.
     Export,
+    /// HEAD and manifest rates with authentication on (a second layercache).
+    Auth,
     /// dockerd/BuildKit end to end.
     E2e,
     /// GitHub Actions cache save and restore through @actions/cache (layercache only).
@@ -263,6 +270,7 @@ async fn run(args: &Args) -> Result<Report> {
         Workload::Manifest,
         Workload::Export,
         Workload::E2e,
+        Workload::Auth,
     ]);
     let mut servers = Vec::new();
     if uses_servers || selection.has(Workload::Actions) {
@@ -290,6 +298,7 @@ async fn run(args: &Args) -> Result<Report> {
         Workload::Head,
         Workload::Manifest,
         Workload::Export,
+        Workload::Auth,
     ]);
     let fixtures = Fixtures::new(&base, &shape)?;
     if needs_fixtures {
@@ -297,6 +306,13 @@ async fn run(args: &Args) -> Result<Report> {
             eprintln!("bench: pushing fixtures to {}", server.kind.name());
             fixtures.push_to(registry).await?;
         }
+    }
+    let mut guarded = None;
+    if selection.has(Workload::Auth) {
+        let started = auth::start(&layercache_bin, &dir.join("layercache-auth")).await?;
+        eprintln!("bench: layercache (token mode) at {}", started.server.url);
+        fixtures.push_to(&started.registry).await?;
+        guarded = Some(started);
     }
 
     let mut bench = Workbench {
@@ -310,6 +326,10 @@ async fn run(args: &Args) -> Result<Report> {
         for (seq, (server, registry)) in servers.iter_mut().zip(&registries).enumerate() {
             server.check_alive()?;
             bench.round(round, seq, server.kind, registry).await?;
+        }
+        if let Some(guarded) = &mut guarded {
+            guarded.server.check_alive()?;
+            bench.auth_round(round, &guarded.registry).await?;
         }
     }
     let mut samples = bench.samples;
@@ -502,6 +522,30 @@ impl Workbench<'_> {
 
     /// One round of every selected workload against one server (`seq` is its place in
     /// the round).
+    /// HEAD and manifest rates on the server in `token` mode, recorded as layercache's
+    /// `*_auth_*` figures.
+    async fn auth_round(&mut self, round: usize, registry: &Registry) -> Result<()> {
+        let (shape, fixtures) = (self.shape, self.fixtures);
+        let kind = Kind::Layercache;
+        let head =
+            workloads::head_load(registry, fixtures, shape.head_conns, shape.head_secs).await?;
+        self.record(round, kind, "head_auth_rps", head.per_sec);
+        let (put, tags) = workloads::manifest_put_load(
+            registry,
+            fixtures,
+            &format!("auth{round}"),
+            shape.manifest_conns,
+            shape.manifest_secs,
+        )
+        .await?;
+        self.record(round, kind, "mput_auth_rps", put.per_sec);
+        let get =
+            workloads::manifest_get_load(registry, tags, shape.manifest_conns, shape.manifest_secs)
+                .await?;
+        self.record(round, kind, "mget_auth_rps", get.per_sec);
+        Ok(())
+    }
+
     async fn round(
         &mut self,
         round: usize,

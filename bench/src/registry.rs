@@ -19,7 +19,13 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// The HTTP client every workload shares: no proxy, no Nagle, a pool large enough to
 /// keep one connection per concurrent task.
 pub fn http_client() -> Result<Client> {
+    http_client_with(reqwest::header::HeaderMap::new())
+}
+
+/// [`http_client`] sending `headers` with every request.
+pub fn http_client_with(headers: reqwest::header::HeaderMap) -> Result<Client> {
     Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(1024)

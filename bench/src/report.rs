@@ -282,7 +282,15 @@ pub fn figures(
     let actions = size(shape.actions_mib);
     let of_ceiling = Target::OfLimit { fraction: 0.9 };
     let (small, large) = (shape.evict_small.describe(), shape.evict_large.describe());
-    let rows: [(&str, String, &str, Option<f64>, Target); 36] = [
+    // With authentication on, the open server's rate in the same run is the limit.
+    let open = |key: &str| {
+        samples
+            .get(key)
+            .and_then(|s| Summary::of(&s.layercache))
+            .map(|s| s.median)
+    };
+    let within_auth_off = Target::OfLimit { fraction: 0.9 };
+    let rows: [(&str, String, &str, Option<f64>, Target); 39] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -366,6 +374,27 @@ pub fn figures(
             "ms",
             None,
             Target::AtMost { value: 10.0 },
+        ),
+        (
+            "head_auth_rps",
+            format!("HEAD blob, {} conns, token mode", shape.head_conns),
+            "req/s",
+            open("head_rps"),
+            within_auth_off,
+        ),
+        (
+            "mput_auth_rps",
+            format!("manifest PUT, {} conns, token mode", shape.manifest_conns),
+            "req/s",
+            open("mput_rps"),
+            within_auth_off,
+        ),
+        (
+            "mget_auth_rps",
+            format!("manifest GET, {} conns, token mode", shape.manifest_conns),
+            "req/s",
+            open("mget_rps"),
+            within_auth_off,
         ),
         (
             "export_s",
