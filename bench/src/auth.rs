@@ -49,8 +49,9 @@ pub async fn start(bin: &Path, dir: &Path) -> Result<Guarded> {
         .error_for_status()?
         .json()
         .await?;
-    let bearer = answer["token"]
-        .as_str()
+    let bearer = answer
+        .get("token")
+        .and_then(|t| t.as_str())
         .context("the token endpoint answered no token")?;
     let mut headers = HeaderMap::new();
     headers.insert(
