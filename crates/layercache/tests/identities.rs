@@ -155,29 +155,17 @@ fn static_users_log_in_with_bcrypt_and_argon2_hashes() {
             .arg(format!("docker://{}/cache/team/app:v1", server.host))
             .arg(format!("oci:{}", image.display())),
     );
-    let (copied, out) = common::run(
-        Command::new("skopeo")
-            .args([
-                "copy",
-                "--dest-tls-verify=false",
-                "--dest-creds",
-                "ci:s3cret",
-            ])
-            .arg(format!("oci:{}", image.display()))
-            .arg(format!("docker://{}/cache/team/copy:v1", server.host)),
-    );
+    let push_as = |creds: &str, repo: &str| {
+        common::run(
+            Command::new("skopeo")
+                .args(["copy", "--dest-tls-verify=false", "--dest-creds", creds])
+                .arg(format!("oci:{}", image.display()))
+                .arg(format!("docker://{}/{repo}", server.host)),
+        )
+    };
+    let (copied, out) = push_as("ci:s3cret", "cache/team/copy:v1");
     assert!(copied, "{out}");
-    let (copied, out) = common::run(
-        Command::new("skopeo")
-            .args([
-                "copy",
-                "--dest-tls-verify=false",
-                "--dest-creds",
-                "bot:bot-pass",
-            ])
-            .arg(format!("oci:{}", image.display()))
-            .arg(format!("docker://{}/cache/team/bot:v1", server.host)),
-    );
+    let (copied, out) = push_as("bot:bot-pass", "cache/team/bot:v1");
     assert!(!copied && out.to_lowercase().contains("denied"), "{out}");
 
     // And docker: login, push, pull.

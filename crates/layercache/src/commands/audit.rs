@@ -13,16 +13,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     let mut query = vec![("since", since.to_string())];
     query.extend(args.limit.map(|l| ("limit", l.to_string())));
     let url = format!("{}/api/v1/audit", server.trim_end_matches('/'));
-    let response = super::with_credential(reqwest::Client::new().get(&url).query(&query))
-        .send()
-        .await
-        .with_context(|| format!("reaching layercache at {server}"))?;
-    let status = response.status();
-    let body = response
-        .text()
-        .await
-        .context("reading the server's answer")?;
-    anyhow::ensure!(status.is_success(), "the server answered {status}: {body}");
+    let body = super::call(server, reqwest::Client::new().get(&url).query(&query)).await?;
     if args.json {
         print!("{body}");
         return Ok(());

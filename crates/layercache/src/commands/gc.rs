@@ -15,16 +15,7 @@ pub async fn run(args: GcArgs) -> anyhow::Result<()> {
         args.server.url.trim_end_matches('/'),
         args.dry_run
     );
-    let response = super::with_credential(reqwest::Client::new().post(&url))
-        .send()
-        .await
-        .with_context(|| format!("reaching layercache at {}", args.server.url))?;
-    let status = response.status();
-    let body = response
-        .text()
-        .await
-        .context("reading the server's answer")?;
-    anyhow::ensure!(status.is_success(), "the server answered {status}: {body}");
+    let body = super::call(&args.server.url, reqwest::Client::new().post(&url)).await?;
     if args.json {
         println!("{body}");
         return Ok(());

@@ -109,8 +109,16 @@ pub async fn sessions(
     let mut query = vec![("since", since.to_string())];
     query.extend(repo.map(|r| ("repo", r.to_owned())));
     query.extend(session.map(|s| ("session", s.to_owned())));
+    let client = reqwest::Client::new();
     let url = format!("{}/api/v1/sessions", server.trim_end_matches('/'));
-    let response = with_credential(reqwest::Client::new().get(&url).query(&query))
+    let body = call(server, client.get(&url).query(&query)).await?;
+    serde_json::from_str(&body).context("parsing the server's sessions")
+}
+
+/// Send `request` to the server at `server` with the credential: the body of a
+/// successful answer, else an error naming the status and the server's words.
+pub async fn call(server: &str, request: reqwest::RequestBuilder) -> anyhow::Result<String> {
+    let response = with_credential(request)
         .send()
         .await
         .with_context(|| format!("reaching layercache at {server}"))?;
@@ -120,5 +128,5 @@ pub async fn sessions(
         .await
         .context("reading the server's answer")?;
     anyhow::ensure!(status.is_success(), "the server answered {status}: {body}");
-    serde_json::from_str(&body).context("parsing the server's sessions")
+    Ok(body)
 }
