@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real clients the tests drive (Debian packages; chromium renders the
-# dashboard; zstd and the npm package in crates/layercache/tests/actions-cache are the
-# GitHub Actions cache client) and start dockerd.
+# dashboard; git serves a git build context; zstd and the npm package in
+# crates/layercache/tests/actions-cache are the GitHub Actions cache client) and start
+# dockerd.
 # Safe to run repeatedly: it installs only what is missing and starts dockerd only if
 # it is not answering.
 set -euo pipefail
@@ -9,7 +10,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
 packages=()
-for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2; do
+for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2 git; do
   dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
 done
 # node and npm may come from elsewhere than Debian; install Debian's only if missing.

@@ -78,30 +78,6 @@ fn compose_xbake_cache_settings_are_reported_per_service() {
 }
 
 #[test]
-fn bake_action_without_source_and_with_cache_is_reported() {
-    assert_eq!(
-        only("bake-git-context/bad", Rule::BakeGitContext),
-        vec![
-            at(".github/workflows/bake-file.yml", 12, Level::Error),
-            at(".github/workflows/bake.yml", 12, Level::Error),
-        ]
-    );
-    let findings = lint("bake-git-context/bad");
-    assert!(
-        findings[0].message.contains("ci/images.hcl"),
-        "{}",
-        findings[0]
-    );
-    assert!(
-        findings[1].message.contains("*.cache-to="),
-        "{}",
-        findings[1]
-    );
-    assert!(findings[1].fix.contains("source: ."), "{}", findings[1]);
-    assert_clean("bake-git-context/good");
-}
-
-#[test]
 fn two_hundred_runs_exceed_the_layer_limit_and_a_deep_chain_warns() {
     let generated = std::fs::read_to_string(fixture("layer-depth/bad/Dockerfile")).unwrap();
     assert_eq!(

@@ -109,7 +109,9 @@ fn sarif_output_has_the_structure_code_scanning_reads() {
     let output = lint(&[
         "--format",
         "sarif",
-        "bake-git-context/bad",
+        "--level",
+        "warning",
+        "cache-write-never-read/bad",
         "uncompressed-choice/bad",
     ]);
     assert_eq!(output.status.code(), Some(1));
@@ -124,7 +126,7 @@ fn sarif_output_has_the_structure_code_scanning_reads() {
     for id in [
         "parse-error",
         "compose-xbake-dropped",
-        "bake-git-context",
+        "gha-scope-shared",
         "cache-from-without-metadata",
         "cache-write-never-read",
         "gha-cache-heavy",
@@ -166,16 +168,16 @@ fn sarif_output_has_the_structure_code_scanning_reads() {
         located,
         vec![
             (
-                "bake-git-context",
-                "error",
-                "bake-git-context/bad/.github/workflows/bake-file.yml",
-                12
+                "cache-write-never-read",
+                "warning",
+                "cache-write-never-read/bad/.github/workflows/ci.yml",
+                10
             ),
             (
-                "bake-git-context",
-                "error",
-                "bake-git-context/bad/.github/workflows/bake.yml",
-                12
+                "cache-write-never-read",
+                "warning",
+                "cache-write-never-read/bad/.github/workflows/ci.yml",
+                21
             ),
             (
                 "uncompressed-choice",
@@ -258,4 +260,28 @@ fn a_path_that_does_not_exist_is_a_usage_error() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no-such-directory"), "{stderr}");
+}
+
+#[test]
+fn json_is_the_json_format_and_exclude_leaves_trees_out() {
+    let case = "../regressions/skipped-trees";
+    let output = lint(&["--json", case]);
+    assert_eq!(output.status.code(), Some(1));
+    let findings: Vec<Value> = serde_json::from_str(&stdout(&output)).unwrap();
+    let files: Vec<&str> = findings
+        .iter()
+        .map(|f| f["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, vec![format!("{case}/legacy/Dockerfile")]);
+    assert_eq!(findings[0]["rule"], "parse-error");
+
+    let output = lint(&["--json", "--exclude", "legacy/", "--exclude", "*.md", case]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(stdout(&output).trim(), "[]");
+
+    // One way to ask for the format, not two.
+    assert_eq!(
+        lint(&["--json", "--format", "sarif", case]).status.code(),
+        Some(2)
+    );
 }

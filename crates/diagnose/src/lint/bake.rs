@@ -14,19 +14,64 @@ use super::cache::{At, Build, BuildArg, CacheSpec};
 use super::files;
 use super::yaml::{self, Node};
 
-/// The targets of a bake file.
-#[derive(Debug)]
+/// The targets and groups of a bake file (or of a compose file read by bake).
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Bake {
     /// One build per target.
     pub targets: Vec<Build>,
+    /// The name of each target, in the order of `targets`.
+    pub names: Vec<String>,
+    /// Each group's targets (or groups).
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 impl Bake {
-    /// Whether any target imports or exports a cache.
-    pub fn has_cache(&self) -> bool {
-        self.targets
-            .iter()
-            .any(|t| !t.cache_from.is_empty() || !t.cache_to.is_empty())
+    /// The files one bake invocation reads, as one: targets and groups of the same name
+    /// are merged.
+    pub fn merge(files: impl IntoIterator<Item = Bake>) -> Bake {
+        let mut merged = Bake::default();
+        for bake in files {
+            merged.targets.extend(bake.targets);
+            merged.names.extend(bake.names);
+            for (group, members) in bake.groups {
+                merged.groups.entry(group).or_default().extend(members);
+            }
+        }
+        merged
+    }
+
+    /// The targets `requested` builds (names of targets or groups; none means the
+    /// `default` group, else a `default` target, else every target, as compose files
+    /// have it). Unknown names build nothing.
+    pub fn built(&self, requested: &[String]) -> Vec<(&str, &Build)> {
+        let mut pending: Vec<String> = if !requested.is_empty() {
+            requested.to_vec()
+        } else if self.groups.contains_key("default") || self.names.iter().any(|n| n == "default") {
+            vec!["default".to_owned()]
+        } else {
+            self.names.clone()
+        };
+        let mut seen: Vec<String> = Vec::new();
+        let mut built = Vec::new();
+        while let Some(name) = pending.pop() {
+            if seen.contains(&name) {
+                continue;
+            }
+            seen.push(name.clone());
+            if let Some(members) = self.groups.get(&name) {
+                pending.extend(members.iter().cloned());
+                continue;
+            }
+            built.extend(
+                self.names
+                    .iter()
+                    .zip(&self.targets)
+                    .filter(|(n, _)| **n == name)
+                    .map(|(n, t)| (n.as_str(), t)),
+            );
+        }
+        built.sort_by_key(|(name, _)| *name);
+        built
     }
 }
 
@@ -88,6 +133,16 @@ pub(crate) fn read_hcl(file: &str, path: &Path, text: &str) -> Result<Bake, Bake
             vars.insert(name, value);
         }
     }
+    let mut groups = BTreeMap::new();
+    for block in blocks(&body, "group") {
+        if let Some(name) = label(block)
+            && let Some(members) = block.body.get_attribute("targets")
+            && let Val::List(items) = hcl_value(&members.value, text, &lines, &vars)
+        {
+            let members = items.iter().filter_map(|i| i.value.text()).collect();
+            groups.insert(name, members);
+        }
+    }
     let mut targets = Vec::new();
     for block in blocks(&body, "target") {
         let Some(name) = label(block) else {
@@ -112,7 +167,7 @@ pub(crate) fn read_hcl(file: &str, path: &Path, text: &str) -> Result<Bake, Bake
         }
         targets.push((name, target));
     }
-    Ok(bake(file, path, targets))
+    Ok(bake(file, path, targets, groups))
 }
 
 /// Parses a JSON bake file.
@@ -150,7 +205,24 @@ pub(crate) fn read_json(file: &str, path: &Path, text: &str) -> Result<Bake, Bak
         }
         targets.push((entry.key.clone(), target));
     }
-    Ok(bake(file, path, targets))
+    let groups = root
+        .get("group")
+        .map(Node::entries)
+        .unwrap_or(&[])
+        .iter()
+        .map(|group| {
+            let members = group
+                .value
+                .get("targets")
+                .map(Node::items)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|m| m.text().map(|t| substitute(t, &vars)))
+                .collect();
+            (group.key.clone(), members)
+        })
+        .collect();
+    Ok(bake(file, path, targets, groups))
 }
 
 /// Whether an `*.hcl` file is a bake file: it has `target` or `group` blocks.
@@ -278,17 +350,38 @@ fn substitute(text: &str, vars: &BTreeMap<String, String>) -> String {
 }
 
 /// Follows `inherits` and turns targets into builds.
-fn bake(file: &str, path: &Path, targets: Vec<(String, Target)>) -> Bake {
+fn bake(
+    file: &str,
+    path: &Path,
+    targets: Vec<(String, Target)>,
+    groups: BTreeMap<String, Vec<String>>,
+) -> Bake {
     let dir = path.parent().unwrap_or(Path::new(""));
     let by_name: HashMap<&str, &Target> = targets.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let inherited: Vec<String> = targets.iter().flat_map(|(_, t)| parents(t)).collect();
     let builds = targets
         .iter()
         .map(|(name, target)| {
             let resolved = inherit(target, &by_name, 0);
-            build(file, dir, name, &resolved)
+            let mut build = build(file, dir, name, &resolved);
+            build.template = inherited.contains(name);
+            build
         })
         .collect();
-    Bake { targets: builds }
+    Bake {
+        targets: builds,
+        names: targets.iter().map(|(name, _)| name.clone()).collect(),
+        groups,
+    }
+}
+
+/// The targets `inherits` names.
+fn parents(target: &Target) -> Vec<String> {
+    match target.get("inherits").map(|a| &a.value) {
+        Some(Val::List(items)) => items.iter().filter_map(|i| i.value.text()).collect(),
+        Some(other) => other.text().into_iter().collect(),
+        None => Vec::new(),
+    }
 }
 
 fn inherit(target: &Target, by_name: &HashMap<&str, &Target>, depth: usize) -> Target {
@@ -296,12 +389,7 @@ fn inherit(target: &Target, by_name: &HashMap<&str, &Target>, depth: usize) -> T
     if depth > 16 {
         return resolved;
     }
-    let parents: Vec<String> = match target.get("inherits").map(|a| &a.value) {
-        Some(Val::List(items)) => items.iter().filter_map(|i| i.value.text()).collect(),
-        Some(other) => other.text().into_iter().collect(),
-        None => Vec::new(),
-    };
-    for parent in parents.iter().rev() {
+    for parent in parents(target).iter().rev() {
         let Some(parent) = by_name.get(parent.as_str()) else {
             continue;
         };
@@ -322,6 +410,7 @@ fn build(file: &str, dir: &Path, name: &str, target: &Target) -> Build {
         what: format!("bake target `{name}`"),
         ..Build::default()
     };
+    build.target = target.get("target").and_then(|t| t.value.text());
     build.cache_from = cache_specs(target.get("cache-from"));
     build.cache_to = cache_specs(target.get("cache-to"));
     if let Some(no_cache) = target.get("no-cache")
@@ -460,7 +549,6 @@ target "app" {
         assert_eq!(app.cache_to[0].value.attr("mode"), Some("max"));
         assert_eq!(app.no_cache, Some(14));
         assert_eq!(app.build_args[0].value, "${SHA}");
-        assert!(bake.has_cache());
     }
 
     #[test]

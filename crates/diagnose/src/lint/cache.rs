@@ -4,8 +4,10 @@
 //! (`cache-from-without-metadata`, `cache-write-never-read`, `no-cache-with-export`,
 //! `gha-cache-heavy`, `uncompressed-choice`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::expression;
 use super::finding::{Finding, Level, Rule};
 
 /// A value and the line it was written on.
@@ -30,6 +32,9 @@ pub(crate) enum CacheKind {
     Local(String),
     /// Any other type (s3, azblob, ...), not followed.
     Other(String),
+    /// Computed at run time (`${{ inputs.cache }}`, an expression not followed): it may
+    /// be any cache.
+    Unknown,
 }
 
 /// One `--cache-from` or `--cache-to` value.
@@ -41,12 +46,24 @@ pub(crate) struct CacheSpec {
     pub attrs: Vec<(String, String)>,
     /// The value as written.
     pub text: String,
+    /// Written under a compose service's `x-bake`, which compose's own bake path drops:
+    /// it still pairs exports with imports, but `compose-xbake-dropped` is all there is
+    /// to say about it.
+    pub dropped: bool,
 }
 
 impl CacheSpec {
     /// Parses `type=registry,ref=r,mode=max` or a bare `image:tag`.
     pub fn parse(text: &str) -> CacheSpec {
-        let text = text.trim().to_owned();
+        let written = text.trim();
+        let Some(text) = expression::evaluate(written).filter(|t| !is_unknown(t)) else {
+            return CacheSpec {
+                kind: CacheKind::Unknown,
+                attrs: Vec::new(),
+                text: written.to_owned(),
+                dropped: false,
+            };
+        };
         let attrs: Vec<(String, String)> = if text.contains('=') {
             split_csv(&text)
                 .into_iter()
@@ -76,7 +93,12 @@ impl CacheSpec {
                 Some(other) => CacheKind::Other(other.to_owned()),
             }
         };
-        CacheSpec { kind, attrs, text }
+        CacheSpec {
+            kind,
+            attrs,
+            text,
+            dropped: false,
+        }
     }
 
     /// The value of `key`, if given.
@@ -132,6 +154,16 @@ pub(crate) struct Build {
     pub context: Option<PathBuf>,
     /// The Dockerfile on disk, when known.
     pub dockerfile: Option<PathBuf>,
+    /// The Dockerfile stage it builds (`--target`), when given.
+    pub target: Option<String>,
+    /// Whether a job matrix varies what it builds (an input names `matrix.`) while
+    /// every matrix job runs it.
+    pub varies_by_matrix: bool,
+    /// A bake target other targets inherit from: a template, not an image of its own.
+    pub template: bool,
+    /// An `mv` of one local cache directory onto another (the rotation that keeps a
+    /// `type=local` cache from growing), not a build.
+    pub moves_cache: bool,
 }
 
 impl Build {
@@ -150,20 +182,68 @@ impl Build {
     }
 }
 
-/// The cross-file cache rules over every build found.
-pub(crate) fn check(builds: &[Build]) -> Vec<Finding> {
+/// What a repository does with caches outside the builds the lint reads.
+#[derive(Debug, Default)]
+pub(crate) struct Unseen {
+    /// A step the lint does not read may build (and so import or export anything).
+    pub builder: bool,
+    /// Text of commands, `env:` values and action inputs the lint does not follow.
+    pub mentions: Vec<String>,
+}
+
+impl Unseen {
+    /// Whether a cache may be read or written where the lint cannot see: an unseen
+    /// builder, or its ref, scope or directory named in a command or input not followed.
+    fn may_use(&self, spec: &CacheSpec) -> bool {
+        if self.builder {
+            return true;
+        }
+        let tokens = || {
+            self.mentions.iter().flat_map(|m| {
+                m.split(|c: char| c.is_whitespace() || matches!(c, ',' | '"' | '\'' | ';'))
+                    .map(|t| t.rsplit_once('=').map_or(t, |(_, v)| v))
+                    .filter(|t| !t.is_empty())
+            })
+        };
+        match &spec.kind {
+            CacheKind::Registry(reference) => tokens().any(|t| refs_match(t, reference)),
+            CacheKind::Gha(scope) => self.mentions.iter().any(|m| {
+                m.contains(&format!("scope={scope}"))
+                    || (scope == "buildkit" && m.contains("type=gha"))
+            }),
+            CacheKind::Local(dir) => {
+                let dir = dir.trim_end_matches('/');
+                tokens().any(|t| patterns_meet(t.trim_end_matches('/'), dir))
+            }
+            CacheKind::Inline | CacheKind::Other(_) | CacheKind::Unknown => true,
+        }
+    }
+}
+
+/// The cross-file cache rules over every build of one repository.
+pub(crate) fn check(builds: &[Build], unseen: &Unseen) -> Vec<Finding> {
+    // A cache computed at run time may be the one any import or export pairs with.
+    let computed = builds
+        .iter()
+        .flat_map(|b| b.cache_from.iter().chain(&b.cache_to))
+        .any(|c| c.value.kind == CacheKind::Unknown);
+    let unseen = &Unseen {
+        builder: unseen.builder || computed,
+        mentions: unseen.mentions.clone(),
+    };
     let mut findings = Vec::new();
     for build in builds {
-        for from in &build.cache_from {
-            findings.extend(check_import(build, from, builds));
+        for from in build.cache_from.iter().filter(|c| !c.value.dropped) {
+            findings.extend(check_import(build, from, builds, unseen));
         }
-        for to in &build.cache_to {
-            findings.extend(check_export(build, to, builds));
+        for to in build.cache_to.iter().filter(|c| !c.value.dropped) {
+            findings.extend(check_export(build, to, builds, unseen));
         }
         if let Some(line) = build.no_cache {
             let exports: Vec<&str> = build
                 .cache_to
                 .iter()
+                .filter(|c| !c.value.dropped)
                 .map(|c| c.value.text.as_str())
                 .collect();
             if !exports.is_empty() || build.inline_cache() {
@@ -172,25 +252,110 @@ pub(crate) fn check(builds: &[Build]) -> Vec<Finding> {
                 } else {
                     format!("cache ({})", exports.join(", "))
                 };
+                findings.push(no_cache_finding(&build.file, line, &build.what, &what));
+            }
+        }
+    }
+    findings.extend(gha_scope_shared(builds));
+    findings
+}
+
+/// The literal `type=gha` scopes a build exports to, with their lines.
+fn gha_exports(build: &Build) -> impl Iterator<Item = (&str, usize)> {
+    build.cache_to.iter().filter_map(|c| match &c.value.kind {
+        CacheKind::Gha(scope) if !c.value.dropped && !scope.contains('$') => {
+            Some((scope.as_str(), c.line))
+        }
+        _ => None,
+    })
+}
+
+/// `gha-scope-shared`: in one file, different images (Dockerfile, context, stage)
+/// exporting to one scope; or one build step whose matrix jobs build different images
+/// into one scope.
+fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut groups: BTreeMap<(&str, &str), Vec<(&Build, usize)>> = BTreeMap::new();
+    for build in builds.iter().filter(|b| !b.template) {
+        for (scope, line) in gha_exports(build) {
+            if build.varies_by_matrix {
                 findings.push(Finding::new(
-                    Rule::NoCacheWithExport,
+                    Rule::GhaScopeShared,
                     &build.file,
                     line,
                     format!(
-                        "{} runs with no-cache but exports {what}: it rebuilds every step and \
-                         never reads the cache it writes",
+                        "{} builds a different image in each job of its matrix, and every job \
+                         exports type=gha to the same scope `{scope}`: each job's export \
+                         replaces the others', so only the last one's cache survives",
                         build.what
                     ),
-                    "drop no-cache so the build imports its own cache (use --no-cache-filter \
-                     STAGE for steps that must rerun), or drop the export",
+                    "add the matrix value to the scope, e.g. \
+                     scope=${{ matrix.image }} on both cache-from and cache-to",
                 ));
             }
+            groups
+                .entry((build.file.as_str(), scope))
+                .or_default()
+                .push((build, line));
         }
+    }
+    for ((file, scope), exports) in groups {
+        let mut images: Vec<(Option<&PathBuf>, Option<&PathBuf>, Option<&String>)> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for (build, _) in &exports {
+            let Some(dockerfile) = &build.dockerfile else {
+                continue;
+            };
+            let image = (
+                Some(dockerfile),
+                build.context.as_ref(),
+                build.target.as_ref(),
+            );
+            if !images.contains(&image) {
+                images.push(image);
+                names.push(&build.what);
+            }
+        }
+        if images.len() < 2 {
+            continue;
+        }
+        let line = exports.first().map_or(1, |(_, line)| *line);
+        findings.push(Finding::new(
+            Rule::GhaScopeShared,
+            file,
+            line,
+            format!(
+                "{} export type=gha to the same scope `{scope}`: each export replaces the \
+                 scope's cache, so only the image built last keeps its cache",
+                names.join(", ")
+            ),
+            "give each image its own scope (scope=NAME on both cache-to and cache-from)",
+        ));
     }
     findings
 }
 
-fn check_import(build: &Build, from: &At<CacheSpec>, builds: &[Build]) -> Option<Finding> {
+/// The `no-cache-with-export` finding: `what` runs with no-cache and exports `exported`.
+pub(crate) fn no_cache_finding(file: &str, line: usize, what: &str, exported: &str) -> Finding {
+    Finding::new(
+        Rule::NoCacheWithExport,
+        file,
+        line,
+        format!(
+            "{what} runs with no-cache but exports {exported}: it rebuilds every step and \
+             never reads the cache it writes"
+        ),
+        "drop no-cache so the build imports its own cache (use --no-cache-filter STAGE for \
+         steps that must rerun), or drop the export",
+    )
+}
+
+fn check_import(
+    build: &Build,
+    from: &At<CacheSpec>,
+    builds: &[Build],
+    unseen: &Unseen,
+) -> Option<Finding> {
     match &from.value.kind {
         CacheKind::Registry(reference) => {
             if is_unknown(reference) {
@@ -209,6 +374,9 @@ fn check_import(build: &Build, from: &At<CacheSpec>, builds: &[Build]) -> Option
                     .iter()
                     .any(|t| !is_unknown(t) && refs_match(t, reference))
             });
+            if producer.is_none() && unseen.builder {
+                return None;
+            }
             Some(match producer {
                 Some(producer) => Finding::new(
                     Rule::CacheFromWithoutMetadata,
@@ -253,7 +421,8 @@ fn check_import(build: &Build, from: &At<CacheSpec>, builds: &[Build]) -> Option
             let exported = builds
                 .iter()
                 .any(|b| b.cache_to.iter().any(|c| same_store(&c.value, &from.value)));
-            (!exported && !store_unknown(&from.value.kind)).then(|| {
+            let said = exported || store_unknown(&from.value.kind) || unseen.may_use(&from.value);
+            (!said).then(|| {
                 Finding::new(
                     Rule::CacheWriteNeverRead,
                     &build.file,
@@ -267,11 +436,16 @@ fn check_import(build: &Build, from: &At<CacheSpec>, builds: &[Build]) -> Option
                 )
             })
         }
-        CacheKind::Inline | CacheKind::Other(_) => None,
+        CacheKind::Inline | CacheKind::Other(_) | CacheKind::Unknown => None,
     }
 }
 
-fn check_export(build: &Build, to: &At<CacheSpec>, builds: &[Build]) -> Vec<Finding> {
+fn check_export(
+    build: &Build,
+    to: &At<CacheSpec>,
+    builds: &[Build],
+    unseen: &Unseen,
+) -> Vec<Finding> {
     let mut findings = Vec::new();
     let spec = &to.value;
     if let CacheKind::Gha(_) = spec.kind
@@ -315,7 +489,7 @@ fn check_export(build: &Build, to: &At<CacheSpec>, builds: &[Build]) -> Vec<Find
                     |c| matches!(&c.value.kind, CacheKind::Registry(r) if refs_match(r, reference)),
                 )
             });
-            if !imported {
+            if !imported && !unseen.may_use(spec) {
                 findings.push(Finding::new(
                     Rule::CacheWriteNeverRead,
                     &build.file,
@@ -338,7 +512,7 @@ fn check_export(build: &Build, to: &At<CacheSpec>, builds: &[Build]) -> Vec<Find
         let imported = builds
             .iter()
             .any(|b| b.cache_from.iter().any(|c| same_store(&c.value, spec)));
-        if !imported && !store_unknown(&spec.kind) {
+        if !imported && !store_unknown(&spec.kind) && !unseen.may_use(spec) {
             findings.push(Finding::new(
                 Rule::CacheWriteNeverRead,
                 &build.file,

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::bake::Bake;
 use super::cache::{At, Build, BuildArg, CacheSpec};
 use super::files;
 use super::finding::{Finding, Rule};
@@ -12,6 +13,8 @@ use super::yaml::Node;
 pub(crate) struct Compose {
     /// One build per service that has a `build:` section.
     pub builds: Vec<Build>,
+    /// The name of each of those services, in the order of `builds`.
+    pub services: Vec<String>,
     /// `compose-xbake-dropped` findings.
     pub findings: Vec<Finding>,
 }
@@ -21,6 +24,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Compose {
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut compose = Compose {
         builds: Vec::new(),
+        services: Vec::new(),
         findings: Vec::new(),
     };
     let Some(services) = root.get("services") else {
@@ -76,14 +80,32 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Compose {
                 .extend(xbake_dropped(file, &service.key, xbake, &build));
             // `docker buildx bake -f compose.yaml` does honour them: keep them in the
             // picture of what is read and written.
-            let from = specs(xbake.get("cache-from"));
-            let to = specs(xbake.get("cache-to"));
+            let dropped = |node| {
+                specs(node).into_iter().map(|mut spec| {
+                    spec.value.dropped = true;
+                    spec
+                })
+            };
+            let from: Vec<_> = dropped(xbake.get("cache-from")).collect();
+            let to: Vec<_> = dropped(xbake.get("cache-to")).collect();
             build.cache_from.extend(from);
             build.cache_to.extend(to);
         }
         compose.builds.push(build);
+        compose.services.push(service.key.clone());
     }
     compose
+}
+
+impl Compose {
+    /// The file as bake reads it: one target per service, all of them by default.
+    pub fn as_bake(&self) -> Bake {
+        Bake {
+            targets: self.builds.clone(),
+            names: self.services.clone(),
+            groups: Default::default(),
+        }
+    }
 }
 
 fn xbake_dropped(file: &str, service: &str, xbake: &Node, build: &Build) -> Vec<Finding> {

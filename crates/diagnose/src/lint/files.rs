@@ -1,13 +1,21 @@
-//! Which files to lint: a walk of the given directories (skipping `.git`, `target` and
-//! `node_modules`) that picks Dockerfiles, compose files, bake files and GitHub workflow
-//! files by name.
+//! Which files to lint: a walk of the given directories that picks Dockerfiles, compose
+//! files, bake files and GitHub workflow files by name. The walk honours `.gitignore`,
+//! skips vendored trees and test fixtures, applies `--exclude` globs and those of a
+//! `.layercache-lint.toml`, and says which repository each file belongs to (the nearest
+//! directory holding `.git` or `.github`), so that each repository is checked on its own.
 
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde::Deserialize;
+
+use super::finding::{Finding, Rule};
 
 /// What a file is, judged by its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// `Dockerfile`, `*.Dockerfile`, `Dockerfile.*`.
+    /// `Dockerfile`, `*.Dockerfile`, `Dockerfile.*` (and `Containerfile` alike).
     Dockerfile,
     /// `compose.yaml`, `docker-compose.yml`, and their `.override`/`.*` variants.
     Compose,
@@ -23,66 +31,270 @@ pub(crate) enum Kind {
     Unknown,
 }
 
-/// Directories never walked into.
-const SKIPPED: [&str; 3] = [".git", "target", "node_modules"];
+/// Directories never walked into: version control, dependencies vendored or installed,
+/// build output, and test data (parser fixtures are invalid on purpose).
+const SKIPPED: [&str; 11] = [
+    ".git",
+    "node_modules",
+    "vendor",
+    "third_party",
+    "target",
+    "testdata",
+    "fixtures",
+    "__fixtures__",
+    "testfiles",
+    "testfiles-negative",
+    "bower_components",
+];
 
-/// The files a walk found, and the paths it could not read.
-#[derive(Debug, Default)]
-pub(crate) struct Discovered {
-    /// Files to lint with their kind, sorted.
-    pub files: Vec<(PathBuf, Kind)>,
-    /// Paths that could not be read, with why.
-    pub unreadable: Vec<(PathBuf, String)>,
+/// The configuration file read at the root of each scanned directory and repository.
+pub(crate) const CONFIG_FILE: &str = ".layercache-lint.toml";
+
+/// `.layercache-lint.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Globs (`.gitignore` syntax, relative to the file's directory) never linted.
+    #[serde(default)]
+    exclude: Vec<String>,
 }
 
-/// The files to lint under `paths` (a file given directly is always taken).
-pub(crate) fn discover(paths: &[PathBuf]) -> Discovered {
+/// A file to lint.
+#[derive(Debug)]
+pub(crate) struct Found {
+    /// Its path.
+    pub path: PathBuf,
+    /// What its name says it is.
+    pub kind: Kind,
+    /// The root of the repository it belongs to: its files are checked together.
+    pub scope: PathBuf,
+}
+
+/// The files a walk found, and what could not be read.
+#[derive(Debug, Default)]
+pub(crate) struct Discovered {
+    /// Files to lint, sorted by path.
+    pub files: Vec<Found>,
+    /// Paths that could not be read and configuration files that do not parse.
+    pub findings: Vec<Finding>,
+}
+
+/// The files to lint under `paths` (a file given directly is always taken), leaving out
+/// what matches `exclude` (globs relative to each given directory).
+pub(crate) fn discover(paths: &[PathBuf], exclude: &[String]) -> Discovered {
     let mut found = Discovered::default();
+    let mut scopes = Scopes::default();
     for path in paths {
         let path = normalize(path);
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => walk(&path, &mut found),
+            Ok(meta) if meta.is_dir() => walk(&path, exclude, &mut scopes, &mut found),
             Ok(_) => {
                 let kind = classify(&path).unwrap_or(Kind::Unknown);
-                found.files.push((path, kind));
+                let scope = scopes.of(&path, None);
+                found.files.push(Found { path, kind, scope });
             }
-            Err(error) => found.unreadable.push((path, error.to_string())),
+            Err(error) => found.findings.push(unreadable(&path, &error.to_string())),
         }
     }
-    found.files.sort_by(|a, b| a.0.cmp(&b.0));
-    found.files.dedup_by(|a, b| a.0 == b.0);
+    found.files.sort_by(|a, b| a.path.cmp(&b.path));
+    found.files.dedup_by(|a, b| a.path == b.path);
     found
 }
 
-fn walk(dir: &Path, found: &mut Discovered) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(error) => {
-            found
-                .unreadable
-                .push((dir.to_path_buf(), error.to_string()));
-            return;
-        }
-    };
-    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let path = normalize(&dir.join(entry.file_name()));
-        let Ok(file_type) = entry.file_type() else {
-            continue;
-        };
-        if file_type.is_dir() {
-            let name = entry.file_name();
-            if !SKIPPED.iter().any(|s| name == *s) {
-                walk(&path, found);
-            }
-        } else if (file_type.is_file() || path.is_file())
-            && let Some(kind) = classify(&path)
-        {
-            found.files.push((path, kind));
+fn unreadable(path: &Path, error: &str) -> Finding {
+    Finding::new(
+        Rule::ParseError,
+        display(path),
+        1,
+        format!("cannot read it: {error}"),
+        "check the path and its permissions",
+    )
+}
+
+fn walk(root: &Path, exclude: &[String], scopes: &mut Scopes, found: &mut Discovered) {
+    let mut builder = GitignoreBuilder::new(root);
+    for glob in exclude {
+        if let Err(error) = builder.add_line(None, glob) {
+            found.findings.push(Finding::new(
+                Rule::ParseError,
+                "--exclude",
+                1,
+                format!("not a valid glob: {error}"),
+                "write the pattern in .gitignore syntax",
+            ));
         }
     }
+    let excluded = builder.build().unwrap_or_else(|_| Gitignore::empty());
+    let walk_root = root.to_path_buf();
+    let walker = ignore::WalkBuilder::new(root)
+        .hidden(false)
+        .ignore(false)
+        .git_global(false)
+        .require_git(false)
+        .sort_by_file_name(|a, b| a.cmp(b))
+        .filter_entry(move |entry| {
+            let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
+            let skipped =
+                is_dir && entry.depth() > 0 && SKIPPED.iter().any(|s| entry.file_name() == *s);
+            let relative = entry
+                .path()
+                .strip_prefix(&walk_root)
+                .unwrap_or(entry.path());
+            !skipped && !excluded.matched(relative, is_dir).is_ignore()
+        })
+        .build();
+    let mut configs = Configs::default();
+    for entry in walker {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                let path = match &error {
+                    ignore::Error::WithPath { path, .. } => path.clone(),
+                    _ => root.to_path_buf(),
+                };
+                found.findings.push(unreadable(&path, &error.to_string()));
+                continue;
+            }
+        };
+        let path = normalize(entry.path());
+        let is_file = entry.file_type().is_some_and(|t| t.is_file()) || path.is_file();
+        if !is_file || entry.depth() == 0 {
+            continue;
+        }
+        let Some(kind) = classify(&path) else {
+            continue;
+        };
+        if entry.path_is_symlink() && links_inside(&path, root) {
+            // The file it points to is linted under its own name.
+            continue;
+        }
+        let scope = scopes.of(&path, Some(root));
+        if configs.excludes(&path, &[root, &scope], &mut found.findings) {
+            continue;
+        }
+        found.files.push(Found { path, kind, scope });
+    }
 }
+
+/// Whether the symlink `path` points to a file under `root`.
+fn links_inside(path: &Path, root: &Path) -> bool {
+    match (path.canonicalize(), root.canonicalize()) {
+        (Ok(target), Ok(root)) => target.starts_with(root),
+        _ => false,
+    }
+}
+
+/// Whether two paths name one file (the same path, or links to one file).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The repository root of each directory, found once.
+#[derive(Default)]
+struct Scopes {
+    known: HashMap<PathBuf, bool>,
+}
+
+impl Scopes {
+    /// The nearest directory above `path` (up to `limit`) holding `.git` or `.github`;
+    /// `limit` itself (or the file's directory) when none does.
+    fn of(&mut self, path: &Path, limit: Option<&Path>) -> PathBuf {
+        let dir = path
+            .parent()
+            .map(dir_or_dot)
+            .unwrap_or_else(|| PathBuf::from("."));
+        for ancestor in path.ancestors().skip(1) {
+            let ancestor = dir_or_dot(ancestor);
+            let marked = *self.known.entry(ancestor.clone()).or_insert_with(|| {
+                ancestor.join(".git").exists() || ancestor.join(".github").is_dir()
+            });
+            if marked {
+                return ancestor;
+            }
+            if limit.is_some_and(|l| normalize(l) == ancestor) {
+                return ancestor;
+            }
+        }
+        limit.map(normalize).unwrap_or(dir)
+    }
+}
+
+fn dir_or_dot(dir: &Path) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The `.layercache-lint.toml` files read so far, by directory.
+#[derive(Default)]
+struct Configs {
+    read: HashMap<PathBuf, Option<Gitignore>>,
+}
+
+impl Configs {
+    /// Whether the configuration in any of `dirs` excludes `path`.
+    fn excludes(&mut self, path: &Path, dirs: &[&Path], findings: &mut Vec<Finding>) -> bool {
+        dirs.iter().any(|dir| {
+            let matcher = self
+                .read
+                .entry(dir.to_path_buf())
+                .or_insert_with(|| load_config(dir, findings));
+            let relative = if *dir == Path::new(".") {
+                Some(path)
+            } else {
+                path.strip_prefix(dir).ok()
+            };
+            matcher.as_ref().zip(relative).is_some_and(|(m, relative)| {
+                m.matched_path_or_any_parents(relative, false).is_ignore()
+            })
+        })
+    }
+}
+
+fn load_config(dir: &Path, findings: &mut Vec<Finding>) -> Option<Gitignore> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let config: Config = match toml::from_str(&text) {
+        Ok(config) => config,
+        Err(error) => {
+            let line = error
+                .span()
+                .map(|span| text.get(..span.start).unwrap_or("").lines().count().max(1))
+                .unwrap_or(1);
+            findings.push(Finding::new(
+                Rule::ParseError,
+                display(&path),
+                line,
+                format!("not a valid {CONFIG_FILE}: {}", error.message()),
+                "write `exclude = [\"GLOB\", ...]` (globs in .gitignore syntax)",
+            ));
+            return None;
+        }
+    };
+    let mut builder = GitignoreBuilder::new(dir);
+    for glob in &config.exclude {
+        if builder.add_line(Some(path.clone()), glob).is_err() {
+            findings.push(Finding::new(
+                Rule::ParseError,
+                display(&path),
+                1,
+                format!("`{glob}` is not a valid glob"),
+                "write the pattern in .gitignore syntax",
+            ));
+        }
+    }
+    builder.build().ok()
+}
+
+/// Extensions of other languages and formats: `dockerfile.go` is Go, `Dockerfile.md`
+/// prose, `Dockerfile.j2` a template.
+const NOT_DOCKERFILE: [&str; 36] = [
+    "go", "rs", "py", "js", "mjs", "cjs", "ts", "tsx", "jsx", "java", "kt", "c", "h", "cc", "cpp",
+    "cs", "rb", "php", "sh", "bash", "ps1", "md", "rst", "txt", "html", "json", "yml", "yaml",
+    "toml", "xml", "j2", "jinja", "tmpl", "tpl", "template", "erb",
+];
 
 /// What a file is by its name, if it is one of the kinds linted.
 pub(crate) fn classify(path: &Path) -> Option<Kind> {
@@ -113,10 +325,14 @@ pub(crate) fn classify(path: &Path) -> Option<Kind> {
     if lower.ends_with(".dockerignore") {
         return None;
     }
-    if lower == "dockerfile" || lower.ends_with(".dockerfile") || lower.starts_with("dockerfile.") {
-        return Some(Kind::Dockerfile);
-    }
-    None
+    let dockerfile = ["dockerfile", "containerfile"].iter().any(|base| {
+        lower == *base
+            || lower.ends_with(&format!(".{base}"))
+            || lower
+                .strip_prefix(&format!("{base}."))
+                .is_some_and(|ext| !NOT_DOCKERFILE.contains(&ext))
+    });
+    dockerfile.then_some(Kind::Dockerfile)
 }
 
 fn is_workflow_dir(path: &Path) -> bool {
@@ -203,6 +419,10 @@ mod tests {
         assert_eq!(kind("a/api.Dockerfile"), Some(Kind::Dockerfile));
         assert_eq!(kind("a/Dockerfile.prod"), Some(Kind::Dockerfile));
         assert_eq!(kind("a/Dockerfile.dockerignore"), None);
+        assert_eq!(kind("frontend/dockerfile.go"), None);
+        assert_eq!(kind("docs/Dockerfile.md"), None);
+        assert_eq!(kind("Containerfile"), Some(Kind::Dockerfile));
+        assert_eq!(kind("Dockerfile.cuda"), Some(Kind::Dockerfile));
         assert_eq!(kind("compose.yaml"), Some(Kind::Compose));
         assert_eq!(kind("docker-compose.override.yml"), Some(Kind::Compose));
         assert_eq!(kind("docker-bake.hcl"), Some(Kind::BakeHcl));

@@ -50,14 +50,14 @@ pub enum Rule {
     ParseError,
     /// Cache settings under a compose service's `x-bake`, which compose's bake path drops.
     ComposeXbakeDropped,
-    /// `docker/bake-action` with cache settings building from the git context.
-    BakeGitContext,
     /// `--cache-from` an image that nothing exports cache metadata into.
     CacheFromWithoutMetadata,
     /// A cache export nobody imports, or a cache import nothing exports.
     CacheWriteNeverRead,
     /// `type=gha` with `mode=max`.
     GhaCacheHeavy,
+    /// Several images exporting `type=gha` to one scope, overwriting each other.
+    GhaScopeShared,
     /// A Dockerfile stage chain with more layers than overlay filesystems stack.
     LayerDepth,
     /// A workflow matrix that expands beyond 256 jobs.
@@ -75,10 +75,10 @@ impl Rule {
     pub const ALL: [Rule; 11] = [
         Rule::ParseError,
         Rule::ComposeXbakeDropped,
-        Rule::BakeGitContext,
         Rule::CacheFromWithoutMetadata,
         Rule::CacheWriteNeverRead,
         Rule::GhaCacheHeavy,
+        Rule::GhaScopeShared,
         Rule::LayerDepth,
         Rule::MatrixTooLarge,
         Rule::ContextBustsCache,
@@ -91,10 +91,10 @@ impl Rule {
         match self {
             Rule::ParseError => "parse-error",
             Rule::ComposeXbakeDropped => "compose-xbake-dropped",
-            Rule::BakeGitContext => "bake-git-context",
             Rule::CacheFromWithoutMetadata => "cache-from-without-metadata",
             Rule::CacheWriteNeverRead => "cache-write-never-read",
             Rule::GhaCacheHeavy => "gha-cache-heavy",
+            Rule::GhaScopeShared => "gha-scope-shared",
             Rule::LayerDepth => "layer-depth",
             Rule::MatrixTooLarge => "matrix-too-large",
             Rule::ContextBustsCache => "context-busts-cache",
@@ -111,10 +111,6 @@ impl Rule {
                 "Cache settings under a compose service's x-bake, which compose's bake path \
                  (COMPOSE_BAKE=true) drops silently."
             }
-            Rule::BakeGitContext => {
-                "A docker/bake-action step with cache settings and no local source: bake builds \
-                 from the git context and every commit changes every layer."
-            }
             Rule::CacheFromWithoutMetadata => {
                 "--cache-from an image that nothing in the scanned files exports cache metadata \
                  into."
@@ -125,6 +121,10 @@ impl Rule {
             Rule::GhaCacheHeavy => {
                 "type=gha with mode=max: GitHub's cache is capped at 10 GB per repository and \
                  rate-limited."
+            }
+            Rule::GhaScopeShared => {
+                "Several images exporting type=gha to the same scope: each export replaces the \
+                 scope's cache, so only the last image's survives."
             }
             Rule::LayerDepth => {
                 "A Dockerfile stage chain with more layers than overlay filesystems can stack."
@@ -154,10 +154,6 @@ impl Rule {
                 "Move cache-from/cache-to from build.x-bake to build.cache_from/build.cache_to, \
                  which every compose build path honours."
             }
-            Rule::BakeGitContext => {
-                "Add `source: .` to the step's `with:` (after actions/checkout) so bake builds \
-                 the checked-out files."
-            }
             Rule::CacheFromWithoutMetadata => {
                 "Build the image with --build-arg BUILDKIT_INLINE_CACHE=1 (or --cache-to \
                  type=inline), or export a registry cache with --cache-to \
@@ -170,6 +166,10 @@ impl Rule {
             Rule::GhaCacheHeavy => {
                 "Use a registry cache on persistent local disk (for example layercache: \
                  --cache-to type=registry,ref=HOST:5000/cache/app,mode=max), or mode=min."
+            }
+            Rule::GhaScopeShared => {
+                "Give each image its own scope (scope=NAME on both --cache-to and --cache-from, \
+                 e.g. the image or matrix value)."
             }
             Rule::LayerDepth => {
                 "Merge consecutive RUN instructions (with && or a heredoc), copy in fewer COPY \
@@ -197,13 +197,11 @@ impl Rule {
     /// The level a finding of this rule has unless the finding says otherwise.
     pub fn default_level(self) -> Level {
         match self {
-            Rule::ParseError
-            | Rule::ComposeXbakeDropped
-            | Rule::BakeGitContext
-            | Rule::MatrixTooLarge => Level::Error,
+            Rule::ParseError | Rule::ComposeXbakeDropped | Rule::MatrixTooLarge => Level::Error,
             Rule::CacheFromWithoutMetadata
             | Rule::CacheWriteNeverRead
             | Rule::GhaCacheHeavy
+            | Rule::GhaScopeShared
             | Rule::LayerDepth
             | Rule::ContextBustsCache
             | Rule::NoCacheWithExport => Level::Warning,

@@ -13,13 +13,14 @@ mod bake;
 mod cache;
 mod compose;
 mod dockerfile;
+mod expression;
 mod files;
 mod finding;
 mod render;
 mod workflow;
 mod yaml;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub use self::finding::{Finding, Level, Rule};
@@ -77,32 +78,30 @@ enum Parsed {
     Workflow(workflow::Workflow),
 }
 
-/// Lints the files under `paths` (directories are walked, skipping `.git`, `target` and
-/// `node_modules`; files are taken as given).
+/// What to leave out of a lint.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Globs (`.gitignore` syntax, relative to each directory given) never linted, on top
+    /// of `.gitignore`, vendored trees, test fixtures and a `.layercache-lint.toml`'s
+    /// `exclude`.
+    pub exclude: Vec<String>,
+}
+
+/// Lints the files under `paths` with the default [`Options`].
 pub fn lint_paths<P: AsRef<Path>>(paths: &[P]) -> Report {
+    lint(paths, &Options::default())
+}
+
+/// Lints the files under `paths`: directories are walked (see [`Options`]), files are
+/// taken as given, and each repository found is checked on its own.
+pub fn lint<P: AsRef<Path>>(paths: &[P], options: &Options) -> Report {
     let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
-    let roots: Vec<PathBuf> = paths
-        .iter()
-        .filter(|p| p.is_dir())
-        .map(|p| files::normalize(p))
-        .collect();
-    let discovered = files::discover(&paths);
+    let discovered = files::discover(&paths, &options.exclude);
     let mut report = Report::default();
-    let mut findings: Vec<Finding> = discovered
-        .unreadable
-        .into_iter()
-        .map(|(path, error)| {
-            Finding::new(
-                Rule::ParseError,
-                files::display(&path),
-                1,
-                format!("cannot read it: {error}"),
-                "check the path and its permissions",
-            )
-        })
-        .collect();
-    let mut parsed = Vec::new();
-    for (path, kind) in discovered.files {
+    let mut findings = discovered.findings;
+    let mut scopes: BTreeMap<PathBuf, Vec<Parsed>> = BTreeMap::new();
+    for found in discovered.files {
+        let path = found.path;
         let file = files::display(&path);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -118,16 +117,18 @@ pub fn lint_paths<P: AsRef<Path>>(paths: &[P]) -> Report {
                 continue;
             }
         };
-        let Some(kind) = resolve_kind(&path, kind, &text) else {
+        let Some(kind) = resolve_kind(&path, found.kind, &text) else {
             continue;
         };
         report.files.push(file.clone());
         match parse(&path, &file, kind, &text) {
-            Ok(p) => parsed.push(p),
+            Ok(p) => scopes.entry(found.scope).or_default().push(p),
             Err(finding) => findings.push(finding),
         }
     }
-    findings.extend(check(&parsed, &roots));
+    for (scope, parsed) in &scopes {
+        findings.extend(check(parsed, std::slice::from_ref(scope)));
+    }
     findings.sort_by(|a, b| {
         (&a.file, a.line, a.rule, &a.message).cmp(&(&b.file, b.line, b.rule, &b.message))
     });
@@ -210,61 +211,72 @@ fn parse(path: &Path, file: &str, kind: Kind, text: &str) -> Result<Parsed, Find
 fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
     let mut findings = Vec::new();
     let mut builds: Vec<Build> = Vec::new();
-    // Whether each compose or bake file read sets a cache, for bake-action steps.
-    let mut cache_files: HashMap<PathBuf, bool> = HashMap::new();
+    let mut unseen = cache::Unseen::default();
+    // The compose and bake files read, for bake steps.
+    let mut bake_files: HashMap<PathBuf, Bake> = HashMap::new();
     for p in parsed {
         match p {
             Parsed::Compose { path, compose } => {
                 findings.extend(compose.findings.iter().cloned());
                 builds.extend(compose.builds.iter().cloned());
-                let has_cache = compose
-                    .builds
-                    .iter()
-                    .any(|b| !b.cache_from.is_empty() || !b.cache_to.is_empty());
-                cache_files.insert(path.clone(), has_cache);
+                bake_files.insert(path.clone(), compose.as_bake());
             }
             Parsed::Bake { path, bake } => {
                 builds.extend(bake.targets.iter().cloned());
-                cache_files.insert(path.clone(), bake.has_cache());
+                bake_files.insert(path.clone(), bake.clone());
             }
             Parsed::Workflow(workflow) => {
-                findings.extend(workflow.findings.iter().cloned());
                 builds.extend(workflow.builds.iter().cloned());
+                unseen.builder |= workflow.unseen_builder;
+                unseen.mentions.extend(workflow.mentions.iter().cloned());
             }
             Parsed::Dockerfile { .. } => {}
         }
     }
-    let cache_in = |path: &Path| -> Option<bool> {
+    let bake_file = |path: &Path| -> Option<Bake> {
         let path = files::normalize(path);
-        if let Some(has) = cache_files.get(&path) {
-            return Some(*has);
+        if let Some(bake) = bake_files.get(&path) {
+            return Some(bake.clone());
         }
+        // A file outside the scan (or excluded from it) that a step still reads.
         let text = std::fs::read_to_string(&path).ok()?;
         let file = files::display(&path);
         match files::classify(&path)? {
-            Kind::BakeHcl | Kind::MaybeBakeHcl => bake::read_hcl(&file, &path, &text)
-                .ok()
-                .map(|b| b.has_cache()),
-            Kind::BakeJson => bake::read_json(&file, &path, &text)
-                .ok()
-                .map(|b| b.has_cache()),
+            Kind::BakeHcl | Kind::MaybeBakeHcl => bake::read_hcl(&file, &path, &text).ok(),
+            Kind::BakeJson => bake::read_json(&file, &path, &text).ok(),
             Kind::Compose => {
                 let root = yaml::parse(&text).ok()?;
-                let compose = compose::read(&file, &path, &root);
-                Some(
-                    compose
-                        .builds
-                        .iter()
-                        .any(|b| !b.cache_from.is_empty() || !b.cache_to.is_empty()),
-                )
+                Some(compose::read(&file, &path, &root).as_bake())
             }
             _ => None,
         }
     };
+    let workflows: Vec<&workflow::Workflow> = parsed
+        .iter()
+        .filter_map(|p| match p {
+            Parsed::Workflow(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    for called in &workflows {
+        let callers: Vec<(&str, &workflow::Call)> = workflows
+            .iter()
+            .flat_map(|w| w.calls.iter().map(move |c| (w.file.as_str(), c)))
+            .filter(|(_, c)| c.path == called.path)
+            .collect();
+        findings.extend(workflow::matrix_findings(called, &callers));
+    }
+    // `docker compose build` builds each service's Dockerfile with its own arguments.
+    let mut dockerfile_builds = builds.clone();
     for p in parsed {
         if let Parsed::Workflow(workflow) = p {
             for step in &workflow.bake_steps {
-                findings.extend(workflow::bake_git_context(step, &cache_in));
+                findings.extend(step.check(&bake_file));
+            }
+            for run in &workflow.compose_builds {
+                let (run_builds, run_findings) = run.builds(&bake_file);
+                dockerfile_builds.extend(run_builds);
+                findings.extend(run_findings);
             }
         }
     }
@@ -276,15 +288,19 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
         } = p
         {
             let uses = dockerfile::Uses {
-                builds: builds
+                builds: dockerfile_builds
                     .iter()
-                    .filter(|b| b.dockerfile.as_deref() == Some(path.as_path()))
+                    .filter(|b| {
+                        b.dockerfile
+                            .as_deref()
+                            .is_some_and(|d| files::same_file(d, path))
+                    })
                     .collect(),
                 roots,
             };
             findings.extend(dockerfile::check(file, path, dockerfile, &uses));
         }
     }
-    findings.extend(cache::check(&builds));
+    findings.extend(cache::check(&builds, &unseen));
     findings
 }

@@ -163,10 +163,10 @@ mod tests {
         assert_eq!(log["version"], "2.1.0");
         let run = &log["runs"][0];
         assert_eq!(run["tool"]["driver"]["name"], "layercache");
-        assert_eq!(run["tool"]["driver"]["rules"][5]["id"], "gha-cache-heavy");
-        assert_eq!(run["tool"]["driver"]["rules"][5]["name"], "GhaCacheHeavy");
+        assert_eq!(run["tool"]["driver"]["rules"][4]["id"], "gha-cache-heavy");
+        assert_eq!(run["tool"]["driver"]["rules"][4]["name"], "GhaCacheHeavy");
         let result = &run["results"][0];
-        assert_eq!(result["ruleIndex"], 5);
+        assert_eq!(result["ruleIndex"], 4);
         assert_eq!(
             result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
             "dir%20with%20space/ci.yml"

@@ -47,8 +47,46 @@ pub(crate) struct YamlError {
     pub message: String,
 }
 
-/// Parses the first document of `text` (an empty file is `Null`).
+/// Parses the first document of `text` (an empty file is `Null`). A flow collection
+/// closed at its key's indentation (`test: [` … `]`), which YAML 1.2 forbids but the
+/// parsers of docker compose and GitHub Actions accept, is read as they read it.
 pub(crate) fn parse(text: &str) -> Result<Node, YamlError> {
+    parse_strict(text).or_else(|error| {
+        let relaxed = indent_flow_closers(text);
+        if relaxed == text {
+            return Err(error);
+        }
+        parse_strict(&relaxed).map_err(|_| error)
+    })
+}
+
+/// `text` with each line that only closes flow collections (`]`, `},`) indented as the
+/// line before it; line numbers stay.
+fn indent_flow_closers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut indent = 0;
+    for line in text.split_inclusive('\n') {
+        let content = line.trim_start_matches(' ');
+        let closes = content.starts_with([']', '}'])
+            && content
+                .trim_end()
+                .chars()
+                .all(|c| matches!(c, ']' | '}' | ',' | ' '));
+        if closes {
+            let own = line.len() - content.len();
+            out.push_str(&" ".repeat(indent.max(own)));
+            out.push_str(content);
+        } else {
+            if !content.trim().is_empty() {
+                indent = line.len() - content.len();
+            }
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+fn parse_strict(text: &str) -> Result<Node, YamlError> {
     let mut loader = YamlLoader::<MarkedYamlOwned>::default();
     loader.early_parse(false);
     let mut parser = Parser::new_from_str(text);
@@ -247,6 +285,23 @@ mod tests {
         let s = doc.get("s").unwrap();
         assert_eq!(s.get("x").unwrap().text(), Some("1"));
         assert_eq!(s.get("y").unwrap().text(), Some("3"));
+    }
+
+    #[test]
+    fn flow_collections_may_close_at_their_key_indentation() {
+        let text = "services:\n  a:\n    healthcheck:\n      test: [\n          \"CMD\",\n          \"true\"\n      ]\n    image: x\n";
+        let doc = parse(text).unwrap();
+        let a = doc.get("services").unwrap().get("a").unwrap();
+        assert_eq!(
+            a.get("healthcheck")
+                .unwrap()
+                .get("test")
+                .unwrap()
+                .items()
+                .len(),
+            2
+        );
+        assert_eq!(a.entry("image").unwrap().line, 8);
     }
 
     #[test]

@@ -12,13 +12,23 @@ use diagnose::lint::{self, Level};
 /// Options of `layercache lint`.
 #[derive(Debug, Args)]
 pub struct LintArgs {
-    /// Files or directories to check; directories are walked (skipping .git, target and
-    /// node_modules) for Dockerfiles, compose files, bake files and .github/workflows.
+    /// Files or directories to check; directories are walked for Dockerfiles, compose
+    /// files, bake files and .github/workflows, honouring .gitignore and skipping vendored
+    /// trees (vendor, node_modules, third_party) and test data (testdata, fixtures).
+    /// Each repository found (a directory with .git or .github) is checked on its own.
     #[arg(value_name = "PATHS", default_value = ".")]
     pub paths: Vec<PathBuf>,
     /// How to print the findings.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Print the findings as JSON (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+    /// Leave out files matching GLOB (.gitignore syntax, relative to each directory
+    /// given); repeatable. A `.layercache-lint.toml` with `exclude = ["GLOB", ...]` at a
+    /// repository's root does the same.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
     /// Exit 1 when a finding at this level or above exists.
     #[arg(long, value_enum, default_value_t = Threshold::Error)]
     pub level: Threshold,
@@ -66,8 +76,12 @@ pub fn run(args: LintArgs) -> anyhow::Result<()> {
         );
         std::process::exit(2);
     }
-    let report = lint::lint_paths(&args.paths);
-    let output = match args.format {
+    let options = lint::Options {
+        exclude: args.exclude,
+    };
+    let report = lint::lint(&args.paths, &options);
+    let format = if args.json { Format::Json } else { args.format };
+    let output = match format {
         Format::Text => report.to_text(),
         Format::Json => report.to_json() + "\n",
         Format::Sarif => report.to_sarif() + "\n",

@@ -37,9 +37,21 @@ pub(crate) struct Uses<'a> {
 pub(crate) fn check(file: &str, path: &Path, dockerfile: &Dockerfile, uses: &Uses) -> Vec<Finding> {
     let stages = stages(dockerfile);
     let mut findings = layer_depth(file, &stages);
+    // `ARG NAME=default` before the first FROM: a stage's bare `ARG NAME` takes it.
+    let global_defaults: Vec<String> = dockerfile
+        .instructions
+        .iter()
+        .take_while(|i| !i.is("FROM"))
+        .filter(|i| i.is("ARG"))
+        .flat_map(|i| i.words())
+        .filter_map(|w| {
+            let (name, default) = w.split_once('=')?;
+            (!is_placeholder(default)).then(|| name.to_owned())
+        })
+        .collect();
     for stage in &stages {
         findings.extend(context_copied_before_install(file, stage));
-        findings.extend(per_commit_args(file, stage, &uses.builds));
+        findings.extend(per_commit_args(file, stage, &uses.builds, &global_defaults));
     }
     findings.extend(git_in_context(file, path, &stages, uses));
     findings
@@ -240,10 +252,16 @@ fn install_command(words: &[String]) -> Option<String> {
         "mvn" | "mvnw" | "gradle" | "gradlew" => true,
         "composer" => sub == Some("install"),
         "dotnet" => sub == Some("restore"),
+        "clojure" | "clj" => rest.contains(&"-P"),
+        "lein" => matches!(sub, Some("deps")),
+        "sbt" => rest.iter().any(|w| matches!(*w, "update" | "compile")),
+        "mix" => sub == Some("deps.get"),
+        "bun" => matches!(sub, Some("install" | "i")),
         _ => false,
     };
     found.then(|| match program.as_str() {
         "go" => "go mod download".to_owned(),
+        "clojure" | "clj" => format!("{program} -P"),
         "python" | "python3" => format!("{program} -m pip install"),
         _ => match sub {
             Some(sub) => format!("{program} {sub}"),
@@ -325,6 +343,10 @@ fn per_commit_name(name: &str) -> bool {
                 | "BUILDTIME"
         )
     }) || [
+        "GIT_HASH",
+        "COMMIT_HASH",
+        "VCS_REF",
+        "SOURCE_VERSION",
         "BUILD_DATE",
         "BUILD_TIME",
         "BUILD_NUMBER",
@@ -333,7 +355,7 @@ fn per_commit_name(name: &str) -> bool {
         "RUN_NUMBER",
     ]
     .iter()
-    .any(|p| upper.contains(p))
+    .any(|p| upper == *p || upper.ends_with(&format!("_{p}")))
 }
 
 /// A value that changes with every commit or run (`${{ github.sha }}`, `$(date)`, ...).
@@ -359,19 +381,40 @@ pub(crate) fn per_commit_value(value: &str) -> bool {
     .any(|p| lower.contains(p))
 }
 
-fn per_commit_args(file: &str, stage: &Stage, builds: &[&Build]) -> Vec<Finding> {
+fn per_commit_args(
+    file: &str,
+    stage: &Stage,
+    builds: &[&Build],
+    global_defaults: &[String],
+) -> Vec<Finding> {
     let mut findings = Vec::new();
     for (index, instruction) in stage.instructions.iter().enumerate() {
         if !instruction.is("ARG") {
             continue;
         }
         for word in instruction.words() {
-            let name = word.split('=').next().unwrap_or(&word).to_owned();
+            let (name, default) = match word.split_once('=') {
+                Some((name, default)) if !is_placeholder(default) => {
+                    (name.to_owned(), Some(default))
+                }
+                Some((name, _)) => (name.to_owned(), None),
+                None => (word.clone(), None),
+            };
+            // Given a per-commit value by a build: `${{ github.sha }}`, or anything but a
+            // literal for an argument named like one.
             let fed = builds
                 .iter()
                 .flat_map(|b| b.build_args.iter().map(move |a| (b, a)))
-                .find(|(_, a)| a.name == name && per_commit_value(&a.value));
-            if !per_commit_name(&name) && fed.is_none() {
+                .find(|(_, a)| {
+                    a.name == name
+                        && (per_commit_value(&a.value)
+                            || (per_commit_name(&name) && a.value.contains(['$', '`'])))
+                });
+            // Named like one, with no default: it is there to be given per commit. With a
+            // default that no build overrides per commit, it is a pin.
+            let named =
+                per_commit_name(&name) && default.is_none() && !global_defaults.contains(&name);
+            if !named && fed.is_none() {
                 continue;
             }
             let later = stage.instructions.get(index + 1..).unwrap_or(&[]);
@@ -384,7 +427,7 @@ fn per_commit_args(file: &str, stage: &Stage, builds: &[&Build]) -> Vec<Finding>
                     "is given `{}` by {} at {}:{}",
                     arg.value, build.what, build.file, arg.line
                 ),
-                None => "is named like a per-commit value".to_owned(),
+                None => "is named like a per-commit value and has no default".to_owned(),
             };
             findings.push(Finding::new(
                 Rule::ContextBustsCache,
@@ -407,11 +450,40 @@ fn per_commit_args(file: &str, stage: &Stage, builds: &[&Build]) -> Vec<Finding>
     findings
 }
 
+/// A default that stands for "not given" (`unknown`, `dev`, empty): the argument is
+/// still there to be given per commit.
+fn is_placeholder(default: &str) -> bool {
+    let value = default.trim_matches(['"', '\'']).to_ascii_lowercase();
+    matches!(
+        value.as_str(),
+        "" | "unknown"
+            | "none"
+            | "null"
+            | "undefined"
+            | "unset"
+            | "n/a"
+            | "-"
+            | "dev"
+            | "development"
+            | "local"
+            | "head"
+            | "0"
+    )
+}
+
+/// `.git` sent with a context that a layer copies whole, ahead of a RUN.
+/// Builds that want `.git` (a `.dockerignore` that re-includes it, a build that keeps
+/// it in a git context, a later step that runs git or stamps the version) are left alone.
 fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Option<Finding> {
-    let copy = stages
-        .iter()
-        .flat_map(|s| s.instructions.iter())
-        .find(|i| copies_whole_context(i))?;
+    let (copy, after) = whole_copy_before_run(stages)?;
+    let keeps_git = uses.builds.iter().any(|b| {
+        b.build_args
+            .iter()
+            .any(|a| a.name == "BUILDKIT_CONTEXT_KEEP_GIT_DIR")
+    });
+    if keeps_git {
+        return None;
+    }
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut contexts: Vec<PathBuf> = uses
         .builds
@@ -432,13 +504,16 @@ fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Opt
     for context in contexts {
         let holds_git =
             context.join(".git").exists() || uses.roots.iter().any(|root| same_dir(root, &context));
-        if !holds_git {
+        if !holds_git || after.iter().any(|i| runs_git(i, &context)) {
             continue;
         }
         let ignore = own
             .clone()
             .or_else(|| std::fs::read_to_string(context.join(".dockerignore")).ok());
-        if ignore.as_deref().is_some_and(excludes_git) {
+        if ignore
+            .as_deref()
+            .is_some_and(|i| excludes_git(i) || reincludes_git(i))
+        {
             continue;
         }
         let shown = super::files::display(&context);
@@ -452,8 +527,10 @@ fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Opt
             copy.line,
             format!(
                 "{} copies the whole build context `{shown}`, and {problem}: .git changes with \
-                 every commit, so this layer and every one after it miss the cache",
-                copy.keyword
+                 every commit, so this layer and every one after it miss the cache, from the \
+                 RUN at line {} on",
+                copy.keyword,
+                after.iter().find(|i| i.is("RUN")).map_or(0, |i| i.line)
             ),
             format!(
                 "add `.git` to {}",
@@ -462,6 +539,59 @@ fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Opt
         ));
     }
     None
+}
+
+/// The first whole-context COPY that a RUN follows (in its stage or a stage built on
+/// it), and every instruction after it there.
+fn whole_copy_before_run<'a>(
+    stages: &'a [Stage],
+) -> Option<(&'a Instruction, Vec<&'a Instruction>)> {
+    let parents = parents(stages);
+    stages.iter().enumerate().find_map(|(index, stage)| {
+        let at = stage.instructions.iter().position(copies_whole_context)?;
+        let mut after: Vec<&Instruction> = stage.instructions.get(at + 1..)?.iter().collect();
+        for (later, descendant) in stages.iter().enumerate().skip(index + 1) {
+            if descends(&parents, later, index) {
+                after.extend(descendant.instructions);
+            }
+        }
+        let copy = stage.instructions.get(at)?;
+        after.iter().any(|i| i.is("RUN")).then_some((copy, after))
+    })
+}
+
+/// Whether stage `stage` is built on stage `ancestor`, directly or through others.
+fn descends(parents: &[Option<usize>], stage: usize, ancestor: usize) -> bool {
+    let mut current = parents.get(stage).copied().flatten();
+    while let Some(parent) = current {
+        if parent == ancestor {
+            return true;
+        }
+        current = parents.get(parent).copied().flatten();
+    }
+    false
+}
+
+/// Whether a RUN reads the repository's history: it calls git, stamps Go binaries with
+/// `-buildvcs=true`, or runs a script from the context that calls git.
+fn runs_git(instruction: &Instruction, context: &Path) -> bool {
+    if !instruction.is("RUN") {
+        return false;
+    }
+    let calls_git = |text: &str| {
+        ["$(git ", "`git ", "-buildvcs=true"]
+            .iter()
+            .any(|s| text.contains(s))
+            || simple_commands(text)
+                .iter()
+                .any(|words| words.first().and_then(|w| w.rsplit('/').next()) == Some("git"))
+    };
+    let text = instruction.command_text();
+    calls_git(&text)
+        || simple_commands(&text).iter().flatten().any(|word| {
+            let script = context.join(word.trim_start_matches("./"));
+            word.ends_with(".sh") && std::fs::read_to_string(script).is_ok_and(|t| calls_git(&t))
+        })
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -494,6 +624,19 @@ pub(crate) fn excludes_git(patterns: &str) -> bool {
         }
     }
     excluded
+}
+
+/// Whether a .dockerignore names `.git` in a `!` line: the context keeps it on purpose.
+fn reincludes_git(patterns: &str) -> bool {
+    patterns.lines().any(|line| {
+        line.trim().strip_prefix('!').is_some_and(|pattern| {
+            let pattern = pattern
+                .trim()
+                .trim_start_matches("./")
+                .trim_start_matches('/');
+            ignore_match(pattern.trim_end_matches('/'), ".git")
+        })
+    })
 }
 
 /// `.dockerignore` matching of one path: `*` and `?` within a segment, `**` across
@@ -553,7 +696,27 @@ mod tests {
             Some("apt-get install")
         );
         assert_eq!(run("yarn --frozen-lockfile").as_deref(), Some("yarn"));
+        for (command, found) in [
+            ("clojure -P", "clojure -P"),
+            ("clj -P -M:build", "clj -P"),
+            ("lein deps", "lein deps"),
+            ("mvn -B dependency:go-offline", "mvn dependency:go-offline"),
+            ("./mvnw dependency:go-offline", "mvnw dependency:go-offline"),
+            ("gradle dependencies --no-daemon", "gradle dependencies"),
+            ("./gradlew build -x test", "gradlew build"),
+            ("go mod download", "go mod download"),
+            ("cargo fetch --locked", "cargo fetch"),
+            ("poetry install --no-root", "poetry install"),
+            ("pipenv install --deploy", "pipenv install"),
+            ("bundle install --jobs 4", "bundle install"),
+            ("composer install --no-dev", "composer install"),
+            ("dotnet restore", "dotnet restore"),
+            ("mix deps.get", "mix deps.get"),
+        ] {
+            assert_eq!(run(command).as_deref(), Some(found), "{command}");
+        }
         assert_eq!(run("npm run test"), None);
+        assert_eq!(run("clojure -M:test"), None);
         assert_eq!(run("echo pip install"), None);
     }
 
@@ -563,7 +726,12 @@ mod tests {
         assert!(per_commit_name("COMMIT"));
         assert!(per_commit_name("BUILD_DATE"));
         assert!(per_commit_name("VCS_REVISION"));
+        assert!(per_commit_name("GIT_HASH"));
+        assert!(per_commit_name("COMMIT_SHA"));
+        assert!(per_commit_name("REVISION"));
         assert!(!per_commit_name("NODE_VERSION"));
         assert!(!per_commit_name("TARBALL_SHA256"));
+        assert!(per_commit_name("APP_BUILD_DATE"));
+        assert!(!per_commit_name("S6_BUILD_TIME_PKGS"));
     }
 }

@@ -1,10 +1,13 @@
 //! `matrix-too-large`: how many jobs a `strategy.matrix` expands to, the way GitHub
 //! Actions counts them: the cartesian product of the axes, minus the combinations an
 //! `exclude` entry matches, plus each `include` entry that extends no combination.
-//! Axes given by an expression (`${{ fromJSON(...) }}`) make the size unknown: no finding.
+//! Axes given by an expression make the size unknown (no finding), except
+//! `${{ fromJSON(inputs.NAME) }}`, which takes the input's default or a caller's value.
+
+use std::collections::BTreeMap;
 
 use crate::lint::finding::{Finding, Rule};
-use crate::lint::yaml::{Entry, Node, Value};
+use crate::lint::yaml::{self, Entry, Node, Value};
 
 /// The most jobs one matrix may expand to.
 pub(crate) const MAX_JOBS: u128 = 256;
@@ -160,8 +163,84 @@ fn same(a: &Node, b: &Node) -> bool {
     }
 }
 
-/// `matrix-too-large` for one job's `matrix:` entry.
-pub(crate) fn check(file: &str, job: &str, matrix: &Entry) -> Option<Finding> {
+/// The matrix with each `${{ fromJSON(inputs.NAME) }}` replaced by that input's value
+/// (its default, or what a caller passes), where the value is JSON.
+pub(crate) fn with_inputs(matrix: &Node, inputs: &BTreeMap<String, String>) -> Node {
+    let value = match &matrix.value {
+        Value::Scalar { text, .. } => {
+            let resolved = input_name(text)
+                .and_then(|name| inputs.get(name))
+                .and_then(|json| yaml::parse(json).ok());
+            match resolved {
+                Some(node) => relined(node.value, matrix.line),
+                None => matrix.value.clone(),
+            }
+        }
+        Value::Seq(items) => Value::Seq(items.iter().map(|i| with_inputs(i, inputs)).collect()),
+        Value::Map(entries) => Value::Map(
+            entries
+                .iter()
+                .map(|e| Entry {
+                    key: e.key.clone(),
+                    line: e.line,
+                    value: with_inputs(&e.value, inputs),
+                })
+                .collect(),
+        ),
+        Value::Null => Value::Null,
+    };
+    Node {
+        line: matrix.line,
+        value,
+    }
+}
+
+/// `NAME` of `${{ fromJSON(inputs.NAME) }}` (any case and spacing).
+fn input_name(text: &str) -> Option<&str> {
+    let inner = text.trim().strip_prefix("${{")?.strip_suffix("}}")?.trim();
+    let (function, rest) = inner.split_once('(')?;
+    if !function.trim().eq_ignore_ascii_case("fromjson") {
+        return None;
+    }
+    let argument = rest.strip_suffix(')')?.trim();
+    let name = argument.strip_prefix("inputs.")?;
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        .then_some(name)
+}
+
+/// A value parsed elsewhere, placed on `line`.
+fn relined(value: Value, line: usize) -> Value {
+    let node = |value| Node { line, value };
+    match value {
+        Value::Seq(items) => Value::Seq(
+            items
+                .into_iter()
+                .map(|i| node(relined(i.value, line)))
+                .collect(),
+        ),
+        Value::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .map(|e| Entry {
+                    key: e.key,
+                    line,
+                    value: node(relined(e.value.value, line)),
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// `matrix-too-large` for one job's `matrix:` entry; `source` says where values of
+/// inputs came from, when any did.
+pub(crate) fn check(
+    file: &str,
+    job: &str,
+    matrix: &Entry,
+    source: Option<&str>,
+) -> Option<Finding> {
     let Size::Known { jobs, axes } = size(&matrix.value) else {
         return None;
     };
@@ -179,6 +258,9 @@ pub(crate) fn check(file: &str, job: &str, matrix: &Entry) -> Option<Finding> {
         .collect();
     if !adjusted.is_empty() {
         shape.push_str(&format!(", with {}", adjusted.join(" and ")));
+    }
+    if let Some(source) = source {
+        shape.push_str(&format!(", with the inputs{source}"));
     }
     Some(Finding::new(
         Rule::MatrixTooLarge,
@@ -257,6 +339,24 @@ mod tests {
             jobs("matrix:\n  os: [a]\n  include: ${{ fromJSON(inputs.extra) }}\n"),
             Size::Unknown
         );
+    }
+
+    #[test]
+    fn inputs_given_as_json_are_evaluated() {
+        let doc = parse("matrix:\n  os: ${{ fromJson( inputs.systems ) }}\n  set: ${{ fromJSON(inputs.sets) }}\n").unwrap();
+        let inputs = BTreeMap::from([
+            ("systems".to_owned(), "[\"a\", \"b\", \"c\"]".to_owned()),
+            ("sets".to_owned(), "[1, 2]".to_owned()),
+        ]);
+        let resolved = with_inputs(doc.get("matrix").unwrap(), &inputs);
+        assert!(matches!(size(&resolved), Size::Known { jobs: 6, .. }));
+        let whole = parse("matrix: ${{ fromJSON(inputs.matrix) }}\n").unwrap();
+        let inputs = BTreeMap::from([(
+            "matrix".to_owned(),
+            "{\"py\": [\"3.11\", \"3.12\"], \"include\": [{\"py\": \"3.13\"}]}".to_owned(),
+        )]);
+        let resolved = with_inputs(whole.get("matrix").unwrap(), &inputs);
+        assert!(matches!(size(&resolved), Size::Known { jobs: 3, .. }));
     }
 
     #[test]

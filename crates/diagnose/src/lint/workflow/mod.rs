@@ -1,46 +1,52 @@
 //! GitHub workflow files: the builds their steps start (`run:` scripts,
-//! `docker/build-push-action`, `docker/bake-action`), `matrix-too-large` for each job's
-//! matrix, and `bake-git-context` for bake-action steps that build from the git context.
+//! `docker/build-push-action`, `docker/bake-action`, other actions with its cache
+//! inputs), `matrix-too-large` for each job's matrix, and what the lint cannot follow
+//! (unknown actions that may build, caches named in other commands).
 
+mod bake_step;
 pub(crate) mod matrix;
 pub(crate) mod shell;
+
+pub(crate) use self::bake_step::BakeStep;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::cache::{At, Build, BuildArg, CacheSpec};
+use super::cache::{At, Build, BuildArg, CacheKind, CacheSpec};
+use super::expression;
 use super::files;
-use super::finding::{Finding, Rule};
-use super::yaml::Node;
-
-/// A `docker/bake-action` step, for `bake-git-context`.
-pub(crate) struct BakeStep {
-    /// The workflow file, as displayed.
-    pub file: String,
-    /// The line of `uses:`.
-    pub line: usize,
-    /// `docker/bake-action@REF`.
-    pub uses: String,
-    /// `with.source`, if given.
-    pub source: Option<String>,
-    /// The bake files it reads (given, or bake's defaults), on disk.
-    pub files: Vec<PathBuf>,
-    /// The cache settings its `set:` adds.
-    pub set_cache: Vec<String>,
-}
+use super::finding::Finding;
+use super::yaml::{Entry, Node};
 
 /// What a workflow holds for the lint.
+#[derive(Default)]
 pub(crate) struct Workflow {
     /// Builds its steps start.
     pub builds: Vec<Build>,
-    /// Its bake-action steps.
+    /// Its bake invocations (bake-action steps, `docker buildx bake` commands).
     pub bake_steps: Vec<BakeStep>,
-    /// `matrix-too-large` findings.
-    pub findings: Vec<Finding>,
+    /// Its `docker compose build` commands.
+    pub compose_builds: Vec<shell::ComposeBuild>,
+    /// The workflow file, as displayed.
+    pub file: String,
+    /// Its path.
+    pub path: PathBuf,
+    /// Each job's `strategy.matrix` entry.
+    pub matrices: Vec<(String, Entry)>,
+    /// The defaults of its `workflow_call` and `workflow_dispatch` inputs.
+    pub input_defaults: BTreeMap<String, String>,
+    /// The workflows of the same repository its jobs call.
+    pub calls: Vec<Call>,
+    /// What it names where the lint cannot follow (other commands, `env:`, the inputs
+    /// of other actions and called workflows).
+    pub mentions: Vec<String>,
+    /// Whether a step the lint does not know may build (a local or docker action, an
+    /// action named for building images, a workflow of another repository).
+    pub unseen_builder: bool,
 }
 
 /// The files `docker buildx bake` reads when none is named.
-const BAKE_DEFAULT_FILES: [&str; 8] = [
+pub(crate) const BAKE_DEFAULT_FILES: [&str; 8] = [
     "compose.yaml",
     "compose.yml",
     "docker-compose.yml",
@@ -51,20 +57,66 @@ const BAKE_DEFAULT_FILES: [&str; 8] = [
     "docker-bake.override.hcl",
 ];
 
+/// A job calling a workflow of the same repository (`uses: ./.github/workflows/x.yml`).
+#[derive(Clone, Debug)]
+pub(crate) struct Call {
+    /// The called workflow, on disk.
+    pub path: PathBuf,
+    /// The line of `uses:`.
+    pub line: usize,
+    /// The inputs it passes that are literal (no expression).
+    pub with: BTreeMap<String, String>,
+}
+
 /// Reads a parsed workflow file at `path` (shown as `file`).
 pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
     let repo = files::workflow_root(path);
     let mut workflow = Workflow {
-        builds: Vec::new(),
-        bake_steps: Vec::new(),
-        findings: Vec::new(),
+        file: file.to_owned(),
+        path: path.to_path_buf(),
+        ..Workflow::default()
     };
+    for trigger in ["workflow_call", "workflow_dispatch"] {
+        let declared = root
+            .get("on")
+            .and_then(|on| on.get(trigger))
+            .and_then(|t| t.get("inputs"));
+        for input in declared.map(Node::entries).unwrap_or(&[]) {
+            if let Some(default) = input.value.get("default").and_then(Node::text) {
+                workflow
+                    .input_defaults
+                    .insert(input.key.clone(), default.to_owned());
+            }
+        }
+    }
     let workflow_env = env_of(root);
+    workflow.mentions.extend(workflow_env.values().cloned());
     for job in root.get("jobs").map(Node::entries).unwrap_or(&[]) {
+        if let Some(uses) = job.value.entry("uses")
+            && let Some(called) = uses.value.text()
+        {
+            let with = job.value.get("with");
+            if called.starts_with("./") {
+                let literal = with
+                    .map(Node::entries)
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter_map(|e| Some((e.key.clone(), e.value.text()?.to_owned())))
+                    .filter(|(_, v)| !v.contains("${{"))
+                    .collect();
+                workflow.calls.push(Call {
+                    path: files::resolve(&repo, called),
+                    line: uses.line,
+                    with: literal,
+                });
+            } else {
+                let called = called.split('@').next().unwrap_or(called);
+                workflow.unseen_builder |= may_build(called) && !names_its_cache(with);
+            }
+            workflow.mentions.extend(inputs(with));
+        }
         if let Some(matrix) = job.value.get("strategy").and_then(|s| s.entry("matrix")) {
-            workflow
-                .findings
-                .extend(matrix::check(file, &job.key, matrix));
+            workflow.matrices.push((job.key.clone(), matrix.clone()));
         }
         let mut job_env = workflow_env.clone();
         job_env.extend(env_of(&job.value));
@@ -74,9 +126,12 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             .and_then(|d| d.get("run"))
             .and_then(|r| r.get("working-directory"))
             .and_then(Node::text);
+        workflow.mentions.extend(env_of(&job.value).into_values());
         for step in job.value.get("steps").map(Node::items).unwrap_or(&[]) {
             let mut env = job_env.clone();
-            env.extend(env_of(step));
+            let step_env = env_of(step);
+            workflow.mentions.extend(step_env.values().cloned());
+            env.extend(step_env);
             if let Some(run) = step.get("run") {
                 let dir = step
                     .get("working-directory")
@@ -92,9 +147,11 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     env: &env,
                 };
                 let lines = run.lines();
-                workflow
-                    .builds
-                    .extend(shell::builds(&script, &shell::commands(&lines)));
+                let scripted = shell::read(&script, &shell::commands(&lines));
+                workflow.builds.extend(scripted.builds);
+                workflow.bake_steps.extend(scripted.bake_steps);
+                workflow.compose_builds.extend(scripted.compose_builds);
+                workflow.mentions.extend(scripted.mentions);
             }
             let Some(uses_entry) = step.entry("uses") else {
                 continue;
@@ -104,24 +161,159 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             };
             let action = uses.split('@').next().unwrap_or(uses);
             let with = step.get("with");
+            let has_matrix = job
+                .value
+                .get("strategy")
+                .and_then(|s| s.get("matrix"))
+                .is_some();
+            let varies_by_matrix = has_matrix
+                && with.map(Node::entries).unwrap_or(&[]).iter().any(|e| {
+                    !e.key.starts_with("cache-")
+                        && e.value.lines().iter().any(|(_, t)| t.contains("matrix."))
+                });
             match action {
-                "docker/build-push-action" => workflow.builds.push(build_push_action(
-                    file,
-                    &repo,
-                    uses_entry.line,
-                    with,
-                    &env,
-                )),
+                "docker/build-push-action" => {
+                    let mut build = build_push_action(file, &repo, uses_entry.line, with, &env);
+                    build.varies_by_matrix = varies_by_matrix;
+                    workflow.builds.push(build);
+                }
                 "docker/bake-action" => {
                     let (build, step) = bake_action(file, &repo, uses_entry.line, uses, with, &env);
                     workflow.builds.push(build);
                     workflow.bake_steps.push(step);
                 }
-                _ => {}
+                // Another action with the build-push-action's cache inputs (often the
+                // action's own repository testing itself with `uses: ./`).
+                _ if input(with, "cache-from").is_some() || input(with, "cache-to").is_some() => {
+                    let mut build = build_push_action(file, &repo, uses_entry.line, with, &env);
+                    build.what = format!("`{uses}`");
+                    build.varies_by_matrix = varies_by_matrix;
+                    workflow.builds.push(build);
+                }
+                _ => {
+                    workflow.unseen_builder |= may_build(action) && !names_its_cache(with);
+                    workflow.mentions.extend(inputs(with));
+                }
             }
         }
     }
+    keep_cache_rotations(&mut workflow.builds);
     workflow
+}
+
+/// `matrix-too-large` for each job matrix of `workflow`: as written, with the defaults
+/// of its inputs, and with what each of `callers` passes.
+pub(crate) fn matrix_findings(workflow: &Workflow, callers: &[(&str, &Call)]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (job, entry) in &workflow.matrices {
+        let mut variants: Vec<(Option<String>, BTreeMap<String, String>)> = vec![(
+            (!workflow.input_defaults.is_empty()).then(|| "' defaults".to_owned()),
+            workflow.input_defaults.clone(),
+        )];
+        for (file, call) in callers {
+            let mut inputs = workflow.input_defaults.clone();
+            inputs.extend(call.with.clone());
+            variants.push((Some(format!(" passed at {file}:{}", call.line)), inputs));
+        }
+        let found = variants.into_iter().find_map(|(source, inputs)| {
+            let resolved = Entry {
+                key: entry.key.clone(),
+                line: entry.line,
+                value: matrix::with_inputs(&entry.value, &inputs),
+            };
+            // Only say where inputs came from when the matrix used them.
+            let source = source.filter(|_| resolved.value != entry.value);
+            matrix::check(&workflow.file, job, &resolved, source.as_deref())
+        });
+        findings.extend(found);
+    }
+    findings
+}
+
+/// Keeps an `mv` between two directories only when a build's `type=local` cache uses one
+/// of them: any other `mv` is not about the cache.
+fn keep_cache_rotations(builds: &mut Vec<Build>) {
+    let local_dirs: Vec<String> = builds
+        .iter()
+        .filter(|b| !b.moves_cache)
+        .flat_map(|b| b.cache_from.iter().chain(&b.cache_to))
+        .filter_map(|c| match &c.value.kind {
+            CacheKind::Local(dir) => Some(dir.trim_end_matches('/').to_owned()),
+            _ => None,
+        })
+        .collect();
+    builds.retain(|b| {
+        !b.moves_cache
+            || b.cache_from.iter().chain(&b.cache_to).any(|c| {
+                matches!(&c.value.kind, CacheKind::Local(dir)
+                    if local_dirs.iter().any(|d| d == dir.trim_end_matches('/')))
+            })
+    });
+}
+
+/// The text of every input a step or a called workflow is given.
+fn inputs(with: Option<&Node>) -> Vec<String> {
+    with.map(Node::entries)
+        .unwrap_or(&[])
+        .iter()
+        .flat_map(|e| {
+            let scope = e.key.contains("scope");
+            e.value
+                .lines()
+                .into_iter()
+                .map(move |(_, text)| match scope {
+                    // `cache-scope: bin` of a builder not read: it uses `type=gha,scope=bin`.
+                    true => format!("scope={text}"),
+                    false => text.to_owned(),
+                })
+        })
+        .collect()
+}
+
+/// Whether an unread builder's inputs say which cache it uses (a `cache-scope`, a
+/// `cache-from` ref, ...): what it imports and exports is then in its inputs, not
+/// anything at all.
+fn names_its_cache(with: Option<&Node>) -> bool {
+    with.map(Node::entries).unwrap_or(&[]).iter().any(|e| {
+        e.key.contains("cache")
+            && e.value
+                .text()
+                .is_some_and(|v| !matches!(v.trim(), "true" | "false" | "") && !v.contains("${{"))
+    })
+}
+
+/// Actions known not to build an image.
+const NOT_BUILDING: [&str; 6] = [
+    "docker/login-action",
+    "docker/setup-buildx-action",
+    "docker/setup-qemu-action",
+    "docker/setup-docker-action",
+    "docker/metadata-action",
+    "docker/scout-action",
+];
+
+/// Whether an action or remote reusable workflow the lint does not read may build an
+/// image: a local or docker action, or one named for building images.
+fn may_build(action: &str) -> bool {
+    if action.starts_with("./") || action.starts_with("docker://") {
+        return true;
+    }
+    let lower = action.to_ascii_lowercase();
+    !NOT_BUILDING.contains(&lower.as_str())
+        && !lower.starts_with("actions/")
+        && !lower.starts_with("github/codeql-action/")
+        && !lower.starts_with("docker/bake-action/subaction/")
+        && [
+            "docker",
+            "build",
+            "image",
+            "container",
+            "buildah",
+            "kaniko",
+            "bake",
+        ]
+        .iter()
+        .any(|word| lower.contains(word))
 }
 
 fn env_of(node: &Node) -> BTreeMap<String, String> {
@@ -142,7 +334,7 @@ fn input_list(with: Option<&Node>, key: &str, commas: bool) -> Vec<(String, usiz
     let mut items = Vec::new();
     for (line, text) in node.lines() {
         let parts: Vec<&str> = if commas {
-            text.split(',').collect()
+            expression::split_commas(text)
         } else {
             vec![text]
         };
@@ -205,6 +397,9 @@ fn build_push_action(
         .into_iter()
         .map(|(t, _)| shell::expand(&t, env))
         .collect();
+    build.target = input(with, "target")
+        .and_then(Node::text)
+        .map(|t| shell::expand(t, env));
     let context = input(with, "context").and_then(Node::text);
     let dockerfile = input(with, "file").and_then(Node::text);
     match context {
@@ -238,25 +433,20 @@ fn bake_action(
         what: "docker/bake-action".to_owned(),
         ..Build::default()
     };
-    let mut set_cache = Vec::new();
+    let mut step = BakeStep::new(file, uses);
     for (set, set_line) in input_list(with, "set", false) {
         let set = shell::expand(&set, env);
-        if set.contains(".cache-from=") || set.contains(".cache-to=") {
-            set_cache.push(set.clone());
-        }
-        shell::apply_set(&mut build, &set, set_line);
+        step.set(&mut build, &set, set_line);
     }
-    if let Some(no_cache) = input(with, "no-cache")
-        && no_cache.is_true()
-    {
-        build.no_cache = Some(no_cache.line);
-    }
+    step.no_cache = input(with, "no-cache")
+        .filter(|n| n.is_true())
+        .map(|n| n.line);
     let workdir = input(with, "workdir")
         .and_then(Node::text)
         .map(|w| files::resolve(repo, w))
         .unwrap_or_else(|| repo.to_path_buf());
     let named = input_list(with, "files", true);
-    let bake_files = if named.is_empty() {
+    step.files = if named.is_empty() {
         BAKE_DEFAULT_FILES.iter().map(|f| workdir.join(f)).collect()
     } else {
         named
@@ -264,100 +454,10 @@ fn bake_action(
             .map(|(f, _)| files::resolve(&workdir, f))
             .collect()
     };
-    let step = BakeStep {
-        file: file.to_owned(),
-        line,
-        uses: uses.to_owned(),
-        source: input(with, "source")
-            .and_then(Node::text)
-            .map(str::to_owned),
-        files: bake_files,
-        set_cache,
-    };
+    let targets: Vec<String> = input_list(with, "targets", true)
+        .into_iter()
+        .map(|(t, _)| shell::expand(&t, env))
+        .collect();
+    step.targets = (!targets.iter().any(|t| t.contains("${{"))).then_some(targets);
     (build, step)
-}
-
-/// Whether a bake-action version predates v6, when it still built the checked-out
-/// files by default.
-fn builds_local_by_default(uses: &str) -> bool {
-    let Some((_, version)) = uses.split_once('@') else {
-        return false;
-    };
-    let major = version
-        .strip_prefix('v')
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok());
-    major.is_some_and(|m| m < 6)
-}
-
-fn is_local_source(source: &str) -> bool {
-    let s = source.trim();
-    !s.is_empty() && !s.contains("://") && !s.starts_with("git@") && !s.contains("{{")
-}
-
-/// `bake-git-context` for one bake-action step; `cache_in` says which of the bake
-/// files it reads set a cache (`None` when a file is unknown).
-pub(crate) fn bake_git_context(
-    step: &BakeStep,
-    cache_in: &dyn Fn(&Path) -> Option<bool>,
-) -> Option<Finding> {
-    if builds_local_by_default(&step.uses) {
-        return None;
-    }
-    if step.source.as_deref().is_some_and(is_local_source) {
-        return None;
-    }
-    let mut settings: Vec<String> = step.set_cache.clone();
-    for bake_file in &step.files {
-        if cache_in(bake_file) == Some(true) {
-            settings.push(format!(
-                "the cache settings in {}",
-                files::display(bake_file)
-            ));
-        }
-    }
-    if settings.is_empty() {
-        return None;
-    }
-    let source = match &step.source {
-        Some(source) => format!("builds from `source: {source}`, a git context"),
-        None => "has no `source`, so bake builds from the git context of the commit (the \
-                 default since bake-action v6)"
-            .to_owned(),
-    };
-    Some(Finding::new(
-        Rule::BakeGitContext,
-        &step.file,
-        step.line,
-        format!(
-            "{} {source}: every commit changes the context and with it every layer's cache \
-             key, so the cache ({}) never hits",
-            step.uses,
-            settings.join("; ")
-        ),
-        "add `source: .` under `with:` (after actions/checkout) so bake builds the checked-out \
-         files",
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )]
-    use super::*;
-
-    #[test]
-    fn old_bake_action_versions_build_local_files() {
-        assert!(builds_local_by_default("docker/bake-action@v5"));
-        assert!(builds_local_by_default("docker/bake-action@v4.6.0"));
-        assert!(!builds_local_by_default("docker/bake-action@v6"));
-        assert!(!builds_local_by_default("docker/bake-action@master"));
-        assert!(!builds_local_by_default(
-            "docker/bake-action@3e8c5a6b0d1f2e4a5b6c7d8e9f0a1b2c3d4e5f6a"
-        ));
-    }
 }

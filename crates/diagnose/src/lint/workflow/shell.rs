@@ -4,10 +4,14 @@
 //! would (quotes, `\` continuations, `&&`, `;`, `|`, comments), keeping each word's line.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::lint::cache::{At, Build, BuildArg, CacheSpec, split_csv};
+use crate::lint::bake::Bake;
+use crate::lint::cache::{At, Build, BuildArg, CacheSpec, no_cache_finding, split_csv};
 use crate::lint::files;
+use crate::lint::finding::Finding;
+
+use super::BakeStep;
 
 /// A word of a command and the line it starts on.
 #[derive(Clone, Debug, PartialEq)]
@@ -236,21 +240,42 @@ pub(crate) struct Script<'a> {
     pub env: &'a BTreeMap<String, String>,
 }
 
-/// The builds the commands of a script start.
-pub(crate) fn builds(script: &Script, commands: &[Vec<Word>]) -> Vec<Build> {
-    commands
-        .iter()
-        .filter_map(|command| {
-            let words: Vec<Word> = command
-                .iter()
-                .map(|w| Word {
-                    text: expand(&w.text, script.env),
-                    line: w.line,
-                })
-                .collect();
-            build(script, &words)
-        })
-        .collect()
+/// What a script does, as far as the cache is concerned.
+#[derive(Debug, Default)]
+pub(crate) struct Scripted {
+    /// The builds its commands start.
+    pub builds: Vec<Build>,
+    /// Its `docker buildx bake` commands.
+    pub bake_steps: Vec<BakeStep>,
+    /// Its `docker compose build` commands.
+    pub compose_builds: Vec<ComposeBuild>,
+    /// The words of its other commands (expanded): a cache ref or directory named there
+    /// may be used in a way the lint cannot follow.
+    pub mentions: Vec<String>,
+}
+
+/// The builds the commands of a script start, and what its other commands name.
+pub(crate) fn read(script: &Script, commands: &[Vec<Word>]) -> Scripted {
+    let mut scripted = Scripted::default();
+    for command in commands {
+        let words: Vec<Word> = command
+            .iter()
+            .map(|w| Word {
+                text: expand(&w.text, script.env),
+                line: w.line,
+            })
+            .collect();
+        match build(script, &words) {
+            Some(Started::Build(build)) => scripted.builds.push(build),
+            Some(Started::Bake(build, step)) => {
+                scripted.builds.push(build);
+                scripted.bake_steps.push(step);
+            }
+            Some(Started::Compose(compose)) => scripted.compose_builds.push(compose),
+            None => scripted.mentions.extend(words.into_iter().map(|w| w.text)),
+        }
+    }
+    scripted
 }
 
 /// Replaces `${{ env.NAME }}`, `${NAME}` and `$NAME` by the values the workflow sets.
@@ -299,19 +324,196 @@ pub(crate) fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-fn build(script: &Script, words: &[Word]) -> Option<Build> {
-    let mut build = recognise(script, words)?;
+/// What a command starts.
+enum Started {
+    /// A build.
+    Build(Build),
+    /// `docker buildx bake`: the settings it adds, and the invocation.
+    Bake(Build, BakeStep),
+    /// `docker compose build`.
+    Compose(ComposeBuild),
+}
+
+/// `docker compose build [SERVICE...]`: the compose files' services, built with the
+/// command's build arguments.
+#[derive(Clone, Debug)]
+pub(crate) struct ComposeBuild {
+    /// The workflow file, as displayed.
+    pub file: String,
+    /// The line of the command.
+    pub line: usize,
+    /// The compose files it reads (given with `-f`, or compose's defaults), on disk.
+    pub files: Vec<PathBuf>,
+    /// The services named (none: every service).
+    pub services: Vec<String>,
+    /// `--build-arg` values, on top of each service's `args`.
+    pub build_args: Vec<BuildArg>,
+    /// The line of `--no-cache`, when given.
+    pub no_cache: Option<usize>,
+}
+
+impl ComposeBuild {
+    /// Each service it builds, as a build with the command's arguments on top of the
+    /// service's own, and `no-cache-with-export` for services that export a cache.
+    /// `read` reads a compose file as bake sees it.
+    pub fn builds(&self, read: &dyn Fn(&Path) -> Option<Bake>) -> (Vec<Build>, Vec<Finding>) {
+        let given_files = self.files.len() > 1
+            || !COMPOSE_DEFAULT_FILES
+                .iter()
+                .any(|d| self.files.first().is_some_and(|f| f.ends_with(d)));
+        let read: Vec<Bake> = if given_files {
+            self.files.iter().filter_map(|f| read(f)).collect()
+        } else {
+            // Compose takes the first default file there is.
+            self.files
+                .iter()
+                .find_map(|f| read(f))
+                .into_iter()
+                .collect()
+        };
+        let compose = Bake::merge(read);
+        let mut builds = Vec::new();
+        let mut findings = Vec::new();
+        for (service, own) in compose.built(&self.services) {
+            let mut build = own.clone();
+            build.file = self.file.clone();
+            build.line = self.line;
+            build.what = format!("`docker compose build` (service `{service}`)");
+            build
+                .build_args
+                .retain(|a| !self.build_args.iter().any(|b| b.name == a.name));
+            build.build_args.extend(self.build_args.iter().cloned());
+            if let Some(line) = self.no_cache {
+                let exports: Vec<&str> = own
+                    .cache_to
+                    .iter()
+                    .filter(|c| !c.value.dropped)
+                    .map(|c| c.value.text.as_str())
+                    .collect();
+                if !exports.is_empty() {
+                    findings.push(no_cache_finding(
+                        &self.file,
+                        line,
+                        &build.what,
+                        &format!("cache ({})", exports.join(", ")),
+                    ));
+                }
+            }
+            builds.push(build);
+        }
+        (builds, findings)
+    }
+}
+
+/// The files `docker compose` reads when none is named.
+const COMPOSE_DEFAULT_FILES: [&str; 4] = [
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yml",
+    "docker-compose.yaml",
+];
+
+/// `docker compose [GLOBAL OPTIONS] build [OPTIONS] [SERVICE...]`; other subcommands
+/// build nothing the lint follows.
+fn compose(script: &Script, first: &Word, args: &[Word]) -> Option<ComposeBuild> {
+    let global = [
+        "-f",
+        "--file",
+        "-p",
+        "--project-name",
+        "--profile",
+        "--env-file",
+        "--project-directory",
+        "--ansi",
+        "--progress",
+        "--parallel",
+    ];
+    let mut files = Vec::new();
+    let mut rest = args;
+    while let Some((word, tail)) = rest.split_first() {
+        let text = word.text.as_str();
+        if !text.starts_with('-') {
+            break;
+        }
+        let (name, inline) = match text.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (text, None),
+        };
+        let mut tail = tail;
+        let value = match inline {
+            Some(value) => Some(value),
+            None if global.contains(&name) => {
+                let value = tail.first().map(|w| w.text.clone());
+                tail = tail.get(1..).unwrap_or(&[]);
+                value
+            }
+            None => None,
+        };
+        if matches!(name, "-f" | "--file")
+            && let Some(value) = value
+        {
+            files.push(files::resolve(script.workdir, &value));
+        }
+        rest = tail;
+    }
+    let (sub, tail) = rest.split_first()?;
+    if sub.text != "build" {
+        return None;
+    }
+    let mut compose = ComposeBuild {
+        file: script.file.to_owned(),
+        line: first.line,
+        files: if files.is_empty() {
+            COMPOSE_DEFAULT_FILES
+                .iter()
+                .map(|f| script.workdir.join(f))
+                .collect()
+        } else {
+            files
+        },
+        services: Vec::new(),
+        build_args: Vec::new(),
+        no_cache: None,
+    };
+    let valued = [
+        "--build-arg",
+        "--builder",
+        "-m",
+        "--memory",
+        "--ssh",
+        "--progress",
+    ];
+    for (name, value, line) in options(tail, &valued) {
+        match name.as_str() {
+            "--build-arg" => {
+                let (name, value) = match value.split_once('=') {
+                    Some((n, v)) => (n.to_owned(), v.to_owned()),
+                    // `--build-arg NAME` passes the variable of the same name.
+                    None => (value.clone(), expand(&format!("${{{value}}}"), script.env)),
+                };
+                compose.build_args.push(BuildArg { name, value, line });
+            }
+            "--no-cache" => compose.no_cache = Some(line),
+            "" => compose.services.push(value),
+            _ => {}
+        }
+    }
+    Some(compose)
+}
+
+fn build(script: &Script, words: &[Word]) -> Option<Started> {
+    let mut started = recognise(script, words)?;
     // The legacy builder (DOCKER_BUILDKIT=0) uses any local image as a cache: there is
     // no metadata to miss.
     let legacy = script.env.get("DOCKER_BUILDKIT").map(String::as_str) == Some("0")
         || words.iter().any(|w| w.text == "DOCKER_BUILDKIT=0");
-    if legacy {
+    if legacy && let Started::Build(build) = &mut started {
         build.cache_from.clear();
     }
-    Some(build)
+    Some(started)
 }
 
-fn recognise(script: &Script, words: &[Word]) -> Option<Build> {
+fn recognise(script: &Script, words: &[Word]) -> Option<Started> {
     let mut rest = words;
     while let Some((first, tail)) = rest.split_first() {
         let is_assignment = first.text.split_once('=').is_some_and(|(n, _)| {
@@ -344,6 +546,9 @@ fn recognise(script: &Script, words: &[Word]) -> Option<Build> {
     let (first, args) = rest.split_first()?;
     let program = first.text.rsplit('/').next().unwrap_or(&first.text);
     let args = match program {
+        "docker-compose" | "podman-compose" => {
+            return compose(script, first, args).map(Started::Compose);
+        }
         "docker" | "podman" | "nerdctl" => skip_options(
             args,
             &[
@@ -366,9 +571,9 @@ fn recognise(script: &Script, words: &[Word]) -> Option<Build> {
                 sub.text.as_str(),
                 "bud" | "build" | "build-using-dockerfile"
             )
-            .then(|| docker_build(script, first, tail, "`buildah bud`"));
+            .then(|| Started::Build(docker_build(script, first, tail, "`buildah bud`")));
         }
-        "mv" => return moved_cache(script, first, args),
+        "mv" => return moved_cache(script, first, args).map(Started::Build),
         "buildctl" => {
             let args = skip_options(
                 args,
@@ -383,54 +588,90 @@ fn recognise(script: &Script, words: &[Word]) -> Option<Build> {
                 ],
             );
             let (sub, tail) = args.split_first()?;
-            return (sub.text == "build").then(|| buildctl(script, first, tail));
+            return (sub.text == "build").then(|| Started::Build(buildctl(script, first, tail)));
         }
         _ => return None,
     };
     let (sub, tail) = args.split_first()?;
+    if only_checks(tail) {
+        return None;
+    }
     match sub.text.as_str() {
-        "build" => Some(docker_build(script, first, tail, "`docker build`")),
+        "build" => Some(Started::Build(docker_build(
+            script,
+            first,
+            tail,
+            "`docker build`",
+        ))),
         "image" | "builder" => {
             let (verb, tail) = tail.split_first()?;
-            (verb.text == "build").then(|| docker_build(script, first, tail, "`docker build`"))
+            (verb.text == "build")
+                .then(|| Started::Build(docker_build(script, first, tail, "`docker build`")))
         }
         "buildx" => buildx(script, first, skip_options(tail, &["--builder"])),
+        "compose" => compose(script, first, tail).map(Started::Compose),
         _ => None,
     }
 }
 
-/// `mv NEW OLD`: the usual rotation of a local cache directory (export to a new
-/// directory, then move it where the next build imports from). It reads the one and
-/// writes the other, as far as the cache is concerned.
+/// `mv NEW OLD`: maybe the usual rotation of a local cache directory (export to a new
+/// directory, then move it where the next build imports from), which reads the one and
+/// writes the other as far as the cache is concerned. The workflow keeps it only when a
+/// `type=local` cache of a build uses one of the two directories.
 fn moved_cache(script: &Script, first: &Word, args: &[Word]) -> Option<Build> {
     let paths: Vec<&Word> = args.iter().filter(|w| !w.text.starts_with('-')).collect();
     let [from, to] = paths.as_slice() else {
         return None;
     };
-    let local = |dir: &str| CacheSpec::parse(&format!("type=local,dest={dir}"));
     Some(Build {
         file: script.file.to_owned(),
         line: first.line,
         what: "`mv`".to_owned(),
         cache_from: vec![At {
-            value: local(&from.text),
+            value: CacheSpec::parse(&format!("type=local,src={}", from.text)),
             line: from.line,
         }],
         cache_to: vec![At {
-            value: local(&to.text),
+            value: CacheSpec::parse(&format!("type=local,dest={}", to.text)),
             line: to.line,
         }],
+        moves_cache: true,
         ..Build::default()
     })
 }
 
-fn buildx(script: &Script, first: &Word, args: &[Word]) -> Option<Build> {
+fn buildx(script: &Script, first: &Word, args: &[Word]) -> Option<Started> {
     let (sub, tail) = args.split_first()?;
     match sub.text.as_str() {
-        "build" | "b" => Some(docker_build(script, first, tail, "`docker buildx build`")),
-        "bake" => Some(bake(script, first, tail)),
+        "build" | "b" => Some(Started::Build(docker_build(
+            script,
+            first,
+            tail,
+            "`docker buildx build`",
+        ))),
+        "bake" => {
+            let (build, step) = bake(script, first, tail);
+            Some(Started::Bake(build, step))
+        }
         _ => None,
     }
+}
+
+/// Whether build options ask for something other than a build (`--check`,
+/// `--call=outline`, `--print`): nothing is built or cached.
+fn only_checks(args: &[Word]) -> bool {
+    let mut words = args.iter().map(|w| w.text.as_str());
+    while let Some(word) = words.next() {
+        let call = match word {
+            "--check" | "--print" => return true,
+            "--call" => words.next().unwrap_or("build"),
+            _ => word.strip_prefix("--call=").unwrap_or("build"),
+        };
+        if call != "build" {
+            return true;
+        }
+    }
+    false
 }
 
 /// Drops leading global options (and the values of those in `valued`).
@@ -507,6 +748,7 @@ fn docker_build(script: &Script, first: &Word, args: &[Word], what: &str) -> Bui
                 }
             }
             "-t" | "--tag" => build.tags.push(value),
+            "--target" => build.target = Some(value),
             "-o" | "--output" => build.tags.extend(output_names(&value)),
             "-f" | "--file" => dockerfile = Some(value),
             "" => context = Some(value),
@@ -624,15 +866,16 @@ fn buildctl(script: &Script, first: &Word, args: &[Word]) -> Build {
     build
 }
 
-/// `docker buildx bake` with `--set target.cache-to=...` and friends: the settings it
-/// adds on top of the bake file.
-fn bake(script: &Script, first: &Word, args: &[Word]) -> Build {
+/// `docker buildx bake [TARGET...] [-f FILE] [--set target.key=value]`: the settings it
+/// adds on top of the bake files, and the step for the bake rules.
+fn bake(script: &Script, first: &Word, args: &[Word]) -> (Build, BakeStep) {
     let mut build = Build {
         file: script.file.to_owned(),
         line: first.line,
         what: "`docker buildx bake`".to_owned(),
         ..Build::default()
     };
+    let mut step = BakeStep::new(script.file, "`docker buildx bake`");
     let valued = [
         "-f",
         "--file",
@@ -645,14 +888,27 @@ fn bake(script: &Script, first: &Word, args: &[Word]) -> Build {
         "--provenance",
         "--sbom",
     ];
+    let mut files = Vec::new();
+    let mut targets = Vec::new();
     for (name, value, line) in options(args, &valued) {
         match name.as_str() {
-            "--set" => apply_set(&mut build, &value, line),
-            "--no-cache" => build.no_cache = Some(line),
+            "--set" => step.set(&mut build, &value, line),
+            "--no-cache" => step.no_cache = Some(line),
+            "-f" | "--file" => files.push(files::resolve(script.workdir, &value)),
+            "" => targets.push(value),
             _ => {}
         }
     }
-    build
+    step.files = if files.is_empty() {
+        super::BAKE_DEFAULT_FILES
+            .iter()
+            .map(|f| script.workdir.join(f))
+            .collect()
+    } else {
+        files
+    };
+    step.targets = (!targets.iter().any(|t| t.contains('$'))).then_some(targets);
+    (build, step)
 }
 
 /// One bake override `target.key=value` (from `--set` or bake-action's `set:`).
@@ -672,7 +928,6 @@ pub(crate) fn apply_set(build: &mut Build, set: &str, line: usize) {
             value: CacheSpec::parse(value),
             line,
         }),
-        "no-cache" if value.trim() == "true" => build.no_cache = Some(line),
         "tags" => build.tags.push(value.to_owned()),
         _ => {
             if let Some(name) = attr.strip_prefix("args.") {
@@ -706,7 +961,7 @@ mod tests {
             workdir: Path::new(""),
             env: &env,
         };
-        builds(&script, &commands(&lines))
+        read(&script, &commands(&lines)).builds
     }
 
     #[test]
@@ -753,6 +1008,15 @@ mod tests {
             builds[0].cache_to[0].value.kind,
             CacheKind::Local("/tmp/.buildx-cache".into())
         );
+    }
+
+    #[test]
+    fn checks_and_prints_build_nothing() {
+        let builds = script_builds(
+            "docker build --check .\ndocker buildx build --call=outline .\ndocker buildx bake --print app\ndocker buildx build --call build -t a .\n",
+        );
+        assert_eq!(builds.len(), 1);
+        assert_eq!(builds[0].tags, vec!["a".to_owned()]);
     }
 
     #[test]

@@ -1,0 +1,281 @@
+//! Findings on real repositories' CI shapes, as small synthetic copies: each case lists
+//! every finding it must give (rule, file, line), so a false alarm fails as surely as a
+//! miss. The shapes come from the precision evaluation in `PRECISION.md`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+
+use diagnose::lint::{Finding, Options, Report, lint};
+
+fn case_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/regressions")
+        .join(case)
+}
+
+fn run(case: &str, exclude: &[&str]) -> Report {
+    let options = Options {
+        exclude: exclude.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    lint(&[case_dir(case)], &options)
+}
+
+/// (rule, file relative to the case, line) of every finding.
+fn located(case: &str, findings: &[Finding]) -> Vec<(String, String, usize)> {
+    let prefix = format!("{}/", case_dir(case).display());
+    findings
+        .iter()
+        .map(|f| {
+            assert!(!f.message.is_empty() && !f.fix.is_empty(), "{f}");
+            let file = f.file.strip_prefix(&prefix).unwrap_or(&f.file).to_owned();
+            (f.rule.id().to_owned(), file, f.line)
+        })
+        .collect()
+}
+
+/// Asserts the case gives exactly `expected`, and returns its findings.
+fn expect(case: &str, expected: &[(&str, &str, usize)]) -> Vec<Finding> {
+    let findings = run(case, &[]).findings;
+    let expected: Vec<(String, String, usize)> = expected
+        .iter()
+        .map(|(rule, file, line)| ((*rule).to_owned(), (*file).to_owned(), *line))
+        .collect();
+    assert_eq!(
+        located(case, &findings),
+        expected,
+        "{case}:\n{}",
+        findings
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    findings
+}
+
+#[test]
+fn a_bake_step_from_the_git_context_keeps_its_cache() {
+    // BuildKit keys COPY by the content of what it copies, in a git context as in a local
+    // one: a step without `source:` misses nothing more than one with it.
+    expect("bake-git-context", &[]);
+    expect("bake-targets", &[]);
+}
+
+#[test]
+fn only_a_move_of_a_local_cache_directory_is_a_rotation() {
+    // `mv provenance.json dist/` is not a cache; the export nobody imports still is.
+    let findings = expect(
+        "mv-not-a-cache",
+        &[(
+            "cache-write-never-read",
+            ".github/workflows/release.yml",
+            20,
+        )],
+    );
+    assert!(findings[0].message.contains("dest=/tmp/tools-cache"));
+}
+
+#[test]
+fn steps_that_may_build_silence_the_pairing_rules() {
+    // `uses: ./` with cache inputs is read as the build it is; a local action that may
+    // build could read the registry export.
+    expect("unknown-steps", &[]);
+}
+
+#[test]
+fn an_arg_with_a_fixed_default_is_a_pin() {
+    let findings = expect(
+        "arg-pin",
+        &[
+            ("context-busts-cache", "Dockerfile", 13),
+            ("context-busts-cache", "Dockerfile", 14),
+        ],
+    );
+    assert!(findings[0].message.contains("ARG GIT_SHA"));
+    assert!(findings[1].message.contains("`${{ github.sha }}`"));
+}
+
+#[test]
+fn files_of_other_languages_are_not_dockerfiles() {
+    let report = run("other-languages", &[]);
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.files.len(), 1);
+    assert!(report.files[0].ends_with("other-languages/Containerfile"));
+}
+
+#[test]
+fn vendored_ignored_and_excluded_trees_are_not_walked() {
+    let report = run("skipped-trees", &[]);
+    assert_eq!(
+        located("skipped-trees", &report.findings),
+        vec![("parse-error".to_owned(), "legacy/Dockerfile".to_owned(), 2)]
+    );
+    let report = run("skipped-trees", &["legacy/"]);
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    let files: Vec<&str> = report
+        .files
+        .iter()
+        .map(|f| f.rsplit("skipped-trees/").next().unwrap())
+        .collect();
+    assert_eq!(files, vec!["app/Dockerfile"]);
+}
+
+#[test]
+fn a_dropped_xbake_export_has_nothing_else_to_report() {
+    expect(
+        "xbake-heavy",
+        &[
+            ("compose-xbake-dropped", "compose.yaml", 6),
+            ("compose-xbake-dropped", "compose.yaml", 8),
+        ],
+    );
+}
+
+#[test]
+fn no_cache_on_one_bake_target_names_that_target() {
+    let findings = expect(
+        "no-cache-target",
+        &[("no-cache-with-export", ".github/workflows/nightly.yml", 12)],
+    );
+    assert!(
+        findings[0].message.starts_with("target `postgres` of"),
+        "{}",
+        findings[0]
+    );
+}
+
+#[test]
+fn each_repository_is_its_own_scope() {
+    expect(
+        "several-repos",
+        &[
+            (
+                "cache-write-never-read",
+                "repo-a/.github/workflows/build.yml",
+                11,
+            ),
+            (
+                "cache-from-without-metadata",
+                "repo-b/.github/workflows/build.yml",
+                11,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn matrices_from_inputs_take_their_defaults_and_callers() {
+    let findings = expect(
+        "matrix-inputs",
+        &[
+            ("matrix-too-large", ".github/workflows/ci-linux.yml", 22),
+            ("matrix-too-large", ".github/workflows/small.yml", 12),
+        ],
+    );
+    assert!(findings[0].message.contains("258 jobs"), "{}", findings[0]);
+    assert!(
+        findings[1].message.contains("weekly.yml:5"),
+        "{}",
+        findings[1]
+    );
+}
+
+#[test]
+fn images_sharing_one_gha_scope_are_reported() {
+    expect(
+        "gha-scope",
+        &[
+            ("gha-scope-shared", ".github/workflows/images.yml", 11),
+            ("gha-scope-shared", ".github/workflows/images.yml", 44),
+            ("gha-scope-shared", "docker-bake.hcl", 3),
+        ],
+    );
+}
+
+#[test]
+fn compose_builds_in_scripts_feed_per_commit_args() {
+    let findings = expect(
+        "compose-build-args",
+        &[
+            ("context-busts-cache", "Dockerfile", 2),
+            ("context-busts-cache", "api/Dockerfile", 2),
+        ],
+    );
+    assert!(findings[0].message.contains("ARG REVISION"));
+    assert!(findings[1].message.contains("ARG COMMIT_SHA"));
+}
+
+#[test]
+fn the_whole_context_before_any_installer_is_reported() {
+    let installers = [
+        ("bundler", "bundle install"),
+        ("cargo", "cargo fetch"),
+        ("clojure", "clojure -P"),
+        ("composer", "composer install"),
+        ("dotnet", "dotnet restore"),
+        ("go", "go mod download"),
+        ("gradle", "gradlew dependencies"),
+        ("lein", "lein deps"),
+        ("maven", "mvn dependency:go-offline"),
+        ("pipenv", "pipenv install"),
+        ("poetry", "poetry install"),
+    ];
+    let files: Vec<String> = installers
+        .iter()
+        .map(|(name, _)| format!("{name}.Dockerfile"))
+        .collect();
+    let expected: Vec<(&str, &str, usize)> = files
+        .iter()
+        .map(|f| ("context-busts-cache", f.as_str(), 3))
+        .collect();
+    let findings = expect("installers", &expected);
+    for (finding, (_, command)) in findings.iter().zip(installers) {
+        assert!(finding.message.contains(command), "{finding}");
+    }
+}
+
+#[test]
+fn values_computed_by_expressions_are_evaluated_or_left_unknown() {
+    // format() is evaluated (its export pairs with the import and is gzip); a spec that is
+    // wholly an expression is unknown, so nothing is said of its compression or pairing.
+    let findings = expect(
+        "computed-specs",
+        &[("uncompressed-choice", ".github/workflows/images.yml", 17)],
+    );
+    assert!(
+        findings[0]
+            .message
+            .contains("`${{ env.REGISTRY }}/acme/cache/app:"),
+        "{}",
+        findings[0]
+    );
+}
+
+#[test]
+fn git_in_the_context_is_reported_only_where_it_busts_a_run_for_nothing() {
+    expect("git-reincluded", &[]);
+    expect("git-described", &[]);
+    expect("git-script", &[]);
+    expect("git-kept", &[]);
+    expect("git-last-layer", &[]);
+    // Not needed (-buildvcs=false), and a RUN follows: reported once, under the file
+    // the symlink `Dockerfile` points to.
+    expect(
+        "git-dead-weight",
+        &[("context-busts-cache", "docker/Dockerfile.debian", 5)],
+    );
+}
+
+#[test]
+fn a_flow_sequence_closed_at_its_key_indentation_parses() {
+    expect(
+        "flow-close",
+        &[("compose-xbake-dropped", "compose.yaml", 6)],
+    );
+}
