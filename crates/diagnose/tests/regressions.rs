@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use diagnose::lint::{Finding, Options, Report, lint};
+use diagnose::lint::{Finding, Level, Options, Report, lint};
 
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -97,8 +97,25 @@ fn an_arg_with_a_fixed_default_is_a_pin() {
             ("context-busts-cache", "Dockerfile", 14),
         ],
     );
+    // GIT_SHA: only its name says it; nothing here gives it a value.
     assert!(findings[0].message.contains("ARG GIT_SHA"));
+    assert_eq!(findings[0].level, Level::Info);
     assert!(findings[1].message.contains("`${{ github.sha }}`"));
+    assert_eq!(findings[1].level, Level::Warning);
+}
+
+#[test]
+fn an_arg_the_expensive_step_reads_is_not_misplaced() {
+    // The build embeds the revision, and the venv's timestamp is part of its output.
+    expect("arg-consumed", &[]);
+}
+
+#[test]
+fn a_scope_keyed_by_a_function_call_is_still_a_gha_cache() {
+    expect(
+        "keyed-scope",
+        &[("gha-cache-heavy", ".github/workflows/test.yml", 12)],
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@ COPY . /src
 RUN ["/bin/busybox", "sh", "-c", "/bin/busybox ls /src > /built"]
 "#;
 
-/// `git daemon` serving `base`, stopped on drop.
+/// `git-daemon` serving a directory, stopped on drop.
 struct GitDaemon(Child);
 
 impl Drop for GitDaemon {
@@ -72,19 +72,16 @@ fn a_git_context_at_the_next_commit_reuses_the_steps_before_the_whole_context_co
     git(base.path(), &["clone", "-q", "--bare", "work", "repo.git"]);
 
     let port = free_port();
-    let daemon = Command::new("git")
-        .args([
-            "daemon",
-            "--export-all",
-            "--reuseaddr",
-            "--listen=127.0.0.1",
-        ])
+    // The daemon itself, not `git daemon`, which would leave it running when killed.
+    let exec_path = git(base.path(), &["--exec-path"]);
+    let daemon = Command::new(Path::new(exec_path.trim()).join("git-daemon"))
+        .args(["--export-all", "--reuseaddr", "--listen=127.0.0.1"])
         .arg(format!("--port={port}"))
         .arg(format!("--base-path={}", base.path().display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("git daemon");
+        .expect("git-daemon");
     let _daemon = GitDaemon(daemon);
     let remote = format!("git://127.0.0.1:{port}/repo.git");
     let url = |commit: &str| format!("{remote}#{commit}");
@@ -95,7 +92,7 @@ fn a_git_context_at_the_next_commit_reuses_the_steps_before_the_whole_context_co
             false
         }
     });
-    assert!(ready, "git daemon did not answer");
+    assert!(ready, "git-daemon did not answer");
 
     let tag = format!("{}/gitctx/app:cache", server.host);
     let prune = || common::run_ok(&mut common::docker(&["builder", "prune", "-af"]));

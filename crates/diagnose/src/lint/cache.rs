@@ -663,16 +663,25 @@ fn glob(pattern: &str, text: &str) -> bool {
         .is_ok_and(|g| g.compile_matcher().is_match(text))
 }
 
-/// Splits `a=1,b="x,y"` on commas outside double quotes, removing the quotes.
+/// Splits `a=1,b="x,y"` on commas outside double quotes and `${{ }}`, removing the
+/// quotes.
 pub(crate) fn split_csv(text: &str) -> Vec<String> {
     let mut fields = Vec::new();
     let mut field = String::new();
     let mut quoted = false;
+    let mut depth = 0usize;
     for c in text.chars() {
         match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut field)),
-            _ => field.push(c),
+            '"' if depth == 0 => quoted = !quoted,
+            ',' if !quoted && depth == 0 => fields.push(std::mem::take(&mut field)),
+            _ => {
+                field.push(c);
+                if field.ends_with("${{") {
+                    depth += 1;
+                } else if depth > 0 && field.ends_with("}}") {
+                    depth -= 1;
+                }
+            }
         }
     }
     fields.push(field);
@@ -714,6 +723,16 @@ mod tests {
         assert_eq!(
             CacheSpec::parse("ref=r:c").kind,
             CacheKind::Registry("r:c".into())
+        );
+        let keyed = CacheSpec::parse("type=gha,scope=deps-${{ hashFiles('a', 'b') }},mode=max");
+        assert_eq!(
+            keyed.kind,
+            CacheKind::Gha("deps-${{ hashFiles('a', 'b') }}".into())
+        );
+        assert_eq!(keyed.attr("mode"), Some("max"));
+        assert_eq!(
+            CacheSpec::parse("${{ inputs.cache-to }}").kind,
+            CacheKind::Unknown
         );
     }
 

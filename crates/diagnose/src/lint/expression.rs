@@ -60,10 +60,11 @@ fn body_value(body: &str) -> Option<String> {
     if let Some(at) = body.find("format(") {
         return format_call(body.get(at + "format(".len()..)?);
     }
-    if !body.contains('\'') {
-        return Some(format!("${{{{ {body} }}}}"));
+    if body.contains("&&") || body.contains("||") {
+        return branch(body);
     }
-    branch(body)
+    // A value known at run time (`github.sha`, `hashFiles('a')`): a wildcard.
+    Some(format!("${{{{ {body} }}}}"))
 }
 
 /// `format('{0}-{1}', a, 'b')` from just after `format(`: the template with each argument
@@ -143,7 +144,8 @@ fn argument_end(text: &str) -> Option<usize> {
 }
 
 /// `cond && 'text' || 'other'`: the first non-empty literal given as a branch (after
-/// `&&` or `||`), which is the value whenever the expression gives one.
+/// `&&` or `||`), which is the value whenever the expression gives one; `None` when no
+/// branch is a literal (`a || b`).
 fn branch(body: &str) -> Option<String> {
     let mut branches = Vec::new();
     let mut rest = body;
@@ -197,7 +199,11 @@ mod tests {
             evaluate("ref=r:${{ matrix.arch }}").unwrap(),
             "ref=r:${{ matrix.arch }}"
         );
-        assert_eq!(evaluate("${{ contains(x, 'y') }}"), None);
+        assert_eq!(
+            evaluate("type=gha,scope=${{ hashFiles('a, b') }},mode=max").unwrap(),
+            "type=gha,scope=${{ hashFiles('a, b') }},mode=max"
+        );
+        assert_eq!(evaluate("${{ inputs.a || inputs.b }}"), None);
     }
 
     #[test]

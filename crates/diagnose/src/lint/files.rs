@@ -289,7 +289,7 @@ fn load_config(dir: &Path, findings: &mut Vec<Finding>) -> Option<Gitignore> {
 }
 
 /// Extensions of other languages and formats: `dockerfile.go` is Go, `Dockerfile.md`
-/// prose, `Dockerfile.j2` a template.
+/// prose, `Dockerfile.j2` and `Dockerfile.windows.tmpl` templates.
 const NOT_DOCKERFILE: [&str; 36] = [
     "go", "rs", "py", "js", "mjs", "cjs", "ts", "tsx", "jsx", "java", "kt", "c", "h", "cc", "cpp",
     "cs", "rb", "php", "sh", "bash", "ps1", "md", "rst", "txt", "html", "json", "yml", "yaml",
@@ -330,6 +330,7 @@ pub(crate) fn classify(path: &Path) -> Option<Kind> {
             || lower.ends_with(&format!(".{base}"))
             || lower
                 .strip_prefix(&format!("{base}."))
+                .and_then(|rest| rest.rsplit('.').next())
                 .is_some_and(|ext| !NOT_DOCKERFILE.contains(&ext))
     });
     dockerfile.then_some(Kind::Dockerfile)

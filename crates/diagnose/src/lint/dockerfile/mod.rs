@@ -418,36 +418,65 @@ fn per_commit_args(
                 continue;
             }
             let later = stage.instructions.get(index + 1..).unwrap_or(&[]);
-            let Some(expensive) = later.iter().find(|i| is_expensive(i)) else {
+            // An expensive step that reads the argument misses with it by design; one that
+            // does not could run before it.
+            let Some(expensive) = later
+                .iter()
+                .find(|i| is_expensive(i) && !reads_arg(i, &name))
+            else {
                 continue;
             };
             let runs = later.iter().filter(|i| i.is("RUN")).count();
-            let why = match fed {
-                Some((build, arg)) => format!(
-                    "is given `{}` by {} at {}:{}",
-                    arg.value, build.what, build.file, arg.line
+            let (why, level) = match fed {
+                Some((build, arg)) => (
+                    format!(
+                        "is given `{}` by {} at {}:{}, so it changes with every commit and",
+                        arg.value, build.what, build.file, arg.line
+                    ),
+                    Level::Warning,
                 ),
-                None => "is named like a per-commit value and has no default".to_owned(),
+                // Nothing read here gives it a value: it busts the cache only if a build
+                // elsewhere (a Makefile, another CI) does.
+                None => (
+                    "is named like a per-commit value, has no default and no build scanned \
+                     gives it one; if a build elsewhere gives it one per commit,"
+                        .to_owned(),
+                    Level::Info,
+                ),
             };
-            findings.push(Finding::new(
-                Rule::ContextBustsCache,
-                file,
-                instruction.line,
-                format!(
-                    "ARG {name} {why}, so it changes with every commit; BuildKit passes build \
-                     arguments to every later RUN of the stage, so the {runs} RUN \
-                     instruction(s) after it miss the cache, including the expensive one at \
-                     line {}",
-                    expensive.line
-                ),
-                format!(
-                    "declare ARG {name} after the expensive steps, just before the instruction \
-                     that uses it (for a label or a version file, in the final stage)"
-                ),
-            ));
+            findings.push(
+                Finding::new(
+                    Rule::ContextBustsCache,
+                    file,
+                    instruction.line,
+                    format!(
+                        "ARG {name} {why} the {runs} RUN instruction(s) after it miss the cache \
+                         (BuildKit passes build arguments to every later RUN of the stage), \
+                         including the expensive one at line {}",
+                        expensive.line
+                    ),
+                    format!(
+                        "declare ARG {name} after the expensive steps, just before the \
+                         instruction that uses it (for a label or a version file, in the final \
+                         stage)"
+                    ),
+                )
+                .at(level),
+            );
         }
     }
     findings
+}
+
+/// Whether a RUN reads the argument `name` (`$NAME`, `${NAME}`, `${NAME:-x}`).
+fn reads_arg(instruction: &Instruction, name: &str) -> bool {
+    let text = instruction.command_text();
+    text.contains(&format!("${{{name}"))
+        || text.match_indices(&format!("${name}")).any(|(at, found)| {
+            !text.get(at + found.len()..).is_some_and(|rest| {
+                rest.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            })
+        })
 }
 
 /// A default that stands for "not given" (`unknown`, `dev`, empty): the argument is
