@@ -102,6 +102,13 @@ fn an_arg_with_a_fixed_default_is_a_pin() {
     assert_eq!(findings[0].level, Level::Info);
     assert!(findings[1].message.contains("`${{ github.sha }}`"));
     assert_eq!(findings[1].level, Level::Warning);
+    assert!(
+        findings[1]
+            .fix
+            .contains("(and the ENV at line 15 that copies it)"),
+        "{}",
+        findings[1]
+    );
 }
 
 #[test]

@@ -427,6 +427,13 @@ fn per_commit_args(
                 continue;
             };
             let runs = later.iter().filter(|i| i.is("RUN")).count();
+            // An ENV that copies it ahead of the expensive step carries it just the same.
+            let also = later
+                .iter()
+                .take_while(|i| i.line < expensive.line)
+                .find(|i| i.is("ENV") && reads_arg(i, &name))
+                .map(|env| format!(" (and the ENV at line {} that copies it)", env.line))
+                .unwrap_or_default();
             let (why, level) = match fed {
                 Some((build, arg)) => (
                     format!(
@@ -456,7 +463,7 @@ fn per_commit_args(
                         expensive.line
                     ),
                     format!(
-                        "declare ARG {name} after the expensive steps, just before the \
+                        "declare ARG {name}{also} after the expensive steps, just before the \
                          instruction that uses it (for a label or a version file, in the final \
                          stage)"
                     ),
