@@ -75,10 +75,30 @@ fn only_a_move_of_a_local_cache_directory_is_a_rotation() {
         &[(
             "cache-write-never-read",
             ".github/workflows/release.yml",
-            20,
+            25,
         )],
     );
     assert!(findings[0].message.contains("dest=/tmp/tools-cache"));
+}
+
+#[test]
+fn a_local_cache_on_a_hosted_runner_needs_a_step_that_keeps_it() {
+    // Only the job with no actions/cache step: not the one with it, not a self-hosted
+    // machine, not a directory an earlier build of the same job fills.
+    let findings = expect(
+        "local-cache-hosted",
+        &[("cache-write-never-read", ".github/workflows/image.yml", 11)],
+    );
+    assert!(
+        findings[0].message.contains("job `forgotten`"),
+        "{}",
+        findings[0]
+    );
+    assert!(
+        findings[0].fix.contains("path: /tmp/.buildx-cache"),
+        "{}",
+        findings[0]
+    );
 }
 
 #[test]

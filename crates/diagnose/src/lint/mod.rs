@@ -226,6 +226,7 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
                 bake_files.insert(path.clone(), bake.clone());
             }
             Parsed::Workflow(workflow) => {
+                findings.extend(workflow.findings.iter().cloned());
                 builds.extend(workflow.builds.iter().cloned());
                 unseen.builder |= workflow.unseen_builder;
                 unseen.mentions.extend(workflow.mentions.iter().cloned());

@@ -4,6 +4,7 @@
 //! (unknown actions that may build, caches named in other commands).
 
 mod bake_step;
+mod ephemeral;
 pub(crate) mod matrix;
 pub(crate) mod shell;
 
@@ -43,6 +44,8 @@ pub(crate) struct Workflow {
     /// Whether a step the lint does not know may build (a local or docker action, an
     /// action named for building images, a workflow of another repository).
     pub unseen_builder: bool,
+    /// What one job shows alone (a local cache on a hosted runner that nothing keeps).
+    pub findings: Vec<Finding>,
 }
 
 /// The files `docker buildx bake` reads when none is named.
@@ -127,6 +130,8 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             .and_then(|r| r.get("working-directory"))
             .and_then(Node::text);
         workflow.mentions.extend(env_of(&job.value).into_values());
+        let first_build = workflow.builds.len();
+        let mut kept = ephemeral::Job::default();
         for step in job.value.get("steps").map(Node::items).unwrap_or(&[]) {
             let mut env = job_env.clone();
             let step_env = env_of(step);
@@ -147,6 +152,8 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     env: &env,
                 };
                 let lines = run.lines();
+                kept.script
+                    .extend(lines.iter().map(|(_, text)| (*text).to_owned()));
                 let scripted = shell::read(&script, &shell::commands(&lines));
                 workflow.builds.extend(scripted.builds);
                 workflow.bake_steps.extend(scripted.bake_steps);
@@ -193,8 +200,22 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                 _ => {
                     workflow.unseen_builder |= may_build(action) && !names_its_cache(with);
                     workflow.mentions.extend(inputs(with));
+                    kept.paths.extend(
+                        input(with, "path")
+                            .map(Node::lines)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(_, path)| path.to_owned()),
+                    );
+                    kept.may_restore |= action.starts_with("./")
+                        || (action.contains("cache") && !action.starts_with("actions/cache"));
                 }
             }
+        }
+        if ephemeral::hosted(&job.value) {
+            let builds = workflow.builds.get(first_build..).unwrap_or(&[]);
+            let found = ephemeral::check(file, &job.key, builds, &kept);
+            workflow.findings.extend(found);
         }
     }
     keep_cache_rotations(&mut workflow.builds);
