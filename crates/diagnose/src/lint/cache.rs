@@ -177,6 +177,15 @@ impl Build {
             .any(|c| c.value.kind == CacheKind::Inline)
     }
 
+    /// The cache exports it really makes (not those compose drops), as written.
+    pub fn exports(&self) -> Vec<&str> {
+        self.cache_to
+            .iter()
+            .filter(|c| !c.value.dropped)
+            .map(|c| c.value.text.as_str())
+            .collect()
+    }
+
     fn place(&self) -> String {
         format!("{}:{}", self.file, self.line)
     }
@@ -221,16 +230,13 @@ impl Unseen {
 }
 
 /// The cross-file cache rules over every build of one repository.
-pub(crate) fn check(builds: &[Build], unseen: &Unseen) -> Vec<Finding> {
+pub(crate) fn check(builds: &[Build], mut unseen: Unseen) -> Vec<Finding> {
     // A cache computed at run time may be the one any import or export pairs with.
-    let computed = builds
+    unseen.builder |= builds
         .iter()
         .flat_map(|b| b.cache_from.iter().chain(&b.cache_to))
         .any(|c| c.value.kind == CacheKind::Unknown);
-    let unseen = &Unseen {
-        builder: unseen.builder || computed,
-        mentions: unseen.mentions.clone(),
-    };
+    let unseen = &unseen;
     let mut findings = Vec::new();
     for build in builds {
         for from in build.cache_from.iter().filter(|c| !c.value.dropped) {
@@ -240,12 +246,7 @@ pub(crate) fn check(builds: &[Build], unseen: &Unseen) -> Vec<Finding> {
             findings.extend(check_export(build, to, builds, unseen));
         }
         if let Some(line) = build.no_cache {
-            let exports: Vec<&str> = build
-                .cache_to
-                .iter()
-                .filter(|c| !c.value.dropped)
-                .map(|c| c.value.text.as_str())
-                .collect();
+            let exports = build.exports();
             if !exports.is_empty() || build.inline_cache() {
                 let what = if exports.is_empty() {
                     "inline cache (BUILDKIT_INLINE_CACHE=1)".to_owned()
@@ -300,17 +301,13 @@ fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
         }
     }
     for ((file, scope), exports) in groups {
-        let mut images: Vec<(Option<&PathBuf>, Option<&PathBuf>, Option<&String>)> = Vec::new();
+        let mut images: Vec<(&PathBuf, Option<&PathBuf>, Option<&String>)> = Vec::new();
         let mut names: Vec<&str> = Vec::new();
         for (build, _) in &exports {
             let Some(dockerfile) = &build.dockerfile else {
                 continue;
             };
-            let image = (
-                Some(dockerfile),
-                build.context.as_ref(),
-                build.target.as_ref(),
-            );
+            let image = (dockerfile, build.context.as_ref(), build.target.as_ref());
             if !images.contains(&image) {
                 images.push(image);
                 names.push(&build.what);

@@ -144,6 +144,7 @@ fn walk(root: &Path, exclude: &[String], scopes: &mut Scopes, found: &mut Discov
         })
         .build();
     let mut configs = Configs::default();
+    let real_root = root.canonicalize().ok();
     for entry in walker {
         let entry = match entry {
             Ok(entry) => entry,
@@ -164,7 +165,7 @@ fn walk(root: &Path, exclude: &[String], scopes: &mut Scopes, found: &mut Discov
         let Some(kind) = classify(&path) else {
             continue;
         };
-        if entry.path_is_symlink() && links_inside(&path, root) {
+        if entry.path_is_symlink() && links_inside(&path, real_root.as_deref()) {
             // The file it points to is linted under its own name.
             continue;
         }
@@ -176,17 +177,10 @@ fn walk(root: &Path, exclude: &[String], scopes: &mut Scopes, found: &mut Discov
     }
 }
 
-/// Whether the symlink `path` points to a file under `root`.
-fn links_inside(path: &Path, root: &Path) -> bool {
-    match (path.canonicalize(), root.canonicalize()) {
-        (Ok(target), Ok(root)) => target.starts_with(root),
-        _ => false,
-    }
-}
-
-/// Whether two paths name one file (the same path, or links to one file).
-pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+/// Whether the symlink `path` points to a file under `root` (canonical).
+fn links_inside(path: &Path, root: Option<&Path>) -> bool {
+    root.zip(path.canonicalize().ok())
+        .is_some_and(|(root, target)| target.starts_with(root))
 }
 
 /// The repository root of each directory, found once.
@@ -196,8 +190,8 @@ struct Scopes {
 }
 
 impl Scopes {
-    /// The nearest directory above `path` (up to `limit`) holding `.git` or `.github`;
-    /// `limit` itself (or the file's directory) when none does.
+    /// The nearest directory above `path` (up to `limit`, normalized) holding `.git` or
+    /// `.github`; `limit` itself (or the file's directory) when none does.
     fn of(&mut self, path: &Path, limit: Option<&Path>) -> PathBuf {
         let dir = path
             .parent()
@@ -211,11 +205,11 @@ impl Scopes {
             if marked {
                 return ancestor;
             }
-            if limit.is_some_and(|l| normalize(l) == ancestor) {
+            if limit == Some(ancestor.as_path()) {
                 return ancestor;
             }
         }
-        limit.map(normalize).unwrap_or(dir)
+        limit.map(Path::to_path_buf).unwrap_or(dir)
     }
 }
 

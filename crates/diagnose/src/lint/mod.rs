@@ -281,6 +281,12 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
             }
         }
     }
+    // Each build's Dockerfile as the file it really is (a symlink names its target).
+    let real = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let built: Vec<(PathBuf, &Build)> = dockerfile_builds
+        .iter()
+        .filter_map(|b| Some((real(b.dockerfile.as_deref()?), b)))
+        .collect();
     for p in parsed {
         if let Parsed::Dockerfile {
             path,
@@ -288,20 +294,18 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
             dockerfile,
         } = p
         {
+            let path_real = real(path);
             let uses = dockerfile::Uses {
-                builds: dockerfile_builds
+                builds: built
                     .iter()
-                    .filter(|b| {
-                        b.dockerfile
-                            .as_deref()
-                            .is_some_and(|d| files::same_file(d, path))
-                    })
+                    .filter(|(d, _)| *d == path_real)
+                    .map(|(_, b)| *b)
                     .collect(),
                 roots,
             };
             findings.extend(dockerfile::check(file, path, dockerfile, &uses));
         }
     }
-    findings.extend(cache::check(&builds, &unseen));
+    findings.extend(cache::check(&builds, unseen));
     findings
 }

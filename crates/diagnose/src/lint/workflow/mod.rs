@@ -118,18 +118,20 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             }
             workflow.mentions.extend(inputs(with));
         }
-        if let Some(matrix) = job.value.get("strategy").and_then(|s| s.entry("matrix")) {
+        let matrix = job.value.get("strategy").and_then(|s| s.entry("matrix"));
+        if let Some(matrix) = matrix {
             workflow.matrices.push((job.key.clone(), matrix.clone()));
         }
+        let own_env = env_of(&job.value);
+        workflow.mentions.extend(own_env.values().cloned());
         let mut job_env = workflow_env.clone();
-        job_env.extend(env_of(&job.value));
+        job_env.extend(own_env);
         let default_dir = job
             .value
             .get("defaults")
             .and_then(|d| d.get("run"))
             .and_then(|r| r.get("working-directory"))
             .and_then(Node::text);
-        workflow.mentions.extend(env_of(&job.value).into_values());
         let first_build = workflow.builds.len();
         let mut kept = ephemeral::Job::default();
         for step in job.value.get("steps").map(Node::items).unwrap_or(&[]) {
@@ -168,12 +170,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             };
             let action = uses.split('@').next().unwrap_or(uses);
             let with = step.get("with");
-            let has_matrix = job
-                .value
-                .get("strategy")
-                .and_then(|s| s.get("matrix"))
-                .is_some();
-            let varies_by_matrix = has_matrix
+            let varies_by_matrix = matrix.is_some()
                 && with.map(Node::entries).unwrap_or(&[]).iter().any(|e| {
                     !e.key.starts_with("cache-")
                         && e.value.lines().iter().any(|(_, t)| t.contains("matrix."))

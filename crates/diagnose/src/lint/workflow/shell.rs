@@ -384,12 +384,7 @@ impl ComposeBuild {
                 .retain(|a| !self.build_args.iter().any(|b| b.name == a.name));
             build.build_args.extend(self.build_args.iter().cloned());
             if let Some(line) = self.no_cache {
-                let exports: Vec<&str> = own
-                    .cache_to
-                    .iter()
-                    .filter(|c| !c.value.dropped)
-                    .map(|c| c.value.text.as_str())
-                    .collect();
+                let exports = own.exports();
                 if !exports.is_empty() {
                     findings.push(no_cache_finding(
                         &self.file,
