@@ -82,7 +82,14 @@ async fn router(mode: server::auth::Mode, dir: &std::path::Path) -> Router {
         .unwrap_or_else(|e| unreachable!("opening the audit log: {e}"));
     let authority = server::auth::Authority::new(config.auth.clone(), &KEY, oidc)
         .unwrap_or_else(|e| unreachable!("the policy: {e}"));
-    let state = server::AppState::new(store, &config, actions, authority, audit);
+    let state = server::AppState::new(
+        store,
+        &config,
+        actions,
+        authority,
+        audit,
+        server::upstream::Upstreams::default(),
+    );
     server::build_router(state)
 }
 

@@ -216,7 +216,7 @@ pub struct GcArgs {
 }
 
 /// Options of `layercache serve`; flags win over the environment and the config file.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "LAYERCACHE_CONFIG")]
@@ -235,6 +235,19 @@ pub struct ServeArgs {
     /// mode = "open"`).
     #[arg(long)]
     pub open: bool,
+    /// Run as an edge in front of the central layercache at this URL: reads are filled
+    /// from it, pushes pass through to it (an `[[upstreams]]` entry without a name).
+    #[arg(long, value_name = "URL", env = "LAYERCACHE_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// A file holding the token (from `layercache token` on the centre) the edge
+    /// presents to its upstream.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "upstream",
+        env = "LAYERCACHE_UPSTREAM_TOKEN_FILE"
+    )]
+    pub upstream_token_file: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,

@@ -18,6 +18,10 @@ pub struct Config {
     pub store: store::Config,
     /// The GitHub Actions cache service.
     pub actions: server::actions::Config,
+    /// Registries reads are filled from: public registries mirrored, or the central
+    /// layercache of an edge.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<server::upstream::Config>,
 }
 
 impl Config {
@@ -34,7 +38,7 @@ impl Config {
         }
         figment = figment.merge(
             Env::prefixed("LAYERCACHE_")
-                .ignore(&["CONFIG", "SERVER"])
+                .ignore(&["CONFIG", "SERVER", "UPSTREAM", "UPSTREAM_TOKEN_FILE"])
                 .split("__"),
         );
         if let Some(listen) = args.listen {
@@ -48,6 +52,14 @@ impl Config {
                 "server.auth.mode",
                 server::auth::Mode::Open,
             ));
+        }
+        if let Some(url) = &args.upstream {
+            let mut config: Config = figment.extract().context("invalid configuration")?;
+            let centre =
+                server::upstream::Config::centre(url.clone(), args.upstream_token_file.clone());
+            config.upstreams.retain(|u| !u.name.is_empty());
+            config.upstreams.push(centre);
+            figment = figment.merge(Serialized::default("upstreams", config.upstreams));
         }
         if let Some(size) = args.max_size {
             figment = figment.merge(Serialized::default("store.eviction.max_size", size));

@@ -110,7 +110,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })?;
     let authority = server::auth::Authority::new(auth.clone(), &key, oidc)
         .map_err(|e| anyhow::anyhow!("[server.auth]: {e}"))?;
-    let state = server::AppState::new(store.clone(), &config.server, actions, authority, audit);
+    let upstreams =
+        server::upstream::Upstreams::new(&config.upstreams, config.store.max_manifest_bytes)
+            .map_err(|e| anyhow::anyhow!("[[upstreams]]: {e}"))?;
+    let state = server::AppState::new(
+        store.clone(),
+        &config.server,
+        actions,
+        authority,
+        audit,
+        upstreams,
+    );
     let app = server::build_router(state.clone());
     server::serve(
         listener,

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     PaginationNumberInvalid,
     /// The registry ran out of space.
     InsufficientStorage,
+    /// A source the registry depends on (a mirror's upstream) is unavailable.
+    Unavailable,
     /// An internal failure; details are logged, not sent.
     Unknown,
 }
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::TagInvalid => "TAG_INVALID",
             ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::InsufficientStorage => "INSUFFICIENT_STORAGE",
+            ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Unknown => "UNKNOWN",
         }
     }
@@ -94,6 +97,7 @@ impl ErrorCode {
             ErrorCode::TagInvalid => "manifest tag did not match URI",
             ErrorCode::PaginationNumberInvalid => "invalid number of results requested",
             ErrorCode::InsufficientStorage => "insufficient storage to complete the request",
+            ErrorCode::Unavailable => "service unavailable",
             ErrorCode::Unknown => "unknown error",
         }
     }
@@ -119,6 +123,7 @@ impl ErrorCode {
             ErrorCode::RangeInvalid => 416,
             ErrorCode::TooManyRequests => 429,
             ErrorCode::InsufficientStorage => 507,
+            ErrorCode::Unavailable => 503,
             ErrorCode::Unknown => 500,
         }
     }

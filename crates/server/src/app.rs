@@ -20,6 +20,7 @@ use crate::limits::Limiter;
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
 use crate::ui::UsageHistory;
+use crate::upstream::Upstreams;
 use crate::{api, registry, ui};
 
 /// Everything a handler may use; no global state lives outside it.
@@ -41,26 +42,30 @@ pub struct AppState {
     pub limiter: Arc<Limiter>,
     /// The log of writes, deletes, administrative actions and denials.
     pub audit: Audit,
+    /// The registries reads are filled from.
+    pub upstreams: Arc<Upstreams>,
     requests: Arc<AtomicU64>,
 }
 
 impl AppState {
     /// State over an opened store (starts recording build sessions into it, and
     /// sampling its usage) with the policy `authority` enforces; writes and denials go
-    /// to `audit`.
+    /// to `audit`; misses are filled from `upstreams`.
     pub fn new(
         store: store::Store,
         config: &crate::Config,
         actions: Actions,
         authority: Authority,
         audit: Audit,
+        upstreams: Upstreams,
     ) -> AppState {
         AppState {
             actions: Arc::new(actions),
             authority: Arc::new(authority),
             limiter: Arc::new(Limiter::new(&config.limits)),
             sessions: Sessions::start(store.clone(), config.sessions.clone()),
-            metrics: Metrics::new(audit.dropped()),
+            metrics: Metrics::new(audit.dropped(), &upstreams.metrics),
+            upstreams: Arc::new(upstreams),
             audit,
             usage_history: UsageHistory::start(store.clone()),
             store,

@@ -19,6 +19,7 @@ pub mod serve;
 pub mod sessions;
 pub mod tls;
 pub mod ui;
+pub mod upstream;
 
 pub use app::{AppState, build_router};
 pub use config::Config;

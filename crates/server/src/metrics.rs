@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::app::AppState;
 use crate::sessions::Outcome;
+use crate::upstream::UpstreamMetrics;
 
 /// The route a response answered, for its labels (the registry endpoint's name).
 #[derive(Debug, Clone, Copy)]
@@ -80,9 +81,11 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Register every metric; `audit_dropped` counts audit log lines lost.
-    pub fn new(audit_dropped: Counter) -> Arc<Metrics> {
+    /// Register every metric; `audit_dropped` counts audit log lines lost, `upstreams`
+    /// what the upstreams did.
+    pub fn new(audit_dropped: Counter, upstreams: &UpstreamMetrics) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("layercache");
+        upstreams.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,

@@ -115,6 +115,14 @@ pub enum Error {
     /// The request body could not be read to its end (client went away, bad framing).
     #[error("request body: {0}")]
     Body(#[source] std::io::Error),
+    /// The source a mirrored blob or manifest is filled from could not provide it.
+    #[error("{message}")]
+    Source {
+        /// How it failed.
+        failure: SourceFailure,
+        /// What it said, for the client.
+        message: String,
+    },
     /// The disk is full.
     #[error("no space left on the storage device")]
     StorageFull,
@@ -162,6 +170,23 @@ impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::Task(e.to_string())
     }
+}
+
+/// How the source of a mirrored blob or manifest failed to provide it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFailure {
+    /// It does not have it.
+    NotFound,
+    /// It refused this server's credentials.
+    Denied,
+    /// It could not be reached or failed.
+    Unavailable,
+    /// It asks to retry after this many seconds.
+    RateLimited(Option<u64>),
+    /// It refused a write with this status (an unknown reference, an invalid manifest).
+    Refused(u16),
+    /// It sent content that is not what was asked for (wrong digest or size).
+    Corrupt,
 }
 
 /// `Result` with [`Error`].

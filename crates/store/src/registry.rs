@@ -45,6 +45,7 @@ pub(crate) struct Shared {
     pub(crate) hashes: HashStates,
     pub(crate) access: AccessLog,
     pub(crate) evictor: Evictor,
+    pub(crate) fills: crate::fill::Fills,
     max_manifest_bytes: usize,
     max_blob_bytes: Option<u64>,
 }
@@ -137,6 +138,7 @@ impl Store {
             hashes: HashStates::default(),
             access: AccessLog::default(),
             evictor,
+            fills: Default::default(),
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: config.max_blob_size.map(|s| s.as_u64()),
         }));
@@ -192,6 +194,11 @@ impl Store {
             digest: digest.clone(),
             size,
         })
+    }
+
+    /// Size of blob `digest` when it is stored in any repository.
+    pub async fn stored_blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.0.meta.known_blob(digest).await
     }
 
     /// Remove `digest` from `repo` (the bytes go when nothing else needs them).
@@ -431,13 +438,53 @@ impl Store {
         content_type: Option<&str>,
         body: Bytes,
     ) -> Result<PutManifest> {
+        self.store_manifest(repo, reference, content_type, body, None)
+            .await
+    }
+
+    /// Store a manifest fetched from an upstream: what it references is filled when
+    /// asked for, so none of it needs to be here yet. `records` are the cache records
+    /// the upstream gave it, when it said.
+    pub async fn put_mirrored_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+        records: Option<CacheRecords>,
+    ) -> Result<PutManifest> {
+        self.store_manifest(repo, reference, content_type, body, Some(records))
+            .await
+    }
+
+    /// Whether `repo` holds anything.
+    pub async fn has_repository(&self, repo: &RepoName) -> Result<bool> {
+        Ok(self.0.meta.tags(repo, 1, None).await?.is_some())
+    }
+
+    /// Store a manifest; `mirrored` (with the cache records an upstream gave) when its
+    /// references are filled on demand.
+    async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+        mirrored: Option<Option<CacheRecords>>,
+    ) -> Result<PutManifest> {
         if body.len() > self.0.max_manifest_bytes {
             return Err(Error::ManifestTooLarge {
                 size: body.len(),
                 limit: self.0.max_manifest_bytes,
             });
         }
-        let parsed = Manifest::parse(content_type, &body)?;
+        let mut parsed = Manifest::parse(content_type, &body)?;
+        if mirrored.is_some() {
+            parsed
+                .references
+                .iter_mut()
+                .for_each(|r| r.required = false);
+        }
         let (digest, tag) = match reference {
             Reference::Digest(d) if d.matches(&body) => (d.clone(), None),
             Reference::Digest(d) => {
@@ -451,7 +498,10 @@ impl Store {
             Reference::Tag(t) => (Digest::sha256_of(&body), Some(t)),
         };
         let subject = parsed.subject.clone();
-        let cache = self.cache_records(repo, &parsed).await?;
+        let cache = match mirrored.flatten() {
+            Some(records) => records,
+            None => self.cache_records(repo, &parsed).await?,
+        };
         let record = ManifestRecord {
             digest: digest.clone(),
             media_type: parsed.media_type,

@@ -24,11 +24,8 @@ pub fn init(args: TlsInitArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.days > 0, "--days must be at least 1");
     let config = Config::load(&ServeArgs {
         config: args.config,
-        listen: None,
         data_dir: args.data_dir,
-        max_size: None,
-        open: false,
-        print_config: false,
+        ..ServeArgs::default()
     })?;
     let dir = args
         .dir

@@ -23,11 +23,8 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
     registry.check().map_err(anyhow::Error::msg)?;
     let config = Config::load(&ServeArgs {
         config: args.config,
-        listen: None,
         data_dir: args.data_dir,
-        max_size: None,
-        open: false,
-        print_config: false,
+        ..ServeArgs::default()
     })?;
     let path = config.actions.key_path(&config.store.data_dir);
     let key = server::actions::token::load_or_create_key(&path)

@@ -9,6 +9,7 @@ use oci::{Digest, ErrorCode, RepoName};
 use super::{RegistryError, Result};
 use crate::app::AppState;
 use crate::body::parse_range;
+use crate::upstream::{BlobAnswer, Route, Served};
 
 fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> Response {
     (
@@ -29,13 +30,53 @@ fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> R
 
 /// `HEAD /v2/<name>/blobs/<digest>`: existence and size, no body.
 pub async fn head_blob(state: &AppState, repo: &RepoName, digest: &Digest) -> Result {
-    let blob = state.store.open_blob(repo, digest).await?;
-    Ok(blob_response(
-        StatusCode::OK,
-        digest,
-        blob.size,
-        Body::empty(),
-    ))
+    let size = match state.upstreams.route(&state.store, repo, false).await? {
+        Some(route) => route
+            .blob_size(&state.store, digest)
+            .await
+            .map_err(blob_absent)?,
+        None => state.store.open_blob(repo, digest).await?.size,
+    };
+    Ok(blob_response(StatusCode::OK, digest, size, Body::empty()))
+}
+
+/// An upstream's "not found" for a blob is the registry's `BLOB_UNKNOWN`.
+fn blob_absent(error: store::Error) -> store::Error {
+    match error {
+        store::Error::Source {
+            failure: store::SourceFailure::NotFound,
+            ..
+        } => store::Error::NotFound(store::error::Missing::Blob),
+        e => e,
+    }
+}
+
+/// `GET` of a blob in a mirrored repository: from disk, or followed while it is filled
+/// (a `Range` is then ignored: the whole blob is sent, as the spec allows).
+async fn get_mirrored_blob(
+    state: &AppState,
+    route: Route<'_>,
+    digest: &Digest,
+    headers: &HeaderMap,
+) -> Result {
+    match route
+        .blob(&state.store, digest)
+        .await
+        .map_err(blob_absent)?
+    {
+        BlobAnswer::Stored(blob) => {
+            let mut response = send_blob(blob, digest, headers).await?;
+            response.extensions_mut().insert(Served::Hit);
+            Ok(response)
+        }
+        BlobAnswer::Filling(mut fill) => {
+            let size = fill.size().await.map_err(blob_absent)?;
+            let body = Body::from_stream(fill.stream());
+            let mut response = blob_response(StatusCode::OK, digest, size, body);
+            response.extensions_mut().insert(Served::Filled);
+            Ok(response)
+        }
+    }
 }
 
 /// `GET /v2/<name>/blobs/<digest>`, optionally with `Range: bytes=…`.
@@ -45,7 +86,14 @@ pub async fn get_blob(
     digest: &Digest,
     headers: &HeaderMap,
 ) -> Result {
-    let blob = state.store.open_blob(repo, digest).await?;
+    match state.upstreams.route(&state.store, repo, false).await? {
+        Some(route) => get_mirrored_blob(state, route, digest, headers).await,
+        None => send_blob(state.store.open_blob(repo, digest).await?, digest, headers).await,
+    }
+}
+
+/// Send a stored blob, or the `Range` of it asked for.
+async fn send_blob(blob: store::BlobRead, digest: &Digest, headers: &HeaderMap) -> Result {
     let size = blob.size;
     let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
         None => None,

@@ -135,6 +135,7 @@ impl From<store::Error> for RegistryError {
             | E::ChunkLength { .. } => RegistryError::new(ErrorCode::Unsupported, e.to_string())
                 .with_status(StatusCode::BAD_REQUEST),
             E::StorageFull => RegistryError::new(ErrorCode::InsufficientStorage, e.to_string()),
+            E::Source { failure, message } => upstream_failure(failure, message),
             E::Io(_)
             | E::Database(_)
             | E::Commit(_)
@@ -145,6 +146,30 @@ impl From<store::Error> for RegistryError {
                 RegistryError::new(ErrorCode::Unknown, ErrorCode::Unknown.message())
             }
         }
+    }
+}
+
+/// A mirrored read or a pushed-through write the upstream did not complete.
+fn upstream_failure(failure: store::SourceFailure, message: String) -> RegistryError {
+    use store::SourceFailure as F;
+    match failure {
+        F::NotFound => RegistryError::new(ErrorCode::ManifestUnknown, message),
+        F::Denied => RegistryError::new(ErrorCode::Denied, message),
+        F::Unavailable => RegistryError::new(ErrorCode::Unavailable, message),
+        F::RateLimited(retry_after) => {
+            let error = RegistryError::new(ErrorCode::TooManyRequests, message);
+            match retry_after {
+                Some(seconds) => {
+                    error.with_header(axum::http::header::RETRY_AFTER, seconds.to_string())
+                }
+                None => error,
+            }
+        }
+        F::Corrupt => {
+            RegistryError::new(ErrorCode::Unavailable, message).with_status(StatusCode::BAD_GATEWAY)
+        }
+        F::Refused(status) => RegistryError::new(ErrorCode::Denied, message)
+            .with_status(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)),
     }
 }
 

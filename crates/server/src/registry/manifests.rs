@@ -8,6 +8,11 @@ use oci::{ErrorCode, Reference, RepoName, media_type};
 
 use super::{RegistryError, Result};
 use crate::app::AppState;
+use crate::upstream::Served;
+
+/// The `Warning` on a tag served from disk that its upstream could not confirm.
+const STALE_WARNING: header::HeaderValue =
+    header::HeaderValue::from_static("110 layercache \"stale: the upstream could not be reached\"");
 
 const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 /// The cache records a manifest gives a build that imports it (`export`, `inline` or
@@ -22,7 +27,13 @@ pub async fn get_manifest(
     headers: &HeaderMap,
     body: bool,
 ) -> Result {
-    let manifest = state.store.get_manifest(repo, reference).await?;
+    let (manifest, served) = match state.upstreams.route(&state.store, repo, false).await? {
+        Some(route) => {
+            let (manifest, served) = route.manifest(&state.store, reference).await?;
+            (manifest, Some(served))
+        }
+        None => (state.store.get_manifest(repo, reference).await?, None),
+    };
     let accept: Vec<&str> = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -56,6 +67,14 @@ pub async fn get_manifest(
     if let Some(records) = manifest.cache {
         let value = header::HeaderValue::from_static(records.as_str());
         response.headers_mut().insert(CACHE_RECORDS, value);
+    }
+    if let Some(served) = served {
+        if served == Served::Stale {
+            response
+                .headers_mut()
+                .insert(header::WARNING, STALE_WARNING);
+        }
+        response.extensions_mut().insert(served);
     }
     Ok(response)
 }
@@ -99,10 +118,19 @@ pub async fn put_manifest(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(media_type::essence);
-    let put = state
-        .store
-        .put_manifest(repo, reference, content_type, bytes)
-        .await?;
+    let put = match state.upstreams.route(&state.store, repo, true).await? {
+        Some(route) => {
+            route
+                .push_manifest(&state.store, reference, content_type, bytes)
+                .await?
+        }
+        None => {
+            state
+                .store
+                .put_manifest(repo, reference, content_type, bytes)
+                .await?
+        }
+    };
     let mut response = (
         StatusCode::CREATED,
         [
@@ -123,6 +151,11 @@ pub async fn put_manifest(
 
 /// `DELETE /v2/<name>/manifests/<reference>`: a tag, or a manifest and its tags.
 pub async fn delete_manifest(state: &AppState, repo: &RepoName, reference: &Reference) -> Result {
-    state.store.delete_manifest(repo, reference).await?;
+    match state.upstreams.route(&state.store, repo, true).await? {
+        Some(route) if route.upstream.takes_pushes() => {
+            route.delete_manifest(&state.store, reference).await?
+        }
+        _ => state.store.delete_manifest(repo, reference).await?,
+    }
     Ok(StatusCode::ACCEPTED.into_response())
 }

@@ -23,11 +23,13 @@ use oci::{CacheRecords, ErrorCode, Reference, RepoName};
 
 pub use endpoint::Endpoint;
 pub use error::RegistryError;
+pub use manifests::CACHE_RECORDS;
 
 use crate::app::AppState;
 use crate::audit::{Event, Who};
 use crate::metrics::Route;
 use crate::sessions::{Client, Outcome};
+use crate::upstream::Served;
 
 /// `Result` of a registry handler.
 type Result<T = Response, E = RegistryError> = std::result::Result<T, E>;
@@ -258,6 +260,7 @@ pub async fn not_found() -> Response {
 async fn handle(state: &AppState, endpoint: Endpoint, parts: &Parts, body: Body) -> Result {
     let params = Params::parse(parts.uri.query())?;
     let headers = &parts.headers;
+    refuse_read_only(state, &endpoint).await?;
     match endpoint {
         Endpoint::Base => Ok(axum::Json(serde_json::json!({})).into_response()),
         Endpoint::Catalog => tags::catalog(state, &params).await,
@@ -290,6 +293,28 @@ async fn handle(state: &AppState, endpoint: Endpoint, parts: &Parts, body: Body)
     }
 }
 
+/// Refuse a push into a repository that mirrors a public registry (an edge's centre
+/// takes pushes; a mirror is read-only).
+async fn refuse_read_only(state: &AppState, endpoint: &Endpoint) -> Result<()> {
+    let repo = match endpoint {
+        Endpoint::PutManifest(repo, _)
+        | Endpoint::StartUpload(repo)
+        | Endpoint::AppendUpload(repo, _)
+        | Endpoint::FinishUpload(repo, _) => repo,
+        _ => return Ok(()),
+    };
+    match state.upstreams.route(&state.store, repo, true).await? {
+        Some(route) if !route.upstream.takes_pushes() => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "{repo} mirrors the upstream {:?}, which is read-only here",
+                route.upstream.name
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// What a request to `endpoint` that got `response` did, for its build session: the
 /// repository and the outcome (`None` outside any repository).
 fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoName, Outcome)> {
@@ -305,6 +330,7 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
     };
     let found = status == StatusCode::OK;
     let missing = status == StatusCode::NOT_FOUND;
+    let filled = response.extensions().get::<Served>() == Some(&Served::Filled);
     Some(match endpoint {
         Endpoint::Base | Endpoint::Catalog => return None,
         Endpoint::GetManifest(repo, r) | Endpoint::HeadManifest(repo, r) if found || missing => {
@@ -320,6 +346,7 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
                     head,
                     found,
                     records,
+                    filled,
                 },
             )
         }
@@ -334,7 +361,14 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
         }
         Endpoint::GetBlob(repo, d) if status.is_success() => {
             let (digest, bytes) = (d.to_string(), length);
-            (repo, Outcome::BlobServed { digest, bytes })
+            (
+                repo,
+                Outcome::BlobServed {
+                    digest,
+                    bytes,
+                    filled,
+                },
+            )
         }
         Endpoint::GetBlob(repo, d) if missing => (
             repo,

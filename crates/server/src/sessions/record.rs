@@ -29,6 +29,8 @@ pub enum Outcome {
         /// The cache records the manifest found gives a build (`None` when not found,
         /// or stored before layercache recorded them).
         records: Option<CacheRecords>,
+        /// It was fetched from an upstream just now (a miss on this server's disk).
+        filled: bool,
     },
     /// A manifest was stored, under `tag` if one was given.
     ManifestWritten {
@@ -48,6 +50,8 @@ pub enum Outcome {
         digest: String,
         /// Bytes sent.
         bytes: u64,
+        /// They were fetched from an upstream while sent (a miss on this server's disk).
+        filled: bool,
     },
     /// A blob was stored from the client's bytes.
     BlobWritten {
@@ -123,6 +127,13 @@ pub struct Counts {
     pub blobs_served: u64,
     /// Bytes downloaded.
     pub bytes_served: u64,
+    /// Of the blob downloads, those fetched from an upstream while sent (a mirror's or an
+    /// edge's misses); the others came from this server's disk.
+    pub blobs_filled: u64,
+    /// Bytes of those.
+    pub bytes_filled: u64,
+    /// Manifest lookups answered by fetching from an upstream.
+    pub manifests_filled: u64,
     /// Blobs uploaded.
     pub blobs_written: u64,
     /// Bytes uploaded.
@@ -180,6 +191,9 @@ impl Counts {
             blobs_absent,
             blobs_served,
             bytes_served,
+            blobs_filled,
+            bytes_filled,
+            manifests_filled,
             blobs_written,
             bytes_written,
             bytes_avoided,
@@ -199,6 +213,9 @@ impl Counts {
         self.blobs_absent += blobs_absent;
         self.blobs_served += blobs_served;
         self.bytes_served += bytes_served;
+        self.blobs_filled += blobs_filled;
+        self.bytes_filled += bytes_filled;
+        self.manifests_filled += manifests_filled;
         self.blobs_written += blobs_written;
         self.bytes_written += bytes_written;
         self.bytes_avoided += bytes_avoided;
@@ -362,7 +379,11 @@ impl Session {
                 head,
                 found,
                 records,
+                filled,
             } => {
+                if filled {
+                    self.count(repo, |c| c.manifests_filled += 1);
+                }
                 let found = Found::of(found, records);
                 self.count(repo, |c| *found.counter(c) += 1);
                 if found == Found::Cache && !head {
@@ -431,9 +452,13 @@ impl Session {
                 note(&mut self.avoided, digest);
             }
             Outcome::BlobChecked { size: None, .. } => self.count(repo, |c| c.blobs_absent += 1),
-            Outcome::BlobServed { bytes, .. } => self.count(repo, |c| {
+            Outcome::BlobServed { bytes, filled, .. } => self.count(repo, |c| {
                 c.blobs_served += 1;
                 c.bytes_served += bytes;
+                if filled {
+                    c.blobs_filled += 1;
+                    c.bytes_filled += bytes;
+                }
             }),
             Outcome::BlobWritten { digest, bytes } => {
                 self.count(repo, |c| {

@@ -23,8 +23,9 @@ pub trait BlobBackend: Send + Sync + 'static {
     /// Append `body` to a staging area that must currently be `offset` bytes long;
     /// returns the new length. On failure the area is left at `offset` bytes.
     async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64>;
-    /// Stream a staging area's bytes (to rebuild hash state after a restart).
-    async fn read_staged(&self, id: &UploadId) -> Result<ByteStream>;
+    /// Stream a staging area's bytes from `offset` to its current end (to rebuild hash
+    /// state after a restart, or to follow a blob being filled).
+    async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream>;
     /// Make a staging area visible under `digest`, durably and atomically.
     async fn commit(&self, id: &UploadId, digest: &Digest) -> Result<()>;
     /// Remove a staging area (no error when it is already gone).

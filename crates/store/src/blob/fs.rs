@@ -241,9 +241,11 @@ impl BlobBackend for FsBackend {
         outcome
     }
 
-    async fn read_staged(&self, id: &UploadId) -> Result<ByteStream> {
-        let file = not_found_as_none(tokio::fs::File::open(self.staged_path(id)).await)?
+    async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream> {
+        use tokio::io::AsyncSeekExt;
+        let mut file = not_found_as_none(tokio::fs::File::open(self.staged_path(id)).await)?
             .ok_or(Error::NotFound(crate::error::Missing::Upload))?;
+        file.seek(SeekFrom::Start(offset)).await?;
         Ok(Box::pin(ReaderStream::with_capacity(file, READ_CHUNK)))
     }
 

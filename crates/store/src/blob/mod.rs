@@ -170,8 +170,10 @@ impl BlobStore {
 
     /// Hash a staging area from its first byte (hash state is lost on restart).
     pub async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<(u64, Hasher)> {
-        let (mut stream, hashing) =
-            tee_hash(self.backend.read_staged(id).await?, Hasher::new(algorithm));
+        let (mut stream, hashing) = tee_hash(
+            self.backend.read_staged(id, 0).await?,
+            Hasher::new(algorithm),
+        );
         let mut len = 0u64;
         while let Some(chunk) = stream.next().await {
             len += chunk?.len() as u64;
@@ -213,6 +215,11 @@ impl BlobStore {
         let locked = self.lock_digests(std::slice::from_ref(&digest)).await;
         self.backend.commit(id, &digest).await?;
         Ok((digest, locked))
+    }
+
+    /// Stream a staging area from `offset` to its current end.
+    pub async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream> {
+        self.backend.read_staged(id, offset).await
     }
 
     /// Remove a staging area.
