@@ -197,6 +197,21 @@ impl Fill {
         }
     }
 
+    /// Wait for the fill to end: the blob's size once stored, or why it failed.
+    pub fn finished(&self) -> impl std::future::Future<Output = Result<u64>> + Send + 'static {
+        let mut state = self.state.clone();
+        async move {
+            loop {
+                if let State::Done(done) = &*state.borrow_and_update() {
+                    return done_result(done);
+                }
+                if state.changed().await.is_err() {
+                    return Err(Error::Task("a blob fill stopped".into()));
+                }
+            }
+        }
+    }
+
     /// The blob's bytes as they arrive; the stream fails if the fill does. Followed in a
     /// task of its own, so dropping the stream stops only this reader.
     pub fn stream(self) -> ByteStream {

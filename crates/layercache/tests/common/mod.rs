@@ -13,6 +13,7 @@ pub mod actions;
 pub mod jwt;
 pub mod load;
 pub mod registry;
+pub mod upstream;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -91,6 +91,11 @@ impl Client {
         })
     }
 
+    /// The upstream's base URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
     fn url(&self, path: &str) -> Result<Url, Error> {
         self.base
             .join(path)

@@ -179,6 +179,11 @@ impl Upstreams {
         })
     }
 
+    /// An edge's central layercache, if this server is an edge.
+    pub fn centre(&self) -> Option<&Upstream> {
+        self.list.iter().find(|u| u.name.is_empty())
+    }
+
     /// The upstream behind `repo`, if any: the one its first component names, else an
     /// edge's centre, else, for a read of a repository with nothing stored under its own
     /// name, Docker Hub's mirror (which stores it under `docker.io/`).
@@ -232,6 +237,11 @@ fn hub_name(upstream: &str, path: &str) -> String {
 }
 
 impl Upstream {
+    /// Its base URL (`https://registry-1.docker.io`).
+    pub fn url(&self) -> &reqwest::Url {
+        self.client.base()
+    }
+
     /// Whether pushes to its repositories pass through to it (an edge's centre); a
     /// public registry's mirror is read-only.
     pub fn takes_pushes(&self) -> bool {
@@ -392,12 +402,9 @@ impl Route<'_> {
             digest.clone(),
         );
         let counter = self.metrics.bytes_counter(self.upstream);
-        let failures = self.metrics.failure_counter(self.upstream);
         let fill = store.fill_blob(&self.local, digest, move || {
             Box::pin(async move {
-                let mut source = client.blob(&remote, &target).await.inspect_err(|_| {
-                    failures.inc();
-                })?;
+                let mut source = client.blob(&remote, &target).await?;
                 source.body = Box::pin(source.body.inspect_ok(move |chunk| {
                     counter.inc_by(chunk.len() as u64);
                 }));
@@ -406,6 +413,15 @@ impl Route<'_> {
         });
         if fill.started {
             self.metrics.filled(self.upstream, "blob", 0);
+            let finished = fill.finished();
+            let failures = self.metrics.failure_counter(self.upstream);
+            let (upstream, digest) = (self.upstream.name.clone(), digest.clone());
+            tokio::spawn(async move {
+                if let Err(e) = finished.await {
+                    failures.inc();
+                    tracing::warn!(upstream, %digest, error = %e, "filling a blob failed");
+                }
+            });
         }
         Ok(BlobAnswer::Filling(fill))
     }
