@@ -205,6 +205,14 @@ fn an_edge_fills_from_its_centre_keeps_a_copy_and_passes_pushes_through() {
     assert_eq!(count(&hits, "blobs_filled"), 0, "{hits}");
     assert_eq!(count(&hits, "manifests_filled"), 0, "{hits}");
     assert_eq!(count(&hits, "bytes_filled"), 0, "{hits}");
+    let report = common::layercache(&["report", "--server", &second.url, "--since", "10m"]);
+    let report = String::from_utf8(report.stdout).unwrap();
+    let centre_row = report
+        .lines()
+        .skip_while(|l| !l.starts_with("upstreams, since the server started"))
+        .find(|l| l.starts_with("centre"))
+        .unwrap_or_else(|| panic!("no upstream row in the report:\n{report}"));
+    assert!(centre_row.contains(&centre.url), "{centre_row}");
     let metrics = get(&second, "/metrics");
     assert!(
         metrics.contains("layercache_upstream_hits_total{upstream=\"centre\",kind=\"blob\"}"),

@@ -1,7 +1,9 @@
 //! `layercache report`: what recent builds read from and wrote to the cache.
 
+use anyhow::Context;
 use bytesize::ByteSize;
 use server::sessions::Session;
+use server::upstream::UpstreamStats;
 
 use crate::cli::ReportArgs;
 
@@ -21,10 +23,55 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     }
     if sessions.is_empty() {
         println!("no build sessions since {}", super::clock(since));
-        return Ok(());
+    } else {
+        print!("{}", table(&sessions, args.repo.as_deref()));
     }
-    print!("{}", table(&sessions, args.repo.as_deref()));
+    let url = format!("{}/api/v1/upstreams", args.server.url.trim_end_matches('/'));
+    let upstreams = match super::call(&args.server.url, reqwest::Client::new().get(&url)).await {
+        Ok(body) => serde_json::from_str(&body).context("parsing the server's upstreams")?,
+        Err(e) => {
+            // A server older than this client has none to report.
+            eprintln!("upstreams not reported: {e:#}");
+            Vec::<UpstreamStats>::new()
+        }
+    };
+    if !upstreams.is_empty() {
+        print!(
+            "\nupstreams, since the server started:\n{}",
+            upstream_table(&upstreams)
+        );
+    }
     Ok(())
+}
+
+/// One row per upstream: reads served from disk, fills, bytes fetched.
+fn upstream_table(upstreams: &[UpstreamStats]) -> String {
+    let header = [
+        "UPSTREAM", "URL", "HITS", "FILLS", "FETCHED", "STALE", "FAILURES",
+    ];
+    let split = |counts: &std::collections::BTreeMap<String, u64>| {
+        let total: u64 = counts.values().sum();
+        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        match parts.len() {
+            0 => "0".to_owned(),
+            _ => format!("{total} ({})", parts.join(", ")),
+        }
+    };
+    let rows: Vec<Vec<String>> = upstreams
+        .iter()
+        .map(|u| {
+            vec![
+                u.upstream.clone(),
+                u.url.clone(),
+                split(&u.hits),
+                split(&u.fills),
+                ByteSize(u.bytes).display().iec().to_string(),
+                u.stale.to_string(),
+                u.failures.to_string(),
+            ]
+        })
+        .collect();
+    super::aligned(&header, &rows)
 }
 
 /// One row per session, most recent first; with `repo`, the counts are those in it.

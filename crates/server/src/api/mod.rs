@@ -1,6 +1,7 @@
 //! layercache's own JSON API under `/api/v1`: build sessions, the store's usage (now
 //! and over the last day), eviction passes, and per-repository figures (what each
-//! holds, what builds read from it, its hit ratio over time) for the dashboard.
+//! holds, what builds read from it, its hit ratio over time) and what each upstream
+//! did, for the dashboard.
 
 mod stats;
 
@@ -20,6 +21,7 @@ use crate::audit::{Event, Who};
 use crate::auth::Identity;
 use crate::sessions::Session;
 use crate::ui::{UsageSample, history};
+use crate::upstream::UpstreamStats;
 
 /// The audit log's route (for administrators only, whatever the method).
 pub(crate) const AUDIT_ROUTE: &str = "/api/v1/audit";
@@ -34,6 +36,13 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/v1/usage/history", get(usage_history))
         .route("/api/v1/repositories", get(list_repositories))
         .route("/api/v1/hit-ratio", get(hit_ratio))
+        .route("/api/v1/upstreams", get(list_upstreams))
+}
+
+/// `GET /api/v1/upstreams`: what each upstream did since the server started (hits,
+/// fills and bytes fetched).
+async fn list_upstreams(State(state): State<AppState>) -> Json<Vec<UpstreamStats>> {
+    Json(state.upstreams.stats())
 }
 
 #[derive(Debug, Deserialize)]

@@ -444,6 +444,7 @@ mod tests {
 
     fn miss(reference: &str) -> Outcome {
         Outcome::ManifestLookup {
+            filled: false,
             reference: reference.to_owned(),
             by_tag: true,
             head: true,
@@ -472,6 +473,7 @@ mod tests {
 
     fn lookup(reference: &str, head: bool) -> Outcome {
         Outcome::ManifestLookup {
+            filled: false,
             reference: reference.to_owned(),
             by_tag: !reference.contains('@'),
             head,

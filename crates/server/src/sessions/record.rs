@@ -543,6 +543,7 @@ mod tests {
 
     fn lookup(reference: &str, head: bool, found: bool) -> Outcome {
         Outcome::ManifestLookup {
+            filled: false,
             reference: reference.to_owned(),
             by_tag: !reference.contains('@'),
             head,
@@ -553,6 +554,7 @@ mod tests {
 
     fn image_without_cache(reference: &str, head: bool) -> Outcome {
         Outcome::ManifestLookup {
+            filled: false,
             reference: reference.to_owned(),
             by_tag: !reference.contains('@'),
             head,
@@ -627,6 +629,7 @@ mod tests {
             (
                 "cache/app",
                 Outcome::BlobServed {
+                    filled: false,
                     digest: "sha256:2".into(),
                     bytes: 10,
                 },

@@ -65,18 +65,7 @@ impl Client {
     pub fn new(config: &Config, max_manifest_bytes: usize) -> Result<Client, String> {
         let base = Url::parse(config.url.trim_end_matches('/'))
             .map_err(|e| format!("upstream {:?}: url {:?}: {e}", config.name, config.url))?;
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .user_agent(concat!("layercache/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("reading {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("{}: {e}", ca.display()))?
-            {
-                http = http.add_root_certificate(cert);
-            }
-        }
+        let http = http_builder(config)?.read_timeout(READ_TIMEOUT);
         let credentials = match &config.credentials {
             Some(c) => Some((c.username.clone(), c.password()?)),
             None => None,
@@ -363,8 +352,25 @@ impl Client {
     }
 }
 
+/// An HTTP client for `config`'s upstream: its connect timeout, user agent and trusted
+/// roots (the public ones and its `ca_file`), without a read timeout.
+pub(super) fn http_builder(config: &Config) -> Result<reqwest::ClientBuilder, String> {
+    let mut http = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .user_agent(concat!("layercache/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &config.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| format!("reading {}: {e}", ca.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: {e}", ca.display()))?
+        {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    Ok(http)
+}
+
 /// The response when it succeeded; otherwise the failure it reports.
-async fn check(response: Response, what: &str) -> Result<Response, Error> {
+pub(super) async fn check(response: Response, what: &str) -> Result<Response, Error> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -473,14 +479,14 @@ fn challenge_params(params: &str) -> Vec<(String, String)> {
     pairs
 }
 
-fn unavailable(message: String) -> Error {
+pub(super) fn unavailable(message: String) -> Error {
     Error::Source {
         failure: SourceFailure::Unavailable,
         message,
     }
 }
 
-fn transport(e: reqwest::Error) -> Error {
+pub(super) fn transport(e: reqwest::Error) -> Error {
     unavailable(format!("upstream unreachable: {e}"))
 }
 

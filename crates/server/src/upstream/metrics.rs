@@ -22,6 +22,28 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+/// What one upstream did since the server started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamStats {
+    /// Its name (`centre` for an edge's central layercache).
+    pub upstream: String,
+    /// Its URL.
+    pub url: String,
+    /// Reads answered from this server's disk, by kind (`manifest`, `blob`, `entry`).
+    pub hits: std::collections::BTreeMap<String, u64>,
+    /// Fetches on a miss, by kind.
+    pub fills: std::collections::BTreeMap<String, u64>,
+    /// Bytes fetched from it.
+    pub bytes: u64,
+    /// Tags served although it could not confirm them.
+    pub stale: u64,
+    /// Fills it could not provide.
+    pub failures: u64,
+}
+
+/// The kinds of content counted.
+const KINDS: [&str; 3] = ["manifest", "blob", "entry"];
+
 /// The upstreams' counters.
 #[derive(Default)]
 pub struct UpstreamMetrics {
@@ -68,6 +90,39 @@ impl UpstreamMetrics {
             "Fills an upstream could not provide (absent, unreachable, rate-limited, corrupt)",
             self.failures.clone(),
         );
+    }
+
+    /// What `upstream` did, from its counters.
+    pub fn stats(&self, upstream: &Upstream) -> UpstreamStats {
+        let name = label(upstream);
+        let by_kind = |family: &Family<KindLabels, Counter>| {
+            KINDS
+                .iter()
+                .map(|&kind| {
+                    let labels = KindLabels {
+                        upstream: name.clone(),
+                        kind,
+                    };
+                    (kind.to_owned(), family.get_or_create(&labels).get())
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        };
+        let one = |family: &Family<UpstreamLabels, Counter>| {
+            let labels = UpstreamLabels {
+                upstream: name.clone(),
+            };
+            family.get_or_create(&labels).get()
+        };
+        UpstreamStats {
+            url: upstream.url().to_string(),
+            hits: by_kind(&self.hits),
+            fills: by_kind(&self.fills),
+            bytes: one(&self.bytes),
+            stale: one(&self.stale),
+            failures: one(&self.failures),
+            upstream: name.clone(),
+        }
     }
 
     pub(super) fn hit(&self, upstream: &Upstream, kind: &'static str) {

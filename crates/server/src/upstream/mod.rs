@@ -9,6 +9,7 @@
 //! served stale when the upstream cannot answer. Blob fills are verified and coalesced
 //! by the store (see [`store::Fill`]).
 
+mod actions;
 mod client;
 mod metrics;
 
@@ -23,8 +24,9 @@ use oci::{Digest, Manifest, Reference, RepoName, Tag};
 use store::meta::StoredManifest;
 use store::{BlobRead, Error, Fill, PutManifest, SourceFailure, Store};
 
+pub use actions::EntryAsk;
 use client::Client;
-pub use metrics::UpstreamMetrics;
+pub use metrics::{UpstreamMetrics, UpstreamStats};
 
 /// The upstream that serves repositories without a prefix of their own when no edge
 /// upstream does: what dockerd's `registry-mirrors` and BuildKit's `mirrors` ask for.
@@ -128,6 +130,8 @@ pub struct Upstream {
     /// Its name (empty for an edge's centre).
     pub name: String,
     client: Arc<Client>,
+    /// Its cache service, when it is an edge's centre.
+    cache: Option<actions::CentreCache>,
     tag_ttl: Duration,
     /// When each tag was last found current, by local repository and tag.
     validated: Mutex<HashMap<(RepoName, String), Instant>>,
@@ -166,9 +170,16 @@ impl Upstreams {
             if list.iter().any(|u: &Upstream| u.name == config.name) {
                 return Err(format!("two upstreams are named {:?}", config.name));
             }
+            let client = Client::new(config, max_manifest_bytes)?;
+            let cache = config
+                .name
+                .is_empty()
+                .then(|| actions::CentreCache::new(config, client.base().clone()))
+                .transpose()?;
             list.push(Upstream {
                 name: config.name.clone(),
-                client: Arc::new(Client::new(config, max_manifest_bytes)?),
+                client: Arc::new(client),
+                cache,
                 tag_ttl: config.tag_ttl,
                 validated: Mutex::default(),
             });
@@ -177,6 +188,11 @@ impl Upstreams {
             list,
             metrics: UpstreamMetrics::default(),
         })
+    }
+
+    /// What each upstream did since the server started.
+    pub fn stats(&self) -> Vec<UpstreamStats> {
+        self.list.iter().map(|u| self.metrics.stats(u)).collect()
     }
 
     /// An edge's central layercache, if this server is an edge.
