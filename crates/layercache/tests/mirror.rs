@@ -2,7 +2,8 @@
 //! Debian `docker-registry` (distribution) over TLS with a CA the test makes and htpasswd
 //! auth, holding images skopeo put there. Pulled through layercache by a dockerd with
 //! `registry-mirrors`, by BuildKit building `FROM` a mirrored image, and by skopeo under
-//! an explicit `HOST/docker.io/…` name, everything is byte-identical with the upstream.
+//! an explicit `HOST/docker.io/…` name, everything is byte-identical with the upstream;
+//! names without an upstream's prefix stay usable for the server's own repositories.
 //! With the upstream stopped, what was pulled is still served, and an uncached tag gets a
 //! clear error; a moved tag is picked up after `tag_ttl` (and not before, on the
 //! defaults); 16 concurrent pulls of one uncached 256 MiB blob make one upstream fetch;
@@ -150,6 +151,19 @@ fn a_pull_through_mirror_serves_dockerd_buildkit_and_skopeo_byte_for_byte() {
         base.manifest
     );
 
+    // A name without an upstream's prefix is also this server's own: a first push there
+    // works, and reads of it stay here.
+    common::run_ok(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("dir:{}", copied.display()),
+        &format!("docker://{}/mine/app:1", server.host),
+    ]));
+    assert_eq!(
+        sha256(&raw_manifest(&format!("{}/mine/app:1", server.host))),
+        base.manifest_digest
+    );
+
     // dockerd with registry-mirrors pulls `base:1` (docker.io/library/base:1) through it.
     let daemon = Dockerd::start(&server.url);
     common::run_ok(&mut daemon.docker(&["pull", "base:1"]));
@@ -243,6 +257,9 @@ fn a_pull_through_mirror_serves_dockerd_buildkit_and_skopeo_byte_for_byte() {
     let id = common::run_ok(&mut daemon.docker(&["image", "inspect", "-f", "{{.Id}}", "base:1"]));
     assert_eq!(id.trim(), base.config.digest);
     assert_eq!(sha256(&raw_manifest(&explicit)), base.manifest_digest);
+    // A name of this server's own that does not exist is a plain miss, upstream or not.
+    let (status, _, body) = get(&server.at("/v2/mine/other/manifests/1"));
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     // Never pulled: a clear error, not a hang or a 500.
     let (status, _, body) = get(&server.at("/v2/docker.io/library/never/manifests/1"));
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));

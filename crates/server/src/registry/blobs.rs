@@ -31,24 +31,10 @@ fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> R
 /// `HEAD /v2/<name>/blobs/<digest>`: existence and size, no body.
 pub async fn head_blob(state: &AppState, repo: &RepoName, digest: &Digest) -> Result {
     let size = match state.upstreams.route(&state.store, repo, false).await? {
-        Some(route) => route
-            .blob_size(&state.store, digest)
-            .await
-            .map_err(blob_absent)?,
+        Some(route) => route.blob_size(&state.store, digest).await?,
         None => state.store.open_blob(repo, digest).await?.size,
     };
     Ok(blob_response(StatusCode::OK, digest, size, Body::empty()))
-}
-
-/// An upstream's "not found" for a blob is the registry's `BLOB_UNKNOWN`.
-fn blob_absent(error: store::Error) -> store::Error {
-    match error {
-        store::Error::Source {
-            failure: store::SourceFailure::NotFound,
-            ..
-        } => store::Error::NotFound(store::error::Missing::Blob),
-        e => e,
-    }
 }
 
 /// `GET` of a blob in a mirrored repository: from disk, or followed while it is filled
@@ -59,18 +45,17 @@ async fn get_mirrored_blob(
     digest: &Digest,
     headers: &HeaderMap,
 ) -> Result {
-    match route
-        .blob(&state.store, digest)
-        .await
-        .map_err(blob_absent)?
-    {
+    match route.blob(&state.store, digest).await? {
         BlobAnswer::Stored(blob) => {
             let mut response = send_blob(blob, digest, headers).await?;
             response.extensions_mut().insert(Served::Hit);
             Ok(response)
         }
         BlobAnswer::Filling(mut fill) => {
-            let size = fill.size().await.map_err(blob_absent)?;
+            let size = fill
+                .size()
+                .await
+                .map_err(|e| route.absent(e, store::error::Missing::Blob))?;
             let body = Body::from_stream(fill.stream());
             let mut response = blob_response(StatusCode::OK, digest, size, body);
             response.extensions_mut().insert(Served::Filled);

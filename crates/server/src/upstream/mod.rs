@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use oci::{Digest, Manifest, Reference, RepoName, Tag};
+use store::error::Missing;
 use store::meta::StoredManifest;
 use store::{BlobRead, Error, Fill, PutManifest, SourceFailure, Store};
 
@@ -145,6 +146,9 @@ pub struct Route<'a> {
     pub local: RepoName,
     /// The repository as the upstream names it (`library/alpine`).
     remote: String,
+    /// The name has no upstream's prefix: it may as well be a repository of this server
+    /// that does not exist yet (the first push of a build's cache probes it).
+    implicit: bool,
     metrics: &'a UpstreamMetrics,
 }
 
@@ -219,10 +223,15 @@ impl Upstreams {
                 .find(|u| !u.name.is_empty() && u.name == first)
                 .map(|u| (u, rest))
         });
-        let (upstream, local, remote) = if let Some((upstream, rest)) = named {
-            (upstream, repo.clone(), hub_name(&upstream.name, rest))
-        } else if let Some(centre) = self.list.iter().find(|u| u.name.is_empty()) {
-            (centre, repo.clone(), path.to_owned())
+        let (upstream, local, remote, implicit) = if let Some((upstream, rest)) = named {
+            (
+                upstream,
+                repo.clone(),
+                hub_name(&upstream.name, rest),
+                false,
+            )
+        } else if let Some(centre) = self.centre() {
+            (centre, repo.clone(), path.to_owned(), false)
         } else if let Some(hub) = self.list.iter().find(|u| u.name == DOCKER_HUB && !write) {
             if store.has_repository(repo).await? {
                 return Ok(None);
@@ -230,7 +239,7 @@ impl Upstreams {
             let Ok(local) = format!("{DOCKER_HUB}/{path}").parse() else {
                 return Ok(None);
             };
-            (hub, local, hub_name(DOCKER_HUB, path))
+            (hub, local, hub_name(DOCKER_HUB, path), true)
         } else {
             return Ok(None);
         };
@@ -238,6 +247,7 @@ impl Upstreams {
             upstream,
             local,
             remote,
+            implicit,
             metrics: &self.metrics,
         }))
     }
@@ -290,6 +300,32 @@ impl Route<'_> {
         store: &Store,
         reference: &Reference,
     ) -> Result<(StoredManifest, Served), Error> {
+        let found = self.lookup_manifest(store, reference).await;
+        found.map_err(|e| self.absent(e, Missing::Manifest))
+    }
+
+    /// What a failure of the upstream means for the client: the upstream's "not found"
+    /// is the registry's; for an implicit name, whatever the upstream could not provide
+    /// is simply not here.
+    pub fn absent(&self, error: Error, missing: Missing) -> Error {
+        match error {
+            Error::Source {
+                failure: SourceFailure::NotFound,
+                ..
+            } => Error::NotFound(missing),
+            Error::Source { message, .. } if self.implicit => {
+                tracing::debug!(repo = %self.remote, reason = message, "not from Docker Hub either");
+                Error::NotFound(missing)
+            }
+            e => e,
+        }
+    }
+
+    async fn lookup_manifest(
+        &self,
+        store: &Store,
+        reference: &Reference,
+    ) -> Result<(StoredManifest, Served), Error> {
         let stored = match store.get_manifest(&self.local, reference).await {
             Ok(stored) => Some(stored),
             Err(Error::NotFound(_)) => None,
@@ -332,7 +368,7 @@ impl Route<'_> {
             }) => {
                 // Gone upstream: gone here.
                 let _ = store.delete_manifest(&self.local, reference).await;
-                Err(Error::NotFound(store::error::Missing::Manifest))
+                Err(Error::NotFound(Missing::Manifest))
             }
             Err(Error::Source { message, .. }) => Ok(self.stale(stored, &message)),
             Err(e) => Err(e),
@@ -390,6 +426,11 @@ impl Route<'_> {
     /// Blob `digest`: from disk, linked from another repository that holds it (when the
     /// upstream confirms this one has it too), or filled from the upstream.
     pub async fn blob(&self, store: &Store, digest: &Digest) -> Result<BlobAnswer, Error> {
+        let found = self.stored_or_filling(store, digest).await;
+        found.map_err(|e| self.absent(e, Missing::Blob))
+    }
+
+    async fn stored_or_filling(&self, store: &Store, digest: &Digest) -> Result<BlobAnswer, Error> {
         match store.open_blob(&self.local, digest).await {
             Ok(blob) => {
                 self.metrics.hit(self.upstream, "blob");
@@ -444,6 +485,11 @@ impl Route<'_> {
 
     /// Size of blob `digest`, from disk or as the upstream says (nothing is fetched).
     pub async fn blob_size(&self, store: &Store, digest: &Digest) -> Result<u64, Error> {
+        let found = self.stored_or_upstream_size(store, digest).await;
+        found.map_err(|e| self.absent(e, Missing::Blob))
+    }
+
+    async fn stored_or_upstream_size(&self, store: &Store, digest: &Digest) -> Result<u64, Error> {
         match store.open_blob(&self.local, digest).await {
             Ok(blob) => return Ok(blob.size),
             Err(Error::NotFound(_)) => {}
@@ -451,7 +497,7 @@ impl Route<'_> {
         }
         match self.upstream.client.blob_size(&self.remote, digest).await {
             Ok(Some(size)) => Ok(size),
-            Ok(None) => Err(Error::NotFound(store::error::Missing::Blob)),
+            Ok(None) => Err(Error::NotFound(Missing::Blob)),
             Err(e) => Err(e),
         }
     }
