@@ -18,12 +18,19 @@
 //! `--only eviction` measures eviction on servers of its own: how fast a pass evicts
 //! thousands of images, distribution's offline garbage collection on the same images for
 //! reference, and a push and a pull beside a long pass (see `eviction.rs`).
+//!
+//! `--only mirror` measures pull-through on servers of its own: a `--blob-mib` blob on an
+//! upstream distribution registry, pulled through layercache (an `[[upstreams]]` named
+//! `docker.io`) and through distribution's proxy mode, cold (the miss) and again with the
+//! upstream stopped (the hit), against the upstream's own GET and a local pull from
+//! layercache (see `mirror.rs`).
 
 mod actions;
 mod auth;
 mod e2e;
 mod eviction;
 mod limits;
+mod mirror;
 mod payload;
 mod registry;
 mod report;
@@ -149,6 +156,9 @@ enum Workload {
     /// The gaps eviction's protection windows cover, with docker, buildah, skopeo and
     /// BuildKit (a server and a dockerd of its own).
     Windows,
+    /// Pull-through from an upstream registry, layercache's mirror against distribution's
+    /// proxy mode (servers of its own).
+    Mirror,
 }
 
 /// What the JSON report holds.
@@ -165,6 +175,7 @@ struct Report {
     e2e: Vec<Outcome>,
     actions: Option<actions::Report>,
     eviction: Option<eviction::Report>,
+    mirror: Option<mirror::Report>,
     windows: Option<windows::Report>,
     failed: Vec<String>,
 }
@@ -366,6 +377,20 @@ async fn run(args: &Args) -> Result<Report> {
         eviction_report = Some(eviction::run(&ctx, &mut samples).await?);
     }
 
+    let mut mirror_report = None;
+    if selection.has(Workload::Mirror) {
+        let ctx = mirror::Inputs {
+            dir,
+            base: &base,
+            http: &client,
+            layercache_bin: &layercache_bin,
+            registry_bin: &args.registry_bin,
+            blob_mib: shape.blob_mib,
+            rounds: args.rounds,
+        };
+        mirror_report = Some(mirror::run(&ctx, &mut samples).await?);
+    }
+
     let mut windows_report = None;
     if selection.has(Workload::Windows) {
         ensure!(
@@ -436,6 +461,7 @@ async fn run(args: &Args) -> Result<Report> {
         e2e: outcomes,
         actions: actions_report,
         eviction: eviction_report,
+        mirror: mirror_report,
         windows: windows_report,
         failed,
     };
@@ -453,6 +479,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if let Some(eviction) = &report.eviction {
         println!("{}", eviction::table(eviction));
+    }
+    if let Some(mirror) = &report.mirror {
+        println!("{}", mirror::table(mirror));
     }
     if let Some(windows) = &report.windows {
         println!("{}", windows::table(windows));

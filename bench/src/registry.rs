@@ -163,6 +163,28 @@ impl Registry {
         Ok(total)
     }
 
+    /// `GET` a blob, appending its body to `out`; fails rather than grow `out` past its
+    /// capacity (a caller that sized it for the blob never pays for a reallocation, and a
+    /// body longer than the blob is an error).
+    pub async fn pull_into(&self, repo: &str, digest: &str, out: &mut Vec<u8>) -> Result<()> {
+        let response = self
+            .client
+            .get(self.url(&format!("/v2/{repo}/blobs/{digest}"))?)
+            .send()
+            .await?;
+        let mut response = success(response, "GET blob").await?;
+        while let Some(chunk) = response.chunk().await? {
+            if out.len() + chunk.len() > out.capacity() {
+                bail!(
+                    "GET {repo}@{digest}: more than the {} bytes expected",
+                    out.capacity()
+                );
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(())
+    }
+
     /// `PUT /v2/<repo>/manifests/<reference>`.
     pub async fn put_manifest(
         &self,

@@ -133,6 +133,14 @@ pub enum Target {
         /// Minimum fraction of the limit.
         fraction: f64,
     },
+    /// layercache >= `fraction` x the limit, where the limit is another figure of this
+    /// run, named `of` (a pull-through miss against the upstream's own GET).
+    Within {
+        /// Minimum fraction of the other figure.
+        fraction: f64,
+        /// What the other figure is, as printed.
+        of: &'static str,
+    },
 }
 
 impl Target {
@@ -151,6 +159,7 @@ impl Target {
             Target::Below => "< distribution".into(),
             Target::AtMost { value } => format!("<= {} {unit}", num(value)),
             Target::OfLimit { fraction } => format!(">= {:.0}% limit", fraction * 100.0),
+            Target::Within { fraction, of } => format!(">= {:.0}% {of}", fraction * 100.0),
         }
     }
 }
@@ -201,7 +210,9 @@ impl Figure {
         let pass = match (target, lc, dist) {
             (Target::None, _, _) => None,
             (Target::AtMost { value }, Some(a), _) => Some(a <= value),
-            (Target::OfLimit { fraction }, Some(a), _) => limit.map(|l| a >= fraction * l),
+            (Target::OfLimit { fraction } | Target::Within { fraction, .. }, Some(a), _) => {
+                limit.map(|l| a >= fraction * l)
+            }
             (Target::AtLeast { ratio: r, of_limit }, Some(a), Some(b)) => {
                 let vs_limit = match (of_limit, limit) {
                     (Some(f), Some(l)) => a >= f * l,
@@ -290,7 +301,17 @@ pub fn figures(
             .map(|s| s.median)
     };
     let within_auth_off = Target::OfLimit { fraction: 0.9 };
-    let rows: [(&str, String, &str, Option<f64>, Target); 39] = [
+    // A pull-through mirror's limits are figures of the same run: the upstream's own GET
+    // for a miss, a pull of a blob pushed to layercache for a hit.
+    let peer = |key: &str, kind: Kind| {
+        let s = samples.get(key)?;
+        let values = match kind {
+            Kind::Layercache => &s.layercache,
+            Kind::Distribution => &s.distribution,
+        };
+        Summary::of(values).map(|s| s.median)
+    };
+    let rows: [(&str, String, &str, Option<f64>, Target); 45] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -533,6 +554,56 @@ pub fn figures(
             Target::None,
         ),
         (
+            "mirror_direct_mb_s",
+            format!("pull-through: GET {blob} from the upstream itself"),
+            "MB/s",
+            None,
+            Target::None,
+        ),
+        (
+            "mirror_local_mb_s",
+            format!("pull-through: GET {blob} pushed to layercache"),
+            "MB/s",
+            None,
+            Target::None,
+        ),
+        (
+            "mirror_miss_mb_s",
+            format!("pull-through miss {blob} (limit: direct)"),
+            "MB/s",
+            peer("mirror_direct_mb_s", Kind::Distribution),
+            Target::Within {
+                fraction: 0.9,
+                of: "direct",
+            },
+        ),
+        (
+            "mirror_hit_mb_s",
+            format!("pull-through hit {blob} (limit: local pull)"),
+            "MB/s",
+            peer("mirror_local_mb_s", Kind::Layercache),
+            Target::Within {
+                fraction: 0.9,
+                of: "local pull",
+            },
+        ),
+        (
+            "mirror_stored_mb_s",
+            format!("pull-through miss {blob}, until stored"),
+            "MB/s",
+            None,
+            Target::None,
+        ),
+        (
+            "mirror_rss_mib",
+            format!("pull-through miss {blob}: peak RSS"),
+            "MiB",
+            None,
+            Target::AtMost {
+                value: mirror_rss_bound(shape.blob_mib),
+            },
+        ),
+        (
             "rss_mib",
             "peak RSS over the run".into(),
             "MiB",
@@ -581,6 +652,12 @@ pub fn figures(
             Some(Figure::new(key, &label, unit, s, limit, target))
         })
         .collect()
+}
+
+/// The most resident memory a pull-through mirror may reach over a miss, in MiB: an
+/// eighth of the blob (at least 64 MiB), so memory that grows with the blob fails.
+pub fn mirror_rss_bound(blob_mib: usize) -> f64 {
+    (blob_mib as f64 / 8.0).max(64.0)
 }
 
 /// The machine limits as a small table.
@@ -789,5 +866,19 @@ mod tests {
         assert_eq!(f.pass, Some(false));
         let f = Figure::new("k", "l", "MiB/s", &s, None, target);
         assert_eq!(f.pass, None);
+    }
+
+    #[test]
+    fn within_another_figure_is_judged_against_it_and_names_it() {
+        let s = samples(&[95.0], &[50.0]);
+        let target = Target::Within {
+            fraction: 0.9,
+            of: "direct",
+        };
+        let f = Figure::new("k", "l", "MB/s", &s, Some(100.0), target);
+        assert_eq!((f.pass, f.ratio), (Some(true), Some(1.9)));
+        assert_eq!(target.describe("MB/s"), ">= 90% direct");
+        let f = Figure::new("k", "l", "MB/s", &s, Some(120.0), target);
+        assert_eq!(f.pass, Some(false));
     }
 }

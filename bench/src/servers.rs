@@ -105,9 +105,20 @@ impl Server {
     /// deletes enabled, errors-only logging, and the in-memory blob descriptor cache of
     /// Debian's packaged configuration.
     pub fn start_distribution(bin: &Path, dir: &Path) -> Result<Server> {
+        let host = format!("127.0.0.1:{}", free_port()?);
+        Server::start_distribution_on(bin, dir, &host, "")
+    }
+
+    /// Start the distribution registry as [`Server::start_distribution`] does, on `host`
+    /// (`127.0.0.1:PORT`, so a restart keeps the address), with `extra` top-level YAML
+    /// appended to its configuration (such as a `proxy:` section).
+    pub fn start_distribution_on(
+        bin: &Path,
+        dir: &Path,
+        host: &str,
+        extra: &str,
+    ) -> Result<Server> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let host = format!("127.0.0.1:{port}");
         let data_dir = dir.join("data");
         let config = distribution_config(dir);
         let mut f = File::create(&config)?;
@@ -117,7 +128,7 @@ impl Server {
              log:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  cache:\n    blobdescriptor: inmemory\n  \
              filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {host}\n",
+             http:\n  addr: {host}\n{extra}",
             data_dir.display()
         )?;
         let log = dir.join("server.log");
@@ -125,14 +136,14 @@ impl Server {
             .arg("serve")
             .arg(&config)
             .stdout(File::create(dir.join("stdout.log"))?)
-            .stderr(File::create(&log)?)
+            .stderr(File::options().create(true).append(true).open(&log)?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         Ok(Server {
             kind: Kind::Distribution,
             child,
             url: format!("http://{host}"),
-            host,
+            host: host.to_owned(),
             data_dir,
             log,
         })

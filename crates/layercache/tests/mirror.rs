@@ -128,6 +128,27 @@ fn a_pull_through_mirror_serves_dockerd_buildkit_and_skopeo_byte_for_byte() {
     let mut upstream = Upstream::start();
     let base = upstream::busybox_image(&upstream, "library/base:1");
     let tool = upstream::busybox_image(&upstream, "library/tool:1");
+    // The upstream really wants its CA and credentials.
+    let anonymous = Command::new("skopeo")
+        .args(["inspect", "--raw", "--cert-dir"])
+        .arg(upstream.cert_dir())
+        .arg(format!("docker://{}/library/base:1", upstream.host))
+        .output()
+        .unwrap();
+    assert!(
+        !anonymous.status.success(),
+        "the upstream served without credentials"
+    );
+    let untrusted = Command::new("skopeo")
+        .args(["inspect", "--raw", "--creds"])
+        .arg(format!("{}:{}", upstream::USER, upstream::PASSWORD))
+        .arg(format!("docker://{}/library/base:1", upstream.host))
+        .output()
+        .unwrap();
+    assert!(
+        !untrusted.status.success(),
+        "the upstream's certificate was trusted without its CA"
+    );
     let server = mirror(&upstream, tmp.path(), Some(TAG_TTL));
     let on_defaults = mirror(&upstream, tmp.path(), None);
 
