@@ -402,7 +402,15 @@ impl Route<'_> {
                 fetched.body,
                 fetched.records,
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // Not one a registry may serve: the upstream's fault, not the client's.
+                Error::ManifestInvalid(_) | Error::ManifestTooLarge { .. } => Error::Source {
+                    failure: SourceFailure::Corrupt,
+                    message: format!("the upstream's manifest {reference}: {e}"),
+                },
+                e => e,
+            })?;
         if let Reference::Tag(tag) = reference {
             self.upstream.validate(&self.local, tag);
         }
