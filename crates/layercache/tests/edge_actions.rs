@@ -246,12 +246,14 @@ fn workspace(seed: u64) -> (tempfile::TempDir, BTreeMap<String, String>) {
     (dir, digests)
 }
 
-/// A central layercache, and the environment of an edge in front of it that shares its
-/// signing key (created when the centre started).
-fn centre() -> (common::Server, Vec<(String, String)>) {
+/// A central layercache, the environment of an edge in front of it that shares its
+/// signing key, and a token of that key that reads and writes [`MAIN`].
+fn centre() -> (common::Server, Vec<(String, String)>, String) {
     let centre = common::Server::start();
+    // Minting makes the key if the starting server has not yet (either way, one key).
     let key = centre.data_dir().join("actions.key");
-    assert!(key.is_file(), "the centre made no {}", key.display());
+    let token = common::mint_token(centre.data_dir(), &["--read", MAIN, "--write", MAIN]);
+    assert!(key.is_file(), "no {}", key.display());
     let env = vec![
         ("LAYERCACHE_UPSTREAM".to_owned(), centre.url.clone()),
         (
@@ -259,7 +261,7 @@ fn centre() -> (common::Server, Vec<(String, String)>) {
             key.to_str().unwrap().to_owned(),
         ),
     ];
-    (centre, env)
+    (centre, env, token)
 }
 
 fn edge(env: &[(String, String)]) -> common::Server {
@@ -296,10 +298,9 @@ fn save_and_restore_through_edges(protocol: Protocol) {
     if !client_ready() {
         return;
     }
-    let (centre, env) = centre();
+    let (centre, env, token) = centre();
     let first = edge(&env);
     let second = edge(&env);
-    let token = common::mint_token(centre.data_dir(), &["--read", MAIN, "--write", MAIN]);
     let key = format!("deps-{protocol:?}-1");
 
     let (work, digests) = workspace(1);
@@ -387,9 +388,8 @@ fn save_with_the_centre_down(protocol: Protocol) {
     if !client_ready() {
         return;
     }
-    let (mut centre, env) = centre();
+    let (mut centre, env, token) = centre();
     let edge = edge(&env);
-    let token = common::mint_token(centre.data_dir(), &["--read", MAIN, "--write", MAIN]);
     let key = format!("deps-{protocol:?}-down");
     centre.kill();
 
@@ -430,4 +430,60 @@ fn v1_save_with_the_centre_down() {
 #[test]
 fn v2_save_with_the_centre_down() {
     save_with_the_centre_down(Protocol::V2);
+}
+
+/// At the protocol level (go-actions-cache's calls): the centre names the scope of its
+/// match in a header; a local match of a restore key does not hide the centre's exact
+/// match of a newer key (saved through another edge); four restores of it at once
+/// through the edge fill it once, and all get its bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_asks_past_a_partial_match_and_fills_once() {
+    use common::actions::{Client, Entry, TWIRP, data, version};
+
+    let (centre, env, token) = centre();
+    let edge = edge(&env);
+    let at_centre = Client::new(&centre.url, token.clone());
+    let at_edge = Client::new(&edge.url, token.clone());
+
+    let old = Entry::new("deps-old".into(), data(1, 3 * MIB));
+    at_edge.v2_save(&old).await;
+    at_centre.v2_restores(&old).await;
+    let response = at_centre
+        .http
+        .post(centre.at(&format!("{TWIRP}GetCacheEntryDownloadURL")))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"key": "deps-old", "version": version()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        common::actions::header(&response, "layercache-cache-scope").as_deref(),
+        Some(MAIN)
+    );
+
+    let new = Entry::new("deps-new".into(), data(2, 5 * MIB));
+    at_centre.v2_save(&new).await;
+    let restores = (0..4).map(|_| async {
+        let (url, matched) = at_edge.v2_hit("deps-new", &["deps-"]).await;
+        (matched, at_edge.get_ok(&url).await)
+    });
+    for (matched, bytes) in futures::future::join_all(restores).await {
+        assert_eq!(matched, "deps-new");
+        assert!(bytes == new.bytes, "{} bytes restored", bytes.len());
+    }
+    let text = at_edge
+        .http
+        .get(edge.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let fills = metric(&text, ENTRY_FILLS);
+    eprintln!(
+        "four restores at once through the edge: {fills} fill(s), {} bytes from the centre",
+        metric(&text, BYTES)
+    );
+    assert_eq!(fills, 1, "{text}");
 }

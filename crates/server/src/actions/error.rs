@@ -38,6 +38,15 @@ pub enum ActionsError {
     /// A storage failure.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// This server is an edge, and its centre did not take a save passed through to it
+    /// (the entry is kept here).
+    #[error("the central cache did not take the entry: {message}")]
+    Centre {
+        /// How the centre failed.
+        failure: store::SourceFailure,
+        /// What it said.
+        message: String,
+    },
 }
 
 /// How a failure reads in each protocol.
@@ -52,6 +61,15 @@ struct Wire {
 }
 
 impl ActionsError {
+    /// A failure to pass a save through to the centre: the centre's, or this server's
+    /// (reading its copy).
+    pub(super) fn passing(error: store::Error) -> ActionsError {
+        match error {
+            store::Error::Source { failure, message } => ActionsError::Centre { failure, message },
+            e => ActionsError::Store(e),
+        }
+    }
+
     fn wire(&self) -> Wire {
         use store::Error as E;
         let wire = |status, twirp, azure| Wire {
@@ -93,6 +111,20 @@ impl ActionsError {
                 wire(StatusCode::BAD_REQUEST, "malformed", "InvalidXmlDocument")
             }
             ActionsError::NoRoute(_) => wire(StatusCode::NOT_FOUND, "bad_route", "InvalidUri"),
+            // A refusal is final; an outage is worth the client's retry.
+            ActionsError::Centre { failure, .. } => match failure {
+                store::SourceFailure::Denied => wire(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    "AuthorizationPermissionMismatch",
+                ),
+                store::SourceFailure::Refused(_) | store::SourceFailure::NotFound => wire(
+                    StatusCode::PRECONDITION_FAILED,
+                    "failed_precondition",
+                    "ConditionNotMet",
+                ),
+                _ => wire(StatusCode::BAD_GATEWAY, "unavailable", "ServerBusy"),
+            },
             ActionsError::Store(e) => match e {
                 E::NotFound(_) => wire(StatusCode::NOT_FOUND, "not_found", "BlobNotFound"),
                 E::EntryExists => Wire {
@@ -137,9 +169,12 @@ impl ActionsError {
         }
     }
 
-    /// The message clients see; internal failures are not described.
+    /// The message clients see; internal failures are not described (the centre's are).
     fn message(&self, wire: &Wire) -> String {
-        if wire.status.is_server_error() && wire.status != StatusCode::INSUFFICIENT_STORAGE {
+        if wire.status.is_server_error()
+            && wire.status != StatusCode::INSUFFICIENT_STORAGE
+            && !matches!(self, ActionsError::Centre { .. })
+        {
             "internal error".into()
         } else {
             self.to_string()

@@ -8,6 +8,13 @@
 //! a prefix, then each restore key as a prefix, newest first, in each readable scope in
 //! turn; the version must match exactly; entries are immutable, so a second create of a
 //! key and version is refused (BuildKit's index lock relies on it).
+//!
+//! On an edge (a server with a central layercache, `serve --upstream`), a restore this
+//! server cannot answer with the primary key's entry in the first readable scope is
+//! asked of the centre, and what the centre has is filled into this server's store
+//! first; a save is passed through to the centre before it is acknowledged. Both carry
+//! the client's own runtime token, so edge and centre must trust the same tokens (a
+//! shared `[actions] key_file`, or the same CI issuer). See [`crate::upstream::EntryAsk`].
 
 mod blob;
 mod error;
@@ -24,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::HeaderValue;
 use axum::http::request::Parts;
 use axum::response::Response;
 use axum::routing::{any, post};
@@ -37,11 +45,15 @@ use crate::app::AppState;
 use crate::audit::{Event, Who};
 use crate::auth::oidc::Oidc;
 use crate::sessions::{ACTIONS_AREA, Client, Outcome};
+use crate::upstream::EntryAsk;
 
 /// Most keys a restore may name (the primary key and its restore keys).
 const MAX_KEYS: usize = 10;
 /// Longest key or version, in characters.
 const MAX_KEY_CHARS: usize = 512;
+/// The response header naming the scope a restore's match was found in (the v2 answer
+/// does not carry it; an edge stores what it fills from its centre in that scope).
+pub(crate) const SCOPE_HEADER: &str = "layercache-cache-scope";
 
 /// The cache-service section of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -156,16 +168,19 @@ pub fn router() -> Router<AppState> {
 struct Caller {
     grant: Grant,
     addr: Option<IpAddr>,
+    /// Its `Authorization` header, forwarded to an edge's centre.
+    authorization: Option<HeaderValue>,
 }
 
 impl Caller {
     /// The caller of a request, from its bearer token.
     async fn of(state: &AppState, parts: &Parts) -> Result<Caller, ActionsError> {
-        let authorization = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let grant = state.actions.verifier.verify(authorization).await?;
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION);
+        let grant = state
+            .actions
+            .verifier
+            .verify(header.and_then(|v| v.to_str().ok()))
+            .await?;
         state.limiter.admit(&format!(
             "actions/{}/{}",
             grant.repository,
@@ -178,6 +193,7 @@ impl Caller {
         Ok(Caller {
             grant,
             addr: crate::sessions::remote_addr(parts),
+            authorization: header.cloned(),
         })
     }
 
@@ -298,15 +314,16 @@ impl Caller {
             ));
         }
         let primary = keys.first().cloned().unwrap_or_default();
-        let found = state
+        let local = state
             .store
             .find_entry(EntryQuery {
                 repository: self.grant.repository.clone(),
                 scopes: self.grant.read.clone(),
-                keys,
-                version,
+                keys: keys.clone(),
+                version: version.clone(),
             })
             .await?;
+        let found = self.ask_centre(state, &keys, &version, local).await;
         let scope = found
             .as_ref()
             .map(|e| e.scope.clone())
@@ -321,6 +338,51 @@ impl Caller {
             },
         );
         Ok(found)
+    }
+
+    /// On an edge, what the centre matches for `keys` at `version`, filled into this
+    /// server's store, unless `local` holds the primary key in the first readable scope
+    /// (the centre's answer too: entries are immutable). A local match of a later scope
+    /// or a restore key could hide the centre's better one, so the centre is asked; when
+    /// it has nothing or cannot answer (a warning, counted), `local` stands.
+    async fn ask_centre(
+        &self,
+        state: &AppState,
+        keys: &[String],
+        version: &str,
+        local: Option<Entry>,
+    ) -> Option<Entry> {
+        let upstreams = &state.upstreams;
+        let Some(authorization) = self.authorization.as_ref() else {
+            return local;
+        };
+        if !upstreams.passes_entries() {
+            return local;
+        }
+        let settled = local.as_ref().is_some_and(|e| {
+            keys.first() == Some(&e.key) && self.grant.read.first() == Some(&e.scope)
+        });
+        if !settled {
+            let ask = EntryAsk {
+                authorization,
+                repository: &self.grant.repository,
+                readable: &self.grant.read,
+                keys,
+                version,
+                limit: state.actions.max_entry_size(),
+            };
+            match upstreams.restore_entry(&state.store, ask).await {
+                Ok(Some(entry)) => return Some(entry),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the central cache could not answer a restore");
+                }
+            }
+        }
+        if local.is_some() {
+            upstreams.entry_hit();
+        }
+        local
     }
 
     /// Reserve an entry in the write scope.
@@ -347,22 +409,41 @@ impl Caller {
         Ok(entry)
     }
 
-    /// Finish an entry of `size` bytes; recorded as a write.
+    /// Finish an entry of `size` bytes; recorded as a write. On an edge, it is then
+    /// passed through to the centre, and a failure there is the answer (the entry stays
+    /// here); a client's retry of that finish passes it through again.
     async fn finish(
         &self,
         state: &AppState,
         entry: &Entry,
         size: u64,
     ) -> Result<Entry, ActionsError> {
-        let finished = state.store.finish_entry(entry.id, size).await?;
-        self.record(
-            state,
-            &entry.scope,
-            Outcome::EntryWritten {
-                key: entry.key.clone(),
-                bytes: size,
-            },
-        );
+        let edge = state.upstreams.passes_entries();
+        let finished = match state.store.finish_entry(entry.id, size).await {
+            Ok(finished) => {
+                self.record(
+                    state,
+                    &entry.scope,
+                    Outcome::EntryWritten {
+                        key: entry.key.clone(),
+                        bytes: size,
+                    },
+                );
+                finished
+            }
+            Err(store::Error::EntryFinished) if edge && entry.size == Some(size) => entry.clone(),
+            Err(e) => return Err(e.into()),
+        };
+        if let (true, Some(authorization)) = (edge, &self.authorization) {
+            state
+                .upstreams
+                .save_entry(&state.store, authorization, &finished)
+                .await
+                .inspect_err(|e| {
+                    tracing::warn!(key = %finished.key, error = %e, "passing a save to the central cache failed");
+                })
+                .map_err(ActionsError::passing)?;
+        }
         Ok(finished)
     }
 }
@@ -418,6 +499,13 @@ fn record(
         .sessions
         .record(&client, &format!("{ACTIONS_AREA}{scope}"), outcome);
     tracing::Span::current().record("session", id.as_str());
+}
+
+/// The [`SCOPE_HEADER`] of a restore that matched `entry` (none for a scope that cannot
+/// be a header value).
+fn scope_header(entry: &Entry) -> Option<(axum::http::HeaderName, HeaderValue)> {
+    let value = HeaderValue::from_bytes(entry.scope.as_bytes()).ok()?;
+    Some((axum::http::HeaderName::from_static(SCOPE_HEADER), value))
 }
 
 /// The entry an id in a path names (an id that does not parse names none).

@@ -223,7 +223,8 @@ async fn download_url(
     let Some(entry) = found else {
         return reply(Reply::default());
     };
-    reply(Reply {
+    let scope = super::scope_header(&entry);
+    let mut response = reply(Reply {
         ok: true,
         signed_download_url: state.actions.signed_url(
             parts,
@@ -233,7 +234,9 @@ async fn download_url(
         )?,
         matched_key: entry.key,
         ..Reply::default()
-    })
+    })?;
+    response.headers_mut().extend(scope);
+    Ok(response)
 }
 
 async fn lookup(state: &AppState, caller: &Caller, request: KeyRequest) -> Result {

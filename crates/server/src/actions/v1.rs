@@ -124,14 +124,17 @@ async fn lookup(state: &AppState, caller: &Caller, parts: &Parts, query: Query) 
         entry.id,
         caller.grant.session.as_deref(),
     )?;
-    Ok(axum::Json(Found {
+    let scope = super::scope_header(&entry);
+    let mut response = axum::Json(Found {
         cache_key: entry.key,
         scope: entry.scope,
         cache_version: entry.version,
         creation_time: rfc3339(entry.created_ms),
         archive_location: location,
     })
-    .into_response())
+    .into_response();
+    response.headers_mut().extend(scope);
+    Ok(response)
 }
 
 /// `GET caches?key=k`: the entries with that key in the readable scopes.

@@ -18,7 +18,6 @@
 //! [`SCOPE_HEADER`](crate::actions::SCOPE_HEADER) header.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,9 +26,9 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, TryStreamExt};
 use prometheus_client::metrics::counter::Counter;
 use reqwest::{Response, Url};
-use store::{ByteStream, Entry, Error, NewEntry, SourceFailure, Store};
+use store::{Entry, Error, NewEntry, SourceFailure, Store};
 
-use super::client::{check, http_builder, transport, unavailable};
+use super::client::{check, http_builder, send_watched, transport, unavailable};
 use super::{Config, Upstream, Upstreams};
 use crate::actions::SCOPE_HEADER;
 
@@ -153,6 +152,11 @@ impl CentreCache {
         let reply = json(response).await?;
         if !reply.ok {
             return Ok(None);
+        }
+        if reply.matched_key.is_empty() || reply.signed_download_url.is_empty() {
+            return Err(unavailable(
+                "the central cache's match has no key or no download URL".into(),
+            ));
         }
         let scope = scope.ok_or_else(|| {
             unavailable(format!(
@@ -330,36 +334,6 @@ async fn download(
         tracing::warn!(entry = created.id, error = %e, "removing a failed entry fill");
     }
     stored
-}
-
-/// Send `request` with `body`, failing once the centre has taken no bytes of it (and
-/// not answered) for [`IDLE`]: an upload may take longer than any fixed timeout.
-async fn send_watched(
-    request: reqwest::RequestBuilder,
-    body: ByteStream,
-) -> Result<Response, Error> {
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    let body = body.inspect_ok(move |chunk| {
-        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    });
-    let send = request.body(reqwest::Body::wrap_stream(body)).send();
-    tokio::pin!(send);
-    let mut seen = 0;
-    loop {
-        tokio::select! {
-            response = &mut send => return response.map_err(transport),
-            () = tokio::time::sleep(IDLE) => {
-                let now = sent.load(Ordering::Relaxed);
-                if now == seen {
-                    return Err(unavailable(format!(
-                        "the central cache took no upload bytes for {IDLE:?}"
-                    )));
-                }
-                seen = now;
-            }
-        }
-    }
 }
 
 impl Upstreams {

@@ -3,7 +3,8 @@
 //! `Basic` credentials) and TLS with extra trusted roots.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode, header};
@@ -52,7 +53,10 @@ pub struct Fetched {
 /// One upstream registry.
 pub struct Client {
     base: Url,
+    /// For requests without a body to stream: a read timeout between bytes.
     http: reqwest::Client,
+    /// For blob pushes: progress is watched instead (see [`send_watched`]).
+    upload: reqwest::Client,
     credentials: Option<(String, String)>,
     challenge: Mutex<Challenge>,
     /// Bearer tokens by scope, with when they expire.
@@ -66,6 +70,7 @@ impl Client {
         let base = Url::parse(config.url.trim_end_matches('/'))
             .map_err(|e| format!("upstream {:?}: url {:?}: {e}", config.name, config.url))?;
         let http = http_builder(config)?.read_timeout(READ_TIMEOUT);
+        let upload = http_builder(config)?;
         let credentials = match &config.credentials {
             Some(c) => Some((c.username.clone(), c.password()?)),
             None => None,
@@ -73,6 +78,7 @@ impl Client {
         Ok(Client {
             base,
             http: http.build().map_err(|e| e.to_string())?,
+            upload: upload.build().map_err(|e| e.to_string())?,
             credentials,
             challenge: Mutex::new(Challenge::None),
             tokens: Mutex::default(),
@@ -309,17 +315,12 @@ impl Client {
             .append_pair("digest", &digest.to_string());
         // The session's token is fresh from the POST, and a stream cannot be sent twice.
         let request = self
-            .http
+            .upload
             .put(url)
             .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(header::CONTENT_LENGTH, size)
-            .body(reqwest::Body::wrap_stream(body));
+            .header(header::CONTENT_LENGTH, size);
         let scope = format!("repository:{repo}:pull,push");
-        let response = self
-            .authorize(request, &scope)
-            .send()
-            .await
-            .map_err(transport)?;
+        let response = send_watched(self.authorize(request, &scope), body).await?;
         check(response, "upload").await.map(drop)
     }
 
@@ -367,6 +368,36 @@ pub(super) fn http_builder(config: &Config) -> Result<reqwest::ClientBuilder, St
         }
     }
     Ok(http)
+}
+
+/// Send `request` with `body`, failing once the centre has taken no bytes of it (and
+/// not answered) for [`READ_TIMEOUT`]: an upload may take longer than any fixed timeout.
+pub(super) async fn send_watched(
+    request: reqwest::RequestBuilder,
+    body: ByteStream,
+) -> Result<Response, Error> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let body = body.inspect_ok(move |chunk| {
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    });
+    let send = request.body(reqwest::Body::wrap_stream(body)).send();
+    tokio::pin!(send);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            response = &mut send => return response.map_err(transport),
+            () = tokio::time::sleep(READ_TIMEOUT) => {
+                let now = sent.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(unavailable(format!(
+                        "the upstream took no upload bytes for {READ_TIMEOUT:?}"
+                    )));
+                }
+                seen = now;
+            }
+        }
+    }
 }
 
 /// The response when it succeeded; otherwise the failure it reports.
