@@ -21,17 +21,12 @@
 
 mod common;
 
+use common::cache_client::{Client, Protocol, client_ready, write_tree};
+
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use sha2::Digest as _;
-
-/// The npm package holding the client and `cache.mjs`.
-const CLIENT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/actions-cache");
 /// The scope every token here reads and writes.
 const MAIN: &str = "refs/heads/main";
 const MIB: usize = 1 << 20;
@@ -45,204 +40,34 @@ const FILES: &[(&str, usize)] = &[
 /// about 25 s).
 const RUN: Duration = Duration::from_secs(180);
 
-/// Environment of the test process that must not reach the client.
-const CLEARED_ENV: &[&str] = &[
-    "ACTIONS_CACHE_URL",
-    "ACTIONS_RESULTS_URL",
-    "ACTIONS_CACHE_SERVICE_V2",
-    "ACTIONS_CACHE_MODE",
-    "ACTIONS_RUNTIME_TOKEN",
-    "ACTIONS_STEP_DEBUG",
-    "GITHUB_REF",
-    "GITHUB_SERVER_URL",
-    "GITHUB_WORKSPACE",
-    "RUNNER_DEBUG",
-    "RUNNER_TEMP",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-];
-
-/// Whether the client is installed; if not, skip (or fail when real clients are required).
-fn client_ready() -> bool {
-    if !common::require_tool("node") || !common::require_tool("zstd") {
-        return false;
-    }
-    let installed = Path::new(CLIENT_DIR)
-        .join("node_modules/@actions/cache/package.json")
-        .is_file();
-    if !installed {
-        let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-            || std::env::var("REQUIRE_REAL_CLIENTS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "@actions/cache is required but not installed in {CLIENT_DIR}"
-        );
-        eprintln!("SKIPPED: @actions/cache is not installed (npm ci in {CLIENT_DIR})");
-    }
-    installed
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    V1,
-    V2,
-}
-
-/// `cache.mjs` against `server` with `token`, run as a job step would.
-struct Client<'a> {
+/// `saveCache(["deps"], key)` from `workspace` through `server`: the cache id (-1: not
+/// saved) and the client's output.
+fn save(
     protocol: Protocol,
-    server: &'a common::Server,
-    token: &'a str,
+    server: &common::Server,
+    token: &str,
+    workspace: &Path,
+    key: &str,
+) -> (i64, String) {
+    Client::new(protocol, server, token).save(workspace, key, &["deps"], RUN)
 }
 
-impl<'a> Client<'a> {
-    fn new(protocol: Protocol, server: &'a common::Server, token: &'a str) -> Client<'a> {
-        Client {
-            protocol,
-            server,
-            token,
-        }
-    }
-
-    /// `node cache.mjs args...` in `workspace`: the `result` it printed, and its output.
-    fn run(&self, workspace: &Path, args: &[&str]) -> (Value, String) {
-        let runner_temp = tempfile::tempdir().unwrap();
-        let url = format!("{}/", self.server.url);
-        let mut command = Command::new("node");
-        command
-            .arg(Path::new(CLIENT_DIR).join("cache.mjs"))
-            .args(args)
-            .current_dir(workspace);
-        for var in CLEARED_ENV {
-            command.env_remove(var);
-        }
-        command
-            .env("RUNNER_TEMP", runner_temp.path())
-            .env("GITHUB_WORKSPACE", workspace)
-            .env("ACTIONS_RUNTIME_TOKEN", self.token);
-        match self.protocol {
-            Protocol::V1 => command.env("ACTIONS_CACHE_URL", &url),
-            Protocol::V2 => command
-                .env("ACTIONS_RESULTS_URL", &url)
-                .env("ACTIONS_CACHE_SERVICE_V2", "true")
-                .env("GITHUB_SERVER_URL", "https://github.com"),
-        };
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let read = |mut from: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut text = String::new();
-                let _ = from.read_to_string(&mut text);
-                text
-            })
-        };
-        let stdout = read(Box::new(child.stdout.take().unwrap()));
-        let stderr = read(Box::new(child.stderr.take().unwrap()));
-        let deadline = Instant::now() + RUN;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cache.mjs {args:?} took over {RUN:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let output = stdout.join().unwrap() + &stderr.join().unwrap();
-        assert!(
-            status.success(),
-            "{:?} cache.mjs {args:?} failed ({status}):\n{output}",
-            self.protocol
-        );
-        let line = output
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("{\"result\""))
-            .unwrap_or_else(|| panic!("no result line in:\n{output}"));
-        let parsed: Value = serde_json::from_str(line).unwrap();
-        (parsed["result"].clone(), output)
-    }
-
-    /// `saveCache(["deps"], key)` from `workspace`: the cache id (-1: not saved) and the
-    /// output.
-    fn save(&self, workspace: &Path, key: &str) -> (i64, String) {
-        let (result, output) = self.run(workspace, &["save", key, "deps"]);
-        let id = result
-            .as_i64()
-            .unwrap_or_else(|| panic!("save result {result} is not a number:\n{output}"));
-        (id, output)
-    }
-
-    /// `restoreCache(["deps"], primary, restore_keys)` into a fresh workspace: the
-    /// matched key, the restored files' digests and the output.
-    fn restore(
-        &self,
-        primary: &str,
-        restore_keys: &[&str],
-    ) -> (Option<String>, BTreeMap<String, String>, String) {
-        let workspace = tempfile::tempdir().unwrap();
-        let keys = if restore_keys.is_empty() {
-            "-".to_owned()
-        } else {
-            restore_keys.join(",")
-        };
-        let (result, output) = self.run(workspace.path(), &["restore", primary, &keys, "deps"]);
-        let matched = match result {
-            Value::Null => None,
-            Value::String(key) => Some(key),
-            other => panic!("restore result {other} is neither a key nor null:\n{output}"),
-        };
-        (matched, tree_digests(workspace.path()), output)
-    }
-}
-
-/// Every regular file under `dir`: its path relative to `dir` → `sha256` hex.
-fn tree_digests(dir: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, into: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, into);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                let relative = path.strip_prefix(root).unwrap().to_string_lossy();
-                into.insert(
-                    relative.into_owned(),
-                    hex::encode(sha2::Sha256::digest(bytes)),
-                );
-            }
-        }
-    }
-    let mut digests = BTreeMap::new();
-    walk(dir, dir, &mut digests);
-    digests
+/// `restoreCache(["deps"], primary, restore_keys)` through `server` into a fresh
+/// workspace: the matched key, the restored files' digests and the client's output.
+fn restore(
+    protocol: Protocol,
+    server: &common::Server,
+    token: &str,
+    primary: &str,
+    restore_keys: &[&str],
+) -> (Option<String>, BTreeMap<String, String>, String) {
+    Client::new(protocol, server, token).restore_fresh(primary, restore_keys, &["deps"])
 }
 
 /// A workspace holding [`FILES`] of pseudo-random stream `seed`, and their digests.
 fn workspace(seed: u64) -> (tempfile::TempDir, BTreeMap<String, String>) {
     let dir = tempfile::tempdir().unwrap();
-    for (i, &(name, len)) in FILES.iter().enumerate() {
-        let path = dir.path().join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let mut file = std::fs::File::create(&path).unwrap();
-        for chunk in common::chunks(seed * 100 + i as u64, len, 4 * MIB) {
-            file.write_all(&chunk).unwrap();
-        }
-    }
-    let digests = tree_digests(dir.path());
+    let digests = write_tree(dir.path(), seed, FILES);
     (dir, digests)
 }
 
@@ -305,7 +130,7 @@ fn save_and_restore_through_edges(protocol: Protocol) {
 
     let (work, digests) = workspace(1);
     let started = Instant::now();
-    let (id, output) = Client::new(protocol, &first, &token).save(work.path(), &key);
+    let (id, output) = save(protocol, &first, &token, work.path(), &key);
     eprintln!(
         "{protocol:?} save through edge 1: id {id}, {:?}",
         started.elapsed()
@@ -317,14 +142,14 @@ fn save_and_restore_through_edges(protocol: Protocol) {
     );
 
     // At the centre.
-    let (matched, restored, output) = Client::new(protocol, &centre, &token).restore(&key, &[]);
+    let (matched, restored, output) = restore(protocol, &centre, &token, &key, &[]);
     assert_eq!(matched.as_deref(), Some(key.as_str()), "centre:\n{output}");
     assert_eq!(restored, digests, "centre:\n{output}");
 
     // Through a cold edge: filled from the centre.
     assert_eq!(metric(&metrics(&second), ENTRY_FILLS), 0);
     let started = Instant::now();
-    let (matched, restored, output) = Client::new(protocol, &second, &token).restore(&key, &[]);
+    let (matched, restored, output) = restore(protocol, &second, &token, &key, &[]);
     eprintln!(
         "{protocol:?} cold restore through edge 2: {:?}",
         started.elapsed()
@@ -342,15 +167,14 @@ fn save_and_restore_through_edges(protocol: Protocol) {
     // The centre gone: served from edge 2's disk, by its key and by a restore key (the
     // centre, asked first for a restore key's match, cannot answer).
     drop(centre);
-    let (matched, restored, output) = Client::new(protocol, &second, &token).restore(&key, &[]);
+    let (matched, restored, output) = restore(protocol, &second, &token, &key, &[]);
     assert_eq!(
         matched.as_deref(),
         Some(key.as_str()),
         "edge 2 alone:\n{output}"
     );
     assert_eq!(restored, digests, "edge 2 alone:\n{output}");
-    let (matched, restored, output) =
-        Client::new(protocol, &second, &token).restore("deps-other", &["deps-"]);
+    let (matched, restored, output) = restore(protocol, &second, &token, "deps-other", &["deps-"]);
     assert_eq!(
         matched.as_deref(),
         Some(key.as_str()),
@@ -395,7 +219,7 @@ fn save_with_the_centre_down(protocol: Protocol) {
 
     let (work, digests) = workspace(2);
     let started = Instant::now();
-    let (id, output) = Client::new(protocol, &edge, &token).save(work.path(), &key);
+    let (id, output) = save(protocol, &edge, &token, work.path(), &key);
     let warning = output
         .lines()
         .find(|l| l.starts_with("::warning::Failed to save"))
@@ -413,10 +237,10 @@ fn save_with_the_centre_down(protocol: Protocol) {
     }
 
     centre.restart();
-    let (matched, restored, output) = Client::new(protocol, &centre, &token).restore(&key, &[]);
+    let (matched, restored, output) = restore(protocol, &centre, &token, &key, &[]);
     assert_eq!(matched, None, "the failed save is at the centre:\n{output}");
     assert!(restored.is_empty());
-    let (matched, restored, output) = Client::new(protocol, &edge, &token).restore(&key, &[]);
+    let (matched, restored, output) = restore(protocol, &edge, &token, &key, &[]);
     assert_eq!(matched.as_deref(), Some(key.as_str()), "edge:\n{output}");
     assert_eq!(restored, digests, "edge:\n{output}");
     assert!(metric(&metrics(&edge), FAILURES) >= 1);

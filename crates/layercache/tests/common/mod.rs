@@ -10,6 +10,7 @@
 )]
 
 pub mod actions;
+pub mod cache_client;
 pub mod jwt;
 pub mod load;
 pub mod registry;
