@@ -322,6 +322,97 @@ fn a_pull_through_mirror_serves_dockerd_buildkit_and_skopeo_byte_for_byte() {
 
     one_fetch_for_sixteen_pulls(&upstream, &server);
     corrupt_bytes_are_refused(&upstream, &server);
+    mirrored_content_is_evicted_like_any_root(&upstream, tmp.path());
+}
+
+/// Mirrored images past a small quota: eviction removes the least recently pulled ones
+/// and the disk comes back under the quota by itself (the windows shortened to a
+/// second); an evicted image is filled again on its next pull.
+fn mirrored_content_is_evicted_like_any_root(upstream: &Upstream, dir: &Path) {
+    const LAYER: u64 = 30 << 20;
+    let images: Vec<Image> = (0..4)
+        .map(|i| {
+            let layer = Layer::Random {
+                path: "big.bin".into(),
+                seed: 100 + i,
+                len: LAYER,
+            };
+            upstream::push_image(upstream, &format!("library/quota{i}:1"), &[layer])
+        })
+        .collect();
+    let config = dir.join("quota.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store.eviction]\nmax_size = \"100MiB\"\nin_use = \"1s\"\npush_window = \"1s\"\n\
+             grace = \"1s\"\ninterval = \"1h\"\n\
+             [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\nca_file = \"{}\"\n\
+             credentials = {{ username = \"{}\", password_env = \"{PASSWORD_VAR}\" }}\n",
+            upstream.url,
+            upstream.ca_file().display(),
+            upstream::USER,
+        ),
+    )
+    .unwrap();
+    let server = common::Server::start_with_env(&[
+        ("LAYERCACHE_CONFIG", config.to_str().unwrap()),
+        (PASSWORD_VAR, upstream::PASSWORD),
+    ]);
+    let pull = |image: &Image| {
+        let target = tempfile::tempdir().unwrap();
+        common::run_ok(Command::new("skopeo").args([
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{}/docker.io/{}", server.host, image.reference()),
+            &format!("dir:{}", target.path().display()),
+        ]));
+        let layer = std::fs::read(
+            target
+                .path()
+                .join(image.layers[0].digest.trim_start_matches("sha256:")),
+        )
+        .unwrap();
+        assert_eq!(sha256(&layer), image.layers[0].digest);
+    };
+    for image in &images {
+        pull(image);
+        // Last use is kept in seconds: one pull per second orders them.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let gc = |dry_run: bool| -> serde_json::Value {
+        block_on(async {
+            let url = server.at(&format!("/api/v1/gc?dry_run={dry_run}"));
+            let response = reqwest::Client::new().post(url).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json().await.unwrap()
+        })
+    };
+    // The passes the fills start bring the disk back under the quota by themselves,
+    // evicting the oldest pulls.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let blobs = common::registry::disk_usage(&server.data_dir().join("blobs")).0;
+        if blobs <= 100 << 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{blobs} bytes of blobs on disk over a 100 MiB quota: {:#}",
+            gc(false)
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let oldest = blob_file(&server, &images[0].layers[0].digest);
+    assert!(!oldest.exists(), "the least recently pulled image was kept");
+    let newest = blob_file(&server, &images[3].layers[0].digest);
+    assert!(newest.exists(), "the newest pull was evicted");
+    // The evicted image is fetched again on its next pull, byte for byte.
+    let fetches = upstream.requests("GET", &format!("/blobs/{}", images[0].layers[0].digest));
+    pull(&images[0]);
+    assert_eq!(
+        upstream.requests("GET", &format!("/blobs/{}", images[0].layers[0].digest)),
+        fetches + 1
+    );
 }
 
 /// 16 clients pull one uncached 256 MiB blob at once (one of them leaves early): every
