@@ -189,5 +189,16 @@ pub enum SourceFailure {
     Corrupt,
 }
 
+impl SourceFailure {
+    /// Whether it is the source being away (down, overloaded, refusing this server)
+    /// rather than an answer about the content.
+    pub fn is_outage(self) -> bool {
+        matches!(
+            self,
+            SourceFailure::Unavailable | SourceFailure::RateLimited(_) | SourceFailure::Denied
+        )
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

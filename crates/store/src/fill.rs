@@ -252,14 +252,14 @@ impl Fill {
                 }
             };
             match read {
-                Ok(0) => {
+                // Nothing new yet, or committed (renamed) under us: the next state says
+                // what there is and where.
+                Ok(0) | Err(Error::NotFound(_)) => {
                     if self.state.changed().await.is_err() {
                         return;
                     }
                 }
                 Ok(n) => sent += n,
-                // Committed (renamed) under us: the next state says where it went.
-                Err(Error::NotFound(_)) => {}
                 Err(e) => {
                     let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
                     return;

@@ -52,16 +52,26 @@ pub struct Config {
     /// Extra certificate authorities (PEM) to trust for it, beside the public ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
-    /// How long a tag is served before it is revalidated; digests never are.
-    #[serde(default = "default_tag_ttl", with = "humantime_serde")]
-    pub tag_ttl: Duration,
-}
-
-fn default_tag_ttl() -> Duration {
-    Duration::from_secs(600)
+    /// How long a tag is served before it is revalidated; digests never are [default:
+    /// 10 minutes; for an edge's centre, which is close, 0: every lookup asks it].
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tag_ttl: Option<Duration>,
 }
 
 impl Config {
+    /// The tag lifetime in force.
+    fn effective_tag_ttl(&self) -> Duration {
+        match (self.tag_ttl, self.name.is_empty()) {
+            (Some(ttl), _) => ttl,
+            (None, true) => Duration::ZERO,
+            (None, false) => Duration::from_secs(600),
+        }
+    }
+
     /// An edge's central layercache at `url`, with a token (any user name).
     pub fn centre(url: String, token_file: Option<PathBuf>) -> Config {
         Config {
@@ -73,8 +83,7 @@ impl Config {
                 password_file: Some(file),
             }),
             ca_file: None,
-            // The centre is close: ask it whether a tag moved on every lookup.
-            tag_ttl: Duration::ZERO,
+            tag_ttl: None,
         }
     }
 }
@@ -184,7 +193,7 @@ impl Upstreams {
                 name: config.name.clone(),
                 client: Arc::new(client),
                 cache,
-                tag_ttl: config.tag_ttl,
+                tag_ttl: config.effective_tag_ttl(),
                 validated: Mutex::default(),
             });
         }
@@ -581,20 +590,5 @@ impl Route<'_> {
             Ok(()) | Err(Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
-    }
-}
-
-/// Whether a failure is the upstream being away (down, overloaded, refusing this server)
-/// rather than an answer about the content.
-trait Outage {
-    fn is_outage(&self) -> bool;
-}
-
-impl Outage for SourceFailure {
-    fn is_outage(&self) -> bool {
-        matches!(
-            self,
-            SourceFailure::Unavailable | SourceFailure::RateLimited(_) | SourceFailure::Denied
-        )
     }
 }
