@@ -267,12 +267,12 @@ impl Client {
             return Ok(None);
         }
         let response = check(response, "blob").await?;
-        Ok(response.content_length().or_else(|| {
-            response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-        }))
+        // The header, not `content_length()`: a HEAD's body is empty, its length 0.
+        let size = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        Ok(Some(size.unwrap_or(0)))
     }
 
     /// The bytes of blob `digest` in `repo`, and their length when the upstream says.
