@@ -1,16 +1,60 @@
 #!/usr/bin/env bash
 # Install the real clients the tests drive (Debian packages; chromium renders the
 # dashboard; git serves a git build context; zstd and the npm package in
-# crates/layercache/tests/actions-cache are the GitHub Actions cache client) and start
-# dockerd.
+# crates/layercache/tests/actions-cache are the GitHub Actions cache client), the
+# services scale-out runs on (PostgreSQL from Debian; Garage, an S3-compatible store,
+# from crates.io), and start dockerd.
+#
+#   scripts/setup-clients.sh [--no-garage | --garage-only]
+#
+#   --no-garage    everything but Garage (scripts/test-all.sh installs it meanwhile)
+#   --garage-only  only Garage: `cargo install --locked garage` (about 7 minutes) unless
+#                  ~/.cargo/bin/garage or a garage on PATH is there
+#
 # Safe to run repeatedly: it installs only what is missing and starts dockerd only if
 # it is not answering.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
+garage=yes
+clients=yes
+for arg in "$@"; do
+  case "$arg" in
+    --no-garage) garage=no ;;
+    --garage-only) clients=no ;;
+    -h | --help)
+      sed -n '2,15p' "$0"
+      exit 0
+      ;;
+    *)
+      echo "unknown option $arg (see --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+# Garage's binary, where the tests look for it: on PATH, else in ~/.cargo/bin.
+garage_bin() {
+  command -v garage 2>/dev/null || echo "$HOME/.cargo/bin/garage"
+}
+
+install_garage() {
+  if [ ! -x "$(garage_bin)" ]; then
+    echo "installing Garage (cargo install --locked garage)"
+    cargo install --locked --quiet garage
+  fi
+  "$(garage_bin)" --version >/dev/null
+}
+
+if [ "$clients" = no ]; then
+  install_garage
+  echo "Garage ready: $("$(garage_bin)" --version | head -1)"
+  exit 0
+fi
+
 packages=()
-for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2 git; do
+for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2 git postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
 done
 # node and npm may come from elsewhere than Debian; install Debian's only if missing.
@@ -57,4 +101,10 @@ if ! /usr/bin/docker info >/dev/null 2>&1; then
   done
   /usr/bin/docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /tmp/layercache-dockerd.log; exit 1; }
 fi
-echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version), $(chromium --version 2>/dev/null), node $(node --version), @actions/cache $(node -p "require('$actions_cache/node_modules/@actions/cache/package.json').version")"
+services="PostgreSQL $("$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/postgres" --version | awk '{print $3}')"
+if [ "$garage" = yes ]; then
+  install_garage
+  services="$services, $("$(garage_bin)" --version | head -1)"
+fi
+
+echo "clients ready: $(/usr/bin/docker version --format 'dockerd {{.Server.Version}}'), $(buildah --version), $(skopeo --version), $(chromium --version 2>/dev/null), node $(node --version), @actions/cache $(node -p "require('$actions_cache/node_modules/@actions/cache/package.json').version"), $services"

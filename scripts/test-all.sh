@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# Every test: unit, protocol conformance, durability, concurrency, and the real clients
-# (dockerd/BuildKit, buildah, skopeo), which this script installs and starts first.
-# Under CI=true a missing client fails the run instead of skipping its tests.
+# Every test: unit, protocol conformance, durability, concurrency, the real clients
+# (dockerd/BuildKit, buildah, skopeo) and scale-out over PostgreSQL and Garage, which
+# this script installs and starts first. Garage, when missing, is built from crates.io
+# (several minutes) while the workspace builds. A missing client or service fails the
+# run instead of skipping its tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup-clients.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+garage_log="$(mktemp -t layercache-garage-install.XXXXXX.log)"
+# In a process group of its own, so that a failure below stops the build with it.
+setsid scripts/setup-clients.sh --garage-only >"$garage_log" 2>&1 &
+garage_install=$!
+trap 'kill -- "-$garage_install" 2>/dev/null || true' EXIT
+
+scripts/setup-clients.sh --no-garage
 export REQUIRE_REAL_CLIENTS=1
+cargo test --release --workspace --all-targets --no-run
+
+if ! wait "$garage_install"; then
+  echo "installing Garage failed:" >&2
+  tail -30 "$garage_log" >&2
+  exit 1
+fi
+trap - EXIT
+cat "$garage_log"
+rm -f "$garage_log"
 cargo test --release --workspace --all-targets
 
 # Then a bounded coverage-guided run of every fuzz target (a few minutes; fails on a crash).

@@ -24,6 +24,11 @@
 //! `docker.io`) and through distribution's proxy mode, cold (the miss) and again with the
 //! upstream stopped (the hit), against the upstream's own GET and a local pull from
 //! layercache (see `mirror.rs`).
+//!
+//! `--only scale` measures scale-out on servers and services of its own: layercache on
+//! Garage (S3) and PostgreSQL as one node and as three, against distribution's `s3`
+//! driver on the same Garage (one instance and three) and layercache on local disk and
+//! SQLite (see `scale.rs`).
 
 mod actions;
 mod auth;
@@ -34,6 +39,7 @@ mod mirror;
 mod payload;
 mod registry;
 mod report;
+mod scale;
 mod servers;
 mod setup;
 mod windows;
@@ -159,6 +165,9 @@ enum Workload {
     /// Pull-through from an upstream registry, layercache's mirror against distribution's
     /// proxy mode (servers of its own).
     Mirror,
+    /// Scale-out: layercache on Garage and PostgreSQL, one node and three, against
+    /// distribution's S3 driver (servers and services of its own).
+    Scale,
 }
 
 /// What the JSON report holds.
@@ -176,6 +185,7 @@ struct Report {
     actions: Option<actions::Report>,
     eviction: Option<eviction::Report>,
     mirror: Option<mirror::Report>,
+    scale: Option<scale::Report>,
     windows: Option<windows::Report>,
     failed: Vec<String>,
 }
@@ -261,6 +271,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if selection.has(Workload::Eviction) {
         base_mib = base_mib.max(shape.evict_large.layer_kib.div_ceil(1024));
+    }
+    if selection.has(Workload::Scale) {
+        base_mib = base_mib.max(scale::PAYLOAD_MIB);
     }
     eprintln!("bench: generating {base_mib} MiB of payload");
     let base = tokio::task::spawn_blocking(move || Base::generate(base_mib, 0x5eed)).await?;
@@ -391,6 +404,20 @@ async fn run(args: &Args) -> Result<Report> {
         mirror_report = Some(mirror::run(&ctx, &mut samples).await?);
     }
 
+    let mut scale_report = None;
+    if selection.has(Workload::Scale) {
+        let ctx = scale::Inputs {
+            dir,
+            base: &base,
+            http: &client,
+            layercache_bin: &layercache_bin,
+            registry_bin: &args.registry_bin,
+            shape: &shape,
+            rounds: args.rounds,
+        };
+        scale_report = Some(scale::run(&ctx).await?);
+    }
+
     let mut windows_report = None;
     if selection.has(Workload::Windows) {
         ensure!(
@@ -448,6 +475,7 @@ async fn run(args: &Args) -> Result<Report> {
         .iter()
         .filter(|f| f.pass == Some(false))
         .map(|f| f.key.clone())
+        .chain(scale_report.iter().flat_map(scale::Report::failed))
         .collect();
     let report = Report {
         started_unix,
@@ -462,6 +490,7 @@ async fn run(args: &Args) -> Result<Report> {
         actions: actions_report,
         eviction: eviction_report,
         mirror: mirror_report,
+        scale: scale_report,
         windows: windows_report,
         failed,
     };
@@ -483,19 +512,29 @@ async fn run(args: &Args) -> Result<Report> {
     if let Some(mirror) = &report.mirror {
         println!("{}", mirror::table(mirror));
     }
+    if let Some(scale) = &report.scale {
+        println!("{}", scale::table(scale));
+    }
     if let Some(windows) = &report.windows {
         println!("{}", windows::table(windows));
     }
+    let judged: Vec<bool> = report
+        .figures
+        .iter()
+        .filter_map(|f| f.pass)
+        .chain(
+            report
+                .scale
+                .iter()
+                .flat_map(|s| s.figures.iter().filter_map(|f| f.pass)),
+        )
+        .collect();
     println!(
         "rounds: {}; total {:.0} s; {} of {} targets met",
         report.rounds,
         report.total_secs,
-        report
-            .figures
-            .iter()
-            .filter(|f| f.pass == Some(true))
-            .count(),
-        report.figures.iter().filter(|f| f.pass.is_some()).count(),
+        judged.iter().filter(|&&pass| pass).count(),
+        judged.len(),
     );
 
     let json = serde_json::to_string_pretty(&report)?;

@@ -68,8 +68,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store = store::Store::open(&config.store).await.with_context(|| {
         format!(
-            "opening the data directory {}",
-            config.store.data_dir.display()
+            "opening the store (data directory {}, blobs in {}, metadata in {})",
+            config.store.data_dir.display(),
+            config.store.blobs,
+            config.store.meta
         )
     })?;
     let tls = match &config.server.tls {
@@ -81,7 +83,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, scheme, data_dir = %config.store.data_dir.display(), "layercache serving");
+    tracing::info!(
+        %addr,
+        scheme,
+        data_dir = %config.store.data_dir.display(),
+        blobs = %config.store.blobs,
+        metadata = %config.store.meta,
+        "layercache serving"
+    );
     println!("layercache listening on {scheme}://{addr}");
     if let Some(tls) = &tls {
         reload_on_hangup(tls.clone());

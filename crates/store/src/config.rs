@@ -21,6 +21,121 @@ pub struct Config {
     pub max_blob_size: Option<bytesize::ByteSize>,
     /// How the store keeps itself inside its disk quota.
     pub eviction: Eviction,
+    /// Where blob bytes live.
+    pub blobs: Blobs,
+    /// Where the metadata lives.
+    pub meta: Meta,
+}
+
+/// The blob backend: the data directory, or an S3-compatible bucket shared by nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Blobs {
+    /// Files under `<data_dir>/blobs`.
+    #[default]
+    Fs,
+    /// Objects in an S3-compatible bucket.
+    S3(S3),
+}
+
+/// An S3-compatible bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3 {
+    /// The service's URL (`http://garage:3900`); AWS S3 when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The bucket.
+    pub bucket: String,
+    /// The region the bucket lives in (Garage's default is `garage`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Key prefix under which layercache keeps its objects (`""`: the bucket's root).
+    #[serde(default)]
+    pub prefix: String,
+    /// The access key id [default: `AWS_ACCESS_KEY_ID`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// A file holding the secret access key [default: `AWS_SECRET_ACCESS_KEY`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Address buckets as `bucket.endpoint` instead of `endpoint/bucket`.
+    #[serde(default)]
+    pub virtual_hosted_style: bool,
+    /// Answer blob GETs with a `307` to a presigned URL valid this long, so clients read
+    /// from the object store directly (only where clients can reach it).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub redirect: Option<Duration>,
+}
+
+impl fmt::Display for Blobs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Blobs::Fs => f.write_str("files in the data directory"),
+            Blobs::S3(s3) => {
+                write!(f, "s3://{}/{}", s3.bucket, s3.prefix)?;
+                match &s3.endpoint {
+                    Some(endpoint) => write!(f, " at {endpoint}"),
+                    None => write!(f, " in {}", s3.region),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Meta::Sqlite => f.write_str("sqlite in the data directory"),
+            // Never a password.
+            Meta::Postgres(postgres) => match url::Url::parse(&postgres.url) {
+                Ok(mut url) => {
+                    let _ = url.set_password(None);
+                    write!(f, "{url}")
+                }
+                Err(_) => f.write_str("postgres (unparsable URL)"),
+            },
+        }
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+/// The metadata backend: an embedded database in the data directory, or PostgreSQL
+/// shared by nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Meta {
+    /// SQLite in `<data_dir>/meta.db`.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres(Postgres),
+}
+
+/// A PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Postgres {
+    /// Connection URL, `postgres://user@host:5432/database` (a password in it works,
+    /// but prefer `password_file` or `PGPASSWORD`).
+    pub url: String,
+    /// A file holding the password [default: the URL's, or `PGPASSWORD`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Most connections this node opens.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    16
 }
 
 impl Default for Config {
@@ -30,6 +145,8 @@ impl Default for Config {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_size: None,
             eviction: Eviction::default(),
+            blobs: Blobs::default(),
+            meta: Meta::default(),
         }
     }
 }
@@ -253,5 +370,31 @@ mod tests {
         assert_eq!(eviction.grace, Duration::ZERO);
         let text = toml::to_string(&eviction).unwrap();
         assert_eq!(toml::from_str::<Eviction>(&text).unwrap(), eviction);
+    }
+
+    #[test]
+    fn backends_default_to_the_data_directory_and_read_back() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!((config.blobs, config.meta), (Blobs::Fs, Meta::Sqlite));
+        let config: Config = toml::from_str(
+            "[blobs]\nbackend = \"s3\"\nendpoint = \"http://garage:3900\"\nbucket = \"cache\"\n\
+             region = \"garage\"\nredirect = \"5m\"\n\
+             [meta]\nbackend = \"postgres\"\nurl = \"postgres://layercache@db/layercache\"",
+        )
+        .unwrap();
+        let Blobs::S3(s3) = &config.blobs else {
+            panic!("{:?}", config.blobs)
+        };
+        assert_eq!(s3.redirect, Some(Duration::from_secs(300)));
+        assert!(matches!(&config.meta, Meta::Postgres(p) if p.max_connections == 16));
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
+        assert!(toml::from_str::<Config>("[blobs]\nbackend = \"tape\"").is_err());
+        let secret = Meta::Postgres(Postgres {
+            url: "postgres://lc:hunter2@db:5432/cache".into(),
+            password_file: None,
+            max_connections: 4,
+        });
+        assert_eq!(secret.to_string(), "postgres://lc@db:5432/cache");
     }
 }

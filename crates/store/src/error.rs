@@ -132,6 +132,16 @@ pub enum Error {
     /// The metadata database failed.
     #[error("metadata database: {0}")]
     Database(#[source] rusqlite::Error),
+    /// The PostgreSQL metadata database failed.
+    #[error("metadata database: {0}")]
+    Postgres(#[source] sqlx::Error),
+    /// The object store failed.
+    #[error("object store: {0}")]
+    ObjectStore(#[source] object_store::Error),
+    /// A shared backend (the object store, the database) cannot be reached or is
+    /// overloaded for now: the request is worth retrying.
+    #[error("{0} is unavailable for now; retry")]
+    Unavailable(String),
     /// A group of metadata writes failed to commit; none of them took effect.
     #[error("metadata commit failed: {0}")]
     Commit(String),
@@ -164,6 +174,70 @@ impl From<rusqlite::Error> for Error {
             Error::Database(e)
         }
     }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        let unreachable = match &e {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => true,
+            // Connection failures (class 08), shutdowns and overload.
+            E::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        };
+        if unreachable {
+            tracing::warn!(error = %e, "metadata database unavailable");
+            Error::Unavailable("the metadata database".to_owned())
+        } else {
+            Error::Postgres(e)
+        }
+    }
+}
+
+impl From<object_store::Error> for Error {
+    fn from(e: object_store::Error) -> Self {
+        if object_store_unavailable(&e) {
+            tracing::warn!(error = %e, "object store unavailable");
+            Error::Unavailable("the object store".to_owned())
+        } else {
+            Error::ObjectStore(e)
+        }
+    }
+}
+
+/// Whether an object store failure is the store being away (unreachable, timing out,
+/// failing or overloaded after the client's retries) rather than an answer about the
+/// request (a refused range, a malformed request, an unreadable reply).
+fn object_store_unavailable(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    /// How object_store renders the status of a response that was not a success; the
+    /// status itself is not exposed.
+    const STATUS: &str = "Server returned non-2xx status code: ";
+    /// How it renders a success whose body reports an internal error or a slow-down.
+    const ERROR_IN_BODY: &str = "Server returned error response: ";
+
+    let object_store::Error::Generic { source, .. } = e else {
+        return false;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+    while let Some(error) = cause {
+        if let Some(http) = error.downcast_ref::<HttpError>() {
+            return http.kind() != HttpErrorKind::Decode;
+        }
+        let text = error.to_string();
+        if let Some(status) = text.strip_prefix(STATUS) {
+            return status.starts_with('5')
+                || status.starts_with("429")
+                || status.starts_with("408");
+        }
+        if text.starts_with(ERROR_IN_BODY) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 impl From<tokio::task::JoinError> for Error {

@@ -46,6 +46,7 @@ use crate::meta::{
     BlobUsage, Candidate, EntryRoot, EvictRequest, Evictable, RepoUsage, Root, Unreferenced,
     on_disk,
 };
+use crate::registry::QuotaBase;
 use crate::{Error, Result, Store, now_secs};
 
 /// Blobs forgotten and deleted per metadata transaction in a sweep.
@@ -392,8 +393,14 @@ impl Store {
             total: bytes + upload_bytes + metadata_bytes,
             released_bytes,
         };
-        let root = self.0.data_dir.clone();
-        let (total, available) = tokio::task::spawn_blocking(move || filesystem(&root)).await??;
+        let (total, available) = match self.0.quota_base {
+            QuotaBase::Disk => {
+                let root = self.0.data_dir.clone();
+                tokio::task::spawn_blocking(move || filesystem(&root)).await??
+            }
+            // A bucket has no free space to keep: only the configured size bounds it.
+            QuotaBase::Bucket(limit) => (limit, u64::MAX / 2),
+        };
         Ok((usage, self.0.evictor.quota(usage.total, total, available)))
     }
 
@@ -411,8 +418,33 @@ impl Store {
     /// Run one eviction pass now (see the module documentation); with `dry_run`, report
     /// what it would do and change nothing.
     pub async fn gc(&self, trigger: Trigger, dry_run: bool) -> Result<GcReport> {
+        let _one_pass = self.0.evictor.pass.lock().await;
+        // Nodes sharing the metadata take turns; a dry run changes nothing.
+        let _lead = match dry_run {
+            true => None,
+            false => self.0.meta.lead(true).await?,
+        };
+        self.pass(trigger, dry_run).await
+    }
+
+    /// Run one pass, unless another node sharing the metadata is running one (`None`).
+    pub(crate) async fn gc_unless_running(&self, trigger: Trigger) -> Result<Option<GcReport>> {
+        let _one_pass = self.0.evictor.pass.lock().await;
+        let Some(_lead) = self.0.meta.lead(false).await? else {
+            return Ok(None);
+        };
+        if trigger == Trigger::Startup {
+            match self.remove_unknown_blob_files().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(files = n, "removed blob files an interrupted run left"),
+                Err(e) => tracing::warn!(error = %e, "checking blob files failed"),
+            }
+        }
+        self.pass(trigger, false).await.map(Some)
+    }
+
+    async fn pass(&self, trigger: Trigger, dry_run: bool) -> Result<GcReport> {
         let evictor = &self.0.evictor;
-        let _one_pass = evictor.pass.lock().await;
         let started = Instant::now();
         let started_at = now_secs();
         self.flush_access_times().await?;
@@ -649,7 +681,7 @@ impl Store {
         let mut swept = Vec::new();
         for batch in blobs.chunks(SWEEP_BATCH) {
             let digests: Vec<Digest> = batch.iter().map(|b| b.digest.clone()).collect();
-            let _locked = self.0.blobs.lock_digests(&digests).await;
+            let _locked = self.0.blobs.lock_digests(&digests).await?;
             let forgotten = self
                 .0
                 .meta
@@ -713,7 +745,7 @@ impl Store {
                 .0
                 .blobs
                 .lock_digests(std::slice::from_ref(&digest))
-                .await;
+                .await?;
             if self.0.meta.blob_size(&digest).await?.is_none() {
                 self.0.blobs.delete(&digest).await?;
                 removed += 1;

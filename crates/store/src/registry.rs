@@ -14,8 +14,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use oci::{Algorithm, CacheRecords, Digest, Hasher, Manifest, Reference, RepoName};
 
-use crate::blob::{BlobStore, ByteRange, ByteStream, FsBackend};
-use crate::config::Config;
+use crate::blob::{BlobBackend, BlobStore, ByteRange, ByteStream, FsBackend};
+use crate::config::{Blobs, Config, Meta, Size};
 use crate::error::Missing;
 use crate::evict::{Evictor, Trigger};
 use crate::meta::{
@@ -27,6 +27,8 @@ use crate::{Error, Result, now_secs};
 
 /// Largest image config read to learn whether it carries inline cache.
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// How soon a pass prompted by a write looks again when another node was running one.
+const LEADER_RETRY: Duration = Duration::from_secs(1);
 /// How often recorded reads are written to the metadata store.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -36,10 +38,12 @@ pub struct Store(pub(crate) Arc<Shared>);
 
 /// What every clone of a [`Store`] shares.
 pub(crate) struct Shared {
-    /// Held for the store's life: one process per data directory, since uploads and
-    /// eviction coordinate in memory.
+    /// Held for the store's life: one process per data directory (nodes sharing a bucket
+    /// and a database each have their own, and coordinate through the database).
     _lock: std::fs::File,
     pub(crate) data_dir: PathBuf,
+    /// What the quota is measured against.
+    pub(crate) quota_base: QuotaBase,
     pub(crate) blobs: BlobStore,
     pub(crate) meta: Arc<dyn MetaStore>,
     pub(crate) hashes: HashStates,
@@ -59,6 +63,12 @@ pub struct BlobRead {
 }
 
 impl BlobRead {
+    /// A URL the client may read the whole blob from directly, when the blob medium
+    /// offers one and is configured to.
+    pub async fn redirect(&self) -> Result<Option<String>> {
+        self.store.redirect(&self.digest).await
+    }
+
     /// Stream the whole blob, or `range` of it.
     pub async fn stream(self, range: Option<ByteRange>) -> Result<ByteStream> {
         self.store
@@ -121,20 +131,31 @@ impl Store {
     pub async fn open(config: &Config) -> Result<Store> {
         let evictor = Evictor::new(config.eviction.clone())?;
         let root = config.data_dir.clone();
-        let (lock, backend, meta) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let lock = tokio::task::spawn_blocking(move || -> Result<_> {
             std::fs::create_dir_all(&root)?;
-            Ok((
-                lock_data_dir(&root)?,
-                FsBackend::open(&root)?,
-                SqliteMeta::open(&root.join("meta.db"))?,
-            ))
+            lock_data_dir(&root)
         })
         .await??;
+        let (backend, meta) = open_backends(config).await?;
+        let quota_base = match &config.blobs {
+            Blobs::Fs => QuotaBase::Disk,
+            Blobs::S3(_) => match config.eviction.max_size {
+                Size::Bytes(limit) => QuotaBase::Bucket(limit),
+                Size::Percent(_) => {
+                    return Err(Error::Config(
+                        "with blobs in a bucket, store.eviction.max_size must be a size \
+                         (like \"500GiB\"): a share of a filesystem means nothing there"
+                            .into(),
+                    ));
+                }
+            },
+        };
         let store = Store(Arc::new(Shared {
             _lock: lock,
             data_dir: config.data_dir.clone(),
-            blobs: BlobStore::new(Arc::new(backend)),
-            meta: Arc::new(meta),
+            quota_base,
+            blobs: BlobStore::new(backend, meta.clone()),
+            meta,
             hashes: HashStates::default(),
             access: AccessLog::default(),
             evictor,
@@ -229,7 +250,7 @@ impl Store {
             .0
             .blobs
             .lock_digests(std::slice::from_ref(digest))
-            .await;
+            .await?;
         if self.0.blobs.stat(digest).await? != Some(size) {
             return Ok(None);
         }
@@ -625,6 +646,29 @@ impl Store {
     }
 }
 
+/// What the quota is measured against.
+pub(crate) enum QuotaBase {
+    /// The data directory's filesystem (its size and free space).
+    Disk,
+    /// A bucket: the configured size alone.
+    Bucket(u64),
+}
+
+/// Open the configured blob and metadata backends.
+async fn open_backends(config: &Config) -> Result<(Arc<dyn BlobBackend>, Arc<dyn MetaStore>)> {
+    let root = config.data_dir.clone();
+    let backend: Arc<dyn BlobBackend> = match &config.blobs {
+        Blobs::Fs => Arc::new(tokio::task::spawn_blocking(move || FsBackend::open(&root)).await??),
+        Blobs::S3(s3) => Arc::new(crate::blob::S3Backend::connect(s3).await?),
+    };
+    let path = config.data_dir.join("meta.db");
+    let meta: Arc<dyn MetaStore> = match &config.meta {
+        Meta::Sqlite => Arc::new(tokio::task::spawn_blocking(move || SqliteMeta::open(&path)).await??),
+        Meta::Postgres(postgres) => Arc::new(crate::meta::PgMeta::connect(postgres).await?),
+    };
+    Ok((backend, meta))
+}
+
 /// Lock `root` for this process, or fail if another process holds it.
 fn lock_data_dir(root: &std::path::Path) -> Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
@@ -667,20 +711,21 @@ async fn evict_in_background(store: Weak<Shared>) {
         let Some(store) = store.upgrade().map(Store) else {
             return;
         };
-        if trigger == Trigger::Startup {
-            match store.remove_unknown_blob_files().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(files = n, "removed blob files an interrupted run left"),
-                Err(e) => tracing::warn!(error = %e, "checking blob files failed"),
+        let mut retry = None;
+        match store.gc_unless_running(trigger).await {
+            Ok(None) => {
+                // Another node is running a pass; one prompted by a write looks again
+                // soon, in case that pass measured usage before the write.
+                if trigger == Trigger::Quota {
+                    retry = Some(LEADER_RETRY);
+                }
             }
-        }
-        match store.gc(trigger, false).await {
-            Ok(r)
+            Ok(Some(r))
                 if r.evicted.is_empty()
                     && r.evicted_entries.is_empty()
                     && r.blobs_removed == 0
                     && r.uploads_expired == 0 => {}
-            Ok(r) => tracing::info!(
+            Ok(Some(r)) => tracing::info!(
                 trigger = ?r.trigger,
                 evicted = r.evicted.len(),
                 evicted_entries = r.evicted_entries.len(),
@@ -703,6 +748,7 @@ async fn evict_in_background(store: Weak<Shared>) {
         trigger = tokio::select! {
             _ = tick.tick() => Trigger::Schedule,
             () = wake.notified() => Trigger::Quota,
+            () = sleep_for(retry) => Trigger::Quota,
             () = sleep_for(released_due) => Trigger::Released,
         };
     }

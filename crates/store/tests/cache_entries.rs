@@ -8,10 +8,13 @@
 //! the blobs only they held, and never sweeps what an unfinished entry holds until the
 //! entry expires.
 //!
+//! Every test runs on SQLite metadata (`sqlite::…`) and on PostgreSQL metadata
+//! (`postgres::…`).
+//!
 //! Timestamps have a one-second resolution (a blob touched in the second a pass starts
 //! is not idle, even with a zero grace), so the eviction tests sleep past second
-//! boundaries where order matters, and run the store's background tasks on a runtime
-//! that is never driven after the startup pass, so the only passes are theirs.
+//! boundaries where order matters, and stop the store's background tasks after its
+//! startup pass, so the only passes are theirs.
 
 #![allow(
     clippy::unwrap_used,
@@ -20,10 +23,13 @@
     clippy::indexing_slicing
 )]
 
+mod backend;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use backend::{Backend, Metadata};
 use bytes::Bytes;
 use futures::StreamExt;
 use oci::Digest;
@@ -57,6 +63,41 @@ macro_rules! assert_err {
             ),
         }
     };
+}
+
+backend::on_each_backend! {
+    #[tokio::test]
+    async fn restores_match_exact_then_prefix_then_restore_keys_of_the_exact_version;
+    #[tokio::test]
+    async fn restores_search_scopes_in_order;
+    #[tokio::test]
+    async fn keys_match_literally_whatever_characters_they_hold;
+    #[tokio::test]
+    async fn listing_finds_finished_entries_of_the_scopes_by_prefix_newest_first;
+    #[tokio::test]
+    async fn a_key_and_version_are_taken_once_per_scope;
+    #[tokio::test]
+    async fn an_upload_idle_for_ten_minutes_gives_its_key_up;
+    #[tokio::test]
+    async fn chunks_in_any_order_make_the_entry_once_they_cover_it;
+    #[tokio::test]
+    async fn a_whole_upload_replaces_earlier_chunks_and_an_empty_entry_is_an_entry;
+    #[tokio::test]
+    async fn chunks_past_the_size_limit_are_refused_and_recorded_nowhere;
+    #[tokio::test]
+    async fn an_overlong_chunk_is_refused_with_the_entry_limit;
+    #[tokio::test]
+    async fn blocks_are_placed_in_block_list_order_and_read_in_ranges;
+    #[tokio::test]
+    async fn a_block_list_over_the_limit_leaves_nothing_to_finish;
+    #[tokio::test]
+    async fn the_same_content_is_stored_once_across_entries;
+    #[test]
+    fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_hold;
+    #[test]
+    fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_whose_entry_goes_mid_upload_leaves_no_blob_file_behind;
 }
 
 // ---------------------------------------------------------------- helpers
@@ -209,23 +250,27 @@ fn sha(bytes: &[u8]) -> Digest {
     Digest::sha256_of(bytes)
 }
 
-fn config(dir: &Path, eviction: Eviction) -> Config {
+/// Fresh metadata of `backend` for a store in `dir`.
+fn metadata(backend: Backend, dir: &Path) -> Metadata {
+    backend.create(&data_dir(dir))
+}
+
+fn config(metadata: &Metadata, eviction: Eviction) -> Config {
     Config {
-        data_dir: data_dir(dir),
         eviction: Eviction {
             min_free: Size::Bytes(0),
             interval: Duration::from_secs(3600),
             ..eviction
         },
-        ..Config::default()
+        ..metadata.config()
     }
 }
 
-/// A store with no quota pressure and the default grace: its passes remove nothing the
-/// tests made.
-async fn open(dir: &Path) -> Store {
+/// A store with no quota pressure and the default grace on `metadata`: its passes remove
+/// nothing the tests made.
+async fn open_on(metadata: &Metadata) -> Store {
     Store::open(&config(
-        dir,
+        metadata,
         Eviction {
             max_size: Size::Bytes(1 << 40),
             ..Eviction::default()
@@ -233,6 +278,11 @@ async fn open(dir: &Path) -> Store {
     ))
     .await
     .unwrap()
+}
+
+/// A store like [`open_on`]'s on fresh metadata of `backend`.
+async fn open(backend: Backend, dir: &Path) -> Store {
+    open_on(&metadata(backend, dir)).await
 }
 
 /// Stored blobs and their bytes, as the metadata counts them.
@@ -247,10 +297,9 @@ fn on_disk(size: u64) -> u64 {
 
 // ---------------------------------------------------------------- matching
 
-#[tokio::test]
-async fn restores_match_exact_then_prefix_then_restore_keys_of_the_exact_version() {
+async fn restores_match_exact_then_prefix_then_restore_keys_of_the_exact_version(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let m = &[MAIN][..];
 
     save(&store, REPO, MAIN, "linux-deps", V1, b"deps").await;
@@ -410,10 +459,9 @@ async fn restores_match_exact_then_prefix_then_restore_keys_of_the_exact_version
     );
 }
 
-#[tokio::test]
-async fn restores_search_scopes_in_order() {
+async fn restores_search_scopes_in_order(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let feature_first = &[FEATURE, MAIN][..];
 
     save(&store, REPO, FEATURE, "build-feature", V1, b"feature").await;
@@ -471,10 +519,9 @@ async fn restores_search_scopes_in_order() {
     assert_eq!(restore_in(&store, REPO, &[], &["build-"], V1).await, None);
 }
 
-#[tokio::test]
-async fn keys_match_literally_whatever_characters_they_hold() {
+async fn keys_match_literally_whatever_characters_they_hold(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let m = &[MAIN][..];
     let found = async |keys: &[&str]| restore(&store, m, keys, V1).await;
 
@@ -555,10 +602,9 @@ async fn keys_match_literally_whatever_characters_they_hold() {
     assert_eq!(found(&["o'"]).await.as_deref(), Some("o'brien\\\"x"));
 }
 
-#[tokio::test]
-async fn listing_finds_finished_entries_of_the_scopes_by_prefix_newest_first() {
+async fn listing_finds_finished_entries_of_the_scopes_by_prefix_newest_first(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let a = save(&store, REPO, MAIN, "npm-%a", V1, b"1").await;
     let b = save(&store, REPO, FEATURE, "npm-b", V2, b"2").await;
     let c = save(&store, REPO, MAIN, "pip-c", V1, b"3").await;
@@ -592,10 +638,9 @@ async fn listing_finds_finished_entries_of_the_scopes_by_prefix_newest_first() {
 
 // ---------------------------------------------------------------- reserving
 
-#[tokio::test]
-async fn a_key_and_version_are_taken_once_per_scope() {
+async fn a_key_and_version_are_taken_once_per_scope(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let first = create(&store, REPO, MAIN, "deps", V1).await;
     assert_eq!(
         (first.size, first.key.as_str(), first.scope.as_str()),
@@ -662,33 +707,28 @@ async fn a_key_and_version_are_taken_once_per_scope() {
 }
 
 /// Move an entry's last activity `secs` into the past.
-fn idle_for(dir: &Path, id: i64, secs: i64) {
-    let db = rusqlite::Connection::open(data_dir(dir).join("meta.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(30)).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE cache_entries SET accessed_at = accessed_at - ?2 WHERE id = ?1",
-            (id, secs),
-        )
-        .unwrap();
+fn idle_for(metadata: &Metadata, id: i64, secs: i64) {
+    let changed = metadata.execute(&format!(
+        "UPDATE cache_entries SET accessed_at = accessed_at - {secs} WHERE id = {id}"
+    ));
     assert_eq!(changed, 1);
 }
 
-#[tokio::test]
-async fn an_upload_idle_for_ten_minutes_gives_its_key_up() {
+async fn an_upload_idle_for_ten_minutes_gives_its_key_up(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let metadata = metadata(backend, dir.path());
+    let store = open_on(&metadata).await;
     let stale = create(&store, REPO, MAIN, "deps", V1).await;
     store
         .put_entry_block(stale.id, "a".into(), body(b"stale block"), LIMIT)
         .await
         .unwrap();
-    idle_for(dir.path(), stale.id, 590);
+    idle_for(&metadata, stale.id, 590);
     assert_err!(
         store.create_entry(key(REPO, MAIN, "deps", V1)).await,
         Error::EntryExists
     );
-    idle_for(dir.path(), stale.id, 11);
+    idle_for(&metadata, stale.id, 11);
     let fresh = create(&store, REPO, MAIN, "deps", V1).await;
     assert_ne!(fresh.id, stale.id);
     assert_err!(store.entry(stale.id).await, Error::NotFound(Missing::Entry));
@@ -706,7 +746,7 @@ async fn an_upload_idle_for_ten_minutes_gives_its_key_up() {
 
     // Upload activity keeps the key.
     let active = create(&store, REPO, MAIN, "active", V1).await;
-    idle_for(dir.path(), active.id, 601);
+    idle_for(&metadata, active.id, 601);
     store
         .put_entry_part(active.id, 0, Some(4), false, body(b"busy"), LIMIT)
         .await
@@ -717,7 +757,7 @@ async fn an_upload_idle_for_ten_minutes_gives_its_key_up() {
     );
     // A finished entry keeps it however long it goes unrestored.
     let done = save(&store, REPO, MAIN, "done", V1, b"done").await;
-    idle_for(dir.path(), done.id, 100_000);
+    idle_for(&metadata, done.id, 100_000);
     assert_err!(
         store.create_entry(key(REPO, MAIN, "done", V1)).await,
         Error::EntryExists
@@ -727,10 +767,9 @@ async fn an_upload_idle_for_ten_minutes_gives_its_key_up() {
 
 // ---------------------------------------------------------------- chunked uploads
 
-#[tokio::test]
-async fn chunks_in_any_order_make_the_entry_once_they_cover_it() {
+async fn chunks_in_any_order_make_the_entry_once_they_cover_it(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let data = content(1, 10_000);
     let entry = create(&store, REPO, MAIN, "chunked", V1).await;
     let put = async |start: usize, end: usize| {
@@ -858,10 +897,9 @@ async fn chunks_in_any_order_make_the_entry_once_they_cover_it() {
     assert_eq!(blob_usage(&store).await, before);
 }
 
-#[tokio::test]
-async fn a_whole_upload_replaces_earlier_chunks_and_an_empty_entry_is_an_entry() {
+async fn a_whole_upload_replaces_earlier_chunks_and_an_empty_entry_is_an_entry(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let entry = create(&store, REPO, MAIN, "whole", V1).await;
     let chunk = content(3, 5000);
     for start in [0u64, 5000] {
@@ -912,10 +950,9 @@ async fn a_whole_upload_replaces_earlier_chunks_and_an_empty_entry_is_an_entry()
     );
 }
 
-#[tokio::test]
-async fn chunks_past_the_size_limit_are_refused_and_recorded_nowhere() {
+async fn chunks_past_the_size_limit_are_refused_and_recorded_nowhere(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let limit = 10_000u64;
     let data = content(5, 10_000);
     let entry = create(&store, REPO, MAIN, "limited", V1).await;
@@ -988,10 +1025,9 @@ async fn chunks_past_the_size_limit_are_refused_and_recorded_nowhere() {
 /// A chunk that runs past the limit without saying so (no declared length, or a short
 /// one) is refused with the entry's limit, not with the room that was left after its
 /// start (which the client would read as the limit).
-#[tokio::test]
-async fn an_overlong_chunk_is_refused_with_the_entry_limit() {
+async fn an_overlong_chunk_is_refused_with_the_entry_limit(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let entry = create(&store, REPO, MAIN, "limited", V1).await;
     let too_long = content(6, 1809);
     for declared in [None, Some(1000)] {
@@ -1006,10 +1042,9 @@ async fn an_overlong_chunk_is_refused_with_the_entry_limit() {
 
 // ---------------------------------------------------------------- blocks
 
-#[tokio::test]
-async fn blocks_are_placed_in_block_list_order_and_read_in_ranges() {
+async fn blocks_are_placed_in_block_list_order_and_read_in_ranges(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let entry = create(&store, REPO, MAIN, "blocks", V1).await;
     let b0 = content(10, 5000);
     let b1 = content(11, 7000);
@@ -1105,10 +1140,9 @@ async fn blocks_are_placed_in_block_list_order_and_read_in_ranges() {
 
 /// A block list over the size limit is refused and places nothing, so the entry cannot
 /// be finished with that content either (a finalize call does not check the limit).
-#[tokio::test]
-async fn a_block_list_over_the_limit_leaves_nothing_to_finish() {
+async fn a_block_list_over_the_limit_leaves_nothing_to_finish(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let limit = 10_000u64;
     let entry = create(&store, REPO, MAIN, "over", V1).await;
     for block in ["a", "b", "c"] {
@@ -1144,10 +1178,9 @@ async fn a_block_list_over_the_limit_leaves_nothing_to_finish() {
 
 // ---------------------------------------------------------------- dedup
 
-#[tokio::test]
-async fn the_same_content_is_stored_once_across_entries() {
+async fn the_same_content_is_stored_once_across_entries(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     assert_eq!(blob_usage(&store).await, (0, 0));
     let data = content(30, 300_000);
 
@@ -1222,38 +1255,11 @@ async fn the_same_content_is_stored_once_across_entries() {
 
 // ---------------------------------------------------------------- eviction
 
-/// Holds a store's background tasks, never driven after the startup pass, so the only
-/// passes are the ones a test runs; and the runtime the test runs on.
-struct Runtimes {
-    background: tokio::runtime::Runtime,
-    main: tokio::runtime::Runtime,
-}
-
-impl Runtimes {
-    fn new() -> Runtimes {
-        Runtimes {
-            background: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-            main: tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
-    }
-
-    fn open(&self, dir: &Path, eviction: Eviction) -> Store {
-        let config = config(dir, eviction);
-        self.background.block_on(async {
-            let store = Store::open(&config).await.unwrap();
-            while store.last_gc().is_none() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            store
-        })
-    }
+/// A store in `dir` on fresh metadata of `backend` with these eviction settings, whose
+/// only passes are the ones a test runs.
+fn open_for_passes(backend: Backend, dir: &Path, eviction: Eviction) -> Store {
+    let metadata = metadata(backend, dir);
+    metadata.open_without_background_tasks(&config(&metadata, eviction))
 }
 
 /// Sleep into the next second and a bit: what was touched before is now idle, and what
@@ -1277,16 +1283,18 @@ async fn save_parts(store: &Store, k: &str, chunks: &[&[u8]]) -> Entry {
     store.finish_entry(entry.id, start).await.unwrap()
 }
 
-#[test]
-fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_hold() {
+fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_hold(
+    backend: Backend,
+) {
     const MIB: usize = 1 << 20;
     const U: usize = 4 * MIB;
-    let runtimes = Runtimes::new();
+    let runtime = backend::test_runtime();
     let dir = tempfile::tempdir().unwrap();
     // Evict down to 10 MiB once over it. The entries' blobs take 16 MiB and the
     // metadata well under 2 MiB, so making room takes 6 to 8 MiB: two of the entries
     // (4 MiB each freed), never the third.
-    let store = runtimes.open(
+    let store = open_for_passes(
+        backend,
         dir.path(),
         Eviction {
             max_size: Size::Bytes(10 * MIB as u64),
@@ -1298,7 +1306,7 @@ fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_ho
             ..Eviction::default()
         },
     );
-    runtimes.main.block_on(async {
+    runtime.block_on(async {
         let a1 = content(40, U);
         let shared = content(41, U);
         let b1 = content(42, U);
@@ -1361,13 +1369,13 @@ fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_ho
     });
 }
 
-#[test]
-fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires() {
-    let runtimes = Runtimes::new();
+fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires(backend: Backend) {
+    let runtime = backend::test_runtime();
     let dir = tempfile::tempdir().unwrap();
     // Everything is over this quota, nothing has a grace period, and unfinished entries
     // expire after 3 s.
-    let store = runtimes.open(
+    let store = open_for_passes(
+        backend,
         dir.path(),
         Eviction {
             max_size: Size::Bytes(1),
@@ -1378,7 +1386,7 @@ fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires() {
             ..Eviction::default()
         },
     );
-    runtimes.main.block_on(async {
+    runtime.block_on(async {
         let f1 = content(50, 6000);
         let shared = content(51, 7000);
         let (x, y, z) = (content(52, 3000), content(53, 4000), content(54, 5000));
@@ -1454,10 +1462,9 @@ fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires() {
 /// A chunk whose entry is deleted (or expires, or is finished) while its body streams
 /// in fails; the blob it had already published must not stay on disk unknown to the
 /// metadata, where no pass would ever remove it or count it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunk_whose_entry_goes_mid_upload_leaves_no_blob_file_behind() {
+async fn a_chunk_whose_entry_goes_mid_upload_leaves_no_blob_file_behind(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
+    let store = open(backend, dir.path()).await;
     let entry = create(&store, REPO, MAIN, "racing", V1).await;
     let (tx, rx) = futures::channel::mpsc::unbounded::<std::io::Result<Bytes>>();
     let uploading = store.clone();

@@ -49,10 +49,10 @@
 //! blobs they use.
 //!
 //! Two things keep the runs deterministic:
-//! * the store is opened on a current-thread runtime that is driven only until its
-//!   startup pass has finished: its background tasks (access-time flusher, evictor) are
-//!   frozen from then on, so the only passes are the ones a test runs (a blob push that
-//!   passes the high watermark would otherwise wake a background pass at any moment);
+//! * the store is opened on a runtime of its own that is dropped once its startup pass
+//!   has finished, and its background tasks (access-time flusher, evictor) with it, so
+//!   the only passes are the ones a test runs (a blob push that passes the high
+//!   watermark would otherwise wake a background pass at any moment);
 //! * time is moved forward by shifting every stored timestamp back ([`age`]), the
 //!   seconds of the releases too, not by sleeping: timestamps have a one-second
 //!   resolution and a blob touched in the second a pass starts is not idle, even with a
@@ -65,8 +65,14 @@
 //! (every other manifest pulled again), so the final pass records reads of an earlier
 //! second than its own, some read in two seconds.
 //!
-//! `EVICTION_MODEL_CASES` (default 96) sets the number of cases, `EVICTION_MODEL_QUOTA`
-//! fixes the quota, `EVICTION_MODEL_WINDOW` the push window in seconds,
+//! Every test runs on SQLite metadata (`sqlite::…`) and on PostgreSQL metadata
+//! (`postgres::…`); the checks read either database with the same SQL, and the quota on
+//! PostgreSQL, whose metadata takes no room in the data directory, is smaller by what
+//! SQLite's takes, so the blobs get the same budget.
+//!
+//! `EVICTION_MODEL_CASES` (default 96 on SQLite, [`POSTGRES_CASES`] on PostgreSQL, where a
+//! case takes longer) sets the number of cases, `EVICTION_MODEL_QUOTA` fixes the quota
+//! (as on SQLite), `EVICTION_MODEL_WINDOW` the push window in seconds,
 //! `EVICTION_MODEL_DEBUG` prints every pass.
 
 #![allow(
@@ -76,11 +82,15 @@
     clippy::indexing_slicing
 )]
 
+mod backend;
+
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::LocalKey;
 use std::time::Duration;
 
+use backend::{Backend, Metadata};
 use bytes::Bytes;
 use futures::StreamExt;
 use oci::{Digest, Reference, RepoName, Tag, media_type};
@@ -101,6 +111,9 @@ const POOL: usize = 12;
 const AGE_SECS: i64 = 10;
 /// How close the next second of the wall clock must be for [`Op::Tick`] to wait for it.
 const TICK_MS: u64 = 300;
+/// What SQLite's metadata (its file and write-ahead log) takes of the quota through most
+/// of a case (see [`grow_write_ahead_log`]), as measured.
+const SQLITE_METADATA: u64 = 1_179_648;
 /// The push window of the cases that have one: a blob released within one [`age`] step
 /// of its last use waits across that step and leaves after the next.
 const WINDOW_SECS: u64 = 15;
@@ -109,6 +122,17 @@ const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER_MT: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const DOCKER_CONFIG_MT: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER_MT: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Cases of the property test on PostgreSQL, unless `EVICTION_MODEL_CASES` says.
+const POSTGRES_CASES: u32 = 48;
+
+backend::on_each_backend! {
+    #[test]
+    fn eviction_keeps_what_it_serves_complete_and_within_quota;
+    #[test]
+    fn manifest_put_racing_a_pass_never_points_at_a_swept_blob;
+    #[test]
+    fn blob_mount_racing_a_pass_never_links_a_swept_blob;
+}
 
 // ---------------------------------------------------------------- helpers
 
@@ -187,27 +211,22 @@ async fn read_blob(store: &Store, repo: &RepoName, digest: &Digest) -> Result<Ve
 /// Move the store's clock `AGE_SECS` forward: shift every stored timestamp back, the
 /// seconds of the releases too. (The uses the store keeps in memory until it records
 /// them cannot be shifted: the caller has them recorded first.)
-fn age(data_dir: &Path) {
-    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(30)).unwrap();
-    db.execute_batch(&format!(
-        "BEGIN IMMEDIATE;
-         UPDATE blobs SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
+fn age(metadata: &Metadata) {
+    metadata.transaction(&format!(
+        "UPDATE blobs SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE manifests SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE tags SET updated_at = updated_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE uploads SET created_at = created_at - {AGE_SECS};
-         UPDATE released_blobs SET released_at = released_at - {AGE_SECS};
-         COMMIT;"
-    ))
-    .unwrap();
+         UPDATE released_blobs SET released_at = released_at - {AGE_SECS};"
+    ));
 }
 
-/// Grow the metadata's write-ahead log to the size it keeps once the store has been
-/// written to for a while (about a megabyte: a checkpoint resets it for reuse and cuts
-/// it back to its size limit, not to nothing), so the metadata's share of the usage stays about the same during a case
-/// and a quota a little above it leaves the blobs a steady budget.
-fn grow_write_ahead_log(data_dir: &Path) {
-    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
+/// Grow SQLite's write-ahead log to the size it keeps once the store has been written to
+/// for a while (about a megabyte: a checkpoint resets it for reuse and cuts it back to
+/// its size limit, not to nothing), so the metadata's share of the usage stays about the
+/// same during a case and a quota a little above it leaves the blobs a steady budget.
+fn grow_write_ahead_log(database: &Path) {
+    let db = rusqlite::Connection::open(database).unwrap();
     db.busy_timeout(Duration::from_secs(30)).unwrap();
     db.pragma_update(None, "synchronous", "OFF").unwrap();
     db.execute(
@@ -277,157 +296,124 @@ struct StoredRepo {
 /// Every repository's manifests and tags, read from the metadata directly: a read
 /// through the API is a use of the manifest, which would make every root look used in
 /// the second of the next pass. Tags name stored manifests.
-fn stored_manifests(data_dir: &Path) -> Vec<StoredRepo> {
-    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(30)).unwrap();
-    let dangling: i64 = db
-        .query_row(
-            "SELECT count(*) FROM tags t WHERE NOT EXISTS
-             (SELECT 1 FROM manifests m WHERE m.repo_id = t.repo_id AND m.digest = t.digest)",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap();
-    assert_eq!(dangling, 0, "tags naming no stored manifest");
-    let digest = |text: String| -> Digest { text.parse().unwrap() };
-    REPOS
-        .iter()
-        .map(|repo| {
-            let manifests = db
-                .prepare(
-                    "SELECT m.digest, m.media_type, m.content, max(m.created_at, m.accessed_at)
-                     FROM manifests m JOIN repos r ON r.id = m.repo_id WHERE r.name = ?1",
-                )
-                .unwrap()
-                .query_map([repo], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                })
-                .unwrap()
-                .map(|row| {
-                    let (d, media_type, content, used) = row.unwrap();
-                    (digest(d), (media_type, content, used))
-                })
-                .collect();
-            let tags = db
-                .prepare(
-                    "SELECT t.name, t.digest, max(t.updated_at, t.accessed_at)
-                     FROM tags t JOIN repos r ON r.id = t.repo_id WHERE r.name = ?1",
-                )
-                .unwrap()
-                .query_map([repo], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-                .unwrap()
-                .map(|row| {
-                    let (name, d, used) = row.unwrap();
-                    (name, (digest(d), used))
-                })
-                .collect();
-            StoredRepo { manifests, tags }
-        })
-        .collect()
+fn stored_manifests(metadata: &Metadata) -> Vec<StoredRepo> {
+    let dangling: Vec<(i64,)> = metadata.query(
+        "SELECT count(*) FROM tags t WHERE NOT EXISTS
+         (SELECT 1 FROM manifests m WHERE m.repo_id = t.repo_id AND m.digest = t.digest)",
+    );
+    assert_eq!(dangling, [(0,)], "tags naming no stored manifest");
+    let mut repos: Vec<StoredRepo> = REPOS.iter().map(|_| StoredRepo::default()).collect();
+    let repo = |name: &str| -> usize {
+        REPOS
+            .iter()
+            .position(|r| *r == name)
+            .unwrap_or_else(|| panic!("metadata of a repository never used: {name}"))
+    };
+    let manifests: Vec<(String, String, String, Vec<u8>, i64)> = metadata.query(
+        "SELECT r.name, m.digest, m.media_type, m.content,
+                CASE WHEN m.created_at > m.accessed_at THEN m.created_at ELSE m.accessed_at END
+         FROM manifests m JOIN repos r ON r.id = m.repo_id",
+    );
+    for (name, digest, media_type, content, used) in manifests {
+        repos[repo(&name)]
+            .manifests
+            .insert(digest.parse().unwrap(), (media_type, content, used));
+    }
+    let tags: Vec<(String, String, String, i64)> = metadata.query(
+        "SELECT r.name, t.name, t.digest,
+                CASE WHEN t.updated_at > t.accessed_at THEN t.updated_at ELSE t.accessed_at END
+         FROM tags t JOIN repos r ON r.id = t.repo_id",
+    );
+    for (name, tag, digest, used) in tags {
+        repos[repo(&name)]
+            .tags
+            .insert(tag, (digest.parse().unwrap(), used));
+    }
+    repos
 }
 
 /// The blobs the metadata records, each with its last use (upload, check, mount or
 /// recorded read), and those marked released, each with the second of its release.
-fn stored_blobs(data_dir: &Path) -> (BTreeMap<Digest, i64>, BTreeMap<Digest, i64>) {
-    let db = rusqlite::Connection::open(data_dir.join("meta.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(30)).unwrap();
+fn stored_blobs(metadata: &Metadata) -> (BTreeMap<Digest, i64>, BTreeMap<Digest, i64>) {
     let read = |sql: &str| -> BTreeMap<Digest, i64> {
-        db.prepare(sql)
-            .unwrap()
-            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))
-            .unwrap()
-            .map(|row| {
-                let (d, at) = row.unwrap();
-                (d.parse().unwrap(), at)
-            })
+        metadata
+            .query::<(String, i64)>(sql)
+            .into_iter()
+            .map(|(d, at)| (d.parse().unwrap(), at))
             .collect()
     };
     (
-        read("SELECT digest, max(created_at, accessed_at) FROM blobs"),
+        read(
+            "SELECT digest,
+                    CASE WHEN created_at > accessed_at THEN created_at ELSE accessed_at END
+             FROM blobs",
+        ),
         read("SELECT digest, released_at FROM released_blobs"),
     )
 }
 
-struct Runtimes {
-    /// Holds the store's background tasks, frozen once the startup pass is done.
-    background: tokio::runtime::Runtime,
-    /// Runs the test.
-    main: tokio::runtime::Runtime,
-}
-
-impl Runtimes {
-    fn new() -> Runtimes {
-        Runtimes {
-            background: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-            main: tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
+/// Open a store in `data_dir` on fresh metadata of `backend`, with a zero grace and in-use
+/// window and a push window of `window` seconds, whose only passes are the ones the test
+/// runs (see [`Metadata::open_without_background_tasks`]). `max_size` is the quota with
+/// SQLite's metadata in it: PostgreSQL's lives outside the quota, which is
+/// [`SQLITE_METADATA`] less there, so the blobs get the same budget on both.
+fn open(backend: Backend, data_dir: &Path, max_size: u64, window: u64) -> (Store, Metadata) {
+    let metadata = backend.create(data_dir);
+    let max_size = backend.pick(max_size, max_size.saturating_sub(SQLITE_METADATA).max(1));
+    let config = Config {
+        eviction: Eviction {
+            max_size: Size::Bytes(max_size),
+            min_free: Size::Bytes(0),
+            grace: Duration::ZERO,
+            in_use: Duration::ZERO,
+            push_window: Duration::from_secs(window),
+            interval: Duration::from_secs(3600),
+            ..Eviction::default()
+        },
+        ..metadata.config()
+    };
+    let store = metadata.open_without_background_tasks(&config);
+    if let Some(database) = metadata.sqlite_file() {
+        grow_write_ahead_log(database);
     }
-
-    /// Open a store with a zero grace and in-use window and a push window of `window`
-    /// seconds, and let its startup pass finish; its background tasks stay on the
-    /// background runtime, which is never driven again.
-    fn open(&self, data_dir: &Path, max_size: u64, window: u64) -> Store {
-        let config = Config {
-            data_dir: data_dir.to_owned(),
-            eviction: Eviction {
-                max_size: Size::Bytes(max_size),
-                min_free: Size::Bytes(0),
-                grace: Duration::ZERO,
-                in_use: Duration::ZERO,
-                push_window: Duration::from_secs(window),
-                interval: Duration::from_secs(3600),
-                ..Eviction::default()
-            },
-            ..Config::default()
-        };
-        let store = self.background.block_on(async {
-            let store = Store::open(&config).await.unwrap();
-            while store.last_gc().is_none() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            store
-        });
-        grow_write_ahead_log(data_dir);
-        store
-    }
+    (store, metadata)
 }
 
 // ---------------------------------------------------------------- statistics
 
-static CASES: AtomicU64 = AtomicU64::new(0);
-static WINDOW_CASES: AtomicU64 = AtomicU64::new(0);
-static STEPS: AtomicU64 = AtomicU64::new(0);
-static PUTS_OK: AtomicU64 = AtomicU64::new(0);
-static PUTS_REFUSED: AtomicU64 = AtomicU64::new(0);
-static PASSES: AtomicU64 = AtomicU64::new(0);
-static PASSES_OVER: AtomicU64 = AtomicU64::new(0);
-static PASSES_DISCOUNTED: AtomicU64 = AtomicU64::new(0);
-static PASSES_ROUNDS: AtomicU64 = AtomicU64::new(0);
-static PASSES_PARTIAL: AtomicU64 = AtomicU64::new(0);
-static PASSES_SHORT: AtomicU64 = AtomicU64::new(0);
-static PASSES_MET: AtomicU64 = AtomicU64::new(0);
-static EVICTED: AtomicU64 = AtomicU64::new(0);
-static SWEPT: AtomicU64 = AtomicU64::new(0);
-static SWEPT_RELEASED: AtomicU64 = AtomicU64::new(0);
-static RELEASED: AtomicU64 = AtomicU64::new(0);
-static TAKEN_UP: AtomicU64 = AtomicU64::new(0);
-static NOT_TAKEN_UP: AtomicU64 = AtomicU64::new(0);
-static SETTLED: AtomicU64 = AtomicU64::new(0);
-static TICKS: AtomicU64 = AtomicU64::new(0);
-static ROOTS_KEPT_YOUNG: AtomicU64 = AtomicU64::new(0);
-static REFERENCED_AGAIN: AtomicU64 = AtomicU64::new(0);
-static KEPT_WAITING: AtomicU64 = AtomicU64::new(0);
-static KEPT_YOUNG: AtomicU64 = AtomicU64::new(0);
+/// A statistic of the run, counted on the test's own thread (where the cases run, inside
+/// `block_on`), so the runs on the two backends, side by side, count apart.
+type Counter = Cell<u64>;
 
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+thread_local! {
+    static CASES: Counter = const { Cell::new(0) };
+    static WINDOW_CASES: Counter = const { Cell::new(0) };
+    static STEPS: Counter = const { Cell::new(0) };
+    static PUTS_OK: Counter = const { Cell::new(0) };
+    static PUTS_REFUSED: Counter = const { Cell::new(0) };
+    static PASSES: Counter = const { Cell::new(0) };
+    static PASSES_OVER: Counter = const { Cell::new(0) };
+    static PASSES_DISCOUNTED: Counter = const { Cell::new(0) };
+    static PASSES_ROUNDS: Counter = const { Cell::new(0) };
+    static PASSES_PARTIAL: Counter = const { Cell::new(0) };
+    static PASSES_SHORT: Counter = const { Cell::new(0) };
+    static PASSES_MET: Counter = const { Cell::new(0) };
+    static EVICTED: Counter = const { Cell::new(0) };
+    static SWEPT: Counter = const { Cell::new(0) };
+    static SWEPT_RELEASED: Counter = const { Cell::new(0) };
+    static RELEASED: Counter = const { Cell::new(0) };
+    static TAKEN_UP: Counter = const { Cell::new(0) };
+    static NOT_TAKEN_UP: Counter = const { Cell::new(0) };
+    static SETTLED: Counter = const { Cell::new(0) };
+    static TICKS: Counter = const { Cell::new(0) };
+    static ROOTS_KEPT_YOUNG: Counter = const { Cell::new(0) };
+    static REFERENCED_AGAIN: Counter = const { Cell::new(0) };
+    static KEPT_WAITING: Counter = const { Cell::new(0) };
+    static KEPT_YOUNG: Counter = const { Cell::new(0) };
+}
+
+fn bump(counter: &'static LocalKey<Counter>, n: u64) {
+    counter.with(|c| c.set(c.get() + n));
 }
 
 // ---------------------------------------------------------------- the model
@@ -1001,7 +987,7 @@ fn quota_strategy() -> impl Strategy<Value = u64> {
     {
         return Just(q).boxed();
     }
-    // The metadata alone takes about 1.15 MB (see `grow_write_ahead_log`): a tiny quota
+    // SQLite's metadata alone takes about 1.2 MB ([`SQLITE_METADATA`]): a tiny quota
     // that nothing fits in, or one that leaves the blobs from nothing to about 700 KB;
     // mostly one whose low watermark leaves them some (about 0 to 300 KB), so passes
     // evict part of what is stored and stop at the low watermark.
@@ -1036,6 +1022,7 @@ fn content(seed: u64, i: usize, len: usize) -> Bytes {
 struct Harness {
     store: Store,
     data_dir: PathBuf,
+    metadata: Metadata,
     pool: Vec<(Digest, Bytes)>,
     m: Model,
     step: usize,
@@ -1485,7 +1472,7 @@ impl Harness {
     /// [`stored_manifests`]), the tag listing through the API, blob files from disk, the
     /// blobs' last uses and release marks from the metadata.
     async fn observe(&self) -> Observed {
-        let stored = stored_manifests(&self.data_dir);
+        let stored = stored_manifests(&self.metadata);
         let mut seen = Observed {
             present: Vec::new(),
             tags: Vec::new(),
@@ -1532,7 +1519,7 @@ impl Harness {
             }
             seen.tags.push(tagged);
         }
-        (seen.blob_use, seen.released) = stored_blobs(&self.data_dir);
+        (seen.blob_use, seen.released) = stored_blobs(&self.metadata);
         seen
     }
 
@@ -1676,7 +1663,7 @@ impl Harness {
         self.m.flush();
         if !self.m.undecided.is_empty() {
             self.store.flush_access_times().await.unwrap();
-            let (_, released) = stored_blobs(&self.data_dir);
+            let (_, released) = stored_blobs(&self.metadata);
             self.m.settle(&released);
         }
         let report = self.store.gc(Trigger::Manual, false).await.unwrap();
@@ -2178,8 +2165,8 @@ impl Harness {
                 // Within the time skipped the store's flusher records the pending reads.
                 self.store.flush_access_times().await.unwrap();
                 self.m.flush();
-                let dir = self.data_dir.clone();
-                tokio::task::spawn_blocking(move || age(&dir))
+                let metadata = self.metadata.clone();
+                tokio::task::spawn_blocking(move || age(&metadata))
                     .await
                     .unwrap();
                 self.m.age();
@@ -2212,10 +2199,10 @@ impl Harness {
     }
 }
 
-fn run_case(case: &Case) {
-    let runtimes = Runtimes::new();
+fn run_case(backend: Backend, case: &Case) {
+    let runtime = backend::test_runtime();
     let dir = tempfile::tempdir().unwrap();
-    let store = runtimes.open(dir.path(), case.max_size, case.window);
+    let (store, metadata) = open(backend, dir.path(), case.max_size, case.window);
     let pool = (0..POOL)
         .map(|i| {
             let bytes = content(case.seed, i, case.sizes[i]);
@@ -2225,11 +2212,12 @@ fn run_case(case: &Case) {
     let mut harness = Harness {
         store,
         data_dir: dir.path().to_owned(),
+        metadata,
         pool,
         m: Model::new(case.window),
         step: 0,
     };
-    runtimes.main.block_on(async {
+    runtime.block_on(async {
         for (step, op) in case.ops.iter().enumerate() {
             harness.step = step;
             harness.apply(op).await;
@@ -2259,15 +2247,14 @@ fn run_case(case: &Case) {
     bump(&WINDOW_CASES, u64::from(case.window > 0));
     bump(&STEPS, case.ops.len() as u64);
     drop(harness);
-    drop(runtimes);
+    drop(runtime);
 }
 
-#[test]
-fn eviction_keeps_what_it_serves_complete_and_within_quota() {
+fn eviction_keeps_what_it_serves_complete_and_within_quota(backend: Backend) {
     let cases = std::env::var("EVICTION_MODEL_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(96);
+        .unwrap_or(backend.pick(96, POSTGRES_CASES));
     let mut runner = TestRunner::new(ProptestConfig {
         cases,
         failure_persistence: None,
@@ -2275,12 +2262,12 @@ fn eviction_keeps_what_it_serves_complete_and_within_quota() {
         ..ProptestConfig::default()
     });
     let result = runner.run(&case_strategy(), |case| {
-        run_case(&case);
+        run_case(backend, &case);
         Ok(())
     });
-    let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let n = |counter: &'static LocalKey<Counter>| counter.with(Cell::get);
     eprintln!(
-        "eviction model: {} cases ({} with a push window), {} steps; manifest PUTs {} \
+        "eviction model on {}: {} cases ({} with a push window), {} steps; manifest PUTs {} \
          accepted, {} refused; {} passes ({} over the high watermark less the released \
          bytes, {} over it only with them, {} evicting in several rounds, {} brought back \
          under it by evicting, {} evicting just enough for the low watermark, {} short of \
@@ -2289,6 +2276,7 @@ fn eviction_keeps_what_it_serves_complete_and_within_quota() {
          second of the release and kept released ({} of these two settled from the \
          metadata), {} referenced again; {} blobs swept ({} released); unreferenced blobs \
          kept by a pass: {} waiting out the window, {} young; {} waits for the next second",
+        backend.name(),
         n(&CASES),
         n(&WINDOW_CASES),
         n(&STEPS),
@@ -2354,24 +2342,23 @@ fn stagger(round: usize) -> (u64, bool) {
     ((round as u64 * 389) % 6000, round & 1 == 0)
 }
 
-#[test]
-fn manifest_put_racing_a_pass_never_points_at_a_swept_blob() {
-    let runtimes = Runtimes::new();
+fn manifest_put_racing_a_pass_never_points_at_a_swept_blob(backend: Backend) {
+    let runtime = backend::test_runtime();
     let dir = tempfile::tempdir().unwrap();
     // No quota pressure: nothing is evicted, but every pass sweeps unreferenced blobs.
-    let store = runtimes.open(dir.path(), 1 << 40, 0);
+    let (store, metadata) = open(backend, dir.path(), 1 << 40, 0);
     let repo = repo_name(0);
     let rounds = 80;
     let (mut accepted, mut refused) = (0, 0);
-    runtimes.main.block_on(async {
+    runtime.block_on(async {
         for round in 0..rounds {
             let blobs: Vec<(Digest, Bytes)> = (0..3).map(|i| race_blob(round, i)).collect();
             for (d, b) in &blobs {
                 store.put_blob(&repo, d, body(b, 1)).await.unwrap();
             }
             // Idle for longer than the (zero) grace: the pass may sweep them.
-            let data_dir = dir.path().to_owned();
-            tokio::task::spawn_blocking(move || age(&data_dir))
+            let metadata = metadata.clone();
+            tokio::task::spawn_blocking(move || age(&metadata))
                 .await
                 .unwrap();
             let (digest, manifest) = race_image(&blobs);
@@ -2438,26 +2425,25 @@ fn manifest_put_racing_a_pass_never_points_at_a_swept_blob() {
 /// A cross-repository mount racing a sweep of the same (unreferenced, idle) blob: the
 /// mount either links a blob that stays readable or finds nothing to mount; it never
 /// links a blob whose file the sweep deleted.
-#[test]
-fn blob_mount_racing_a_pass_never_links_a_swept_blob() {
-    let runtimes = Runtimes::new();
+fn blob_mount_racing_a_pass_never_links_a_swept_blob(backend: Backend) {
+    let runtime = backend::test_runtime();
     let dir = tempfile::tempdir().unwrap();
     // A one-second window: with none, a link made in second t is already idle for a pass
     // in second t + 1, which may then forget it however the lock falls.
-    let store = runtimes.open(dir.path(), 1 << 40, 1);
+    let (store, metadata) = open(backend, dir.path(), 1 << 40, 1);
     let (source, target) = (repo_name(0), repo_name(1));
     let rounds = 80;
     let (mut mounted, mut not_mounted) = (0, 0);
     let mut broken = Vec::new();
-    runtimes.main.block_on(async {
+    runtime.block_on(async {
         for round in 0..rounds {
             let blob = race_blob(round, 1);
             store
                 .put_blob(&source, &blob.0, body(&blob.1, 1))
                 .await
                 .unwrap();
-            let data_dir = dir.path().to_owned();
-            tokio::task::spawn_blocking(move || age(&data_dir))
+            let metadata = metadata.clone();
+            tokio::task::spawn_blocking(move || age(&metadata))
                 .await
                 .unwrap();
             let (delay, mount_waits) = stagger(round);

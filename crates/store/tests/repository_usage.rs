@@ -1,6 +1,7 @@
 //! `Store::repository_usage`: what each repository holds, counted per repository (a
 //! blob mounted into a second repository counts in both), largest first, and nothing
-//! for a repository whose links and manifests are gone.
+//! for a repository whose links and manifests are gone. On SQLite and on PostgreSQL
+//! metadata.
 
 #![allow(
     clippy::unwrap_used,
@@ -9,9 +10,12 @@
     clippy::indexing_slicing
 )]
 
+mod backend;
+
+use backend::Backend;
 use bytes::Bytes;
 use oci::{Digest, Reference, RepoName};
-use store::{ByteStream, Config, Store};
+use store::{ByteStream, Store};
 
 fn body(bytes: &Bytes) -> ByteStream {
     Box::pin(futures::stream::iter([Ok::<_, std::io::Error>(
@@ -39,15 +43,15 @@ fn image(config: &(Digest, Bytes), layers: &[&(Digest, Bytes)]) -> Bytes {
     Bytes::from(serde_json::to_vec(&manifest).unwrap())
 }
 
-#[tokio::test]
-async fn repositories_are_listed_largest_first_with_shared_blobs_counted_in_each() {
+backend::on_each_backend! {
+    #[tokio::test]
+    async fn repositories_are_listed_largest_first_with_shared_blobs_counted_in_each;
+}
+
+async fn repositories_are_listed_largest_first_with_shared_blobs_counted_in_each(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&Config {
-        data_dir: dir.path().join("data"),
-        ..Config::default()
-    })
-    .await
-    .unwrap();
+    let metadata = backend.create(&dir.path().join("data"));
+    let store = Store::open(&metadata.config()).await.unwrap();
     let app: RepoName = "cache/app".parse().unwrap();
     let lib: RepoName = "cache/lib".parse().unwrap();
     let config = blob(b'c', 100);

@@ -11,6 +11,7 @@
 
 pub mod actions;
 pub mod cache_client;
+pub mod cluster;
 pub mod jwt;
 pub mod load;
 pub mod registry;

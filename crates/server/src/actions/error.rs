@@ -157,6 +157,7 @@ impl ActionsError {
                     "resource_exhausted",
                     "InsufficientAccountPermissions",
                 ),
+                E::Unavailable(_) => wire(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "ServerBusy"),
                 _ => {
                     tracing::error!(error = %e, "internal failure");
                     wire(
@@ -173,6 +174,7 @@ impl ActionsError {
     fn message(&self, wire: &Wire) -> String {
         if wire.status.is_server_error()
             && wire.status != StatusCode::INSUFFICIENT_STORAGE
+            && wire.status != StatusCode::SERVICE_UNAVAILABLE
             && !matches!(self, ActionsError::Centre { .. })
         {
             "internal error".into()
@@ -181,13 +183,18 @@ impl ActionsError {
         }
     }
 
-    /// `response` with a `Retry-After` when this is a refusal over limits.
+    /// `response` with a `Retry-After` when this is a refusal over limits or a shared
+    /// backend away for a moment.
     fn with_retry_after(&self, mut response: Response) -> Response {
-        if let ActionsError::Limited(refusal) = self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(refusal.retry_after_secs()),
-            );
+        let seconds = match self {
+            ActionsError::Limited(refusal) => Some(refusal.retry_after_secs()),
+            ActionsError::Store(store::Error::Unavailable(_)) => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

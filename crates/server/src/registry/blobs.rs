@@ -28,6 +28,21 @@ fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> R
         .into_response()
 }
 
+/// `307` to where the blob can be read directly.
+fn redirect(digest: &Digest, url: &str) -> Response {
+    (
+        StatusCode::TEMPORARY_REDIRECT,
+        [
+            (header::LOCATION, url.to_owned()),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                digest.to_string(),
+            ),
+        ],
+    )
+        .into_response()
+}
+
 /// `HEAD /v2/<name>/blobs/<digest>`: existence and size, no body.
 pub async fn head_blob(state: &AppState, repo: &RepoName, digest: &Digest) -> Result {
     let size = match state.upstreams.route(&state.store, repo, false).await? {
@@ -90,6 +105,10 @@ async fn send_blob(blob: store::BlobRead, digest: &Digest, headers: &HeaderMap) 
             .with_header(header::CONTENT_RANGE, format!("bytes */{size}"))
         })?,
     };
+    // The object store serves the bytes itself (the client sends its `Range` there).
+    if let Some(url) = blob.redirect().await? {
+        return Ok(redirect(digest, &url));
+    }
     let Some(range) = range else {
         let body = Body::from_stream(blob.stream(None).await?);
         return Ok(blob_response(StatusCode::OK, digest, size, body));

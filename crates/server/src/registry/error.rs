@@ -136,8 +136,13 @@ impl From<store::Error> for RegistryError {
                 .with_status(StatusCode::BAD_REQUEST),
             E::StorageFull => RegistryError::new(ErrorCode::InsufficientStorage, e.to_string()),
             E::Source { failure, message } => upstream_failure(failure, message),
+            // A shared backend is away for a moment: clients retry a 503.
+            E::Unavailable(_) => RegistryError::new(ErrorCode::Unavailable, e.to_string())
+                .with_header(axum::http::header::RETRY_AFTER, "1".to_owned()),
             E::Io(_)
             | E::Database(_)
+            | E::Postgres(_)
+            | E::ObjectStore(_)
             | E::Commit(_)
             | E::Config(_)
             | E::DataDirInUse(_)

@@ -1,6 +1,10 @@
 //! The small contract every blob medium implements. Backends only move bytes; the
 //! [`BlobStore`](super::BlobStore) above them owns hashing and verification, so no
 //! backend can forget them.
+//!
+//! A staging area that does not exist is [`Error::NotFound`](crate::Error::NotFound)
+//! of [`Missing::Upload`](crate::error::Missing::Upload) for `append`, `read_staged`
+//! and `commit`.
 
 use async_trait::async_trait;
 use oci::Digest;
@@ -20,13 +24,15 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn create_staged(&self, id: &UploadId) -> Result<()>;
     /// Current length of a staging area, or `None` when it does not exist.
     async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>>;
-    /// Append `body` to a staging area that must currently be `offset` bytes long;
-    /// returns the new length. On failure the area is left at `offset` bytes.
+    /// Append `body` to a staging area that must currently be `offset` bytes long
+    /// ([`Error::RangeInvalid`](crate::Error::RangeInvalid) otherwise); returns the new
+    /// length. On failure the area is left at `offset` bytes.
     async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64>;
     /// Stream a staging area's bytes from `offset` to its current end (to rebuild hash
     /// state after a restart, or to follow a blob being filled).
     async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream>;
-    /// Make a staging area visible under `digest`, durably and atomically.
+    /// Make a staging area visible under `digest`, durably and atomically (readers see
+    /// the whole blob or nothing; committing content already there is harmless).
     async fn commit(&self, id: &UploadId, digest: &Digest) -> Result<()>;
     /// Remove a staging area (no error when it is already gone).
     async fn discard(&self, id: &UploadId) -> Result<()>;
@@ -36,6 +42,11 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<Digest>>;
     /// Every staging area.
     async fn staged(&self) -> Result<Vec<Staged>>;
+    /// A URL from which a client may read the committed blob directly for a while,
+    /// when the medium offers one (`None`: serve the bytes through this server).
+    async fn redirect(&self, _digest: &Digest) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// A staging area as eviction sees it.

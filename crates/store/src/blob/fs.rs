@@ -195,7 +195,8 @@ impl BlobBackend for FsBackend {
     async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64> {
         let path = self.staged_path(id);
         let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
-            let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+            let mut file = not_found_as_none(std::fs::OpenOptions::new().write(true).open(path))?
+                .ok_or(Error::NotFound(crate::error::Missing::Upload))?;
             let len = file.metadata()?.len();
             if len != offset {
                 return Err(Error::RangeInvalid {
@@ -252,12 +253,14 @@ impl BlobBackend for FsBackend {
     async fn commit(&self, id: &UploadId, digest: &Digest) -> Result<()> {
         let staged = self.staged_path(id);
         let target = self.blob_path(digest);
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            std::fs::File::open(&staged)?.sync_all()?;
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            not_found_as_none(std::fs::File::open(&staged))?
+                .ok_or(Error::NotFound(crate::error::Missing::Upload))?
+                .sync_all()?;
             let dir = target.parent().unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
             std::fs::rename(&staged, &target)?;
-            std::fs::File::open(dir)?.sync_all()
+            Ok(std::fs::File::open(dir)?.sync_all()?)
         })
         .await??;
         Ok(())

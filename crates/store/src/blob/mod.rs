@@ -7,6 +7,7 @@
 
 mod backend;
 mod fs;
+mod s3;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +19,9 @@ use tokio::sync::mpsc;
 
 pub use backend::{BlobBackend, Staged};
 pub use fs::FsBackend;
+pub use s3::S3Backend;
 
+use crate::meta::{MetaStore, SharedLock};
 use crate::upload::UploadId;
 use crate::{Error, Result};
 
@@ -51,11 +54,14 @@ pub struct BlobStore {
     /// Striped by digest: publishing a blob (and linking it) and sweeping it exclude
     /// each other, so a sweep never deletes a file published after it decided.
     locks: Arc<[tokio::sync::Mutex<()>]>,
+    /// The same exclusion between nodes sharing the metadata.
+    meta: Arc<dyn MetaStore>,
 }
 
 /// Holds the locks of some digests; they are released when it is dropped.
 pub struct DigestLocks<'a> {
     _held: Vec<tokio::sync::MutexGuard<'a, ()>>,
+    _shared: Option<SharedLock>,
 }
 
 /// Pass `body` through unchanged while a blocking thread hashes it; the returned task
@@ -88,16 +94,21 @@ fn tee_hash(body: ByteStream, mut hasher: Hasher) -> (ByteStream, tokio::task::J
 }
 
 impl BlobStore {
-    /// Wrap a backend.
-    pub fn new(backend: Arc<dyn BlobBackend>) -> BlobStore {
+    /// Wrap a backend whose blobs `meta` records.
+    pub fn new(backend: Arc<dyn BlobBackend>, meta: Arc<dyn MetaStore>) -> BlobStore {
         let locks = (0..LOCK_STRIPES)
             .map(|_| tokio::sync::Mutex::new(()))
             .collect();
-        BlobStore { backend, locks }
+        BlobStore {
+            backend,
+            locks,
+            meta,
+        }
     }
 
-    /// Lock `digests` (in stripe order, so two holders never deadlock).
-    pub async fn lock_digests(&self, digests: &[Digest]) -> DigestLocks<'_> {
+    /// Lock `digests` (in stripe order, so two holders never deadlock), in this process
+    /// and then for every node sharing the metadata.
+    pub async fn lock_digests(&self, digests: &[Digest]) -> Result<DigestLocks<'_>> {
         let mut stripes: Vec<usize> = digests
             .iter()
             .map(|d| {
@@ -117,7 +128,10 @@ impl BlobStore {
                 held.push(lock.lock().await);
             }
         }
-        DigestLocks { _held: held }
+        Ok(DigestLocks {
+            _held: held,
+            _shared: self.meta.lock_blobs(digests).await?,
+        })
     }
 
     /// Every committed blob.
@@ -142,6 +156,12 @@ impl BlobStore {
         range: Option<ByteRange>,
     ) -> Result<Option<ByteStream>> {
         self.backend.read(digest, range).await
+    }
+
+    /// A URL from which a client may read the committed blob directly for a while, when
+    /// the backend offers one; `None` means the bytes are served through this server.
+    pub async fn redirect(&self, digest: &Digest) -> Result<Option<String>> {
+        self.backend.redirect(digest).await
     }
 
     /// Create an empty staging area for `id`.
@@ -199,7 +219,7 @@ impl BlobStore {
                 actual,
             });
         }
-        let locked = self.lock_digests(std::slice::from_ref(expected)).await;
+        let locked = self.lock_digests(std::slice::from_ref(expected)).await?;
         self.backend.commit(id, expected).await?;
         Ok(locked)
     }
@@ -212,7 +232,7 @@ impl BlobStore {
         hasher: Hasher,
     ) -> Result<(Digest, DigestLocks<'_>)> {
         let digest = hasher.finish();
-        let locked = self.lock_digests(std::slice::from_ref(&digest)).await;
+        let locked = self.lock_digests(std::slice::from_ref(&digest)).await?;
         self.backend.commit(id, &digest).await?;
         Ok((digest, locked))
     }

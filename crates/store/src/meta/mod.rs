@@ -5,6 +5,7 @@
 //! checks inside the same transaction that records a manifest, so a manifest is never
 //! recorded pointing at content the repository does not hold.
 
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use oci::{CacheRecords, Digest, ManifestReference, Reference, RepoName, Tag};
 
+pub use postgres::PgMeta;
 pub use sqlite::SqliteMeta;
 
 use crate::Result;
@@ -256,9 +258,23 @@ pub struct RepoUsage {
     pub manifest_bytes: u64,
 }
 
+/// A lock held for every node sharing the metadata; released when dropped.
+pub type SharedLock = Box<dyn std::any::Any + Send + Sync>;
+
 /// The metadata operations the registry needs.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
+    // ---- coordination between nodes ----
+
+    /// Lock `digests` for every node sharing this metadata, so that publishing a blob
+    /// (its bytes committed, then linked) and sweeping it (forgotten, then its bytes
+    /// deleted) exclude each other across nodes. `None` where one process is the only
+    /// user (its in-process digest locks suffice).
+    async fn lock_blobs(&self, digests: &[Digest]) -> Result<Option<SharedLock>>;
+    /// Become the one node running eviction passes until the returned lock is dropped;
+    /// with `wait`, wait for the node running one now, else `None` when one does.
+    async fn lead(&self, wait: bool) -> Result<Option<SharedLock>>;
+
     /// Size of `digest` if it is linked into `repo`.
     async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>>;
     /// Size of `digest` if any repository links it.
