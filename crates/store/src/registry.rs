@@ -663,7 +663,9 @@ async fn open_backends(config: &Config) -> Result<(Arc<dyn BlobBackend>, Arc<dyn
     };
     let path = config.data_dir.join("meta.db");
     let meta: Arc<dyn MetaStore> = match &config.meta {
-        Meta::Sqlite => Arc::new(tokio::task::spawn_blocking(move || SqliteMeta::open(&path)).await??),
+        Meta::Sqlite => {
+            Arc::new(tokio::task::spawn_blocking(move || SqliteMeta::open(&path)).await??)
+        }
         Meta::Postgres(postgres) => Arc::new(crate::meta::PgMeta::connect(postgres).await?),
     };
     Ok((backend, meta))

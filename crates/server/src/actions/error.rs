@@ -157,7 +157,9 @@ impl ActionsError {
                     "resource_exhausted",
                     "InsufficientAccountPermissions",
                 ),
-                E::Unavailable(_) => wire(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "ServerBusy"),
+                E::Unavailable(_) => {
+                    wire(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "ServerBusy")
+                }
                 _ => {
                     tracing::error!(error = %e, "internal failure");
                     wire(
