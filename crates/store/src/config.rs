@@ -129,7 +129,8 @@ pub struct Postgres {
     /// A file holding the password [default: the URL's, or `PGPASSWORD`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
-    /// Most connections this node opens.
+    /// Most connections this node opens for queries (as many again may hold the locks
+    /// nodes coordinate with).
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
 }
