@@ -468,7 +468,7 @@ async fn blob_locks_exclude_across_nodes_until_dropped() {
         .unwrap()
         .expect("a lock across nodes");
     // Other digests are free.
-    drop(b.lock_blobs(&[three.clone()]).await.unwrap());
+    drop(b.lock_blobs(std::slice::from_ref(&three)).await.unwrap());
     let contended = one.clone();
     let waiting = tokio::spawn(async move {
         let lock = b.lock_blobs(&[three, contended]).await.unwrap();
@@ -484,7 +484,7 @@ async fn blob_locks_exclude_across_nodes_until_dropped() {
     drop(lock);
     until_no_advisory_locks(&url).await;
     // Nothing is left on the pool's connections either: the lock is free again.
-    let again = a.lock_blobs(&[one.clone()]).await.unwrap();
+    let again = a.lock_blobs(std::slice::from_ref(&one)).await.unwrap();
     drop(again);
     drop(b);
     assert!(a.lock_blobs(&[]).await.unwrap().is_some());
@@ -497,7 +497,7 @@ async fn a_lock_request_abandoned_while_waiting_leaves_nothing_held() {
     };
     let b = PgMeta::connect(&config(&url)).await.unwrap();
     let blob = Digest::sha256_of(b"contended");
-    let held = a.lock_blobs(&[blob.clone()]).await.unwrap();
+    let held = a.lock_blobs(std::slice::from_ref(&blob)).await.unwrap();
     let wanted = [blob.clone()];
     let abandoned = tokio::time::timeout(Duration::from_millis(300), b.lock_blobs(&wanted));
     assert!(abandoned.await.is_err(), "the lock was not held");
@@ -556,7 +556,7 @@ async fn an_outage_is_unavailable_and_the_store_recovers_once_the_server_is_back
     assert!(matches!(read, Err(Error::Unavailable(_))), "{read:?}");
     let write = meta.link_blob(&app, &layer, 5).await;
     assert!(matches!(write, Err(Error::Unavailable(_))), "{write:?}");
-    let lock = meta.lock_blobs(&[layer.clone()]).await;
+    let lock = meta.lock_blobs(std::slice::from_ref(&layer)).await;
     assert!(
         matches!(lock, Err(Error::Unavailable(_))),
         "{:?}",

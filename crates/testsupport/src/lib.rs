@@ -4,3 +4,6 @@
 
 pub mod garage;
 pub mod postgres;
+mod process;
+
+pub use process::{REQUIRE_VAR, required};

@@ -7,19 +7,16 @@
 //! Clusters left behind by test processes that are gone are removed when the next one
 //! starts.
 
+use crate::process::{free_port, run, spawn_from_lasting_thread};
 use std::io;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Environment variable naming the directory holding `initdb`, `postgres` and `psql`.
 pub const BIN_DIR_VAR: &str = "LAYERCACHE_PG_BIN";
-/// Environment variable that, set to anything but `0` or empty, makes a missing
-/// PostgreSQL fail the tests that need it instead of skipping them.
-pub const REQUIRE_VAR: &str = "REQUIRE_REAL_CLIENTS";
+pub use crate::process::REQUIRE_VAR;
 
 /// The operating-system user that owns the cluster when the tests run as root
 /// (`postgres` refuses to run as root).
@@ -53,7 +50,7 @@ impl PostgresServer {
                 format!("PostgreSQL binaries not found (set {BIN_DIR_VAR})"),
             )
         })?;
-        remove_abandoned_clusters();
+        crate::process::remove_abandoned(DIR_PREFIX);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()?;
@@ -298,10 +295,7 @@ pub fn available() -> bool {
     bin_dir().is_some()
 }
 
-/// Whether tests must fail rather than skip when a real backing service is missing.
-pub fn required() -> bool {
-    std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0")
-}
+pub use crate::process::required;
 
 /// The shared server, or `None` (with a note on stderr) when PostgreSQL is not
 /// installed and [`REQUIRE_VAR`] is unset, so the calling test can return early.
@@ -371,78 +365,9 @@ fn service_command(program: &Path, as_service_user: bool, die_with_parent: bool)
     command
 }
 
-/// Spawn `command` from a thread that lives as long as the process: the parent-death
-/// signal fires when the spawning *thread* exits, and a test's thread ends with the test.
-fn spawn_from_lasting_thread(command: Command) -> io::Result<Child> {
-    type Request = (Command, mpsc::Sender<io::Result<Child>>);
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (requests, incoming) = mpsc::channel::<Request>();
-        std::thread::spawn(move || {
-            for (mut command, reply) in incoming {
-                let _ = reply.send(command.spawn());
-            }
-            // Keep the thread, so the children spawned here live on.
-            loop {
-                std::thread::park();
-            }
-        });
-        Mutex::new(requests)
-    });
-    let (reply, answer) = mpsc::channel();
-    spawner
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((command, reply))
-        .map_err(|_| io::Error::other("the spawning thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| io::Error::other("the spawning thread is gone"))?
-}
-
-/// Run `command` to completion; an error, with its stderr, unless it succeeds.
-fn run(command: &mut Command) -> io::Result<Output> {
-    let output = command.stdin(Stdio::null()).output()?;
-    if output.status.success() {
-        return Ok(output);
-    }
-    Err(io::Error::other(format!(
-        "{:?} failed with {}: {}",
-        command.get_program(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    )))
-}
-
 fn running_as_root() -> io::Result<bool> {
     let output = run(Command::new("id").arg("-u"))?;
     Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Remove the clusters of test processes that no longer exist (a process killed, or a
-/// shared server, which is never dropped).
-fn remove_abandoned_clusters() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(DIR_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-        else {
-            continue;
-        };
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use oci::{CacheRecords, Digest, ManifestReference, Reference, RepoName, Tag};
 pub use postgres::PgMeta;
 pub use sqlite::SqliteMeta;
 
-use crate::Result;
 use crate::upload::UploadId;
+use crate::{Error, Result};
 
 /// A manifest to record, with everything it references.
 #[derive(Debug, Clone)]
@@ -504,4 +504,37 @@ pub struct SessionRecord {
 /// A blob's size on disk: whole 4 KiB blocks.
 pub fn on_disk(size: u64) -> u64 {
     size.div_ceil(4096) * 4096
+}
+
+/// Refuse a manifest whose required `reference` the repository does not hold
+/// (`stored` is `None`) or holds with another size than the manifest declares: a pull
+/// must never be promised more (or fewer) bytes than exist.
+fn check_stored_size(reference: &ManifestReference, stored: Option<i64>) -> Result<()> {
+    let (digest, kind) = (reference.digest.clone(), reference.kind.as_str());
+    let Some(stored) = stored else {
+        return Err(Error::ManifestBlobUnknown { digest, kind });
+    };
+    if stored as u64 != reference.size {
+        return Err(Error::ManifestSizeMismatch {
+            digest,
+            kind,
+            declared: reference.size,
+            stored: stored as u64,
+        });
+    }
+    Ok(())
+}
+
+/// The smallest string greater than every string starting with `prefix` (`None` when
+/// there is none), so a prefix match is an index range.
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }

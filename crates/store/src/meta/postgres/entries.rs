@@ -10,7 +10,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::evict::ENTRY_LAST_USED;
 use super::{parse_digest, record_blob};
 use crate::error::Missing;
-use crate::meta::{Entry, EntryQuery, NewEntry, Part};
+use crate::meta::{Entry, EntryQuery, NewEntry, Part, prefix_end};
 use crate::{Error, Result, now_ms, now_secs};
 
 const COLUMNS: &str =
@@ -31,20 +31,6 @@ fn entry(row: EntryRow) -> Entry {
         created_ms,
         last_used,
     }
-}
-
-/// The smallest string greater than every string starting with `prefix` (`None` when
-/// there is none), so a prefix match is an index range.
-fn prefix_end(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
 }
 
 /// The smallest string greater than `key`: PostgreSQL text holds no NUL, so `key`
@@ -439,8 +425,9 @@ pub(super) async fn expire(c: &mut PgConnection, before_ms: i64) -> Result<u64> 
 mod tests {
     use oci::Digest;
 
-    use super::{exact_end, prefix_end};
+    use super::exact_end;
     use crate::config::Postgres;
+    use crate::meta::prefix_end;
     use crate::meta::{
         BlobUsage, Entry, EntryQuery, MetaStore, NewEntry, Part, PgMeta, SqliteMeta,
     };

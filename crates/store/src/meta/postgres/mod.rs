@@ -407,19 +407,7 @@ async fn check_references(
     .fetch_all(&mut *c)
     .await?;
     for (reference, stored) in required.into_iter().zip(stored) {
-        let (digest, kind) = (reference.digest.clone(), reference.kind.as_str());
-        let Some(stored) = stored else {
-            return Err(Error::ManifestBlobUnknown { digest, kind });
-        };
-        // A pull must never be promised more (or fewer) bytes than exist.
-        if stored as u64 != reference.size {
-            return Err(Error::ManifestSizeMismatch {
-                digest,
-                kind,
-                declared: reference.size,
-                stored: stored as u64,
-            });
-        }
+        super::check_stored_size(reference, stored)?;
     }
     Ok(())
 }

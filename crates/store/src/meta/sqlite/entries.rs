@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{parse_digest, record_blob};
 use crate::error::Missing;
-use crate::meta::{Entry, EntryQuery, NewEntry, Part};
+use crate::meta::{Entry, EntryQuery, NewEntry, Part, prefix_end};
 use crate::{Error, Result, now_ms, now_secs};
 
 const COLUMNS: &str = "id, repository, scope, key, version, size, created_ms, accessed_at";
@@ -22,20 +22,6 @@ fn entry(r: &Row<'_>) -> rusqlite::Result<Entry> {
         created_ms: r.get(6)?,
         last_used: r.get(7)?,
     })
-}
-
-/// The smallest string greater than every string starting with `prefix` (`None` when
-/// there is none), so a prefix match is an index range.
-fn prefix_end(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
 }
 
 /// An unfinished entry without upload activity for this long (seconds) no longer holds
@@ -334,7 +320,7 @@ pub(super) fn expire(c: &Connection, before_ms: i64) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use crate::meta::prefix_end;
 
     #[test]
     fn a_prefix_range_ends_past_every_extension() {

@@ -434,19 +434,7 @@ impl MetaStore for SqliteMeta {
                     .prepare_cached(sql)?
                     .query_row(params![repo_id, reference.digest.to_string()], |r| r.get(0))
                     .optional()?;
-                let (digest, kind) = (reference.digest.clone(), reference.kind.as_str());
-                let Some(stored) = stored else {
-                    return Err(Error::ManifestBlobUnknown { digest, kind });
-                };
-                // A pull must never be promised more (or fewer) bytes than exist.
-                if stored as u64 != reference.size {
-                    return Err(Error::ManifestSizeMismatch {
-                        digest,
-                        kind,
-                        declared: reference.size,
-                        stored: stored as u64,
-                    });
-                }
+                super::check_stored_size(reference, stored)?;
             }
             let digest = record.digest.to_string();
             let inserted = c
