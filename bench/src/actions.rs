@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::payload::{Base, MIB};
 use crate::report::{self, Limits, Samples, Summary};
-use crate::servers::{self, Kind, Server};
+use crate::servers::{self, Cpu, Kind, Server};
 use crate::setup;
 
 /// The client package and the version every figure is about.
@@ -137,6 +137,18 @@ pub fn sample_key(target: Target, op: Op) -> Option<&'static str> {
         (Target::LayercacheV2, Op::Restore) => Some("actions_v2_restore_mib_s"),
         (Target::LayercacheV1, Op::Save) => Some("actions_v1_save_mib_s"),
         (Target::LayercacheV1, Op::Restore) => Some("actions_v1_restore_mib_s"),
+        _ => None,
+    }
+}
+
+/// The key of the figure of the server's CPU seconds per GiB for `op` on `target`
+/// (layercache's; the null server's are the limits of the same keys).
+pub fn cpu_key(target: Target, op: Op) -> Option<&'static str> {
+    match (target, op) {
+        (Target::LayercacheV2, Op::Save) => Some("actions_v2_save_cpu"),
+        (Target::LayercacheV2, Op::Restore) => Some("actions_v2_restore_cpu"),
+        (Target::LayercacheV1, Op::Save) => Some("actions_v1_save_cpu"),
+        (Target::LayercacheV1, Op::Restore) => Some("actions_v1_restore_cpu"),
         _ => None,
     }
 }
@@ -313,6 +325,7 @@ pub async fn run(
     let mut runs = Vec::new();
     let mut archive_bytes = Vec::new();
     let mut ceilings: BTreeMap<(bool, Op), Vec<f64>> = BTreeMap::new();
+    let mut null_cpu: BTreeMap<(bool, Op), Vec<f64>> = BTreeMap::new();
     for round in 0..ctx.rounds {
         // What the ceilings restore: the archive of this round's layercache v2 entry.
         let mut served: Option<Content> = None;
@@ -397,9 +410,20 @@ pub async fn run(
                     server_cpu_s: t.server_cpu_s,
                     other_cpu_s: t.other_cpu_s,
                 });
+                let cpu_s_gib = t.server_cpu_s * 1024.0 / ctx.payload_mib as f64;
                 match sample_key(target, op) {
                     Some(k) => samples.entry(k).or_default().push(Kind::Layercache, mib_s),
                     None => ceilings.entry((target.v2(), op)).or_default().push(mib_s),
+                }
+                match cpu_key(target, op) {
+                    Some(k) => samples
+                        .entry(k)
+                        .or_default()
+                        .push(Kind::Layercache, cpu_s_gib),
+                    None => null_cpu
+                        .entry((target.v2(), op))
+                        .or_default()
+                        .push(cpu_s_gib),
                 }
             }
         }
@@ -409,6 +433,19 @@ pub async fn run(
     limits.actions_v2_restore = ceiling(true, Op::Restore);
     limits.actions_v1_save = ceiling(false, Op::Save);
     limits.actions_v1_restore = ceiling(false, Op::Restore);
+    for ((v2, op), cpu) in &null_cpu {
+        let key = cpu_key(
+            if *v2 {
+                Target::LayercacheV2
+            } else {
+                Target::LayercacheV1
+            },
+            *op,
+        );
+        if let (Some(key), Some(cpu)) = (key, Summary::of(cpu)) {
+            limits.actions_null_cpu.insert(key, cpu);
+        }
+    }
     Ok(Report {
         client: format!("{CLIENT} {CLIENT_VERSION}"),
         client_dir: ctx.client.dir.clone(),
@@ -553,15 +590,15 @@ impl Invoke<'_> {
             cmd.env("ACTIONS_CACHE_URL", base);
         }
         let pid = self.server_pid.to_string();
-        let server0 = cpu_secs(&pid, false)?;
-        let client0 = cpu_secs("self", true)?;
+        let server0 = Cpu::of(&pid, false)?.total();
+        let client0 = Cpu::of("self", true)?.total();
         let busy0 = machine_busy_secs()?;
         let start = Instant::now();
         let status = cmd.status().await.context("running node")?;
         let secs = start.elapsed().as_secs_f64();
         let busy = machine_busy_secs()? - busy0;
-        let client = cpu_secs("self", true)? - client0;
-        let server = cpu_secs(&pid, false)? - server0;
+        let client = Cpu::of("self", true)?.total() - client0;
+        let server = Cpu::of(&pid, false)?.total() - server0;
         if !status.success() || !succeeded(op, log) {
             bail!(
                 "{} {} of {key} failed ({status}); log {}:\n{}",
@@ -805,29 +842,6 @@ async fn verify_payload(path: &Path, slices: &[Bytes], content: Content) -> Resu
     .await?
 }
 
-/// CPU seconds (user + system) of process `pid` ("self" for this one), or with
-/// `children` of the children it has waited for; from `/proc/PID/stat` in USER_HZ
-/// (100 on Linux).
-fn cpu_secs(pid: &str, children: bool) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name's closing parenthesis start at field 3 (state):
-    // utime and stime are fields 14 and 15, cutime and cstime 16 and 17.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("/proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let skip = if children { 13 } else { 11 };
-    let ticks: u64 = fields
-        .iter()
-        .skip(skip)
-        .take(2)
-        .map(|f| f.parse::<u64>())
-        .sum::<Result<u64, _>>()?;
-    Ok(ticks as f64 / 100.0)
-}
-
 /// CPU seconds the whole machine has spent in processes and kernel threads, plus the
 /// hypervisor's steal (not idle, I/O wait or interrupts), from the first line of
 /// `/proc/stat` in USER_HZ (100 on Linux).
@@ -912,8 +926,8 @@ mod tests {
 
     #[test]
     fn cpu_times_are_readable() {
-        assert!(cpu_secs("self", false).is_ok());
-        assert!(cpu_secs("self", true).is_ok());
+        assert!(Cpu::of("self", false).is_ok());
+        assert!(Cpu::of("self", true).is_ok());
         assert!(machine_busy_secs().unwrap() > 0.0);
     }
 }

@@ -58,7 +58,7 @@ use crate::e2e::{Daemon, Outcome, Plan, Variant};
 use crate::payload::Base;
 use crate::registry::Registry;
 use crate::report::{Figure, Limits, Samples};
-use crate::servers::{Kind, Server};
+use crate::servers::{Cpu, Kind, Server};
 use crate::workloads::{Fixtures, Shape};
 
 /// Benchmark layercache against the distribution registry on this machine.
@@ -349,7 +349,7 @@ async fn run(args: &Args) -> Result<Report> {
     for round in 0..args.rounds {
         for (seq, (server, registry)) in servers.iter_mut().zip(&registries).enumerate() {
             server.check_alive()?;
-            bench.round(round, seq, server.kind, registry).await?;
+            bench.round(round, seq, server, registry).await?;
         }
         if let Some(guarded) = &mut guarded {
             guarded.server.check_alive()?;
@@ -614,26 +614,49 @@ impl Workbench<'_> {
         Ok(())
     }
 
+    /// Record the server's CPU seconds per GiB of `blob_mib` since `before` as `key`
+    /// (and, with `kernel_key`, its kernel part).
+    fn record_cpu(
+        &mut self,
+        round: usize,
+        server: &Server,
+        before: Cpu,
+        keys: (&'static str, Option<&'static str>),
+    ) -> Result<()> {
+        let spent = server.cpu()?.since(before);
+        let gib = self.shape.blob_mib as f64 / 1024.0;
+        self.record(round, server.kind, keys.0, spent.total() / gib);
+        if let Some(kernel) = keys.1 {
+            self.record(round, server.kind, kernel, spent.system / gib);
+        }
+        Ok(())
+    }
+
     async fn round(
         &mut self,
         round: usize,
         seq: usize,
-        kind: Kind,
+        server: &Server,
         registry: &Registry,
     ) -> Result<()> {
         let (shape, base, fixtures) = (self.shape, self.base, self.fixtures);
         let has = |w| self.selection.has(w);
+        let kind = server.kind;
         let name = kind.name();
         let blob = base.blob(shape.blob_mib, &format!("mono-{name}-{round}"))?;
         if has(Workload::Push) {
             settle();
+            let before = server.cpu()?;
             let rate = workloads::push_monolithic(registry, &blob).await?;
+            self.record_cpu(round, server, before, ("push_cpu", Some("push_sys")))?;
             self.record(round, kind, "push_mb_s", rate);
         }
         if has(Workload::Chunked) {
             let chunked = base.blob(shape.blob_mib, &format!("chunked-{name}-{round}"))?;
             settle();
+            let before = server.cpu()?;
             let rate = workloads::push_chunked(registry, &chunked, shape.chunk_mib).await?;
+            self.record_cpu(round, server, before, ("chunked_cpu", Some("chunked_sys")))?;
             self.record(round, kind, "chunked_mb_s", rate);
         }
         if has(Workload::Pull) {
@@ -641,7 +664,9 @@ impl Workbench<'_> {
                 registry.push(workloads::REPO_BLOBS, &blob).await?;
             }
             settle();
+            let before = server.cpu()?;
             let rate = workloads::pull(registry, &blob).await?;
+            self.record_cpu(round, server, before, ("pull_cpu", None))?;
             self.record(round, kind, "pull_mb_s", rate);
         }
         if has(Workload::Pulls) {

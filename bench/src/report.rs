@@ -76,6 +76,8 @@ pub struct Limits {
     pub actions_v1_save: Option<Summary>,
     /// `@actions/cache` restoring from a null v1 server (MiB/s).
     pub actions_v1_restore: Option<Summary>,
+    /// The null server's CPU seconds per GiB, by the key of layercache's figure.
+    pub actions_null_cpu: BTreeMap<&'static str, Summary>,
 }
 
 impl Limits {
@@ -311,7 +313,9 @@ pub fn figures(
         };
         Summary::of(values).map(|s| s.median)
     };
-    let rows: [(&str, String, &str, Option<f64>, Target); 45] = [
+    let gib_cpu = |target| Target::AtMost { value: target };
+    let null_cpu = |key: &str| limits.actions_null_cpu.get(key).map(|s| s.median);
+    let rows: [(&str, String, &str, Option<f64>, Target); 54] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -335,6 +339,41 @@ pub fn figures(
                 ratio: 1.0,
                 of_limit: Some(0.9),
             },
+        ),
+        (
+            "push_cpu",
+            format!("push {blob}, monolithic: server CPU"),
+            "CPU-s/GiB",
+            None,
+            gib_cpu(1.5),
+        ),
+        (
+            "push_sys",
+            format!("push {blob}, monolithic: in the kernel"),
+            "CPU-s/GiB",
+            None,
+            Target::None,
+        ),
+        (
+            "chunked_cpu",
+            format!("push {blob}, chunked: server CPU"),
+            "CPU-s/GiB",
+            None,
+            gib_cpu(1.5),
+        ),
+        (
+            "chunked_sys",
+            format!("push {blob}, chunked: in the kernel"),
+            "CPU-s/GiB",
+            None,
+            Target::None,
+        ),
+        (
+            "pull_cpu",
+            format!("pull {blob}: server CPU"),
+            "CPU-s/GiB",
+            None,
+            gib_cpu(0.25),
         ),
         (
             "pulls_mb_s",
@@ -454,6 +493,34 @@ pub fn figures(
             "MiB/s",
             median(&limits.actions_v1_restore),
             of_ceiling,
+        ),
+        (
+            "actions_v2_save_cpu",
+            format!("actions cache v2 save {actions}: server CPU (limit: the null server's)"),
+            "CPU-s/GiB",
+            null_cpu("actions_v2_save_cpu"),
+            Target::None,
+        ),
+        (
+            "actions_v2_restore_cpu",
+            format!("actions cache v2 restore {actions}: server CPU (limit: the null server's)"),
+            "CPU-s/GiB",
+            null_cpu("actions_v2_restore_cpu"),
+            Target::None,
+        ),
+        (
+            "actions_v1_save_cpu",
+            format!("actions cache v1 save {actions}: server CPU (limit: the null server's)"),
+            "CPU-s/GiB",
+            null_cpu("actions_v1_save_cpu"),
+            Target::None,
+        ),
+        (
+            "actions_v1_restore_cpu",
+            format!("actions cache v1 restore {actions}: server CPU (limit: the null server's)"),
+            "CPU-s/GiB",
+            null_cpu("actions_v1_restore_cpu"),
+            Target::None,
         ),
         (
             "evict_small_roots_s",

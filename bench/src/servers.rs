@@ -199,6 +199,11 @@ impl Server {
         self.child.id()
     }
 
+    /// The CPU time the server has spent so far.
+    pub fn cpu(&self) -> Result<Cpu> {
+        Cpu::of(&self.child.id().to_string(), false)
+    }
+
     /// Fail if the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -229,6 +234,51 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// CPU time spent by a process, from `/proc/PID/stat` in USER_HZ (100 on Linux).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    /// Seconds in user space.
+    pub user: f64,
+    /// Seconds in the kernel.
+    pub system: f64,
+}
+
+impl Cpu {
+    /// Of process `pid` ("self" for this one), or with `children` of the children it
+    /// has waited for.
+    pub fn of(pid: &str, children: bool) -> Result<Cpu> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // Fields after the command name's closing parenthesis start at field 3 (state):
+        // utime and stime are fields 14 and 15, cutime and cstime 16 and 17.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("/proc stat")?;
+        let skip = if children { 13 } else { 11 };
+        let mut ticks = rest.split_whitespace().skip(skip).map(str::parse::<u64>);
+        let mut next =
+            || -> Result<f64> { Ok(ticks.next().context("/proc stat")?? as f64 / 100.0) };
+        Ok(Cpu {
+            user: next()?,
+            system: next()?,
+        })
+    }
+
+    /// User and kernel seconds together.
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    /// What was spent between `before` and this reading.
+    pub fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - before.user,
+            system: self.system - before.system,
+        }
     }
 }
 
