@@ -592,11 +592,11 @@ impl Invoke<'_> {
         let pid = self.server_pid.to_string();
         let server0 = Cpu::of(&pid, false)?.total();
         let client0 = Cpu::of("self", true)?.total();
-        let busy0 = machine_busy_secs()?;
+        let busy0 = servers::machine_busy_secs()?;
         let start = Instant::now();
         let status = cmd.status().await.context("running node")?;
         let secs = start.elapsed().as_secs_f64();
-        let busy = machine_busy_secs()? - busy0;
+        let busy = servers::machine_busy_secs()? - busy0;
         let client = Cpu::of("self", true)?.total() - client0;
         let server = Cpu::of(&pid, false)?.total() - server0;
         if !status.success() || !succeeded(op, log) {
@@ -842,28 +842,6 @@ async fn verify_payload(path: &Path, slices: &[Bytes], content: Content) -> Resu
     .await?
 }
 
-/// CPU seconds the whole machine has spent in processes and kernel threads, plus the
-/// hypervisor's steal (not idle, I/O wait or interrupts), from the first line of
-/// `/proc/stat` in USER_HZ (100 on Linux).
-fn machine_busy_secs() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    // cpu user nice system idle iowait irq softirq steal (guest time is inside user).
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let busy: u64 = fields
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 7))
-        .map(|(_, v)| v)
-        .sum();
-    Ok(busy as f64 / 100.0)
-}
-
 /// `name` on the PATH, installing Debian `package` if it is missing (as root).
 fn find_or_install(name: &str, package: &str) -> Result<PathBuf> {
     let find = || {
@@ -928,6 +906,6 @@ mod tests {
     fn cpu_times_are_readable() {
         assert!(Cpu::of("self", false).is_ok());
         assert!(Cpu::of("self", true).is_ok());
-        assert!(machine_busy_secs().unwrap() > 0.0);
+        assert!(servers::machine_busy_secs().unwrap() > 0.0);
     }
 }

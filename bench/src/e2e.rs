@@ -140,6 +140,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Run the docker client against this daemon; returns stdout and stderr together.
     pub(crate) async fn run(&self, args: &[&str]) -> Result<String> {
         let out = tokio::process::Command::new(&self.docker)
@@ -207,15 +212,71 @@ impl Drop for Daemon {
 /// A build context for `variant`: busybox and the Dockerfile, in `dir`.
 pub fn context(dir: &Path, busybox: &Path, plan: &Plan, variant: Variant) -> Result<PathBuf> {
     let ctx = dir.join(format!("context-{}", variant.name()));
-    std::fs::create_dir_all(&ctx)?;
-    std::fs::copy(busybox, ctx.join("busybox"))
-        .with_context(|| format!("copying {}", busybox.display()))?;
     let sleep = match variant {
         Variant::Plain => 0,
         Variant::Compute => plan.compute_secs.div_ceil(4),
     };
-    std::fs::write(ctx.join("Dockerfile"), dockerfile(plan.layer_mib, sleep))?;
+    write_context(&ctx, busybox, &dockerfile(plan.layer_mib, sleep))?;
     Ok(ctx)
+}
+
+/// Create the build context `ctx` with the static `busybox` (the images' only binary, as
+/// `busybox` at the context's root) and `dockerfile`.
+pub fn write_context(ctx: &Path, busybox: &Path, dockerfile: &str) -> Result<()> {
+    std::fs::create_dir_all(ctx)?;
+    std::fs::copy(busybox, ctx.join("busybox"))
+        .with_context(|| format!("copying {}", busybox.display()))?;
+    std::fs::write(ctx.join("Dockerfile"), dockerfile)?;
+    Ok(())
+}
+
+/// One Dockerfile step (`COPY`, `RUN`) of a build, as BuildKit's `--progress=plain`
+/// output reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// The vertex's name, such as `[web 4/6] COPY src/web/ /src/web/`.
+    pub name: String,
+    /// Whether BuildKit printed `CACHED` for it instead of running it.
+    pub cached: bool,
+}
+
+/// The Dockerfile steps of a build in the order BuildKit started them, from its
+/// `--progress=plain` output: vertices named `[stage i/n] ...` (or `[i/n] ...` in an
+/// unnamed stage), each cached if a `#N CACHED` line names its vertex number. Internal
+/// vertices (`[internal] load ...`, `exporting to image`, cache imports) are left out.
+pub fn build_steps(out: &str) -> Vec<Step> {
+    let mut steps: Vec<(u32, Step)> = Vec::new();
+    for line in out.lines() {
+        let Some((id, text)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
+            continue;
+        };
+        let Ok(id) = id.parse::<u32>() else {
+            continue;
+        };
+        let text = text.trim_end();
+        if text == "CACHED" {
+            if let Some((_, step)) = steps.iter_mut().find(|(n, _)| *n == id) {
+                step.cached = true;
+            }
+            continue;
+        }
+        let is_step = text
+            .strip_prefix('[')
+            .and_then(|t| t.split_once(']'))
+            .and_then(|(label, _)| label.split_whitespace().last())
+            .and_then(|pos| pos.split_once('/'))
+            .is_some_and(|(i, n)| i.parse::<u32>().is_ok() && n.parse::<u32>().is_ok());
+        if is_step && !steps.iter().any(|(n, _)| *n == id) {
+            steps.push((
+                id,
+                Step {
+                    name: text.to_owned(),
+                    cached: false,
+                },
+            ));
+        }
+    }
+    steps.into_iter().map(|(_, step)| step).collect()
 }
 
 /// Cold build+push to `host`, wipe, warm rebuild from the pushed image's cache.
@@ -287,4 +348,38 @@ pub async fn scenario(
         image_bytes,
         cached_steps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_steps_reads_names_and_cached_markers_by_vertex() {
+        let out = "#1 [internal] load build definition from Dockerfile\n\
+                   #1 DONE 0.0s\n\
+                   #5 [base 1/2] COPY busybox /bin/busybox\n\
+                   #5 CACHED\n\
+                   #6 importing cache manifest from 127.0.0.1:5000/p/web:latest\n\
+                   #7 [web 2/3] RUN dd if=/dev/urandom of=/a bs=1M count=1\n\
+                   #7 0.101 1+0 records in\n\
+                   #7 [web 2/3] RUN dd if=/dev/urandom of=/a bs=1M count=1\n\
+                   #7 DONE 0.2s\n\
+                   #8 [3/3] COPY src/ /src/\n\
+                   #8 CACHED\n\
+                   #9 exporting to image\n";
+        let steps = build_steps(out);
+        let got: Vec<(&str, bool)> = steps.iter().map(|s| (s.name.as_str(), s.cached)).collect();
+        assert_eq!(
+            got,
+            [
+                ("[base 1/2] COPY busybox /bin/busybox", true),
+                (
+                    "[web 2/3] RUN dd if=/dev/urandom of=/a bs=1M count=1",
+                    false
+                ),
+                ("[3/3] COPY src/ /src/", true),
+            ]
+        );
+    }
 }

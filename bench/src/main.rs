@@ -29,6 +29,11 @@
 //! Garage (S3) and PostgreSQL as one node and as three, against distribution's `s3`
 //! driver on the same Garage (one instance and three) and layercache on local disk and
 //! SQLite (see `scale.rs`).
+//!
+//! `--only project` measures a real project's size on servers and a dockerd of its own:
+//! three service images sharing a base, `--project-mib` (4 GiB) of layers in all, built
+//! cold, warm on a wiped builder, and after one source change, with BuildKit's inline
+//! cache (`mode=max` cannot run here: no buildx; see `project.rs`).
 
 mod actions;
 mod auth;
@@ -37,6 +42,7 @@ mod eviction;
 mod limits;
 mod mirror;
 mod payload;
+mod project;
 mod registry;
 mod report;
 mod scale;
@@ -74,7 +80,8 @@ struct Args {
     /// Exit with an error when a figure misses its target.
     #[arg(long)]
     strict: bool,
-    /// Skip what needs dockerd: the end-to-end scenario and the protection windows.
+    /// Skip what needs dockerd: the end-to-end scenario, the protection windows and the
+    /// project workload.
     #[arg(long)]
     skip_e2e: bool,
     /// Also write the JSON report here (it always goes to bench/results/latest.json).
@@ -113,6 +120,14 @@ struct Args {
     /// Seconds of simulated compute in the end-to-end compute variant.
     #[arg(long, default_value_t = 64)]
     compute_secs: u64,
+    /// MiB of random layers across the project workload's three service images (a
+    /// multiple of 16; lower it for a quick check).
+    #[arg(long, default_value_t = 4096)]
+    project_mib: usize,
+    /// Rounds of the project workload's three phases (each on fresh servers; about 12 min
+    /// a round at the default size on 2 cores).
+    #[arg(long, default_value_t = 1)]
+    project_rounds: usize,
     /// Size of the file the GitHub Actions cache client saves and restores, in MiB.
     #[arg(long, default_value_t = 1024)]
     actions_mib: usize,
@@ -168,6 +183,9 @@ enum Workload {
     /// Scale-out: layercache on Garage and PostgreSQL, one node and three, against
     /// distribution's S3 driver (servers and services of its own).
     Scale,
+    /// A real project's size: three service images sharing a base, cold, warm and after
+    /// one source change, with dockerd/BuildKit (servers and a dockerd of its own).
+    Project,
 }
 
 /// What the JSON report holds.
@@ -187,6 +205,7 @@ struct Report {
     mirror: Option<mirror::Report>,
     scale: Option<scale::Report>,
     windows: Option<windows::Report>,
+    project: Option<project::Report>,
     failed: Vec<String>,
 }
 
@@ -224,6 +243,10 @@ async fn run(args: &Args) -> Result<Report> {
         args.eviction_rounds > 0,
         "--eviction-rounds must be at least 1"
     );
+    ensure!(
+        args.project_rounds > 0,
+        "--project-rounds must be at least 1"
+    );
     let root = setup::workspace_root()?;
 
     let layercache_bin = match &args.layercache_bin {
@@ -231,7 +254,7 @@ async fn run(args: &Args) -> Result<Report> {
         None => setup::build_layercache(&root)?,
     };
     setup::ensure_installed(&args.registry_bin, "docker-registry")?;
-    if selection.any(&[Workload::E2e, Workload::Windows]) {
+    if selection.any(&[Workload::E2e, Workload::Windows, Workload::Project]) {
         setup::ensure_installed(&args.dockerd_bin, "docker.io")?;
         setup::ensure_installed(&args.busybox, "busybox-static")?;
     }
@@ -438,6 +461,26 @@ async fn run(args: &Args) -> Result<Report> {
         );
     }
 
+    let mut project_report = None;
+    if selection.has(Workload::Project) {
+        ensure!(
+            setup::is_root(),
+            "the project workload starts its own dockerd and needs root (or pass --skip-e2e)"
+        );
+        let ctx = project::Inputs {
+            dir,
+            http: &client,
+            layercache_bin: &layercache_bin,
+            registry_bin: &args.registry_bin,
+            dockerd_bin: &args.dockerd_bin,
+            docker_bin: &args.docker_bin,
+            busybox: &args.busybox,
+            total_mib: args.project_mib,
+            rounds: args.project_rounds,
+        };
+        project_report = Some(project::run(&ctx, &mut samples).await?);
+    }
+
     let mut outcomes = Vec::new();
     let plan = Plan {
         layer_mib: args.e2e_layer_mib,
@@ -492,6 +535,7 @@ async fn run(args: &Args) -> Result<Report> {
         mirror: mirror_report,
         scale: scale_report,
         windows: windows_report,
+        project: project_report,
         failed,
     };
 
@@ -517,6 +561,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if let Some(windows) = &report.windows {
         println!("{}", windows::table(windows));
+    }
+    if let Some(project) = &report.project {
+        println!("{}", project::table(project));
     }
     let judged: Vec<bool> = report
         .figures
@@ -559,7 +606,10 @@ impl Selection {
     /// Whether `workload` runs.
     fn has(&self, workload: Workload) -> bool {
         (self.only.is_empty() || self.only.contains(&workload))
-            && !(matches!(workload, Workload::E2e | Workload::Windows) && self.skip_e2e)
+            && !(matches!(
+                workload,
+                Workload::E2e | Workload::Windows | Workload::Project
+            ) && self.skip_e2e)
     }
 
     /// Whether any of `workloads` runs.

@@ -315,7 +315,7 @@ pub fn figures(
     };
     let gib_cpu = |target| Target::AtMost { value: target };
     let null_cpu = |key: &str| limits.actions_null_cpu.get(key).map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 54] = [
+    let rows: [(&str, String, &str, Option<f64>, Target); 63] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -711,6 +711,69 @@ pub fn figures(
             "%",
             None,
             Target::AtMost { value: 25.0 },
+        ),
+        (
+            "project_cold_s",
+            "project, 3 services: cold build + push".into(),
+            "s",
+            None,
+            Target::AtMostRatio { ratio: 1.0 },
+        ),
+        (
+            "project_warm_s",
+            "project: warm rebuild, wiped builder".into(),
+            "s",
+            None,
+            Target::AtMostRatio { ratio: 1.0 },
+        ),
+        (
+            "project_change_s",
+            "project: one source change, rebuild + push".into(),
+            "s",
+            None,
+            Target::AtMostRatio { ratio: 1.0 },
+        ),
+        (
+            "project_cold_cpu_s",
+            "project cold: server CPU".into(),
+            "CPU-s",
+            None,
+            Target::None,
+        ),
+        (
+            "project_warm_cpu_s",
+            "project warm: server CPU".into(),
+            "CPU-s",
+            None,
+            Target::None,
+        ),
+        (
+            "project_change_cpu_s",
+            "project change: server CPU".into(),
+            "CPU-s",
+            None,
+            Target::None,
+        ),
+        (
+            "project_cold_cpu_pct",
+            "project cold: server share of the machine's busy CPU".into(),
+            "%",
+            None,
+            Target::None,
+        ),
+        (
+            "project_warm_cpu_pct",
+            "project warm: server share of the machine's busy CPU".into(),
+            "%",
+            None,
+            Target::None,
+        ),
+        (
+            "project_change_cpu_pct",
+            "project change: server share of the machine's busy CPU".into(),
+            "%",
+            None,
+            Target::None,
         ),
     ];
     rows.into_iter()

@@ -282,6 +282,28 @@ impl Cpu {
     }
 }
 
+/// CPU seconds the whole machine has spent in processes and kernel threads, plus the
+/// hypervisor's steal (not idle, I/O wait or interrupts), from the first line of
+/// `/proc/stat` in USER_HZ (100 on Linux).
+pub fn machine_busy_secs() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    // cpu user nice system idle iowait irq softirq steal (guest time is inside user).
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let busy: u64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 7))
+        .map(|(_, v)| v)
+        .sum();
+    Ok(busy as f64 / 100.0)
+}
+
 /// The configuration file of a distribution registry started in `dir`.
 pub fn distribution_config(dir: &Path) -> PathBuf {
     dir.join("config.yml")
