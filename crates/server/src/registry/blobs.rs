@@ -2,13 +2,16 @@
 //! single `Range` requests answered 206.
 
 use axum::body::Body;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use oci::{Digest, ErrorCode, RepoName};
+use store::ByteRange;
 
 use super::{RegistryError, Result};
 use crate::app::AppState;
 use crate::body::parse_range;
+use crate::sendfile::ZeroCopy;
 use crate::upstream::{BlobAnswer, Route, Served};
 
 fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> Response {
@@ -58,11 +61,11 @@ async fn get_mirrored_blob(
     state: &AppState,
     route: Route<'_>,
     digest: &Digest,
-    headers: &HeaderMap,
+    request: &Parts,
 ) -> Result {
     match route.blob(&state.store, digest).await? {
         BlobAnswer::Stored(blob) => {
-            let mut response = send_blob(blob, digest, headers).await?;
+            let mut response = send_blob(blob, digest, request).await?;
             response.extensions_mut().insert(Served::Hit);
             Ok(response)
         }
@@ -84,17 +87,37 @@ pub async fn get_blob(
     state: &AppState,
     repo: &RepoName,
     digest: &Digest,
-    headers: &HeaderMap,
+    request: &Parts,
 ) -> Result {
     match state.upstreams.route(&state.store, repo, false).await? {
-        Some(route) => get_mirrored_blob(state, route, digest, headers).await,
-        None => send_blob(state.store.open_blob(repo, digest).await?, digest, headers).await,
+        Some(route) => get_mirrored_blob(state, route, digest, request).await,
+        None => send_blob(state.store.open_blob(repo, digest).await?, digest, request).await,
     }
 }
 
+/// The body of `blob`, or of `range` of it: sent from its file by the kernel when both
+/// the blob and the connection allow it, else streamed.
+async fn blob_body(
+    blob: store::BlobRead,
+    range: Option<ByteRange>,
+    request: &Parts,
+) -> Result<Body> {
+    if let Some(zero_copy) = request.extensions.get::<ZeroCopy>()
+        && let Some(file) = blob.file().await?
+    {
+        let ByteRange { start, len } = range.unwrap_or(ByteRange {
+            start: 0,
+            len: blob.size,
+        });
+        return Ok(zero_copy.body(file, start, len));
+    }
+    Ok(Body::from_stream(blob.stream(range).await?))
+}
+
 /// Send a stored blob, or the `Range` of it asked for.
-async fn send_blob(blob: store::BlobRead, digest: &Digest, headers: &HeaderMap) -> Result {
+async fn send_blob(blob: store::BlobRead, digest: &Digest, request: &Parts) -> Result {
     let size = blob.size;
+    let headers = &request.headers;
     let range = match headers.get(header::RANGE).map(|v| v.to_str().unwrap_or("")) {
         None => None,
         Some(value) => parse_range(value, size).map_err(|()| {
@@ -110,10 +133,10 @@ async fn send_blob(blob: store::BlobRead, digest: &Digest, headers: &HeaderMap) 
         return Ok(redirect(digest, &url));
     }
     let Some(range) = range else {
-        let body = Body::from_stream(blob.stream(None).await?);
+        let body = blob_body(blob, None, request).await?;
         return Ok(blob_response(StatusCode::OK, digest, size, body));
     };
-    let body = Body::from_stream(blob.stream(Some(range)).await?);
+    let body = blob_body(blob, Some(range), request).await?;
     let mut response = blob_response(StatusCode::PARTIAL_CONTENT, digest, range.len, body);
     let content_range = format!(
         "bytes {}-{}/{size}",

@@ -275,7 +275,7 @@ async fn handle(state: &AppState, endpoint: Endpoint, parts: &Parts, body: Body)
             manifests::put_manifest(state, &repo, &r, headers, body).await
         }
         Endpoint::DeleteManifest(repo, r) => manifests::delete_manifest(state, &repo, &r).await,
-        Endpoint::GetBlob(repo, d) => blobs::get_blob(state, &repo, &d, headers).await,
+        Endpoint::GetBlob(repo, d) => blobs::get_blob(state, &repo, &d, parts).await,
         Endpoint::HeadBlob(repo, d) => blobs::head_blob(state, &repo, &d).await,
         Endpoint::DeleteBlob(repo, d) => blobs::delete_blob(state, &repo, &d).await,
         Endpoint::StartUpload(repo) => uploads::start_upload(state, &repo, &params, body).await,

@@ -47,6 +47,11 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn redirect(&self, _digest: &Digest) -> Result<Option<String>> {
         Ok(None)
     }
+    /// The committed blob as an open local file, when the medium keeps blobs in files
+    /// (so the server can have the kernel send it); `None` otherwise or when absent.
+    async fn local_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>> {
+        Ok(None)
+    }
 }
 
 /// A staging area as eviction sees it.

@@ -182,6 +182,11 @@ impl BlobBackend for FsBackend {
         Ok(Some(Box::pin(windows)))
     }
 
+    async fn local_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
+        let path = self.blob_path(digest);
+        not_found_as_none(tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?)
+    }
+
     async fn create_staged(&self, id: &UploadId) -> Result<()> {
         tokio::fs::File::create(self.staged_path(id)).await?;
         Ok(())

@@ -164,6 +164,11 @@ impl BlobStore {
         self.backend.redirect(digest).await
     }
 
+    /// The committed blob as an open local file, when the backend keeps files.
+    pub async fn local_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
+        self.backend.local_file(digest).await
+    }
+
     /// Create an empty staging area for `id`.
     pub async fn create_staged(&self, id: &UploadId) -> Result<()> {
         self.backend.create_staged(id).await
