@@ -39,6 +39,23 @@ pub enum Command {
     Token(TokenArgs),
     /// Certificates for HTTPS ([server.tls]).
     Tls(TlsArgs),
+    /// Exit 0 when a running server is ready (its /readyz answers 200), 1 otherwise: a
+    /// container's HEALTHCHECK (the image has no shell or curl).
+    Health(HealthArgs),
+}
+
+/// Options of `layercache health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The running server.
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Check liveness instead (/healthz: the process serves HTTP; the store is not asked).
+    #[arg(long)]
+    pub live: bool,
+    /// How long the answer may take.
+    #[arg(long, default_value = "5s")]
+    pub timeout: humantime::Duration,
 }
 
 /// Options of `layercache tls`.

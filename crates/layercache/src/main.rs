@@ -12,6 +12,9 @@ use clap::Parser;
 use crate::cli::{Cli, Command, ServeArgs};
 use crate::config::Config;
 
+/// How long tasks still running after `serve` has saved its state may take to end.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Run the command; an error is printed as one chain of causes, never with a backtrace.
 fn main() -> std::process::ExitCode {
     match run() {
@@ -34,7 +37,7 @@ fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    match cli.command {
+    let outcome = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Gc(args) => runtime.block_on(commands::gc::run(args)),
         Command::Report(args) => runtime.block_on(commands::report::run(args)),
@@ -46,7 +49,12 @@ fn run() -> anyhow::Result<()> {
         },
         Command::Explain(args) => runtime.block_on(commands::explain::run(args)),
         Command::Lint(args) => commands::lint::run(args),
-    }
+        Command::Health(args) => runtime.block_on(commands::health::run(args)),
+    };
+    // Whatever still runs (a blocking write the drain cut off) gets a moment, not a
+    // veto over the exit.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    outcome
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -91,10 +99,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metadata = %config.store.meta,
         "layercache serving"
     );
+    // The signal handlers are in place before anyone learns the server is up: a SIGTERM
+    // or SIGHUP sent right after would otherwise end the process by default.
+    let shutdown = shutdown_signal().context("installing the SIGTERM handler")?;
+    reload_on_hangup(tls.clone(), args, config.clone());
     println!("layercache listening on {scheme}://{addr}");
-    if let Some(tls) = &tls {
-        reload_on_hangup(tls.clone());
-    }
     let auth = &config.server.auth;
     let oidc = Arc::new(
         server::auth::oidc::Oidc::load(&auth.issuers, &auth.rules)
@@ -131,52 +140,123 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstreams,
     );
     let app = server::build_router(state.clone());
-    server::serve(
+    let drained = server::serve(
         listener,
         app,
         &config.server.limits,
         tls.as_ref(),
-        shutdown_signal(),
+        shutdown,
+        config.server.shutdown_timeout,
     )
     .await;
+    // The requests are over: save what is only in memory. Each step runs even when one
+    // before it failed.
     state.audit.flush().await;
-    state.sessions.save(true).await?;
-    store.flush_access_times().await?;
+    let sessions = state.sessions.save(true).await;
+    let access_times = store.flush_access_times().await;
+    for (what, outcome) in [
+        ("build sessions", &sessions),
+        ("access times", &access_times),
+    ] {
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "saving the {what} at shutdown failed");
+        }
+    }
+    sessions.context("saving the build sessions at shutdown")?;
+    access_times.context("saving the access times at shutdown")?;
+    tracing::info!(
+        connections = drained.open,
+        closed_unfinished = drained.cut,
+        "layercache stopped: requests drained, build sessions and access times saved"
+    );
     Ok(())
 }
 
-/// Re-read the TLS certificate and key on every `SIGHUP` (they are also re-read when
-/// their files change).
-fn reload_on_hangup(tls: server::tls::Tls) {
+/// On every `SIGHUP`: re-read the TLS certificate and key (also re-read when their files
+/// change), and load the configuration again as at start. The rest of the configuration
+/// is fixed for the life of the process: a change to it is validated and logged as
+/// waiting for a restart, and an invalid one is reported before that restart fails.
+fn reload_on_hangup(tls: Option<server::tls::Tls>, args: ServeArgs, running: Config) {
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangup) => {
             tokio::spawn(async move {
                 while hangup.recv().await.is_some() {
-                    tls.reload();
+                    if let Some(tls) = &tls {
+                        tls.reload();
+                        tracing::info!("SIGHUP: TLS certificate and key re-read");
+                    }
+                    check_configuration(&args, &running);
                 }
             });
         }
-        Err(e) => tracing::warn!(error = %e, "SIGHUP will not reload the TLS certificate"),
-    }
-    #[cfg(not(unix))]
-    drop(tls);
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP will not reload the TLS certificate nor check the configuration")
         }
     }
     #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or(());
+    drop((tls, args, running));
+}
+
+/// Load the configuration again and say how it differs from the `running` one.
+fn check_configuration(args: &ServeArgs, running: &Config) {
+    let loaded = match Config::load(args) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!(
+                error = %format_args!("{e:#}"),
+                "SIGHUP: the configuration does not load; the running one stays, and a restart would fail"
+            );
+            return;
+        }
+    };
+    let mut changed = Vec::new();
+    if loaded.server.tls != running.server.tls {
+        changed.push("server.tls (the certificate files' paths)");
+    }
+    let (mut server, mut serving) = (loaded.server.clone(), running.server.clone());
+    (server.tls, serving.tls) = (None, None);
+    if server != serving {
+        changed.push("server");
+    }
+    if loaded.store != running.store {
+        changed.push("store");
+    }
+    if loaded.actions != running.actions {
+        changed.push("actions");
+    }
+    if loaded.upstreams != running.upstreams {
+        changed.push("upstreams");
+    }
+    if changed.is_empty() {
+        tracing::info!("SIGHUP: the configuration is unchanged");
+    } else {
+        tracing::warn!(
+            sections = %changed.join(", "),
+            "SIGHUP: the changed configuration is valid and takes effect at the next restart"
+        );
+    }
+}
+
+/// Completes at the first `SIGTERM` or Ctrl-C (`SIGINT`). The handlers are installed
+/// when this is called, so a signal arriving before the future is polled is kept.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("interrupted (Ctrl-C): shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    })
+}
+
+/// Completes at the first Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -21,7 +21,7 @@ use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
 use crate::ui::UsageHistory;
 use crate::upstream::Upstreams;
-use crate::{api, registry, ui};
+use crate::{api, health, registry, ui};
 
 /// Everything a handler may use; no global state lives outside it.
 #[derive(Clone)]
@@ -90,6 +90,8 @@ pub fn build_router(state: AppState) -> Router {
         .route("/token", get(auth::token).post(auth::token))
         .fallback(registry::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
+        // After the layer, so probes are neither counted, logged nor guarded.
+        .merge(health::router())
         .with_state(state)
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP section of the configuration.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// How the server listens.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -19,6 +20,11 @@ pub struct Config {
     pub tls: Option<crate::tls::Config>,
     /// The log of writes, deletes, administrative actions and denials.
     pub audit: crate::audit::Config,
+    /// On `SIGTERM` or Ctrl-C the server stops accepting connections and lets the
+    /// requests in flight finish for at most this long; connections still open then
+    /// are closed (an upload cut off this way resumes from what was received).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -30,6 +36,9 @@ impl Default for Config {
             auth: crate::auth::Config::default(),
             tls: None,
             audit: crate::audit::Config::default(),
+            // Under the 30 s that Kubernetes, and `docker stop -t 30`, allow before
+            // `SIGKILL`, with room to save the state after the drain.
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
 }

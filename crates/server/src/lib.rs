@@ -10,11 +10,13 @@ pub mod audit;
 pub mod auth;
 mod body;
 pub mod config;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 #[doc(hidden)]
 pub mod parse;
 pub mod registry;
+pub mod sendfile;
 pub mod serve;
 pub mod sessions;
 pub mod tls;

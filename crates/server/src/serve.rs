@@ -1,8 +1,9 @@
 //! Accepting connections: HTTP/1, over TLS when configured, with a deadline on every
 //! request head (and on the TLS handshake before it), so a client that sends nothing, or
 //! its headers a byte at a time, cannot hold a connection (nor, with many of them, the
-//! server's file descriptors); graceful shutdown. Each request carries the [`Scheme`]
-//! its connection speaks, so the URLs the server hands out name the right one.
+//! server's file descriptors); graceful shutdown, bounded in time. Each request carries
+//! the [`Scheme`] its connection speaks, so the URLs the server hands out name the right
+//! one.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,9 +16,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use crate::limits::Limits;
+use crate::sendfile::{self, ZeroCopy};
 use crate::tls::Tls;
 
 /// How a request reached the server: each request carries it as an extension, set by
@@ -46,22 +49,38 @@ impl Scheme {
     }
 }
 
-/// Serve `app` on `listener` (HTTPS only, with `tls`) until `shutdown` completes, then
-/// finish the requests in flight. A TLS handshake must complete within the header read
-/// timeout too.
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections open when the shutdown began.
+    pub open: usize,
+    /// Of those, the ones still busy at the deadline, which were closed unfinished.
+    pub cut: usize,
+}
+
+/// Serve `app` on `listener` (HTTPS only, with `tls`) until `shutdown` completes. Then
+/// stop accepting, let the requests in flight finish (each connection closes after its
+/// current response; idle ones at once) for at most `drain`, and close whatever is still
+/// open. A TLS handshake must complete within the header read timeout too.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &Limits,
     tls: Option<&Tls>,
     shutdown: impl Future<Output = ()>,
-) {
+    drain: Duration,
+) -> Drained {
     let mut http = hyper::server::conn::http1::Builder::new();
+    // Body buffers are queued as they are, never copied into one: what zero-copy
+    // bodies rely on (see `sendfile`).
     http.timer(TokioTimer::new())
+        .writev(true)
         .header_read_timeout(limits.header_read_timeout);
     let http = Arc::new(http);
     let handshake_timeout = limits.header_read_timeout;
     let graceful = GracefulShutdown::new();
+    // Every connection's task, so that those still open at the deadline can be ended.
+    let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
@@ -75,6 +94,10 @@ pub async fn serve(
                     continue;
                 }
             },
+            Some(ended) = connections.join_next(), if !connections.is_empty() => {
+                report_panic(ended);
+                continue;
+            }
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -84,13 +107,16 @@ pub async fn serve(
         let (http, app) = (Arc::clone(&http), app.clone());
         match tls {
             None => {
-                let connection =
-                    http.serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Http));
-                tokio::spawn(run(watcher, connection, addr));
+                let (stream, zero_copy) = sendfile::Connection::new(stream);
+                let connection = http.serve_connection(
+                    TokioIo::new(stream),
+                    service(app, addr, Scheme::Http, Some(zero_copy)),
+                );
+                connections.spawn(run(watcher, connection, addr));
             }
             Some(tls) => {
                 let handshake = tls.acceptor().accept(stream);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
@@ -102,15 +128,56 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let connection = http
-                        .serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Https));
+                    let connection = http.serve_connection(
+                        TokioIo::new(stream),
+                        service(app, addr, Scheme::Https, None),
+                    );
                     run(watcher, connection, addr).await;
                 });
             }
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    while let Some(ended) = connections.try_join_next() {
+        report_panic(ended);
+    }
+    let open = connections.len();
+    tracing::info!(
+        open,
+        deadline = %humantime::format_duration(drain),
+        "shutting down: no new connections; finishing the requests in flight"
+    );
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        // Ended where they are: an upload keeps what it received and resumes from
+        // there; a download is cut short and retried by its client.
+        connections.abort_all();
+    }
+    let mut cut = 0;
+    while let Some(ended) = connections.join_next().await {
+        match ended {
+            Err(e) if e.is_cancelled() => cut += 1,
+            ended => report_panic(ended),
+        }
+    }
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            "closed the connections still busy at the shutdown deadline (server.shutdown_timeout)"
+        );
+    }
+    Drained { open, cut }
+}
+
+/// Log a connection task that panicked (one that was aborted ended as asked).
+fn report_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "a connection's task panicked");
+    }
 }
 
 /// Serve one connection to its end, or to a graceful one after shutdown.
@@ -124,11 +191,13 @@ where
     }
 }
 
-/// `app` as the hyper service of one connection from `addr`, speaking `scheme`.
+/// `app` as the hyper service of one connection from `addr`, speaking `scheme`, with
+/// `zero_copy` when files can be sent on it by the kernel.
 fn service(
     app: Router,
     addr: SocketAddr,
     scheme: Scheme,
+    zero_copy: Option<ZeroCopy>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
@@ -139,6 +208,9 @@ fn service(
         let mut request = request.map(axum::body::Body::new);
         request.extensions_mut().insert(ConnectInfo(addr));
         request.extensions_mut().insert(scheme);
+        if let Some(zero_copy) = &zero_copy {
+            request.extensions_mut().insert(zero_copy.clone());
+        }
         app.clone().oneshot(request)
     })
 }

@@ -69,6 +69,11 @@ impl BlobRead {
         self.store.redirect(&self.digest).await
     }
 
+    /// The blob's file, when blobs are local files (it never changes once committed).
+    pub async fn file(&self) -> Result<Option<std::fs::File>> {
+        self.store.local_file(&self.digest).await
+    }
+
     /// Stream the whole blob, or `range` of it.
     pub async fn stream(self, range: Option<ByteRange>) -> Result<ByteStream> {
         self.store
@@ -192,6 +197,29 @@ impl Store {
     /// Write pending access times now (at shutdown).
     pub async fn flush_access_times(&self) -> Result<()> {
         self.0.access.flush(self.0.meta.as_ref()).await
+    }
+
+    /// Whether the store can serve: its data directory is there, and the metadata store
+    /// and the blob medium each answer one cheap read (a readiness probe; nothing is
+    /// written).
+    pub async fn ready(&self) -> Result<()> {
+        let absent = Digest::sha256_of(b"");
+        let data_dir = async {
+            let metadata = tokio::fs::metadata(&self.0.data_dir).await?;
+            if metadata.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::Io(std::io::Error::from(
+                    std::io::ErrorKind::NotADirectory,
+                )))
+            }
+        };
+        tokio::try_join!(
+            data_dir,
+            self.0.meta.blob_size(&absent),
+            self.0.blobs.stat(&absent)
+        )?;
+        Ok(())
     }
 
     /// Largest manifest accepted, in bytes.

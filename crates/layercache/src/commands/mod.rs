@@ -4,6 +4,7 @@ pub mod audit;
 pub mod expect;
 pub mod explain;
 pub mod gc;
+pub mod health;
 pub mod lint;
 pub mod report;
 pub mod tls;
