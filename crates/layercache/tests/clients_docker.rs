@@ -134,17 +134,7 @@ fn inline_cache_makes_every_step_cached_on_a_wiped_daemon_and_the_pull_is_the_sa
         warm.contains(&format!("importing cache manifest from {tag}")),
         "{warm}"
     );
-    let warm_steps = common::step_outcomes(&warm);
-    assert_eq!(
-        warm_steps.keys().collect::<Vec<_>>(),
-        cold_steps.keys().collect::<Vec<_>>(),
-        "{warm}"
-    );
-    let ran: Vec<_> = warm_steps
-        .iter()
-        .filter(|(_, end)| *end != "CACHED")
-        .collect();
-    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+    common::assert_same_steps_all_cached(&cold_steps, &warm);
     assert_eq!(
         image_id(&tag),
         built,

@@ -50,15 +50,6 @@ fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET http://ADDR/PATH` over a fresh connection: the status and body, or `None` when
 /// nothing answers.
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
@@ -400,7 +391,7 @@ async fn the_image_serves_buildkit_stops_cleanly_and_keeps_every_image_on_its_vo
 
     let volume = format!("layercache-deploy-{id}");
     cleanup.volumes.push(volume.clone());
-    let port = free_port();
+    let port = common::free_port();
     let host = format!("127.0.0.1:{port}");
     let base = format!("http://{host}");
     let first = format!("layercache-deploy-{id}-1");
@@ -470,17 +461,7 @@ async fn the_image_serves_buildkit_stops_cleanly_and_keeps_every_image_on_its_vo
     common::run_ok(&mut common::docker(&["builder", "prune", "-af"]));
     common::run_ok(&mut common::docker(&["image", "rm", "-f", &tag, &built_id]));
     let warm = common::docker_build(context.path(), &tag, true, Some(&tag));
-    let warm_steps = common::step_outcomes(&warm);
-    assert_eq!(
-        warm_steps.keys().collect::<Vec<_>>(),
-        cold_steps.keys().collect::<Vec<_>>(),
-        "{warm}"
-    );
-    let ran: Vec<_> = warm_steps
-        .iter()
-        .filter(|(_, end)| *end != "CACHED")
-        .collect();
-    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+    common::assert_same_steps_all_cached(&cold_steps, &warm);
     assert_eq!(inspect(&tag, "{{.Id}}"), built_id);
 
     // What the guide tells a CI job to check.

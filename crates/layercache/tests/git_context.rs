@@ -38,15 +38,6 @@ fn git(dir: &Path, args: &[&str]) -> String {
     )
 }
 
-/// A free loopback port (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn a_git_context_at_the_next_commit_reuses_the_steps_before_the_whole_context_copy() {
     if !common::require_tool("dockerd") || !common::require_tool("git") {
@@ -71,7 +62,7 @@ fn a_git_context_at_the_next_commit_reuses_the_steps_before_the_whole_context_co
     let second = git(&work, &["rev-parse", "HEAD"]).trim().to_owned();
     git(base.path(), &["clone", "-q", "--bare", "work", "repo.git"]);
 
-    let port = free_port();
+    let port = common::free_port();
     // The daemon itself, not `git daemon`, which would leave it running when killed.
     let exec_path = git(base.path(), &["--exec-path"]);
     let daemon = Command::new(Path::new(exec_path.trim()).join("git-daemon"))

@@ -437,3 +437,28 @@ pub fn mint_token(data_dir: &Path, args: &[&str]) -> String {
     assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
     token
 }
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Assert that the build that printed `warm` ran the same steps as the one whose
+/// [`step_outcomes`] are `cold`, each of them `CACHED`.
+pub fn assert_same_steps_all_cached(cold: &std::collections::BTreeMap<String, String>, warm: &str) {
+    let warm_steps = step_outcomes(warm);
+    assert_eq!(
+        warm_steps.keys().collect::<Vec<_>>(),
+        cold.keys().collect::<Vec<_>>(),
+        "{warm}"
+    );
+    let ran: Vec<_> = warm_steps
+        .iter()
+        .filter(|(_, end)| *end != "CACHED")
+        .collect();
+    assert!(ran.is_empty(), "steps not CACHED: {ran:#?}\n{warm}");
+}

@@ -112,7 +112,7 @@ impl Upstream {
         // A port found free may be taken before the registry binds it: try another.
         let mut errors = Vec::new();
         for _ in 0..5 {
-            let port = free_port();
+            let port = super::free_port();
             upstream.host = format!("127.0.0.1:{port}");
             let scheme = if secure { "https" } else { "http" };
             upstream.url = format!("{scheme}://{}", upstream.host);
@@ -416,15 +416,6 @@ pub fn parse_log(log: &str) -> Vec<Request> {
             })
         })
         .collect()
-}
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `openssl`: a CA (`ca.key`, `ca.crt`, and `certs/ca.crt`) and a server certificate
