@@ -1,5 +1,7 @@
 //! Upload sessions: their ids, and the in-memory hash state that lets a chunked upload
-//! continue without re-reading what it already received.
+//! continue without re-reading what it already received (a hash that may still be
+//! catching up with the last chunk on its thread: the next chunk's hashing queues
+//! behind it, so a chunked upload's pipeline never drains between chunks).
 //!
 //! The staging file is the source of truth for an upload's length; the hash state is
 //! a cache of it. After a restart (or a failed chunk) the state is rebuilt by hashing
@@ -10,7 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use oci::Hasher;
+use crate::blob::PendingHash;
 
 /// The id of an upload session: a UUID, so it is always safe as a file name.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -61,7 +63,7 @@ impl fmt::Debug for UploadId {
 /// Hash of the first `len` bytes of an upload.
 pub(crate) struct HashState {
     pub len: u64,
-    pub hasher: Hasher,
+    pub hasher: PendingHash,
 }
 
 /// The lock guarding one upload's hash state; holding it serializes that upload's writes.

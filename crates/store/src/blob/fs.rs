@@ -27,8 +27,8 @@ const READ_CHUNK: usize = 1 << 20;
 /// page size): the socket write copies straight from the page cache, and each window
 /// is unmapped once sent, so resident memory stays flat.
 const MAP_WINDOW: u64 = 4 << 20;
-/// Batches queued between the request task and the writer thread (bounds memory).
-const WRITE_QUEUE: usize = 8;
+/// Blocks queued between the request task and the writer thread (bounds memory).
+const WRITE_QUEUE: usize = 4;
 /// Written bytes are handed to the kernel for write-back in windows of this size, so the
 /// fsync that makes a blob durable waits only for the tail instead of the whole file.
 const WRITEBACK_WINDOW: u64 = 16 << 20;
@@ -112,19 +112,17 @@ fn map_window(file: &std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> 
     Ok(Bytes::from_owner(map))
 }
 
-/// Writes every batch it receives to `file` from `offset` on, starting write-back as
+/// Writes every block it receives to `file` from `offset` on, starting write-back as
 /// it goes; runs on a blocking thread.
-fn write_batches(
+fn write_blocks(
     mut file: std::fs::File,
     offset: u64,
-    mut rx: mpsc::Receiver<Vec<Bytes>>,
+    mut rx: mpsc::Receiver<Bytes>,
 ) -> io::Result<()> {
     let (mut written, mut flushed) = (offset, offset);
-    while let Some(batch) = rx.blocking_recv() {
-        for chunk in &batch {
-            file.write_all(chunk)?;
-            written += chunk.len() as u64;
-        }
+    while let Some(block) = rx.blocking_recv() {
+        file.write_all(&block)?;
+        written += block.len() as u64;
         if written - flushed >= WRITEBACK_WINDOW {
             start_writeback(&file, flushed, written - flushed);
             flushed = written;
@@ -197,7 +195,7 @@ impl BlobBackend for FsBackend {
         Ok(meta.map(|m| m.len()))
     }
 
-    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64> {
+    async fn append(&self, id: &UploadId, offset: u64, mut body: ByteStream) -> Result<u64> {
         let path = self.staged_path(id);
         let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
             let mut file = not_found_as_none(std::fs::OpenOptions::new().write(true).open(path))?
@@ -215,24 +213,22 @@ impl BlobBackend for FsBackend {
         .await??;
         let rollback = file.try_clone()?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || write_batches(file, offset, rx));
+        let writer = tokio::task::spawn_blocking(move || write_blocks(file, offset, rx));
         let mut written = 0u64;
         let mut body_error = None;
-        let mut batches = body.ready_chunks(super::BATCH_CHUNKS);
-        while let Some(batch) = batches.next().await {
-            let mut chunks = Vec::with_capacity(batch.len());
-            for chunk in batch {
-                match chunk {
-                    Ok(chunk) => {
-                        written += chunk.len() as u64;
-                        chunks.push(chunk);
+        while let Some(block) = body.next().await {
+            match block {
+                Ok(block) => {
+                    written += block.len() as u64;
+                    // On a send error the writer failed; its error is reported below.
+                    if tx.send(block).await.is_err() {
+                        break;
                     }
-                    Err(e) => body_error = Some(Error::Body(e)),
                 }
-            }
-            // On a send error the writer failed; its error is reported below.
-            if tx.send(chunks).await.is_err() || body_error.is_some() {
-                break;
+                Err(e) => {
+                    body_error = Some(Error::Body(e));
+                    break;
+                }
             }
         }
         drop(tx);

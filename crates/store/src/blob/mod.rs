@@ -4,18 +4,27 @@
 //! hashing while bytes stream in (on a blocking thread, off the async reactor), and
 //! refusing to commit content that does not hash to its digest (invariant 1). Memory
 //! stays flat: bodies move through bounded queues, never buffered whole (invariant 4).
+//!
+//! Bytes arriving in a request body are gathered into [`BLOCK`]-sized blocks before they
+//! go to the hashing thread and to the backend: each block is one write and one wake-up
+//! of each thread, instead of one per network read, and the blocks' memory is reused
+//! from upload to upload (a [`BlockPool`]), so the body does not fault fresh pages in
+//! for every megabyte. Copying a frame into a block also hands the HTTP layer its read
+//! buffer back at once, so it reads the socket into memory it already has.
 
 mod backend;
 mod fs;
 mod s3;
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{BlobBackend, Staged};
 pub use fs::FsBackend;
@@ -28,12 +37,17 @@ use crate::{Error, Result};
 /// A stream of body bytes, in or out.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
-/// Batches queued for the hashing thread.
-const HASH_QUEUE: usize = 8;
-/// Most body chunks grouped into one batch. A batch holds only chunks that were already
-/// received, so grouping never delays bytes; it lets the hashing and writing threads
-/// wake once per batch instead of once per network read.
-pub(crate) const BATCH_CHUNKS: usize = 64;
+/// Size of the blocks a body is gathered into: one write, one hashing step.
+pub(crate) const BLOCK: usize = 512 << 10;
+/// Blocks queued for the hashing thread. The hasher is the slowest stage, so this queue
+/// is the one that fills; with the writer's queue it bounds what one upload holds in
+/// memory (a few blocks: about 4 MiB).
+const HASH_QUEUE: usize = 4;
+/// Most idle blocks kept for reuse.
+const POOLED_BLOCKS: usize = 8;
+/// Longest a partly filled block waits for more bytes while the body has none ready:
+/// grouping delays bytes by at most this much.
+const FLUSH_AFTER: Duration = Duration::from_millis(5);
 
 /// A byte range of a blob: `len` bytes from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +70,8 @@ pub struct BlobStore {
     locks: Arc<[tokio::sync::Mutex<()>]>,
     /// The same exclusion between nodes sharing the metadata.
     meta: Arc<dyn MetaStore>,
+    /// Memory for the blocks bodies are gathered into.
+    pool: BlockPool,
 }
 
 /// Holds the locks of some digests; they are released when it is dropped.
@@ -64,33 +80,220 @@ pub struct DigestLocks<'a> {
     _shared: Option<SharedLock>,
 }
 
-/// Pass `body` through unchanged while a blocking thread hashes it; the returned task
-/// yields the hasher once the stream has been consumed (or dropped).
-fn tee_hash(body: ByteStream, mut hasher: Hasher) -> (ByteStream, tokio::task::JoinHandle<Hasher>) {
-    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(HASH_QUEUE);
-    let task = tokio::task::spawn_blocking(move || {
-        while let Some(batch) = rx.blocking_recv() {
-            batch.iter().for_each(|chunk| hasher.update(chunk));
-        }
-        hasher
-    });
-    let stream = body
-        .ready_chunks(BATCH_CHUNKS)
-        .then(move |batch| {
-            let tx = tx.clone();
-            async move {
-                let chunks = batch
-                    .iter()
-                    .filter_map(|c| c.as_ref().ok())
-                    .cloned()
-                    .collect();
-                // The hashing thread only stops when this stream is dropped.
-                let _ = tx.send(chunks).await;
-                futures::stream::iter(batch)
-            }
+/// Idle block buffers, reused so that gathering a body touches memory that is already
+/// mapped. At most [`POOLED_BLOCKS`] are kept; a block taken from an empty pool is a new
+/// allocation, so the pool never makes an upload wait.
+#[derive(Clone, Default)]
+pub(crate) struct BlockPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl BlockPool {
+    fn take(&self) -> Vec<u8> {
+        let idle = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        idle.unwrap_or_else(|| Vec::with_capacity(BLOCK))
+    }
+
+    /// `buf` as bytes that go back to the pool once every clone is dropped.
+    fn freeze(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
         })
-        .flatten();
-    (Box::pin(stream), task)
+    }
+}
+
+/// A block's buffer, lent out as [`Bytes`]; dropping it returns the buffer.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: BlockPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut idle = self.pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < POOLED_BLOCKS && buf.capacity() >= BLOCK {
+            idle.push(buf);
+        }
+    }
+}
+
+/// `body` regrouped into blocks of [`BLOCK`] bytes (the last one shorter). A block is
+/// passed on when full, at the end of the body, or when the body has had nothing more
+/// ready for [`FLUSH_AFTER`]. A frame of a whole block or more that arrives between
+/// blocks is passed on as it is, without a copy. An error is passed on at once (the
+/// bytes gathered before it are dropped: an append that fails keeps nothing).
+struct Blocks {
+    body: ByteStream,
+    pool: BlockPool,
+    /// The block being filled (empty, without memory, between blocks).
+    block: Vec<u8>,
+    /// The rest of a frame that did not fit in the previous block.
+    rest: Bytes,
+    /// Started when the body first had nothing ready with a partly filled block.
+    flush: Option<Pin<Box<tokio::time::Sleep>>>,
+    flush_armed: bool,
+    ended: bool,
+}
+
+impl Blocks {
+    fn new(body: ByteStream, pool: BlockPool) -> Blocks {
+        Blocks {
+            body,
+            pool,
+            block: Vec::new(),
+            rest: Bytes::new(),
+            flush: None,
+            flush_armed: false,
+            ended: false,
+        }
+    }
+
+    /// Copy as much of `bytes` as fits into the current block; what does not fit stays
+    /// in `rest`.
+    fn fill(&mut self, mut bytes: Bytes) {
+        if self.block.capacity() == 0 {
+            self.block = self.pool.take();
+        }
+        let room = BLOCK.saturating_sub(self.block.len());
+        if bytes.len() > room {
+            self.rest = bytes.split_off(room);
+        }
+        self.block.extend_from_slice(&bytes);
+    }
+
+    /// Pass the current block on.
+    fn emit(&mut self) -> Bytes {
+        self.flush_armed = false;
+        let block = std::mem::take(&mut self.block);
+        self.pool.freeze(block)
+    }
+}
+
+impl Stream for Blocks {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if !this.rest.is_empty() {
+                let rest = std::mem::take(&mut this.rest);
+                this.fill(rest);
+            }
+            if this.block.len() >= BLOCK {
+                return Poll::Ready(Some(Ok(this.emit())));
+            }
+            if this.ended {
+                if this.block.is_empty() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Ok(this.emit())));
+            }
+            match this.body.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(frame))) if frame.is_empty() => {}
+                Poll::Ready(Some(Ok(frame))) if this.block.is_empty() && frame.len() >= BLOCK => {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Ok(frame))) => this.fill(frame),
+                Poll::Ready(Some(Err(e))) => {
+                    this.block.clear();
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending if this.block.is_empty() => return Poll::Pending,
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + FLUSH_AFTER;
+                    let flush = this
+                        .flush
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if !this.flush_armed {
+                        flush.as_mut().reset(deadline);
+                        this.flush_armed = true;
+                    }
+                    if flush.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Ok(this.emit())));
+                }
+            }
+        }
+    }
+}
+
+/// The hash of the bytes appended to an upload so far, possibly still being computed on
+/// its thread. An append returns once its bytes are written, without waiting for their
+/// hashing to catch up: the next append's hashing continues from this one, and a commit
+/// waits for it before comparing digests, so nothing is ever committed unverified.
+pub struct PendingHash(Pending);
+
+enum Pending {
+    Ready(Box<Hasher>),
+    /// The hashing thread sends the hasher when it has seen every byte; it drops the
+    /// sender without sending if hashing could not finish.
+    Running(oneshot::Receiver<Hasher>),
+}
+
+impl From<Hasher> for PendingHash {
+    fn from(hasher: Hasher) -> PendingHash {
+        PendingHash(Pending::Ready(Box::new(hasher)))
+    }
+}
+
+impl PendingHash {
+    /// The hasher, once it has seen every byte appended.
+    pub async fn resolve(self) -> Result<Hasher> {
+        match self.0 {
+            Pending::Ready(hasher) => Ok(*hasher),
+            Pending::Running(rx) => rx.await.map_err(|_| hashing_failed()),
+        }
+    }
+
+    /// [`resolve`](Self::resolve), on a blocking thread.
+    fn resolve_blocking(self) -> Option<Hasher> {
+        match self.0 {
+            Pending::Ready(hasher) => Some(*hasher),
+            Pending::Running(rx) => rx.blocking_recv().ok(),
+        }
+    }
+}
+
+fn hashing_failed() -> Error {
+    Error::Task("the hashing thread stopped before the end of the upload".into())
+}
+
+/// Pass `body` through unchanged while a blocking thread hashes it, continuing from
+/// `start` (once that has caught up); the returned hash is complete once the stream has
+/// been consumed (or dropped) and the thread has hashed what was queued.
+fn tee_hash(body: ByteStream, start: PendingHash) -> (ByteStream, PendingHash) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(HASH_QUEUE);
+    let (done, hashed) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        // On failure `done` is dropped unsent, which fails the hash's resolution.
+        let Some(mut hasher) = start.resolve_blocking() else {
+            return;
+        };
+        while let Some(block) = rx.blocking_recv() {
+            hasher.update(&block);
+        }
+        let _ = done.send(hasher);
+    });
+    let stream = body.then(move |item| {
+        let tx = tx.clone();
+        async move {
+            if let Ok(block) = &item {
+                // Fails only once the hashing thread has failed, which its result reports.
+                let _ = tx.send(block.clone()).await;
+            }
+            item
+        }
+    });
+    (Box::pin(stream), PendingHash(Pending::Running(hashed)))
 }
 
 impl BlobStore {
@@ -103,6 +306,7 @@ impl BlobStore {
             backend,
             locks,
             meta,
+            pool: BlockPool::default(),
         }
     }
 
@@ -180,31 +384,34 @@ impl BlobStore {
     }
 
     /// Append `body` at `offset`, hashing it into `hasher`; returns the new length and
-    /// the updated hasher. On error the staging area is unchanged and the hasher lost.
+    /// the hash continued over the appended bytes, which may still be catching up with
+    /// them (hashing is not on the way of the answer to a chunk). On error the staging
+    /// area is unchanged and the hash lost.
     pub async fn append(
         &self,
         id: &UploadId,
         offset: u64,
         body: ByteStream,
-        hasher: Hasher,
-    ) -> Result<(u64, Hasher)> {
-        let (body, hashing) = tee_hash(body, hasher);
+        hasher: impl Into<PendingHash>,
+    ) -> Result<(u64, PendingHash)> {
+        let body = Box::pin(Blocks::new(body, self.pool.clone()));
+        let (body, hashed) = tee_hash(body, hasher.into());
         let len = self.backend.append(id, offset, body).await?;
-        Ok((len, hashing.await?))
+        Ok((len, hashed))
     }
 
     /// Hash a staging area from its first byte (hash state is lost on restart).
-    pub async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<(u64, Hasher)> {
-        let (mut stream, hashing) = tee_hash(
+    pub async fn rehash(&self, id: &UploadId, algorithm: Algorithm) -> Result<(u64, PendingHash)> {
+        let (mut stream, hashed) = tee_hash(
             self.backend.read_staged(id, 0).await?,
-            Hasher::new(algorithm),
+            Hasher::new(algorithm).into(),
         );
         let mut len = 0u64;
         while let Some(chunk) = stream.next().await {
             len += chunk?.len() as u64;
         }
         drop(stream);
-        Ok((len, hashing.await?))
+        Ok((len, hashed))
     }
 
     /// Verify the staged content's hash against `expected` and make it visible under
@@ -214,9 +421,9 @@ impl BlobStore {
         &self,
         id: &UploadId,
         expected: &Digest,
-        hasher: Hasher,
+        hasher: impl Into<PendingHash>,
     ) -> Result<DigestLocks<'_>> {
-        let actual = hasher.finish();
+        let actual = hasher.into().resolve().await?.finish();
         if actual != *expected {
             self.backend.discard(id).await?;
             return Err(Error::DigestMismatch {
@@ -234,9 +441,9 @@ impl BlobStore {
     pub async fn commit_as_hashed(
         &self,
         id: &UploadId,
-        hasher: Hasher,
+        hasher: impl Into<PendingHash>,
     ) -> Result<(Digest, DigestLocks<'_>)> {
-        let digest = hasher.finish();
+        let digest = hasher.into().resolve().await?.finish();
         let locked = self.lock_digests(std::slice::from_ref(&digest)).await?;
         self.backend.commit(id, &digest).await?;
         Ok((digest, locked))
@@ -255,5 +462,119 @@ impl BlobStore {
     /// Remove a committed blob.
     pub async fn delete(&self, digest: &Digest) -> Result<()> {
         self.backend.delete(digest).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(sizes: &[usize]) -> (Vec<u8>, ByteStream) {
+        let mut all = Vec::new();
+        let mut chunks = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let chunk: Vec<u8> = (0..size).map(|j| (i * 31 + j) as u8).collect();
+            all.extend_from_slice(&chunk);
+            chunks.push(Ok(Bytes::from(chunk)));
+        }
+        (all, Box::pin(futures::stream::iter(chunks)))
+    }
+
+    async fn collect(stream: impl Stream<Item = std::io::Result<Bytes>>) -> Vec<Bytes> {
+        stream.map(|b| b.unwrap()).collect().await
+    }
+
+    #[tokio::test]
+    async fn small_frames_are_gathered_into_full_blocks_and_no_byte_is_lost() {
+        let sizes: Vec<usize> = (0..3 * BLOCK / 1000 + 7).map(|i| 900 + i % 200).collect();
+        let (all, body) = frames(&sizes);
+        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
+        let (last, full) = blocks.split_last().unwrap();
+        assert!(full.iter().all(|b| b.len() == BLOCK));
+        assert!(!last.is_empty() && last.len() <= BLOCK);
+        assert_eq!(blocks.concat(), all);
+    }
+
+    #[tokio::test]
+    async fn a_frame_of_a_whole_block_between_blocks_is_passed_on_without_a_copy() {
+        let big = Bytes::from(vec![7u8; 2 * BLOCK + 3]);
+        let body: ByteStream = Box::pin(futures::stream::iter([Ok(big.clone())]));
+        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].as_ptr(), big.as_ptr());
+
+        // After a partial block, the same frame is split to fill it instead.
+        let (all, body) = frames(&[10, 2 * BLOCK]);
+        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
+        let lens: Vec<usize> = blocks.iter().map(Bytes::len).collect();
+        assert_eq!(lens, [BLOCK, BLOCK, 10]);
+        assert_eq!(blocks.concat(), all);
+    }
+
+    #[tokio::test]
+    async fn a_partial_block_is_passed_on_when_the_body_has_nothing_more_for_a_while() {
+        let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(1);
+        let body: ByteStream = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        }));
+        let mut blocks = Blocks::new(body, BlockPool::default());
+        tx.send(Ok(Bytes::from_static(b"early bytes")))
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), blocks.next()).await;
+        assert_eq!(
+            first.unwrap().unwrap().unwrap(),
+            Bytes::from_static(b"early bytes")
+        );
+        drop(tx);
+        assert!(blocks.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_is_passed_on_at_once() {
+        let body: ByteStream = Box::pin(futures::stream::iter([
+            Ok(Bytes::from_static(b"some bytes")),
+            Err(std::io::Error::other("reset")),
+            Ok(Bytes::from_static(b"never")),
+        ]));
+        let mut blocks = Blocks::new(body, BlockPool::default());
+        assert!(blocks.next().await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn block_memory_goes_back_to_the_pool_once_every_clone_is_dropped() {
+        let pool = BlockPool::default();
+        let (_, body) = frames(&[BLOCK / 2, BLOCK / 2, 100]);
+        let blocks = collect(Blocks::new(body, pool.clone())).await;
+        let kept = blocks[0].clone();
+        drop(blocks);
+        assert_eq!(pool.0.lock().unwrap().len(), 1, "one block still lent");
+        drop(kept);
+        assert_eq!(pool.0.lock().unwrap().len(), 2);
+        let reused = pool.take();
+        assert!(reused.is_empty() && reused.capacity() >= BLOCK);
+    }
+
+    #[tokio::test]
+    async fn hashing_continues_from_one_append_to_the_next() {
+        let (first, body) = frames(&[1000, BLOCK, 5]);
+        let (stream, pending) = tee_hash(body, Hasher::new(Algorithm::Sha256).into());
+        collect(stream).await;
+        let (second, body) = frames(&[BLOCK + 1, 17]);
+        let (stream, pending) = tee_hash(body, pending);
+        collect(stream).await;
+        let digest = pending.resolve().await.unwrap().finish();
+        assert_eq!(digest, Digest::sha256_of(&[first, second].concat()));
+    }
+
+    #[tokio::test]
+    async fn a_hash_whose_thread_stopped_never_resolves_nor_does_what_follows_it() {
+        let (done, hashed) = oneshot::channel::<Hasher>();
+        drop(done);
+        let broken = PendingHash(Pending::Running(hashed));
+        let (_, body) = frames(&[10]);
+        let (stream, pending) = tee_hash(body, broken);
+        collect(stream).await;
+        assert!(matches!(pending.resolve().await, Err(Error::Task(_))));
     }
 }
