@@ -138,7 +138,6 @@ struct Blocks {
     rest: Bytes,
     /// Started when the body first had nothing ready with a partly filled block.
     flush: Option<Pin<Box<tokio::time::Sleep>>>,
-    flush_armed: bool,
     ended: bool,
 }
 
@@ -150,7 +149,6 @@ impl Blocks {
             block: Vec::new(),
             rest: Bytes::new(),
             flush: None,
-            flush_armed: false,
             ended: false,
         }
     }
@@ -170,7 +168,7 @@ impl Blocks {
 
     /// Pass the current block on.
     fn emit(&mut self) -> Bytes {
-        self.flush_armed = false;
+        self.flush = None;
         let block = std::mem::take(&mut self.block);
         self.pool.freeze(block)
     }
@@ -208,14 +206,9 @@ impl Stream for Blocks {
                 Poll::Ready(None) => this.ended = true,
                 Poll::Pending if this.block.is_empty() => return Poll::Pending,
                 Poll::Pending => {
-                    let deadline = tokio::time::Instant::now() + FLUSH_AFTER;
                     let flush = this
                         .flush
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    if !this.flush_armed {
-                        flush.as_mut().reset(deadline);
-                        this.flush_armed = true;
-                    }
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(FLUSH_AFTER)));
                     if flush.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
