@@ -331,6 +331,21 @@ impl SqliteMeta {
         .await?
     }
 
+    /// A read of a few rows by key (an index lookup of microseconds): run at once on the
+    /// calling thread when a reader connection is free, which spares the request two
+    /// thread hand-offs; else queued like any [`read`](Self::read). Scans use `read`.
+    async fn lookup<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let f = match self.readers.iter().find_map(|m| m.try_lock().ok()) {
+            Some(conn) => return f(&conn).map_err(Error::from),
+            None => f,
+        };
+        self.read(f).await
+    }
+
     /// Run `f` on the writer thread; it returns once `f`'s changes are durable.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
@@ -363,7 +378,7 @@ impl MetaStore for SqliteMeta {
 
     async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
-        self.read(move |c| {
+        self.lookup(move |c| {
             c.prepare_cached(&format!(
                 "SELECT b.size FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
                  WHERE rb.repo_id = {REPO_ID} AND rb.digest = ?2"
@@ -377,7 +392,7 @@ impl MetaStore for SqliteMeta {
 
     async fn known_blob(&self, digest: &Digest) -> Result<Option<u64>> {
         let digest = digest.to_string();
-        self.read(move |c| {
+        self.lookup(move |c| {
             c.prepare_cached(
                 "SELECT b.size FROM blobs b WHERE b.digest = ?1
                  AND EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)",
@@ -499,7 +514,7 @@ impl MetaStore for SqliteMeta {
             Reference::Tag(t) => (true, t.to_string()),
             Reference::Digest(d) => (false, d.to_string()),
         };
-        self.read(move |c| {
+        self.lookup(move |c| {
             let sql = if by_tag {
                 format!(
                     "SELECT m.digest, m.media_type, m.content, m.cache FROM tags t
@@ -645,7 +660,7 @@ impl MetaStore for SqliteMeta {
     async fn upload_repo(&self, id: &UploadId) -> Result<Option<RepoName>> {
         let id = id.to_string();
         let name: Option<String> = self
-            .read(move |c| {
+            .lookup(move |c| {
                 c.prepare_cached(
                     "SELECT r.name FROM uploads u JOIN repos r ON r.id = u.repo_id WHERE u.id = ?1",
                 )?
@@ -751,7 +766,7 @@ impl MetaStore for SqliteMeta {
 
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
         let digest = digest.to_string();
-        self.read(move |c| {
+        self.lookup(move |c| {
             c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?
                 .query_row([digest], |r| r.get::<_, i64>(0))
                 .optional()
@@ -793,11 +808,11 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn entry(&self, id: i64) -> Result<Option<Entry>> {
-        self.read(move |c| entries::get(c, id)).await
+        self.lookup(move |c| entries::get(c, id)).await
     }
 
     async fn entry_by_key(&self, key: NewEntry) -> Result<Option<Entry>> {
-        self.read(move |c| entries::by_key(c, &key)).await
+        self.lookup(move |c| entries::by_key(c, &key)).await
     }
 
     async fn find_entry(&self, query: EntryQuery) -> Result<Option<Entry>> {
@@ -850,7 +865,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn entry_parts(&self, id: i64) -> Result<Vec<Part>> {
-        self.read(move |c| entries::parts(c, id)).await
+        self.lookup(move |c| entries::parts(c, id)).await
     }
 
     async fn delete_entry(&self, id: i64) -> Result<bool> {
