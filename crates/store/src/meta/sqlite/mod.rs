@@ -126,6 +126,10 @@ CREATE TABLE IF NOT EXISTS released_blobs (
 const READERS: usize = 4;
 /// Write-ahead log pages after which a commit copies the log into the database.
 const CHECKPOINT_PAGES: i64 = 256;
+/// How much of the database file each connection reads through a memory mapping.
+const MMAP_BYTES: i64 = 256 << 20;
+/// Each connection's page cache, in KiB.
+const CACHE_KIB: i64 = 16 << 10;
 /// Most writes folded into one transaction.
 const MAX_GROUP: usize = 256;
 /// Writes waiting for the writer thread.
@@ -225,6 +229,10 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
     // A large transaction (an eviction) grows the log; shrink it again once checkpointed.
     conn.pragma_update(None, "journal_size_limit", CHECKPOINT_PAGES * 4096)?;
+    // Pages read through a mapping and kept in a larger cache, instead of a `pread` copy
+    // per page: a lookup touches several index pages (the default cache is 2 MB).
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     Ok(conn)
 }
 
