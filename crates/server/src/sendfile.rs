@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use store::ByteRange;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -196,30 +198,41 @@ impl AsyncWrite for Connection {
 impl ZeroCopy {
     /// A body of `len` bytes of `file` from `offset`, sent by the kernel.
     pub fn body(&self, file: File, offset: u64, len: u64) -> Body {
+        self.files(futures::stream::once(async move {
+            Ok((file, ByteRange { start: offset, len }))
+        }))
+    }
+
+    /// A body of the given ranges of files, one after the other, sent by the kernel; an
+    /// error from `files` ends the response (and its connection) there.
+    pub fn files<S>(&self, files: S) -> Body
+    where
+        S: Stream<Item = io::Result<(File, ByteRange)>> + Send + 'static,
+    {
         let segments = Arc::clone(&self.segments);
-        let file = Arc::new(file);
-        let frames = futures::stream::unfold(0u64, move |sent| {
-            let segments = Arc::clone(&segments);
-            let file = Arc::clone(&file);
-            async move {
-                if sent >= len {
-                    return None;
-                }
-                let frame = usize::try_from(len - sent)
-                    .unwrap_or(PLACEHOLDER_LEN)
-                    .min(PLACEHOLDER_LEN);
-                segments
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_back(Segment {
-                        file,
-                        offset: offset + sent,
-                        len: frame,
-                    });
-                let placeholder = Bytes::from_static(placeholders().get(..frame)?);
-                Some((Ok::<_, io::Error>(placeholder), sent + frame as u64))
-            }
-        });
+        let frames = files
+            .map_ok(move |(file, range)| {
+                let segments = Arc::clone(&segments);
+                let file = Arc::new(file);
+                let end = range.start + range.len;
+                let starts = (range.start..end).step_by(PLACEHOLDER_LEN);
+                futures::stream::iter(starts).map(move |offset| {
+                    let frame = usize::try_from(end - offset)
+                        .unwrap_or(PLACEHOLDER_LEN)
+                        .min(PLACEHOLDER_LEN);
+                    segments
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_back(Segment {
+                            file: Arc::clone(&file),
+                            offset,
+                            len: frame,
+                        });
+                    let placeholder = placeholders().get(..frame).unwrap_or_default();
+                    Ok::<_, io::Error>(Bytes::from_static(placeholder))
+                })
+            })
+            .try_flatten();
         Body::from_stream(frames)
     }
 }
@@ -246,7 +259,8 @@ mod tests {
     }
 
     /// Serve one connection whose responses are `path`'s bytes from the `?from=&len=` of
-    /// each request, zero-copy, with a small send buffer so writes are partial.
+    /// each request (`&copies=N`: that many times), zero-copy, with a small send buffer
+    /// so writes are partial.
     async fn serve_file(path: std::path::PathBuf) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -256,21 +270,26 @@ mod tests {
             let (connection, zero_copy) = Connection::new(socket);
             let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
                 let query = request.uri().query().unwrap_or_default().to_owned();
-                let field = |name: &str| -> u64 {
-                    query
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix(name))
-                        .unwrap()
-                        .parse()
-                        .unwrap()
+                let field = |name: &str| -> Option<u64> {
+                    let value = query.split('&').find_map(|kv| kv.strip_prefix(name))?;
+                    Some(value.parse().unwrap())
                 };
-                let (from, len) = (field("from="), field("len="));
-                let file = File::open(&path).unwrap();
-                let body = zero_copy.body(file, from, len);
+                let (from, len) = (field("from=").unwrap(), field("len=").unwrap());
+                // One range of the file, or `copies` of it, each from its own handle.
+                let (body, length) = match field("copies=") {
+                    None => (zero_copy.body(File::open(&path).unwrap(), from, len), len),
+                    Some(copies) => {
+                        let range = ByteRange { start: from, len };
+                        let files = (0..copies)
+                            .map(|_| Ok((File::open(&path).unwrap(), range)))
+                            .collect::<Vec<_>>();
+                        (zero_copy.files(futures::stream::iter(files)), len * copies)
+                    }
+                };
                 async move {
                     Ok::<_, std::convert::Infallible>(
                         axum::http::Response::builder()
-                            .header("content-length", len)
+                            .header("content-length", length)
                             .body(body)
                             .unwrap(),
                     )
@@ -337,6 +356,38 @@ mod tests {
                 "bytes {from}..{} differ",
                 from + want
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn ranges_of_several_files_arrive_one_after_the_other() {
+        let len = PLACEHOLDER_LEN + 4_321;
+        let (file, content) = patterned(len);
+        let addr = serve_file(file.path().to_owned()).await;
+        let socket = TcpStream::connect(addr).await.unwrap();
+        let (read, mut write) = socket.into_split();
+        let mut read = BufReader::new(read);
+        // Three files' ranges, each across a frame boundary, then an empty range.
+        for (from, want, copies) in [(PLACEHOLDER_LEN - 99, 1_000, 3), (5, 0, 2)] {
+            write
+                .write_all(
+                    format!(
+                        "GET /?from={from}&len={want}&copies={copies} HTTP/1.1\r\nhost: x\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let mut line = String::new();
+            while line != "\r\n" {
+                line.clear();
+                read.read_line(&mut line).await.unwrap();
+            }
+            let mut body = vec![0u8; want * copies];
+            read.read_exact(&mut body).await.unwrap();
+            for copy in body.chunks(want.max(1)) {
+                assert!(*copy == content[from..from + want], "a copy differs");
+            }
         }
     }
 

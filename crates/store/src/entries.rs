@@ -4,7 +4,7 @@
 //! parallel, and assembling an entry copies nothing. Entries count against the same
 //! quota and are evicted least recently restored first.
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
 
 use crate::blob::{BlobStore, ByteRange, ByteStream};
@@ -23,13 +23,12 @@ pub struct EntryRead {
 }
 
 impl EntryRead {
-    /// Stream the whole entry, or `range` of it (which must lie inside it).
-    pub fn stream(self, range: Option<ByteRange>) -> ByteStream {
+    /// The parts covering the whole entry, or `range` of it, each with the range of its
+    /// blob that falls inside.
+    fn pieces(&self, range: Option<ByteRange>) -> Vec<(Digest, ByteRange)> {
         let (start, end) = range.map_or((0, self.size), |r| (r.start, r.start + r.len));
-        let blobs = self.blobs;
-        let pieces: Vec<(Digest, ByteRange)> = self
-            .parts
-            .into_iter()
+        self.parts
+            .iter()
             .filter(|p| p.start < end && p.start + p.len > start)
             .map(|p| {
                 let from = start.max(p.start) - p.start;
@@ -38,10 +37,15 @@ impl EntryRead {
                     start: from,
                     len: to - from,
                 };
-                (p.digest, range)
+                (p.digest.clone(), range)
             })
-            .collect();
-        let stream = futures::stream::iter(pieces)
+            .collect()
+    }
+
+    /// Stream the whole entry, or `range` of it (which must lie inside it).
+    pub fn stream(self, range: Option<ByteRange>) -> ByteStream {
+        let blobs = self.blobs.clone();
+        let stream = futures::stream::iter(self.pieces(range))
             .then(move |(digest, range)| {
                 let blobs = blobs.clone();
                 async move {
@@ -49,12 +53,43 @@ impl EntryRead {
                         .read(&digest, Some(range))
                         .await
                         .map_err(std::io::Error::other)?
-                        .ok_or_else(|| std::io::Error::other(format!("part {digest} is gone")))
+                        .ok_or_else(|| gone(&digest))
                 }
             })
             .try_flatten();
         Box::pin(stream)
     }
+
+    /// The whole entry, or `range` of it, as its parts' files, each opened when the
+    /// stream reaches it, with the range of it to send; `None` when blobs are not local
+    /// files.
+    pub fn files(
+        &self,
+        range: Option<ByteRange>,
+    ) -> Option<impl Stream<Item = std::io::Result<(std::fs::File, ByteRange)>> + Send + 'static>
+    {
+        let pieces = self
+            .pieces(range)
+            .into_iter()
+            .map(|(digest, range)| Some((self.blobs.file_path(&digest)?, digest, range)))
+            .collect::<Option<Vec<_>>>()?;
+        let files = futures::stream::iter(pieces).then(|(path, digest, range)| async move {
+            let file = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => gone(&digest),
+                    _ => e,
+                })?;
+            Ok((file, range))
+        });
+        Some(files)
+    }
+}
+
+/// The error of a part whose blob is no longer stored.
+fn gone(digest: &Digest) -> std::io::Error {
+    std::io::Error::other(format!("part {digest} is gone"))
 }
 
 impl Store {

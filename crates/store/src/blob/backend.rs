@@ -47,10 +47,10 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn redirect(&self, _digest: &Digest) -> Result<Option<String>> {
         Ok(None)
     }
-    /// The committed blob as an open local file, when the medium keeps blobs in files
-    /// (so the server can have the kernel send it); `None` otherwise or when absent.
-    async fn local_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>> {
-        Ok(None)
+    /// Where the committed blob's file is, when the medium keeps blobs in local files
+    /// (so the server can have the kernel send it); `None` for other media.
+    fn file_path(&self, _digest: &Digest) -> Option<std::path::PathBuf> {
+        None
     }
 }
 

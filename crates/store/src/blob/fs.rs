@@ -180,9 +180,8 @@ impl BlobBackend for FsBackend {
         Ok(Some(Box::pin(windows)))
     }
 
-    async fn local_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
-        let path = self.blob_path(digest);
-        not_found_as_none(tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?)
+    fn file_path(&self, digest: &Digest) -> Option<PathBuf> {
+        Some(self.blob_path(digest))
     }
 
     async fn create_staged(&self, id: &UploadId) -> Result<()> {

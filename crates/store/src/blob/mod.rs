@@ -361,9 +361,22 @@ impl BlobStore {
         self.backend.redirect(digest).await
     }
 
-    /// The committed blob as an open local file, when the backend keeps files.
+    /// Where the committed blob's file is, when the backend keeps local files.
+    pub fn file_path(&self, digest: &Digest) -> Option<std::path::PathBuf> {
+        self.backend.file_path(digest)
+    }
+
+    /// The committed blob as an open local file, when the backend keeps files; `None`
+    /// otherwise or when absent.
     pub async fn local_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
-        self.backend.local_file(digest).await
+        let Some(path) = self.file_path(digest) else {
+            return Ok(None);
+        };
+        match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await? {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Create an empty staging area for `id`.
