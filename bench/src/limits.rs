@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::payload::Base;
 use crate::registry;
+use crate::servers::Cpu;
 use crate::report::{Limits, Summary};
 
 /// Bytes per MB in every throughput figure (decimal megabytes).
@@ -81,6 +82,26 @@ pub async fn disk_write_fsync_overlapped(dir: &Path, slices: &[Bytes]) -> Result
         drop(file);
         std::fs::remove_file(&path)?;
         rate
+    })
+    .await?
+}
+
+/// CPU seconds per GiB the kernel spends putting `slices` into the page cache (a new
+/// file, no fsync), on the writing thread. The cost of a page the file needs first is
+/// part of it: where the hypervisor backs guest memory lazily and takes free pages back
+/// (a balloon with free page reporting), a page fresh to the guest costs several times
+/// the copy, and every server writing blobs through the page cache pays it per byte.
+pub async fn page_cache_write_cpu(dir: &Path, slices: &[Bytes]) -> Result<f64> {
+    let path = dir.join("limits-page-cache-write.bin");
+    let slices = slices.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::create(&path)?;
+        let before = Cpu::of("thread-self", false)?;
+        let total = write_slices(&mut file, &slices)?;
+        let spent = Cpu::of("thread-self", false)?.since(before).total();
+        drop(file);
+        std::fs::remove_file(&path)?;
+        Ok(spent * f64::from(1u32 << 30) / total.max(1) as f64)
     })
     .await?
 }
@@ -250,9 +271,12 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
     let client = registry::http_client()?;
     let (mut sha, mut read, mut write, mut overlapped, mut tcp, mut get, mut put) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut page_cache_cpu = vec![];
     for round in 0..rounds {
         eprintln!("bench: machine limits, round {}", round + 1);
         sha.push(sha256_one_core(gib).await?);
+        crate::settle();
+        page_cache_cpu.push(page_cache_write_cpu(dir, gib).await?);
         crate::settle();
         write.push(disk_write_fsync(dir, gib).await?);
         crate::settle();
@@ -265,6 +289,7 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
     Ok(Limits {
         sha256_one_core: Summary::of(&sha),
         page_cache_read: Summary::of(&read),
+        page_cache_write_cpu: Summary::of(&page_cache_cpu),
         disk_write_fsync: Summary::of(&write),
         disk_write_fsync_overlapped: Summary::of(&overlapped),
         loopback_tcp: Summary::of(&tcp),

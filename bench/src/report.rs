@@ -58,6 +58,8 @@ pub struct Limits {
     pub sha256_one_core: Option<Summary>,
     /// Second read of a 1 GiB file (page cache).
     pub page_cache_read: Option<Summary>,
+    /// Kernel and user CPU seconds per GiB written into the page cache (a new file).
+    pub page_cache_write_cpu: Option<Summary>,
     /// Write, then fsync, of 1 GiB on the servers' disk.
     pub disk_write_fsync: Option<Summary>,
     /// Write of 1 GiB with fdatasync overlapping it, then fsync, on the servers' disk.
@@ -795,6 +797,11 @@ pub fn limits_table(limits: &Limits) -> String {
     let rows = [
         ("SHA-256, one core", &limits.sha256_one_core, "MB/s"),
         ("page-cache read", &limits.page_cache_read, "MB/s"),
+        (
+            "page-cache write, new file",
+            &limits.page_cache_write_cpu,
+            "CPU-s/GiB",
+        ),
         ("disk write, then fsync", &limits.disk_write_fsync, "MB/s"),
         (
             "disk write, fdatasync overlapped",
