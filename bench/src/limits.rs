@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::payload::Base;
 use crate::registry;
-use crate::servers::Cpu;
 use crate::report::{Limits, Summary};
+use crate::servers::Cpu;
 
 /// Bytes per MB in every throughput figure (decimal megabytes).
 pub const MB: f64 = 1e6;
