@@ -2191,14 +2191,18 @@ impl Harness {
                     assert!(
                         again.evicted.is_empty() || aged_out,
                         "{}: over the quota ({} > {}) and a second pass (at {}; the first at \
-                         {}, keeping {} roots in use) still evicted {:?}",
+                         {}, keeping {} roots in use) still evicted {:?}; the metadata took \
+                         {} bytes when the first pass started, {} when it ended, {} now",
                         self.ctx("pass"),
                         usage.total,
                         quota.high,
                         again.started_at,
                         first.started_at,
                         first.kept_in_use,
-                        again.evicted
+                        again.evicted,
+                        first.usage_before.metadata_bytes,
+                        first.usage_after.metadata_bytes,
+                        usage.metadata_bytes,
                     );
                     bump(&AGED_OUT, u64::from(!again.evicted.is_empty()));
                 }
