@@ -35,6 +35,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::limits::GIB;
 use crate::payload::{Base, Blob};
 use crate::registry::{OCI_MANIFEST, Registry};
 use crate::report::{self, Samples, Summary};
@@ -331,9 +332,6 @@ struct Image {
     config: Blob,
     manifest: Bytes,
 }
-
-/// One gibibyte, for the figures.
-const GIB: f64 = (1u64 << 30) as f64;
 
 /// Every round: the small and the large fill evicted alone (distribution's reference on
 /// the first round's), then the push and pull beside a pass. Figures go to `samples`.

@@ -17,6 +17,8 @@ use crate::servers::Cpu;
 
 /// Bytes per MB in every throughput figure (decimal megabytes).
 pub const MB: f64 = 1e6;
+/// Bytes per GiB, for the CPU-seconds-per-GiB figures.
+pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// One core's SHA-256 throughput over `slices`, in MB/s.
 pub async fn sha256_one_core(slices: &[Bytes]) -> Result<f64> {
@@ -101,7 +103,7 @@ pub async fn page_cache_write_cpu(dir: &Path, slices: &[Bytes]) -> Result<f64> {
         let spent = Cpu::of("thread-self", false)?.since(before).total();
         drop(file);
         std::fs::remove_file(&path)?;
-        Ok(spent * f64::from(1u32 << 30) / total.max(1) as f64)
+        Ok(spent * GIB / total.max(1) as f64)
     })
     .await?
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::limits::MB;
+use crate::limits::{GIB, MB};
 use crate::servers::Kind;
 use crate::workloads::Shape;
 
@@ -104,7 +104,7 @@ impl Limits {
     /// SHA-256 (the socket read not counted).
     pub fn push_cpu(&self) -> Option<f64> {
         let sha = Self::median(&self.sha256_one_core)?;
-        Some(Self::median(&self.page_cache_write_cpu)? + f64::from(1u32 << 30) / MB / sha)
+        Some(Self::median(&self.page_cache_write_cpu)? + GIB / MB / sha)
     }
 
     /// The push limit: the slower of hashing on one core and writing durably.

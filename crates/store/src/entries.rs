@@ -7,7 +7,7 @@
 use futures::{Stream, StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
 
-use crate::blob::{BlobStore, ByteRange, ByteStream};
+use crate::blob::{BlobStore, ByteRange, ByteStream, open_committed};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
 use crate::{Error, Result, Store, UploadId, limited, too_large};
@@ -74,13 +74,10 @@ impl EntryRead {
             .map(|(digest, range)| Some((self.blobs.file_path(&digest)?, digest, range)))
             .collect::<Option<Vec<_>>>()?;
         let files = futures::stream::iter(pieces).then(|(path, digest, range)| async move {
-            let file = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+            let file = open_committed(path)
                 .await
                 .map_err(std::io::Error::other)?
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => gone(&digest),
-                    _ => e,
-                })?;
+                .ok_or_else(|| gone(&digest))?;
             Ok((file, range))
         });
         Some(files)

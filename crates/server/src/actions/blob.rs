@@ -247,7 +247,9 @@ async fn get_blob(state: &AppState, id: i64, parts: &Parts, session: Option<Stri
             &scope,
             Outcome::EntryServed { bytes: len },
         );
-        let files = (parts.extensions.get::<ZeroCopy>())
+        let files = parts
+            .extensions
+            .get::<ZeroCopy>()
             .and_then(|zero_copy| Some((zero_copy, read.files(range)?)));
         Response::new(match files {
             Some((zero_copy, files)) => zero_copy.files(files),

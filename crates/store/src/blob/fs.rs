@@ -73,6 +73,11 @@ fn not_found_as_none<T>(result: io::Result<T>) -> Result<Option<T>> {
     }
 }
 
+/// Open the committed blob file at `path`; `None` when it is not there.
+pub(crate) async fn open_committed(path: PathBuf) -> Result<Option<std::fs::File>> {
+    not_found_as_none(tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?)
+}
+
 /// The windows `[next, end)` of a committed blob, each mapped when it is polled.
 struct MappedWindows {
     file: std::sync::Arc<std::fs::File>,

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{BlobBackend, Staged};
 pub use fs::FsBackend;
+pub(crate) use fs::open_committed;
 pub use s3::S3Backend;
 
 use crate::meta::{MetaStore, SharedLock};
@@ -369,13 +370,9 @@ impl BlobStore {
     /// The committed blob as an open local file, when the backend keeps files; `None`
     /// otherwise or when absent.
     pub async fn local_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
-        let Some(path) = self.file_path(digest) else {
-            return Ok(None);
-        };
-        match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await? {
-            Ok(file) => Ok(Some(file)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+        match self.file_path(digest) {
+            Some(path) => open_committed(path).await,
+            None => Ok(None),
         }
     }
 
