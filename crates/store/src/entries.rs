@@ -7,7 +7,7 @@
 use futures::{Stream, StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
 
-use crate::blob::{BlobStore, ByteRange, ByteStream, Reread, open_committed};
+use crate::blob::{BlobStore, ByteRange, ByteStream, open_committed};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
 use crate::{Error, Result, Store, UploadId, limited, too_large};
@@ -144,13 +144,7 @@ impl Store {
             let (len, hasher) = self
                 .0
                 .blobs
-                .append(
-                    &id,
-                    0,
-                    limited(body, limit),
-                    Hasher::new(Algorithm::Sha256),
-                    Reread::Later,
-                )
+                .append(&id, 0, limited(body, limit), Hasher::new(Algorithm::Sha256))
                 .await
                 .map_err(|e| too_large(e, Error::EntryTooLarge { limit }))?;
             if let Some(declared) = expected.filter(|&d| d != len) {

@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use oci::{Digest, Hasher, RepoName};
 use tokio::sync::watch;
 
-use crate::blob::{BlobStore, ByteRange, ByteStream, Reread};
+use crate::blob::{BlobStore, ByteRange, ByteStream};
 use crate::error::{Missing, SourceFailure};
 use crate::registry::Store;
 use crate::upload::UploadId;
@@ -134,7 +134,7 @@ impl Store {
         let written = self
             .0
             .blobs
-            .append(&id, 0, body, Hasher::new(digest.algorithm()), Reread::Soon)
+            .append(&id, 0, body, Hasher::new(digest.algorithm()))
             .await;
         let committed = match written {
             Ok((len, _)) if size.is_some_and(|s| s != len) => Err(Error::Source {

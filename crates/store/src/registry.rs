@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use oci::{Algorithm, CacheRecords, Digest, Hasher, Manifest, Reference, RepoName};
 
-use crate::blob::{BlobBackend, BlobStore, ByteRange, ByteStream, FsBackend, Reread};
+use crate::blob::{BlobBackend, BlobStore, ByteRange, ByteStream, FsBackend};
 use crate::config::{Blobs, Config, Meta, Size};
 use crate::error::Missing;
 use crate::evict::{Evictor, Trigger};
@@ -305,7 +305,6 @@ impl Store {
                     0,
                     self.blob_limit(body, 0),
                     Hasher::new(digest.algorithm()),
-                    Reread::Soon,
                 )
                 .await
                 .map_err(|e| self.blob_too_large(e))?;
@@ -412,13 +411,7 @@ impl Store {
         let appended = self
             .0
             .blobs
-            .append(
-                id,
-                state.len,
-                self.blob_limit(body, len),
-                state.hasher,
-                Reread::Soon,
-            )
+            .append(id, state.len, self.blob_limit(body, len), state.hasher)
             .await
             .map_err(|e| self.blob_too_large(e));
         let (len, hasher) = self.account(appended, |_| 0)?;

@@ -1,8 +1,7 @@
 //! The `BlobBackend` contract, and `BlobStore`'s verification on top of it, run on every
 //! blob backend: the local filesystem and an S3-compatible bucket (a real Garage node,
 //! each test under its own key prefix). Every test written as `async fn name(f: Fixture)`
-//! becomes `fs::name`, `fs_direct::name` (appends written straight to the disk) and
-//! `s3::name`, so a failure names its backend. The S3 tests skip
+//! becomes `fs::name` and `s3::name`, so a failure names its backend. The S3 tests skip
 //! (with a note) where Garage is not installed, unless `REQUIRE_REAL_CLIENTS=1`.
 //!
 //! The tests at the end are about S3 alone: an outage and the recovery from it,
@@ -23,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use oci::{Algorithm, Digest, Hasher};
-use store::blob::{BlobBackend, FsBackend, Reread, S3Backend};
+use store::blob::{BlobBackend, FsBackend, S3Backend};
 use store::config::S3;
 use store::error::Missing;
 use store::meta::SqliteMeta;
@@ -40,25 +39,17 @@ struct Fixture {
     backend: Arc<dyn BlobBackend>,
     /// The S3 configuration, `None` on the filesystem.
     s3: Option<S3>,
-    /// The hint every append of the test passes.
-    reread: Reread,
     dir: tempfile::TempDir,
 }
 
 impl Fixture {
-    /// The filesystem backend, its appends hinted `reread` (which chooses between
-    /// writes through the page cache and direct writes).
-    fn fs(reread: Reread) -> Fixture {
+    fn fs() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let backend = FsBackend::open(&dir.path().join("data")).unwrap();
         Fixture {
-            name: match reread {
-                Reread::Soon => "filesystem",
-                Reread::Later => "filesystem, direct writes",
-            },
+            name: "filesystem",
             backend: Arc::new(backend),
             s3: None,
-            reread,
             dir,
         }
     }
@@ -80,7 +71,6 @@ impl Fixture {
             name: "S3",
             backend: Arc::new(backend),
             s3: Some(config),
-            reread: Reread::Soon,
             dir,
         }
     }
@@ -135,23 +125,14 @@ fn garage_installed() -> bool {
     false
 }
 
-/// Turn each `async fn name(f: Fixture)` into the tests `fs::name`, `fs_direct::name`
-/// and `s3::name`.
+/// Turn each `async fn name(f: Fixture)` into the tests `fs::name` and `s3::name`.
 macro_rules! on_each_backend {
     ($($name:ident),* $(,)?) => {
         mod fs {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Fixture::fs(super::Reread::Soon)).await
-                }
-            )*
-        }
-        mod fs_direct {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Fixture::fs(super::Reread::Later)).await
+                    super::$name(super::Fixture::fs()).await
                 }
             )*
         }
@@ -281,7 +262,7 @@ async fn put(backend: &dyn BlobBackend, content: &[u8], pieces: usize) -> Digest
     let mut offset = 0u64;
     for piece in content.chunks(content.len().div_ceil(pieces.max(1)).max(1)) {
         offset = backend
-            .append(&id, offset, body(piece, 64 << 10), Reread::Soon)
+            .append(&id, offset, body(piece, 64 << 10))
             .await
             .unwrap();
     }
@@ -308,11 +289,7 @@ async fn absent_things_read_as_absent(f: Fixture) {
         "{name}"
     );
     assert!(
-        missing(
-            b.append(&unknown, 0, body(b"x", 1), f.reread)
-                .await
-                .map(|_| ())
-        ),
+        missing(b.append(&unknown, 0, body(b"x", 1)).await.map(|_| ())),
         "{name}"
     );
     assert!(missing(b.commit(&unknown, &digest).await), "{name}");
@@ -327,10 +304,7 @@ async fn staged_bytes_are_invisible_until_commit(f: Fixture) {
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
     assert_eq!(b.staged_len(&id).await.unwrap(), Some(0), "{name}");
-    let len = b
-        .append(&id, 0, body(&content, 10_000), f.reread)
-        .await
-        .unwrap();
+    let len = b.append(&id, 0, body(&content, 10_000)).await.unwrap();
     assert_eq!(len, content.len() as u64, "{name}");
     assert_eq!(b.stat(&digest).await.unwrap(), None, "{name}");
     assert!(b.read(&digest, None).await.unwrap().is_none(), "{name}");
@@ -367,10 +341,7 @@ async fn chunked_appends_continue_where_the_area_ends(f: Fixture) {
     let mut offset = 0u64;
     for window in cuts.windows(2) {
         let piece = &content[window[0]..window[1]];
-        offset = b
-            .append(&id, offset, body(piece, 100_000), f.reread)
-            .await
-            .unwrap();
+        offset = b.append(&id, offset, body(piece, 100_000)).await.unwrap();
         assert_eq!(offset, window[1] as u64, "{name}");
         assert_eq!(b.staged_len(&id).await.unwrap(), Some(offset), "{name}");
     }
@@ -385,11 +356,9 @@ async fn appends_at_any_other_offset_are_refused_with_the_current_length(f: Fixt
     let (b, name) = (f.backend.as_ref(), f.name);
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
-    b.append(&id, 0, body(b"0123456789", 3), f.reread)
-        .await
-        .unwrap();
+    b.append(&id, 0, body(b"0123456789", 3)).await.unwrap();
     for wrong in [0, 9, 11, 1 << 40] {
-        match b.append(&id, wrong, body(b"abc", 3), f.reread).await {
+        match b.append(&id, wrong, body(b"abc", 3)).await {
             Err(Error::RangeInvalid {
                 expected_offset: 10,
                 got,
@@ -399,7 +368,7 @@ async fn appends_at_any_other_offset_are_refused_with_the_current_length(f: Fixt
     }
     assert_eq!(b.staged_len(&id).await.unwrap(), Some(10), "{name}");
     assert_eq!(
-        b.append(&id, 10, body(b"abc", 3), f.reread).await.unwrap(),
+        b.append(&id, 10, body(b"abc", 3)).await.unwrap(),
         13,
         "{name}"
     );
@@ -410,28 +379,21 @@ async fn appends_at_any_other_offset_are_refused_with_the_current_length(f: Fixt
 
 async fn a_failed_append_leaves_the_area_at_its_offset(f: Fixture) {
     let (b, name) = (f.backend.as_ref(), f.name);
-    // Ending at a multiple of the disk's block size, where direct writes can start.
-    let first = pattern(8_192, 3);
-    let at = first.len() as u64;
+    let first = pattern(5_000, 3);
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
-    b.append(&id, 0, body(&first, 1_000), f.reread)
-        .await
-        .unwrap();
+    b.append(&id, 0, body(&first, 1_000)).await.unwrap();
     // Failing within the first part, and after several parts were stored.
     for good in [pattern(70_000, 4), pattern(MORE_THAN_A_PART * 2, 5)] {
-        match b.append(&id, at, failing_body(&good), f.reread).await {
+        match b.append(&id, 5_000, failing_body(&good)).await {
             Err(Error::Body(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
             other => panic!("{name}: a failing body gave {other:?}"),
         }
-        assert_eq!(b.staged_len(&id).await.unwrap(), Some(at), "{name}");
+        assert_eq!(b.staged_len(&id).await.unwrap(), Some(5_000), "{name}");
     }
     let rest = pattern(MORE_THAN_A_PART, 6);
-    let len = b
-        .append(&id, at, body(&rest, 1 << 20), f.reread)
-        .await
-        .unwrap();
-    assert_eq!(len, at + rest.len() as u64, "{name}");
+    let len = b.append(&id, 5_000, body(&rest, 1 << 20)).await.unwrap();
+    assert_eq!(len, 5_000 + rest.len() as u64, "{name}");
     let content = [first, rest].concat();
     let digest = Digest::sha256_of(&content);
     b.commit(&id, &digest).await.unwrap();
@@ -451,10 +413,7 @@ async fn staged_bytes_stream_back_from_any_offset(f: Fixture) {
     );
     let mut offset = 0;
     for piece in content.chunks(64_000) {
-        offset = b
-            .append(&id, offset, body(piece, 5_000), f.reread)
-            .await
-            .unwrap();
+        offset = b.append(&id, offset, body(piece, 5_000)).await.unwrap();
     }
     for from in [0usize, 1, 63_999, 64_000, 64_001, 199_999, 200_000, 300_000] {
         let staged = collect(b.read_staged(&id, from as u64).await.unwrap()).await;
@@ -502,11 +461,7 @@ async fn an_empty_blob_commits_and_reads_back_empty(f: Fixture) {
     let digest = Digest::sha256_of(b"");
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
-    assert_eq!(
-        b.append(&id, 0, body(b"", 1), f.reread).await.unwrap(),
-        0,
-        "{name}"
-    );
+    assert_eq!(b.append(&id, 0, body(b"", 1)).await.unwrap(), 0, "{name}");
     b.commit(&id, &digest).await.unwrap();
     assert_eq!(b.stat(&digest).await.unwrap(), Some(0), "{name}");
     assert_eq!(read_all(b, &digest).await, Some(Vec::new()), "{name}");
@@ -546,7 +501,7 @@ async fn discard_and_delete_are_idempotent(f: Fixture) {
     let (b, name) = (f.backend.as_ref(), f.name);
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
-    b.append(&id, 0, body(&pattern(50_000, 10), 7_000), f.reread)
+    b.append(&id, 0, body(&pattern(50_000, 10), 7_000))
         .await
         .unwrap();
     b.discard(&id).await.unwrap();
@@ -576,10 +531,10 @@ async fn list_and_staged_report_what_exists(f: Fixture) {
     let (open, empty) = (UploadId::random(), UploadId::random());
     b.create_staged(&open).await.unwrap();
     b.create_staged(&empty).await.unwrap();
-    b.append(&open, 0, body(&pattern(1_000, 11), 300), f.reread)
+    b.append(&open, 0, body(&pattern(1_000, 11), 300))
         .await
         .unwrap();
-    b.append(&open, 1_000, body(&pattern(234, 12), 300), f.reread)
+    b.append(&open, 1_000, body(&pattern(234, 12), 300))
         .await
         .unwrap();
     let staged = b.staged().await.unwrap();
@@ -605,9 +560,7 @@ async fn two_instances_see_each_others_commits_and_continue_each_others_uploads(
     let (first, second) = content.split_at(300_000);
     let id = UploadId::random();
     a.create_staged(&id).await.unwrap();
-    a.append(&id, 0, body(first, 50_000), f.reread)
-        .await
-        .unwrap();
+    a.append(&id, 0, body(first, 50_000)).await.unwrap();
     assert_eq!(
         b.staged_len(&id).await.unwrap(),
         Some(first.len() as u64),
@@ -615,7 +568,7 @@ async fn two_instances_see_each_others_commits_and_continue_each_others_uploads(
     );
     assert!(
         matches!(
-            b.append(&id, 0, body(b"late", 4), f.reread).await,
+            b.append(&id, 0, body(b"late", 4)).await,
             Err(Error::RangeInvalid {
                 expected_offset: 300_000,
                 got: 0
@@ -624,7 +577,7 @@ async fn two_instances_see_each_others_commits_and_continue_each_others_uploads(
         "{name}"
     );
     let len = b
-        .append(&id, first.len() as u64, body(second, 1 << 20), f.reread)
+        .append(&id, first.len() as u64, body(second, 1 << 20))
         .await
         .unwrap();
     assert_eq!(len, content.len() as u64, "{name}");
@@ -654,7 +607,7 @@ async fn readers_during_commits_see_the_whole_blob_or_nothing(f: Fixture) {
         for piece in content.chunks(5_000_000) {
             offset = f
                 .backend
-                .append(&id, offset, body(piece, 1 << 20), f.reread)
+                .append(&id, offset, body(piece, 1 << 20))
                 .await
                 .unwrap();
         }
@@ -709,11 +662,7 @@ async fn a_blob_of_hundreds_of_mebibytes_streams_through(f: Fixture) {
     let (stream, digest) = generated(size, 15);
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
-    assert_eq!(
-        b.append(&id, 0, stream, f.reread).await.unwrap(),
-        size,
-        "{name}"
-    );
+    assert_eq!(b.append(&id, 0, stream).await.unwrap(), size, "{name}");
     b.commit(&id, &digest).await.unwrap();
     assert_eq!(b.stat(&digest).await.unwrap(), Some(size), "{name}");
     let read = hash(b.read(&digest, None).await.unwrap().unwrap()).await;
@@ -753,7 +702,6 @@ async fn blob_store_commits_only_content_that_hashes_to_its_digest(f: Fixture) {
             0,
             body(&content, 1 << 20),
             Hasher::new(Algorithm::Sha256),
-            f.reread,
         )
         .await
         .unwrap();
@@ -786,7 +734,6 @@ async fn blob_store_commits_only_content_that_hashes_to_its_digest(f: Fixture) {
             0,
             body(&content, 1 << 20),
             Hasher::new(Algorithm::Sha256),
-            f.reread,
         )
         .await
         .unwrap();
@@ -809,13 +756,7 @@ async fn blob_store_rehashes_an_upload_on_a_new_instance_and_finishes_it(f: Fixt
         let store = f.blob_store(f.backend.clone());
         store.create_staged(&id).await.unwrap();
         store
-            .append(
-                &id,
-                0,
-                body(first, 100_000),
-                Hasher::new(Algorithm::Sha256),
-                f.reread,
-            )
+            .append(&id, 0, body(first, 100_000), Hasher::new(Algorithm::Sha256))
             .await
             .unwrap();
         // The hash state is lost with this instance.
@@ -824,7 +765,7 @@ async fn blob_store_rehashes_an_upload_on_a_new_instance_and_finishes_it(f: Fixt
     let (len, hasher) = restarted.rehash(&id, Algorithm::Sha256).await.unwrap();
     assert_eq!(len, first.len() as u64, "{name}");
     let (len, hasher) = restarted
-        .append(&id, len, body(second, 1 << 20), hasher, f.reread)
+        .append(&id, len, body(second, 1 << 20), hasher)
         .await
         .unwrap();
     assert_eq!(len, content.len() as u64, "{name}");
@@ -842,13 +783,7 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
     let id = UploadId::random();
     store.create_staged(&id).await.unwrap();
     let (len, hasher) = store
-        .append(
-            &id,
-            0,
-            body(b"hello ", 2),
-            Hasher::new(Algorithm::Sha256),
-            f.reread,
-        )
+        .append(&id, 0, body(b"hello ", 2), Hasher::new(Algorithm::Sha256))
         .await
         .unwrap();
     let refused = store
@@ -857,7 +792,6 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
             len + 1,
             body(b"gap", 3),
             Hasher::new(Algorithm::Sha256),
-            f.reread,
         )
         .await
         .map(|(len, _)| len);
@@ -872,7 +806,7 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
         "{name}: {refused:?}"
     );
     let (len, hasher) = store
-        .append(&id, len, body(b"world", 2), hasher, f.reread)
+        .append(&id, len, body(b"world", 2), hasher)
         .await
         .unwrap();
     assert_eq!(len, 11, "{name}");
@@ -883,57 +817,6 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
         b"hello world",
         "{name}"
     );
-}
-
-// ---------------------------------------------------------------------------------------
-// The filesystem alone.
-
-/// Bytes of `path` in the page cache, as `fincore` counts them.
-fn resident_bytes(path: &Path) -> u64 {
-    let out = std::process::Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fs_appends_read_again_later_bypass_the_page_cache_and_the_others_stay_in_it() {
-    // Under the build directory, on a disk like a data directory's (a temporary
-    // directory may be in memory, where nothing bypasses the page cache).
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let backend = FsBackend::open(dir.path()).unwrap();
-    let content = pattern((8 << 20) + 1_000, 16);
-    let size = content.len() as u64;
-    for reread in [Reread::Soon, Reread::Later] {
-        let id = UploadId::random();
-        backend.create_staged(&id).await.unwrap();
-        let len = backend
-            .append(&id, 0, body(&content, 300_000), reread)
-            .await
-            .unwrap();
-        assert_eq!(len, size);
-        let cached = resident_bytes(&dir.path().join("uploads").join(id.as_str()));
-        match reread {
-            Reread::Soon => assert!(cached >= size, "{cached} of {size} bytes cached"),
-            // At most the page of the tail, written through the cache.
-            Reread::Later => assert!(cached <= 64 << 10, "{cached} of {size} bytes cached"),
-        }
-        let digest = Digest::sha256_of(&content);
-        backend.commit(&id, &digest).await.unwrap();
-        assert!(read_all(&backend, &digest).await.unwrap() == content);
-        backend.delete(&digest).await.unwrap();
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -979,10 +862,7 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
     let digest = put(&backend, &content, 2).await;
     let id = UploadId::random();
     backend.create_staged(&id).await.unwrap();
-    backend
-        .append(&id, 0, body(b"half", 4), Reread::Soon)
-        .await
-        .unwrap();
+    backend.append(&id, 0, body(b"half", 4)).await.unwrap();
 
     tokio::task::block_in_place(|| garage.stop());
     assert_unavailable_soon("stat", backend.stat(&digest)).await;
@@ -991,11 +871,7 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
     })
     .await;
     assert_unavailable_soon("staged_len", backend.staged_len(&id)).await;
-    assert_unavailable_soon(
-        "append",
-        backend.append(&id, 4, body(b" more", 5), Reread::Soon),
-    )
-    .await;
+    assert_unavailable_soon("append", backend.append(&id, 4, body(b" more", 5))).await;
     assert_unavailable_soon("commit", backend.commit(&id, &digest)).await;
     assert_unavailable_soon("list", backend.list()).await;
     assert_unavailable_soon("delete", backend.delete(&digest)).await;
@@ -1004,13 +880,7 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
     tokio::task::block_in_place(|| garage.start());
     assert!(read_all(&backend, &digest).await.unwrap() == content);
     assert_eq!(backend.staged_len(&id).await.unwrap(), Some(4));
-    assert_eq!(
-        backend
-            .append(&id, 4, body(b" more", 5), Reread::Soon)
-            .await
-            .unwrap(),
-        9
-    );
+    assert_eq!(backend.append(&id, 4, body(b" more", 5)).await.unwrap(), 9);
     let finished = Digest::sha256_of(b"half more");
     backend.commit(&id, &finished).await.unwrap();
     let again = S3Backend::connect(&config).await.unwrap();
@@ -1109,12 +979,7 @@ async fn s3_failed_appends_leave_no_unfinished_multipart_upload() {
     let id = UploadId::random();
     f.backend.create_staged(&id).await.unwrap();
     let good = pattern(MORE_THAN_A_PART * 2, 20);
-    assert!(
-        f.backend
-            .append(&id, 0, failing_body(&good), Reread::Soon)
-            .await
-            .is_err()
-    );
+    assert!(f.backend.append(&id, 0, failing_body(&good)).await.is_err());
     // A request abandoned midway (its future dropped) aborts as well.
     let slow = futures::stream::iter(
         good.chunks(1 << 20)
@@ -1124,7 +989,7 @@ async fn s3_failed_appends_leave_no_unfinished_multipart_upload() {
     .chain(futures::stream::pending());
     let abandoned = tokio::time::timeout(
         Duration::from_secs(2),
-        f.backend.append(&id, 0, Box::pin(slow), Reread::Soon),
+        f.backend.append(&id, 0, Box::pin(slow)),
     )
     .await;
     assert!(
@@ -1175,17 +1040,11 @@ async fn s3_resident_memory_stays_flat_for_a_1_gib_blob() {
     let (stream, digest) = generated(size, 21);
     let id = UploadId::random();
     f.backend.create_staged(&id).await.unwrap();
-    f.backend
-        .append(&id, 0, stream, Reread::Soon)
-        .await
-        .unwrap();
+    f.backend.append(&id, 0, stream).await.unwrap();
     let (_, after_put) = resident_mib();
     // A second segment, so the commit streams both into the blob.
     let (tail, _) = generated(1 << 20, 22);
-    f.backend
-        .append(&id, size, tail, Reread::Soon)
-        .await
-        .unwrap();
+    f.backend.append(&id, size, tail).await.unwrap();
     let whole = {
         let mut hasher = Hasher::new(Algorithm::Sha256);
         let mut staged = f.backend.read_staged(&id, 0).await.unwrap();

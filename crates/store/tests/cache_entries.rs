@@ -1500,8 +1500,7 @@ async fn a_chunk_whose_entry_goes_mid_upload_leaves_no_blob_file_behind(backend:
             .put_entry_part(entry.id, 0, None, false, Box::pin(rx), LIMIT)
             .await
     });
-    // More than a direct write's buffer, so some of it reaches the staging file at once.
-    tx.unbounded_send(Ok(Bytes::from(content(60, 3 << 20))))
+    tx.unbounded_send(Ok(Bytes::from(content(60, 10_000))))
         .unwrap();
     // Wait until the chunk is being staged: the entry was found unfinished.
     let deadline = Instant::now() + Duration::from_secs(10);

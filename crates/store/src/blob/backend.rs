@@ -26,15 +26,8 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>>;
     /// Append `body` to a staging area that must currently be `offset` bytes long
     /// ([`Error::RangeInvalid`](crate::Error::RangeInvalid) otherwise); returns the new
-    /// length. On failure the area is left at `offset` bytes. `reread` may choose how
-    /// the bytes are written, never what is stored.
-    async fn append(
-        &self,
-        id: &UploadId,
-        offset: u64,
-        body: ByteStream,
-        reread: Reread,
-    ) -> Result<u64>;
+    /// length. On failure the area is left at `offset` bytes.
+    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64>;
     /// Stream a staging area's bytes from `offset` to its current end (to rebuild hash
     /// state after a restart, or to follow a blob being filled).
     async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream>;
@@ -59,21 +52,6 @@ pub trait BlobBackend: Send + Sync + 'static {
     fn file_path(&self, _digest: &Digest) -> Option<std::path::PathBuf> {
         None
     }
-}
-
-/// When a blob's bytes are expected to be read again: a hint a backend may use to choose
-/// how it writes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reread {
-    /// Soon, perhaps by the client's next request (an image layer): keep the bytes in
-    /// memory as they are written.
-    Soon,
-    /// Later, by another job, if at all (an Actions cache entry, whose restores are bound
-    /// by the client's decompression): write them straight to the disk. That spares the
-    /// memory that hot blobs are served from, and the CPU a writer spends filling the
-    /// page cache, which on virtual machines that hand free memory back to the host can
-    /// be several CPU-seconds per GiB.
-    Later,
 }
 
 /// A staging area as eviction sees it.

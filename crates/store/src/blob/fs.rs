@@ -6,8 +6,7 @@
 //! staging file and then its directory are fsynced, so a crash never exposes a partial
 //! blob (invariant 1).
 
-use std::io::{self, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -17,7 +16,7 @@ use oci::Digest;
 use tokio::sync::mpsc;
 use tokio_util::io::ReaderStream;
 
-use super::backend::{BlobBackend, Reread, Staged};
+use super::backend::{BlobBackend, Staged};
 use super::{ByteRange, ByteStream};
 use crate::upload::UploadId;
 use crate::{Error, Result};
@@ -30,12 +29,6 @@ const READ_CHUNK: usize = 1 << 20;
 const MAP_WINDOW: u64 = 4 << 20;
 /// Blocks queued between the request task and the writer thread (bounds memory).
 const WRITE_QUEUE: usize = 4;
-/// The aligned buffer direct writes go through: each write is this many bytes, except
-/// an append's last.
-const DIRECT_CHUNK: usize = 1 << 20;
-/// Direct writes start at multiples of this (the largest logical block size of common
-/// disks); an append from any other offset goes through the page cache.
-const DIRECT_ALIGN: u64 = 4096;
 /// Written bytes are handed to the kernel for write-back in windows of this size, so the
 /// fsync that makes a blob durable waits only for the tail instead of the whole file.
 const WRITEBACK_WINDOW: u64 = 16 << 20;
@@ -124,149 +117,23 @@ fn map_window(file: &std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> 
     Ok(Bytes::from_owner(map))
 }
 
-/// Writes every block it receives to `file` from `offset` on; runs on a blocking thread.
+/// Writes every block it receives to `file` from `offset` on, starting write-back as
+/// it goes; runs on a blocking thread.
 fn write_blocks(
-    file: std::fs::File,
+    mut file: std::fs::File,
     offset: u64,
-    reread: Reread,
     mut rx: mpsc::Receiver<Bytes>,
 ) -> io::Result<()> {
-    let mut writer = StagingWriter::new(file, offset, reread)?;
+    let (mut written, mut flushed) = (offset, offset);
     while let Some(block) = rx.blocking_recv() {
-        writer.write(&block)?;
-    }
-    writer.finish()
-}
-
-/// Writes one append's bytes to its staging file: through the page cache, starting
-/// write-back as it goes, or, for bytes read again only [`Reread::Later`], straight to
-/// the disk (`O_DIRECT`) from one aligned buffer, where the filesystem allows it.
-struct StagingWriter {
-    file: std::fs::File,
-    /// Where the next byte written to the file goes.
-    pos: u64,
-    /// Where write-back was last started (page-cache writes).
-    flushed: u64,
-    /// While writing directly: the aligned buffer bytes gather in, and how much of it
-    /// they fill.
-    direct: Option<(memmap2::MmapMut, usize)>,
-}
-
-impl StagingWriter {
-    fn new(file: std::fs::File, offset: u64, reread: Reread) -> io::Result<StagingWriter> {
-        let direct = if reread == Reread::Later
-            && offset.is_multiple_of(DIRECT_ALIGN)
-            && set_direct(&file, true).is_ok()
-        {
-            Some((memmap2::MmapMut::map_anon(DIRECT_CHUNK)?, 0))
-        } else {
-            None
-        };
-        Ok(StagingWriter {
-            file,
-            pos: offset,
-            flushed: offset,
-            direct,
-        })
-    }
-
-    fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            let Some((buf, filled)) = &mut self.direct else {
-                return self.write_cached(bytes);
-            };
-            let free = buf.get_mut(*filled..).unwrap_or_default();
-            let n = free.len().min(bytes.len());
-            let (now, later) = bytes.split_at(n);
-            free.get_mut(..n).unwrap_or_default().copy_from_slice(now);
-            *filled += n;
-            bytes = later;
-            if *filled == DIRECT_CHUNK {
-                *filled = 0;
-                self.write_direct(DIRECT_CHUNK)?;
-            }
+        file.write_all(&block)?;
+        written += block.len() as u64;
+        if written - flushed >= WRITEBACK_WINDOW {
+            start_writeback(&file, flushed, written - flushed);
+            flushed = written;
         }
-        Ok(())
-    }
-
-    /// Write what is left in the aligned buffer: its whole aligned blocks directly, the
-    /// rest through the page cache.
-    fn finish(mut self) -> io::Result<()> {
-        let Some((_, filled)) = self.direct else {
-            return Ok(());
-        };
-        let aligned = filled - filled % DIRECT_ALIGN as usize;
-        self.write_direct(aligned)?;
-        if let Some((buf, _)) = self.direct.take() {
-            set_direct(&self.file, false)?;
-            self.write_cached(buf.get(aligned..filled).unwrap_or_default())?;
-        }
-        Ok(())
-    }
-
-    /// Write the first `len` bytes of the aligned buffer directly. A filesystem that
-    /// refuses them (it needs a larger alignment) gets them, and every later byte,
-    /// through the page cache instead.
-    fn write_direct(&mut self, len: usize) -> io::Result<()> {
-        let Some((buf, _)) = &self.direct else {
-            return Ok(());
-        };
-        let bytes = buf.get(..len).unwrap_or_default();
-        match self.file.write_all_at(bytes, self.pos) {
-            Ok(()) => {
-                self.pos += len as u64;
-                self.flushed = self.pos;
-                Ok(())
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                set_direct(&self.file, false)?;
-                let Some((buf, _)) = self.direct.take() else {
-                    return Ok(());
-                };
-                self.write_cached(buf.get(..len).unwrap_or_default())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn write_cached(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(bytes, self.pos)?;
-        self.pos += bytes.len() as u64;
-        if self.pos - self.flushed >= WRITEBACK_WINDOW {
-            start_writeback(&self.file, self.flushed, self.pos - self.flushed);
-            self.flushed = self.pos;
-        }
-        Ok(())
-    }
-}
-
-/// Turn `O_DIRECT` on or off for `file`; an error when its filesystem does not allow it.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn set_direct(file: &std::fs::File, on: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: plain system calls on a file descriptor that `file` keeps open; no memory
-    // is shared with the kernel.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if on {
-        flags | libc::O_DIRECT
-    } else {
-        flags & !libc::O_DIRECT
-    };
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_direct(_file: &std::fs::File, _on: bool) -> io::Result<()> {
-    Err(io::ErrorKind::Unsupported.into())
 }
 
 /// Ask the kernel to start writing `len` bytes from `offset` to disk without waiting.
@@ -332,16 +199,10 @@ impl BlobBackend for FsBackend {
         Ok(meta.map(|m| m.len()))
     }
 
-    async fn append(
-        &self,
-        id: &UploadId,
-        offset: u64,
-        mut body: ByteStream,
-        reread: Reread,
-    ) -> Result<u64> {
+    async fn append(&self, id: &UploadId, offset: u64, mut body: ByteStream) -> Result<u64> {
         let path = self.staged_path(id);
         let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
-            let file = not_found_as_none(std::fs::OpenOptions::new().write(true).open(path))?
+            let mut file = not_found_as_none(std::fs::OpenOptions::new().write(true).open(path))?
                 .ok_or(Error::NotFound(crate::error::Missing::Upload))?;
             let len = file.metadata()?.len();
             if len != offset {
@@ -350,12 +211,13 @@ impl BlobBackend for FsBackend {
                     got: offset,
                 });
             }
+            file.seek(SeekFrom::Start(offset))?;
             Ok(file)
         })
         .await??;
         let rollback = file.try_clone()?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || write_blocks(file, offset, reread, rx));
+        let writer = tokio::task::spawn_blocking(move || write_blocks(file, offset, rx));
         let mut written = 0u64;
         let mut body_error = None;
         while let Some(block) = body.next().await {

@@ -26,7 +26,7 @@ use futures::{Stream, StreamExt};
 use oci::{Algorithm, Digest, Hasher};
 use tokio::sync::{mpsc, oneshot};
 
-pub use backend::{BlobBackend, Reread, Staged};
+pub use backend::{BlobBackend, Staged};
 pub use fs::FsBackend;
 pub(crate) use fs::open_committed;
 pub use s3::S3Backend;
@@ -389,19 +389,17 @@ impl BlobStore {
     /// Append `body` at `offset`, hashing it into `hasher`; returns the new length and
     /// the hash continued over the appended bytes, which may still be catching up with
     /// them (hashing is not on the way of the answer to a chunk). On error the staging
-    /// area is unchanged and the hash lost. `reread` lets the backend choose how to
-    /// write.
+    /// area is unchanged and the hash lost.
     pub async fn append(
         &self,
         id: &UploadId,
         offset: u64,
         body: ByteStream,
         hasher: impl Into<PendingHash>,
-        reread: Reread,
     ) -> Result<(u64, PendingHash)> {
         let body = Box::pin(Blocks::new(body, self.pool.clone()));
         let (body, hashed) = tee_hash(body, hasher.into());
-        let len = self.backend.append(id, offset, body, reread).await?;
+        let len = self.backend.append(id, offset, body).await?;
         Ok((len, hashed))
     }
 

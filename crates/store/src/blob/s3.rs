@@ -31,7 +31,7 @@ use object_store::{
 use oci::Digest;
 use tokio::task::JoinSet;
 
-use super::backend::{BlobBackend, Reread, Staged};
+use super::backend::{BlobBackend, Staged};
 use super::{ByteRange, ByteStream};
 use crate::config::S3;
 use crate::error::Missing;
@@ -458,13 +458,7 @@ impl BlobBackend for S3Backend {
         Ok(Some(segments.iter().map(|s| s.size).sum()))
     }
 
-    async fn append(
-        &self,
-        id: &UploadId,
-        offset: u64,
-        body: ByteStream,
-        _reread: Reread,
-    ) -> Result<u64> {
+    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64> {
         let len = self
             .staged_len(id)
             .await?
