@@ -163,11 +163,7 @@ impl BlobBackend for FsBackend {
     }
 
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
-        let path = self.blob_path(digest);
-        let Some(file) = not_found_as_none(
-            tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?,
-        )?
-        else {
+        let Some(file) = open_committed(self.blob_path(digest)).await? else {
             return Ok(None);
         };
         let size = file.metadata()?.len();
