@@ -55,8 +55,10 @@ impl Server {
     }
 
     /// Start `layercache serve` on a free port with its data in `dir/data` (kept from a
-    /// previous start, if any) and extra environment (such as `LAYERCACHE_CONFIG`); its log
-    /// is appended to `dir/server.log`.
+    /// previous start, if any) and extra environment (such as `LAYERCACHE_CONFIG`); its log,
+    /// at the default level (a line per request, as users run it), is appended to
+    /// `dir/server.log`. Distribution runs quieter (errors only, no access log), which can
+    /// only favour it.
     pub fn start_layercache_with(
         bin: &Path,
         dir: &Path,
@@ -68,7 +70,7 @@ impl Server {
         let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
-            .env("RUST_LOG", "error")
+            .env_remove("RUST_LOG")
             .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(File::options().create(true).append(true).open(&log)?)

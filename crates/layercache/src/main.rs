@@ -4,10 +4,13 @@ mod cli;
 mod commands;
 mod config;
 
+use std::io::{BufWriter, IsTerminal};
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, ServeArgs};
 use crate::config::Config;
@@ -27,15 +30,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let _unwritten_log = init_logging(matches!(cli.command, Command::Serve(_)));
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let outcome = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
@@ -55,6 +51,29 @@ fn run() -> anyhow::Result<()> {
     // veto over the exit.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     outcome
+}
+
+/// Log to stderr at `RUST_LOG`'s levels, `info` by default. A server logs a line per
+/// request: with `in_background`, lines are handed to a thread of their own that writes
+/// them in batches, so no request waits on stderr; the returned guard writes what is
+/// left when it is dropped.
+fn init_logging(in_background: bool) -> Option<WorkerGuard> {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal());
+    if !in_background {
+        logs.with_writer(std::io::stderr).init();
+        return None;
+    }
+    // Not lossy: a full queue makes requests wait rather than lose their lines.
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(BufWriter::new(std::io::stderr()));
+    logs.with_writer(writer).init();
+    Some(guard)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -25,6 +25,9 @@ use std::time::Duration;
 /// How many events the eviction soak runs (a test's setting, never the server's).
 pub const SOAK_EVENTS: &str = "LAYERCACHE_SOAK_EVENTS";
 
+/// The path prefix of the requests [`Server::log`] marks the log with.
+const LOG_MARK: &str = "/log-mark/";
+
 /// A running server.
 pub struct Server {
     child: Option<Child>,
@@ -134,13 +137,52 @@ impl Server {
         }
     }
 
-    /// The log so far of a server started with [`Server::start_logged`].
+    /// The log so far of a server started with [`Server::start_logged`], with the line of
+    /// every request answered before the call.
+    ///
+    /// The server writes its log from a thread of its own, so a request's line can land
+    /// just after its response. A running server is first sent a request of its own (a
+    /// 404 outside the registry API); once that request's line is in the file, so is
+    /// every line before it. Those lines are left out of what is returned.
     pub fn log(&self) -> String {
         let path = self
             .log
             .as_ref()
             .expect("the server was started with a log");
-        std::fs::read_to_string(path).unwrap()
+        if let Some(mark) = self.mark_log() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !std::fs::read_to_string(path).unwrap().contains(&mark) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the request {mark} never reached the log"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|line| !line.contains(LOG_MARK))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+
+    /// Send a plain-HTTP server a request under [`LOG_MARK`]; its path, if it was answered.
+    fn mark_log(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static MARKS: AtomicU64 = AtomicU64::new(0);
+        let host = self.url.strip_prefix("http://")?;
+        let mark = format!("{LOG_MARK}{}", MARKS.fetch_add(1, Ordering::Relaxed));
+        let mut stream = std::net::TcpStream::connect(host).ok()?;
+        write!(
+            stream,
+            "GET {mark} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 404").then_some(mark)
     }
 
     /// The server's process id.
