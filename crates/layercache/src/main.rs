@@ -55,8 +55,8 @@ fn run() -> anyhow::Result<()> {
 
 /// Log to stderr at `RUST_LOG`'s levels, `info` by default. A server logs a line per
 /// request: with `in_background`, lines are handed to a thread of their own that writes
-/// them in batches, so no request waits on stderr; the returned guard writes what is
-/// left when it is dropped.
+/// them in batches, so a request does not wait for its line to be written; the returned
+/// guard writes what is left when it is dropped.
 fn init_logging(in_background: bool) -> Option<WorkerGuard> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
