@@ -9,12 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
-use crate::servers::{Kind, tail};
+use crate::servers::{self, Kind};
 
 /// Shape of the end-to-end scenario.
 #[derive(Clone, Debug, Serialize)]
@@ -125,19 +125,10 @@ impl Daemon {
             host: format!("unix://{}", sock.display()),
             log,
         };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("dockerd exited with {status}:\n{}", tail(&daemon.log));
-            }
-            if daemon.run(&["info"]).await.is_ok() {
-                return Ok(daemon);
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("dockerd did not answer in 60 s:\n{}", tail(&daemon.log));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let mut probe = tokio::process::Command::new(docker);
+        probe.arg("info").env("DOCKER_HOST", &daemon.host);
+        servers::wait_answering(&mut daemon.child, "dockerd", &daemon.log, &mut probe).await?;
+        Ok(daemon)
     }
 
     /// The daemon's process id.
@@ -194,18 +185,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // A graceful stop lets dockerd stop its containerd and unmount its layers.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        servers::stop_daemon(&mut self.child);
     }
 }
 
@@ -236,16 +216,32 @@ pub fn write_context(ctx: &Path, busybox: &Path, dockerfile: &str) -> Result<()>
 pub struct Step {
     /// The vertex's name, such as `[web 4/6] COPY src/web/ /src/web/`.
     pub name: String,
-    /// Whether BuildKit printed `CACHED` for it instead of running it.
+    /// Whether BuildKit printed `CACHED` for it.
     pub cached: bool,
+    /// Whether its process printed output (lines `#N <seconds> <text>`).
+    pub printed: bool,
+}
+
+impl Step {
+    /// Whether the step really ran: not `CACHED`, and for a `RUN` (every one in these
+    /// Dockerfiles prints) its process printed. BuildKit 0.11 reports the last step of
+    /// a target `DONE`, not `CACHED`, when all it did was fetch the step's imported
+    /// layers for the export; its process did not run, so it printed nothing.
+    pub fn ran(&self) -> bool {
+        !self.cached && (self.printed || !self.name.contains("] RUN "))
+    }
 }
 
 /// The Dockerfile steps of a build in the order BuildKit started them, from its
 /// `--progress=plain` output: vertices named `[stage i/n] ...` (or `[i/n] ...` in an
-/// unnamed stage), each cached if a `#N CACHED` line names its vertex number. Internal
-/// vertices (`[internal] load ...`, `exporting to image`, cache imports) are left out.
+/// unnamed stage), each cached if a `#N CACHED` line names its vertex number, printed if
+/// a `#N <seconds> <text>` line does. A process's output that reached the printer before
+/// its vertex had a number is labelled `#0` and printed under the vertex's own lines, so
+/// it belongs to the vertex printed last. Internal vertices (`[internal] load ...`,
+/// `exporting to image`, cache imports) are left out.
 pub fn build_steps(out: &str) -> Vec<Step> {
     let mut steps: Vec<(u32, Step)> = Vec::new();
+    let mut current = 0;
     for line in out.lines() {
         let Some((id, text)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
             continue;
@@ -253,27 +249,40 @@ pub fn build_steps(out: &str) -> Vec<Step> {
         let Ok(id) = id.parse::<u32>() else {
             continue;
         };
-        let text = text.trim_end();
-        if text == "CACHED" {
-            if let Some((_, step)) = steps.iter_mut().find(|(n, _)| *n == id) {
-                step.cached = true;
-            }
-            continue;
+        if id != 0 {
+            current = id;
         }
-        let is_step = text
-            .strip_prefix('[')
-            .and_then(|t| t.split_once(']'))
-            .and_then(|(label, _)| label.split_whitespace().last())
-            .and_then(|pos| pos.split_once('/'))
-            .is_some_and(|(i, n)| i.parse::<u32>().is_ok() && n.parse::<u32>().is_ok());
-        if is_step && !steps.iter().any(|(n, _)| *n == id) {
-            steps.push((
-                id,
-                Step {
-                    name: text.to_owned(),
-                    cached: false,
-                },
-            ));
+        let id = current;
+        let text = text.trim_end();
+        let known = steps
+            .iter_mut()
+            .find(|(n, _)| *n == id)
+            .map(|(_, step)| step);
+        let is_output = text
+            .split_once(' ')
+            .is_some_and(|(secs, _)| secs.parse::<f64>().is_ok());
+        match known {
+            Some(step) if text == "CACHED" => step.cached = true,
+            Some(step) if is_output => step.printed = true,
+            Some(_) => {}
+            None => {
+                let is_step = text
+                    .strip_prefix('[')
+                    .and_then(|t| t.split_once(']'))
+                    .and_then(|(label, _)| label.split_whitespace().last())
+                    .and_then(|pos| pos.split_once('/'))
+                    .is_some_and(|(i, n)| i.parse::<u32>().is_ok() && n.parse::<u32>().is_ok());
+                if is_step {
+                    steps.push((
+                        id,
+                        Step {
+                            name: text.to_owned(),
+                            cached: false,
+                            printed: false,
+                        },
+                    ));
+                }
+            }
         }
     }
     steps.into_iter().map(|(_, step)| step).collect()
@@ -355,7 +364,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn build_steps_reads_names_and_cached_markers_by_vertex() {
+    fn build_steps_reads_names_cached_markers_and_output_by_vertex() {
         let out = "#1 [internal] load build definition from Dockerfile\n\
                    #1 DONE 0.0s\n\
                    #5 [base 1/2] COPY busybox /bin/busybox\n\
@@ -367,18 +376,32 @@ mod tests {
                    #7 DONE 0.2s\n\
                    #8 [3/3] COPY src/ /src/\n\
                    #8 CACHED\n\
-                   #9 exporting to image\n";
+                   #9 [web 3/3] RUN sha256sum /a\n\
+                   #9 sha256:953d8a 240B / 240B 0.0s done\n\
+                   #9 DONE 0.2s\n\
+                   #10 [api 3/3] RUN sha256sum /b\n\
+                   #0 0.070 ab0d1d1b  /b\n\
+                   #10 DONE 0.1s\n\
+                   #11 exporting to image\n";
         let steps = build_steps(out);
-        let got: Vec<(&str, bool)> = steps.iter().map(|s| (s.name.as_str(), s.cached)).collect();
+        let got: Vec<(&str, bool, bool, bool)> = steps
+            .iter()
+            .map(|s| (s.name.as_str(), s.cached, s.printed, s.ran()))
+            .collect();
         assert_eq!(
             got,
             [
-                ("[base 1/2] COPY busybox /bin/busybox", true),
+                ("[base 1/2] COPY busybox /bin/busybox", true, false, false),
                 (
                     "[web 2/3] RUN dd if=/dev/urandom of=/a bs=1M count=1",
-                    false
+                    false,
+                    true,
+                    true
                 ),
-                ("[3/3] COPY src/ /src/", true),
+                ("[3/3] COPY src/ /src/", true, false, false),
+                // Its imported layers fetched for the export, its process never started.
+                ("[web 3/3] RUN sha256sum /a", false, false, false),
+                ("[api 3/3] RUN sha256sum /b", false, true, true),
             ]
         );
     }

@@ -33,10 +33,12 @@
 //! `--only project` measures a real project's size on servers and a dockerd of its own:
 //! three service images sharing a base, `--project-mib` (4 GiB) of layers in all, built
 //! cold, warm on a wiped builder, and after one source change, with BuildKit's inline
-//! cache (`mode=max` cannot run here: no buildx; see `project.rs`).
+//! cache through the docker CLI and, when buildkitd and buildctl are found, its registry
+//! cache with `mode=max` (see `project.rs`).
 
 mod actions;
 mod auth;
+mod buildkit;
 mod e2e;
 mod eviction;
 mod limits;
@@ -128,6 +130,16 @@ struct Args {
     /// a round at the default size on 2 cores).
     #[arg(long, default_value_t = 1)]
     project_rounds: usize,
+    /// The project workload's builders, comma-separated [default: inline, and max when
+    /// buildkitd and buildctl are found].
+    #[arg(long, value_delimiter = ',')]
+    project_cache: Vec<project::Cache>,
+    /// The BuildKit daemon for the registry `mode=max` builder [default: on PATH].
+    #[arg(long)]
+    buildkitd: Option<PathBuf>,
+    /// BuildKit's client for the registry `mode=max` builder [default: on PATH].
+    #[arg(long)]
+    buildctl: Option<PathBuf>,
     /// Size of the file the GitHub Actions cache client saves and restores, in MiB.
     #[arg(long, default_value_t = 1024)]
     actions_mib: usize,
@@ -467,6 +479,19 @@ async fn run(args: &Args) -> Result<Report> {
             setup::is_root(),
             "the project workload starts its own dockerd and needs root (or pass --skip-e2e)"
         );
+        let buildkit =
+            buildkit::Binaries::find(args.buildkitd.as_deref(), args.buildctl.as_deref());
+        let caches = if !args.project_cache.is_empty() {
+            args.project_cache.clone()
+        } else if buildkit.is_some() {
+            vec![project::Cache::Inline, project::Cache::RegistryMax]
+        } else {
+            eprintln!(
+                "bench: project: buildkitd or buildctl not found, so BuildKit's registry \
+                 cache with mode=max is not measured (see --buildkitd, --buildctl)"
+            );
+            vec![project::Cache::Inline]
+        };
         let ctx = project::Inputs {
             dir,
             http: &client,
@@ -477,6 +502,8 @@ async fn run(args: &Args) -> Result<Report> {
             busybox: &args.busybox,
             total_mib: args.project_mib,
             rounds: args.project_rounds,
+            caches,
+            buildkit,
         };
         project_report = Some(project::run(&ctx, &mut samples).await?);
     }

@@ -1,12 +1,13 @@
 //! A real project's size: three service images (`web`, `worker`, `api`) of one multi-stage
 //! Dockerfile, sharing a base and a dependencies stage, about 4 GiB of layers together,
-//! built by the real dockerd/BuildKit against each server in turn:
+//! built by the real BuildKit (see the builders below) against each server in turn:
 //!
-//! * **cold**: builder wiped, every service built with inline cache and pushed;
-//! * **warm**: builder wiped, every service rebuilt with `--cache-from` every service's
-//!   pushed image; BuildKit must report every step `CACHED`;
+//! * **cold**: builder wiped, every service built and pushed with its cache;
+//! * **warm**: builder wiped, every service rebuilt from every service's pushed cache;
+//!   BuildKit must have run no step (`CACHED`, or a `RUN` whose process never printed:
+//!   see `e2e::Step::ran`);
 //! * **change**: one service's source file edited, builder wiped, every service rebuilt
-//!   with `--cache-from` and pushed; BuildKit must have run only the changed `COPY` and
+//!   from the cache and pushed; BuildKit must have run only the changed `COPY` and
 //!   the `RUN` after it, in that service, and taken every other step from the cache.
 //!
 //! The phases are interleaved (each phase against both servers before the next, the
@@ -24,8 +25,9 @@
 //! artifact) and a final stage on `base` that copies the dependencies and the artifact in,
 //! adds `2 * unit` of its own assets, then copies its small source late (`COPY src/<svc>/`)
 //! and derives a bundle from it (`RUN`), as a web project's images do. Every byte is from
-//! `/dev/urandom` (incompressible), built with `--network=none`; the layers pushed are
-//! `16 * unit` MiB in all, and each service image is `8 * unit` MiB.
+//! `/dev/urandom` (incompressible), and no `RUN` uses a network (docker builds with
+//! `--network=none`); the layers pushed are `16 * unit` MiB in all, and each service
+//! image is `8 * unit` MiB.
 //!
 //! layercache runs with `min_free = "1GiB"` instead of its default 10 % of the
 //! filesystem: on a disk others fill, the default shrinks its quota to what the run pushes
@@ -34,16 +36,19 @@
 //! everything. Its eviction passes are logged, and any root evicted during the run fails
 //! it, so every figure is of a server that kept what it was given.
 //!
-//! **Not measured: BuildKit's registry cache with `mode=max`.** The requirement asks for
-//! `--cache-to type=registry,mode=max`, but Debian 12's docker.io (20.10) has no buildx
-//! and BuildKit's `buildctl` is not packaged, so nothing on this machine can export a
-//! separate cache manifest. What runs here is what the packaged client can do:
-//! `DOCKER_BUILDKIT=1 docker build` with inline cache (`BUILDKIT_INLINE_CACHE=1`, which is
-//! `mode=min`: only the final image's layers, with the cache records that lead to them,
-//! embedded in each image's config) and `--cache-from` of every service's image. A
-//! `mode=max` export would also push the intermediate stages' layers (here `8 * unit` MiB
-//! more: `deps` and the three build stages) and a cache manifest per service, and a warm
-//! build would fetch more; how layercache compares there is not known from this run.
+//! Two builders carry the cache, each against fresh servers (`--project-cache`):
+//!
+//! * **inline**: the packaged docker CLI (Debian 12's docker.io 20.10, no buildx) with
+//!   `DOCKER_BUILDKIT=1 docker build`, inline cache (`BUILDKIT_INLINE_CACHE=1`, which is
+//!   `mode=min`: only the final image's layers, with the cache records that lead to them,
+//!   embedded in each image's config) and `--cache-from` every service's image; warm
+//!   builds load the images into dockerd.
+//! * **registry mode=max**: a standalone buildkitd driven by `buildctl` (see
+//!   `buildkit.rs`; used when both are found), which pushes each service's image and
+//!   exports a separate registry cache (`HOST/project/<svc>:buildcache`, `mode=max`: the
+//!   intermediate stages' layers too, `deps` and the build stages, `8 * unit` MiB more)
+//!   and imports every service's cache; warm builds export each image as an OCI archive
+//!   that the bench counts and drops. A fresh buildkitd per phase is the wiped builder.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,9 +57,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
+use crate::buildkit::{self, Binaries};
 use crate::e2e::{self, Daemon, Step};
 use crate::registry::Registry;
-use crate::report::{self, Samples};
+use crate::report::{self, Samples, Target};
 use crate::servers::{self, Kind, Server};
 
 /// The services, in build and push order.
@@ -92,6 +98,72 @@ pub struct Inputs<'a> {
     pub total_mib: usize,
     /// Rounds of the three phases, each on fresh servers.
     pub rounds: usize,
+    /// The builders to measure, in order.
+    pub caches: Vec<Cache>,
+    /// buildkitd and buildctl, for [`Cache::RegistryMax`].
+    pub buildkit: Option<Binaries>,
+}
+
+/// How the services' build cache travels (see the module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cache {
+    /// dockerd's BuildKit through the docker CLI, inline cache in each image.
+    Inline,
+    /// buildkitd through buildctl, a registry cache per service exported with `mode=max`.
+    #[value(name = "max")]
+    RegistryMax,
+}
+
+impl Cache {
+    /// How the cache travels, as printed.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cache::Inline => {
+                "inline cache (docker CLI, BUILDKIT_INLINE_CACHE=1, mode=min), --cache-from every service"
+            }
+            Cache::RegistryMax => {
+                "registry cache (buildctl, mode=max, <svc>:buildcache), imported from every service"
+            }
+        }
+    }
+
+    /// The sample keys of `phase`: wall seconds, the server's CPU seconds, and its share
+    /// of the machine's busy CPU.
+    pub fn keys(self, phase: Phase) -> [&'static str; 3] {
+        match (self, phase) {
+            (Cache::Inline, Phase::Cold) => [
+                "project_cold_s",
+                "project_cold_cpu_s",
+                "project_cold_cpu_pct",
+            ],
+            (Cache::Inline, Phase::Warm) => [
+                "project_warm_s",
+                "project_warm_cpu_s",
+                "project_warm_cpu_pct",
+            ],
+            (Cache::Inline, Phase::Change) => [
+                "project_change_s",
+                "project_change_cpu_s",
+                "project_change_cpu_pct",
+            ],
+            (Cache::RegistryMax, Phase::Cold) => [
+                "project_max_cold_s",
+                "project_max_cold_cpu_s",
+                "project_max_cold_cpu_pct",
+            ],
+            (Cache::RegistryMax, Phase::Warm) => [
+                "project_max_warm_s",
+                "project_max_warm_cpu_s",
+                "project_max_warm_cpu_pct",
+            ],
+            (Cache::RegistryMax, Phase::Change) => [
+                "project_max_change_s",
+                "project_max_change_cpu_s",
+                "project_max_change_cpu_pct",
+            ],
+        }
+    }
 }
 
 /// A phase of the workload.
@@ -107,39 +179,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order run.
+    pub const ALL: [Phase; 3] = [Phase::Cold, Phase::Warm, Phase::Change];
+
     /// Lower-case name, as printed.
     pub fn name(self) -> &'static str {
         match self {
             Phase::Cold => "cold",
             Phase::Warm => "warm",
             Phase::Change => "change",
-        }
-    }
-
-    /// The key of the phase's wall-time figure.
-    fn secs_key(self) -> &'static str {
-        match self {
-            Phase::Cold => "project_cold_s",
-            Phase::Warm => "project_warm_s",
-            Phase::Change => "project_change_s",
-        }
-    }
-
-    /// The key of the server's CPU seconds over the phase.
-    fn cpu_key(self) -> &'static str {
-        match self {
-            Phase::Cold => "project_cold_cpu_s",
-            Phase::Warm => "project_warm_cpu_s",
-            Phase::Change => "project_change_cpu_s",
-        }
-    }
-
-    /// The key of the server's share of the machine's busy CPU over the phase.
-    fn busy_key(self) -> &'static str {
-        match self {
-            Phase::Cold => "project_cold_cpu_pct",
-            Phase::Warm => "project_warm_cpu_pct",
-            Phase::Change => "project_change_cpu_pct",
         }
     }
 
@@ -167,8 +215,8 @@ pub struct Report {
     pub changed: &'static str,
     /// Dockerfile steps per service build.
     pub steps_per_service: usize,
-    /// How the cache travels (inline cache; `mode=max` is not measured, see the module).
-    pub cache: &'static str,
+    /// The builders measured, in order.
+    pub caches: Vec<Cache>,
     /// Every phase against every server, in the order run.
     pub runs: Vec<Run>,
 }
@@ -176,6 +224,8 @@ pub struct Report {
 /// One phase against one server.
 #[derive(Clone, Debug, Serialize)]
 pub struct Run {
+    /// How the cache travelled.
+    pub cache: Cache,
     /// Round, from 1.
     pub round: usize,
     /// Which phase.
@@ -228,7 +278,7 @@ fn dockerfile(unit: usize) -> String {
     let mut out = format!(
         "FROM scratch AS base\n\
          COPY busybox /bin/busybox\n\
-         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox --install -s /bin && echo installed\"]\n\
          {}\n{}\n\n\
          FROM base AS deps\n{}\n",
         dd("/opt/runtime-1.bin", unit),
@@ -262,7 +312,7 @@ fn source_copy(svc: &str) -> String {
 fn source_run(svc: &str) -> String {
     format!(
         "RUN cat /src/{svc}/* > /opt/{svc}/bundle.txt && \
-         sha256sum /opt/{svc}/bundle.txt > /opt/{svc}/bundle.sha256"
+         sha256sum /opt/{svc}/bundle.txt | tee /opt/{svc}/bundle.sha256"
     )
 }
 
@@ -303,161 +353,307 @@ async fn run_in(
     let context = work.join("context");
     e2e::write_context(&context, ctx.busybox, &dockerfile(unit))?;
     eprintln!(
-        "bench: project: {} services, {} MiB of layers, {} round(s), in {}",
+        "bench: project: {} services, {} MiB of layers, {} round(s) of {:?}, in {}",
         SERVICES.len(),
         16 * unit,
         ctx.rounds,
+        ctx.caches,
         work.display()
     );
-    let daemon = Daemon::start(ctx.dockerd_bin, ctx.docker_bin, &work.join("docker")).await?;
-    // One small untimed build first, so the fresh daemon's first use of BuildKit, runc
-    // and its layer store is charged to no phase (the first phase would pay it).
-    let warmup = work.join("warmup");
-    e2e::write_context(
-        &warmup,
-        ctx.busybox,
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n",
-    )?;
-    let warmup = warmup.to_str().context("context path is not UTF-8")?;
-    daemon
-        .run(&["build", "--network=none", "-t", "bench-warmup", warmup])
-        .await?;
-
     let mut runs = Vec::new();
-    for round in 0..ctx.rounds {
-        // Fresh servers every round (the last round's removed), so each cold push is
-        // cold and the disk holds one round's images at a time.
-        let dir = work.join(format!("round-{}", round + 1));
-        let mut servers = vec![
-            Server::start_layercache_with(
-                ctx.layercache_bin,
-                &dir.join("layercache"),
-                &LAYERCACHE_ENV.map(|(k, v)| (k.to_owned(), v.to_owned())),
-            )?,
-            Server::start_distribution(ctx.registry_bin, &dir.join("distribution"))?,
-        ];
-        for server in &mut servers {
-            let registry = Registry::new(ctx.http.clone(), &server.url)?;
-            server.wait_ready(&registry).await?;
-        }
-        for svc in SERVICES {
-            write_source(&context, svc, 0)?;
-        }
-        for (i, phase) in [Phase::Cold, Phase::Warm, Phase::Change]
-            .into_iter()
-            .enumerate()
-        {
-            if phase == Phase::Change {
-                write_source(&context, CHANGED, 1)?;
+    for &cache in &ctx.caches {
+        let builder = Builder::new(ctx, cache, work).await?;
+        for round in 0..ctx.rounds {
+            // Fresh servers every round (the last round's removed), so each cold push is
+            // cold and the disk holds one round's images at a time.
+            let dir = work.join(format!("{cache:?}-round-{}", round + 1));
+            let mut servers = vec![
+                Server::start_layercache_with(
+                    ctx.layercache_bin,
+                    &dir.join("layercache"),
+                    &LAYERCACHE_ENV.map(|(k, v)| (k.to_owned(), v.to_owned())),
+                )?,
+                Server::start_distribution(ctx.registry_bin, &dir.join("distribution"))?,
+            ];
+            for server in &mut servers {
+                let registry = Registry::new(ctx.http.clone(), &server.url)?;
+                server.wait_ready(&registry).await?;
             }
-            // Alternate which server goes first, between phases and between rounds, so
-            // neither always follows the other.
-            let order = if (i + round) % 2 == 0 { [0, 1] } else { [1, 0] };
-            for k in order {
-                let server = servers.get_mut(k).context("no such server")?;
-                server.check_alive()?;
-                eprintln!(
-                    "bench: project: round {} {} with {}",
-                    round + 1,
-                    phase.name(),
-                    server.kind.name()
-                );
-                let mut r = run_phase(&daemon, server, phase, &context, unit).await?;
-                r.round = round + 1;
-                eprintln!(
-                    "bench: project: round {} {:<6} {:<12} {:.1} s, server CPU {:.1} s \
-                     ({:.0} % of wall, {:.0} % of the machine's busy CPU), client CPU {:.1} s, \
-                     {} of {} steps cached",
-                    r.round,
-                    phase.name(),
-                    server.kind.name(),
-                    r.secs,
-                    r.server_secs(),
-                    r.server_of_wall_pct,
-                    r.server_of_busy_pct,
-                    r.client_secs,
-                    r.cached,
-                    r.steps
-                );
-                for (key, value) in [
-                    (phase.secs_key(), r.secs),
-                    (phase.cpu_key(), r.server_secs()),
-                    (phase.busy_key(), r.server_of_busy_pct),
-                ] {
-                    samples.entry(key).or_default().push(r.server, value);
+            for svc in SERVICES {
+                write_source(&context, svc, 0)?;
+            }
+            for (i, phase) in Phase::ALL.into_iter().enumerate() {
+                if phase == Phase::Change {
+                    write_source(&context, CHANGED, 1)?;
                 }
-                runs.push(r);
+                // Alternate which server goes first, between phases and between rounds,
+                // so neither always follows the other.
+                let order = if (i + round) % 2 == 0 { [0, 1] } else { [1, 0] };
+                for k in order {
+                    let server = servers.get_mut(k).context("no such server")?;
+                    server.check_alive()?;
+                    eprintln!(
+                        "bench: project: {cache:?} round {} {} with {}",
+                        round + 1,
+                        phase.name(),
+                        server.kind.name()
+                    );
+                    let registry = Registry::new(ctx.http.clone(), &server.url)?;
+                    let mut r =
+                        run_phase(&builder, server, &registry, phase, &context, unit).await?;
+                    r.round = round + 1;
+                    eprintln!(
+                        "bench: project: {cache:?} round {} {:<6} {:<12} {:.1} s, server CPU \
+                         {:.1} s ({:.0} % of wall, {:.0} % of the machine's busy CPU), client \
+                         CPU {:.1} s, {} of {} steps cached",
+                        r.round,
+                        phase.name(),
+                        server.kind.name(),
+                        r.secs,
+                        r.server_secs(),
+                        r.server_of_wall_pct,
+                        r.server_of_busy_pct,
+                        r.client_secs,
+                        r.cached,
+                        r.steps
+                    );
+                    let values = [r.secs, r.server_secs(), r.server_of_busy_pct];
+                    for (key, value) in cache.keys(phase).into_iter().zip(values) {
+                        samples.entry(key).or_default().push(r.server, value);
+                    }
+                    runs.push(r);
+                }
             }
-        }
-        for server in &mut servers {
-            server.check_alive()?;
-        }
-        drop(servers);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            eprintln!("bench: project: could not remove {}: {e}", dir.display());
+            for server in &mut servers {
+                server.check_alive()?;
+            }
+            drop(servers);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("bench: project: could not remove {}: {e}", dir.display());
+            }
         }
     }
-    drop(daemon);
     Ok(Report {
         total_mib: 16 * unit,
         unit_mib: unit,
         services: SERVICES,
         changed: CHANGED,
         steps_per_service: STEPS_PER_SERVICE,
-        cache: "inline (BUILDKIT_INLINE_CACHE=1, mode=min) with --cache-from every service",
+        caches: ctx.caches.clone(),
         runs,
     })
+}
+
+/// The builder of one [`Cache`].
+enum Builder {
+    /// A private dockerd, wiped before each phase.
+    Docker(Daemon),
+    /// buildkitd and buildctl; each phase starts a fresh buildkitd with its state in `dir`.
+    Buildkit { bins: Binaries, dir: PathBuf },
+}
+
+/// A builder wiped for one phase.
+enum Wiped<'a> {
+    Docker(&'a Daemon),
+    Buildkit(buildkit::Daemon),
+}
+
+impl Builder {
+    /// Which cache this builder carries.
+    fn cache(&self) -> Cache {
+        match self {
+            Builder::Docker(_) => Cache::Inline,
+            Builder::Buildkit { .. } => Cache::RegistryMax,
+        }
+    }
+
+    /// The builder for `cache`, working under `work`.
+    async fn new(ctx: &Inputs<'_>, cache: Cache, work: &Path) -> Result<Builder> {
+        Ok(match cache {
+            Cache::Inline => {
+                let daemon =
+                    Daemon::start(ctx.dockerd_bin, ctx.docker_bin, &work.join("docker")).await?;
+                // One small untimed build first, so the fresh daemon's first use of
+                // BuildKit, runc and its layer store is charged to no phase.
+                let warmup = work.join("warmup");
+                e2e::write_context(
+                    &warmup,
+                    ctx.busybox,
+                    "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n",
+                )?;
+                let warmup = warmup.to_str().context("context path is not UTF-8")?;
+                daemon
+                    .run(&["build", "--network=none", "-t", "bench-warmup", warmup])
+                    .await?;
+                Builder::Docker(daemon)
+            }
+            Cache::RegistryMax => Builder::Buildkit {
+                bins: ctx.buildkit.clone().context(
+                    "the registry mode=max builder needs buildkitd and buildctl \
+                     (--buildkitd and --buildctl, or on PATH)",
+                )?,
+                dir: work.join("buildkit"),
+            },
+        })
+    }
+
+    /// The builder with nothing built or cached, able to reach `server`.
+    async fn wiped(&self, server: &Server) -> Result<Wiped<'_>> {
+        Ok(match self {
+            Builder::Docker(daemon) => {
+                daemon.wipe().await?;
+                Wiped::Docker(daemon)
+            }
+            Builder::Buildkit { bins, dir } => {
+                Wiped::Buildkit(buildkit::Daemon::start(bins, dir, &[&server.host]).await?)
+            }
+        })
+    }
+}
+
+/// One service's build in a phase.
+struct Built {
+    svc: &'static str,
+    /// BuildKit's `--progress=plain` output.
+    progress: String,
+    /// Bytes of the OCI archive buildctl exported instead of pushing, if it did.
+    archive_bytes: u64,
+}
+
+impl Wiped<'_> {
+    /// The builder's process: its CPU, and its children's, is the build client's.
+    fn pid(&self) -> u32 {
+        match self {
+            Wiped::Docker(daemon) => daemon.pid(),
+            Wiped::Buildkit(daemon) => daemon.pid(),
+        }
+    }
+
+    /// Build every service for `phase` against the registry at `host`, and push them if
+    /// the phase pushes.
+    async fn build(&self, phase: Phase, host: &str, ctx: &str) -> Result<Vec<Built>> {
+        let image = |svc: &str| format!("{host}/project/{svc}:latest");
+        let mut built = Vec::new();
+        match self {
+            Wiped::Docker(daemon) => {
+                let images: Vec<String> = SERVICES.iter().map(|svc| image(svc)).collect();
+                for (svc, tag) in SERVICES.iter().zip(&images) {
+                    let mut args = vec![
+                        "build",
+                        "--progress=plain",
+                        "--network=none",
+                        "--build-arg",
+                        "BUILDKIT_INLINE_CACHE=1",
+                        "--target",
+                        svc,
+                        "-t",
+                        tag,
+                    ];
+                    if phase.cache_from() {
+                        for from in &images {
+                            args.extend(["--cache-from", from.as_str()]);
+                        }
+                    }
+                    args.push(ctx);
+                    built.push(Built {
+                        svc,
+                        progress: daemon.run(&args).await?,
+                        archive_bytes: 0,
+                    });
+                }
+                if phase.pushes() {
+                    for tag in &images {
+                        daemon.run(&["push", tag]).await?;
+                    }
+                }
+            }
+            Wiped::Buildkit(daemon) => {
+                let cache_ref =
+                    |svc: &str| format!("type=registry,ref={host}/project/{svc}:buildcache");
+                for svc in SERVICES {
+                    let mut args: Vec<String> = [
+                        "--frontend",
+                        "dockerfile.v0",
+                        "--local",
+                        &format!("context={ctx}"),
+                        "--local",
+                        &format!("dockerfile={ctx}"),
+                        "--opt",
+                        &format!("target={svc}"),
+                    ]
+                    .map(str::to_owned)
+                    .into();
+                    if phase.pushes() {
+                        args.extend([
+                            "--output".to_owned(),
+                            format!("type=image,name={},push=true", image(svc)),
+                            "--export-cache".to_owned(),
+                            format!("{},mode=max", cache_ref(svc)),
+                        ]);
+                    }
+                    if phase.cache_from() {
+                        for from in SERVICES {
+                            args.extend(["--import-cache".to_owned(), cache_ref(from)]);
+                        }
+                    }
+                    let build = daemon.build(&args, !phase.pushes()).await?;
+                    built.push(Built {
+                        svc,
+                        progress: build.progress,
+                        archive_bytes: build.archive_bytes,
+                    });
+                }
+            }
+        }
+        Ok(built)
+    }
+
+    /// The size of `built`'s image: as dockerd stored it, as the registry holds it
+    /// (pushed by buildctl), or the archive buildctl exported.
+    async fn image_bytes(&self, built: &Built, registry: &Registry, host: &str) -> Result<u64> {
+        match self {
+            Wiped::Docker(daemon) => {
+                let tag = format!("{host}/project/{}:latest", built.svc);
+                daemon
+                    .run(&["image", "inspect", "--format", "{{.Size}}", &tag])
+                    .await?
+                    .trim()
+                    .parse()
+                    .context("image size")
+            }
+            Wiped::Buildkit(_) if built.archive_bytes > 0 => Ok(built.archive_bytes),
+            Wiped::Buildkit(_) => {
+                registry
+                    .image_bytes(&format!("project/{}", built.svc), "latest")
+                    .await
+            }
+        }
+    }
 }
 
 /// One phase against one server: wipe the builder, build every service (and push them),
 /// then check BuildKit's own account of which steps it ran.
 async fn run_phase(
-    daemon: &Daemon,
+    builder: &Builder,
     server: &Server,
+    registry: &Registry,
     phase: Phase,
     context: &Path,
     unit: usize,
 ) -> Result<Run> {
     let ctx = context.to_str().context("context path is not UTF-8")?;
-    let image = |svc: &str| format!("{}/project/{svc}:latest", server.host);
-    let images: Vec<String> = SERVICES.iter().map(|svc| image(svc)).collect();
-    daemon.wipe().await?;
+    let wiped = builder.wiped(server).await?;
     crate::settle();
 
     let cpu0 = server.cpu()?;
-    let client0 = client_cpu_secs(daemon)?;
+    let client0 = client_cpu_secs(wiped.pid())?;
     let busy0 = servers::machine_busy_secs()?;
     let start = Instant::now();
-    let mut outputs = Vec::new();
-    for (svc, tag) in SERVICES.iter().zip(&images) {
-        let mut args = vec![
-            "build",
-            "--progress=plain",
-            "--network=none",
-            "--build-arg",
-            "BUILDKIT_INLINE_CACHE=1",
-            "--target",
-            svc,
-            "-t",
-            tag,
-        ];
-        if phase.cache_from() {
-            for from in &images {
-                args.extend(["--cache-from", from.as_str()]);
-            }
-        }
-        args.push(ctx);
-        outputs.push((*svc, daemon.run(&args).await?));
-    }
-    if phase.pushes() {
-        for tag in &images {
-            daemon.run(&["push", tag]).await?;
-        }
-    }
+    let built = wiped.build(phase, &server.host, ctx).await?;
     let secs = start.elapsed().as_secs_f64();
     let busy = servers::machine_busy_secs()? - busy0;
     let cpu = server.cpu()?.since(cpu0);
-    let client = client_cpu_secs(daemon)? - client0;
+    let client = client_cpu_secs(wiped.pid())? - client0;
 
     let evicted = match server.kind {
         Kind::Layercache => {
@@ -475,35 +671,30 @@ async fn run_phase(
     let mut steps = 0;
     let mut cached = 0;
     let mut ran = Vec::new();
-    for (svc, out) in &outputs {
-        let built = e2e::build_steps(out);
-        check_steps(phase, svc, &built, out)
+    let mut image_bytes = BTreeMap::new();
+    for b in &built {
+        let svc = b.svc;
+        let found = e2e::build_steps(&b.progress);
+        check_steps(phase, svc, &found, &b.progress)
             .with_context(|| format!("{} phase against {}", phase.name(), server.kind.name()))?;
-        steps += built.len();
-        cached += built.iter().filter(|s| s.cached).count();
+        steps += found.len();
+        cached += found.iter().filter(|s| !s.ran()).count();
         ran.extend(
-            built
+            found
                 .iter()
-                .filter(|s| !s.cached)
+                .filter(|s| s.ran())
                 .map(|s| format!("{svc}: {}", s.name)),
         );
-    }
-    let mut image_bytes = BTreeMap::new();
-    for (svc, tag) in SERVICES.iter().zip(&images) {
-        let bytes: u64 = daemon
-            .run(&["image", "inspect", "--format", "{{.Size}}", tag])
-            .await?
-            .trim()
-            .parse()
-            .context("image size")?;
+        let bytes = wiped.image_bytes(b, registry, &server.host).await?;
         let expected = (8 * unit as u64) << 20;
         ensure!(
             bytes >= expected,
             "{svc} is {bytes} bytes, expected at least {expected}"
         );
-        image_bytes.insert(*svc, bytes);
+        image_bytes.insert(svc, bytes);
     }
     Ok(Run {
+        cache: builder.cache(),
         round: 0,
         phase,
         server: server.kind,
@@ -534,13 +725,7 @@ fn check_steps(phase: Phase, svc: &str, steps: &[Step], out: &str) -> Result<()>
     let show = || {
         let mut lines: Vec<String> = steps
             .iter()
-            .map(|s| {
-                format!(
-                    "  {} {}",
-                    if s.cached { "CACHED" } else { "ran   " },
-                    s.name
-                )
-            })
+            .map(|s| format!("  {} {}", if s.ran() { "ran   " } else { "CACHED" }, s.name))
             .collect();
         // What BuildKit said about the cache it imported, to tell a miss from a failure.
         lines.extend(
@@ -559,7 +744,7 @@ fn check_steps(phase: Phase, svc: &str, steps: &[Step], out: &str) -> Result<()>
     );
     let ran: Vec<&str> = steps
         .iter()
-        .filter(|s| !s.cached)
+        .filter(|s| s.ran())
         .map(|s| s.name.as_str())
         .collect();
     match phase {
@@ -594,11 +779,12 @@ fn check_steps(phase: Phase, svc: &str, steps: &[Step], out: &str) -> Result<()>
     }
 }
 
-/// CPU seconds so far of the build client: the private dockerd's process tree (each
-/// process's own time and that of the children it has waited for, which is where
-/// BuildKit's finished `RUN` steps land), and the docker CLI runs this process has
-/// waited for (with this process's own, small, time).
-fn client_cpu_secs(daemon: &Daemon) -> Result<f64> {
+/// CPU seconds so far of the build client: the process tree of the `builder` daemon
+/// (dockerd or buildkitd; each process's own time and that of the children it has
+/// waited for, which is where BuildKit's finished `RUN` steps land), and the clients
+/// (docker CLI, buildctl) this process has waited for (with this process's own, small,
+/// time).
+fn client_cpu_secs(builder: u32) -> Result<f64> {
     let mut procs: Vec<(u32, u32, f64)> = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
@@ -625,7 +811,7 @@ fn client_cpu_secs(daemon: &Daemon) -> Result<f64> {
             procs.push((pid, ppid as u32, (u + s + cu + cs) as f64 / 100.0));
         }
     }
-    let mut tree = vec![daemon.pid()];
+    let mut tree = vec![builder];
     let mut total = 0.0;
     let mut i = 0;
     while let Some(&parent) = tree.get(i) {
@@ -698,72 +884,120 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// The workload as a table: every phase per server, the ratio, the server's CPU.
-pub fn table(report: &Report) -> String {
-    let find = |round: usize, phase: Phase, kind: Kind| {
-        report
-            .runs
-            .iter()
-            .find(|r| r.round == round && r.phase == phase && r.server == kind)
-    };
-    let rounds = report.runs.iter().map(|r| r.round).max().unwrap_or(0);
+/// The report's rows for the workload's figures (key, label, unit, limit, target): each
+/// phase's wall time, which layercache must not take longer than distribution, and the
+/// server's CPU seconds and share of the machine's busy CPU, for each cache.
+pub fn figure_rows() -> Vec<(&'static str, String, &'static str, Option<f64>, Target)> {
     let mut rows = Vec::new();
-    for (round, phase) in
-        (1..=rounds).flat_map(|n| [Phase::Cold, Phase::Warm, Phase::Change].map(|p| (n, p)))
-    {
-        let dist = find(round, phase, Kind::Distribution).map(|r| r.secs);
-        for kind in [Kind::Layercache, Kind::Distribution] {
-            let Some(r) = find(round, phase, kind) else {
-                continue;
+    for cache in [Cache::Inline, Cache::RegistryMax] {
+        let name = match cache {
+            Cache::Inline => "project",
+            Cache::RegistryMax => "project mode=max",
+        };
+        for phase in Phase::ALL {
+            let what = match phase {
+                Phase::Cold => "cold build + push",
+                Phase::Warm => "warm rebuild, wiped builder",
+                Phase::Change => "one source change, rebuild + push",
             };
-            let ratio = match (kind, dist) {
-                (Kind::Layercache, Some(d)) if d > 0.0 => format!("{:.2}x", r.secs / d),
-                _ => "-".into(),
-            };
-            rows.push(vec![
-                round.to_string(),
-                phase.name().to_owned(),
-                kind.name().to_owned(),
-                report::num(r.secs),
-                ratio,
-                format!(
-                    "{} ({} user, {} sys)",
-                    report::num(r.server_secs()),
-                    report::num(r.server_user_secs),
-                    report::num(r.server_system_secs)
+            let [secs, cpu, busy] = cache.keys(phase);
+            let phase = phase.name();
+            rows.extend([
+                (
+                    secs,
+                    format!("{name}: {what}"),
+                    "s",
+                    None,
+                    Target::AtMostRatio { ratio: 1.0 },
                 ),
-                format!("{:.1} %", r.server_of_wall_pct),
-                format!("{:.1} %", r.server_of_busy_pct),
-                report::num(r.client_secs),
-                report::num(r.machine_busy_secs - r.server_secs() - r.client_secs),
-                format!("{}/{}", r.cached, r.steps),
-                format!("{:.2}", r.stored_bytes as f64 / (1u64 << 30) as f64),
+                (
+                    cpu,
+                    format!("{name} {phase}: server CPU"),
+                    "CPU-s",
+                    None,
+                    Target::None,
+                ),
+                (
+                    busy,
+                    format!("{name} {phase}: server share of the machine's busy CPU"),
+                    "%",
+                    None,
+                    Target::None,
+                ),
             ]);
         }
     }
-    format!(
-        "project: {} services, {} MiB of layers, {}\n{}",
-        report.services.len(),
-        report.total_mib,
-        report.cache,
-        report::render(
-            &[
-                "round",
-                "phase",
-                "server",
-                "wall s",
-                "lc/dist",
-                "server CPU s",
-                "of wall",
-                "of machine busy",
-                "client CPU s",
-                "rest of machine CPU s",
-                "cached",
-                "stored GiB",
-            ],
-            &rows,
-        )
-    )
+    rows
+}
+
+/// The workload as tables, one per cache: every phase per server, the ratio, the
+/// server's CPU.
+pub fn table(report: &Report) -> String {
+    let rounds = report.runs.iter().map(|r| r.round).max().unwrap_or(0);
+    let mut tables = Vec::new();
+    for &cache in &report.caches {
+        let find = |round: usize, phase: Phase, kind: Kind| {
+            report.runs.iter().find(|r| {
+                r.cache == cache && r.round == round && r.phase == phase && r.server == kind
+            })
+        };
+        let mut rows = Vec::new();
+        for (round, phase) in (1..=rounds).flat_map(|n| Phase::ALL.map(|p| (n, p))) {
+            let dist = find(round, phase, Kind::Distribution).map(|r| r.secs);
+            for kind in [Kind::Layercache, Kind::Distribution] {
+                let Some(r) = find(round, phase, kind) else {
+                    continue;
+                };
+                let ratio = match (kind, dist) {
+                    (Kind::Layercache, Some(d)) if d > 0.0 => format!("{:.2}x", r.secs / d),
+                    _ => "-".into(),
+                };
+                rows.push(vec![
+                    round.to_string(),
+                    phase.name().to_owned(),
+                    kind.name().to_owned(),
+                    report::num(r.secs),
+                    ratio,
+                    format!(
+                        "{} ({} user, {} sys)",
+                        report::num(r.server_secs()),
+                        report::num(r.server_user_secs),
+                        report::num(r.server_system_secs)
+                    ),
+                    format!("{:.1} %", r.server_of_wall_pct),
+                    format!("{:.1} %", r.server_of_busy_pct),
+                    report::num(r.client_secs),
+                    report::num(r.machine_busy_secs - r.server_secs() - r.client_secs),
+                    format!("{}/{}", r.cached, r.steps),
+                    format!("{:.2}", r.stored_bytes as f64 / (1u64 << 30) as f64),
+                ]);
+            }
+        }
+        tables.push(format!(
+            "project: {} services, {} MiB of layers, {}\n{}",
+            report.services.len(),
+            report.total_mib,
+            cache.describe(),
+            report::render(
+                &[
+                    "round",
+                    "phase",
+                    "server",
+                    "wall s",
+                    "lc/dist",
+                    "server CPU s",
+                    "of wall",
+                    "of machine busy",
+                    "client CPU s",
+                    "rest of machine CPU s",
+                    "cached",
+                    "stored GiB",
+                ],
+                &rows,
+            )
+        ));
+    }
+    tables.join("\n")
 }
 
 #[cfg(test)]
@@ -825,6 +1059,7 @@ mod tests {
         Step {
             name: name.into(),
             cached,
+            printed: !cached,
         }
     }
 

@@ -215,6 +215,32 @@ impl Registry {
         Ok(body.len())
     }
 
+    /// The bytes of the layers of the image manifest `repo:reference` (OCI or Docker
+    /// schema 2), as the manifest states them.
+    pub async fn image_bytes(&self, repo: &str, reference: &str) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Manifest {
+            layers: Vec<Layer>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Layer {
+            size: u64,
+        }
+        let response = self
+            .client
+            .get(self.url(&format!("/v2/{repo}/manifests/{reference}"))?)
+            .header(
+                ACCEPT,
+                format!("{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"),
+            )
+            .send()
+            .await?;
+        let body = success(response, "GET manifest").await?.bytes().await?;
+        let manifest: Manifest = serde_json::from_slice(&body)
+            .with_context(|| format!("the image manifest of {repo}:{reference}"))?;
+        Ok(manifest.layers.iter().map(|l| l.size).sum())
+    }
+
     /// `DELETE /v2/<repo>/manifests/<digest>`: the manifest and the tags pointing at it.
     pub async fn delete_manifest(&self, repo: &str, digest: &str) -> Result<()> {
         let response = self

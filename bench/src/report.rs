@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::limits::{GIB, MB};
+use crate::project;
 use crate::servers::Kind;
 use crate::workloads::Shape;
 
@@ -326,7 +327,7 @@ pub fn figures(
     };
     let gib_cpu = |target| Target::AtMost { value: target };
     let null_cpu = |key: &str| limits.actions_null_cpu.get(key).map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 63] = [
+    let rows: [(&str, String, &str, Option<f64>, Target); 54] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -723,71 +724,9 @@ pub fn figures(
             None,
             Target::AtMost { value: 25.0 },
         ),
-        (
-            "project_cold_s",
-            "project, 3 services: cold build + push".into(),
-            "s",
-            None,
-            Target::AtMostRatio { ratio: 1.0 },
-        ),
-        (
-            "project_warm_s",
-            "project: warm rebuild, wiped builder".into(),
-            "s",
-            None,
-            Target::AtMostRatio { ratio: 1.0 },
-        ),
-        (
-            "project_change_s",
-            "project: one source change, rebuild + push".into(),
-            "s",
-            None,
-            Target::AtMostRatio { ratio: 1.0 },
-        ),
-        (
-            "project_cold_cpu_s",
-            "project cold: server CPU".into(),
-            "CPU-s",
-            None,
-            Target::None,
-        ),
-        (
-            "project_warm_cpu_s",
-            "project warm: server CPU".into(),
-            "CPU-s",
-            None,
-            Target::None,
-        ),
-        (
-            "project_change_cpu_s",
-            "project change: server CPU".into(),
-            "CPU-s",
-            None,
-            Target::None,
-        ),
-        (
-            "project_cold_cpu_pct",
-            "project cold: server share of the machine's busy CPU".into(),
-            "%",
-            None,
-            Target::None,
-        ),
-        (
-            "project_warm_cpu_pct",
-            "project warm: server share of the machine's busy CPU".into(),
-            "%",
-            None,
-            Target::None,
-        ),
-        (
-            "project_change_cpu_pct",
-            "project change: server share of the machine's busy CPU".into(),
-            "%",
-            None,
-            Target::None,
-        ),
     ];
     rows.into_iter()
+        .chain(project::figure_rows())
         .filter_map(|(key, label, unit, limit, target)| {
             let s = samples.get(key).filter(|s| !s.is_empty())?;
             Some(Figure::new(key, &label, unit, s, limit, target))

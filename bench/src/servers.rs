@@ -316,6 +316,48 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Wait until the daemon `child` (`name`, logging to `log`) answers, that is until
+/// `probe`, a command of its client, succeeds: an error if the daemon exits first or
+/// 60 s pass.
+pub async fn wait_answering(
+    child: &mut Child,
+    name: &str,
+    log: &Path,
+    probe: &mut tokio::process::Command,
+) -> Result<()> {
+    probe
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited with {status}:\n{}", tail(log));
+        }
+        if probe.status().await.is_ok_and(|s| s.success()) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("{name} did not answer in 60 s:\n{}", tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stop the daemon `child` gracefully, so it can unmount what it mounted: `SIGTERM`, up
+/// to 30 s to exit, killed after that.
+pub fn stop_daemon(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The last lines of a log file, for error messages.
 pub fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
