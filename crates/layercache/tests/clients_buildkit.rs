@@ -3,7 +3,9 @@
 //! reference of its own with `mode=max`; on a fresh buildkitd (nothing built, nothing
 //! cached) the image is rebuilt from that reference alone with every step `CACHED`,
 //! and so is an intermediate stage that only `mode=max` exports; the rebuilt image's
-//! layers, read back from layercache, are the pushed ones byte for byte.
+//! layers, read back from layercache, are the pushed ones byte for byte; and `expect`
+//! judges the two builds' sessions as what they were: a cold build that only wrote, and a
+//! warm one that imported the cache and missed nothing.
 //!
 //! Debian packages neither buildkitd nor buildctl and no registry this project reaches
 //! ships them, so the test runs where both are on `PATH` (the README says how to build
@@ -149,6 +151,36 @@ fn digests(doc: &Value, list: &str, config: bool) -> BTreeSet<String> {
         .collect()
 }
 
+/// `layercache expect` for `cache/app` since `since` with `checks`: whether it passed,
+/// and what it printed.
+fn expect(server: &common::Server, since: u64, checks: &[&str]) -> (bool, String) {
+    let since = since.to_string();
+    let mut args = vec![
+        "expect",
+        "--server",
+        &server.url,
+        "--repo",
+        "cache/app",
+        "--since",
+        &since,
+    ];
+    args.extend(checks);
+    let out = common::layercache(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 fn sha256_file(path: &Path) -> String {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
@@ -174,6 +206,7 @@ fn registry_cache_mode_max_rebuilds_every_stage_cached_on_a_fresh_buildkitd() {
         return;
     }
     let server = common::Server::start();
+    let cold_since = now_secs();
     let context = common::busybox_context(&server, "Dockerfile", DOCKERFILE);
     let image = format!("{}/cache/app:v1", server.host);
     let cache = format!("{}/cache/app:buildcache", server.host);
@@ -205,6 +238,13 @@ fn registry_cache_mode_max_rebuilds_every_stage_cached_on_a_fresh_buildkitd() {
         "{cold}"
     );
 
+    // Its build session wrote to the cache and read nothing from it (judged before the
+    // reads below, which are a client's reads like any other).
+    let (passed, out) = expect(&server, cold_since, &["--writes"]);
+    assert!(passed, "{out}");
+    let (passed, out) = expect(&server, cold_since, &["--reads"]);
+    assert!(!passed, "a cold build passed --reads:\n{out}");
+
     // The cache is an OCI index of BuildKit's cache config and every layer: the image's,
     // and the `tool` stage's, which the image does not hold.
     let pushed = raw_manifest(&image);
@@ -224,6 +264,7 @@ fn registry_cache_mode_max_rebuilds_every_stage_cached_on_a_fresh_buildkitd() {
 
     // Warm, on a fresh builder importing the cache alone: every step CACHED, and the
     // image's layers come from layercache as pushed.
+    let warm_since = now_secs();
     let archive_dir = tempfile::tempdir().unwrap();
     let archive = archive_dir.path().join("image.tar");
     let warm = {
@@ -263,6 +304,9 @@ fn registry_cache_mode_max_rebuilds_every_stage_cached_on_a_fresh_buildkitd() {
     for layer in &image_layers {
         assert_eq!(&sha256_file(&blob(layer)), layer, "layer bytes differ");
     }
+    // Its build session imported the cache and missed nothing.
+    let (passed, out) = expect(&server, warm_since, &["--reads", "--min-hit-ratio", "0.9"]);
+    assert!(passed && out.contains(" 0 miss(es)"), "{out}");
 
     // The intermediate stage alone, on another fresh builder: cached too, which only
     // the mode=max export makes possible.
