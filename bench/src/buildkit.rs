@@ -54,8 +54,8 @@ pub struct Daemon {
 pub struct Build {
     /// Its `--progress=plain` output.
     pub progress: String,
-    /// Bytes of the exported OCI archive, when the build exported one to `buildctl`.
-    pub archive_bytes: u64,
+    /// Bytes of the OCI archive, when the build exported one to `buildctl`.
+    pub archive_bytes: Option<u64>,
 }
 
 impl Daemon {
@@ -103,19 +103,14 @@ impl Daemon {
     /// Run `buildctl build` with `args` (after `--progress=plain`); with `archive`, the
     /// build's OCI archive comes to buildctl's standard output and is counted, not kept.
     pub async fn build(&self, args: &[String], archive: bool) -> Result<Build> {
-        let mut all = vec!["build".to_owned(), "--progress=plain".to_owned()];
-        all.extend(args.iter().cloned());
+        let mut command = tokio::process::Command::new(&self.buildctl);
+        command
+            .args(["--addr", &self.addr, "build", "--progress=plain"])
+            .args(args);
         if archive {
-            all.extend(["--output".to_owned(), "type=oci,dest=-".to_owned()]);
+            command.args(["--output", "type=oci,dest=-"]);
         }
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        self.buildctl(&all, archive).await
-    }
-
-    async fn buildctl(&self, args: &[&str], archive: bool) -> Result<Build> {
-        let mut child = tokio::process::Command::new(&self.buildctl)
-            .args(["--addr", &self.addr])
-            .args(args)
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -127,11 +122,11 @@ impl Daemon {
         let count = async {
             if archive {
                 let bytes = tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await?;
-                anyhow::Ok((bytes, Vec::new()))
+                anyhow::Ok((Some(bytes), Vec::new()))
             } else {
                 let mut text = Vec::new();
                 stdout.read_to_end(&mut text).await?;
-                anyhow::Ok((0, text))
+                anyhow::Ok((None, text))
             }
         };
         let progress = async {

@@ -54,7 +54,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::buildkit::{self, Binaries};
@@ -363,71 +363,17 @@ async fn run_in(
     let mut runs = Vec::new();
     for &cache in &ctx.caches {
         let builder = Builder::new(ctx, cache, work).await?;
-        for round in 0..ctx.rounds {
+        for round in 1..=ctx.rounds {
             // Fresh servers every round (the last round's removed), so each cold push is
             // cold and the disk holds one round's images at a time.
-            let dir = work.join(format!("{cache:?}-round-{}", round + 1));
-            let mut servers = vec![
-                Server::start_layercache_with(
-                    ctx.layercache_bin,
-                    &dir.join("layercache"),
-                    &LAYERCACHE_ENV.map(|(k, v)| (k.to_owned(), v.to_owned())),
-                )?,
-                Server::start_distribution(ctx.registry_bin, &dir.join("distribution"))?,
-            ];
-            for server in &mut servers {
-                let registry = Registry::new(ctx.http.clone(), &server.url)?;
-                server.wait_ready(&registry).await?;
-            }
-            for svc in SERVICES {
-                write_source(&context, svc, 0)?;
-            }
-            for (i, phase) in Phase::ALL.into_iter().enumerate() {
-                if phase == Phase::Change {
-                    write_source(&context, CHANGED, 1)?;
+            let dir = work.join(format!("{cache:?}-round-{round}"));
+            for r in run_round(ctx, &builder, round, &dir, &context, unit).await? {
+                let values = [r.secs, r.server_secs(), r.server_of_busy_pct];
+                for (key, value) in cache.keys(r.phase).into_iter().zip(values) {
+                    samples.entry(key).or_default().push(r.server, value);
                 }
-                // Alternate which server goes first, between phases and between rounds,
-                // so neither always follows the other.
-                let order = if (i + round) % 2 == 0 { [0, 1] } else { [1, 0] };
-                for k in order {
-                    let server = servers.get_mut(k).context("no such server")?;
-                    server.check_alive()?;
-                    eprintln!(
-                        "bench: project: {cache:?} round {} {} with {}",
-                        round + 1,
-                        phase.name(),
-                        server.kind.name()
-                    );
-                    let registry = Registry::new(ctx.http.clone(), &server.url)?;
-                    let mut r =
-                        run_phase(&builder, server, &registry, phase, &context, unit).await?;
-                    r.round = round + 1;
-                    eprintln!(
-                        "bench: project: {cache:?} round {} {:<6} {:<12} {:.1} s, server CPU \
-                         {:.1} s ({:.0} % of wall, {:.0} % of the machine's busy CPU), client \
-                         CPU {:.1} s, {} of {} steps cached",
-                        r.round,
-                        phase.name(),
-                        server.kind.name(),
-                        r.secs,
-                        r.server_secs(),
-                        r.server_of_wall_pct,
-                        r.server_of_busy_pct,
-                        r.client_secs,
-                        r.cached,
-                        r.steps
-                    );
-                    let values = [r.secs, r.server_secs(), r.server_of_busy_pct];
-                    for (key, value) in cache.keys(phase).into_iter().zip(values) {
-                        samples.entry(key).or_default().push(r.server, value);
-                    }
-                    runs.push(r);
-                }
+                runs.push(r);
             }
-            for server in &mut servers {
-                server.check_alive()?;
-            }
-            drop(servers);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 eprintln!("bench: project: could not remove {}: {e}", dir.display());
             }
@@ -442,6 +388,87 @@ async fn run_in(
         caches: ctx.caches.clone(),
         runs,
     })
+}
+
+/// One round (from 1) of every phase against fresh servers in `dir`, alternating which
+/// server goes first; its runs, in the order run.
+async fn run_round(
+    ctx: &Inputs<'_>,
+    builder: &Builder,
+    round: usize,
+    dir: &Path,
+    context: &Path,
+    unit: usize,
+) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    let cache = builder.cache();
+    let mut servers = vec![
+        Server::start_layercache_with(
+            ctx.layercache_bin,
+            &dir.join("layercache"),
+            &LAYERCACHE_ENV.map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )?,
+        Server::start_distribution(ctx.registry_bin, &dir.join("distribution"))?,
+    ];
+    let mut registries = Vec::new();
+    for server in &mut servers {
+        let registry = Registry::new(ctx.http.clone(), &server.url)?;
+        server.wait_ready(&registry).await?;
+        registries.push(registry);
+    }
+    for svc in SERVICES {
+        write_source(context, svc, 0)?;
+    }
+    for (i, phase) in Phase::ALL.into_iter().enumerate() {
+        if phase == Phase::Change {
+            write_source(context, CHANGED, 1)?;
+        }
+        // Alternate which server goes first, between phases and between rounds, so
+        // neither always follows the other.
+        let order = if (i + round) % 2 == 1 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let (Some(server), Some(registry)) = (servers.get_mut(k), registries.get(k)) else {
+                bail!("no server {k}");
+            };
+            server.check_alive()?;
+            eprintln!(
+                "bench: project: {cache:?} round {round} {} with {}",
+                phase.name(),
+                server.kind.name()
+            );
+            let mut r = run_phase(builder, server, registry, phase, context, unit).await?;
+            r.round = round;
+            eprintln!(
+                "bench: project: {cache:?} round {round} {:<6} {:<12} {:.1} s, server CPU \
+                 {:.1} s ({:.0} % of wall, {:.0} % of the machine's busy CPU), client CPU \
+                 {:.1} s, {} of {} steps cached",
+                phase.name(),
+                server.kind.name(),
+                r.secs,
+                r.server_secs(),
+                r.server_of_wall_pct,
+                r.server_of_busy_pct,
+                r.client_secs,
+                r.cached,
+                r.steps
+            );
+            runs.push(r);
+        }
+    }
+    for server in &mut servers {
+        server.check_alive()?;
+    }
+    Ok(runs)
+}
+
+/// The repository of `svc`'s image and cache.
+fn repo(svc: &str) -> String {
+    format!("project/{svc}")
+}
+
+/// The image `svc` is tagged and pushed as on the registry at `host`.
+fn image(host: &str, svc: &str) -> String {
+    format!("{host}/{}:latest", repo(svc))
 }
 
 /// The builder of one [`Cache`].
@@ -517,7 +544,7 @@ struct Built {
     /// BuildKit's `--progress=plain` output.
     progress: String,
     /// Bytes of the OCI archive buildctl exported instead of pushing, if it did.
-    archive_bytes: u64,
+    archive_bytes: Option<u64>,
 }
 
 impl Wiped<'_> {
@@ -532,11 +559,10 @@ impl Wiped<'_> {
     /// Build every service for `phase` against the registry at `host`, and push them if
     /// the phase pushes.
     async fn build(&self, phase: Phase, host: &str, ctx: &str) -> Result<Vec<Built>> {
-        let image = |svc: &str| format!("{host}/project/{svc}:latest");
         let mut built = Vec::new();
         match self {
             Wiped::Docker(daemon) => {
-                let images: Vec<String> = SERVICES.iter().map(|svc| image(svc)).collect();
+                let images: Vec<String> = SERVICES.iter().map(|svc| image(host, svc)).collect();
                 for (svc, tag) in SERVICES.iter().zip(&images) {
                     let mut args = vec![
                         "build",
@@ -558,7 +584,7 @@ impl Wiped<'_> {
                     built.push(Built {
                         svc,
                         progress: daemon.run(&args).await?,
-                        archive_bytes: 0,
+                        archive_bytes: None,
                     });
                 }
                 if phase.pushes() {
@@ -569,7 +595,7 @@ impl Wiped<'_> {
             }
             Wiped::Buildkit(daemon) => {
                 let cache_ref =
-                    |svc: &str| format!("type=registry,ref={host}/project/{svc}:buildcache");
+                    |svc: &str| format!("type=registry,ref={host}/{}:buildcache", repo(svc));
                 for svc in SERVICES {
                     let mut args: Vec<String> = [
                         "--frontend",
@@ -586,7 +612,7 @@ impl Wiped<'_> {
                     if phase.pushes() {
                         args.extend([
                             "--output".to_owned(),
-                            format!("type=image,name={},push=true", image(svc)),
+                            format!("type=image,name={},push=true", image(host, svc)),
                             "--export-cache".to_owned(),
                             format!("{},mode=max", cache_ref(svc)),
                         ]);
@@ -612,21 +638,22 @@ impl Wiped<'_> {
     /// (pushed by buildctl), or the archive buildctl exported.
     async fn image_bytes(&self, built: &Built, registry: &Registry, host: &str) -> Result<u64> {
         match self {
-            Wiped::Docker(daemon) => {
-                let tag = format!("{host}/project/{}:latest", built.svc);
-                daemon
-                    .run(&["image", "inspect", "--format", "{{.Size}}", &tag])
-                    .await?
-                    .trim()
-                    .parse()
-                    .context("image size")
-            }
-            Wiped::Buildkit(_) if built.archive_bytes > 0 => Ok(built.archive_bytes),
-            Wiped::Buildkit(_) => {
-                registry
-                    .image_bytes(&format!("project/{}", built.svc), "latest")
-                    .await
-            }
+            Wiped::Docker(daemon) => daemon
+                .run(&[
+                    "image",
+                    "inspect",
+                    "--format",
+                    "{{.Size}}",
+                    &image(host, built.svc),
+                ])
+                .await?
+                .trim()
+                .parse()
+                .context("image size"),
+            Wiped::Buildkit(_) => match built.archive_bytes {
+                Some(bytes) => Ok(bytes),
+                None => registry.image_bytes(&repo(built.svc), "latest").await,
+            },
         }
     }
 }

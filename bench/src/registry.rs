@@ -205,14 +205,18 @@ impl Registry {
 
     /// `GET /v2/<repo>/manifests/<reference>`; returns the body's length.
     pub async fn get_manifest(&self, repo: &str, reference: &str, accept: &str) -> Result<usize> {
+        Ok(self.manifest(repo, reference, accept).await?.len())
+    }
+
+    /// The body of `GET /v2/<repo>/manifests/<reference>` with `accept`.
+    async fn manifest(&self, repo: &str, reference: &str, accept: &str) -> Result<Bytes> {
         let response = self
             .client
             .get(self.url(&format!("/v2/{repo}/manifests/{reference}"))?)
             .header(ACCEPT, accept)
             .send()
             .await?;
-        let body = success(response, "GET manifest").await?.bytes().await?;
-        Ok(body.len())
+        Ok(success(response, "GET manifest").await?.bytes().await?)
     }
 
     /// The bytes of the layers of the image manifest `repo:reference` (OCI or Docker
@@ -226,16 +230,9 @@ impl Registry {
         struct Layer {
             size: u64,
         }
-        let response = self
-            .client
-            .get(self.url(&format!("/v2/{repo}/manifests/{reference}"))?)
-            .header(
-                ACCEPT,
-                format!("{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"),
-            )
-            .send()
-            .await?;
-        let body = success(response, "GET manifest").await?.bytes().await?;
+        let accept =
+            format!("{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json");
+        let body = self.manifest(repo, reference, &accept).await?;
         let manifest: Manifest = serde_json::from_slice(&body)
             .with_context(|| format!("the image manifest of {repo}:{reference}"))?;
         Ok(manifest.layers.iter().map(|l| l.size).sum())

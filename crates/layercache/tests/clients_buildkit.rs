@@ -154,18 +154,7 @@ fn digests(doc: &Value, list: &str, config: bool) -> BTreeSet<String> {
 /// `layercache expect` for `cache/app` since `since` with `checks`: whether it passed,
 /// and what it printed.
 fn expect(server: &common::Server, since: u64, checks: &[&str]) -> (bool, String) {
-    let since = since.to_string();
-    let mut args = vec![
-        "expect",
-        "--server",
-        &server.url,
-        "--repo",
-        "cache/app",
-        "--since",
-        &since,
-    ];
-    args.extend(checks);
-    let out = common::layercache(&args);
+    let out = common::expect(server, "cache/app", &since.to_string(), checks);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -181,24 +170,9 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
-fn sha256_file(path: &Path) -> String {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut hasher).unwrap();
-    format!("sha256:{}", hex::encode(hasher.finalize()))
-}
-
-fn found(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn registry_cache_mode_max_rebuilds_every_stage_cached_on_a_fresh_buildkitd() {
-    if !(found("buildkitd") && found("buildctl")) {
+    if !(common::on_path("buildkitd") && common::on_path("buildctl")) {
         eprintln!("SKIPPED: buildkitd and buildctl are not on PATH (Debian packages neither)");
         return;
     }
@@ -302,7 +276,11 @@ fn registry_cache_mode_max_rebuilds_every_stage_cached_on_a_fresh_buildkitd() {
     let manifest = read(oci_index["manifests"][0]["digest"].as_str().unwrap());
     assert_eq!(digests(&manifest, "layers", false), image_layers);
     for layer in &image_layers {
-        assert_eq!(&sha256_file(&blob(layer)), layer, "layer bytes differ");
+        assert_eq!(
+            &common::file_digest(&blob(layer)),
+            layer,
+            "layer bytes differ"
+        );
     }
     // Its build session imported the cache and missed nothing.
     let (passed, out) = expect(&server, warm_since, &["--reads", "--min-hit-ratio", "0.9"]);

@@ -142,12 +142,6 @@ impl Layout {
     }
 }
 
-fn file_digest(path: &Path) -> String {
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut File::open(path).unwrap(), &mut hasher).unwrap();
-    format!("sha256:{}", hex::encode(hasher.finalize()))
-}
-
 /// Copy `image` out of the registry into a new layout at `dir`; check that the manifest
 /// bytes and every layer come back as pushed.
 fn pull_unchanged(image: &str, dir: &Path, manifest: &[u8], layers: &[&Blob]) {
@@ -185,7 +179,7 @@ fn pull_unchanged(image: &str, dir: &Path, manifest: &[u8], layers: &[&Blob]) {
         let path = blob(&layer.digest);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), layer.size);
         assert_eq!(
-            file_digest(&path),
+            common::file_digest(&path),
             layer.digest,
             "{image}: layer bytes differ"
         );

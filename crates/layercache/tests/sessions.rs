@@ -21,11 +21,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::layercache;
+use common::{expect, layercache};
 use serde_json::{Value, json};
 use server::sessions::Session;
 
@@ -193,21 +193,6 @@ fn settle(server: &common::Server, repo: &str) {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// Run `layercache expect` against the server for `repo` since `since`, with `checks`.
-fn expect(server: &common::Server, repo: &str, since: &str, checks: &[&str]) -> Output {
-    let mut args = vec![
-        "expect",
-        "--server",
-        &server.url,
-        "--repo",
-        repo,
-        "--since",
-        since,
-    ];
-    args.extend(checks);
-    layercache(&args)
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -249,14 +249,18 @@ pub fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
-/// Whether a real-client test must fail (CI) rather than skip when `tool` is missing.
-pub fn require_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
+/// Whether `tool` is a command on `PATH`.
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
         .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether a real-client test must fail (CI) rather than skip when `tool` is missing.
+pub fn require_tool(tool: &str) -> bool {
+    let found = on_path(tool);
     if !found {
         let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
             || std::env::var("REQUIRE_REAL_CLIENTS").is_ok_and(|v| v == "1");
@@ -264,6 +268,29 @@ pub fn require_tool(tool: &str) -> bool {
         eprintln!("SKIPPED: {tool} is not installed");
     }
     found
+}
+
+/// The `sha256:` digest of the file at `path`.
+pub fn file_digest(path: &Path) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut hasher).unwrap();
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// Run `layercache expect` against `server` for `repo` since `since`, with `checks`.
+pub fn expect(server: &Server, repo: &str, since: &str, checks: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "expect",
+        "--server",
+        &server.url,
+        "--repo",
+        repo,
+        "--since",
+        since,
+    ];
+    args.extend(checks);
+    layercache(&args)
 }
 
 /// Deterministic pseudo-random bytes: `len` bytes of stream `seed`, generated in chunks.
