@@ -4,10 +4,12 @@
 //! Writes go to one writer thread that commits them in groups: every write queued while
 //! the previous commit was syncing runs in its own savepoint of one transaction, and all
 //! are acknowledged after that transaction's single fsync. Reads use a small pool of
-//! connections on blocking threads.
+//! connections on blocking threads; blob links once found are answered from memory
+//! ([`links`]) until a removal.
 
 mod entries;
 mod evict;
+mod links;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -166,6 +168,7 @@ pub struct SqliteMeta {
     jobs: mpsc::Sender<Job>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<AtomicUsize>,
+    links: Arc<links::LinkCache>,
 }
 
 /// The writer thread: run queued writes in groups, one transaction (one fsync) each.
@@ -314,6 +317,7 @@ impl SqliteMeta {
             jobs,
             readers: Arc::new(readers),
             next_reader: Arc::default(),
+            links: Arc::default(),
         })
     }
 
@@ -384,20 +388,32 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
-        let (repo, digest) = (repo.to_string(), digest.to_string());
-        self.lookup(move |c| {
-            c.prepare_cached(&format!(
-                "SELECT b.size FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
-                 WHERE rb.repo_id = {REPO_ID} AND rb.digest = ?2"
-            ))?
-            .query_row(params![repo, digest], |r| r.get::<_, i64>(0))
-            .optional()
-            .map(|s| s.map(|s| s as u64))
-        })
-        .await
+        let seen = match self.links.linked(repo, digest) {
+            Ok(size) => return Ok(Some(size)),
+            Err(seen) => seen,
+        };
+        let (name, hex) = (repo.to_string(), digest.to_string());
+        let size = self
+            .lookup(move |c| {
+                c.prepare_cached(&format!(
+                    "SELECT b.size FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
+                     WHERE rb.repo_id = {REPO_ID} AND rb.digest = ?2"
+                ))?
+                .query_row(params![name, hex], |r| r.get::<_, i64>(0))
+                .optional()
+                .map(|s| s.map(|s| s as u64))
+            })
+            .await?;
+        if let Some(size) = size {
+            self.links.insert(seen, repo, digest, size);
+        }
+        Ok(size)
     }
 
     async fn known_blob(&self, digest: &Digest) -> Result<Option<u64>> {
+        if let Some(size) = self.links.known(digest) {
+            return Ok(Some(size));
+        }
         let digest = digest.to_string();
         self.lookup(move |c| {
             c.prepare_cached(
@@ -424,16 +440,19 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        let (repo, digest) = (repo.to_string(), digest.to_string());
-        self.write(move |c| {
-            let n = c
-                .prepare_cached(&format!(
-                    "DELETE FROM repo_blobs WHERE repo_id = {REPO_ID} AND digest = ?2"
-                ))?
-                .execute(params![repo, digest])?;
-            Ok(n > 0)
-        })
-        .await
+        let (name, hex) = (repo.to_string(), digest.to_string());
+        let unlinked = self
+            .write(move |c| {
+                let n = c
+                    .prepare_cached(&format!(
+                        "DELETE FROM repo_blobs WHERE repo_id = {REPO_ID} AND digest = ?2"
+                    ))?
+                    .execute(params![name, hex])?;
+                Ok(n > 0)
+            })
+            .await;
+        self.links.unlink(repo, digest);
+        unlinked
     }
 
     async fn put_manifest(
@@ -767,8 +786,17 @@ impl MetaStore for SqliteMeta {
         idle_before: i64,
         unused_before: i64,
     ) -> Result<Vec<(Digest, u64)>> {
-        self.write(move |c| Ok(evict::forget_blobs(c, &blobs, idle_before, unused_before)?))
-            .await
+        let forgotten = self
+            .write(move |c| Ok(evict::forget_blobs(c, &blobs, idle_before, unused_before)?))
+            .await;
+        match &forgotten {
+            Ok(forgotten) => self
+                .links
+                .forget(forgotten.iter().map(|(digest, _)| digest)),
+            // Which of them went is unknown: forget every link.
+            Err(_) => self.links.clear(),
+        }
+        forgotten
     }
 
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
@@ -1009,5 +1037,33 @@ mod tests {
             .query_row("SELECT cache FROM manifests", [], |r| r.get(0))
             .unwrap();
         assert_eq!(cache, None);
+    }
+
+    #[tokio::test]
+    async fn a_link_found_once_is_not_found_after_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
+        let (app, blob) = (
+            "app".parse::<RepoName>().unwrap(),
+            Digest::sha256_of(b"layer"),
+        );
+        let found_twice = async || {
+            for _ in 0..2 {
+                assert_eq!(meta.linked_blob(&app, &blob).await.unwrap(), Some(5));
+                assert_eq!(meta.known_blob(&blob).await.unwrap(), Some(5));
+            }
+        };
+        meta.link_blob(&app, &blob, 5).await.unwrap();
+        found_twice().await;
+        assert!(meta.unlink_blob(&app, &blob).await.unwrap());
+        assert_eq!(meta.linked_blob(&app, &blob).await.unwrap(), None);
+        assert_eq!(meta.known_blob(&blob).await.unwrap(), None);
+
+        meta.link_blob(&app, &blob, 5).await.unwrap();
+        found_twice().await;
+        let forgotten = meta.forget_blobs(vec![blob.clone()], i64::MAX, i64::MAX);
+        assert_eq!(forgotten.await.unwrap(), vec![(blob.clone(), 5)]);
+        assert_eq!(meta.linked_blob(&app, &blob).await.unwrap(), None);
+        assert_eq!(meta.known_blob(&blob).await.unwrap(), None);
     }
 }
