@@ -53,13 +53,11 @@ pub async fn start(bin: &Path, dir: &Path) -> Result<Guarded> {
         .get("token")
         .and_then(|t| t.as_str())
         .context("the token endpoint answered no token")?;
+    let authorization = format!("Bearer {bearer}");
     let mut headers = HeaderMap::new();
-    headers.insert(
-        AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {bearer}"))?,
-    );
+    headers.insert(AUTHORIZATION, HeaderValue::from_str(&authorization)?);
     let client = crate::registry::http_client_with(headers)?;
-    let registry = Registry::new(client, &server.url)?;
+    let registry = Registry::new(client, &server.url)?.with_authorization(authorization);
     server.wait_ready(&registry).await?;
     Ok(Guarded { server, registry })
 }

@@ -42,6 +42,7 @@ mod buildkit;
 mod e2e;
 mod eviction;
 mod limits;
+mod loadgen;
 mod mirror;
 mod payload;
 mod project;

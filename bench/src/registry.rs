@@ -9,6 +9,7 @@ use bytes::Bytes;
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION};
 use reqwest::{Client, Response, StatusCode, Url};
 
+use crate::loadgen::Target;
 use crate::payload::Blob;
 
 /// Media type of an OCI image manifest.
@@ -40,13 +41,40 @@ pub fn http_client_with(headers: reqwest::header::HeaderMap) -> Result<Client> {
 pub struct Registry {
     client: Client,
     base: Url,
+    /// The `Authorization` header the client sends, for [`target`](Self::target).
+    authorization: Option<String>,
 }
 
 impl Registry {
     /// A client for the registry at `base` (`http://HOST:PORT`).
     pub fn new(client: Client, base: &str) -> Result<Registry> {
         let base = Url::parse(base).with_context(|| format!("registry URL {base:?}"))?;
-        Ok(Registry { client, base })
+        Ok(Registry {
+            client,
+            base,
+            authorization: None,
+        })
+    }
+
+    /// This registry, whose client sends `authorization` with every request.
+    pub fn with_authorization(self, authorization: String) -> Registry {
+        Registry {
+            authorization: Some(authorization),
+            ..self
+        }
+    }
+
+    /// Where the load generator sends its requests.
+    pub fn target(&self) -> Result<Target> {
+        let host = self.base.host_str().context("registry URL without host")?;
+        let port = self
+            .base
+            .port_or_known_default()
+            .context("registry URL port")?;
+        Ok(Target {
+            authority: format!("{host}:{port}"),
+            authorization: self.authorization.clone(),
+        })
     }
 
     fn url(&self, path: &str) -> Result<Url> {
@@ -139,15 +167,6 @@ impl Registry {
         success(response, "HEAD blob").await.map(|_| true)
     }
 
-    /// `HEAD` a blob that must exist.
-    pub async fn head(&self, repo: &str, digest: &str) -> Result<()> {
-        if self.exists(repo, digest).await? {
-            Ok(())
-        } else {
-            bail!("HEAD {repo}@{digest}: 404")
-        }
-    }
-
     /// `GET` a blob, reading and discarding the body; returns its length.
     pub async fn pull(&self, repo: &str, digest: &str) -> Result<u64> {
         let response = self
@@ -201,11 +220,6 @@ impl Registry {
             .send()
             .await?;
         success(response, "PUT manifest").await.map(drop)
-    }
-
-    /// `GET /v2/<repo>/manifests/<reference>`; returns the body's length.
-    pub async fn get_manifest(&self, repo: &str, reference: &str, accept: &str) -> Result<usize> {
-        Ok(self.manifest(repo, reference, accept).await?.len())
     }
 
     /// The body of `GET /v2/<repo>/manifests/<reference>` with `accept`.

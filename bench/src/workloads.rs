@@ -1,15 +1,13 @@
 //! The workloads, each run the same way against either server: blob push (monolithic and
 //! chunked), pulls, HEAD and manifest request rates, and a BuildKit-style cache export.
 //!
-//! Fixed-duration workloads are closed loops: `n` tasks, each on its own connection,
-//! issue one request after another until the deadline; a request that is not a 2xx
-//! fails the whole run.
+//! Fixed-duration workloads are closed loops ([`loadgen`]): `n` tasks, each on its own
+//! connection, issue one request after another until the deadline; a request that is not
+//! a 2xx fails the whole run.
 
-use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
@@ -18,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::eviction::Fill;
 use crate::limits::mbps;
+use crate::loadgen::{self, Request};
 use crate::payload::{Base, Blob, MIB};
 use crate::registry::{OCI_INDEX, OCI_MANIFEST, Registry};
 
@@ -240,22 +239,19 @@ pub async fn head_load(
     conns: usize,
     secs: f64,
 ) -> Result<Rate> {
-    let digests: Arc<Vec<String>> = Arc::new(
-        fixtures
-            .cache_existing
-            .iter()
-            .map(|b| b.digest.clone())
-            .collect(),
-    );
-    ensure!(!digests.is_empty(), "no blobs to HEAD");
-    let registry = registry.clone();
-    let (rate, _) = closed_loop(conns, secs, move |task, i| {
-        let registry = registry.clone();
-        let digests = digests.clone();
-        async move {
-            let k = (task * 37 + i as usize) % digests.len();
-            let digest = digests.get(k).context("digest index")?;
-            registry.head(REPO_CACHE, digest).await
+    let paths: Vec<String> = fixtures
+        .cache_existing
+        .iter()
+        .map(|b| format!("/v2/{REPO_CACHE}/blobs/{}", b.digest))
+        .collect();
+    ensure!(!paths.is_empty(), "no blobs to HEAD");
+    let (rate, _) = loadgen::closed_loop(&registry.target()?, conns, secs, move |task, i| {
+        let k = (task * 37 + i as usize) % paths.len();
+        Request {
+            method: "HEAD",
+            path: paths.get(k).cloned().unwrap_or_default(),
+            headers: String::new(),
+            body: Bytes::new(),
         }
     })
     .await?;
@@ -271,7 +267,6 @@ pub async fn manifest_put_load(
     conns: usize,
     secs: f64,
 ) -> Result<(Rate, Vec<String>)> {
-    let registry = registry.clone();
     let config = descriptor(
         "application/vnd.oci.image.config.v1+json",
         &fixtures.manifest_config,
@@ -281,8 +276,8 @@ pub async fn manifest_put_load(
         &fixtures.manifest_layer,
     );
     let owned_prefix = prefix.to_owned();
-    let (rate, counts) = closed_loop(conns, secs, move |task, i| {
-        let registry = registry.clone();
+    let target = registry.target()?;
+    let (rate, counts) = loadgen::closed_loop(&target, conns, secs, move |task, i| {
         let tag = format!("{owned_prefix}-{task}-{i}");
         let manifest = json!({
             "schemaVersion": 2,
@@ -291,11 +286,11 @@ pub async fn manifest_put_load(
             "layers": [layer],
             "annotations": {"org.opencontainers.image.ref.name": tag},
         });
-        async move {
-            let body = Bytes::from(serde_json::to_vec(&manifest)?);
-            registry
-                .put_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST, body)
-                .await
+        Request {
+            method: "PUT",
+            path: format!("/v2/{REPO_MANIFESTS}/manifests/{tag}"),
+            headers: format!("Content-Type: {OCI_MANIFEST}\r\n"),
+            body: Bytes::from(manifest.to_string()),
         }
     })
     .await?;
@@ -316,19 +311,16 @@ pub async fn manifest_get_load(
     secs: f64,
 ) -> Result<Rate> {
     ensure!(!tags.is_empty(), "no tags to GET");
-    let tags = Arc::new(tags);
-    let registry = registry.clone();
-    let (rate, _) = closed_loop(conns, secs, move |task, i| {
-        let registry = registry.clone();
-        let tags = tags.clone();
-        async move {
-            let k = (task * 7919 + i as usize) % tags.len();
-            let tag = tags.get(k).context("tag index")?;
-            let len = registry
-                .get_manifest(REPO_MANIFESTS, tag, OCI_MANIFEST)
-                .await?;
-            ensure!(len > 0, "empty manifest for {tag}");
-            Ok(())
+    let (rate, _) = loadgen::closed_loop(&registry.target()?, conns, secs, move |task, i| {
+        let k = (task * 7919 + i as usize) % tags.len();
+        Request {
+            method: "GET",
+            path: format!(
+                "/v2/{REPO_MANIFESTS}/manifests/{}",
+                tags.get(k).map_or("", |t| t)
+            ),
+            headers: format!("Accept: {OCI_MANIFEST}\r\n"),
+            body: Bytes::new(),
         }
     })
     .await?;
@@ -439,72 +431,4 @@ fn cache_config(layers: &[&Blob]) -> Result<Blob> {
 /// An OCI descriptor of `blob` with `media_type`.
 pub fn descriptor(media_type: &str, blob: &Blob) -> serde_json::Value {
     json!({"mediaType": media_type, "digest": blob.digest, "size": blob.len})
-}
-
-/// Run `op(task, iteration)` in `conns` concurrent tasks until `secs` have passed; returns
-/// the rate over all tasks and how many requests each task completed.
-async fn closed_loop<F, Fut>(conns: usize, secs: f64, op: F) -> Result<(Rate, Vec<u64>)>
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<()>> + Send + 'static,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(secs);
-    let mut set = JoinSet::new();
-    for task in 0..conns {
-        let op = op.clone();
-        set.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut i = 0u64;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                op(task, i).await?;
-                latencies.push(t.elapsed());
-                i += 1;
-            }
-            anyhow::Ok((task, latencies))
-        });
-    }
-    let mut counts = vec![0u64; conns];
-    let mut all = Vec::new();
-    while let Some(done) = set.join_next().await {
-        let (task, latencies) = done??;
-        if let Some(count) = counts.get_mut(task) {
-            *count = latencies.len() as u64;
-        }
-        all.extend(latencies);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let requests = all.len() as u64;
-    ensure!(requests > 0, "no request completed");
-    let rate = Rate {
-        requests,
-        per_sec: requests as f64 / secs,
-        p50_ms: percentile_ms(&all, 0.50),
-        p99_ms: percentile_ms(&all, 0.99),
-    };
-    Ok((rate, counts))
-}
-
-/// The `q` quantile of sorted latencies, in milliseconds (nearest rank).
-fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
-    let rank = ((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1);
-    sorted
-        .get(rank.min(sorted.len().saturating_sub(1)))
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile_ms(&v, 0.5), 50.0);
-        assert_eq!(percentile_ms(&v, 0.99), 99.0);
-        assert_eq!(percentile_ms(&v[..1], 0.99), 1.0);
-    }
 }
