@@ -7,6 +7,7 @@
 //! connection task and back) a `HEAD` cost it about as much CPU as it cost layercache.
 //! Here a request costs a write and a read or two, as for `wrk` or `h2load`.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,6 @@ pub struct Request {
     pub method: &'static str,
     /// Path and query.
     pub path: String,
-    /// Extra header lines, each ending in `\r\n`.
-    pub headers: String,
     /// The body (sent with a `Content-Length`; empty for none).
     pub body: Bytes,
 }
@@ -42,7 +41,7 @@ pub struct Request {
 /// A keep-alive connection that sends one request at a time.
 struct Connection {
     stream: TcpStream,
-    /// The fixed header lines every request carries.
+    /// The header lines every request of the workload carries.
     common: String,
     /// Bytes read past the end of the last response.
     input: Vec<u8>,
@@ -50,7 +49,9 @@ struct Connection {
 }
 
 impl Connection {
-    async fn open(target: &Target) -> Result<Connection> {
+    /// A connection to `target` whose requests all carry `headers` (lines ending in
+    /// `\r\n`).
+    async fn open(target: &Target, headers: &str) -> Result<Connection> {
         let stream = TcpStream::connect(&target.authority)
             .await
             .with_context(|| format!("connecting to {}", target.authority))?;
@@ -59,6 +60,7 @@ impl Connection {
         if let Some(authorization) = &target.authorization {
             common.push_str(&format!("Authorization: {authorization}\r\n"));
         }
+        common.push_str(headers);
         Ok(Connection {
             stream,
             common,
@@ -71,17 +73,14 @@ impl Connection {
     /// `GET` is answered with an empty body.
     async fn send(&mut self, request: &Request) -> Result<()> {
         self.output.clear();
-        self.output.extend_from_slice(
-            format!(
-                "{} {} HTTP/1.1\r\n{}{}Content-Length: {}\r\n\r\n",
-                request.method,
-                request.path,
-                self.common,
-                request.headers,
-                request.body.len()
-            )
-            .as_bytes(),
-        );
+        write!(
+            self.output,
+            "{} {} HTTP/1.1\r\n{}Content-Length: {}\r\n\r\n",
+            request.method,
+            request.path,
+            self.common,
+            request.body.len()
+        )?;
         self.output.extend_from_slice(&request.body);
         self.stream.write_all(&self.output).await?;
         let (status, head_len, content_length) = self.read_head().await?;
@@ -144,11 +143,13 @@ impl Connection {
     }
 }
 
-/// Send `request(task, i)` from `conns` connections, each waiting for a response before
-/// its next request, until `secs` have passed; returns the rate over all connections and
-/// how many requests each one completed.
+/// Send `request(task, i)`, with the header lines `headers` (each ending in `\r\n`),
+/// from `conns` connections, each waiting for a response before its next request, until
+/// `secs` have passed; returns the rate over all connections and how many requests each
+/// one completed.
 pub async fn closed_loop<F>(
     target: &Target,
+    headers: &str,
     conns: usize,
     secs: f64,
     request: F,
@@ -159,7 +160,7 @@ where
     let request = Arc::new(request);
     let mut connections = Vec::with_capacity(conns);
     for _ in 0..conns {
-        connections.push(Connection::open(target).await?);
+        connections.push(Connection::open(target, headers).await?);
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
@@ -249,7 +250,6 @@ mod tests {
         Request {
             method,
             path: "/v2/".into(),
-            headers: String::new(),
             body: Bytes::new(),
         }
     }
@@ -262,7 +262,7 @@ mod tests {
             "HTTP/1.1 404 Not Found\r\nContent-Length: 7\r\n\r\nunknown",
         ])
         .await;
-        let mut connection = Connection::open(&target).await.unwrap();
+        let mut connection = Connection::open(&target, "").await.unwrap();
         // A HEAD's Content-Length announces a body that is not sent.
         connection.send(&request("HEAD")).await.unwrap();
         connection.send(&request("GET")).await.unwrap();

@@ -245,12 +245,12 @@ pub async fn head_load(
         .map(|b| format!("/v2/{REPO_CACHE}/blobs/{}", b.digest))
         .collect();
     ensure!(!paths.is_empty(), "no blobs to HEAD");
-    let (rate, _) = loadgen::closed_loop(&registry.target()?, conns, secs, move |task, i| {
+    let target = registry.target()?;
+    let (rate, _) = loadgen::closed_loop(&target, "", conns, secs, move |task, i| {
         let k = (task * 37 + i as usize) % paths.len();
         Request {
             method: "HEAD",
             path: paths.get(k).cloned().unwrap_or_default(),
-            headers: String::new(),
             body: Bytes::new(),
         }
     })
@@ -277,7 +277,8 @@ pub async fn manifest_put_load(
     );
     let owned_prefix = prefix.to_owned();
     let target = registry.target()?;
-    let (rate, counts) = loadgen::closed_loop(&target, conns, secs, move |task, i| {
+    let headers = format!("Content-Type: {OCI_MANIFEST}\r\n");
+    let (rate, counts) = loadgen::closed_loop(&target, &headers, conns, secs, move |task, i| {
         let tag = format!("{owned_prefix}-{task}-{i}");
         let manifest = json!({
             "schemaVersion": 2,
@@ -289,7 +290,6 @@ pub async fn manifest_put_load(
         Request {
             method: "PUT",
             path: format!("/v2/{REPO_MANIFESTS}/manifests/{tag}"),
-            headers: format!("Content-Type: {OCI_MANIFEST}\r\n"),
             body: Bytes::from(manifest.to_string()),
         }
     })
@@ -311,7 +311,9 @@ pub async fn manifest_get_load(
     secs: f64,
 ) -> Result<Rate> {
     ensure!(!tags.is_empty(), "no tags to GET");
-    let (rate, _) = loadgen::closed_loop(&registry.target()?, conns, secs, move |task, i| {
+    let target = registry.target()?;
+    let headers = format!("Accept: {OCI_MANIFEST}\r\n");
+    let (rate, _) = loadgen::closed_loop(&target, &headers, conns, secs, move |task, i| {
         let k = (task * 7919 + i as usize) % tags.len();
         Request {
             method: "GET",
@@ -319,7 +321,6 @@ pub async fn manifest_get_load(
                 "/v2/{REPO_MANIFESTS}/manifests/{}",
                 tags.get(k).map_or("", |t| t)
             ),
-            headers: format!("Accept: {OCI_MANIFEST}\r\n"),
             body: Bytes::new(),
         }
     })
