@@ -1003,10 +1003,11 @@ fn quota_strategy() -> impl Strategy<Value = u64> {
     .boxed()
 }
 
-/// The quota whose low watermark (80 %, the default) leaves `blobs` bytes to the blobs
-/// beside SQLite's metadata.
+/// The quota whose low watermark (the default, as the cases use) leaves `blobs` bytes
+/// to the blobs beside SQLite's metadata.
 fn quota_leaving(blobs: i64) -> u64 {
-    ((SQLITE_METADATA as i64 + blobs) * 5 / 4) as u64
+    let low = i64::from(Eviction::default().low_watermark.0);
+    ((SQLITE_METADATA as i64 + blobs) * 100 / low) as u64
 }
 
 /// Deterministic pseudo-random content for pool entry `i`.
