@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build layercache's container image from deploy/Dockerfile, FROM scratch: nothing is
-# pulled. The image holds the release binary (debug sections stripped), the shared
+# pulled. The image holds the `dist` build of the binary (debug sections stripped), the shared
 # libraries `ldd` says it loads and the dynamic loader (none for a static binary; this
 # toolchain has no musl target, so the binary links glibc), the host's CA certificates,
 # a user `layercache` (uid and gid 10001) it runs as, and /data, owned by that user, as
@@ -9,8 +9,8 @@
 #   scripts/build-image.sh [--tag NAME:TAG] [--binary PATH] [--source URL]
 #
 #   --tag      the image's name (default: layercache:VERSION)
-#   --binary   package this binary (default: `cargo build --release -p layercache`, then
-#              target/release/layercache)
+#   --binary   package this binary (default: `cargo build --profile dist -p layercache`,
+#              then target/dist/layercache)
 #   --source   org.opencontainers.image.source (default: the git remote `origin`, else
 #              the checkout as a file:// URL)
 #
@@ -42,8 +42,8 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "$binary" ]; then
-  (cd "$root" && cargo build --release --locked -p layercache)
-  binary="$root/target/release/layercache"
+  (cd "$root" && cargo build --profile dist --locked -p layercache)
+  binary="$root/target/dist/layercache"
 fi
 [ -x "$binary" ] || { echo "$binary is not an executable" >&2; exit 1; }
 ca_bundle=/etc/ssl/certs/ca-certificates.crt

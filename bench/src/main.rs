@@ -1,11 +1,11 @@
 //! Side-by-side benchmark of layercache against the CNCF distribution registry and
 //! against the machine's own limits, in one run on one machine and one disk.
 //!
-//! `cargo run --release -p bench` builds the release `layercache`, starts it and
-//! `docker-registry` on free loopback ports with their data in one temporary directory,
-//! measures the machine's limits, runs every workload against both servers in turn for
-//! several rounds, runs DESIGN.md scenario 1 with the real dockerd/BuildKit, then prints
-//! one table (median and spread, ratio, limit, PASS/FAIL) and writes it as JSON.
+//! `cargo run --release -p bench` builds `layercache` as it is deployed (`--profile dist`),
+//! starts it and `docker-registry` on free loopback ports with their data in one temporary
+//! directory, measures the machine's limits, runs every workload against both servers in
+//! turn for several rounds, runs DESIGN.md scenario 1 with the real dockerd/BuildKit, then
+//! prints one table (median and spread, ratio, limit, PASS/FAIL) and writes it as JSON.
 //!
 //! `--only actions` measures the GitHub Actions cache service instead: the official
 //! `@actions/cache` client saving and restoring a 1 GiB entry against layercache (v2 and
@@ -90,7 +90,7 @@ struct Args {
     /// Also write the JSON report here (it always goes to bench/results/latest.json).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Use this layercache binary instead of building the release one.
+    /// Use this layercache binary instead of building the `dist` one.
     #[arg(long)]
     layercache_bin: Option<PathBuf>,
     /// The distribution registry binary.

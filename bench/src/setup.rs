@@ -40,15 +40,17 @@ struct CargoTarget {
     name: String,
 }
 
-/// `cargo build --release -p layercache`; returns the binary's path.
+/// `cargo build --profile dist -p layercache` (the build that is deployed); returns the
+/// binary's path.
 pub fn build_layercache(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("bench: cargo build --release -p layercache");
+    eprintln!("bench: cargo build --profile dist -p layercache");
     let out = Command::new(cargo)
         .current_dir(root)
         .args([
             "build",
-            "--release",
+            "--profile",
+            "dist",
             "-p",
             "layercache",
             "--message-format=json-render-diagnostics",
@@ -58,7 +60,7 @@ pub fn build_layercache(root: &Path) -> Result<PathBuf> {
         .context("running cargo build")?;
     ensure!(
         out.status.success(),
-        "cargo build --release -p layercache failed"
+        "cargo build --profile dist -p layercache failed"
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
