@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build layercache's container image from deploy/Dockerfile, FROM scratch: nothing is
-# pulled. The image holds the `dist` build of the binary (debug sections stripped), the shared
-# libraries `ldd` says it loads and the dynamic loader (none for a static binary; this
-# toolchain has no musl target, so the binary links glibc), the host's CA certificates,
-# a user `layercache` (uid and gid 10001) it runs as, and /data, owned by that user, as
-# its volume.
+# pulled. The image holds the `dist` build of the binary (debug sections stripped), the
+# shared libraries `ldd` says it loads and the dynamic loader (none for a static binary;
+# this toolchain has no musl target, so the binary links glibc), the host's CA
+# certificates, a user `layercache` (uid and gid 10001) it runs as, and /data, owned by
+# that user, as its volume.
 #
 #   scripts/build-image.sh [--tag NAME:TAG] [--binary PATH] [--source URL]
 #

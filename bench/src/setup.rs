@@ -40,17 +40,20 @@ struct CargoTarget {
     name: String,
 }
 
-/// `cargo build --profile dist -p layercache` (the build that is deployed); returns the
-/// binary's path.
+/// The Cargo profile layercache is deployed with, and so measured with.
+const PROFILE: &str = "dist";
+
+/// `cargo build --profile dist -p layercache`; returns the binary's path.
 pub fn build_layercache(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("bench: cargo build --profile dist -p layercache");
+    let command = format!("cargo build --profile {PROFILE} -p layercache");
+    eprintln!("bench: {command}");
     let out = Command::new(cargo)
         .current_dir(root)
         .args([
             "build",
             "--profile",
-            "dist",
+            PROFILE,
             "-p",
             "layercache",
             "--message-format=json-render-diagnostics",
@@ -58,10 +61,7 @@ pub fn build_layercache(root: &Path) -> Result<PathBuf> {
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo build")?;
-    ensure!(
-        out.status.success(),
-        "cargo build --profile dist -p layercache failed"
-    );
+    ensure!(out.status.success(), "{command} failed");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<CargoMessage>(line).ok())
