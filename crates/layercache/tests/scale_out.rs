@@ -1014,10 +1014,58 @@ impl Outage {
     }
 }
 
-/// A failure of the load: retryable (a 503 UNAVAILABLE, or a HEAD's bare 503) or not.
+/// A failure of the load: retryable (a 503 UNAVAILABLE, a HEAD's bare 503, or a blob
+/// whose body stopped short of its length) or not.
+///
+/// A GET under way when the object store goes can only be cut: its status and length
+/// are sent, and the store's own retries of the rest ran out. Clients retry such a
+/// transfer; what they must never get is other bytes, which the load reports as corrupt.
 fn retryable(error: &str) -> bool {
     error.contains(": 503 UNAVAILABLE")
         || (error.contains(": HEAD blob ") && error.ends_with(": 503"))
+        || (error.contains(": GET blob ") && error.contains("IncompleteBody"))
+}
+
+/// Size of the blob a GET is reading when the backend goes: more than every buffer
+/// between the object store and the client holds, so the object store's going reaches
+/// into the body.
+const READ_ACROSS: usize = 64 * MIB;
+
+/// A blob GET begun before an outage, of which the first MiB was read.
+struct ReadAcross {
+    response: reqwest::Response,
+    received: Vec<u8>,
+}
+
+impl ReadAcross {
+    async fn begin(node: &common::Server, repo: &str, blob: &Blob) -> ReadAcross {
+        let response = reqwest::Client::new()
+            .get(node.at(&format!("/v2/{repo}/blobs/{}", blob.digest)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET blob before the outage");
+        let mut read = ReadAcross {
+            response,
+            received: Vec::new(),
+        };
+        while read.received.len() < MIB {
+            let chunk = read.response.chunk().await.unwrap().expect("a first MiB");
+            read.received.extend_from_slice(&chunk);
+        }
+        read
+    }
+
+    /// Read on to the end: the bytes received, and the error the body ended with.
+    async fn finish(mut self) -> (Vec<u8>, Option<String>) {
+        loop {
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.received.extend_from_slice(&chunk),
+                Ok(None) => return (self.received, None),
+                Err(e) => return (self.received, Some(format!("{e:?}"))),
+            }
+        }
+    }
 }
 
 /// One node's load until `done`: push a fresh small image, pull the base image of
@@ -1134,8 +1182,8 @@ async fn probe_during_outage(
 }
 
 /// Stop `backend` for [`OUTAGE`] under load through every node, then check that the
-/// clients only ever saw retryable errors, that nothing acknowledged was lost, and that
-/// everything works again.
+/// clients only ever saw retryable errors, that a blob read under way got only its own
+/// bytes, that nothing acknowledged was lost, and that everything works again.
 async fn an_outage_of(backend: Backend) {
     let Some(cluster) = Cluster::start_with(Options::default().own_services()) else {
         return;
@@ -1159,6 +1207,15 @@ async fn an_outage_of(backend: Backend) {
         base.push((repo, image));
     }
     let base = Arc::new(base);
+    let across_image = Image::new(
+        config_blob("read across"),
+        vec![Blob::random(&mut rng, READ_ACROSS)],
+    );
+    clients[0]
+        .push_image("outage/across", &across_image, "1")
+        .await
+        .unwrap();
+    let across = &across_image.layers[0];
     // docker pushes an image through node 1 while the backend is away: its retries
     // carry it through.
     let with_docker = dockerd_ready() && common::require_tool("skopeo");
@@ -1194,6 +1251,7 @@ async fn an_outage_of(backend: Backend) {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let read_across = ReadAcross::begin(cluster.node(2), "outage/across", across).await;
 
     outage.lock().unwrap().began = Some(Instant::now());
     {
@@ -1202,6 +1260,7 @@ async fn an_outage_of(backend: Backend) {
             .await
             .unwrap();
     }
+    let (received, cut) = read_across.finish().await;
     let mut docker_push =
         with_docker.then(|| Running::spawn(common::docker(&["push", &docker_image])));
     let probe = tokio::spawn(probe_during_outage(
@@ -1289,6 +1348,42 @@ async fn an_outage_of(backend: Backend) {
             "with the object store away no read failed: {probed:?}"
         );
     }
+
+    // A blob being read when the backend went: every byte that came is the blob's own.
+    // The database's going does not touch a read under way; the object store's cuts it
+    // once its client's retries run out, and the node says so.
+    assert!(
+        across.bytes.starts_with(&received),
+        "a blob read across the {backend:?} outage got other bytes than the blob's"
+    );
+    match backend {
+        Backend::Database => assert_eq!(
+            (received.len(), cut.as_deref()),
+            (READ_ACROSS, None),
+            "a blob read across the database outage"
+        ),
+        Backend::ObjectStore => {
+            assert!(
+                cut.as_deref().is_some_and(|e| e.contains("IncompleteBody")),
+                "a blob read across the object store outage ended with {cut:?} after {} of \
+                 {READ_ACROSS} bytes",
+                received.len()
+            );
+            assert!(
+                cluster
+                    .node(2)
+                    .log()
+                    .contains("a blob read from the object store broke off"),
+                "the node did not log the read it cut:\n{}",
+                cluster.logs()
+            );
+        }
+    }
+    eprintln!(
+        "a blob read across the {backend:?} outage: {} of {READ_ACROSS} bytes, {}",
+        received.len(),
+        cut.map_or("whole".to_owned(), |e| format!("cut: {e}"))
+    );
     let after_recovery = acknowledged
         .iter()
         .filter(|a| a.at > outage.ended.unwrap() + RECOVERY / 2)
@@ -1313,6 +1408,10 @@ async fn an_outage_of(backend: Backend) {
                 other => panic!("{repo}:{tag} through node {node} after the outage: {other:?}"),
             }
         }
+    }
+    match clients[2].pull("outage/across", "1").await {
+        Ok(Pulled::Whole { blobs, .. }) => assert_eq!(blobs, across_image.blobs().count()),
+        other => panic!("the blob read across the outage, after it: {other:?}"),
     }
     for (node, client) in clients.iter().enumerate() {
         let image = Image::new(

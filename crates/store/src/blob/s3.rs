@@ -431,7 +431,16 @@ impl BlobBackend for S3Backend {
         };
         let options = GetOptions::new().with_range(bounds.clone().map(GetRange::Bounded));
         match self.transfer.get_opts(&key, options).await {
-            Ok(found) => Ok(Some(Box::pin(found.into_stream().map_err(io::Error::from)))),
+            // The store's client resumes a body that breaks off; when its retries run
+            // out the response can only be cut, so say which blob it was.
+            Ok(found) => {
+                let digest = digest.clone();
+                let body = found.into_stream().map_err(move |e| {
+                    tracing::warn!(%digest, error = %e, "a blob read from the object store broke off");
+                    io::Error::from(e)
+                });
+                Ok(Some(Box::pin(body)))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => match (bounds, self.stat(digest).await?) {
                 // A range starting at or past the end: the store refuses it, the
