@@ -1038,6 +1038,7 @@ struct ReadAcross {
 }
 
 impl ReadAcross {
+    /// GET `blob` of `repo` through `node` and read its first MiB.
     async fn begin(node: &common::Server, repo: &str, blob: &Blob) -> ReadAcross {
         let response = reqwest::Client::new()
             .get(node.at(&format!("/v2/{repo}/blobs/{}", blob.digest)))

@@ -436,7 +436,10 @@ impl BlobBackend for S3Backend {
             Ok(found) => {
                 let digest = digest.clone();
                 let body = found.into_stream().map_err(move |e| {
-                    tracing::warn!(%digest, error = %e, "a blob read from the object store broke off");
+                    tracing::warn!(
+                        %digest, error = %e,
+                        "a blob read from the object store broke off"
+                    );
                     io::Error::from(e)
                 });
                 Ok(Some(Box::pin(body)))
