@@ -35,7 +35,8 @@
 //!   each checked against the model's bounds), then by repository and digest, each only
 //!   while what it counts as freed (unreferenced blobs that leave now or are released
 //!   and waiting, what the roots evicted so far release, directly or through the
-//!   untagged child manifests they orphan) is short of what the low watermark needs,
+//!   untagged child manifests they orphan and the untagged referrers of what goes, all
+//!   the way down) is short of what the low watermark needs,
 //!   and every candidate it can while short (so it never evicts more than needed once
 //!   the waiting bytes go, and never stops early). The model predicts that sequence
 //!   exactly;
@@ -46,7 +47,7 @@
 //!   The manifests evicted go with exactly their tags.
 //!
 //! Focused tests race a manifest PUT, and a blob mount, against a pass sweeping the
-//! blobs they use.
+//! blobs they use, and check that a pass counts an image's signature as going with it.
 //!
 //! Two things keep the runs deterministic:
 //! * the store is opened on a runtime of its own that is dropped once its startup pass
@@ -134,6 +135,8 @@ backend::on_each_backend! {
     fn manifest_put_racing_a_pass_never_points_at_a_swept_blob;
     #[test]
     fn blob_mount_racing_a_pass_never_links_a_swept_blob;
+    #[test]
+    fn a_pass_counts_the_referrers_that_go_with_an_image;
 }
 
 // ---------------------------------------------------------------- helpers
@@ -793,30 +796,43 @@ impl<'a> PassState<'a> {
         bytes
     }
 
-    /// What the untagged child manifests that removing a root of `repo` (which
-    /// referenced `references`) leaves as roots would release in turn, all the way
-    /// down, not counted yet (now counted): the pass counts it as freed, and evicts
-    /// them as roots in a later round.
+    /// What the manifests that removing root `removed` of `repo` (which referenced
+    /// `references`) leaves to go after it would release in turn, not counted yet (now
+    /// counted): the untagged child manifests nothing else lists and the untagged
+    /// referrers of whatever goes, all the way down. The pass counts it as freed, and
+    /// evicts them as roots in later rounds.
     fn orphaned_release(
         &self,
         repo: usize,
+        removed: &Digest,
         references: &[Digest],
         counted: &mut BTreeSet<Digest>,
     ) -> u64 {
         let mut simulated = self.clone();
-        let mut bytes = 0;
-        let mut children = references.to_vec();
-        while let Some(child) = children.pop() {
-            if !simulated.is_root(repo, &child)
-                || simulated.tags[repo].values().any(|d| *d == child)
-            {
-                continue;
+        let mut frontier: BTreeSet<Digest> = references.iter().cloned().collect();
+        let mut gone = BTreeSet::from([removed.clone()]);
+        loop {
+            let known = &simulated.repos[repo].known;
+            let orphans: Vec<Digest> = simulated.present[repo]
+                .iter()
+                .filter(|d| {
+                    frontier.contains(*d)
+                        || known[*d].subject.as_ref().is_some_and(|s| gone.contains(s))
+                })
+                .filter(|d| {
+                    simulated.is_root(repo, d) && !simulated.tags[repo].values().any(|t| t == *d)
+                })
+                .cloned()
+                .collect();
+            if orphans.is_empty() {
+                break;
             }
-            let grandchildren = simulated.remove(repo, &child);
-            bytes += simulated.release(&grandchildren, counted);
-            children.extend(grandchildren);
+            for orphan in orphans {
+                frontier.extend(simulated.remove(repo, &orphan));
+                gone.insert(orphan);
+            }
         }
-        bytes
+        simulated.release(&frontier.into_iter().collect::<Vec<_>>(), counted)
     }
 }
 
@@ -1156,9 +1172,9 @@ impl Harness {
         children: Vec<Digest>,
         subject: Option<Digest>,
     ) -> Man {
-        let content = Bytes::from(serde_json::to_vec(value).unwrap());
+        let (digest, content) = manifest_of(value);
         Man {
-            digest: sha256(&content),
+            digest,
             media_type,
             content,
             blobs,
@@ -1950,7 +1966,8 @@ impl Harness {
     /// released bytes was over the high watermark), it evicts the least recently used
     /// (then by repository and digest) of the roots it started with, except untagged
     /// ones last used within the push window, counting what each releases, directly or
-    /// through the untagged child manifests it orphans; it stops when the count reaches
+    /// through the untagged child manifests it orphans and the untagged referrers of
+    /// what goes; it stops when the count reaches
     /// the need or no candidate is left. Then it sweeps what is due, and goes round
     /// again while it evicted something and usage less the bytes still waiting is above
     /// the low watermark. A root's last use is the one the store recorded (reported for
@@ -2052,7 +2069,7 @@ impl Harness {
                 );
                 let references = state.remove(repo, &digest);
                 counted += state.release(&references, &mut counted_blobs);
-                counted += state.orphaned_release(repo, &references, &mut counted_blobs);
+                counted += state.orphaned_release(repo, &digest, &references, &mut counted_blobs);
                 next += 1;
                 evicted_here += 1;
             }
@@ -2242,10 +2259,7 @@ fn run_case(backend: Backend, case: &Case) {
     let dir = tempfile::tempdir().unwrap();
     let (store, metadata) = open(backend, dir.path(), case.max_size, case.window);
     let pool = (0..POOL)
-        .map(|i| {
-            let bytes = content(case.seed, i, case.sizes[i]);
-            (sha256(&bytes), bytes)
-        })
+        .map(|i| blob_of(case.seed, i, case.sizes[i]))
         .collect();
     let mut harness = Harness {
         store,
@@ -2359,20 +2373,17 @@ fn eviction_keeps_what_it_serves_complete_and_within_quota(backend: Backend) {
 
 /// Content for round `round` of a race test: distinct in every round.
 fn race_blob(round: usize, i: usize) -> (Digest, Bytes) {
-    let bytes = content(0x5eed ^ (round as u64) << 8, i, 1000 + 1500 * i);
-    (sha256(&bytes), bytes)
+    blob_of(0x5eed ^ (round as u64) << 8, i, 1000 + 1500 * i)
 }
 
 fn race_image(blobs: &[(Digest, Bytes)]) -> (Digest, Bytes) {
     let descriptor = |mt: &str, (d, b): &(Digest, Bytes)| json!({"mediaType": mt, "digest": d.to_string(), "size": b.len()});
-    let value = json!({
+    manifest_of(&json!({
         "schemaVersion": 2,
         "mediaType": media_type::OCI_MANIFEST,
         "config": descriptor(CONFIG_MT, &blobs[0]),
         "layers": blobs[1..].iter().map(|b| descriptor(LAYER_MT, b)).collect::<Vec<_>>(),
-    });
-    let content = Bytes::from(serde_json::to_vec(&value).unwrap());
-    (sha256(&content), content)
+    }))
 }
 
 /// Wait about `micros` microseconds off the runtime's threads, so the other side of a
@@ -2554,4 +2565,165 @@ fn blob_mount_racing_a_pass_never_links_a_swept_blob(backend: Backend) {
          blob's file was gone:\n{}",
         broken.join("\n")
     );
+}
+
+// ---------------------------------------------------------------- what goes with a root
+
+/// An image with a signature (an untagged referrer), listed by a tagged index, and a
+/// newer image in another repository; the low watermark needs more than the first
+/// image's blobs and less than its and its signature's together. The pass evicts the
+/// index, then (in later rounds, as they become roots) the image and its signature, and
+/// keeps the newer image: each eviction counts the signature as going with the image,
+/// whether the index lists the signature too, and whichever of the two digests sorts
+/// first.
+fn a_pass_counts_the_referrers_that_go_with_an_image(backend: Backend) {
+    let mut covered = BTreeSet::new();
+    for nonce in 0u8.. {
+        let signed = SignedImage::new(nonce);
+        let signature_sorts_last = signed.signature.0 > signed.image.0;
+        for lists_signature in [false, true] {
+            if covered.insert((lists_signature, lists_signature && signature_sorts_last)) {
+                evict_an_index_over(backend, &signed, lists_signature);
+            }
+        }
+        if covered.len() == 3 {
+            break;
+        }
+    }
+}
+
+/// An image, a signature naming it as its subject (told apart by a nonce), and their
+/// blobs.
+struct SignedImage {
+    nonce: u8,
+    /// The image's config and layer, and the signature's blob (its config and layer).
+    blobs: [(Digest, Bytes); 3],
+    image: (Digest, Bytes),
+    signature: (Digest, Bytes),
+}
+
+impl SignedImage {
+    fn new(nonce: u8) -> SignedImage {
+        let blobs = [(0, 200), (1, 300_000), (2, 300_000)].map(|(i, len)| blob_of(0x5167, i, len));
+        let descriptor = |mt: &str, (d, b): &(Digest, Bytes)| json!({"mediaType": mt, "digest": d.to_string(), "size": b.len()});
+        let image = manifest_of(&json!({
+            "schemaVersion": 2,
+            "mediaType": media_type::OCI_MANIFEST,
+            "config": descriptor(CONFIG_MT, &blobs[0]),
+            "layers": [descriptor(LAYER_MT, &blobs[1])],
+        }));
+        let signature = manifest_of(&json!({
+            "schemaVersion": 2,
+            "mediaType": media_type::OCI_MANIFEST,
+            "artifactType": "application/vnd.example.signature",
+            "config": descriptor("application/vnd.oci.empty.v1+json", &blobs[2]),
+            "layers": [descriptor("application/vnd.example.signature.layer", &blobs[2])],
+            "subject": descriptor(media_type::OCI_MANIFEST, &image),
+            "annotations": {"nonce": nonce.to_string()},
+        }));
+        SignedImage {
+            nonce,
+            blobs,
+            image,
+            signature,
+        }
+    }
+}
+
+/// Blob `i` of the content drawn from `seed`, `len` bytes long, with its digest.
+fn blob_of(seed: u64, i: usize, len: usize) -> (Digest, Bytes) {
+    let bytes = content(seed, i, len);
+    (sha256(&bytes), bytes)
+}
+
+/// A manifest's content, with its digest.
+fn manifest_of(value: &serde_json::Value) -> (Digest, Bytes) {
+    let content = Bytes::from(serde_json::to_vec(value).unwrap());
+    (sha256(&content), content)
+}
+
+/// Push `signed` and a tagged index over its image (and its signature too, if
+/// `lists_signature`), then a newer image in another repository, and check the pass.
+fn evict_an_index_over(backend: Backend, signed: &SignedImage, lists_signature: bool) {
+    let runtime = backend::test_runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let SignedImage {
+        nonce,
+        blobs,
+        image,
+        signature,
+    } = signed;
+    let newer_blobs = [(0, 200), (1, 300_000)].map(|(i, len)| blob_of(0x0e3e, i, len));
+    let newer = race_image(&newer_blobs);
+    let mut listed = vec![image];
+    if lists_signature {
+        listed.push(signature);
+    }
+    let index = manifest_of(&json!({
+        "schemaVersion": 2,
+        "mediaType": media_type::OCI_INDEX,
+        "manifests": listed.iter().map(|(d, b)| json!({"mediaType": media_type::OCI_MANIFEST, "digest": d.to_string(), "size": b.len()})).collect::<Vec<_>>(),
+    }));
+    // Every blob on disk, less what the low watermark needs: 512 KiB on SQLite, 128 KiB
+    // less on PostgreSQL (whose quota is smaller by SQLite's metadata), both between the
+    // image's blobs and the image's and the signature's together.
+    let stored: u64 = blobs
+        .iter()
+        .chain(&newer_blobs)
+        .map(|(_, b)| on_disk(b.len() as u64))
+        .sum();
+    let max_size = quota_leaving(stored as i64 - 524_288);
+    let (store, metadata) = open(backend, dir.path(), max_size, 0);
+    let (app, other) = (repo_name(0), repo_name(2));
+    let what = format!("nonce {nonce}, the index listing the signature: {lists_signature}");
+    runtime.block_on(async {
+        for (d, b) in blobs {
+            store.put_blob(&app, d, body(b, 1)).await.unwrap();
+        }
+        for (d, b) in &newer_blobs {
+            store.put_blob(&other, d, body(b, 1)).await.unwrap();
+        }
+        let by_digest = |(d, _): &(Digest, Bytes)| Reference::Digest(d.clone());
+        let puts = [
+            (&app, by_digest(image), image, media_type::OCI_MANIFEST),
+            (
+                &app,
+                by_digest(signature),
+                signature,
+                media_type::OCI_MANIFEST,
+            ),
+            (&app, tag_ref("latest"), &index, media_type::OCI_INDEX),
+            (&other, tag_ref("latest"), &newer, media_type::OCI_MANIFEST),
+        ];
+        for (repo, reference, (_, content), mt) in puts {
+            store
+                .put_manifest(repo, &reference, Some(mt), content.clone())
+                .await
+                .unwrap();
+        }
+        // Nothing is left inside the (zero) push window.
+        let aged = metadata.clone();
+        tokio::task::spawn_blocking(move || age(&aged))
+            .await
+            .unwrap();
+        let report = store.gc(Trigger::Manual, false).await.unwrap();
+        let evicted: Vec<(&str, &Digest)> = report
+            .evicted
+            .iter()
+            .map(|e| (e.repo.as_str(), &e.digest))
+            .collect();
+        assert_eq!(
+            evicted,
+            [("app", &index.0), ("app", &image.0), ("app", &signature.0)],
+            "{what}: {report:?}"
+        );
+        assert!(
+            report.usage_after.total <= report.quota.low,
+            "{what}: {report:?}"
+        );
+        store
+            .get_manifest(&other, &tag_ref("latest"))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the newer image went: {e}"));
+    });
 }

@@ -204,7 +204,7 @@ pub struct EvictOutcome {
     /// Bytes on disk of unreferenced blobs never released, inside their grace.
     pub young_bytes: u64,
     /// Bytes counted as freed towards `need`: the sweepable and waiting blobs, and what
-    /// the evicted roots release through their child manifests too.
+    /// the evicted roots release through the manifests that go after them too.
     pub counted: u64,
 }
 
@@ -335,8 +335,9 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn roots(&self) -> Result<Vec<Evictable>>;
     /// Remove candidates in order (each only if it is still a root, unused since it was
     /// listed) until the unreferenced blobs that will go (sweepable now, or released and
-    /// waiting out their window) plus what the removed roots release (through their
-    /// unreferenced child manifests too) add up to `need`, then only forced ones; mark
+    /// waiting out their window) plus what the removed roots release (through the
+    /// untagged child manifests only they list and the untagged referrers of whatever
+    /// goes too) add up to `need`, then only forced ones; mark
     /// what they release as released; in one transaction, rolled back for a dry run.
     async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome>;
     /// Forget each of `blobs` that is still sweepable (see [`EvictOutcome::sweepable`]),

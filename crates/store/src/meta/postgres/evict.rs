@@ -51,12 +51,6 @@ const BLOB_LAST_USED: &str = "GREATEST(b.created_at, b.accessed_at)";
 /// Blob `b` was released: a root that referenced it was evicted or deleted.
 const RELEASED: &str = "EXISTS (SELECT 1 FROM released_blobs r WHERE r.digest = b.digest)";
 
-/// A manifest among `$2` in repository `$1` that nothing keeps any more: a root no tag
-/// points at.
-fn orphaned() -> String {
-    format!("m.repo_id = $1 AND m.digest = ANY($2) AND {IS_ROOT} AND {UNTAGGED}")
-}
-
 /// A statement deleting the manifests `target` selects (as `repo_id, digest`) with their
 /// tags and references. It yields one row: the repository of those deleted (NULL when
 /// none was), and what they referenced, in order (as the primary key orders them).
@@ -157,7 +151,8 @@ pub(super) async fn evict(c: &mut PgConnection, request: &EvictRequest) -> Resul
                     continue;
                 };
                 let released = release(c, &references, &mut counted).await?;
-                let estimate = estimate_children(c, repo_id, &references, &mut counted).await?;
+                let estimate =
+                    estimate_orphans(c, repo_id, &root.digest, &references, &mut counted).await?;
                 (released, estimate, references)
             }
             Evictable::Entry(entry) => {
@@ -202,56 +197,62 @@ async fn unreferenced(c: &mut PgConnection) -> Result<Vec<Unreferenced>> {
         .collect()
 }
 
-/// An estimate in bytes of what the child manifests that removing a manifest (which
-/// referenced `references` in `repo_id`) leaves unreferenced would free in turn. Those
-/// go as roots in a later round, once reads that saw the parent have taken their
-/// leases; here their removal is only simulated, level by level, in a savepoint rolled
-/// back.
-/// `counted` keeps a blob from being counted twice: what this counts is added to it.
-async fn estimate_children(
+/// An estimate in bytes of what the manifests that removing manifest `removed` (which
+/// referenced `references`) from `repo_id` leaves to go after it would free in turn: the
+/// untagged child manifests nothing else lists and the untagged referrers of whatever
+/// goes, all the way down. Those go as roots in later rounds, once reads that saw the
+/// parent have taken their leases; here their removal is only simulated, level by
+/// level, in a savepoint rolled back. `counted` keeps a blob from being counted twice:
+/// what this counts is added to it.
+async fn estimate_orphans(
     c: &mut PgConnection,
     repo_id: i64,
+    removed: &Digest,
     references: &[Digest],
     counted: &mut HashSet<Digest>,
 ) -> Result<u64> {
     let mut seen: HashSet<Digest> = references.iter().cloned().collect();
     let mut frontier: Vec<Digest> = seen.iter().cloned().collect();
-    let keys: Vec<String> = frontier.iter().map(Digest::to_string).collect();
-    // Most manifests reference only blobs: then nothing needs simulating.
-    let any_orphaned: bool = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT EXISTS (SELECT 1 FROM manifests m WHERE {})",
-        orphaned()
-    )))
-    .bind(repo_id)
-    .bind(&keys)
-    .fetch_one(&mut *c)
-    .await?;
-    if !any_orphaned {
+    let mut gone = vec![removed.to_string()];
+    // Manifests among the frontier, or naming one gone as their subject, that nothing
+    // keeps any more: roots no tag points at.
+    let orphaned = format!(
+        "SELECT m.digest FROM manifests m
+         WHERE m.repo_id = $1 AND (m.digest = ANY($2) OR m.subject = ANY($3))
+         AND {IS_ROOT} AND {UNTAGGED}"
+    );
+    let keys = |frontier: &[Digest]| frontier.iter().map(Digest::to_string).collect::<Vec<_>>();
+    // Most manifests leave nothing behind: then nothing needs simulating.
+    let mut orphans: Vec<String> = sqlx::query_scalar(AssertSqlSafe(orphaned.clone()))
+        .bind(repo_id)
+        .bind(keys(&frontier))
+        .bind(&gone)
+        .fetch_all(&mut *c)
+        .await?;
+    if orphans.is_empty() {
         return Ok(0);
     }
     let mut simulated = c.begin().await?;
-    let remove_orphans = removal(&format!(
-        "SELECT m.repo_id, m.digest FROM manifests m WHERE {}",
-        orphaned()
-    ));
-    loop {
-        let keys: Vec<String> = frontier.iter().map(Digest::to_string).collect();
-        let (removed, children): (Option<i64>, Vec<String>) =
-            sqlx::query_as(AssertSqlSafe(remove_orphans.clone()))
+    let remove = removal("SELECT $1::bigint AS repo_id, d AS digest FROM unnest($2::text[]) AS d");
+    while !orphans.is_empty() {
+        let (_, children): (Option<i64>, Vec<String>) =
+            sqlx::query_as(AssertSqlSafe(remove.clone()))
                 .bind(repo_id)
-                .bind(&keys)
+                .bind(&orphans)
                 .fetch_one(&mut *simulated)
                 .await?;
-        if removed.is_none() {
-            break;
-        }
-        // Manifests left waiting (on a subject removed in this same round) stay in the
-        // frontier; those removed no longer match.
+        gone.append(&mut orphans);
         for child in digests(children)? {
             if seen.insert(child.clone()) {
                 frontier.push(child);
             }
         }
+        orphans = sqlx::query_scalar(AssertSqlSafe(orphaned.clone()))
+            .bind(repo_id)
+            .bind(keys(&frontier))
+            .bind(&gone)
+            .fetch_all(&mut *simulated)
+            .await?;
     }
     let freed = release(&mut simulated, &frontier, counted).await?;
     simulated.rollback().await?;

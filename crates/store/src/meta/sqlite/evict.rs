@@ -124,7 +124,8 @@ pub(super) fn evict(c: &Connection, request: &EvictRequest) -> rusqlite::Result<
                 let Some((repo_id, references)) = evict_root(c, root)? else {
                     continue;
                 };
-                let (released, estimate) = released_by(c, repo_id, &references, &mut counted)?;
+                let (released, estimate) =
+                    released_by(c, repo_id, &root.digest, &references, &mut counted)?;
                 (released, estimate, references)
             }
             Evictable::Entry(entry) => {
@@ -163,40 +164,73 @@ fn unreferenced(c: &Connection) -> rusqlite::Result<Vec<Unreferenced>> {
     .collect()
 }
 
-/// What removing a manifest that referenced `references` in `repo_id` frees: the blobs
-/// it releases (marked released, returned to sweep now or later), and an estimate in
-/// bytes of what the child manifests it leaves unreferenced would free in turn. Those
-/// go as roots in a later round, once reads that saw the parent have taken their
-/// leases; here their removal is only simulated, then rolled back. `counted` keeps a
-/// blob from being counted twice.
+/// What removing manifest `removed` (which referenced `references`) from `repo_id` frees:
+/// the blobs it releases (marked released, returned to sweep now or later), and an
+/// estimate in bytes of what the manifests it leaves to go after it would free in turn:
+/// the untagged child manifests nothing else lists and the untagged referrers of
+/// whatever goes, all the way down. Those go as roots in later rounds, once reads that
+/// saw the parent have taken their leases; here their removal is only simulated, level
+/// by level (so the order of the references does not matter), then rolled back.
+/// `counted` keeps a blob from being counted twice.
 fn released_by(
     c: &Connection,
     repo_id: i64,
+    removed: &Digest,
     references: &[Digest],
     counted: &mut HashSet<Digest>,
 ) -> rusqlite::Result<(Vec<Unreferenced>, u64)> {
     let released = release(c, references, counted)?;
-    let mut estimate = 0;
     c.execute_batch("SAVEPOINT estimate")?;
-    let mut children = references.to_vec();
-    while let Some(child) = children.pop() {
-        let orphaned_manifest = c
-            .prepare_cached(&format!(
-                "SELECT 1 FROM manifests m WHERE m.repo_id = ?1 AND m.digest = ?2 AND {IS_ROOT}
-                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest)"
-            ))?
-            .query_row(params![repo_id, child.to_string()], |_| Ok(()))
-            .optional()?;
-        if orphaned_manifest.is_none() {
-            continue;
+    let mut frontier = references.to_vec();
+    frontier.extend(referrers(c, repo_id, removed)?);
+    let mut seen: HashSet<Digest> = frontier.iter().cloned().collect();
+    loop {
+        let mut orphans = Vec::new();
+        for digest in &frontier {
+            if orphaned(c, repo_id, digest)? {
+                orphans.push(digest.clone());
+            }
         }
-        let grandchildren = remove_manifest(c, repo_id, &child)?;
-        let freed = release(c, &grandchildren, counted)?;
-        estimate += freed.iter().map(|b| on_disk(b.size)).sum::<u64>();
-        children.extend(grandchildren);
+        if orphans.is_empty() {
+            break;
+        }
+        for orphan in orphans {
+            let mut next = remove_manifest(c, repo_id, &orphan)?;
+            next.extend(referrers(c, repo_id, &orphan)?);
+            for digest in next {
+                if seen.insert(digest.clone()) {
+                    frontier.push(digest);
+                }
+            }
+        }
     }
+    let estimate = release(c, &frontier, counted)?
+        .iter()
+        .map(|b| on_disk(b.size))
+        .sum();
     c.execute_batch("ROLLBACK TO estimate; RELEASE estimate")?;
     Ok((released, estimate))
+}
+
+/// Whether `digest` is a manifest of `repo_id` that nothing keeps: a root no tag points
+/// at.
+fn orphaned(c: &Connection, repo_id: i64, digest: &Digest) -> rusqlite::Result<bool> {
+    c.prepare_cached(&format!(
+        "SELECT 1 FROM manifests m WHERE m.repo_id = ?1 AND m.digest = ?2 AND {IS_ROOT}
+         AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id AND t.digest = m.digest)"
+    ))?
+    .query_row(params![repo_id, digest.to_string()], |_| Ok(()))
+    .optional()
+    .map(|found| found.is_some())
+}
+
+/// The manifests of `repo_id` whose subject is `subject`.
+fn referrers(c: &Connection, repo_id: i64, subject: &Digest) -> rusqlite::Result<Vec<Digest>> {
+    c.prepare_cached("SELECT digest FROM manifests WHERE repo_id = ?1 AND subject = ?2")?
+        .query_map(params![repo_id, subject.to_string()], |r| {
+            parse_digest(r.get(0)?)
+        })?
+        .collect()
 }
 
 /// Mark released those of `digests` that are stored blobs nothing references any more,
