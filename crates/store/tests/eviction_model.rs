@@ -36,10 +36,9 @@
 //!   while what it counts as freed (unreferenced blobs that leave now or are released
 //!   and waiting, what the roots evicted so far release, directly or through the
 //!   untagged child manifests they orphan and the untagged referrers of what goes, all
-//!   the way down) is short of what the low watermark needs,
-//!   and every candidate it can while short (so it never evicts more than needed once
-//!   the waiting bytes go, and never stops early). The model predicts that sequence
-//!   exactly;
+//!   the way down) is short of what the low watermark needs, and every candidate it
+//!   can while short (so it never evicts more than needed once the waiting bytes go,
+//!   and never stops early). The model predicts that sequence exactly;
 //! * the pass sweeps a released blob once its last use is before the window and any
 //!   other unreferenced blob once idle for the grace (zero, so the push window, the
 //!   least it can be), keeps the rest waiting or young, and reports the bytes waiting,
@@ -1967,13 +1966,13 @@ impl Harness {
     /// (then by repository and digest) of the roots it started with, except untagged
     /// ones last used within the push window, counting what each releases, directly or
     /// through the untagged child manifests it orphans and the untagged referrers of
-    /// what goes; it stops when the count reaches
-    /// the need or no candidate is left. Then it sweeps what is due, and goes round
-    /// again while it evicted something and usage less the bytes still waiting is above
-    /// the low watermark. A root's last use is the one the store recorded (reported for
-    /// the roots evicted, read back for the others; checked against the model's bounds).
-    /// Whether a blob was due is taken from whether it went (checked against its last
-    /// use by the caller): only a use in the second a window ends leaves it open.
+    /// what goes; it stops when the count reaches the need or no candidate is left.
+    /// Then it sweeps what is due, and goes round again while it evicted something and
+    /// usage less the bytes still waiting is above the low watermark. A root's last use
+    /// is the one the store recorded (reported for the roots evicted, read back for the
+    /// others; checked against the model's bounds). Whether a blob was due is taken from
+    /// whether it went (checked against its last use by the caller): only a use in the
+    /// second a window ends leaves it open.
     fn replay(
         &self,
         report: &GcReport,
