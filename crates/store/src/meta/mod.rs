@@ -337,8 +337,8 @@ pub trait MetaStore: Send + Sync + 'static {
     /// listed) until the unreferenced blobs that will go (sweepable now, or released and
     /// waiting out their window) plus what the removed roots release (through the
     /// untagged child manifests only they list and the untagged referrers of whatever
-    /// goes too) add up to `need`, then only forced ones; mark
-    /// what they release as released; in one transaction, rolled back for a dry run.
+    /// goes too) add up to `need`, then only forced ones; mark what they release as
+    /// released; in one transaction, rolled back for a dry run.
     async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome>;
     /// Forget each of `blobs` that is still sweepable (see [`EvictOutcome::sweepable`]),
     /// with its links; returns those forgotten, with their sizes.
