@@ -124,7 +124,8 @@ fn push_gap(requests: &[Served], repo: &str) -> Result<f64> {
     Ok(secs_between(first.at, put.at))
 }
 
-/// From the first manifest read in `repo` at or after `since` to the last blob read there.
+/// From the first manifest read in `repo` at or after `since` to the end of the last blob
+/// read there (a request is logged once its response is over).
 fn import_gap(requests: &[Served], repo: &str, since: usize) -> Result<f64> {
     let prefix = format!("/v2/{repo}/");
     let mine: Vec<&Served> = requests

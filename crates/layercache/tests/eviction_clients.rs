@@ -8,6 +8,9 @@
 //!   INSUFFICIENT_STORAGE, keeps what was stored intact and leaves no staging bytes;
 //!   once tags are deleted the big upload goes through, and further pushes succeed as
 //!   eviction keeps the store inside a quota the filesystem's size limits.
+//! * On the defaults, on a filesystem other files have mostly filled, the quota is what
+//!   `df` leaves less `min_free`, below `max_size`; the pass that evicts because of it
+//!   says so once in the log, and `layercache gc` says why the quota is what it is.
 //!
 //! dockerd is one shared daemon, so everything touching it lives in one test function.
 
@@ -623,5 +626,98 @@ async fn disk_full_upload_fails_cleanly_then_eviction_makes_room() {
     }
     let r = client.get(server.at(&location)).send().await.unwrap();
     assert_eq!(r.status(), 404, "the failed session outlived its expiry");
+    drop(server);
+}
+
+/// `(size, available)` bytes of the filesystem holding `dir`, as `df` reports them.
+fn df(dir: &Path) -> (u64, u64) {
+    let out = common::run_ok(
+        Command::new("df")
+            .args(["-B1", "--output=size,avail"])
+            .arg(dir),
+    );
+    let figures: Vec<u64> = out
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("df: {out}"))
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    (figures[0], figures[1])
+}
+
+#[tokio::test]
+async fn a_filesystem_others_fill_squeezes_the_quota_and_the_server_says_so() {
+    const WARNING: &str = "evicting to keep min_free free";
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = match Tmpfs::mount(&tmp.path().join("fs"), "64m") {
+        Ok(mount) => mount,
+        Err(why) => {
+            assert!(!required(), "{why} (required: CI=true)");
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    // Another tenant of the filesystem takes half of it.
+    std::fs::write(mount.dir.join("others.bin"), vec![1u8; 32 << 20]).unwrap();
+    let data_dir = mount.dir.join("data");
+    let server = common::Server::start_logged_on(&data_dir, &[]);
+    let client = reqwest::Client::new();
+
+    // The quota: max_size is 60 % of the filesystem, but what is free beside the store,
+    // less min_free (10 %), is less.
+    let status = get_json(&client, &server.at("/api/v1/gc")).await;
+    let (size, available) = df(&mount.dir);
+    let quota = |name| field(&status, &["quota", name]);
+    assert_eq!(quota("max_size"), size * 6 / 10, "{status:#}");
+    assert_eq!(quota("min_free"), size / 10, "{status:#}");
+    let expected = field(&status, &["usage", "total"]) + available - size / 10;
+    assert!(
+        quota("limit").abs_diff(expected) < MIB && quota("limit") < quota("max_size"),
+        "df: {size} bytes, {available} available; expected a limit of {expected}: {status:#}"
+    );
+    assert!(!server.log().contains(WARNING), "{}", server.log());
+
+    // Pushes past the high watermark: a pass evicts the least recently used, because of
+    // the free space alone (max_size would hold them all). The evicted images' blobs
+    // stay for the push window, counted as gone already.
+    let mut pushed = 0u64;
+    let status = loop {
+        push_image(
+            &client,
+            &server,
+            &format!("squeezed/i{pushed}"),
+            random_bytes(300 + pushed, 3 * MIB),
+        )
+        .await;
+        pushed += 1;
+        tokio::time::sleep(TICK).await;
+        let status = get_json(&client, &server.at("/api/v1/gc")).await;
+        if field(&status, &["usage", "released_bytes"]) > 0 {
+            break status;
+        }
+        assert!(pushed < 9, "no pass evicted: {status:#}");
+    };
+    assert!(pushed * 3 * MIB < quota("max_size"), "{status:#}");
+    let manifest = |i: u64| server.at(&format!("/v2/squeezed/i{i}/manifests/v1"));
+    let oldest = client.head(manifest(0)).send().await.unwrap();
+    assert_eq!(oldest.status(), 404, "the least recently used image stays");
+    let newest = client.head(manifest(pushed - 1)).send().await.unwrap();
+    assert_eq!(newest.status(), 200, "the newest image is gone");
+    let log = server.log();
+    assert_eq!(log.matches(WARNING).count(), 1, "{log}");
+
+    // `layercache gc` says what sets the quota.
+    let out = common::layercache(&["gc", "--dry-run", "--server", &server.url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("the filesystem's free space sets the quota: max_size allows"),
+        "{text}"
+    );
     drop(server);
 }

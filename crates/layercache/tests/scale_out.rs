@@ -17,7 +17,8 @@
 //!   balancer (the client's retry lands on another node: the push succeeds and pulls
 //!   intact); Garage, then PostgreSQL, stopped for a few seconds under load: clients get
 //!   503 UNAVAILABLE with `Retry-After` (or wait), never a 500, nothing acknowledged is
-//!   lost or corrupt, and everything is consistent once the service is back.
+//!   lost or corrupt, and everything is consistent once the service is back; a docker
+//!   push and a docker pull under way when it goes retry through it and succeed.
 //!
 //! Garage and PostgreSQL come from `testsupport`; without them the tests skip, unless
 //! `REQUIRE_REAL_CLIENTS=1`. dockerd is one shared daemon, so the tests that use it take
@@ -1069,6 +1070,29 @@ impl ReadAcross {
     }
 }
 
+/// Layers of the image `docker pull` fetches across an outage, and their size: with three
+/// downloads at a time, some are still to start (or under way) when the backend goes.
+const PULL_ACROSS_LAYERS: usize = 8;
+const PULL_ACROSS_LAYER: usize = 48 * MIB;
+
+/// An image docker can pull: `layers` uncompressed tar layers of one random file of `len`
+/// bytes each, and a config that names them.
+fn tar_image(rng: &mut StdRng, layers: usize, len: usize) -> Image {
+    let layers: Vec<Blob> = (0..layers)
+        .map(|i| {
+            let mut tar = common::tar_header(&format!("data/{i}.bin"), len as u64).to_vec();
+            let file = tar.len();
+            tar.resize(file + len.next_multiple_of(512) + 1024, 0);
+            rng.fill(&mut tar[file..file + len]);
+            Blob::new(tar)
+        })
+        .collect();
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    Image::new(Blob::new(config.to_string().into_bytes()), layers)
+}
+
 /// One node's load until `done`: push a fresh small image, pull the base image of
 /// another node. Every failure is recorded with when it ended.
 async fn outage_load(
@@ -1222,8 +1246,17 @@ async fn an_outage_of(backend: Backend) {
     let with_docker = dockerd_ready() && common::require_tool("skopeo");
     let _turn = with_docker.then(docker_turn);
     let docker_image = format!("{}/outage/docker:1", cluster.node(1).host);
+    // ...and pulls an image through node 2 that it began to download before.
+    let pull_image = tar_image(&mut rng, PULL_ACROSS_LAYERS, PULL_ACROSS_LAYER);
+    let pull_reference = format!("{}/outage/pull:1", cluster.node(2).host);
+    if with_docker {
+        clients[0]
+            .push_image("outage/pull", &pull_image, "1")
+            .await
+            .unwrap();
+    }
     let _wipe = with_docker.then(|| {
-        let wipe = Wipe(vec![docker_image.clone()]);
+        let wipe = Wipe(vec![docker_image.clone(), pull_reference.clone()]);
         let context = common::busybox_context(cluster.node(1), "Dockerfile", DOCKERFILE);
         tokio::task::block_in_place(|| {
             wipe.now();
@@ -1253,6 +1286,14 @@ async fn an_outage_of(backend: Backend) {
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let read_across = ReadAcross::begin(cluster.node(2), "outage/across", across).await;
+    let mut docker_pull = with_docker.then(|| {
+        let mut pull = Running::spawn(common::docker(&["pull", &pull_reference]));
+        let downloading = tokio::task::block_in_place(|| {
+            pull.wait_for("Pulling fs layer", Duration::from_secs(60))
+        });
+        assert!(downloading, "docker pull did not begin:\n{}", pull.output);
+        pull
+    });
 
     outage.lock().unwrap().began = Some(Instant::now());
     {
@@ -1301,6 +1342,25 @@ async fn an_outage_of(backend: Backend) {
         eprintln!("docker push across the {backend:?} outage: {retries} `Retrying in` lines");
         if let Backend::ObjectStore = backend {
             assert!(retries > 0, "docker push met no error:\n{output}");
+        }
+    }
+
+    if let Some(pull) = docker_pull.as_mut() {
+        let (status, output) =
+            tokio::task::block_in_place(|| pull.finish(Duration::from_secs(180)));
+        assert!(
+            status.success(),
+            "docker pull across the {backend:?} outage:\n{output}"
+        );
+        // docker checked every layer against its digest; the image is the one pushed.
+        assert_eq!(
+            tokio::task::block_in_place(|| image_id(&pull_reference)),
+            pull_image.config.digest
+        );
+        let retries = output.matches("Retrying in").count();
+        eprintln!("docker pull across the {backend:?} outage: {retries} `Retrying in` lines");
+        if let Backend::ObjectStore = backend {
+            assert!(retries > 0, "docker pull met no error:\n{output}");
         }
     }
 

@@ -1,16 +1,20 @@
 //! Application state, the router, and the request layer every request passes through
 //! (a request id and a tracing span naming the endpoint and the build session).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{any, get};
+use http_body::{Frame, SizeHint};
 use tracing::Instrument;
 
 use crate::actions::{self, Actions};
@@ -95,7 +99,8 @@ pub fn build_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Give each request an id and a span; log its outcome once; count it in the metrics.
+/// Give each request an id and a span; count it in the metrics; log its outcome once its
+/// response body is over.
 async fn trace_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let request = request.map(|body| state.metrics.count_in(body));
     let fallback_route = metrics::route_of(request.uri().path());
@@ -108,6 +113,7 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
         endpoint = tracing::field::Empty,
         session = tracing::field::Empty,
     );
+    let head = request.method() == Method::HEAD;
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
     let route = response
@@ -117,15 +123,91 @@ async fn trace_request(State(state): State<AppState>, request: Request, next: Ne
     state
         .metrics
         .request(route, response.status(), started.elapsed());
-    span.in_scope(|| {
-        tracing::info!(
-            status = response.status().as_u16(),
-            micros = started.elapsed().as_micros() as u64,
-            "served"
-        );
-    });
     response
         .headers_mut()
         .insert("x-request-id", HeaderValue::from(id));
-    response.map(|body| state.metrics.count_out(body))
+    let length = if head {
+        Some(0)
+    } else {
+        content_length(&response).or(response.body().size_hint().exact())
+    };
+    let status = response.status().as_u16();
+    response.map(|body| {
+        Body::new(AccessLine {
+            body: state.metrics.count_out(body),
+            span,
+            status,
+            started,
+            length,
+            sent: 0,
+            ended: false,
+        })
+    })
+}
+
+/// The length a response's headers promise for its body, if they do.
+fn content_length(response: &Response) -> Option<u64> {
+    let header = response.headers().get(header::CONTENT_LENGTH)?;
+    header.to_str().ok()?.parse().ok()
+}
+
+/// A response body that logs its request's `served` line once it is over: with the status,
+/// the body bytes handed to the connection, the time from the request to then, and
+/// `cut=true` when the body ended short of its length (the client went away, or the
+/// blob's source failed mid-way).
+struct AccessLine {
+    body: Body,
+    span: tracing::Span,
+    status: u16,
+    started: Instant,
+    /// The body's length, when its headers or the body itself say it (0 for a `HEAD`,
+    /// whose body is never sent).
+    length: Option<u64>,
+    sent: u64,
+    ended: bool,
+}
+
+impl HttpBody for AccessLine {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                self.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Some(Err(_)) => {}
+            None => self.ended = true,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        let micros = self.started.elapsed().as_micros() as u64;
+        let (status, bytes) = (self.status, self.sent);
+        let whole = self.ended
+            || self.body.is_end_stream()
+            || self.length.is_some_and(|length| bytes >= length);
+        self.span.in_scope(|| {
+            if whole {
+                tracing::info!(status, bytes, micros, "served");
+            } else {
+                tracing::info!(status, bytes, micros, cut = true, "served");
+            }
+        });
+    }
 }

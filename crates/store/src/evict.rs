@@ -96,6 +96,20 @@ pub struct Quota {
     pub high: u64,
     /// Usage eviction brings the store down to.
     pub low: u64,
+    /// What `max_size` alone allows; above `limit` when the filesystem's free space is
+    /// what bounds the store (it keeps `min_free` free, whoever else fills the disk).
+    #[serde(default)]
+    pub max_size: u64,
+    /// The free space the store leaves on its filesystem (`min_free`, resolved).
+    #[serde(default)]
+    pub min_free: u64,
+}
+
+impl Quota {
+    /// The filesystem's free space, not `max_size`, sets the limit.
+    pub fn squeezed(&self) -> bool {
+        self.limit < self.max_size
+    }
 }
 
 /// A root a pass evicted (or would evict).
@@ -190,6 +204,8 @@ pub(crate) struct Evictor {
     last: Mutex<Option<GcReport>>,
     /// The last pass fell short of the quota (so a recovery is logged once, too).
     short: std::sync::atomic::AtomicBool,
+    /// The filesystem's free space made a pass evict (logged once each way).
+    squeezed: std::sync::atomic::AtomicBool,
 }
 
 impl Evictor {
@@ -237,6 +253,7 @@ impl Evictor {
             high: AtomicU64::new(u64::MAX),
             last: Mutex::default(),
             short: Default::default(),
+            squeezed: Default::default(),
         })
     }
 
@@ -339,22 +356,65 @@ impl Evictor {
     /// The quota on a filesystem of `total` bytes with `available` free, when the store
     /// uses `used`.
     fn quota(&self, used: u64, total: u64, available: u64) -> Quota {
-        let max = self.config.max_size.resolve(total);
-        let keep_free = self.config.min_free.resolve(total);
-        self.watermarks(max.min((used + available).saturating_sub(keep_free)))
+        let max_size = self.config.max_size.resolve(total);
+        let min_free = self.config.min_free.resolve(total);
+        let limit = max_size.min((used + available).saturating_sub(min_free));
+        self.watermarks(Quota {
+            limit,
+            max_size,
+            min_free,
+            ..Quota::default()
+        })
     }
 
     /// `quota` lowered to `used`, when that is less.
     fn shrink(&self, quota: Quota, used: u64) -> Quota {
-        self.watermarks(quota.limit.min(used))
+        self.watermarks(Quota {
+            limit: quota.limit.min(used),
+            ..quota
+        })
     }
 
-    /// The quota for `limit`, with its watermarks.
-    fn watermarks(&self, limit: u64) -> Quota {
+    /// `quota` with the watermarks of its limit.
+    fn watermarks(&self, quota: Quota) -> Quota {
         Quota {
-            limit,
-            high: self.config.high_watermark.of(limit),
-            low: self.config.low_watermark.of(limit),
+            high: self.config.high_watermark.of(quota.limit),
+            low: self.config.low_watermark.of(quota.limit),
+            ..quota
+        }
+    }
+
+    /// Log, once each way, that the filesystem's free space rather than `max_size` made
+    /// a pass evict, or that `max_size` bounds the store again.
+    fn note_squeeze(&self, report: &GcReport) {
+        let quota = &report.quota;
+        let evicting = !report.evicted.is_empty()
+            || !report.evicted_entries.is_empty()
+            || report.shortfall > 0;
+        let squeezed = match (quota.squeezed(), evicting) {
+            (true, true) => true,
+            (false, _) => false,
+            // Squeezed but not evicting: as it was.
+            (true, false) => return,
+        };
+        if self.squeezed.swap(squeezed, Ordering::Relaxed) == squeezed {
+            return;
+        }
+        if squeezed {
+            tracing::warn!(
+                limit = quota.limit,
+                max_size = quota.max_size,
+                min_free = quota.min_free,
+                usage = report.usage_before.total,
+                "evicting to keep min_free free on the data directory's filesystem: its free \
+                 space leaves the store less than max_size (other files fill it, or it is \
+                 smaller than max_size)"
+            );
+        } else {
+            tracing::info!(
+                limit = quota.limit,
+                "the quota is max_size again: the filesystem has room for it"
+            );
         }
     }
 }
@@ -393,15 +453,21 @@ impl Store {
             total: bytes + upload_bytes + metadata_bytes,
             released_bytes,
         };
-        let (total, available) = match self.0.quota_base {
+        let evictor = &self.0.evictor;
+        let quota = match self.0.quota_base {
             QuotaBase::Disk => {
                 let root = self.0.data_dir.clone();
-                tokio::task::spawn_blocking(move || filesystem(&root)).await??
+                let (total, available) =
+                    tokio::task::spawn_blocking(move || filesystem(&root)).await??;
+                evictor.quota(usage.total, total, available)
             }
             // A bucket has no free space to keep: only the configured size bounds it.
-            QuotaBase::Bucket(limit) => (limit, u64::MAX / 2),
+            QuotaBase::Bucket(limit) => Quota {
+                min_free: 0,
+                ..evictor.quota(usage.total, limit, u64::MAX / 2)
+            },
         };
-        Ok((usage, self.0.evictor.quota(usage.total, total, available)))
+        Ok((usage, quota))
     }
 
     /// What each repository holds, largest first (a blob shared by repositories counts
@@ -581,6 +647,7 @@ impl Store {
             evictor.estimate.store(projected, Ordering::Relaxed);
             evictor.high.store(quota.high, Ordering::Relaxed);
             evictor.note_shortfall(&report);
+            evictor.note_squeeze(&report);
             *evictor.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
         }
         Ok(report)
@@ -781,11 +848,19 @@ mod tests {
         const GIB: u64 = 1 << 30;
         let e = evictor(Size::Percent(Percent(60)), Size::Percent(Percent(10)));
         // 100 GiB disk, 30 GiB used by the store, 50 GiB free: 60 % of the disk.
-        assert_eq!(e.quota(30 * GIB, 100 * GIB, 50 * GIB).limit, 60 * GIB);
+        let q = e.quota(30 * GIB, 100 * GIB, 50 * GIB);
+        assert_eq!(
+            (q.limit, q.max_size, q.min_free),
+            (60 * GIB, 60 * GIB, 10 * GIB)
+        );
+        assert!(!q.squeezed());
         // Others filled the disk to 5 GiB free: keep 10 GiB free, so 25 GiB.
         let q = e.quota(30 * GIB, 100 * GIB, 5 * GIB);
-        assert_eq!(q.limit, 25 * GIB);
+        assert_eq!((q.limit, q.max_size), (25 * GIB, 60 * GIB));
+        assert!(q.squeezed());
         assert_eq!((q.high, q.low), (q.limit * 9 / 10, q.limit * 8 / 10));
+        // Less than min_free is free even without the store: it may keep nothing.
+        assert_eq!(e.quota(0, 100 * GIB, 5 * GIB).limit, 0);
         let fixed = evictor(Size::Bytes(GIB), Size::Bytes(0));
         assert_eq!(fixed.quota(0, 100 * GIB, 100 * GIB).limit, GIB);
     }

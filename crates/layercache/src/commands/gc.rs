@@ -47,6 +47,14 @@ fn summary(r: &GcReport) -> String {
         size(r.quota.high),
         size(r.quota.low),
     );
+    if r.quota.squeezed() {
+        out += &format!(
+            "the filesystem's free space sets the quota: max_size allows {}, and min_free keeps \
+             {} free on it\n",
+            size(r.quota.max_size),
+            size(r.quota.min_free),
+        );
+    }
     if r.kept_in_use + r.kept_pinned > 0 {
         out += &format!(
             "kept {} in use and {} pinned\n",

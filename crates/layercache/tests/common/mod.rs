@@ -71,6 +71,17 @@ impl Server {
         server
     }
 
+    /// Start a server on `data_dir` with `env`, its log beside it (`<data_dir>.log`,
+    /// read with [`Server::log`]).
+    pub fn start_logged_on(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::spawn(
+            data_dir,
+            "127.0.0.1:0",
+            env,
+            Some(&data_dir.with_extension("log")),
+        )
+    }
+
     /// Start a server on `data_dir`, listening on `listen`.
     pub fn start_on(data_dir: &Path, listen: &str) -> Server {
         Server::start_on_with_env(data_dir, listen, &[])
