@@ -76,12 +76,7 @@ impl Served {
 
 /// Every request in the log of a server started with [`Server::start_logged`].
 fn served(server: &Server) -> Vec<Served> {
-    let field = |line: &str, name: &str| {
-        let start = line.find(&format!(" {name}="))? + name.len() + 2;
-        let rest = &line[start..];
-        let end = rest.find([' ', '}']).unwrap_or(rest.len());
-        Some(rest[..end].trim_matches('"').to_owned())
-    };
+    let field = common::log_field;
     server
         .log()
         .lines()

@@ -102,12 +102,7 @@ async fn metrics_count_what_clients_did() {
 
 /// The `served` line of each request to `path`: `(method, status, bytes, cut)`.
 fn served_lines(log: &str, path: &str) -> Vec<(String, u16, u64, bool)> {
-    let field = |line: &str, name: &str| {
-        let start = line.find(&format!(" {name}="))? + name.len() + 2;
-        let rest = &line[start..];
-        let end = rest.find([' ', '}']).unwrap_or(rest.len());
-        Some(rest[..end].trim_matches('"').to_owned())
-    };
+    let field = common::log_field;
     log.lines()
         .filter(|l| l.contains(": served ") && l.contains(&format!(" path={path}")))
         .map(|l| {

@@ -254,6 +254,14 @@ impl Drop for Server {
     }
 }
 
+/// The value of field `name` in a log line (`… name=value …` or `name="value"`).
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &line[start..];
+    let end = rest.find([' ', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_owned())
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub fn digest_of(bytes: &[u8]) -> String {
     use sha2::Digest;
