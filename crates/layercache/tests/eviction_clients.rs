@@ -707,6 +707,28 @@ async fn a_filesystem_others_fill_squeezes_the_quota_and_the_server_says_so() {
     let log = server.log();
     assert_eq!(log.matches(WARNING).count(), 1, "{log}");
 
+    // So do the metrics.
+    let metrics = client
+        .get(server.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    let status = get_json(&client, &server.at("/api/v1/gc")).await;
+    assert_eq!(
+        gauge("layercache_quota_max_size_bytes"),
+        field(&status, &["quota", "max_size"])
+    );
+    assert!(gauge("layercache_quota_bytes") < gauge("layercache_quota_max_size_bytes"));
+
     // `layercache gc` says what sets the quota.
     let out = common::layercache(&["gc", "--dry-run", "--server", &server.url]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -98,6 +98,7 @@ async fn metrics_count_what_clients_did() {
     assert_eq!(value("layercache_stored_blobs"), 1.0);
     assert!(value("layercache_stored_bytes") >= blob.len() as f64);
     assert!(value("layercache_build_sessions") >= 1.0);
+    assert!(value("layercache_quota_max_size_bytes") >= value("layercache_quota_bytes"));
 }
 
 /// The `served` line of each request to `path`: `(method, status, bytes, cut)`.

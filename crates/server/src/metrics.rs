@@ -70,6 +70,7 @@ pub struct Metrics {
     stored_blobs: Gauge,
     released_bytes: Gauge,
     quota_bytes: Gauge,
+    quota_max_size_bytes: Gauge,
     shortfall_bytes: Gauge,
     upload_sessions: Gauge,
     build_sessions: Gauge,
@@ -94,12 +95,13 @@ impl Metrics {
         let manifest_lookups = Family::<ResultLabels, Counter>::default();
         let blob_checks = Family::<ResultLabels, Counter>::default();
         let entry_lookups = Family::<ResultLabels, Counter>::default();
-        let gauges: [Gauge; 7] = Default::default();
+        let gauges: [Gauge; 8] = Default::default();
         let [
             stored_bytes,
             stored_blobs,
             released_bytes,
             quota_bytes,
+            quota_max_size_bytes,
             shortfall_bytes,
             upload_sessions,
             build_sessions,
@@ -152,6 +154,12 @@ impl Metrics {
         );
         registry.register("quota_bytes", "The quota in force", quota_bytes.clone());
         registry.register(
+            "quota_max_size_bytes",
+            "What max_size alone allows: above the quota in force when the filesystem's free \
+             space (less min_free) sets it",
+            quota_max_size_bytes.clone(),
+        );
+        registry.register(
             "eviction_shortfall_bytes",
             "Bytes the last eviction pass could not free because every root left is in use \
              or pinned (0 when the quota was met)",
@@ -185,6 +193,7 @@ impl Metrics {
             stored_blobs,
             released_bytes,
             quota_bytes,
+            quota_max_size_bytes,
             shortfall_bytes,
             upload_sessions,
             build_sessions,
@@ -255,6 +264,7 @@ pub async fn serve(State(state): State<AppState>) -> Response {
             metrics.stored_blobs.set(usage.blobs as i64);
             metrics.released_bytes.set(usage.released_bytes as i64);
             metrics.quota_bytes.set(quota.limit as i64);
+            metrics.quota_max_size_bytes.set(quota.max_size as i64);
         }
         Err(e) => tracing::warn!(error = %e, "reading usage for metrics failed"),
     }
