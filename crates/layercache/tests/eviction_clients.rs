@@ -25,7 +25,7 @@ mod common;
 
 use common::registry::{
     assert_gone, assert_intact, blobs_of, disk_usage, error_code, field, get_blob, get_json,
-    get_manifest, push_image, random_bytes, upload,
+    get_manifest, get_text, push_image, random_bytes, sample, upload,
 };
 
 use std::collections::BTreeSet;
@@ -708,24 +708,11 @@ async fn a_filesystem_others_fill_squeezes_the_quota_and_the_server_says_so() {
     assert_eq!(log.matches(WARNING).count(), 1, "{log}");
 
     // So do the metrics.
-    let metrics = client
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let gauge = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
-    };
-    let status = get_json(&client, &server.at("/api/v1/gc")).await;
+    let metrics = get_text(&client, &server.at("/metrics")).await;
+    let gauge = |name| sample(&metrics, name).unwrap_or_else(|| panic!("no {name}:\n{metrics}"));
     assert_eq!(
         gauge("layercache_quota_max_size_bytes"),
-        field(&status, &["quota", "max_size"])
+        quota("max_size") as f64
     );
     assert!(gauge("layercache_quota_bytes") < gauge("layercache_quota_max_size_bytes"));
 

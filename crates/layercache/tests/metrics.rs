@@ -6,12 +6,7 @@
 
 mod common;
 
-/// The value of the sample named exactly `series` (name and labels), if exported.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
+use common::registry::sample;
 
 #[tokio::test]
 async fn metrics_count_what_clients_did() {

@@ -28,6 +28,14 @@ pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     r.text().await.unwrap()
 }
 
+/// The value of the sample named exactly `series` (name and labels) in `/metrics` text,
+/// if exported.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn field(value: &Value, path: &[&str]) -> u64 {
     let mut v = value;
     for key in path {
