@@ -1070,6 +1070,23 @@ impl ReadAcross {
     }
 }
 
+/// Wait for `client` (`what`: `docker push` or `docker pull`), begun before an outage of
+/// `backend`, to finish: it must succeed, and across the object store's outage it must have
+/// met errors its retries carried it through. Its output.
+fn finished_across(client: &mut Running, what: &str, backend: Backend) -> String {
+    let (status, output) = tokio::task::block_in_place(|| client.finish(Duration::from_secs(180)));
+    assert!(
+        status.success(),
+        "{what} across the {backend:?} outage:\n{output}"
+    );
+    let retries = output.matches("Retrying in").count();
+    eprintln!("{what} across the {backend:?} outage: {retries} `Retrying in` lines");
+    if let Backend::ObjectStore = backend {
+        assert!(retries > 0, "{what} met no error:\n{output}");
+    }
+    output
+}
+
 /// Layers of the image `docker pull` fetches across an outage, and their size: with three
 /// downloads at a time, some are still to start (or under way) when the backend goes.
 const PULL_ACROSS_LAYERS: usize = 8;
@@ -1328,40 +1345,19 @@ async fn an_outage_of(backend: Backend) {
         slowest = slowest.max(load.await.unwrap());
     }
     if let Some(push) = docker_push.as_mut() {
-        let (status, output) =
-            tokio::task::block_in_place(|| push.finish(Duration::from_secs(180)));
-        assert!(
-            status.success(),
-            "docker push across the {backend:?} outage:\n{output}"
-        );
+        let output = finished_across(push, "docker push", backend);
         let digest = pushed_digest(&output);
         let through_other = format!("{}/outage/docker:1", cluster.node(2).host);
         let manifest = tokio::task::block_in_place(|| skopeo_pull_ok(&through_other));
         assert_eq!(common::digest_of(&manifest), digest);
-        let retries = output.matches("Retrying in").count();
-        eprintln!("docker push across the {backend:?} outage: {retries} `Retrying in` lines");
-        if let Backend::ObjectStore = backend {
-            assert!(retries > 0, "docker push met no error:\n{output}");
-        }
     }
-
     if let Some(pull) = docker_pull.as_mut() {
-        let (status, output) =
-            tokio::task::block_in_place(|| pull.finish(Duration::from_secs(180)));
-        assert!(
-            status.success(),
-            "docker pull across the {backend:?} outage:\n{output}"
-        );
+        finished_across(pull, "docker pull", backend);
         // docker checked every layer against its digest; the image is the one pushed.
         assert_eq!(
             tokio::task::block_in_place(|| image_id(&pull_reference)),
             pull_image.config.digest
         );
-        let retries = output.matches("Retrying in").count();
-        eprintln!("docker pull across the {backend:?} outage: {retries} `Retrying in` lines");
-        if let Backend::ObjectStore = backend {
-            assert!(retries > 0, "docker pull met no error:\n{output}");
-        }
     }
 
     let errors = std::mem::take(&mut *errors.lock().unwrap());

@@ -391,13 +391,9 @@ impl Evictor {
         let evicting = !report.evicted.is_empty()
             || !report.evicted_entries.is_empty()
             || report.shortfall > 0;
-        let squeezed = match (quota.squeezed(), evicting) {
-            (true, true) => true,
-            (false, _) => false,
-            // Squeezed but not evicting: as it was.
-            (true, false) => return,
-        };
-        if self.squeezed.swap(squeezed, Ordering::Relaxed) == squeezed {
+        let squeezed = quota.squeezed();
+        // Squeezed but not evicting: as it was.
+        if (squeezed && !evicting) || self.squeezed.swap(squeezed, Ordering::Relaxed) == squeezed {
             return;
         }
         if squeezed {

@@ -214,15 +214,19 @@ async fn read_blob(store: &Store, repo: &RepoName, digest: &Digest) -> Result<Ve
 
 /// Move the store's clock `AGE_SECS` forward: shift every stored timestamp back, the
 /// seconds of the releases too. (The uses the store keeps in memory until it records
-/// them cannot be shifted: the caller has them recorded first.)
-fn age(metadata: &Metadata) {
-    metadata.transaction(&format!(
+/// them cannot be shifted: the caller has them recorded first.) Runs off the runtime's
+/// threads.
+async fn age(metadata: &Metadata) {
+    let metadata = metadata.clone();
+    tokio::task::spawn_blocking(move || metadata.transaction(&format!(
         "UPDATE blobs SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE manifests SET created_at = created_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE tags SET updated_at = updated_at - {AGE_SECS}, accessed_at = accessed_at - {AGE_SECS};
          UPDATE uploads SET created_at = created_at - {AGE_SECS};
          UPDATE released_blobs SET released_at = released_at - {AGE_SECS};"
-    ));
+    )))
+    .await
+    .unwrap();
 }
 
 /// Grow SQLite's write-ahead log to the size it keeps once the store has been written to
@@ -2200,10 +2204,7 @@ impl Harness {
                 // Within the time skipped the store's flusher records the pending reads.
                 self.store.flush_access_times().await.unwrap();
                 self.m.flush();
-                let metadata = self.metadata.clone();
-                tokio::task::spawn_blocking(move || age(&metadata))
-                    .await
-                    .unwrap();
+                age(&self.metadata).await;
                 self.m.age();
             }
             Op::Tick => {
@@ -2415,10 +2416,7 @@ fn manifest_put_racing_a_pass_never_points_at_a_swept_blob(backend: Backend) {
                 store.put_blob(&repo, d, body(b, 1)).await.unwrap();
             }
             // Idle for longer than the (zero) grace: the pass may sweep them.
-            let metadata = metadata.clone();
-            tokio::task::spawn_blocking(move || age(&metadata))
-                .await
-                .unwrap();
+            age(&metadata).await;
             let (digest, manifest) = race_image(&blobs);
             let (delay, put_waits) = stagger(round);
             let put = async {
@@ -2500,10 +2498,7 @@ fn blob_mount_racing_a_pass_never_links_a_swept_blob(backend: Backend) {
                 .put_blob(&source, &blob.0, body(&blob.1, 1))
                 .await
                 .unwrap();
-            let metadata = metadata.clone();
-            tokio::task::spawn_blocking(move || age(&metadata))
-                .await
-                .unwrap();
+            age(&metadata).await;
             let (delay, mount_waits) = stagger(round);
             let mount = async {
                 if mount_waits {
@@ -2701,10 +2696,7 @@ fn evict_an_index_over(backend: Backend, signed: &SignedImage, lists_signature: 
                 .unwrap();
         }
         // Nothing is left inside the (zero) push window.
-        let aged = metadata.clone();
-        tokio::task::spawn_blocking(move || age(&aged))
-            .await
-            .unwrap();
+        age(&metadata).await;
         let report = store.gc(Trigger::Manual, false).await.unwrap();
         let evicted: Vec<(&str, &Digest)> = report
             .evicted
