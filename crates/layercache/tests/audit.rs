@@ -614,3 +614,80 @@ async fn rotated_files_are_read_across_and_nothing_between_them_is_lost() {
         .collect();
     assert_eq!(last, lines[lines.len() - 3..]);
 }
+
+/// A client sending refused requests in a loop cannot rotate the history out of the log:
+/// requests that present no credentials are not recorded (as a registry's first,
+/// credential-less attempt is not), denials from one address are recorded at a bounded
+/// rate (the rest counted as lost), and a long path is cut.
+#[tokio::test]
+async fn refusals_in_a_loop_cannot_rotate_the_history_out() {
+    let server = Server::start_with_env(&[
+        ("LAYERCACHE_SERVER__AUDIT__MAX_FILE_SIZE", "256KiB"),
+        ("LAYERCACHE_SERVER__AUDIT__KEEP", "1"),
+    ]);
+    let http = reqwest::Client::new();
+    let blob = b"written before the flood";
+    let digest = common::digest_of(blob);
+    let r = http
+        .post(server.at(&format!("/v2/cache/kept/blobs/uploads/?digest={digest}")))
+        .body(&blob[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let path = format!("/_apis/artifactcache/{}", "a".repeat(4000));
+    let flood = |authorization: Option<&'static str>| {
+        let (http, url) = (http.clone(), server.at(&path));
+        async move {
+            for _ in 0..1000 {
+                let mut request = http.get(&url);
+                if let Some(authorization) = authorization {
+                    request = request.header("authorization", authorization);
+                }
+                assert_eq!(request.send().await.unwrap().status(), 401);
+            }
+        }
+    };
+    flood(None).await;
+    let lines = audit_lines(&server, "");
+    assert_eq!(
+        lines.len(),
+        1,
+        "nothing presented, nothing recorded: {lines:#?}"
+    );
+
+    let started = std::time::Instant::now();
+    flood(Some("Bearer not-a-token")).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let lines = audit_lines(&server, "");
+    assert_eq!(
+        lines[0]["digest"],
+        digest.as_str(),
+        "the history is still there"
+    );
+    let denied = with_action(&lines, "denied");
+    let bound = 100.0 + 10.0 * (elapsed + 1.0);
+    assert!(
+        !denied.is_empty() && (denied.len() as f64) <= bound,
+        "{} denials recorded in {elapsed:.1} s",
+        denied.len()
+    );
+    for line in &denied {
+        let request = line["request"].as_str().unwrap();
+        assert!(
+            request.len() <= 4 + 512 + 3 && request.ends_with('…'),
+            "{request}"
+        );
+    }
+    let metrics = http
+        .get(server.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lost = common::registry::sample(&metrics, "layercache_audit_dropped_total").unwrap();
+    assert_eq!(lost as usize, 1000 - denied.len(), "{metrics}");
+}

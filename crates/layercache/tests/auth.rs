@@ -19,6 +19,7 @@ use std::sync::Mutex;
 
 use base64::Engine;
 use common::{Server, layercache};
+use sha2::{Digest, Sha256};
 
 /// One docker build at a time: the daemon's build cache is shared.
 static DAEMON: Mutex<()> = Mutex::new(());
@@ -35,7 +36,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// A server in `token` mode.
 fn token_server() -> Server {
-    Server::start_with_env(&[("LAYERCACHE_SERVER__AUTH__MODE", "token")])
+    Server::start_logged(&[("LAYERCACHE_SERVER__AUTH__MODE", "token")])
 }
 
 /// A credential minted for `server` with `scopes` (`--pull GLOB`, ...).
@@ -307,6 +308,24 @@ fn real_clients_push_their_own_namespace_and_are_denied_the_default_branch() {
     assert!(!pushed, "{out}");
     assert!(out.contains("denied"), "{out}");
 
+    // Into a repository whose credential may not pull where the layers are: docker's
+    // mounts from there are answered with upload sessions, and it uploads instead.
+    let other_image = format!("{host}/other/app:v1");
+    login("other", &credential(&server, &["--push", "other/**"]));
+    common::run_ok(&mut docker(config, &["tag", &pr_image, &other_image]));
+    common::run_ok(&mut docker(config, &["push", &other_image]));
+    let log = server.log();
+    let started: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("method=POST path=/v2/other/app/blobs/uploads/ "))
+        .filter_map(|l| common::log_field(l, "status"))
+        .collect();
+    assert!(
+        !started.is_empty() && started.iter().all(|s| s == "202"),
+        "nothing mounted: {started:?}"
+    );
+    common::run(&mut docker(config, &["image", "rm", "-f", &other_image]));
+
     // explain reads with a credential that may pull, and says which one it needs.
     let explain = |credential: &str| {
         Command::new(env!("CARGO_BIN_EXE_layercache"))
@@ -424,6 +443,73 @@ async fn one_credential_carries_registry_and_actions_cache_scopes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// A cross-repository mount moves no bytes, so it must not move rights either: a caller
+/// that may push `team-b` but not pull `team-a` gets an upload session (202), as
+/// distribution answers, not `team-a`'s blob; nor does leaving out `from` find it.
+#[tokio::test]
+async fn a_mount_takes_blobs_only_from_repositories_the_caller_may_pull() {
+    let server = token_server();
+    let owner = credential(&server, &["--push", "team-a/**"]);
+    let outsider = credential(&server, &["--push", "team-b/**"]);
+    let reader = credential(&server, &["--pull", "team-a/**", "--push", "team-b/**"]);
+    let everywhere = credential(&server, &["--push", "**"]);
+    let client = reqwest::Client::new();
+    let secret = b"team-a's layer";
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(secret)));
+    let pushed = client
+        .post(server.at(&format!("/v2/team-a/app/blobs/uploads/?digest={digest}")))
+        .header("authorization", basic("a", &owner))
+        .body(&secret[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 201);
+
+    let mount = |password: &str, into: &str, from: Option<&str>| {
+        let from = from.map(|f| format!("&from={f}")).unwrap_or_default();
+        client
+            .post(server.at(&format!("/v2/{into}/blobs/uploads/?mount={digest}{from}")))
+            .header("authorization", basic("ci", password))
+            .send()
+    };
+    let read = |password: &str, repo: &str| {
+        client
+            .get(server.at(&format!("/v2/{repo}/blobs/{digest}")))
+            .header("authorization", basic("ci", password))
+            .send()
+    };
+    for (into, from) in [("team-b/q", Some("team-a/app")), ("team-b/r", None)] {
+        let r = mount(&outsider, into, from).await.unwrap();
+        assert_eq!(r.status(), 202, "{into} from {from:?}");
+        assert!(
+            r.headers()["location"]
+                .to_str()
+                .unwrap()
+                .contains("/blobs/uploads/")
+        );
+        let r = read(&outsider, into).await.unwrap();
+        assert_eq!(r.status(), 404, "{into}: nothing was linked");
+    }
+    // With pull on the source it mounts; leaving out `from` needs pull on everything.
+    let r = mount(&reader, "team-b/q", Some("team-a/app"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        read(&reader, "team-b/q")
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        &secret[..]
+    );
+    let r = mount(&reader, "team-b/r", None).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = mount(&everywhere, "team-c/s", None).await.unwrap();
+    assert_eq!(r.status(), 201);
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ pub fn range(value: &str, size: u64) -> Result<Option<ByteRange>, ()> {
 /// The start offset a registry upload chunk claims in `Content-Range` (checked against
 /// `Content-Length`).
 pub fn upload_chunk_start(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
-    crate::registry::chunk_start(headers)
+    crate::registry::chunk_start(headers, None)
 }
 
 /// The first and last byte of an Actions cache v1 chunk's `Content-Range`.

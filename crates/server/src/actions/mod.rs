@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::HeaderValue;
 use axum::http::request::Parts;
+use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use axum::routing::{any, post};
 use bytesize::ByteSize;
@@ -456,8 +456,12 @@ fn refuse(
     error: ActionsError,
     wire: fn(ActionsError) -> Response,
 ) -> Response {
+    // Like the registry's first, credential-less attempt, a request that presented
+    // nothing (no token, no signature) is answered but not recorded.
+    let presented = parts.headers.contains_key(header::AUTHORIZATION)
+        || parts.uri.query().is_some_and(|q| q.contains("sig="));
     let refusal = match &error {
-        ActionsError::Unauthenticated(reason) | ActionsError::UrlDenied(reason) => {
+        ActionsError::Unauthenticated(reason) | ActionsError::UrlDenied(reason) if presented => {
             Some(reason.clone())
         }
         _ => None,

@@ -11,12 +11,14 @@
 mod files;
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::http::{Method, StatusCode};
 use bytesize::ByteSize;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -26,6 +28,14 @@ use self::files::{Layout, Writer};
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 8192;
+/// Denials recorded per second from one client address, sustained (the first
+/// [`DENIALS_BURST`] at once): a client sending refused requests in a loop cannot rotate
+/// the history out of the log. The rest are counted as lost.
+const DENIALS_PER_SECOND: NonZeroU32 = NonZeroU32::new(10).unwrap();
+/// Denials from one client address recorded at once above that rate.
+const DENIALS_BURST: NonZeroU32 = NonZeroU32::new(100).unwrap();
+/// Longest request path and reason kept in a line, in bytes; a longer one is cut.
+const MAX_TEXT: usize = 512;
 
 /// The `[server.audit]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +170,8 @@ struct Inner {
     queue: mpsc::Sender<Message>,
     layout: Layout,
     dropped: Counter,
+    /// Denials recorded per client address.
+    denials: DefaultKeyedRateLimiter<Option<IpAddr>>,
 }
 
 /// The audit log's handle: cheap to clone; does nothing when the log is off.
@@ -194,6 +206,9 @@ impl Audit {
                 queue,
                 layout,
                 dropped: dropped.clone(),
+                denials: RateLimiter::keyed(
+                    Quota::per_second(DENIALS_PER_SECOND).allow_burst(DENIALS_BURST),
+                ),
             })),
             dropped,
         })
@@ -222,6 +237,15 @@ impl Audit {
         let Some(inner) = &self.inner else {
             return;
         };
+        if event.action == "denied" {
+            if inner.denials.len() > 10_000 {
+                inner.denials.retain_recent();
+            }
+            if inner.denials.check_key(&who.client).is_err() {
+                inner.lost("over the denials one client address may have recorded");
+                return;
+            }
+        }
         let record = Record {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             identity: who.identity.clone(),
@@ -232,9 +256,9 @@ impl Audit {
             digest: event.digest,
             detail: event.detail,
             client: who.client.map(|a| a.to_string()),
-            request: format!("{method} {path}"),
+            request: format!("{method} {}", cut(path)),
             status: status.as_u16(),
-            reason: event.reason,
+            reason: event.reason.as_deref().map(cut),
         };
         let line = match serde_json::to_string(&record) {
             Ok(line) => line,
@@ -296,6 +320,18 @@ impl Inner {
     fn lost(&self, why: &str) {
         lost(&self.dropped, why);
     }
+}
+
+/// `text`, cut to [`MAX_TEXT`] bytes (on a character boundary, marked with `…`).
+fn cut(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_owned();
+    }
+    let end = (0..=MAX_TEXT)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &text[..end])
 }
 
 fn lost(dropped: &Counter, why: &str) {

@@ -515,6 +515,12 @@ impl Authority {
         }
     }
 
+    /// Whether a request by `identity` (let through by [`Authority::authorize`]) may pull
+    /// `repo` (`None`: every repository); anything may when nothing is enforced.
+    pub fn may_pull(&self, identity: Option<&Identity>, repo: Option<&str>) -> bool {
+        !self.enforced() || identity.is_some_and(|i| Self::allows(i, Action::Pull, repo))
+    }
+
     /// Check a `/v2/` `request` for `endpoint`: its identity, or the
     /// registry's answer (the challenge, naming the token endpoint at the address the
     /// client used, or `DENIED`).

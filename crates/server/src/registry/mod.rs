@@ -27,6 +27,7 @@ pub use manifests::CACHE_RECORDS;
 
 use crate::app::AppState;
 use crate::audit::{Event, Who};
+use crate::auth::Identity;
 use crate::metrics::Route;
 use crate::sessions::{Client, Outcome};
 use crate::upstream::Served;
@@ -106,7 +107,7 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
         Ok((endpoint, _upload)) => {
             let span = tracing::Span::current();
             span.record("endpoint", endpoint.name());
-            let result = handle(&state, endpoint.clone(), &parts, body).await;
+            let result = handle(&state, endpoint.clone(), &parts, body, identity.as_deref()).await;
             let failure = result
                 .as_ref()
                 .err()
@@ -257,7 +258,13 @@ pub async fn not_found() -> Response {
     RegistryError::route_not_found().into_response()
 }
 
-async fn handle(state: &AppState, endpoint: Endpoint, parts: &Parts, body: Body) -> Result {
+async fn handle(
+    state: &AppState,
+    endpoint: Endpoint,
+    parts: &Parts,
+    body: Body,
+    identity: Option<&Identity>,
+) -> Result {
     let params = Params::parse(parts.uri.query())?;
     let headers = &parts.headers;
     refuse_read_only(state, &endpoint).await?;
@@ -278,7 +285,14 @@ async fn handle(state: &AppState, endpoint: Endpoint, parts: &Parts, body: Body)
         Endpoint::GetBlob(repo, d) => blobs::get_blob(state, &repo, &d, parts).await,
         Endpoint::HeadBlob(repo, d) => blobs::head_blob(state, &repo, &d).await,
         Endpoint::DeleteBlob(repo, d) => blobs::delete_blob(state, &repo, &d).await,
-        Endpoint::StartUpload(repo) => uploads::start_upload(state, &repo, &params, body).await,
+        Endpoint::StartUpload(repo) => {
+            let readable = |from: Option<&RepoName>| {
+                state
+                    .authority
+                    .may_pull(identity, from.map(RepoName::as_str))
+            };
+            uploads::start_upload(state, &repo, &params, body, readable).await
+        }
         Endpoint::GetUpload(repo, id) => uploads::get_upload(state, &repo, &id).await,
         Endpoint::AppendUpload(repo, id) => {
             uploads::append_upload(state, &repo, &id, headers, body).await
@@ -411,4 +425,14 @@ fn outcome<'a>(endpoint: &'a Endpoint, response: &Response) -> Option<(&'a RepoN
 fn has_body(body: &Body) -> bool {
     use axum::body::HttpBody;
     !body.is_end_stream() && body.size_hint().exact() != Some(0)
+}
+
+/// A request body's length, when it is known before reading it (0 for none).
+fn body_len(body: &Body) -> Option<u64> {
+    use axum::body::HttpBody;
+    if has_body(body) {
+        body.size_hint().exact()
+    } else {
+        Some(0)
+    }
 }

@@ -9,7 +9,7 @@ use oci::{Digest, ErrorCode, RepoName};
 use store::UploadId;
 
 use super::error::range_header;
-use super::{Params, RegistryError, Result, has_body};
+use super::{Params, RegistryError, Result, body_len, has_body};
 use crate::app::AppState;
 use crate::body::byte_stream;
 
@@ -65,27 +65,24 @@ fn digest_param(params: &Params) -> Result<Option<Digest>> {
         .transpose()
 }
 
-/// `POST /v2/<name>/blobs/uploads/`.
+/// `POST /v2/<name>/blobs/uploads/`. A mount takes the blob only from a repository the
+/// caller may pull (`readable`; `None`: any repository that holds it, when no `from` is
+/// named); otherwise it starts an upload session, as distribution does.
 pub async fn start_upload(
     state: &AppState,
     repo: &RepoName,
     params: &Params,
     body: Body,
+    readable: impl Fn(Option<&RepoName>) -> bool,
 ) -> Result {
     if let Some(mount) = params.mount.as_deref() {
-        let digest: Digest = mount.parse().map_err(|e: oci::DigestError| {
-            RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
-        })?;
-        let from: Option<RepoName> = params
-            .from
-            .as_deref()
-            .map(|f| {
-                f.parse().map_err(|e: oci::NameError| {
-                    RegistryError::new(ErrorCode::NameInvalid, e.to_string())
-                })
-            })
-            .transpose()?;
-        if let Some(size) = state.store.mount_blob(repo, &digest, from.as_ref()).await? {
+        // A mount that cannot be done (a malformed digest or source, a source the caller
+        // may not read, a blob not there) starts an upload session instead.
+        let source = params.from.as_deref().map(str::parse::<RepoName>);
+        if let (Ok(digest), Ok(from)) = (mount.parse::<Digest>(), source.transpose())
+            && readable(from.as_ref())
+            && let Some(size) = state.store.mount_blob(repo, &digest, from.as_ref()).await?
+        {
             return Ok(created(repo, &digest, Stored::Mounted(size)));
         }
     } else if let Some(digest) = digest_param(params)? {
@@ -105,8 +102,9 @@ pub async fn get_upload(state: &AppState, repo: &RepoName, id: &UploadId) -> Res
     Ok(session(StatusCode::NO_CONTENT, repo, id, len))
 }
 
-/// The start offset a chunk claims, checked against its `Content-Length` when both are given.
-pub(crate) fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
+/// The start offset a chunk claims, checked against its length when that is known: its
+/// `Content-Length`, else `body_len` (an empty body's 0).
+pub(crate) fn chunk_start(headers: &HeaderMap, body_len: Option<u64>) -> Result<Option<u64>> {
     let Some(value) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -131,8 +129,9 @@ pub(crate) fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>> {
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if length.is_some_and(|len| len != end - start + 1) {
+        .and_then(|v| v.parse::<u64>().ok())
+        .or(body_len);
+    if length.is_some_and(|len| Some(len) != (end - start).checked_add(1)) {
         return Err(invalid());
     }
     Ok(Some(start))
@@ -146,7 +145,7 @@ pub async fn append_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result {
-    let start = chunk_start(headers)?;
+    let start = chunk_start(headers, body_len(&body))?;
     let len = state
         .store
         .append_upload(repo, id, start, byte_stream(body))
@@ -170,7 +169,7 @@ pub async fn finish_upload(
         )
     })?;
     if has_body(&body) {
-        let start = chunk_start(headers)?;
+        let start = chunk_start(headers, body_len(&body))?;
         state
             .store
             .append_upload(repo, id, start, byte_stream(body))
