@@ -1,5 +1,7 @@
 //! Clients that send nothing, or their request head a byte at a time, are disconnected
-//! once the head deadline passes, while normal clients keep being served.
+//! once the head deadline passes, while normal clients keep being served; a client that
+//! stalls mid-body is answered once the body deadline passes, and until then holds
+//! neither the eviction pass nor other requests.
 
 #![allow(
     clippy::unwrap_used,
@@ -95,4 +97,122 @@ fn a_silent_connection_is_closed_on_the_default_deadline() {
     let config = String::from_utf8_lossy(&config.stdout).into_owned();
     assert!(config.contains("header_read_timeout = \"30s\""), "{config}");
     hold(&server.host, Slow::Silent, Duration::from_secs(90));
+}
+
+/// Start an upload on `server` and stall its `PATCH` after 10 of 1000 bytes; returns the
+/// upload's path and the stalled connection (reads time out after 100 ms).
+fn stalled_patch(server: &common::Server) -> (String, TcpStream) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let location = runtime.block_on(async {
+        let r = reqwest::Client::new()
+            .post(server.at("/v2/cache/stalled/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        r.headers()["location"].to_str().unwrap().to_owned()
+    });
+    let mut stream = TcpStream::connect(&server.host).unwrap();
+    let head = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: {}\r\nContent-Length: 1000\r\n\r\n",
+        server.host
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&[b'x'; 10]).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    (location, stream)
+}
+
+/// What the server answered on `stream` within `patience` (its status line and body).
+fn answer(stream: &mut TcpStream, patience: Duration) -> String {
+    let deadline = Instant::now() + patience;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.ends_with(b"0\r\n\r\n") || got.ends_with(b"}]}") {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn a_stalled_body_holds_neither_the_eviction_pass_nor_its_upload_past_the_deadline() {
+    let server = common::Server::start_with_env(&[
+        ("LAYERCACHE_SERVER__LIMITS__BODY_READ_TIMEOUT", "4s"),
+        ("LAYERCACHE_STORE__EVICTION__UPLOAD_EXPIRY", "1s"),
+    ]);
+    let (location, mut stalled) = stalled_patch(&server);
+    // Idle past the upload expiry, but a request is still streaming into it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    runtime.block_on(async {
+        let pass = client.post(server.at("/api/v1/gc")).send().await.unwrap();
+        assert_eq!(
+            pass.status(),
+            200,
+            "the pass does not wait on the stalled client"
+        );
+    });
+    assert_eq!(
+        answer(&mut stalled, Duration::from_millis(200)),
+        "",
+        "the stalled request is answered only at its deadline"
+    );
+    let said = answer(&mut stalled, Duration::from_secs(30));
+    assert!(said.starts_with("HTTP/1.1 400"), "{said}");
+    assert!(
+        said.contains("BLOB_UPLOAD_INVALID") && said.contains("no bytes arrived for 4s"),
+        "{said}"
+    );
+    // Its lock is free: the client (or another) may resume or cancel at once.
+    runtime.block_on(async {
+        let status = client.get(server.at(&location)).send().await.unwrap();
+        assert_eq!(
+            status.status(),
+            204,
+            "not expired while it was being written"
+        );
+        assert_eq!(
+            status.headers()["range"],
+            "0-0",
+            "the unfinished chunk is not kept"
+        );
+        let cancel = client.delete(server.at(&location)).send().await.unwrap();
+        assert_eq!(cancel.status(), 204);
+    });
+}
+
+#[test]
+fn a_stalled_body_is_answered_on_the_default_deadline() {
+    let server = common::Server::start();
+    let config = std::process::Command::new(env!("CARGO_BIN_EXE_layercache"))
+        .args(["serve", "--print-config"])
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    assert!(config.contains("body_read_timeout = \"1m\""), "{config}");
+    let (_, mut stalled) = stalled_patch(&server);
+    let said = answer(&mut stalled, Duration::from_secs(90));
+    assert!(said.contains("no bytes arrived for 1m"), "{said}");
 }

@@ -102,7 +102,9 @@ pub fn build_router(state: AppState) -> Router {
 /// Give each request an id and a span; count it in the metrics; log its outcome once its
 /// response body is over.
 async fn trace_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let request = request.map(|body| state.metrics.count_in(body));
+    let timeout = state.limiter.body_read_timeout;
+    let request =
+        request.map(|body| crate::body::idle_timeout(state.metrics.count_in(body), timeout));
     let fallback_route = metrics::route_of(request.uri().path());
     let id = state.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(

@@ -4,6 +4,7 @@
 //! error instead of a reset connection. Draining is bounded by [`DRAIN_LIMIT`] bytes and
 //! [`DRAIN_TIME`]; past either the connection is closed as before.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -87,6 +88,67 @@ async fn drain(body: Body) {
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+}
+
+/// Wrap a request body so that it fails once its reader has waited `timeout` without a
+/// byte arriving: a client that stalls mid-body (or vanished without closing) releases
+/// what its request holds (an upload's lock, an upload slot) instead of keeping it.
+pub(crate) fn idle_timeout(body: Body, timeout: Duration) -> Body {
+    Body::new(IdleTimeout {
+        inner: body,
+        timeout,
+        deadline: None,
+        expired: false,
+    })
+}
+
+struct IdleTimeout {
+    inner: Body,
+    timeout: Duration,
+    /// When the wait that began with the last frame fails; armed at its first pending poll.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    expired: bool,
+}
+
+impl HttpBody for IdleTimeout {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.deadline = None;
+            return Poll::Ready(frame);
+        }
+        let timeout = this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::task::ready!(deadline.as_mut().poll(cx));
+        this.expired = true;
+        let stalled = std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no bytes arrived for {}",
+                humantime::format_duration(timeout)
+            ),
+        );
+        Poll::Ready(Some(Err(axum::Error::new(stalled))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body as the store takes it.

@@ -18,6 +18,10 @@ pub struct Limits {
     /// from when the connection is ready for it (idle connections included).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A request body that delivers no byte for this long while the server reads it
+    /// fails, and what its request held (an upload's lock, an upload slot) is released.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Requests per second one identity may make, sustained [default: no limit].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<NonZeroU32>,
@@ -32,6 +36,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
             requests_per_second: None,
             burst: None,
             uploads_per_identity: 64,
@@ -67,6 +72,8 @@ impl Refusal {
 
 /// Enforces [`Limits`] per identity.
 pub struct Limiter {
+    /// See [`Limits::body_read_timeout`].
+    pub body_read_timeout: Duration,
     rate: Option<(u32, DefaultKeyedRateLimiter<String>)>,
     max_uploads: usize,
     uploads: Arc<Mutex<HashMap<String, usize>>>,
@@ -99,6 +106,7 @@ impl Limiter {
             (rate.get(), RateLimiter::keyed(quota))
         });
         Limiter {
+            body_read_timeout: limits.body_read_timeout,
             rate,
             max_uploads: limits.uploads_per_identity,
             uploads: Arc::default(),

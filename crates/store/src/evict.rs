@@ -772,15 +772,19 @@ impl Store {
             if area.idle < expiry {
                 continue;
             }
-            expired += 1;
             if !dry_run {
+                // A request still streaming into it (however slowly) holds its lock: in
+                // use, so not expired, and the pass does not wait on that client.
                 let lock = self.0.hashes.lock_for(&area.id);
-                let _held = lock.lock().await;
+                let Ok(_held) = lock.try_lock() else {
+                    continue;
+                };
                 self.0.blobs.discard(&area.id).await?;
                 if sessions.contains_key(&area.id) {
                     self.end_upload(&area.id).await?;
                 }
             }
+            expired += 1;
         }
         let expiry_ms = expiry.as_millis() as i64;
         if !dry_run {
