@@ -353,6 +353,11 @@ async fn v1_bad_content_range_is_refused_and_changes_nothing() {
             Some("bytes 18446744073709551515-18446744073709551615/*"),
             chunked(&bytes[..100]),
         ),
+        (
+            "all of u64, empty body",
+            Some("bytes 0-18446744073709551615/*"),
+            Vec::new().into(),
+        ),
     ];
     for (what, range, body) in cases {
         let response = gha.v1_patch_with(&id, range, body).await;
@@ -913,6 +918,31 @@ async fn v2_finalize_of_the_wrong_size_is_refused() {
     assert!(body["code"].is_string(), "{body}");
     gha.invisible("never-created").await;
     check_baseline(&gha, &base).await;
+}
+
+/// A client whose finish answer was lost (a proxy timing out after the commit) retries
+/// it: the same size succeeds again with the same entry, another size is still refused.
+#[tokio::test]
+async fn a_finish_retried_after_its_answer_was_lost_succeeds_again() {
+    let gha = Gha::start();
+    let entry = Entry::new("retried-v2".into(), data(13, 1000));
+    let url = gha.v2_create(&entry.key).await;
+    gha.v2_put_blob(&url, &entry.bytes).await;
+    let first = gha.v2_finalize_ok(&entry.key, entry.bytes.len()).await;
+    let again = gha.v2_finalize_ok(&entry.key, entry.bytes.len()).await;
+    assert_eq!(first, again);
+    let (status, body) = gha.v2_finalize(&entry.key, json!(999)).await;
+    assert_eq!(status, 409, "{body}");
+    gha.v2_restores(&entry).await;
+
+    let entry = Entry::new("retried-v1".into(), data(14, 1000));
+    let id = gha.v1_reserve_ok(&entry.key, 1000).await;
+    gha.v1_upload(id, &entry.bytes, 300).await;
+    gha.v1_commit_ok(id, entry.bytes.len()).await;
+    gha.v1_commit_ok(id, entry.bytes.len()).await;
+    let (status, body) = v1_error(gha.v1_commit(&id.to_string(), 999).await, "commit").await;
+    assert_eq!(status, 409, "{body}");
+    gha.v1_restores(&entry).await;
 }
 
 #[tokio::test]

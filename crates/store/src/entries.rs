@@ -255,11 +255,14 @@ impl Store {
         self.0.meta.delete_entry(id).await
     }
 
+    /// The unfinished entry `id`, about to receive a part: that activity is recorded as it
+    /// starts, so an upload whose parts each take long is not taken for abandoned.
     async fn unfinished_entry(&self, id: i64) -> Result<Entry> {
         let entry = self.entry(id).await?;
         if entry.size.is_some() {
             return Err(Error::EntryFinished);
         }
+        self.0.access.record(Touch::Entry(id));
         Ok(entry)
     }
 }

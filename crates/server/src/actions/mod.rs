@@ -431,7 +431,8 @@ impl Caller {
                 );
                 finished
             }
-            Err(store::Error::EntryFinished) if edge && entry.size == Some(size) => entry.clone(),
+            // A retried finish (its first answer was lost) of the same size succeeds again.
+            Err(store::Error::EntryFinished) if entry.size == Some(size) => entry.clone(),
             Err(e) => return Err(e.into()),
         };
         if let (true, Some(authorization)) = (edge, &self.authorization) {
