@@ -323,3 +323,49 @@ fn a_flow_sequence_closed_at_its_key_indentation_parses() {
         &[("compose-xbake-dropped", "compose.yaml", 6)],
     );
 }
+
+#[test]
+fn dependencies_installed_in_an_earlier_stage_count() {
+    // The stage built on `base`, which installed requirements.txt, installs only the
+    // project; one built on a stage that installed nothing is still reported.
+    expect(
+        "deps-in-parent-stage",
+        &[("context-busts-cache", "docker/lint.Dockerfile", 5)],
+    );
+    // Python packages installed in `python-deps` and brought in with `COPY --from`; a
+    // stage that copies only a system tool from another still installs after the copy.
+    let findings = expect(
+        "deps-in-copied-stage",
+        &[("context-busts-cache", "docker/Dockerfile.ui", 6)],
+    );
+    assert!(findings[0].message.contains("`npm ci`"), "{}", findings[0]);
+}
+
+#[test]
+fn cargo_chef_prepare_is_the_planner_not_an_install() {
+    // `COPY . .` + `cargo chef prepare` writes the recipe that `cargo chef cook` builds
+    // from before the sources are copied; the npm tool copying everything first is real.
+    expect(
+        "cargo-chef",
+        &[("context-busts-cache", "tools/schema2openapi/Dockerfile", 5)],
+    );
+}
+
+#[test]
+fn git_refs_brought_back_into_the_context_are_named() {
+    // `.git/` is excluded, then `.git/HEAD` and `.git/refs/heads/*` are brought back
+    // (read at run time for the version). The branch's ref file holds the commit it
+    // points to, and HEAD holds the commit itself in the detached checkout CI makes of
+    // pull requests and tags: the context still changes with every commit, so the copy
+    // and the install after it miss. The finding stands, naming those lines.
+    let findings = expect("git-partial", &[("context-busts-cache", "Dockerfile", 10)]);
+    let finding = &findings[0];
+    assert!(
+        finding
+            .message
+            .contains("excludes .git but brings back `!.git/HEAD`, `!.git/refs/heads/*`"),
+        "{finding}"
+    );
+    assert!(!finding.fix.contains("add `.git`"), "{finding}");
+    assert!(finding.fix.contains("build argument"), "{finding}");
+}
