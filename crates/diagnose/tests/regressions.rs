@@ -325,6 +325,27 @@ fn a_flow_sequence_closed_at_its_key_indentation_parses() {
 }
 
 #[test]
+fn an_image_named_only_by_variables_is_not_the_producer_of_every_ref() {
+    // `image: ${BUILD_BASE_IMAGE}:${TAG}` may be any image: it is not taken for the
+    // `alpine:3.20` the services import. Nothing exports cache there, which is said,
+    // but as the warning it is, not as an error about the base service.
+    let findings = expect(
+        "variable-image",
+        &[
+            ("cache-from-without-metadata", "compose.yaml", 6),
+            ("cache-from-without-metadata", "compose.yaml", 13),
+        ],
+    );
+    for finding in &findings {
+        assert_eq!(finding.level, Level::Warning, "{finding}");
+        assert!(
+            finding.message.contains("nothing in the scanned files"),
+            "{finding}"
+        );
+    }
+}
+
+#[test]
 fn dependencies_installed_in_an_earlier_stage_count() {
     // The stage built on `base`, which installed requirements.txt, installs only the
     // project; one built on a stage that installed nothing is still reported.
@@ -368,4 +389,61 @@ fn git_refs_brought_back_into_the_context_are_named() {
     );
     assert!(!finding.fix.contains("add `.git`"), "{finding}");
     assert!(finding.fix.contains("build argument"), "{finding}");
+}
+
+#[test]
+fn compose_files_named_with_a_suffix_are_read_if_they_define_services() {
+    let report = run("compose-names", &[]);
+    expect(
+        "compose-names",
+        &[(
+            "cache-from-without-metadata",
+            "docker-compose_v3_alpine_local.yaml",
+            9,
+        )],
+    );
+    let read: Vec<&str> = report
+        .files
+        .iter()
+        .map(|f| f.rsplit("compose-names/").next().unwrap())
+        .collect();
+    assert_eq!(
+        read,
+        vec![
+            "Dockerfiles/server/alpine/Dockerfile",
+            "compose_components.yaml",
+            "docker-compose_v3_alpine_local.yaml",
+        ]
+    );
+}
+
+#[test]
+fn builds_sharing_a_gha_scope_are_named_by_job() {
+    let mut expected: Vec<(&str, &str, usize)> = [18, 32, 46, 60, 74, 88, 102, 116]
+        .iter()
+        .map(|line| {
+            (
+                "gha-cache-heavy",
+                ".github/workflows/release-stable.yml",
+                *line,
+            )
+        })
+        .collect();
+    expected.insert(
+        1,
+        (
+            "gha-scope-shared",
+            ".github/workflows/release-stable.yml",
+            18,
+        ),
+    );
+    let findings = expect("gha-scope-jobs", &expected);
+    assert!(
+        findings[1].message.starts_with(
+            "jobs `base`, `base-java`, `jibri`, `jicofo`, `jigasi`, `jvb` and 2 more \
+             (docker/build-push-action) export type=gha to the same scope `buildkit`"
+        ),
+        "{}",
+        findings[1]
+    );
 }

@@ -209,6 +209,9 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                 }
             }
         }
+        for build in workflow.builds.get_mut(first_build..).unwrap_or(&mut []) {
+            build.job = Some(job.key.clone());
+        }
         if ephemeral::hosted(&job.value) {
             let builds = workflow.builds.get(first_build..).unwrap_or(&[]);
             let found = ephemeral::check(file, &job.key, builds, &kept);
