@@ -308,6 +308,8 @@ fn git_in_the_context_is_reported_only_where_it_busts_a_run_for_nothing() {
     expect("git-script", &[]);
     expect("git-kept", &[]);
     expect("git-last-layer", &[]);
+    // `make release` runs a Makefile that includes one calling `git rev-parse`.
+    expect("git-make", &[]);
     // Not needed (-buildvcs=false), and a RUN follows: reported once, under the file
     // the symlink `Dockerfile` points to.
     expect(

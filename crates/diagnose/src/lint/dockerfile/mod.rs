@@ -612,8 +612,7 @@ fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Opt
                     format!(
                         "its .dockerignore excludes .git but brings back {lines}: the \
                          branch's ref (and HEAD, in the detached checkout CI makes of pull \
-                         requests and tags) holds the commit, so the context changes with \
-                         every commit"
+                         requests and tags) holds the commit and changes with it"
                     ),
                     format!(
                         "drop {lines} from {ignore_file} and pass what the build reads from \
@@ -706,25 +705,67 @@ fn descends(parents: &[Option<usize>], stage: usize, ancestor: usize) -> bool {
 }
 
 /// Whether a RUN reads the repository's history: it calls git, stamps Go binaries with
-/// `-buildvcs=true`, or runs a script from the context that calls git.
+/// `-buildvcs=true`, or runs a script from the context, or `make` with a Makefile, that
+/// calls git.
 fn runs_git(instruction: &Instruction, context: &Path) -> bool {
     if !instruction.is("RUN") {
         return false;
     }
-    let calls_git = |text: &str| {
-        ["$(git ", "`git ", "-buildvcs=true"]
-            .iter()
-            .any(|s| text.contains(s))
-            || simple_commands(text)
-                .iter()
-                .any(|words| words.first().and_then(|w| w.rsplit('/').next()) == Some("git"))
-    };
     let text = instruction.command_text();
+    let commands = simple_commands(&text);
     calls_git(&text)
-        || simple_commands(&text).iter().flatten().any(|word| {
+        || commands.iter().flatten().any(|word| {
             let script = context.join(word.trim_start_matches("./"));
             word.ends_with(".sh") && std::fs::read_to_string(script).is_ok_and(|t| calls_git(&t))
         })
+        || commands.iter().any(|words| {
+            words.first().and_then(|w| w.rsplit('/').next()) == Some("make")
+                && makefile_calls_git(context)
+        })
+}
+
+/// Whether a script's text calls git or stamps Go binaries from it.
+fn calls_git(text: &str) -> bool {
+    ["$(git ", "`git ", "$(shell git ", "-buildvcs=true"]
+        .iter()
+        .any(|s| text.contains(s))
+        || simple_commands(text)
+            .iter()
+            .any(|words| words.first().and_then(|w| w.rsplit('/').next()) == Some("git"))
+}
+
+/// Whether the context's Makefile, or a file it includes, calls git.
+fn makefile_calls_git(context: &Path) -> bool {
+    let mut pending: Vec<PathBuf> = ["GNUmakefile", "makefile", "Makefile"]
+        .iter()
+        .map(|name| context.join(name))
+        .collect();
+    let mut read = 0;
+    while let Some(path) = pending.pop() {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if calls_git(&text) {
+            return true;
+        }
+        read += 1;
+        if read > 50 {
+            break;
+        }
+        pending.extend(
+            text.lines()
+                .filter_map(|line| {
+                    let line = line.trim_start();
+                    ["include ", "-include ", "sinclude "]
+                        .iter()
+                        .find_map(|directive| line.strip_prefix(directive))
+                })
+                .flat_map(str::split_whitespace)
+                .filter(|name| !name.contains('$'))
+                .map(|name| context.join(name)),
+        );
+    }
+    false
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
