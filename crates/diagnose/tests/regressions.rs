@@ -449,3 +449,22 @@ fn builds_sharing_a_gha_scope_are_named_by_job() {
         findings[1]
     );
 }
+
+#[test]
+fn a_step_output_written_from_git_describe_is_per_commit() {
+    // The version a step echoes to $GITHUB_OUTPUT from `git describe` reaches every
+    // flavour's Dockerfile (`Dockerfile.${{ matrix.flavor }}`) ahead of its package
+    // install; the docker-gen version read from the Dockerfile with sed is a pin.
+    let findings = expect(
+        "step-output-arg",
+        &[
+            ("context-busts-cache", "Dockerfile.alpine", 4),
+            ("context-busts-cache", "Dockerfile.debian", 4),
+        ],
+    );
+    for finding in &findings {
+        assert!(finding.message.contains("ARG PROXY_VERSION"), "{finding}");
+        assert!(finding.message.contains("git describe"), "{finding}");
+        assert_eq!(finding.level, Level::Warning, "{finding}");
+    }
+}

@@ -5,7 +5,7 @@
 //! `gha-cache-heavy`, `uncompressed-choice`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::expression;
 use super::finding::{Finding, Level, Rule};
@@ -621,6 +621,13 @@ fn repository_unknown(reference: &str) -> bool {
     repository
         .chars()
         .all(|c| c == '*' || c == '/' || c.is_whitespace())
+}
+
+/// Whether a path computed with expressions (`Dockerfile.${{ matrix.flavor }}`) may be
+/// `path`.
+pub(crate) fn may_be_path(pattern: &Path, path: &Path) -> bool {
+    let pattern = pattern.to_string_lossy();
+    pattern.contains('$') && glob(&wildcard_pattern(&pattern), &path.to_string_lossy())
 }
 
 /// Whether two image references may name the same image: equal once normalised

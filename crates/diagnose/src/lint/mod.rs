@@ -286,8 +286,15 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
             }
         }
     }
-    // Each build's Dockerfile as the file it really is (a symlink names its target).
-    let real = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    // Each build's Dockerfile as the file it really is (a symlink names its target); a
+    // name computed per job (`Dockerfile.${{ matrix.flavor }}`) stands for each file it
+    // may be.
+    let real = |path: &Path| {
+        path.canonicalize()
+            .ok()
+            .or_else(|| Some(path.parent()?.canonicalize().ok()?.join(path.file_name()?)))
+            .unwrap_or_else(|| path.to_path_buf())
+    };
     let built: Vec<(PathBuf, &Build)> = dockerfile_builds
         .iter()
         .filter_map(|b| Some((real(b.dockerfile.as_deref()?), b)))
@@ -303,7 +310,7 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
             let uses = dockerfile::Uses {
                 builds: built
                     .iter()
-                    .filter(|(d, _)| *d == path_real)
+                    .filter(|(d, _)| *d == path_real || cache::may_be_path(d, &path_real))
                     .map(|(_, b)| *b)
                     .collect(),
                 roots,

@@ -134,6 +134,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             .and_then(Node::text);
         let first_build = workflow.builds.len();
         let mut kept = ephemeral::Job::default();
+        let mut outputs: BTreeMap<String, String> = BTreeMap::new();
         for step in job.value.get("steps").map(Node::items).unwrap_or(&[]) {
             let mut env = job_env.clone();
             let step_env = env_of(step);
@@ -154,6 +155,9 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     env: &env,
                 };
                 let lines = run.lines();
+                if let Some(id) = step.get("id").and_then(Node::text) {
+                    outputs.extend(step_outputs(id, &lines));
+                }
                 kept.script
                     .extend(lines.iter().map(|(_, text)| (*text).to_owned()));
                 let scripted = shell::read(&script, &shell::commands(&lines));
@@ -179,6 +183,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                 "docker/build-push-action" => {
                     let mut build = build_push_action(file, &repo, uses_entry.line, with, &env);
                     build.varies_by_matrix = varies_by_matrix;
+                    read_outputs(&mut build, &outputs);
                     workflow.builds.push(build);
                 }
                 "docker/bake-action" => {
@@ -192,6 +197,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     let mut build = build_push_action(file, &repo, uses_entry.line, with, &env);
                     build.what = format!("`{uses}`");
                     build.varies_by_matrix = varies_by_matrix;
+                    read_outputs(&mut build, &outputs);
                     workflow.builds.push(build);
                 }
                 _ => {
@@ -335,6 +341,46 @@ fn may_build(action: &str) -> bool {
         ]
         .iter()
         .any(|word| lower.contains(word))
+}
+
+/// The `NAME=VALUE` a step's script echoes to `$GITHUB_OUTPUT`, keyed by the
+/// expression later steps read it with (`steps.ID.outputs.NAME`).
+fn step_outputs(id: &str, lines: &[(usize, &str)]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|(_, line)| {
+            let (written, target) = line.split_once(">>")?;
+            if !target.contains("GITHUB_OUTPUT") {
+                return None;
+            }
+            let mut words = written.trim().splitn(2, char::is_whitespace);
+            if !matches!(words.next(), Some("echo" | "printf")) {
+                return None;
+            }
+            let pair = words.next()?.trim().trim_matches(['"', '\'']);
+            let (name, value) = pair.split_once('=')?;
+            let named = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            named.then(|| (format!("steps.{id}.outputs.{name}"), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Build arguments that read a step's output, given what the step writes
+/// (`$(git describe --tags)`), so that a per-commit value is seen as one.
+fn read_outputs(build: &mut Build, outputs: &BTreeMap<String, String>) {
+    for arg in &mut build.build_args {
+        for (expression, written) in outputs {
+            for form in [
+                format!("${{{{ {expression} }}}}"),
+                format!("${{{{{expression}}}}}"),
+            ] {
+                arg.value = arg.value.replace(&form, written);
+            }
+        }
+    }
 }
 
 fn env_of(node: &Node) -> BTreeMap<String, String> {
