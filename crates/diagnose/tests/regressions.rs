@@ -468,3 +468,18 @@ fn a_step_output_written_from_git_describe_is_per_commit() {
         assert_eq!(finding.level, Level::Warning, "{finding}");
     }
 }
+
+#[test]
+fn compose_values_come_from_the_env_file_beside_it() {
+    // `${ALPINE_CACHE_FROM}` is `alpine:3.20` by the .env file beside the compose file:
+    // an image with no cache metadata.
+    let findings = expect(
+        "compose-dotenv",
+        &[("cache-from-without-metadata", "compose.yaml", 6)],
+    );
+    assert!(
+        findings[0].message.contains("`alpine:3.20`"),
+        "{}",
+        findings[0]
+    );
+}
