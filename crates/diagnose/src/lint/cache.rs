@@ -334,8 +334,8 @@ fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
     findings
 }
 
-/// Builds named so that each is told apart, at most six of them: by job (`jobs `a`,
-/// `b` (docker/build-push-action)`), or as what they are (bake targets, compose
+/// Builds named so that each is told apart, at most six of them: by job ("jobs `a` and
+/// `b` (docker/build-push-action)"), or as what they are (bake targets, compose
 /// services); a job or kind that several share adds each one's target or context.
 fn name_builds(builds: &[&Build]) -> String {
     const SHOWN: usize = 6;

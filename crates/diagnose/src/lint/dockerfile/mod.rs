@@ -648,7 +648,7 @@ fn whole_copy_before_run<'a>(
         let at = stage.instructions.iter().position(copies_whole_context)?;
         let mut after: Vec<&Instruction> = stage.instructions.get(at + 1..)?.iter().collect();
         for (later, descendant) in stages.iter().enumerate().skip(index + 1) {
-            if descends(&parents, later, index) {
+            if ancestry(&parents, later).contains(&index) {
                 after.extend(descendant.instructions);
             }
         }
@@ -690,18 +690,6 @@ fn package_ecosystem(command: &str) -> &str {
         "bundle" | "bundler" => "ruby",
         other => other,
     }
-}
-
-/// Whether stage `stage` is built on stage `ancestor`, directly or through others.
-fn descends(parents: &[Option<usize>], stage: usize, ancestor: usize) -> bool {
-    let mut current = parents.get(stage).copied().flatten();
-    while let Some(parent) = current {
-        if parent == ancestor {
-            return true;
-        }
-        current = parents.get(parent).copied().flatten();
-    }
-    false
 }
 
 /// Whether a RUN reads the repository's history: it calls git, stamps Go binaries with
