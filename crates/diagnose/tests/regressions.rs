@@ -483,3 +483,41 @@ fn compose_values_come_from_the_env_file_beside_it() {
         findings[0]
     );
 }
+
+#[test]
+fn builds_in_a_composite_action_of_the_repository_are_read() {
+    // Each call gives its own target; `docker` and `lint` export to the one default
+    // scope, mode=max, and each platform of the matrix to it as well.
+    let findings = expect(
+        "composite-action",
+        &[
+            (
+                "gha-cache-heavy",
+                ".github/actions/build-image/action.yaml",
+                23,
+            ),
+            (
+                "gha-scope-shared",
+                ".github/actions/build-image/action.yaml",
+                23,
+            ),
+            (
+                "gha-scope-shared",
+                ".github/actions/build-image/action.yaml",
+                23,
+            ),
+        ],
+    );
+    assert!(
+        findings[1].message.contains("in each job of its matrix"),
+        "{}",
+        findings[1]
+    );
+    assert!(
+        findings[2].message.starts_with(
+            "target `docker` and target `lint` in job `deploy-docker` (docker/build-push-action)"
+        ),
+        "{}",
+        findings[2]
+    );
+}

@@ -339,7 +339,9 @@ fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
 /// services); a job or kind that several share adds each one's target or context.
 fn name_builds(builds: &[&Build]) -> String {
     const SHOWN: usize = 6;
+    let first_job = builds.first().and_then(|b| b.job.as_ref());
     let by_job = builds.iter().all(|b| b.job.is_some());
+    let one_job = by_job && builds.iter().all(|b| b.job.as_ref() == first_job);
     let labels: Vec<String> = builds
         .iter()
         .map(|b| match &b.job {
@@ -354,15 +356,11 @@ fn name_builds(builds: &[&Build]) -> String {
             if labels.iter().filter(|l| *l == label).count() < 2 {
                 return label.clone();
             }
-            let detail = match (&build.target, &build.context, &build.dockerfile) {
-                (Some(target), _, _) => format!("target `{target}`"),
-                (None, Some(context), _) => format!("context `{}`", super::files::display(context)),
-                (None, None, Some(dockerfile)) => {
-                    format!("`{}`", super::files::display(dockerfile))
-                }
-                (None, None, None) => return label.clone(),
-            };
-            format!("{label} ({detail})")
+            match image_detail(build) {
+                Some(detail) if one_job => detail,
+                Some(detail) => format!("{label} ({detail})"),
+                None => label.clone(),
+            }
         })
         .collect();
     if names.len() > SHOWN {
@@ -380,7 +378,22 @@ fn name_builds(builds: &[&Build]) -> String {
     let mut kinds: Vec<&str> = builds.iter().map(|b| b.what.as_str()).collect();
     kinds.sort_unstable();
     kinds.dedup();
-    format!("jobs {list} ({})", kinds.join(", "))
+    let kinds = kinds.join(", ");
+    match first_job {
+        Some(job) if one_job => format!("{list} in job `{job}` ({kinds})"),
+        _ => format!("jobs {list} ({kinds})"),
+    }
+}
+
+/// What tells one image of a Dockerfile from another: its target, else its context,
+/// else its Dockerfile.
+fn image_detail(build: &Build) -> Option<String> {
+    match (&build.target, &build.context, &build.dockerfile) {
+        (Some(target), _, _) => Some(format!("target `{target}`")),
+        (None, Some(context), _) => Some(format!("context `{}`", super::files::display(context))),
+        (None, None, Some(dockerfile)) => Some(format!("`{}`", super::files::display(dockerfile))),
+        (None, None, None) => None,
+    }
 }
 
 /// The `no-cache-with-export` finding: `what` runs with no-cache and exports `exported`.

@@ -201,7 +201,21 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     workflow.builds.push(build);
                 }
                 _ => {
-                    workflow.unseen_builder |= may_build(action) && !names_its_cache(with);
+                    let composite = action
+                        .starts_with("./")
+                        .then(|| composite_builds(&repo, action, with, &env))
+                        .flatten();
+                    let may_build_unseen = match composite {
+                        Some((builds, others)) => {
+                            for mut build in builds {
+                                build.varies_by_matrix = varies_by_matrix;
+                                workflow.builds.push(build);
+                            }
+                            others
+                        }
+                        None => may_build(action),
+                    };
+                    workflow.unseen_builder |= may_build_unseen && !names_its_cache(with);
                     workflow.mentions.extend(inputs(with));
                     kept.paths.extend(
                         input(with, "path")
@@ -341,6 +355,69 @@ fn may_build(action: &str) -> bool {
         ]
         .iter()
         .any(|word| lower.contains(word))
+}
+
+/// The `docker/build-push-action` steps of a composite action of the repository
+/// (`uses: ./.github/actions/build`), read with the inputs this call gives (or their
+/// defaults) written in, and whether its other steps may build too (a `run:` step, an
+/// action that may build). `None` when it is not such an action or has no such step.
+fn composite_builds(
+    repo: &Path,
+    action: &str,
+    with: Option<&Node>,
+    env: &BTreeMap<String, String>,
+) -> Option<(Vec<Build>, bool)> {
+    let dir = files::resolve(repo, action);
+    let path = ["action.yml", "action.yaml"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|path| path.is_file())?;
+    let mut text = std::fs::read_to_string(&path).ok()?;
+    let declared = super::yaml::parse(&text).ok()?;
+    for input in declared.get("inputs").map(Node::entries).unwrap_or(&[]) {
+        let given = with
+            .and_then(|w| w.get(&input.key))
+            .or_else(|| input.value.get("default"))
+            .and_then(Node::text)
+            .filter(|value| !value.contains('\n'));
+        if let Some(value) = given {
+            let key = &input.key;
+            for form in [
+                format!("${{{{ inputs.{key} }}}}"),
+                format!("${{{{inputs.{key}}}}}"),
+            ] {
+                text = text.replace(&form, value);
+            }
+        }
+    }
+    let root = super::yaml::parse(&text).ok()?;
+    let runs = root.get("runs")?;
+    if runs.get("using").and_then(Node::text) != Some("composite") {
+        return None;
+    }
+    let file = files::display(&path);
+    let mut builds = Vec::new();
+    let mut others = false;
+    for step in runs.get("steps").map(Node::items).unwrap_or(&[]) {
+        let uses = step.entry("uses");
+        let used = uses
+            .and_then(|u| u.value.text())
+            .map(|u| u.split('@').next().unwrap_or(u));
+        match (uses, used) {
+            (Some(uses), Some("docker/build-push-action")) => {
+                builds.push(build_push_action(
+                    &file,
+                    repo,
+                    uses.line,
+                    step.get("with"),
+                    env,
+                ));
+            }
+            (_, Some(used)) => others |= may_build(used),
+            _ => others |= step.get("run").is_some(),
+        }
+    }
+    (!builds.is_empty()).then_some((builds, others))
 }
 
 /// The `NAME=VALUE` a step's script echoes to `$GITHUB_OUTPUT`, keyed by the
