@@ -636,11 +636,18 @@ fn repository_unknown(reference: &str) -> bool {
         .all(|c| c == '*' || c == '/' || c.is_whitespace())
 }
 
-/// Whether a path computed with expressions (`Dockerfile.${{ matrix.flavor }}`) may be
-/// `path`.
+/// Whether a file name computed with expressions (`Dockerfile.${{ matrix.flavor }}`)
+/// may be `path`: same directory, and the name's written part matches. A name that is
+/// all expressions (`${DOCKERFILE}`) may be any file and is taken for none.
 pub(crate) fn may_be_path(pattern: &Path, path: &Path) -> bool {
-    let pattern = pattern.to_string_lossy();
-    pattern.contains('$') && glob(&wildcard_pattern(&pattern), &path.to_string_lossy())
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let (Some(pattern_name), Some(path_name)) = (name(pattern), name(path)) else {
+        return false;
+    };
+    pattern_name.contains('$')
+        && !is_unknown(&pattern_name)
+        && pattern.parent() == path.parent()
+        && glob(&wildcard_pattern(&pattern_name), &path_name)
 }
 
 /// Whether two image references may name the same image: equal once normalised
@@ -847,6 +854,19 @@ mod tests {
             "ghcr.io/acme/app:buildcache"
         ));
         assert!(may_produce("$IMAGE:prefix", "$IMAGE:prefix"));
+        let path = |p: &str| PathBuf::from(p);
+        assert!(may_be_path(
+            &path("/r/Dockerfile.${{ matrix.flavor }}"),
+            &path("/r/Dockerfile.alpine")
+        ));
+        assert!(!may_be_path(
+            &path("/r/Dockerfile.${{ matrix.flavor }}"),
+            &path("/r/docker/Dockerfile.alpine")
+        ));
+        assert!(!may_be_path(
+            &path("/r/${DOCKERFILE}"),
+            &path("/r/Dockerfile")
+        ));
         assert!(is_unknown("${{ inputs.cache }}"));
         assert!(!is_unknown("ghcr.io/o/app:${TAG}"));
     }
