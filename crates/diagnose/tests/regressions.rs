@@ -356,7 +356,7 @@ fn dependencies_installed_in_an_earlier_stage_count() {
         &[("context-busts-cache", "docker/lint.Dockerfile", 5)],
     );
     // Python packages installed in `python-deps` and brought in with `COPY --from`; a
-    // stage that copies only a system tool from another still installs after the copy.
+    // stage that copies only curl from another still installs after the copy.
     let findings = expect(
         "deps-in-copied-stage",
         &[("context-busts-cache", "docker/Dockerfile.ui", 6)],
@@ -367,7 +367,7 @@ fn dependencies_installed_in_an_earlier_stage_count() {
 #[test]
 fn cargo_chef_prepare_is_the_planner_not_an_install() {
     // `COPY . .` + `cargo chef prepare` writes the recipe that `cargo chef cook` builds
-    // from before the sources are copied; the npm tool copying everything first is real.
+    // from before the sources are copied; the npm project copying everything first is real.
     expect(
         "cargo-chef",
         &[("context-busts-cache", "tools/schema2openapi/Dockerfile", 5)],
