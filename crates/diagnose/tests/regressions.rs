@@ -308,6 +308,8 @@ fn git_in_the_context_is_reported_only_where_it_busts_a_run_for_nothing() {
     expect("git-script", &[]);
     expect("git-kept", &[]);
     expect("git-last-layer", &[]);
+    // `make release` runs a Makefile that includes one calling `git rev-parse`.
+    expect("git-make", &[]);
     // Not needed (-buildvcs=false), and a RUN follows: reported once, under the file
     // the symlink `Dockerfile` points to.
     expect(
@@ -321,5 +323,201 @@ fn a_flow_sequence_closed_at_its_key_indentation_parses() {
     expect(
         "flow-close",
         &[("compose-xbake-dropped", "compose.yaml", 6)],
+    );
+}
+
+#[test]
+fn an_image_named_only_by_variables_is_not_the_producer_of_every_ref() {
+    // `image: ${BUILD_BASE_IMAGE}:${TAG}` may be any image: it is not taken for the
+    // `alpine:3.20` the services import. Nothing exports cache there, which is said,
+    // but as the warning it is, not as an error about the base service.
+    let findings = expect(
+        "variable-image",
+        &[
+            ("cache-from-without-metadata", "compose.yaml", 6),
+            ("cache-from-without-metadata", "compose.yaml", 13),
+        ],
+    );
+    for finding in &findings {
+        assert_eq!(finding.level, Level::Warning, "{finding}");
+        assert!(
+            finding.message.contains("nothing in the scanned files"),
+            "{finding}"
+        );
+    }
+}
+
+#[test]
+fn dependencies_installed_in_an_earlier_stage_count() {
+    // The stage built on `base`, which installed requirements.txt, installs only the
+    // project; one built on a stage that installed nothing is still reported.
+    expect(
+        "deps-in-parent-stage",
+        &[("context-busts-cache", "docker/lint.Dockerfile", 5)],
+    );
+    // Python packages installed in `python-deps` and brought in with `COPY --from`; a
+    // stage that copies only curl from another still installs after the copy.
+    let findings = expect(
+        "deps-in-copied-stage",
+        &[("context-busts-cache", "docker/Dockerfile.ui", 6)],
+    );
+    assert!(findings[0].message.contains("`npm ci`"), "{}", findings[0]);
+}
+
+#[test]
+fn cargo_chef_prepare_is_the_planner_not_an_install() {
+    // `COPY . .` + `cargo chef prepare` writes the recipe that `cargo chef cook` builds
+    // from before the sources are copied; the npm project copying everything first is real.
+    expect(
+        "cargo-chef",
+        &[("context-busts-cache", "tools/schema2openapi/Dockerfile", 5)],
+    );
+}
+
+#[test]
+fn git_refs_brought_back_into_the_context_are_named() {
+    // `.git/` is excluded, then `.git/HEAD` and `.git/refs/heads/*` are brought back
+    // (read at run time for the version). The branch's ref file holds the commit it
+    // points to, and HEAD holds the commit itself in the detached checkout CI makes of
+    // pull requests and tags: the context still changes with every commit, so the copy
+    // and the install after it miss. The finding stands, naming those lines.
+    let findings = expect("git-partial", &[("context-busts-cache", "Dockerfile", 10)]);
+    let finding = &findings[0];
+    assert!(
+        finding
+            .message
+            .contains("excludes .git but brings back `!.git/HEAD`, `!.git/refs/heads/*`"),
+        "{finding}"
+    );
+    assert!(!finding.fix.contains("add `.git`"), "{finding}");
+    assert!(finding.fix.contains("build argument"), "{finding}");
+}
+
+#[test]
+fn compose_files_named_with_a_suffix_are_read_if_they_define_services() {
+    let report = run("compose-names", &[]);
+    expect(
+        "compose-names",
+        &[(
+            "cache-from-without-metadata",
+            "docker-compose_v3_alpine_local.yaml",
+            9,
+        )],
+    );
+    let read: Vec<&str> = report
+        .files
+        .iter()
+        .map(|f| f.rsplit("compose-names/").next().unwrap())
+        .collect();
+    assert_eq!(
+        read,
+        vec![
+            "Dockerfiles/server/alpine/Dockerfile",
+            "compose_components.yaml",
+            "docker-compose_v3_alpine_local.yaml",
+        ]
+    );
+}
+
+#[test]
+fn builds_sharing_a_gha_scope_are_named_by_job() {
+    let mut expected: Vec<(&str, &str, usize)> = [18, 32, 46, 60, 74, 88, 102, 116]
+        .iter()
+        .map(|line| {
+            (
+                "gha-cache-heavy",
+                ".github/workflows/release-stable.yml",
+                *line,
+            )
+        })
+        .collect();
+    expected.insert(
+        1,
+        (
+            "gha-scope-shared",
+            ".github/workflows/release-stable.yml",
+            18,
+        ),
+    );
+    let findings = expect("gha-scope-jobs", &expected);
+    assert!(
+        findings[1].message.starts_with(
+            "jobs `base`, `base-java`, `jibri`, `jicofo`, `jigasi`, `jvb` and 2 more \
+             (docker/build-push-action) export type=gha to the same scope `buildkit`"
+        ),
+        "{}",
+        findings[1]
+    );
+}
+
+#[test]
+fn a_step_output_written_from_git_describe_is_per_commit() {
+    // The version a step echoes to $GITHUB_OUTPUT from `git describe` reaches every
+    // flavour's Dockerfile (`Dockerfile.${{ matrix.flavor }}`) ahead of its package
+    // install; the docker-gen version read from the Dockerfile with sed is a pin.
+    let findings = expect(
+        "step-output-arg",
+        &[
+            ("context-busts-cache", "Dockerfile.alpine", 4),
+            ("context-busts-cache", "Dockerfile.debian", 4),
+        ],
+    );
+    for finding in &findings {
+        assert!(finding.message.contains("ARG PROXY_VERSION"), "{finding}");
+        assert!(finding.message.contains("git describe"), "{finding}");
+        assert_eq!(finding.level, Level::Warning, "{finding}");
+    }
+}
+
+#[test]
+fn compose_values_come_from_the_env_file_beside_it() {
+    // `${ALPINE_CACHE_FROM}` is `alpine:3.20` by the .env file beside the compose file:
+    // an image with no cache metadata.
+    let findings = expect(
+        "compose-dotenv",
+        &[("cache-from-without-metadata", "compose.yaml", 6)],
+    );
+    assert!(
+        findings[0].message.contains("`alpine:3.20`"),
+        "{}",
+        findings[0]
+    );
+}
+
+#[test]
+fn builds_in_a_composite_action_of_the_repository_are_read() {
+    // Each call gives its own target; `docker` and `lint` export to the one default
+    // scope, mode=max, and each platform of the matrix to it as well.
+    let findings = expect(
+        "composite-action",
+        &[
+            (
+                "gha-cache-heavy",
+                ".github/actions/build-image/action.yaml",
+                23,
+            ),
+            (
+                "gha-scope-shared",
+                ".github/actions/build-image/action.yaml",
+                23,
+            ),
+            (
+                "gha-scope-shared",
+                ".github/actions/build-image/action.yaml",
+                23,
+            ),
+        ],
+    );
+    assert!(
+        findings[1].message.contains("in each job of its matrix"),
+        "{}",
+        findings[1]
+    );
+    assert!(
+        findings[2].message.starts_with(
+            "target `docker` and target `lint` in job `deploy-docker` (docker/build-push-action)"
+        ),
+        "{}",
+        findings[2]
     );
 }

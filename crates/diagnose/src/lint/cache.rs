@@ -5,7 +5,7 @@
 //! `gha-cache-heavy`, `uncompressed-choice`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::expression;
 use super::finding::{Finding, Level, Rule};
@@ -140,6 +140,8 @@ pub(crate) struct Build {
     pub line: usize,
     /// What it is, for messages: "`docker build`", "compose service `web`", ...
     pub what: String,
+    /// The workflow job that runs it, for a build in a workflow.
+    pub job: Option<String>,
     /// `--cache-from` values.
     pub cache_from: Vec<At<CacheSpec>>,
     /// `--cache-to` values.
@@ -302,7 +304,7 @@ fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
     }
     for ((file, scope), exports) in groups {
         let mut images: Vec<(&PathBuf, Option<&PathBuf>, Option<&String>)> = Vec::new();
-        let mut names: Vec<&str> = Vec::new();
+        let mut image_builds: Vec<&Build> = Vec::new();
         for (build, _) in &exports {
             let Some(dockerfile) = &build.dockerfile else {
                 continue;
@@ -310,7 +312,7 @@ fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
             let image = (dockerfile, build.context.as_ref(), build.target.as_ref());
             if !images.contains(&image) {
                 images.push(image);
-                names.push(&build.what);
+                image_builds.push(build);
             }
         }
         if images.len() < 2 {
@@ -324,12 +326,74 @@ fn gha_scope_shared(builds: &[Build]) -> Vec<Finding> {
             format!(
                 "{} export type=gha to the same scope `{scope}`: each export replaces the \
                  scope's cache, so only the image built last keeps its cache",
-                names.join(", ")
+                name_builds(&image_builds)
             ),
             "give each image its own scope (scope=NAME on both cache-to and cache-from)",
         ));
     }
     findings
+}
+
+/// Builds named so that each is told apart, at most six of them: by job ("jobs `a` and
+/// `b` (docker/build-push-action)"), or as what they are (bake targets, compose
+/// services); a job or kind that several share adds each one's target or context.
+fn name_builds(builds: &[&Build]) -> String {
+    const SHOWN: usize = 6;
+    let first_job = builds.first().and_then(|b| b.job.as_ref());
+    let by_job = builds.iter().all(|b| b.job.is_some());
+    let one_job = by_job && builds.iter().all(|b| b.job.as_ref() == first_job);
+    let labels: Vec<String> = builds
+        .iter()
+        .map(|b| match &b.job {
+            Some(job) if by_job => format!("`{job}`"),
+            _ => b.what.clone(),
+        })
+        .collect();
+    let mut names: Vec<String> = labels
+        .iter()
+        .zip(builds)
+        .map(|(label, build)| {
+            if labels.iter().filter(|l| *l == label).count() < 2 {
+                return label.clone();
+            }
+            match image_detail(build) {
+                Some(detail) if one_job => detail,
+                Some(detail) => format!("{label} ({detail})"),
+                None => label.clone(),
+            }
+        })
+        .collect();
+    if names.len() > SHOWN {
+        let more = names.len() - SHOWN;
+        names.truncate(SHOWN);
+        names.push(format!("{more} more"));
+    }
+    let list = match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.join(""),
+    };
+    if !by_job {
+        return list;
+    }
+    let mut kinds: Vec<&str> = builds.iter().map(|b| b.what.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let kinds = kinds.join(", ");
+    match first_job {
+        Some(job) if one_job => format!("{list} in job `{job}` ({kinds})"),
+        _ => format!("jobs {list} ({kinds})"),
+    }
+}
+
+/// What tells one image of a Dockerfile from another: its target, else its context,
+/// else its Dockerfile.
+fn image_detail(build: &Build) -> Option<String> {
+    match (&build.target, &build.context, &build.dockerfile) {
+        (Some(target), _, _) => Some(format!("target `{target}`")),
+        (None, Some(context), _) => Some(format!("context `{}`", super::files::display(context))),
+        (None, None, Some(dockerfile)) => Some(format!("`{}`", super::files::display(dockerfile))),
+        (None, None, None) => None,
+    }
 }
 
 /// The `no-cache-with-export` finding: `what` runs with no-cache and exports `exported`.
@@ -366,11 +430,9 @@ fn check_import(
             if exported {
                 return None;
             }
-            let producer = builds.iter().find(|b| {
-                b.tags
-                    .iter()
-                    .any(|t| !is_unknown(t) && refs_match(t, reference))
-            });
+            let producer = builds
+                .iter()
+                .find(|b| b.tags.iter().any(|t| may_produce(t, reference)));
             if producer.is_none() && unseen.builder {
                 return None;
             }
@@ -548,6 +610,44 @@ fn store_unknown(kind: &CacheKind) -> bool {
 /// can be said about it.
 fn is_unknown(value: &str) -> bool {
     wildcard_pattern(value).trim_matches('*').trim().is_empty()
+}
+
+/// Whether an image tagged `tag` may be the image `reference` names. A tag whose
+/// repository is all expressions (`${IMAGE}:${TAG}`) may be any image: it is taken for
+/// `reference` only when written the same way.
+fn may_produce(tag: &str, reference: &str) -> bool {
+    if repository_unknown(tag) || repository_unknown(reference) {
+        return tag.trim() == reference.trim();
+    }
+    !is_unknown(tag) && refs_match(tag, reference)
+}
+
+/// Whether an image reference's repository (what comes before its tag or digest) is
+/// made only of expressions: `${IMAGE}:${TAG}`, `${REGISTRY}/${NAME}`.
+fn repository_unknown(reference: &str) -> bool {
+    let pattern = wildcard_pattern(reference);
+    let name = pattern.split('@').next().unwrap_or("");
+    let repository = match name.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => repository,
+        _ => name,
+    };
+    repository
+        .chars()
+        .all(|c| c == '*' || c == '/' || c.is_whitespace())
+}
+
+/// Whether a file name computed with expressions (`Dockerfile.${{ matrix.flavor }}`)
+/// may be `path`: same directory, and the name's written part matches. A name that is
+/// all expressions (`${DOCKERFILE}`) may be any file and is taken for none.
+pub(crate) fn may_be_path(pattern: &Path, path: &Path) -> bool {
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let (Some(pattern_name), Some(path_name)) = (name(pattern), name(path)) else {
+        return false;
+    };
+    pattern_name.contains('$')
+        && !is_unknown(&pattern_name)
+        && pattern.parent() == path.parent()
+        && glob(&wildcard_pattern(&pattern_name), &path_name)
 }
 
 /// Whether two image references may name the same image: equal once normalised
@@ -745,6 +845,28 @@ mod tests {
             "${{ env.REGISTRY }}/app:cache"
         ));
         assert!(!refs_match("ghcr.io/o/app:cache", "ghcr.io/o/app:prefix"));
+        assert!(repository_unknown("${BASE_IMAGE}:${TAG}"));
+        assert!(repository_unknown("${{ env.REGISTRY }}/${{ env.IMAGE }}"));
+        assert!(!repository_unknown("${REGISTRY}/app:${TAG}"));
+        assert!(!repository_unknown("localhost:5000/app"));
+        assert!(!may_produce(
+            "${BASE_IMAGE}:${TAG}",
+            "ghcr.io/acme/app:buildcache"
+        ));
+        assert!(may_produce("$IMAGE:prefix", "$IMAGE:prefix"));
+        let path = |p: &str| PathBuf::from(p);
+        assert!(may_be_path(
+            &path("/r/Dockerfile.${{ matrix.flavor }}"),
+            &path("/r/Dockerfile.alpine")
+        ));
+        assert!(!may_be_path(
+            &path("/r/Dockerfile.${{ matrix.flavor }}"),
+            &path("/r/docker/Dockerfile.alpine")
+        ));
+        assert!(!may_be_path(
+            &path("/r/${DOCKERFILE}"),
+            &path("/r/Dockerfile")
+        ));
         assert!(is_unknown("${{ inputs.cache }}"));
         assert!(!is_unknown("ghcr.io/o/app:${TAG}"));
     }

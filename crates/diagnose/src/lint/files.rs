@@ -19,6 +19,9 @@ pub(crate) enum Kind {
     Dockerfile,
     /// `compose.yaml`, `docker-compose.yml`, and their `.override`/`.*` variants.
     Compose,
+    /// `docker-compose_prod.yml`, `compose-dev.yaml`, `app.docker-compose.yml`: a compose
+    /// file if it has a top-level `services` mapping.
+    MaybeCompose,
     /// `docker-bake.hcl` and variants.
     BakeHcl,
     /// `docker-bake.json` and variants.
@@ -305,6 +308,9 @@ pub(crate) fn classify(path: &Path) -> Option<Kind> {
     {
         return Some(Kind::Compose);
     }
+    if yaml && compose_variant(&lower) {
+        return Some(Kind::MaybeCompose);
+    }
     if lower.starts_with("docker-bake.") {
         if lower.ends_with(".hcl") {
             return Some(Kind::BakeHcl);
@@ -328,6 +334,22 @@ pub(crate) fn classify(path: &Path) -> Option<Kind> {
                 .is_some_and(|ext| !NOT_DOCKERFILE.contains(&ext))
     });
     dockerfile.then_some(Kind::Dockerfile)
+}
+
+/// A YAML file named like a compose file with a suffix or prefix joined by `_`, `-` or
+/// `.` (`docker-compose_v3_local.yaml`, `compose-dev.yml`, `app.docker-compose.yml`).
+fn compose_variant(lower: &str) -> bool {
+    let stem = lower
+        .strip_suffix(".yml")
+        .or_else(|| lower.strip_suffix(".yaml"))
+        .unwrap_or(lower);
+    ["docker-compose", "compose"].iter().any(|base| {
+        stem.strip_prefix(base)
+            .is_some_and(|rest| rest.starts_with(['_', '-', '.']))
+            || stem
+                .strip_suffix(base)
+                .is_some_and(|rest| rest.ends_with(['_', '-', '.']))
+    })
 }
 
 fn is_workflow_dir(path: &Path) -> bool {
@@ -426,6 +448,18 @@ mod tests {
         assert_eq!(kind("x/.github/workflows/ci.yml"), Some(Kind::Workflow));
         assert_eq!(kind(".github/workflows/ci.yaml"), Some(Kind::Workflow));
         assert_eq!(kind("config.yml"), None);
+        for name in [
+            "docker-compose_v3_alpine_mysql_local.yaml",
+            "compose_databases.yaml",
+            "docker-compose-dev.yml",
+            "app.docker-compose.yml",
+            "ci-compose.yaml",
+        ] {
+            assert_eq!(kind(name), Some(Kind::MaybeCompose), "{name}");
+        }
+        assert_eq!(kind("composer.yml"), None);
+        assert_eq!(kind("docker-compose_notes.md"), None);
+        assert_eq!(kind("decompose.yml"), None);
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub fn lint<P: AsRef<Path>>(paths: &[P], options: &Options) -> Report {
 fn resolve_kind(path: &Path, kind: Kind, text: &str) -> Option<Kind> {
     match kind {
         Kind::MaybeBakeHcl => bake::looks_like_bake(text).then_some(Kind::BakeHcl),
+        Kind::MaybeCompose => yaml::parse(text)
+            .is_ok_and(|doc| doc.get("services").is_some_and(yaml::Node::is_map))
+            .then_some(Kind::Compose),
         Kind::Unknown => {
             let name = path
                 .file_name()
@@ -203,7 +206,9 @@ fn parse(path: &Path, file: &str, kind: Kind, text: &str) -> Result<Parsed, Find
                 yaml::parse(text).map_err(|e| parse_error(file, e.line, "YAML", &e.message))?;
             Ok(Parsed::Workflow(workflow::read(file, &path, &root)))
         }
-        Kind::Unknown => Err(parse_error(file, 1, "input", "unknown kind of file")),
+        Kind::MaybeCompose | Kind::Unknown => {
+            Err(parse_error(file, 1, "input", "unknown kind of file"))
+        }
     }
 }
 
@@ -245,7 +250,7 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
         match files::classify(&path)? {
             Kind::BakeHcl | Kind::MaybeBakeHcl => bake::read_hcl(&file, &path, &text).ok(),
             Kind::BakeJson => bake::read_json(&file, &path, &text).ok(),
-            Kind::Compose => {
+            Kind::Compose | Kind::MaybeCompose => {
                 let root = yaml::parse(&text).ok()?;
                 Some(compose::read(&file, &path, &root).as_bake())
             }
@@ -281,8 +286,15 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
             }
         }
     }
-    // Each build's Dockerfile as the file it really is (a symlink names its target).
-    let real = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    // Each build's Dockerfile as the file it really is (a symlink names its target); a
+    // name computed per job (`Dockerfile.${{ matrix.flavor }}`) stands for each file it
+    // may be.
+    let real = |path: &Path| {
+        path.canonicalize()
+            .ok()
+            .or_else(|| Some(path.parent()?.canonicalize().ok()?.join(path.file_name()?)))
+            .unwrap_or_else(|| path.to_path_buf())
+    };
     let built: Vec<(PathBuf, &Build)> = dockerfile_builds
         .iter()
         .filter_map(|b| Some((real(b.dockerfile.as_deref()?), b)))
@@ -298,7 +310,7 @@ fn check(parsed: &[Parsed], roots: &[PathBuf]) -> Vec<Finding> {
             let uses = dockerfile::Uses {
                 builds: built
                     .iter()
-                    .filter(|(d, _)| *d == path_real)
+                    .filter(|(d, _)| *d == path_real || cache::may_be_path(d, &path_real))
                     .map(|(_, b)| *b)
                     .collect(),
                 roots,

@@ -49,8 +49,10 @@ pub(crate) fn check(file: &str, path: &Path, dockerfile: &Dockerfile, uses: &Use
             (!is_placeholder(default)).then(|| name.to_owned())
         })
         .collect();
+    for index in 0..stages.len() {
+        findings.extend(context_copied_before_install(file, &stages, index));
+    }
     for stage in &stages {
-        findings.extend(context_copied_before_install(file, stage));
         findings.extend(per_commit_args(file, stage, &uses.builds, &global_defaults));
     }
     findings.extend(git_in_context(file, path, &stages, uses));
@@ -244,7 +246,10 @@ fn install_command(words: &[String]) -> Option<String> {
         "poetry" => sub == Some("install"),
         "pipenv" => matches!(sub, Some("install" | "sync")),
         "go" => rest.windows(2).any(|w| w == ["mod", "download"]),
-        "cargo" => matches!(sub, Some("build" | "fetch" | "chef")),
+        // `cargo chef prepare` only writes the recipe; `cargo chef cook` builds from it.
+        "cargo" => {
+            matches!(sub, Some("build" | "fetch")) || rest.windows(2).any(|w| w == ["chef", "cook"])
+        }
         "bundle" | "bundler" => sub == Some("install"),
         "apt-get" | "apt" => sub == Some("install"),
         "apk" => sub == Some("add"),
@@ -261,6 +266,7 @@ fn install_command(words: &[String]) -> Option<String> {
     };
     found.then(|| match program.as_str() {
         "go" => "go mod download".to_owned(),
+        "cargo" if sub == Some("chef") => "cargo chef cook".to_owned(),
         "clojure" | "clj" => format!("{program} -P"),
         "python" | "python3" => format!("{program} -m pip install"),
         _ => match sub {
@@ -297,19 +303,47 @@ fn is_expensive(instruction: &Instruction) -> bool {
         })
 }
 
-fn context_copied_before_install(file: &str, stage: &Stage) -> Option<Finding> {
+fn context_copied_before_install(file: &str, stages: &[Stage], index: usize) -> Option<Finding> {
+    let stage = stages.get(index)?;
     let copy_at = stage.instructions.iter().position(copies_whole_context)?;
     let (before, after) = stage.instructions.split_at(copy_at);
-    if before.iter().any(|i| installs_dependencies(i).is_some()) {
-        // Dependencies were installed from their manifests first; a later install is
-        // the project itself.
-        return None;
-    }
     let copy = after.first()?;
     let (install, command) = after
         .iter()
         .skip(1)
         .find_map(|i| installs_dependencies(i).map(|c| (i, c)))?;
+    // Dependencies were installed from their manifests first, in this stage or a stage
+    // it is built on; a later install is the project itself.
+    let parents = parents(stages);
+    let earlier: Vec<&Instruction> = ancestry(&parents, index)
+        .into_iter()
+        .rev()
+        .filter_map(|i| stages.get(i))
+        .flat_map(|s| s.instructions.iter())
+        .chain(before)
+        .collect();
+    if earlier.iter().any(|i| installs_dependencies(i).is_some()) {
+        return None;
+    }
+    // Or in another stage whose files a `COPY --from` brought in first, by the same
+    // package manager.
+    let ecosystem = package_ecosystem(&command);
+    let copied_installs = earlier
+        .iter()
+        .filter_map(|i| i.is("COPY").then(|| i.flag("from")).flatten())
+        .filter_map(|from| stage_index(stages, from, index))
+        .flat_map(|from| {
+            let mut chain = ancestry(&parents, from);
+            chain.push(from);
+            chain
+        })
+        .filter_map(|i| stages.get(i))
+        .flat_map(|s| s.instructions.iter())
+        .filter_map(installs_dependencies)
+        .any(|c| package_ecosystem(&c) == ecosystem);
+    if copied_installs {
+        return None;
+    }
     Some(Finding::new(
         Rule::ContextBustsCache,
         file,
@@ -553,25 +587,52 @@ fn git_in_context(file: &str, path: &Path, stages: &[Stage], uses: &Uses) -> Opt
             continue;
         }
         let shown = super::files::display(&context);
-        let problem = match ignore {
-            Some(_) => "its .dockerignore does not exclude .git",
-            None => "it has no .dockerignore",
+        let ignore_file = super::files::display(&context.join(".dockerignore"));
+        let reincluded = ignore
+            .as_deref()
+            .map(reincluded_git_parts)
+            .unwrap_or_default();
+        let (problem, fix) = match (&ignore, reincluded.as_slice()) {
+            (None, _) => (
+                "it has no .dockerignore: .git changes with every commit".to_owned(),
+                format!("add `.git` to {ignore_file}"),
+            ),
+            (Some(_), []) => (
+                "its .dockerignore does not exclude .git: .git changes with every commit"
+                    .to_owned(),
+                format!("add `.git` to {ignore_file}"),
+            ),
+            (Some(_), lines) => {
+                let lines = lines
+                    .iter()
+                    .map(|l| format!("`!{l}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (
+                    format!(
+                        "its .dockerignore excludes .git but brings back {lines}: the \
+                         branch's ref (and HEAD, in the detached checkout CI makes of pull \
+                         requests and tags) holds the commit and changes with it"
+                    ),
+                    format!(
+                        "drop {lines} from {ignore_file} and pass what the build reads from \
+                         them (the commit, a version) as a build argument declared just before \
+                         the step that uses it"
+                    ),
+                )
+            }
         };
         return Some(Finding::new(
             Rule::ContextBustsCache,
             file,
             copy.line,
             format!(
-                "{} copies the whole build context `{shown}`, and {problem}: .git changes with \
-                 every commit, so this layer and every one after it miss the cache, from the \
-                 RUN at line {} on",
+                "{} copies the whole build context `{shown}`, and {problem}, so this layer and \
+                 every one after it miss the cache, from the RUN at line {} on",
                 copy.keyword,
                 after.iter().find(|i| i.is("RUN")).map_or(0, |i| i.line)
             ),
-            format!(
-                "add `.git` to {}",
-                super::files::display(&context.join(".dockerignore"))
-            ),
+            fix,
         ));
     }
     None
@@ -587,7 +648,7 @@ fn whole_copy_before_run<'a>(
         let at = stage.instructions.iter().position(copies_whole_context)?;
         let mut after: Vec<&Instruction> = stage.instructions.get(at + 1..)?.iter().collect();
         for (later, descendant) in stages.iter().enumerate().skip(index + 1) {
-            if descends(&parents, later, index) {
+            if ancestry(&parents, later).contains(&index) {
                 after.extend(descendant.instructions);
             }
         }
@@ -596,38 +657,103 @@ fn whole_copy_before_run<'a>(
     })
 }
 
-/// Whether stage `stage` is built on stage `ancestor`, directly or through others.
-fn descends(parents: &[Option<usize>], stage: usize, ancestor: usize) -> bool {
-    let mut current = parents.get(stage).copied().flatten();
-    while let Some(parent) = current {
-        if parent == ancestor {
-            return true;
-        }
+/// The earlier stages stage `index` is built on, nearest first.
+fn ancestry(parents: &[Option<usize>], index: usize) -> Vec<usize> {
+    let mut chain = Vec::new();
+    let mut current = parents.get(index).copied().flatten();
+    while let Some(parent) = current.filter(|p| !chain.contains(p)) {
+        chain.push(parent);
         current = parents.get(parent).copied().flatten();
     }
-    false
+    chain
+}
+
+/// The earlier stage a `--from` names (by name or number), if it is one.
+fn stage_index(stages: &[Stage], from: &str, before: usize) -> Option<usize> {
+    let from = from.to_ascii_lowercase();
+    let earlier = stages.get(..before)?;
+    earlier
+        .iter()
+        .rposition(|s| s.name.as_deref() == Some(from.as_str()))
+        .or_else(|| from.parse().ok().filter(|n: &usize| *n < before))
+}
+
+/// The package manager family of an install command (`pip install` and `uv sync` are
+/// both Python's), so that one family's install does not stand for another's.
+fn package_ecosystem(command: &str) -> &str {
+    let program = command.split_whitespace().next().unwrap_or("");
+    match program {
+        "pip" | "pip3" | "python" | "python3" | "uv" | "poetry" | "pipenv" => "python",
+        "npm" | "yarn" | "pnpm" | "bun" => "node",
+        "apt-get" | "apt" | "apk" | "yum" | "dnf" | "microdnf" => "system",
+        "mvn" | "mvnw" | "gradle" | "gradlew" | "sbt" | "lein" | "clojure" | "clj" => "jvm",
+        "bundle" | "bundler" => "ruby",
+        other => other,
+    }
 }
 
 /// Whether a RUN reads the repository's history: it calls git, stamps Go binaries with
-/// `-buildvcs=true`, or runs a script from the context that calls git.
+/// `-buildvcs=true`, or runs a script from the context, or `make` with a Makefile, that
+/// calls git.
 fn runs_git(instruction: &Instruction, context: &Path) -> bool {
     if !instruction.is("RUN") {
         return false;
     }
-    let calls_git = |text: &str| {
-        ["$(git ", "`git ", "-buildvcs=true"]
-            .iter()
-            .any(|s| text.contains(s))
-            || simple_commands(text)
-                .iter()
-                .any(|words| words.first().and_then(|w| w.rsplit('/').next()) == Some("git"))
-    };
     let text = instruction.command_text();
+    let commands = simple_commands(&text);
     calls_git(&text)
-        || simple_commands(&text).iter().flatten().any(|word| {
+        || commands.iter().flatten().any(|word| {
             let script = context.join(word.trim_start_matches("./"));
             word.ends_with(".sh") && std::fs::read_to_string(script).is_ok_and(|t| calls_git(&t))
         })
+        || commands.iter().any(|words| {
+            words.first().and_then(|w| w.rsplit('/').next()) == Some("make")
+                && makefile_calls_git(context)
+        })
+}
+
+/// Whether a script's text calls git or stamps Go binaries from it.
+fn calls_git(text: &str) -> bool {
+    ["$(git ", "`git ", "$(shell git ", "-buildvcs=true"]
+        .iter()
+        .any(|s| text.contains(s))
+        || simple_commands(text)
+            .iter()
+            .any(|words| words.first().and_then(|w| w.rsplit('/').next()) == Some("git"))
+}
+
+/// Whether the context's Makefile, or a file it includes, calls git.
+fn makefile_calls_git(context: &Path) -> bool {
+    let mut pending: Vec<PathBuf> = ["GNUmakefile", "makefile", "Makefile"]
+        .iter()
+        .map(|name| context.join(name))
+        .collect();
+    let mut read = 0;
+    while let Some(path) = pending.pop() {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if calls_git(&text) {
+            return true;
+        }
+        read += 1;
+        if read > 50 {
+            break;
+        }
+        pending.extend(
+            text.lines()
+                .filter_map(|line| {
+                    let line = line.trim_start();
+                    ["include ", "-include ", "sinclude "]
+                        .iter()
+                        .find_map(|directive| line.strip_prefix(directive))
+                })
+                .flat_map(str::split_whitespace)
+                .filter(|name| !name.contains('$'))
+                .map(|name| context.join(name)),
+        );
+    }
+    false
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -635,31 +761,71 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     clean(a) == clean(b)
 }
 
-/// Whether a .dockerignore's patterns exclude `.git` (last matching pattern wins, `!`
-/// re-includes).
-pub(crate) fn excludes_git(patterns: &str) -> bool {
-    let mut excluded = false;
-    for line in patterns.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (negated, pattern) = match line.strip_prefix('!') {
-            Some(rest) => (true, rest.trim()),
-            None => (false, line),
-        };
-        let pattern = pattern
-            .trim_start_matches("./")
-            .trim_start_matches('/')
-            .trim_end_matches('/');
-        if [".git", ".git/HEAD"]
-            .iter()
-            .any(|path| ignore_match(pattern, path))
-        {
-            excluded = !negated;
+/// Paths in `.git` that change with every commit: the branch's ref holds the commit,
+/// and so does HEAD in a detached checkout (how CI checks out pull requests and tags);
+/// the index, logs and objects change with it.
+const PER_COMMIT_GIT: [&str; 7] = [
+    ".git/HEAD",
+    ".git/refs/heads/main",
+    ".git/refs/remotes/origin/main",
+    ".git/index",
+    ".git/logs/HEAD",
+    ".git/objects/pack/pack.idx",
+    ".git/FETCH_HEAD",
+];
+
+/// A .dockerignore line as `(negated, pattern)`, the pattern without `./`, `/` ends.
+fn ignore_line(line: &str) -> Option<(bool, &str)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let (negated, pattern) = match line.strip_prefix('!') {
+        Some(rest) => (true, rest.trim()),
+        None => (false, line),
+    };
+    let pattern = pattern
+        .trim_start_matches("./")
+        .trim_start_matches('/')
+        .trim_end_matches('/');
+    Some((negated, pattern))
+}
+
+/// Whether a .dockerignore leaves `path` out of the context (last matching pattern
+/// wins, `!` re-includes).
+fn ignored(patterns: &str, path: &str) -> bool {
+    let mut ignored = false;
+    for (negated, pattern) in patterns.lines().filter_map(ignore_line) {
+        if ignore_match(pattern, path) {
+            ignored = !negated;
         }
     }
-    excluded
+    ignored
+}
+
+/// Whether a .dockerignore's patterns exclude `.git`, and every part of it that changes
+/// with each commit.
+pub(crate) fn excludes_git(patterns: &str) -> bool {
+    ignored(patterns, ".git") && PER_COMMIT_GIT.iter().all(|path| ignored(patterns, path))
+}
+
+/// The `!` patterns of a .dockerignore that excludes `.git` that bring back a part of it
+/// that changes with every commit (`!.git/HEAD`, `!.git/refs/heads/*`).
+fn reincluded_git_parts(patterns: &str) -> Vec<String> {
+    if !ignored(patterns, ".git") {
+        return Vec::new();
+    }
+    patterns
+        .lines()
+        .filter_map(ignore_line)
+        .filter(|(negated, pattern)| {
+            *negated
+                && PER_COMMIT_GIT
+                    .iter()
+                    .any(|path| ignore_match(pattern, path) && !ignored(patterns, path))
+        })
+        .map(|(_, pattern)| pattern.to_owned())
+        .collect()
 }
 
 /// Whether a .dockerignore names `.git` in a `!` line: the context keeps it on purpose.
@@ -713,6 +879,17 @@ mod tests {
         assert!(!excludes_git("node_modules\n"));
         assert!(!excludes_git(".git\n!.git\n"));
         assert!(!excludes_git("# .git\n"));
+        assert!(!excludes_git(".git/\n!.git/HEAD\n"));
+        assert!(excludes_git(".git\n!.git/config\n"));
+    }
+
+    #[test]
+    fn parts_of_git_brought_back_that_change_with_each_commit() {
+        let parts = reincluded_git_parts(".git/\n!.git/HEAD\n!.git/refs/heads/*\n");
+        assert_eq!(parts, vec![".git/HEAD", ".git/refs/heads/*"]);
+        assert!(reincluded_git_parts(".git\n!.git/config\n").is_empty());
+        assert!(reincluded_git_parts(".git\n!.git/HEAD\n.git/HEAD\n").is_empty());
+        assert!(reincluded_git_parts("node_modules\n!.git/HEAD\n").is_empty());
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
             .and_then(Node::text);
         let first_build = workflow.builds.len();
         let mut kept = ephemeral::Job::default();
+        let mut outputs: BTreeMap<String, String> = BTreeMap::new();
         for step in job.value.get("steps").map(Node::items).unwrap_or(&[]) {
             let mut env = job_env.clone();
             let step_env = env_of(step);
@@ -154,6 +155,9 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     env: &env,
                 };
                 let lines = run.lines();
+                if let Some(id) = step.get("id").and_then(Node::text) {
+                    outputs.extend(step_outputs(id, &lines));
+                }
                 kept.script
                     .extend(lines.iter().map(|(_, text)| (*text).to_owned()));
                 let scripted = shell::read(&script, &shell::commands(&lines));
@@ -179,6 +183,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                 "docker/build-push-action" => {
                     let mut build = build_push_action(file, &repo, uses_entry.line, with, &env);
                     build.varies_by_matrix = varies_by_matrix;
+                    read_outputs(&mut build, &outputs);
                     workflow.builds.push(build);
                 }
                 "docker/bake-action" => {
@@ -192,10 +197,25 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     let mut build = build_push_action(file, &repo, uses_entry.line, with, &env);
                     build.what = format!("`{uses}`");
                     build.varies_by_matrix = varies_by_matrix;
+                    read_outputs(&mut build, &outputs);
                     workflow.builds.push(build);
                 }
                 _ => {
-                    workflow.unseen_builder |= may_build(action) && !names_its_cache(with);
+                    let composite = action
+                        .starts_with("./")
+                        .then(|| composite_builds(&repo, action, with, &env))
+                        .flatten();
+                    let may_build_unseen = match composite {
+                        Some((builds, others)) => {
+                            for mut build in builds {
+                                build.varies_by_matrix = varies_by_matrix;
+                                workflow.builds.push(build);
+                            }
+                            others
+                        }
+                        None => may_build(action),
+                    };
+                    workflow.unseen_builder |= may_build_unseen && !names_its_cache(with);
                     workflow.mentions.extend(inputs(with));
                     kept.paths.extend(
                         input(with, "path")
@@ -208,6 +228,9 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                         || (action.contains("cache") && !action.starts_with("actions/cache"));
                 }
             }
+        }
+        for build in workflow.builds.get_mut(first_build..).unwrap_or(&mut []) {
+            build.job = Some(job.key.clone());
         }
         if ephemeral::hosted(&job.value) {
             let builds = workflow.builds.get(first_build..).unwrap_or(&[]);
@@ -332,6 +355,109 @@ fn may_build(action: &str) -> bool {
         ]
         .iter()
         .any(|word| lower.contains(word))
+}
+
+/// The `docker/build-push-action` steps of a composite action of the repository
+/// (`uses: ./.github/actions/build`), read with the inputs this call gives (or their
+/// defaults) written in, and whether its other steps may build too (a `run:` step, an
+/// action that may build). `None` when it is not such an action or has no such step.
+fn composite_builds(
+    repo: &Path,
+    action: &str,
+    with: Option<&Node>,
+    env: &BTreeMap<String, String>,
+) -> Option<(Vec<Build>, bool)> {
+    let dir = files::resolve(repo, action);
+    let path = ["action.yml", "action.yaml"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|path| path.is_file())?;
+    let mut text = std::fs::read_to_string(&path).ok()?;
+    let declared = super::yaml::parse(&text).ok()?;
+    for input in declared.get("inputs").map(Node::entries).unwrap_or(&[]) {
+        let given = with
+            .and_then(|w| w.get(&input.key))
+            .or_else(|| input.value.get("default"))
+            .and_then(Node::text)
+            .filter(|value| !value.contains('\n'));
+        if let Some(value) = given {
+            let key = &input.key;
+            for form in [
+                format!("${{{{ inputs.{key} }}}}"),
+                format!("${{{{inputs.{key}}}}}"),
+            ] {
+                text = text.replace(&form, value);
+            }
+        }
+    }
+    let root = super::yaml::parse(&text).ok()?;
+    let runs = root.get("runs")?;
+    if runs.get("using").and_then(Node::text) != Some("composite") {
+        return None;
+    }
+    let file = files::display(&path);
+    let mut builds = Vec::new();
+    let mut others = false;
+    for step in runs.get("steps").map(Node::items).unwrap_or(&[]) {
+        let uses = step.entry("uses");
+        let used = uses
+            .and_then(|u| u.value.text())
+            .map(|u| u.split('@').next().unwrap_or(u));
+        match (uses, used) {
+            (Some(uses), Some("docker/build-push-action")) => {
+                builds.push(build_push_action(
+                    &file,
+                    repo,
+                    uses.line,
+                    step.get("with"),
+                    env,
+                ));
+            }
+            (_, Some(used)) => others |= may_build(used),
+            _ => others |= step.get("run").is_some(),
+        }
+    }
+    (!builds.is_empty()).then_some((builds, others))
+}
+
+/// The `NAME=VALUE` a step's script echoes to `$GITHUB_OUTPUT`, keyed by the
+/// expression later steps read it with (`steps.ID.outputs.NAME`).
+fn step_outputs(id: &str, lines: &[(usize, &str)]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|(_, line)| {
+            let (written, target) = line.split_once(">>")?;
+            if !target.contains("GITHUB_OUTPUT") {
+                return None;
+            }
+            let mut words = written.trim().splitn(2, char::is_whitespace);
+            if !matches!(words.next(), Some("echo" | "printf")) {
+                return None;
+            }
+            let pair = words.next()?.trim().trim_matches(['"', '\'']);
+            let (name, value) = pair.split_once('=')?;
+            let named = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            named.then(|| (format!("steps.{id}.outputs.{name}"), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Build arguments that read a step's output, given what the step writes
+/// (`$(git describe --tags)`), so that a per-commit value is seen as one.
+fn read_outputs(build: &mut Build, outputs: &BTreeMap<String, String>) {
+    for arg in &mut build.build_args {
+        for (expression, written) in outputs {
+            for form in [
+                format!("${{{{ {expression} }}}}"),
+                format!("${{{{{expression}}}}}"),
+            ] {
+                arg.value = arg.value.replace(&form, written);
+            }
+        }
+    }
 }
 
 fn env_of(node: &Node) -> BTreeMap<String, String> {
