@@ -280,6 +280,20 @@ async fn percent_encoded_traversal_attempts_never_touch_files_outside_the_data_d
     for target in &targets {
         for method in ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE"] {
             let resp = raw_request(&server.host, method, target, b"escape").await;
+            // A mount that cannot be done starts an upload session instead (cancelled
+            // here, so that the tree is compared as it was).
+            if method == "POST" && target.contains("?mount=") && resp.status == 202 {
+                let (_, session) = resp
+                    .headers
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case("location"))
+                    .unwrap();
+                expect_status(
+                    &api.request(Method::DELETE, session).send().await.unwrap(),
+                    204,
+                );
+                continue;
+            }
             assert!(
                 (400..500).contains(&resp.status),
                 "{method} {target} answered {}",

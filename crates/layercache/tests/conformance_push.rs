@@ -228,6 +228,25 @@ async fn chunked_upload_in_several_patches_with_content_range_creates_the_blob()
     assert_eq!(blob_bytes(&api, "push/chunked", &digest).await, bytes);
 }
 
+/// A query parameter given twice takes its first value (distribution's answer), not a 400.
+#[tokio::test]
+async fn a_parameter_given_twice_takes_its_first_value() {
+    let server = Server::start();
+    let api = Api::new(&server);
+    let bytes = pseudo_random(23, 0, 100);
+    let digest = digest_of(&bytes);
+    let location = api.start_upload("push/twice").await;
+    let url = with_query(&with_query(&location, "digest", &digest), "digest", &digest);
+    let resp = api
+        .request(Method::PUT, &url)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_status(&resp, 201);
+    assert_eq!(blob_bytes(&api, "push/twice", &digest).await, bytes);
+}
+
 #[tokio::test]
 async fn first_chunk_not_starting_at_zero_is_rejected_with_416() {
     let server = Server::start();

@@ -177,10 +177,12 @@ impl Manifest {
         for layer in m.layers() {
             references.push(blob_ref(layer)?);
         }
+        // An empty `artifactType` counts as none (the spec's "empty or missing").
         let artifact_type = m
             .artifact_type()
             .as_ref()
             .map(|t| t.to_string())
+            .filter(|t| !t.is_empty())
             .or_else(|| Some(m.config().media_type().to_string()));
         let cache_export = m.config().media_type().as_ref() == media_type::BUILDKIT_CACHE_CONFIG;
         let image_config = (!cache_export)
@@ -224,7 +226,11 @@ impl Manifest {
             .any(|d| d.media_type().as_ref() == media_type::BUILDKIT_CACHE_CONFIG);
         Ok(Manifest {
             media_type,
-            artifact_type: index.artifact_type().as_ref().map(|t| t.to_string()),
+            artifact_type: index
+                .artifact_type()
+                .as_ref()
+                .map(|t| t.to_string())
+                .filter(|t| !t.is_empty()),
             subject: index.subject().as_ref().map(digest_of).transpose()?,
             annotations: sorted(index.annotations()),
             references,
@@ -381,5 +387,22 @@ mod tests {
         assert_eq!(m.artifact_type.as_deref(), Some("application/x-sbom"));
         assert_eq!(m.subject.map(|d| d.to_string()).as_deref(), Some(L1));
         assert_eq!(m.annotations.get("a").map(String::as_str), Some("b"));
+    }
+
+    #[test]
+    fn an_empty_artifact_type_is_none() {
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","artifactType":"",
+            "config":{{"mediaType":"application/x-cfg","digest":"{CFG}","size":2}},"layers":[]}}"#,
+            media_type::OCI_MANIFEST
+        );
+        let m = Manifest::parse(None, image.as_bytes()).unwrap();
+        assert_eq!(m.artifact_type.as_deref(), Some("application/x-cfg"));
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","artifactType":"","manifests":[]}}"#,
+            media_type::OCI_INDEX
+        );
+        let m = Manifest::parse(None, index.as_bytes()).unwrap();
+        assert_eq!(m.artifact_type, None);
     }
 }

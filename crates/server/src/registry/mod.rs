@@ -35,23 +35,38 @@ use crate::upstream::Served;
 /// `Result` of a registry handler.
 type Result<T = Response, E = RegistryError> = std::result::Result<T, E>;
 
-/// Query parameters the distribution API uses (others, such as `_state`, are ignored).
-#[derive(Debug, Default, serde::Deserialize)]
+/// Query parameters the distribution API uses (others, such as `_state`, are ignored);
+/// one given twice takes its first value, as distribution does.
+#[derive(Debug, Default)]
 struct Params {
     digest: Option<String>,
     mount: Option<String>,
     from: Option<String>,
     n: Option<String>,
     last: Option<String>,
-    #[serde(rename = "artifactType")]
     artifact_type: Option<String>,
 }
 
 impl Params {
     fn parse(query: Option<&str>) -> Result<Params> {
-        serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
-            RegistryError::new(ErrorCode::Unsupported, format!("malformed query: {e}"))
-                .with_status(StatusCode::BAD_REQUEST)
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|e| {
+                RegistryError::new(ErrorCode::Unsupported, format!("malformed query: {e}"))
+                    .with_status(StatusCode::BAD_REQUEST)
+            })?;
+        let first = |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        Ok(Params {
+            digest: first("digest"),
+            mount: first("mount"),
+            from: first("from"),
+            n: first("n"),
+            last: first("last"),
+            artifact_type: first("artifactType"),
         })
     }
 }
