@@ -195,6 +195,15 @@ async fn the_token_endpoint_speaks_both_forms_and_grants_only_what_the_identity_
         .unwrap();
     assert_eq!(post.status(), 200);
     let post: serde_json::Value = post.json().await.unwrap();
+    // The password in the URL instead of the form: refused (a URL ends up in logs).
+    let in_query = client
+        .post(server.at(&format!(
+            "/token?grant_type=password&username=ci&password={pr}&service=layercache"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(in_query.status(), 401);
     for answer in [&get, &post] {
         let token = answer["access_token"].as_str().unwrap();
         assert_eq!(answer["token"], token);

@@ -248,6 +248,36 @@ async fn twirp(
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// An issuer without an audience would take a job's token requested for any other
+/// service (a cloud, a vault) as a credential here: the server refuses to start.
+#[test]
+fn an_issuer_without_an_audience_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("layercache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server.auth]\nmode = \"token\"\n[[server.auth.issuers]]\nissuer = \"{ISSUER}\"\n\
+             jwks = \"{}\"\n{RULES}",
+            dir.path().join("jwks.json").display()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = common::layercache(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("set `audience`"), "{said}");
+}
+
 #[test]
 fn ci_identity_tokens_get_the_same_rights_on_the_registry_and_the_actions_cache() {
     if !common::require_tool("openssl") {

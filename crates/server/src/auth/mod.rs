@@ -756,6 +756,12 @@ pub async fn token(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
+    // Secrets only from the body: a URL's query ends up in proxies' and clients' logs.
+    let secret = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let scopes: Vec<String> = form
         .iter()
         .chain(&query)
@@ -767,12 +773,12 @@ pub async fn token(
             Some("password") => authority
                 .credential(
                     field("username").unwrap_or(""),
-                    field("password").unwrap_or(""),
+                    secret("password").unwrap_or(""),
                 )
                 .await
                 .map(Arc::new),
             Some("refresh_token") => authority
-                .credential("", field("refresh_token").unwrap_or(""))
+                .credential("", secret("refresh_token").unwrap_or(""))
                 .await
                 .map(Arc::new),
             other => Err(format!("unsupported grant_type {other:?}")),

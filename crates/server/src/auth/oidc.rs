@@ -96,6 +96,14 @@ impl Oidc {
         }
         let mut loaded = Vec::new();
         for issuer in issuers {
+            // An identity token names the service it was requested for; without that check
+            // one a job requested for any other service (a cloud, a vault) would push here.
+            if issuer.audience.is_none() {
+                return Err(IssuerError::new(format!(
+                    "[[server.auth.issuers]] {}: set `audience` to the one the jobs request                      their identity tokens for (e.g. \"layercache\")",
+                    issuer.issuer
+                )));
+            }
             loaded.push(External::load(issuer.clone()).await?);
         }
         Ok(Oidc {
