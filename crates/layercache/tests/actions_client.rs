@@ -327,6 +327,48 @@ fn v2_restore_key_prefix_picks_newest() {
     restore_key_prefix_picks_newest(Protocol::V2);
 }
 
+/// A key differing only in case is the same key, as on GitHub: it restores the entry
+/// (named as saved), and saving under it is refused like a second save.
+fn a_key_in_another_case_is_the_same_key(protocol: Protocol) {
+    if !client_ready() {
+        return;
+    }
+    let cache = Cache::start();
+    let token = cache.main_token();
+    let client = cache.client(protocol, &token);
+    let (workspace, digests) = small_workspace("deps", 7);
+    client.save_ok(workspace.path(), "Linux-deps-2", &["deps"]);
+
+    let (matched, restored, output) = client.restore_fresh("linux-deps-2", &[], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("Linux-deps-2"),
+        "{protocol:?}:\n{output}"
+    );
+    assert_eq!(restored, digests, "{protocol:?}:\n{output}");
+    let (matched, _, output) = client.restore_fresh("none", &["LINUX-"], &["deps"]);
+    assert_eq!(
+        matched.as_deref(),
+        Some("Linux-deps-2"),
+        "{protocol:?}:\n{output}"
+    );
+    let (id, output) = client.save(workspace.path(), "linux-deps-2", &["deps"], SMALL_RUN);
+    assert_eq!(
+        id, -1,
+        "{protocol:?} a save in another case was accepted:\n{output}"
+    );
+}
+
+#[test]
+fn v1_a_key_in_another_case_is_the_same_key() {
+    a_key_in_another_case_is_the_same_key(Protocol::V1);
+}
+
+#[test]
+fn v2_a_key_in_another_case_is_the_same_key() {
+    a_key_in_another_case_is_the_same_key(Protocol::V2);
+}
+
 // --- c. Versions ----------------------------------------------------------------------
 
 /// The version covers the path list: a restore of the same key with another path list

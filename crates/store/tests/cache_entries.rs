@@ -75,6 +75,8 @@ backend::on_each_backend! {
     #[tokio::test]
     async fn keys_match_literally_whatever_characters_they_hold;
     #[tokio::test]
+    async fn keys_match_whatever_the_case_of_their_ascii_letters;
+    #[tokio::test]
     async fn listing_finds_finished_entries_of_the_scopes_by_prefix_newest_first;
     #[tokio::test]
     async fn a_key_and_version_are_taken_once_per_scope;
@@ -385,9 +387,9 @@ async fn restores_match_exact_then_prefix_then_restore_keys_of_the_exact_version
     );
     assert_eq!(restore(&store, m, &["windows", "macos"], V1).await, None);
     assert_eq!(restore(&store, m, &[], V1).await, None);
-    // Keys are not patterns or case-folded.
-    assert_eq!(restore(&store, m, &["LINUX-"], V1).await, None);
+    // Keys are not patterns (their case is another test's).
     assert_eq!(restore(&store, m, &["linux-deps-2-"], V1).await, None);
+    assert_eq!(restore(&store, m, &["linux-*"], V1).await, None);
 
     // The version must match exactly.
     save(&store, REPO, MAIN, "linux-deps", V2, b"deps for v2").await;
@@ -665,6 +667,46 @@ async fn listing_finds_finished_entries_of_the_scopes_by_prefix_newest_first(bac
 
 // ---------------------------------------------------------------- reserving
 
+/// GitHub's cache service matches keys whatever the case of their letters (a key saved
+/// as `Linux-deps` restores as `linux-deps`), and answers with the key as saved.
+async fn keys_match_whatever_the_case_of_their_ascii_letters(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(backend, dir.path()).await;
+    let m = &[MAIN][..];
+    let found = async |keys: &[&str]| restore(&store, m, keys, V1).await;
+    save(&store, REPO, MAIN, "Linux-deps-2", V1, b"deps").await;
+    assert_eq!(
+        found(&["linux-deps-2"]).await.as_deref(),
+        Some("Linux-deps-2")
+    );
+    assert_eq!(
+        found(&["LINUX-DEPS"]).await.as_deref(),
+        Some("Linux-deps-2")
+    );
+    assert_eq!(
+        found(&["nothing", "linux-"]).await.as_deref(),
+        Some("Linux-deps-2")
+    );
+    let listed = store
+        .list_entries(REPO, vec![MAIN.into()], vec!["LINUX-".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+        ["Linux-deps-2"]
+    );
+    assert_err!(
+        store
+            .create_entry(key(REPO, MAIN, "linux-deps-2", V1))
+            .await,
+        Error::EntryExists
+    );
+    // Only ASCII letters fold (the databases' `lower()` of a byte-ordered column).
+    save(&store, REPO, MAIN, "Über-1", V1, b"umlaut").await;
+    assert_eq!(found(&["über-1"]).await, None);
+    assert_eq!(found(&["Über-1"]).await.as_deref(), Some("Über-1"));
+}
+
 async fn a_key_and_version_are_taken_once_per_scope(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(backend, dir.path()).await;
@@ -686,13 +728,17 @@ async fn a_key_and_version_are_taken_once_per_scope(backend: Backend) {
             .map(|e| e.id),
         Some(first.id)
     );
+    // The key in another case is the same key, as on GitHub.
+    assert_err!(
+        store.create_entry(key(REPO, MAIN, "DEPS", V1)).await,
+        Error::EntryExists
+    );
     // The same key in another scope, version or repository, or another key, is free.
     let others = [
         key(REPO, FEATURE, "deps", V1),
         key(REPO, MAIN, "deps", V2),
         key(FORK, MAIN, "deps", V1),
         key(REPO, MAIN, "deps-2", V1),
-        key(REPO, MAIN, "Deps", V1),
     ];
     let mut ids = BTreeSet::from([first.id]);
     for other in &others {

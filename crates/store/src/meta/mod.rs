@@ -526,6 +526,14 @@ fn check_stored_size(reference: &ManifestReference, stored: Option<i64>) -> Resu
     Ok(())
 }
 
+/// A cache key as keys are matched: ASCII letters folded to lower case, as GitHub's cache
+/// service matches keys that differ only in case (the entry keeps the case it was saved
+/// with). The databases index the same fold (`lower()` changes only ASCII letters in
+/// both).
+fn folded(key: &str) -> String {
+    key.to_ascii_lowercase()
+}
+
 /// The smallest string greater than every string starting with `prefix` (`None` when
 /// there is none), so a prefix match is an index range.
 fn prefix_end(prefix: &str) -> Option<String> {

@@ -1,8 +1,9 @@
 //! Cache entries on PostgreSQL: reserved, filled with parts (each a stored blob),
 //! finished, matched the way GitHub matches keys.
 //!
-//! Keys compare bytewise (their columns are `COLLATE "C"`, like SQLite's BINARY), so a
-//! prefix match is the index range from the prefix to [`prefix_end`].
+//! Keys compare bytewise (their columns are `COLLATE "C"`, like SQLite's BINARY) after
+//! [`folded`] (`lower()` of a `"C"` column changes only ASCII letters), so a prefix match
+//! is the index range from the folded prefix to [`prefix_end`].
 
 use oci::Digest;
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -10,7 +11,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use super::evict::ENTRY_LAST_USED;
 use super::{parse_digest, record_blob};
 use crate::error::Missing;
-use crate::meta::{Entry, EntryQuery, NewEntry, Part, prefix_end};
+use crate::meta::{Entry, EntryQuery, NewEntry, Part, folded, prefix_end};
 use crate::{Error, Result, now_ms, now_secs};
 
 const COLUMNS: &str =
@@ -46,11 +47,23 @@ const ABANDONED_AFTER: i64 = 600;
 /// Reserve an entry; [`Error::EntryExists`] when its key is taken (see
 /// [`crate::meta::MetaStore::create_entry`]).
 pub(super) async fn create(c: &mut PgConnection, new: &NewEntry) -> Result<Entry> {
-    if let Some(stale) = by_key(c, new)
-        .await?
-        .filter(|e| e.size.is_none() && e.last_used < now_secs() - ABANDONED_AFTER)
-    {
-        delete_and_release(c, stale.id).await?;
+    // Creates of one key in any case wait for each other (the unique constraint covers
+    // only the exact case), across every node of the database.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!(
+            "cache entry\n{}\n{}\n{}\n{}",
+            new.repository,
+            new.scope,
+            new.version,
+            folded(&new.key)
+        ))
+        .execute(&mut *c)
+        .await?;
+    for taken in same_key(c, new).await? {
+        if taken.size.is_some() || taken.last_used >= now_secs() - ABANDONED_AFTER {
+            return Err(Error::EntryExists);
+        }
+        delete_and_release(c, taken.id).await?;
     }
     let inserted: Option<EntryRow> = sqlx::query_as(AssertSqlSafe(format!(
         "INSERT INTO cache_entries AS e (repository, scope, key, version, created_ms, accessed_at)
@@ -80,19 +93,27 @@ pub(super) async fn get(c: &mut PgConnection, id: i64) -> Result<Option<Entry>> 
     Ok(row.map(entry))
 }
 
-/// The entry, finished or not, with exactly this key and version in this scope.
-pub(super) async fn by_key(c: &mut PgConnection, key: &NewEntry) -> Result<Option<Entry>> {
-    let row: Option<EntryRow> = sqlx::query_as(AssertSqlSafe(format!(
+/// The entries, finished or not, whose key matches `key`'s (see [`folded`]) in its
+/// scope and version: the one of exactly its case first, then the newest.
+async fn same_key(c: &mut PgConnection, key: &NewEntry) -> Result<Vec<Entry>> {
+    let rows: Vec<EntryRow> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM cache_entries e
-         WHERE e.repository = $1 AND e.scope = $2 AND e.version = $3 AND e.key = $4"
+         WHERE e.repository = $1 AND e.scope = $2 AND e.version = $3 AND lower(e.key) = $4
+         ORDER BY e.key = $5 DESC, e.id DESC"
     )))
     .bind(&key.repository)
     .bind(&key.scope)
     .bind(&key.version)
+    .bind(folded(&key.key))
     .bind(&key.key)
-    .fetch_optional(&mut *c)
+    .fetch_all(&mut *c)
     .await?;
-    Ok(row.map(entry))
+    Ok(rows.into_iter().map(entry).collect())
+}
+
+/// The entry, finished or not, with this key (see [`same_key`]) and version in this scope.
+pub(super) async fn by_key(c: &mut PgConnection, key: &NewEntry) -> Result<Option<Entry>> {
+    Ok(same_key(c, key).await?.into_iter().next())
 }
 
 /// The finished entry a restore gets (see [`EntryQuery`]): every lookup of the GitHub
@@ -105,13 +126,15 @@ pub(super) async fn find(c: &mut PgConnection, query: &EntryQuery) -> Result<Opt
     let mut scopes = Vec::new();
     let mut starts = Vec::new();
     let mut ends = Vec::new();
+    let primary = folded(primary);
+    let keys: Vec<String> = query.keys.iter().map(|k| folded(k)).collect();
     for scope in &query.scopes {
         scopes.push(scope.as_str());
-        starts.push(primary.as_str());
-        ends.push(Some(exact_end(primary)));
-        for key in &query.keys {
+        starts.push(primary.clone());
+        ends.push(Some(exact_end(&primary)));
+        for key in &keys {
             scopes.push(scope.as_str());
-            starts.push(key.as_str());
+            starts.push(key.clone());
             ends.push(prefix_end(key));
         }
     }
@@ -123,7 +146,7 @@ pub(super) async fn find(c: &mut PgConnection, query: &EntryQuery) -> Result<Opt
              SELECT {COLUMNS} FROM cache_entries e
              WHERE e.repository = $1 AND e.scope = q.scope AND e.version = $2
                AND e.size IS NOT NULL
-               AND e.key >= q.start_key AND (q.end_key IS NULL OR e.key < q.end_key)
+               AND lower(e.key) >= q.start_key AND (q.end_key IS NULL OR lower(e.key) < q.end_key)
              ORDER BY e.created_ms DESC, e.id DESC LIMIT 1
          ) e
          ORDER BY q.rank LIMIT 1"
@@ -153,6 +176,7 @@ pub(super) async fn list(
     } else {
         prefixes
     };
+    let prefixes: Vec<String> = prefixes.iter().map(|p| folded(p)).collect();
     let ends: Vec<Option<String>> = prefixes.iter().map(|p| prefix_end(p)).collect();
     let rows: Vec<EntryRow> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM cache_entries e
@@ -161,14 +185,14 @@ pub(super) async fn list(
          CROSS JOIN LATERAL (
              SELECT min(p.n) AS n
              FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS p(start_key, end_key, n)
-             WHERE e.key >= p.start_key AND (p.end_key IS NULL OR e.key < p.end_key)
+             WHERE lower(e.key) >= p.start_key AND (p.end_key IS NULL OR lower(e.key) < p.end_key)
          ) prefix_rank
          WHERE e.repository = $1 AND e.size IS NOT NULL AND prefix_rank.n IS NOT NULL
          ORDER BY e.created_ms DESC, scope_rank.n, prefix_rank.n, e.id DESC"
     )))
     .bind(repository)
     .bind(scopes)
-    .bind(prefixes)
+    .bind(&prefixes)
     .bind(&ends)
     .fetch_all(&mut *c)
     .await?;

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{parse_digest, record_blob};
 use crate::error::Missing;
-use crate::meta::{Entry, EntryQuery, NewEntry, Part, prefix_end};
+use crate::meta::{Entry, EntryQuery, NewEntry, Part, folded, prefix_end};
 use crate::{Error, Result, now_ms, now_secs};
 
 const COLUMNS: &str = "id, repository, scope, key, version, size, created_ms, accessed_at";
@@ -29,10 +29,11 @@ fn entry(r: &Row<'_>) -> rusqlite::Result<Entry> {
 const ABANDONED_AFTER: i64 = 600;
 
 pub(super) fn create(c: &Connection, new: &NewEntry) -> Result<Entry> {
-    if let Some(stale) =
-        by_key(c, new)?.filter(|e| e.size.is_none() && e.last_used < now_secs() - ABANDONED_AFTER)
-    {
-        delete_and_release(c, stale.id)?;
+    for taken in same_key(c, new)? {
+        if taken.size.is_some() || taken.last_used >= now_secs() - ABANDONED_AFTER {
+            return Err(Error::EntryExists);
+        }
+        delete_and_release(c, taken.id)?;
     }
     let inserted = c
         .prepare_cached(&format!(
@@ -64,16 +65,29 @@ pub(super) fn get(c: &Connection, id: i64) -> rusqlite::Result<Option<Entry>> {
     .optional()
 }
 
-pub(super) fn by_key(c: &Connection, key: &NewEntry) -> rusqlite::Result<Option<Entry>> {
+/// The entries, finished or not, whose key matches `key`'s (see [`folded`]) in its
+/// scope and version: the one of exactly its case first, then the newest.
+fn same_key(c: &Connection, key: &NewEntry) -> rusqlite::Result<Vec<Entry>> {
     c.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM cache_entries
-         WHERE repository = ?1 AND scope = ?2 AND version = ?3 AND key = ?4"
+         WHERE repository = ?1 AND scope = ?2 AND version = ?3 AND lower(key) = ?4
+         ORDER BY key = ?5 DESC, id DESC"
     ))?
-    .query_row(
-        params![key.repository, key.scope, key.version, key.key],
+    .query_map(
+        params![
+            key.repository,
+            key.scope,
+            key.version,
+            folded(&key.key),
+            key.key
+        ],
         entry,
-    )
-    .optional()
+    )?
+    .collect()
+}
+
+pub(super) fn by_key(c: &Connection, key: &NewEntry) -> rusqlite::Result<Option<Entry>> {
+    Ok(same_key(c, key)?.into_iter().next())
 }
 
 /// The newest finished entry in one scope whose key is `key`, or starts with it.
@@ -84,15 +98,16 @@ fn newest(
     key: &str,
     exact: bool,
 ) -> rusqlite::Result<Option<Entry>> {
+    let key = folded(key);
     let end = if exact {
         Some(format!("{key}\0"))
     } else {
-        prefix_end(key)
+        prefix_end(&key)
     };
     c.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM cache_entries
          WHERE repository = ?1 AND scope = ?2 AND version = ?3 AND size IS NOT NULL
-           AND key >= ?4 AND (?5 IS NULL OR key < ?5)
+           AND lower(key) >= ?4 AND (?5 IS NULL OR lower(key) < ?5)
          ORDER BY created_ms DESC, id DESC LIMIT 1"
     ))?
     .query_row(
@@ -134,15 +149,16 @@ pub(super) fn list(
     };
     for scope in scopes {
         for prefix in prefixes {
+            let prefix = folded(prefix);
             let rows = c
                 .prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM cache_entries
                      WHERE repository = ?1 AND scope = ?2 AND size IS NOT NULL
-                       AND key >= ?3 AND (?4 IS NULL OR key < ?4)
+                       AND lower(key) >= ?3 AND (?4 IS NULL OR lower(key) < ?4)
                      ORDER BY created_ms DESC, id DESC"
                 ))?
                 .query_map(
-                    params![repository, scope, prefix, prefix_end(prefix)],
+                    params![repository, scope, prefix, prefix_end(&prefix)],
                     entry,
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -119,6 +119,8 @@ CREATE TABLE IF NOT EXISTS cache_blocks (
     PRIMARY KEY (entry_id, block)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cache_blocks_by_digest ON cache_blocks (digest);
+CREATE INDEX IF NOT EXISTS cache_entries_by_folded_key
+    ON cache_entries (repository, scope, version, lower(key));
 CREATE TABLE IF NOT EXISTS released_blobs (
     digest      TEXT PRIMARY KEY,
     released_at INTEGER NOT NULL
