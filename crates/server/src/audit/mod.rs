@@ -206,9 +206,7 @@ impl Audit {
                 queue,
                 layout,
                 dropped: dropped.clone(),
-                denials: RateLimiter::keyed(
-                    Quota::per_second(DENIALS_PER_SECOND).allow_burst(DENIALS_BURST),
-                ),
+                denials: denial_limiter(),
             })),
             dropped,
         })
@@ -320,6 +318,11 @@ impl Inner {
     fn lost(&self, why: &str) {
         lost(&self.dropped, why);
     }
+}
+
+/// The rate at which one client address's denials are recorded.
+fn denial_limiter() -> DefaultKeyedRateLimiter<Option<IpAddr>> {
+    RateLimiter::keyed(Quota::per_second(DENIALS_PER_SECOND).allow_burst(DENIALS_BURST))
 }
 
 /// `text`, cut to [`MAX_TEXT`] bytes (on a character boundary, marked with `…`).
@@ -460,6 +463,7 @@ mod tests {
                     lock: Arc::default(),
                 },
                 dropped: dropped.clone(),
+                denials: denial_limiter(),
             })),
             dropped,
         };

@@ -85,6 +85,16 @@ impl Config {
     /// Why the server must not start with this configuration on `listen`, in the two
     /// lines that fix it.
     pub fn refusal(&self, listen: SocketAddr) -> Option<String> {
+        // Users, issuers or rules without a mode would be configured and unused: the
+        // server would run open, on loopback too.
+        let half_set =
+            !self.users.is_empty() || !self.issuers.is_empty() || !self.rules.is_empty();
+        if self.mode.is_none() && half_set {
+            return Some(
+                "[server.auth] lists users, issuers or rules but no mode: say                  mode = \"token\" to require them (or mode = \"open\" to serve without)"
+                    .to_owned(),
+            );
+        }
         (self.mode.is_none() && !listen.ip().is_loopback()).then(|| {
             format!(
                 "refusing to serve {listen} to the network without authentication:\n  \
@@ -888,5 +898,26 @@ mod tests {
             ..Config::default()
         };
         assert!(open.refusal("0.0.0.0:5000".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn users_or_rules_without_a_mode_are_refused_on_loopback_too() {
+        let loopback = "127.0.0.1:5000".parse().unwrap();
+        let users = Config {
+            users: vec![users::User::default()],
+            ..Config::default()
+        };
+        let said = users.refusal(loopback).unwrap();
+        assert!(said.contains("mode = \"token\""), "{said}");
+        let rules = Config {
+            rules: vec![oidc::Rule::default()],
+            ..Config::default()
+        };
+        assert!(rules.refusal(loopback).is_some());
+        let token = Config {
+            mode: Some(Mode::Token),
+            ..users
+        };
+        assert!(token.refusal(loopback).is_none());
     }
 }
