@@ -17,6 +17,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use base64::Engine;
@@ -577,13 +578,17 @@ async fn rotated_files_are_read_across_and_nothing_between_them_is_lost() {
         .collect();
     files.sort();
     assert_eq!(files.len(), 3, "{files:?}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the audit directory is the server's only");
     assert!(files.contains(&"audit.log".to_owned()), "{files:?}");
     assert!(!files.contains(&"audit.000001.log".to_owned()), "{files:?}");
     let on_disk: usize = files
         .iter()
         .map(|f| {
             let path = dir.join(f);
-            assert!(std::fs::metadata(&path).unwrap().len() <= 2048, "{f}");
+            let meta = std::fs::metadata(&path).unwrap();
+            assert!(meta.len() <= 2048, "{f}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}: the server's only");
             std::fs::read_to_string(path).unwrap().lines().count()
         })
         .sum();

@@ -7,6 +7,7 @@
 //! line once, in order.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -66,7 +67,11 @@ pub(super) struct Writer {
 impl Writer {
     /// Open (creating) the directory and the current file.
     pub fn open(layout: Layout) -> io::Result<Writer> {
-        std::fs::create_dir_all(&layout.dir)?;
+        // Who did what from where is for the server's own user (and root) only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&layout.dir)?;
         let next = rotated(&layout.dir)?.last().map_or(1, |(n, _)| n + 1);
         let (current, size) = open_current(&layout.dir)?;
         Ok(Writer {
@@ -122,6 +127,7 @@ fn open_current(dir: &Path) -> io::Result<(BufWriter<File>, u64)> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(dir.join(CURRENT))?;
     let size = file.metadata()?.len();
     Ok((BufWriter::new(file), size))
