@@ -16,8 +16,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 
 use base64::Engine;
@@ -202,6 +202,11 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
     let viewer = credential(&server, &["--view"]);
     let http = reqwest::Client::new();
     let as_pr = basic("pr-7", &pr);
+    // The login name labels the credential, which is what identifies: its fingerprint.
+    let pr_7 = format!(
+        "pr-7 (credential {})",
+        &common::digest_of(pr.as_bytes())[7..19]
+    );
 
     // A real push, then one the credential may not make.
     let images = tempfile::tempdir().unwrap();
@@ -387,7 +392,7 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
         .into_iter()
         .chain(with_action(&lines, "tag"))
     {
-        assert_eq!(line["identity"], "pr-7", "{line}");
+        assert_eq!(line["identity"], pr_7.as_str(), "{line}");
         assert_eq!(
             line["grounds"]["push"],
             json!(["cache/app/pr-7/**"]),
@@ -410,7 +415,7 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
     assert!(!denied_main.is_empty(), "{lines:#?}");
     for line in &denied_main {
         assert_eq!(line["repository"], "cache/app/main", "{line}");
-        assert_eq!(line["identity"], "pr-7", "{line}");
+        assert_eq!(line["identity"], pr_7.as_str(), "{line}");
         assert!(
             line["reason"].as_str().unwrap().contains("denied"),
             "{line}"
@@ -430,7 +435,7 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
     assert_eq!(deletes.len(), 1, "{lines:#?}");
     assert_eq!(deletes[0]["digest"], manifest_digest.as_str());
     assert_eq!(deletes[0]["status"], 202);
-    assert_eq!(deletes[0]["identity"], "pr-7");
+    assert_eq!(deletes[0]["identity"], pr_7.as_str());
     let failed: Vec<&Value> = with_action(&lines, "denied")
         .into_iter()
         .filter(|l| l["status"] == 401 && l["request"].as_str().unwrap().starts_with("GET /v2/"))
@@ -483,7 +488,13 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
     // The pass, by the administrator.
     let passes = with_action(&lines, "gc");
     assert_eq!(passes.len(), 1, "{lines:#?}");
-    assert_eq!(passes[0]["identity"], "admin");
+    assert_eq!(
+        passes[0]["identity"],
+        format!(
+            "admin (credential {})",
+            &common::digest_of(admin.as_bytes())[7..19]
+        )
+    );
     assert_eq!(passes[0]["grounds"]["admin"], true);
     assert_eq!(passes[0]["detail"]["dry_run"], true);
 
@@ -538,9 +549,13 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
     let new: Vec<&Value> = after[lines.len()..].iter().collect();
     assert_eq!(new.len(), 2, "{new:#?}");
     // (The command logs in with the user name `layercache`.)
+    let fingerprint = &common::digest_of(viewer.as_bytes())[7..19];
     for (line, user) in new.into_iter().zip(["viewer", "layercache"]) {
         assert_eq!(line["action"], "denied");
-        assert_eq!(line["identity"], user);
+        assert_eq!(
+            line["identity"],
+            format!("{user} (credential {fingerprint})")
+        );
         assert_eq!(line["request"], "GET /api/v1/audit");
         assert_eq!(line["grounds"]["view"], true);
     }
@@ -579,7 +594,11 @@ async fn rotated_files_are_read_across_and_nothing_between_them_is_lost() {
     files.sort();
     assert_eq!(files.len(), 3, "{files:?}");
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o700, "the audit directory is the server's only");
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "the audit directory is the server's only"
+    );
     assert!(files.contains(&"audit.log".to_owned()), "{files:?}");
     assert!(!files.contains(&"audit.000001.log".to_owned()), "{files:?}");
     let on_disk: usize = files
@@ -588,7 +607,11 @@ async fn rotated_files_are_read_across_and_nothing_between_them_is_lost() {
             let path = dir.join(f);
             let meta = std::fs::metadata(&path).unwrap();
             assert!(meta.len() <= 2048, "{f}");
-            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}: the server's only");
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o600,
+                "{f}: the server's only"
+            );
             std::fs::read_to_string(path).unwrap().lines().count()
         })
         .sum();

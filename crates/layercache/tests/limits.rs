@@ -157,6 +157,37 @@ async fn an_identity_over_its_rate_gets_429_with_retry_after_and_others_are_serv
     );
 }
 
+/// The login name that labels a credential without a session is the client's to choose:
+/// a new name per request does not make a new identity, so the rate still holds.
+#[tokio::test]
+async fn a_credential_is_limited_whatever_login_name_it_comes_with() {
+    let (server, _, _) = token_server(&[
+        ("LAYERCACHE_SERVER__LIMITS__REQUESTS_PER_SECOND", "1"),
+        ("LAYERCACHE_SERVER__LIMITS__BURST", "5"),
+    ]);
+    let data_dir = server.data_dir().to_str().unwrap().to_owned();
+    let out = layercache(&["token", "--data-dir", &data_dir, "--push", "**"]);
+    assert!(out.status.success());
+    let credential = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let client = reqwest::Client::new();
+    let mut refused = 0;
+    for n in 0..30 {
+        let r = client
+            .get(server.at("/v2/app/tags/list"))
+            .basic_auth(format!("name-{n}"), Some(&credential))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 10,
+        "{refused} of 30 refused past a burst of 5 at 1 per second"
+    );
+}
+
 /// A chunk upload whose body is held open until the returned sender is dropped.
 fn held_patch(
     client: &reqwest::Client,

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use oci::ErrorCode;
+use oci::{Digest, ErrorCode};
 use serde::{Deserialize, Serialize};
 
 use crate::actions::token::{ISSUER, unix_now};
@@ -87,8 +87,7 @@ impl Config {
     pub fn refusal(&self, listen: SocketAddr) -> Option<String> {
         // Users, issuers or rules without a mode would be configured and unused: the
         // server would run open, on loopback too.
-        let half_set =
-            !self.users.is_empty() || !self.issuers.is_empty() || !self.rules.is_empty();
+        let half_set = !self.users.is_empty() || !self.issuers.is_empty() || !self.rules.is_empty();
         if self.mode.is_none() && half_set {
             return Some(
                 "[server.auth] lists users, issuers or rules but no mode: say                  mode = \"token\" to require them (or mode = \"open\" to serve without)"
@@ -230,6 +229,9 @@ struct BearerClaims {
     access: Vec<Access>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     session: Option<String>,
+    /// The session is the login name the client chose (see [`Identity::login_named`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    login_named: bool,
     /// Issued without credentials.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     anonymous: bool,
@@ -241,7 +243,9 @@ struct BearerClaims {
 /// Who made a request.
 #[derive(Debug)]
 pub struct Identity {
-    /// Who it is: `anonymous`, a user's name, a CI token's subject, or `credential`.
+    /// Who it is: `anonymous`, a user's name, a CI token's subject, or for a credential
+    /// minted by `layercache token` `credential` and its fingerprint (the first 12 hex
+    /// digits of its SHA-256).
     pub subject: String,
     /// The claims that granted its rights (a CI identity token's), for the record.
     pub claims: BTreeMap<String, String>,
@@ -251,6 +255,9 @@ pub struct Identity {
     pub session: Option<String>,
     /// It sent no credentials.
     pub anonymous: bool,
+    /// Its session is the login name the client chose, not one its credential names: a
+    /// label, never what identifies it (for the limits or the audit log).
+    pub login_named: bool,
     /// `scopes`, compiled.
     rights: Rights,
     /// When its credential or token expires (seconds since the epoch).
@@ -258,11 +265,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// What limits count it under: its subject and session (for a minted credential,
-    /// the login name), or the client address `addr` for an anonymous one.
+    /// What limits count it under: its subject and the session its credential names,
+    /// or the client address `addr` for an anonymous one (a login name the client chose
+    /// does not count).
     pub fn limit_key(&self, addr: Option<std::net::IpAddr>) -> String {
         match (self.anonymous, addr) {
             (true, Some(addr)) => addr.to_string(),
+            _ if self.login_named => self.subject.clone(),
             _ => format!(
                 "{}/{}",
                 self.subject,
@@ -290,17 +299,25 @@ impl Identity {
             scopes,
             session,
             anonymous,
+            login_named: false,
             rights,
             expires,
         }
     }
 
     /// Who this is, for the audit log: `anonymous`, a user's name, a CI token's
-    /// subject, or for a minted credential the build session it names (else
-    /// `credential`).
+    /// subject, or for a minted credential the build session it names, else its login
+    /// name beside the credential (`pr-7 (credential 3f9a2c1b0d4e)`), else the
+    /// credential.
     pub fn name(&self) -> String {
-        match (&self.session, self.subject.as_str()) {
-            (Some(session), "credential") => session.clone(),
+        match &self.session {
+            Some(session) if self.subject.starts_with("credential ") => {
+                if self.login_named {
+                    format!("{session} ({})", self.subject)
+                } else {
+                    session.clone()
+                }
+            }
             _ => self.subject.clone(),
         }
     }
@@ -426,6 +443,7 @@ impl Authority {
                 claims.exp,
             );
             identity.claims = claims.claims;
+            identity.login_named = claims.login_named;
             return Ok(identity);
         }
         if scheme.eq_ignore_ascii_case("basic") {
@@ -495,16 +513,20 @@ impl Authority {
             jsonwebtoken::decode::<CredentialClaims>(password, &self.decoding, &validation)
                 .map_err(|e| format!("invalid credentials: {e}"))?
                 .claims;
+        let login_named = claims.session.is_none() && !user.is_empty();
         let session = claims
             .session
-            .or_else(|| (!user.is_empty()).then(|| user.to_owned()));
-        Ok(Identity::new(
-            "credential".into(),
+            .or_else(|| login_named.then(|| user.to_owned()));
+        let fingerprint = Digest::sha256_of(password.as_bytes()).hex()[..12].to_owned();
+        let mut identity = Identity::new(
+            format!("credential {fingerprint}"),
             claims.reg,
             session,
             false,
             claims.exp,
-        ))
+        );
+        identity.login_named = login_named;
+        Ok(identity)
     }
 
     /// Whether `identity` may do `action` on `repo` (`None`: the catalog, which needs
@@ -638,6 +660,7 @@ impl Authority {
             reg: identity.scopes.clone(),
             access,
             session: identity.session.clone(),
+            login_named: identity.login_named,
             anonymous: identity.anonymous,
             claims: identity.claims.clone(),
         };
