@@ -1626,7 +1626,12 @@ async fn v2_unknown_method_is_bad_route() {
         .send()
         .await
         .unwrap();
-    assert_4xx(response.status(), "GET of a twirp method");
+    assert_eq!(response.status(), 404, "GET of a twirp method");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["code"], "bad_route",
+        "twirp's own error, in JSON: {body}"
+    );
 }
 
 /// The harness's own encoders, checked against RFC 4648 and the SDKs' shapes.

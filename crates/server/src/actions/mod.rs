@@ -34,7 +34,7 @@ use axum::Router;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use axum::routing::{any, post};
+use axum::routing::any;
 use bytesize::ByteSize;
 use store::{Entry, EntryQuery, NewEntry};
 
@@ -159,7 +159,7 @@ pub fn router() -> Router<AppState> {
         .route("/_apis/artifactcache/{*path}", any(v1::dispatch))
         .route(
             "/twirp/github.actions.results.api.v1.CacheService/{method}",
-            post(twirp::dispatch),
+            any(twirp::dispatch),
         )
         .route(blob::ROUTE, any(blob::dispatch))
 }

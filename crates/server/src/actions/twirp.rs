@@ -110,6 +110,13 @@ async fn handle(state: &AppState, method: &str, parts: &Parts, body: Body) -> Re
     if !METHODS.contains(&method) {
         return Err(ActionsError::NoRoute(format!("no method {method}")));
     }
+    // Twirp's answer to another HTTP method is its own `bad_route` error, in JSON.
+    if parts.method != axum::http::Method::POST {
+        return Err(ActionsError::NoRoute(format!(
+            "{method} is called with POST, not {}",
+            parts.method
+        )));
+    }
     let json = parts
         .headers
         .get(header::CONTENT_TYPE)
