@@ -87,14 +87,19 @@ fn fifty_slow_clients_are_cut_off_while_a_normal_client_is_served() {
     }
 }
 
-#[test]
-fn a_silent_connection_is_closed_on_the_default_deadline() {
-    let server = common::Server::start();
-    let config = std::process::Command::new(env!("CARGO_BIN_EXE_layercache"))
+/// The configuration the server runs with when nothing is set.
+fn default_config() -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_layercache"))
         .args(["serve", "--print-config"])
         .output()
         .unwrap();
-    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_silent_connection_is_closed_on_the_default_deadline() {
+    let server = common::Server::start();
+    let config = default_config();
     assert!(config.contains("header_read_timeout = \"30s\""), "{config}");
     hold(&server.host, Slow::Silent, Duration::from_secs(90));
 }
@@ -206,11 +211,7 @@ fn a_stalled_body_holds_neither_the_eviction_pass_nor_its_upload_past_the_deadli
 #[test]
 fn a_stalled_body_is_answered_on_the_default_deadline() {
     let server = common::Server::start();
-    let config = std::process::Command::new(env!("CARGO_BIN_EXE_layercache"))
-        .args(["serve", "--print-config"])
-        .output()
-        .unwrap();
-    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    let config = default_config();
     assert!(config.contains("body_read_timeout = \"1m\""), "{config}");
     let (_, mut stalled) = stalled_patch(&server);
     let said = answer(&mut stalled, Duration::from_secs(90));
