@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
 use futures::{StreamExt, TryStreamExt};
@@ -97,6 +97,7 @@ pub(crate) fn idle_timeout(body: Body, timeout: Duration) -> Body {
     Body::new(IdleTimeout {
         inner: body,
         timeout,
+        waiting_since: None,
         deadline: None,
         expired: false,
     })
@@ -105,7 +106,10 @@ pub(crate) fn idle_timeout(body: Body, timeout: Duration) -> Body {
 struct IdleTimeout {
     inner: Body,
     timeout: Duration,
-    /// When the wait that began with the last frame fails; armed at its first pending poll.
+    /// When the reader began waiting for the next frame (`None` while it is not).
+    waiting_since: Option<Instant>,
+    /// A timer set at the first wait, and when it fires moved to the current wait's end
+    /// if frames came meanwhile: one timer per body, not one per frame.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     expired: bool,
 }
@@ -123,20 +127,26 @@ impl HttpBody for IdleTimeout {
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.deadline = None;
+            this.waiting_since = None;
             return Poll::Ready(frame);
         }
-        let timeout = this.timeout;
+        let due = *this.waiting_since.get_or_insert_with(Instant::now) + this.timeout;
         let deadline = this
             .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        std::task::ready!(deadline.as_mut().poll(cx));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+        loop {
+            std::task::ready!(deadline.as_mut().poll(cx));
+            if Instant::now() >= due {
+                break;
+            }
+            deadline.as_mut().reset(due.into());
+        }
         this.expired = true;
         let stalled = std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!(
                 "no bytes arrived for {}",
-                humantime::format_duration(timeout)
+                humantime::format_duration(this.timeout)
             ),
         );
         Poll::Ready(Some(Err(axum::Error::new(stalled))))

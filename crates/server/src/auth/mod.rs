@@ -90,7 +90,8 @@ impl Config {
         let half_set = !self.users.is_empty() || !self.issuers.is_empty() || !self.rules.is_empty();
         if self.mode.is_none() && half_set {
             return Some(
-                "[server.auth] lists users, issuers or rules but no mode: say                  mode = \"token\" to require them (or mode = \"open\" to serve without)"
+                "[server.auth] lists users, issuers or rules but no mode: say mode = \"token\" to \
+                 require them (or mode = \"open\" to serve without)"
                     .to_owned(),
             );
         }

@@ -100,7 +100,8 @@ impl Oidc {
             // one a job requested for any other service (a cloud, a vault) would push here.
             if issuer.audience.is_none() {
                 return Err(IssuerError::new(format!(
-                    "[[server.auth.issuers]] {}: set `audience` to the one the jobs request                      their identity tokens for (e.g. \"layercache\")",
+                    "[[server.auth.issuers]] {}: set `audience` to the one the jobs request their \
+                     identity tokens for (e.g. \"layercache\")",
                     issuer.issuer
                 )));
             }
