@@ -708,14 +708,7 @@ async fn refusals_in_a_loop_cannot_rotate_the_history_out() {
             "{request}"
         );
     }
-    let metrics = http
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::registry::get_text(&http, &server.at("/metrics")).await;
     let lost = common::registry::sample(&metrics, "layercache_audit_dropped_total").unwrap();
     assert_eq!(lost as usize, 1000 - denied.len(), "{metrics}");
 }
