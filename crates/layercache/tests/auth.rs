@@ -224,6 +224,21 @@ async fn the_token_endpoint_speaks_both_forms_and_grants_only_what_the_identity_
             .await
             .unwrap();
         assert_eq!(r.status(), 404, "pull is allowed (the repository is empty)");
+        // The credential may pull cache/app/other too, but this token was not issued
+        // for it: the challenge names the scope to ask a token for.
+        let r = client
+            .get(server.at("/v2/cache/app/other/tags/list"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let challenge = r.headers()["www-authenticate"].to_str().unwrap();
+        assert!(
+            challenge.contains("scope=\"repository:cache/app/other:pull\"")
+                && challenge.ends_with(",error=\"insufficient_scope\""),
+            "{challenge}"
+        );
         let r = client
             .post(server.at("/v2/cache/app/main/blobs/uploads/"))
             .header("authorization", format!("Bearer {token}"))
@@ -245,6 +260,100 @@ async fn the_token_endpoint_speaks_both_forms_and_grants_only_what_the_identity_
         .await
         .unwrap();
     assert_eq!(bad.status(), 401);
+}
+
+#[tokio::test]
+async fn a_bearer_token_grants_only_the_repositories_its_request_named() {
+    let server = token_server();
+    let client = reqwest::Client::new();
+    let status = |path: &str, authorization: String| {
+        let request = client
+            .get(server.at(path))
+            .header("authorization", authorization);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let token = |credential: String, scope: &'static str| {
+        let request = client
+            .get(server.at(&format!("/token?service=layercache&scope={scope}")))
+            .header("authorization", basic("ci", &credential));
+        async move {
+            let answer: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+            format!("Bearer {}", answer["token"].as_str().unwrap())
+        }
+    };
+    let team = credential(&server, &["--pull", "team/*", "--view"]);
+    let team_a = token(team.clone(), "repository:team/a:pull").await;
+    // Named: allowed (404: nothing is there yet).
+    assert_eq!(status("/v2/team/a/tags/list", team_a.clone()).await, 404);
+    // The credential may, the token may not: 401, asking for a token that covers it.
+    assert_eq!(status("/v2/team/b/tags/list", team_a.clone()).await, 401);
+    // The credential may not: 403, as before.
+    assert_eq!(status("/v2/team/a/b/tags/list", team_a.clone()).await, 403);
+    // A name that reads as a glob is not a repository name: it grants nothing.
+    let glob = token(team.clone(), "repository:team/**:pull").await;
+    assert_eq!(status("/v2/team/a/tags/list", glob.clone()).await, 401);
+    assert_eq!(status("/v2/team/a/b/tags/list", glob).await, 403);
+    // The catalog needs its own scope and pull on everything.
+    let catalog = token(team.clone(), "registry:catalog:*").await;
+    assert_eq!(status("/v2/_catalog", catalog).await, 403);
+    let everything = credential(&server, &["--pull", "**"]);
+    let catalog = token(everything.clone(), "registry:catalog:*").await;
+    assert_eq!(status("/v2/_catalog", catalog).await, 200);
+    let repository = token(everything, "repository:team/a:pull").await;
+    assert_eq!(status("/v2/_catalog", repository).await, 401);
+    // A bearer token is for the registry; the same credential views the API.
+    assert_eq!(status("/api/v1/sessions", team_a).await, 403);
+    assert_eq!(status("/api/v1/sessions", basic("ci", &team)).await, 200);
+}
+
+#[tokio::test]
+async fn a_page_on_another_site_cannot_write_the_cache_or_run_a_pass() {
+    let open = Server::start();
+    let token = token_server();
+    let admin = credential(&token, &["--admin", "--push", "**"]);
+    let client = reqwest::Client::new();
+    for (server, authorization) in [(&open, None), (&token, Some(basic("admin", &admin)))] {
+        let post = |path: &str, origin: Option<String>| {
+            let mut request = client.post(server.at(path));
+            if let Some(origin) = origin {
+                request = request.header("origin", origin);
+            }
+            if let Some(authorization) = &authorization {
+                request = request.header("authorization", authorization);
+            }
+            async move { request.send().await.unwrap() }
+        };
+        // A browser sends its page's origin: another site's is refused.
+        for origin in ["https://evil.example", "null", "http://127.0.0.1"] {
+            for path in ["/api/v1/gc?dry_run=true", "/v2/cache/app/blobs/uploads/"] {
+                let r = post(path, Some(origin.into())).await;
+                assert_eq!(r.status(), 403, "{origin} {path}");
+                let body: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(body["errors"][0]["code"], "DENIED", "{origin} {path}");
+            }
+        }
+        // The server's own page, and clients that send no Origin, are served.
+        let own = format!("http://{}", server.host);
+        for origin in [Some(own), None] {
+            assert_eq!(
+                post("/api/v1/gc?dry_run=true", origin.clone())
+                    .await
+                    .status(),
+                200
+            );
+            let r = post("/v2/cache/app/blobs/uploads/", origin.clone()).await;
+            assert_eq!(r.status(), 202, "{origin:?}");
+        }
+        // Reading is not a request forgery can use: GETs are served whatever their Origin.
+        let r = client
+            .get(server.at("/v2/"))
+            .header("origin", "https://evil.example")
+            .header("authorization", authorization.clone().unwrap_or_default())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 #[test]

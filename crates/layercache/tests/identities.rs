@@ -199,6 +199,77 @@ fn static_users_log_in_with_bcrypt_and_argon2_hashes() {
     }
 }
 
+#[tokio::test]
+async fn password_guessing_gets_ten_tries_a_minute_per_address() {
+    if !common::require_tool("htpasswd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let user = |name: &str, password: &str| {
+        let out = Command::new("htpasswd")
+            .args(["-nbB", name, password])
+            .output()
+            .unwrap();
+        let line = text(&out.stdout).trim().to_owned();
+        format!("[[server.auth.users]]\nhtpasswd = '{line}'\npull = [\"cache/**\"]\nview = true\n")
+    };
+    let server = server_with(
+        dir.path(),
+        &(user("ci", "s3cret") + &user("bot", "bot-pass")),
+    );
+    let minted = common::mint_token(server.data_dir(), &["--pull", "cache/**"]);
+    let client = reqwest::Client::new();
+    let tags = |authorization: String| {
+        client
+            .get(server.at("/v2/cache/app/tags/list"))
+            .header("authorization", authorization)
+            .send()
+    };
+    // A login that succeeded before is remembered, not checked again.
+    assert_eq!(tags(basic("ci", "s3cret")).await.unwrap().status(), 404);
+    // Ten wrong passwords, for a user that exists or not, are refused as such.
+    for attempt in 0..10 {
+        let user = if attempt % 2 == 0 { "ci" } else { "nobody" };
+        let r = tags(basic(user, &format!("guess-{attempt}")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "attempt {attempt}");
+    }
+    // Then no password from this address is checked, the right one included, on the
+    // registry, the token endpoint and the API alike, until the minute is over.
+    let r = tags(basic("ci", "guess-10")).await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS");
+    let right_form = client
+        .post(server.at("/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "bot"),
+            ("password", "bot-pass"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right_form.status(), 429);
+    let api = client
+        .get(server.at("/api/v1/sessions"))
+        .header("authorization", basic("bot", "bot-pass"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 429);
+    // What is not a password is not held up: the remembered login, a minted credential.
+    assert_eq!(tags(basic("ci", "s3cret")).await.unwrap().status(), 404);
+    assert_eq!(tags(basic("ci", &minted)).await.unwrap().status(), 404);
+}
+
 /// The rules of a repository's CI: the default branch writes its namespace and its
 /// Actions scope; a pull request reads them and writes only its own.
 const RULES: &str = r#"

@@ -12,7 +12,7 @@ use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use http_body::{Frame, SizeHint};
 use tracing::Instrument;
@@ -93,10 +93,40 @@ pub fn build_router(state: AppState) -> Router {
         )
         .route("/token", get(auth::token).post(auth::token))
         .fallback(registry::not_found)
+        .layer(middleware::from_fn(refuse_cross_site))
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         // After the layer, so probes are neither counted, logged nor guarded.
         .merge(health::router())
         .with_state(state)
+}
+
+/// Refuse a request that a browser sent from another site's page: one that may change
+/// something (not `GET`, `HEAD`, `OPTIONS`) with an `Origin` other than the server's own.
+/// Builders, registry clients and the Actions cache client send no `Origin`, and a browser
+/// always does on such requests: so a page elsewhere cannot write the cache of a server
+/// on its visitor's loopback, nor run a pass with an administrator's remembered login.
+async fn refuse_cross_site(request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(request.uri().authority().map(|a| a.as_str()));
+    let foreign = |origin: &HeaderValue| {
+        // `scheme://host[:port]`, or `null` (an opaque origin, never ours).
+        let authority = origin.to_str().ok().and_then(|o| o.split_once("://"));
+        !authority
+            .is_some_and(|(_, authority)| host.is_some_and(|h| authority.eq_ignore_ascii_case(h)))
+    };
+    let origin = request.headers().get(header::ORIGIN);
+    if !request.method().is_safe() && origin.is_some_and(foreign) {
+        return registry::RegistryError::new(
+            oci::ErrorCode::Denied,
+            "a request from another site's page is refused: its Origin is not this server",
+        )
+        .with_status(axum::http::StatusCode::FORBIDDEN)
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Give each request an id and a span; count it in the metrics; log its outcome once its

@@ -242,7 +242,7 @@ async fn get_blob(state: &AppState, id: i64, parts: &Parts, session: Option<Stri
     } else {
         record(
             state,
-            crate::sessions::remote_addr(parts),
+            crate::sessions::remote_addr(&parts.extensions),
             session.as_deref(),
             &scope,
             Outcome::EntryServed { bytes: len },

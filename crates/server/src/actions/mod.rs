@@ -192,7 +192,7 @@ impl Caller {
         ))?;
         Ok(Caller {
             grant,
-            addr: crate::sessions::remote_addr(parts),
+            addr: crate::sessions::remote_addr(&parts.extensions),
             authorization: header.cloned(),
         })
     }
@@ -470,7 +470,7 @@ fn refuse(
     let response = wire(error);
     if let Some(reason) = refusal {
         let who = Who {
-            client: crate::sessions::remote_addr(parts),
+            client: crate::sessions::remote_addr(&parts.extensions),
             ..Who::default()
         };
         state.audit.record(

@@ -5,10 +5,9 @@
 
 mod stats;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -172,9 +171,7 @@ async fn run_gc(
 ) -> Result<Json<GcReport>, ApiError> {
     let pass = state.store.gc(Trigger::Manual, params.dry_run).await;
     let identity = extensions.get::<Arc<Identity>>().map(Arc::as_ref);
-    let client = extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let client = crate::sessions::remote_addr(&extensions);
     let (status, detail, reason) = match &pass {
         Ok(report) => (
             StatusCode::OK,

@@ -12,7 +12,7 @@ pub mod oidc;
 pub mod users;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -160,6 +160,7 @@ impl RegistryScopes {
         };
         let pullable: Vec<String> = self.pull.iter().chain(&self.push).cloned().collect();
         Ok(Rights {
+            catalog: pullable.iter().any(|g| g == "**"),
             pull: set(&pullable)?,
             push: set(&self.push)?,
             delete: set(&self.delete)?,
@@ -168,11 +169,26 @@ impl RegistryScopes {
 }
 
 /// Compiled [`RegistryScopes`].
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Rights {
     pull: GlobSet,
     push: GlobSet,
     delete: GlobSet,
+    /// It may pull every repository, so list them.
+    catalog: bool,
+}
+
+impl Rights {
+    /// Whether they allow `action` on `repo` (`None`: the catalog).
+    fn permit(&self, action: Action, repo: Option<&str>) -> bool {
+        match (action, repo) {
+            (Action::Pull, None) => self.catalog,
+            (_, None) => false,
+            (Action::Pull, Some(repo)) => self.pull.is_match(repo),
+            (Action::Push, Some(repo)) => self.push.is_match(repo),
+            (Action::Delete, Some(repo)) => self.delete.is_match(repo),
+        }
+    }
 }
 
 /// An action on a repository.
@@ -224,10 +240,13 @@ struct BearerClaims {
     iat: u64,
     nbf: u64,
     exp: u64,
-    /// What the identity may do, whatever the scope it asked for.
+    /// What the identity it was issued to may do.
     reg: RegistryScopes,
     /// The granted part of the scopes asked for.
     access: Vec<Access>,
+    /// `access` as rights on exact repository names: all the token itself may do.
+    #[serde(default)]
+    grant: RegistryScopes,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     session: Option<String>,
     /// The session is the login name the client chose (see [`Identity::login_named`]).
@@ -261,6 +280,9 @@ pub struct Identity {
     pub login_named: bool,
     /// `scopes`, compiled.
     rights: Rights,
+    /// For a bearer token from the token endpoint, what the token grants (the
+    /// repositories its request named): its requests need this as well as `rights`.
+    token_grant: Option<Rights>,
     /// When its credential or token expires (seconds since the epoch).
     expires: u64,
 }
@@ -289,11 +311,7 @@ impl Identity {
         expires: u64,
     ) -> Identity {
         // A glob that does not compile (minted elsewhere) grants nothing.
-        let rights = scopes.compile().unwrap_or_else(|_| Rights {
-            pull: GlobSet::empty(),
-            push: GlobSet::empty(),
-            delete: GlobSet::empty(),
-        });
+        let rights = scopes.compile().unwrap_or_default();
         Identity {
             subject,
             claims: BTreeMap::new(),
@@ -302,6 +320,7 @@ impl Identity {
             anonymous,
             login_named: false,
             rights,
+            token_grant: None,
             expires,
         }
     }
@@ -336,6 +355,24 @@ impl Identity {
     }
 }
 
+/// Why credentials were not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// They are not valid (the reason).
+    #[error("{0}")]
+    Credentials(String),
+    /// Their address failed too many logins: none of its passwords is checked for this
+    /// long.
+    #[error("too many failed logins from this address: try again in {}s", .0.as_secs().max(1))]
+    Throttled(Duration),
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Self {
+        Refused::Credentials(reason)
+    }
+}
+
 /// Most verified `Authorization` values remembered (then forgotten all at once).
 const MAX_VERIFIED: usize = 10_000;
 
@@ -350,6 +387,8 @@ pub struct Authority {
     /// Identities of `Authorization` values already verified, until they expire: a
     /// signature is checked and globs compiled once per token, not per request.
     verified: Mutex<HashMap<String, Arc<Identity>>>,
+    /// Static users' failed logins per client address.
+    failed_logins: users::FailedLogins,
 }
 
 impl Authority {
@@ -382,6 +421,7 @@ impl Authority {
                 u64::MAX,
             )),
             verified: Mutex::default(),
+            failed_logins: users::FailedLogins::default(),
         })
     }
 
@@ -390,8 +430,13 @@ impl Authority {
         self.config.mode == Some(Mode::Token)
     }
 
-    /// The identity of `authorization` (a header value), or of no credentials.
-    async fn identify(&self, authorization: Option<&str>) -> Result<Arc<Identity>, String> {
+    /// The identity of `authorization` (a header value) sent from `client`, or of no
+    /// credentials.
+    async fn identify(
+        &self,
+        authorization: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<Arc<Identity>, Refused> {
         let Some(value) = authorization else {
             return Ok(Arc::clone(&self.anonymous));
         };
@@ -406,7 +451,7 @@ impl Authority {
         if let Some(identity) = known {
             return Ok(identity);
         }
-        let identity = Arc::new(self.verify(value).await?);
+        let identity = Arc::new(self.verify(value, client).await?);
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if verified.len() >= MAX_VERIFIED {
             verified.clear();
@@ -423,8 +468,8 @@ impl Authority {
         verified.get(authorization).cloned()
     }
 
-    /// Verify `authorization` (a header value).
-    async fn verify(&self, value: &str) -> Result<Identity, String> {
+    /// Verify `authorization` (a header value) sent from `client`.
+    async fn verify(&self, value: &str, client: Option<IpAddr>) -> Result<Identity, Refused> {
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             let mut validation = Validation::new(Algorithm::HS256);
@@ -445,22 +490,28 @@ impl Authority {
             );
             identity.claims = claims.claims;
             identity.login_named = claims.login_named;
+            identity.token_grant = Some(claims.grant.compile().unwrap_or_default());
             return Ok(identity);
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let (user, password) =
                 basic(value).ok_or_else(|| "malformed Basic credentials".to_owned())?;
-            return self.credential(&user, &password).await;
+            return self.credential(&user, &password, client).await;
         }
-        Err(format!("unsupported authorization scheme {scheme:?}"))
+        Err(format!("unsupported authorization scheme {scheme:?}").into())
     }
 
     /// The identity of a user name and password: a credential minted by `layercache
     /// token` (any user name, which names the build session unless the credential
     /// does), a CI identity token (any user name), or a static user's password.
-    async fn credential(&self, user: &str, password: &str) -> Result<Identity, String> {
+    async fn credential(
+        &self,
+        user: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Identity, Refused> {
         match jsonwebtoken::decode_header(password) {
-            Ok(header) if header.alg == Algorithm::HS256 => self.minted(user, password),
+            Ok(header) if header.alg == Algorithm::HS256 => Ok(self.minted(user, password)?),
             Ok(_) => {
                 let granted = self.oidc.grant(password).await?;
                 let session = granted.actions.session.clone();
@@ -474,33 +525,45 @@ impl Authority {
                 identity.claims = granted.claims;
                 Ok(identity)
             }
-            Err(_) => {
-                let refused = || "unknown user or wrong password".to_owned();
-                let account = self
-                    .users
-                    .iter()
-                    .find(|a| a.name == user)
-                    .cloned()
-                    .ok_or_else(refused)?;
-                let password = password.to_owned();
-                let (account, right) = tokio::task::spawn_blocking(move || {
-                    let right = account.verify(&password);
-                    (account, right)
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-                if !right {
-                    return Err(refused());
-                }
-                Ok(Identity::new(
-                    account.name.clone(),
-                    account.scopes,
-                    Some(account.name),
-                    false,
-                    u64::MAX,
-                ))
-            }
+            Err(_) => self.password(user, password, client).await,
         }
+    }
+
+    /// The identity of a static user's name and password, checked only as often as
+    /// [`users::FailedLogins`] lets `client`. An unknown name is checked against another
+    /// user's hash, so that how long the refusal takes does not tell which names exist.
+    async fn password(
+        &self,
+        user: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Identity, Refused> {
+        let refused = || Refused::Credentials("unknown user or wrong password".into());
+        if let Some(wait) = self.failed_logins.wait(client) {
+            return Err(Refused::Throttled(wait));
+        }
+        let known = self.users.iter().find(|a| a.name == user);
+        let Some(account) = known.or(self.users.first()).cloned() else {
+            return Err(refused());
+        };
+        let password = password.to_owned();
+        let (account, right) = tokio::task::spawn_blocking(move || {
+            let right = account.verify(&password);
+            (account, right)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if !right || known.is_none() {
+            self.failed_logins.count(client);
+            return Err(refused());
+        }
+        Ok(Identity::new(
+            account.name.clone(),
+            account.scopes,
+            Some(account.name),
+            false,
+            u64::MAX,
+        ))
     }
 
     /// The identity of a credential minted by `layercache token`.
@@ -531,21 +594,13 @@ impl Authority {
     }
 
     /// Whether `identity` may do `action` on `repo` (`None`: the catalog, which needs
-    /// pull on every repository).
+    /// pull on every repository): its rights allow it, and so does its bearer token.
     fn allows(identity: &Identity, action: Action, repo: Option<&str>) -> bool {
-        let rights = &identity.rights;
-        let repo = repo.unwrap_or("**");
-        match action {
-            Action::Pull if repo == "**" => identity
-                .scopes
-                .pull
-                .iter()
-                .chain(&identity.scopes.push)
-                .any(|g| g == "**"),
-            Action::Pull => rights.pull.is_match(repo),
-            Action::Push => rights.push.is_match(repo),
-            Action::Delete => rights.delete.is_match(repo),
-        }
+        identity.rights.permit(action, repo)
+            && identity
+                .token_grant
+                .as_ref()
+                .is_none_or(|grant| grant.permit(action, repo))
     }
 
     /// Whether a request by `identity` (let through by [`Authority::authorize`]) may pull
@@ -571,7 +626,9 @@ impl Authority {
             .and_then(|v| v.to_str().ok());
         let action = action_of(endpoint, method);
         let repo = endpoint.repo().map(|r| r.as_str());
-        let challenge = |message: String| {
+        // `insufficient`: the identity may, its bearer token does not cover it (RFC 6750's
+        // `insufficient_scope`, on which clients ask for a token with the scope named).
+        let challenge = |message: String, insufficient: bool| {
             let base =
                 crate::addressed_base(request).unwrap_or_else(|| crate::loopback_base(request));
             let scope = match (repo, action) {
@@ -583,20 +640,27 @@ impl Authority {
             };
             RegistryError::new(ErrorCode::Unauthorized, message).with_header(
                 header::WWW_AUTHENTICATE,
-                format!("Bearer realm=\"{base}/token\",service=\"{ISSUER}\"{scope}"),
+                format!(
+                    "Bearer realm=\"{base}/token\",service=\"{ISSUER}\"{scope}{}",
+                    if insufficient {
+                        ",error=\"insufficient_scope\""
+                    } else {
+                        ""
+                    }
+                ),
             )
         };
-        let identity = match self.identify(authorization).await {
+        let client = crate::sessions::remote_addr(&request.extensions);
+        let identity = match self.identify(authorization, client).await {
             Ok(identity) => identity,
-            Err(message) => {
-                return Err(challenge(message));
-            }
+            Err(Refused::Credentials(message)) => return Err(challenge(message, false)),
+            Err(throttled) => return Err(throttled.into()),
         };
         let Some(action) = action else {
             // `/v2/` itself: any identity (an anonymous one is asked to log in, so that
             // `docker login` finds the token endpoint).
             return if identity.anonymous {
-                Err(challenge("authentication required".into()))
+                Err(challenge("authentication required".into(), false))
             } else {
                 Ok(Some(identity))
             };
@@ -605,7 +669,13 @@ impl Authority {
             return Ok(Some(identity));
         }
         if identity.anonymous {
-            return Err(challenge("authentication required".into()));
+            return Err(challenge("authentication required".into(), false));
+        }
+        if identity.rights.permit(action, repo) {
+            return Err(challenge(
+                "insufficient scope: the token was issued for other repositories".into(),
+                true,
+            ));
         }
         Err(RegistryError::new(
             ErrorCode::Denied,
@@ -618,37 +688,59 @@ impl Authority {
         .with_status(StatusCode::FORBIDDEN))
     }
 
-    /// A bearer token for `identity`, granting what it may of `scopes`
-    /// (`repository:NAME:ACTIONS`).
-    fn issue(&self, identity: &Identity, scopes: &[String]) -> Result<String, String> {
-        let access = scopes
-            .iter()
-            .filter_map(|scope| {
-                let mut parts = scope.splitn(3, ':');
-                let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
-                if kind != "repository" {
-                    return None;
+    /// The part of `scopes` that `identity` may do: the access entries a token lists,
+    /// and the same as rights on exact repository names (a name that is not a
+    /// repository name, and so might read as a glob, grants nothing).
+    fn grant(identity: &Identity, scopes: &[String]) -> (Vec<Access>, RegistryScopes) {
+        let mut access = Vec::new();
+        let mut granted = RegistryScopes::default();
+        for scope in scopes {
+            let mut parts = scope.splitn(3, ':');
+            let (Some(kind), Some(name), Some(actions)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let actions: Vec<&str> = actions.split(',').collect();
+            let allowed: Vec<String> = match kind {
+                "registry" if name == "catalog" && Self::allows(identity, Action::Pull, None) => {
+                    granted.pull.push("**".into());
+                    vec!["*".into()]
                 }
-                let granted: Vec<String> = actions
-                    .split(',')
-                    .filter(|a| {
-                        let action = match *a {
-                            "pull" => Action::Pull,
-                            "push" => Action::Push,
-                            "delete" => Action::Delete,
-                            _ => return false,
-                        };
-                        Self::allows(identity, action, Some(name))
+                "repository" if name.parse::<oci::RepoName>().is_ok() => {
+                    let all = actions.contains(&"*");
+                    [
+                        ("pull", Action::Pull, &mut granted.pull),
+                        ("push", Action::Push, &mut granted.push),
+                        ("delete", Action::Delete, &mut granted.delete),
+                    ]
+                    .into_iter()
+                    .filter(|(word, action, _)| {
+                        (all || actions.contains(word))
+                            && Self::allows(identity, *action, Some(name))
                     })
-                    .map(str::to_owned)
-                    .collect();
-                Some(Access {
-                    kind: kind.to_owned(),
-                    name: name.to_owned(),
-                    actions: granted,
-                })
-            })
-            .collect();
+                    .map(|(word, _, list)| {
+                        list.push(name.to_owned());
+                        word.to_owned()
+                    })
+                    .collect()
+                }
+                _ => continue,
+            };
+            access.push(Access {
+                kind: kind.to_owned(),
+                name: name.to_owned(),
+                actions: allowed,
+            });
+        }
+        (access, granted)
+    }
+
+    /// A bearer token for `identity`, granting what it may of `scopes`
+    /// (`repository:NAME:ACTIONS`, `registry:catalog:*`) and nothing else: a token that
+    /// leaks carries only the repositories its request named.
+    fn issue(&self, identity: &Identity, scopes: &[String]) -> Result<String, String> {
+        let (access, grant) = Self::grant(identity, scopes);
         let now = unix_now();
         let claims = BearerClaims {
             iss: ISSUER.to_owned(),
@@ -660,6 +752,7 @@ impl Authority {
             exp: (now + self.config.ttl().as_secs()).min(identity.expires),
             reg: identity.scopes.clone(),
             access,
+            grant,
             session: identity.session.clone(),
             login_named: identity.login_named,
             anonymous: identity.anonymous,
@@ -693,35 +786,40 @@ pub async fn guard(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let admin = request.method() == Method::POST || ADMIN_ROUTES.contains(&request.uri().path());
-    let (refusal, refused) = match authority.identify(authorization).await {
-        Ok(identity) if identity.anonymous && !identity.scopes.view => (None, None),
-        Ok(identity) => {
-            let scopes = &identity.scopes;
-            if scopes.admin || (scopes.view && !admin) {
-                request.extensions_mut().insert(identity);
-                return next.run(request).await;
-            }
-            let needed = if admin { "--admin" } else { "--view" };
-            let message = format!("this credential may not do that: mint one with {needed}");
-            (Some(message.clone()), Some((Some(identity), message)))
-        }
-        Err(message) => (None, Some((None, message))),
-    };
-    let response = match refusal {
-        Some(message) => (StatusCode::FORBIDDEN, message).into_response(),
-        None => (
+    let client = crate::sessions::remote_addr(request.extensions());
+    let challenge = || {
+        (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Basic realm=\"layercache\"")],
             "credentials required: any user name, a credential from `layercache token --view` \
              as the password",
         )
-            .into_response(),
+            .into_response()
+    };
+    let (response, refused) = match authority.identify(authorization, client).await {
+        Ok(identity) if identity.anonymous && !identity.scopes.view => (challenge(), None),
+        Ok(identity) => {
+            // A bearer token is for the registry only.
+            let scopes = &identity.scopes;
+            let bearer = identity.token_grant.is_some();
+            if !bearer && (scopes.admin || (scopes.view && !admin)) {
+                request.extensions_mut().insert(identity);
+                return next.run(request).await;
+            }
+            let needed = if admin { "--admin" } else { "--view" };
+            let message = format!("this credential may not do that: mint one with {needed}");
+            let response = (StatusCode::FORBIDDEN, message.clone()).into_response();
+            (response, Some((Some(identity), message)))
+        }
+        Err(Refused::Throttled(wait)) => {
+            let message = Refused::Throttled(wait).to_string();
+            let retry_after = [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())];
+            let response = (StatusCode::TOO_MANY_REQUESTS, retry_after, message.clone());
+            (response.into_response(), Some((None, message)))
+        }
+        Err(Refused::Credentials(message)) => (challenge(), Some((None, message))),
     };
     if let Some((identity, reason)) = refused {
-        let client = request
-            .extensions()
-            .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
         state.audit.record(
             &Who::of(identity.as_deref(), client),
             request.method(),
@@ -757,6 +855,12 @@ pub(crate) fn basic(authorization: &str) -> Option<(String, String)> {
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':').unwrap_or((&text, ""));
     Some((user.to_owned(), password.to_owned()))
+}
+
+/// The `Authorization` value of Basic credentials `user` and `password`.
+fn basic_value(user: &str, password: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {encoded}")
 }
 
 /// The token endpoint's answer.
@@ -802,47 +906,46 @@ pub async fn token(
         .filter(|(k, _)| k == "scope")
         .flat_map(|(_, v)| v.split(' ').map(str::to_owned))
         .collect();
-    let identity = if method == Method::POST {
+    // A form's password is checked as the same Basic credentials would be, so that
+    // what was verified once is remembered for both.
+    let presented = if method == Method::POST {
         match field("grant_type") {
-            Some("password") => authority
-                .credential(
-                    field("username").unwrap_or(""),
-                    secret("password").unwrap_or(""),
-                )
-                .await
-                .map(Arc::new),
-            Some("refresh_token") => authority
-                .credential("", secret("refresh_token").unwrap_or(""))
-                .await
-                .map(Arc::new),
-            other => Err(format!("unsupported grant_type {other:?}")),
+            Some("password") => Ok(Some(basic_value(
+                field("username").unwrap_or(""),
+                secret("password").unwrap_or(""),
+            ))),
+            Some("refresh_token") => {
+                Ok(Some(basic_value("", secret("refresh_token").unwrap_or(""))))
+            }
+            other => Err(Refused::Credentials(format!(
+                "unsupported grant_type {other:?}"
+            ))),
         }
     } else {
-        authority
-            .identify(
-                headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok()),
-            )
-            .await
+        let authorization = headers.get(header::AUTHORIZATION);
+        Ok(authorization
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned))
+    };
+    let client = crate::sessions::remote_addr(&extensions);
+    let identity = match presented {
+        Ok(value) => authority.identify(value.as_deref(), client).await,
+        Err(refused) => Err(refused),
     };
     let identity = match identity {
         // Without credentials there is nothing to grant unless anonymous pulls are on.
         Ok(identity) if identity.anonymous && identity.scopes.is_empty() => {
-            Err("credentials are required".to_owned())
+            Err(Refused::Credentials("credentials are required".to_owned()))
         }
         other => other,
     };
     let identity = match identity {
         Ok(identity) => identity,
-        Err(message) => {
-            let response =
-                RegistryError::new(ErrorCode::Unauthorized, message.clone()).into_response();
+        Err(refused) => {
+            let message = refused.to_string();
+            let response = RegistryError::from(refused).into_response();
             // Credentials presented and refused (not the anonymous first try).
             if method == Method::POST || headers.contains_key(header::AUTHORIZATION) {
-                let client = extensions
-                    .get::<axum::extract::ConnectInfo<SocketAddr>>()
-                    .map(|c| c.0.ip());
                 let repository = scopes
                     .first()
                     .and_then(|s| s.split(':').nth(1))

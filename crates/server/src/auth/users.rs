@@ -1,10 +1,20 @@
 //! Static users: a name, a password hash (bcrypt, as `htpasswd -B` writes, or argon2 in
 //! its PHC string form) and the repositories they may use.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use argon2::PasswordVerifier;
 use serde::{Deserialize, Serialize};
 
 use super::RegistryScopes;
+
+/// Failed password logins one client address may make in a [`LOGIN_WINDOW`].
+pub(crate) const MAX_FAILED_LOGINS: u32 = 10;
+/// The window failed logins are counted in.
+pub(crate) const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
 /// One `[[server.auth.users]]` entry: `name` and `password` (a hash), or one
 /// `htpasswd` line holding both.
@@ -112,6 +122,39 @@ impl Account {
     }
 }
 
+/// Failed password logins per client address, counted in windows of [`LOGIN_WINDOW`]:
+/// past [`MAX_FAILED_LOGINS`] in one, that address's passwords are not checked until the
+/// window ends, so guessing goes at ten passwords a minute and costs the server as many
+/// hashes.
+#[derive(Default)]
+pub(crate) struct FailedLogins {
+    /// When each address's window started, and its failures in it.
+    windows: Mutex<HashMap<Option<IpAddr>, (Instant, u32)>>,
+}
+
+impl FailedLogins {
+    /// How long `client` must wait before a password of its is checked, if it must.
+    pub(crate) fn wait(&self, client: Option<IpAddr>) -> Option<Duration> {
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let (started, failures) = windows.get(&client)?;
+        let left = LOGIN_WINDOW.checked_sub(started.elapsed())?;
+        (*failures >= MAX_FAILED_LOGINS).then_some(left)
+    }
+
+    /// Count a failed login of `client`.
+    pub(crate) fn count(&self, client: Option<IpAddr>) {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if windows.len() >= 10_000 {
+            windows.retain(|_, (started, _)| started.elapsed() < LOGIN_WINDOW);
+        }
+        let window = windows.entry(client).or_insert((Instant::now(), 0));
+        if window.0.elapsed() >= LOGIN_WINDOW {
+            *window = (Instant::now(), 0);
+        }
+        window.1 += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +185,29 @@ mod tests {
         let account = user.account().unwrap();
         assert!(account.verify("pw"));
         assert!(!account.verify("pW"));
+    }
+
+    #[test]
+    fn an_address_past_its_failed_logins_waits_out_the_window() {
+        let failed = FailedLogins::default();
+        let (guesser, other) = (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
+        for _ in 0..MAX_FAILED_LOGINS {
+            assert_eq!(failed.wait(guesser), None);
+            failed.count(guesser);
+        }
+        let wait = failed.wait(guesser).unwrap();
+        assert!(wait > LOGIN_WINDOW - Duration::from_secs(5) && wait <= LOGIN_WINDOW);
+        assert_eq!(failed.wait(other), None);
+        // Once the window is over, the count starts again.
+        let started = Instant::now() - LOGIN_WINDOW;
+        failed
+            .windows
+            .lock()
+            .unwrap()
+            .insert(guesser, (started, MAX_FAILED_LOGINS));
+        assert_eq!(failed.wait(guesser), None);
+        failed.count(guesser);
+        assert_eq!(failed.windows.lock().unwrap()[&guesser].1, 1);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! distribution spec's error JSON, `{"errors":[{"code","message","detail"}]}`.
 //! Internal causes are logged inside the request's span, never sent to the client.
 
+use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use oci::ErrorCode;
@@ -77,10 +78,23 @@ impl RegistryError {
 
 impl From<crate::limits::Refusal> for RegistryError {
     fn from(refusal: crate::limits::Refusal) -> Self {
-        RegistryError::new(ErrorCode::TooManyRequests, refusal.to_string()).with_header(
-            axum::http::header::RETRY_AFTER,
-            refusal.retry_after_secs().to_string(),
-        )
+        RegistryError::new(ErrorCode::TooManyRequests, refusal.to_string())
+            .with_header(RETRY_AFTER, refusal.retry_after_secs().to_string())
+    }
+}
+
+impl From<crate::auth::Refused> for RegistryError {
+    fn from(refused: crate::auth::Refused) -> Self {
+        let message = refused.to_string();
+        match refused {
+            crate::auth::Refused::Credentials(_) => {
+                RegistryError::new(ErrorCode::Unauthorized, message)
+            }
+            crate::auth::Refused::Throttled(wait) => {
+                RegistryError::new(ErrorCode::TooManyRequests, message)
+                    .with_header(RETRY_AFTER, wait.as_secs().max(1).to_string())
+            }
+        }
     }
 }
 

@@ -75,7 +75,7 @@ impl Params {
 pub async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = crate::body::drain_on_drop(body);
-    let addr = crate::sessions::remote_addr(&parts);
+    let addr = crate::sessions::remote_addr(&parts.extensions);
     let mut client = Client::of(&parts.headers, addr);
     let authority = &state.authority;
     let mut identity = None;
@@ -130,7 +130,10 @@ pub async fn dispatch(State(state): State<AppState>, request: Request) -> Respon
             let response = result.unwrap_or_else(IntoResponse::into_response);
             if let Some(mut event) = audited(&endpoint, &parts, &response) {
                 event.reason = failure;
-                let who = Who::of(identity.as_deref(), crate::sessions::remote_addr(&parts));
+                let who = Who::of(
+                    identity.as_deref(),
+                    crate::sessions::remote_addr(&parts.extensions),
+                );
                 let (method, path) = (&parts.method, parts.uri.path());
                 state
                     .audit
@@ -171,7 +174,10 @@ fn audit_refusal(state: &AppState, endpoint: &Endpoint, parts: &Parts, refusal: 
     } else {
         None
     };
-    let who = Who::of(identity.as_deref(), crate::sessions::remote_addr(parts));
+    let who = Who::of(
+        identity.as_deref(),
+        crate::sessions::remote_addr(&parts.extensions),
+    );
     let repository = endpoint.repo().map(ToString::to_string);
     let mut event = Event::denied(repository, refusal.message());
     event.digest = match endpoint {

@@ -166,9 +166,8 @@ fn next_build(
 }
 
 /// The address a request came from, when the server records it.
-pub fn remote_addr(parts: &axum::http::request::Parts) -> Option<IpAddr> {
-    parts
-        .extensions
+pub fn remote_addr(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+    extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip())
 }
