@@ -105,24 +105,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(tls) => Some(server::tls::Tls::load(tls).context("loading the TLS certificate")?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.server.listen))?;
-    let addr = listener.local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(
-        %addr,
-        scheme,
-        data_dir = %config.store.data_dir.display(),
-        blobs = %config.store.blobs,
-        metadata = %config.store.meta,
-        "layercache serving"
-    );
-    // The signal handlers are in place before anyone learns the server is up: a SIGTERM
-    // or SIGHUP sent right after would otherwise end the process by default.
-    let shutdown = shutdown_signal().context("installing the SIGTERM handler")?;
-    reload_on_hangup(tls.clone(), args, config.clone());
-    println!("layercache listening on {scheme}://{addr}");
     let auth = &config.server.auth;
     let oidc = Arc::new(
         server::auth::oidc::Oidc::load(&auth.issuers, &auth.rules)
@@ -159,6 +141,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstreams,
     );
     let app = server::build_router(state.clone());
+    // Every check is done: only now is the port bound and the server said to be up.
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        %addr,
+        scheme,
+        data_dir = %config.store.data_dir.display(),
+        blobs = %config.store.blobs,
+        metadata = %config.store.meta,
+        "layercache serving"
+    );
+    // The signal handlers are in place before anyone learns the server is up: a SIGTERM
+    // or SIGHUP sent right after would otherwise end the process by default.
+    let shutdown = shutdown_signal().context("installing the SIGTERM handler")?;
+    reload_on_hangup(tls.clone(), args, config.clone());
+    println!("layercache listening on {scheme}://{addr}");
     let drained = server::serve(
         listener,
         app,

@@ -847,6 +847,14 @@ async fn v2_malformed_block_lists_are_refused() {
         "<BlockList><Latest>",
         truncated.as_str(),
         r#"<?xml version="1.0"?><!DOCTYPE BlockList [<!ENTITY id "x">]><BlockList><Latest>&id;</Latest></BlockList>"#,
+        "<BlockList><Latest>&nope;</Latest></BlockList>",
+        "<BlockList><Latest><b>x</b></Latest></BlockList>",
+        "<BlockList><Latest/></BlockList>",
+        "<BlockList><Latest> <![CDATA[ ]]> </Latest></BlockList>",
+        "<BlockList><Block>x</Block></BlockList>",
+        "<BlockList>loose text</BlockList>",
+        "<BlockList/><BlockList/>",
+        "<Latest>x</Latest>",
     ] {
         let response = gha
             .http
@@ -874,6 +882,128 @@ async fn v2_malformed_block_lists_are_refused() {
     gha.v2_finalize_ok(&entry.key, entry.bytes.len()).await;
     gha.v2_restores(&entry).await;
     check_baseline(&gha, &base).await;
+}
+
+/// A Put Block List is read as the XML it is, as Azure reads it: an id in a CDATA
+/// section, or spelled with references, names the same block as the plain id.
+#[tokio::test]
+async fn v2_block_list_ids_are_read_however_the_xml_spells_them() {
+    let gha = Gha::start();
+    let entry = Entry::new("spelled".into(), data(22, 2 * MIB + 500));
+    let url = gha.v2_create(&entry.key).await;
+    let ids = [go_block_id(0), go_block_id(1), go_block_id(2)];
+    for (id, block) in ids.iter().zip(entry.bytes.chunks(MIB)) {
+        let response = gha
+            .put_block(&go_url(&url, &[("comp", "block"), ("blockid", id)]), block)
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    let (first, rest) = ids[2].split_at(1);
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<BlockList>\n  \
+         <Latest><![CDATA[{}]]></Latest>\n  <Uncommitted> {} </Uncommitted>\n  \
+         <Committed>&#x{:x};{rest}</Committed>\n</BlockList>\n",
+        ids[0],
+        ids[1],
+        u32::from(first.chars().next().unwrap()),
+    );
+    let response = gha
+        .http
+        .put(go_url(&url, &[("comp", "blocklist")]))
+        .header("content-type", "application/xml")
+        .body(xml)
+        .send()
+        .await
+        .unwrap();
+    assert_request_id(&response, "Put Block List");
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    gha.v2_finalize_ok(&entry.key, entry.bytes.len()).await;
+    gha.v2_restores(&entry).await;
+}
+
+/// A block list naming no block commits an empty entry, as a zero-byte Put Blob does
+/// (and as Azure commits an empty blob); finalized with size 0, it restores empty.
+#[tokio::test]
+async fn v2_an_empty_block_list_commits_an_empty_entry() {
+    let gha = Gha::start();
+    for (key, xml) in [
+        (
+            "empty-js",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?><BlockList/>",
+        ),
+        (
+            "empty-go",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<BlockList></BlockList>",
+        ),
+    ] {
+        let entry = Entry::new(key.into(), Vec::new());
+        let url = gha.v2_create(&entry.key).await;
+        // A block staged and left out of the list is not part of the entry.
+        let id = go_block_id(0);
+        let staged = gha
+            .put_block(
+                &go_url(&url, &[("comp", "block"), ("blockid", &id)]),
+                b"left out",
+            )
+            .await;
+        assert_eq!(staged.status(), 201);
+        let response = gha
+            .http
+            .put(go_url(&url, &[("comp", "blocklist")]))
+            .header("content-type", "application/xml")
+            .body(xml)
+            .send()
+            .await
+            .unwrap();
+        assert_request_id(&response, "Put Block List");
+        assert_eq!(
+            response.status(),
+            201,
+            "{key}: {}",
+            response.text().await.unwrap()
+        );
+        gha.v2_finalize_ok(&entry.key, 0).await;
+        gha.v2_restores(&entry).await;
+    }
+    // The same as a zero-byte Put Blob.
+    let entry = Entry::new("empty-put-blob".into(), Vec::new());
+    let url = gha.v2_create(&entry.key).await;
+    gha.v2_put_blob(&url, &[]).await;
+    gha.v2_finalize_ok(&entry.key, 0).await;
+    gha.v2_restores(&entry).await;
+}
+
+/// The Azure SDK itself (`@azure/storage-blob`, which `@actions/cache` uploads with)
+/// uploads a stream as staged blocks and a block list, an empty stream as an empty list:
+/// both entries restore as sent.
+#[tokio::test]
+async fn the_azure_sdk_uploads_streams_empty_or_not() {
+    if !common::cache_client::client_ready() {
+        return;
+    }
+    let gha = Gha::start();
+    for entry in [
+        Entry::new("sdk-stream".into(), data(23, 200_000)),
+        Entry::new("sdk-empty".into(), Vec::new()),
+    ] {
+        let url = gha.v2_create(&entry.key).await;
+        let script = std::path::Path::new(common::cache_client::CLIENT_DIR).join("azure-blob.mjs");
+        let out = common::output_with_input(
+            std::process::Command::new("node")
+                .arg(script)
+                .args(["upload-stream", &url]),
+            &entry.bytes,
+        );
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            entry.key,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        gha.v2_finalize_ok(&entry.key, entry.bytes.len()).await;
+        gha.v2_restores(&entry).await;
+    }
 }
 
 #[tokio::test]

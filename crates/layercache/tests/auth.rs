@@ -87,6 +87,53 @@ fn an_address_off_loopback_needs_auth_or_saying_open() {
     assert_eq!(status, 200);
 }
 
+/// An auth configuration that cannot be used is refused before the server says it
+/// listens: a supervisor or script waiting for the "listening" line never sees it, and
+/// the process exits 1 with the reason.
+#[test]
+fn a_bad_auth_configuration_is_refused_before_the_server_says_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = [
+        (
+            "a user's password that is not a hash",
+            "[[server.auth.users]]\nname = \"ci\"\npassword = \"plain text\"\npull = [\"**\"]\n",
+            "bcrypt",
+        ),
+        (
+            "an issuer without an audience",
+            "[[server.auth.issuers]]\nissuer = \"https://ci.example\"\njwks = \"/nonexistent\"\n",
+            "set `audience`",
+        ),
+        (
+            "a rule whose claim pattern is no regular expression",
+            "[[server.auth.rules]]\nclaims = { repository = \"(\" }\npull = [\"**\"]\n",
+            "claim repository",
+        ),
+    ];
+    for (i, (what, auth, reason)) in refused.iter().enumerate() {
+        let config = dir.path().join(format!("layercache-{i}.toml"));
+        std::fs::write(&config, format!("[server.auth]\nmode = \"token\"\n{auth}")).unwrap();
+        let data = dir.path().join(format!("data-{i}"));
+        let out = layercache(&[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
+        let (said, printed) = (text(&out.stderr), text(&out.stdout));
+        assert!(said.contains(reason), "{what}: {said}");
+        assert!(
+            !printed.contains("listening"),
+            "{what}: printed {printed:?}"
+        );
+        assert!(!said.contains("layercache serving"), "{what}: {said}");
+    }
+}
+
 #[tokio::test]
 async fn requests_without_or_with_bad_credentials_are_refused() {
     let server = token_server();

@@ -164,6 +164,48 @@ async fn tags_list_of_an_unknown_repository_is_404_name_unknown() {
     }
 }
 
+/// A repository's tags can be listed once it holds a manifest, tagged or not, and exactly
+/// while the catalog lists it. One that holds nothing, an upload or only blobs is
+/// `NAME_UNKNOWN`, as distribution answers (zot lists no tags for those it has seen).
+#[tokio::test]
+async fn tags_list_is_name_unknown_until_the_repository_holds_a_manifest() {
+    let server = Server::start();
+    let api = Api::new(&server);
+    api.start_upload("disc/uploading").await;
+    api.push_blob("disc/blobs", b"a layer and no manifest")
+        .await;
+    let config = descriptor(OCI_CONFIG, b"{\"os\":\"linux\"}");
+    api.push_blob("disc/by-digest", &config.bytes).await;
+    let manifest = image_manifest(OCI_MANIFEST, &config, &[], None);
+    api.push_manifest(
+        "disc/by-digest",
+        &digest_of(&manifest),
+        OCI_MANIFEST,
+        &manifest,
+    )
+    .await;
+    api.push_image("disc/untagged", "v1", 44).await;
+    expect_status(&api.delete("/v2/disc/untagged/manifests/v1").await, 202);
+    let emptied = api.push_image("disc/emptied", "v1", 45).await;
+    let path = format!("/v2/disc/emptied/manifests/{}", emptied.digest);
+    expect_status(&api.delete(&path).await, 202);
+
+    for repo in ["disc/never", "disc/uploading", "disc/blobs", "disc/emptied"] {
+        let resp = api.get(&format!("/v2/{repo}/tags/list")).await;
+        expect_error(resp, 404, "NAME_UNKNOWN").await;
+    }
+    for repo in ["disc/by-digest", "disc/untagged"] {
+        let (body, link) = page(&api, &format!("/v2/{repo}/tags/list")).await;
+        assert_eq!(body, json!({ "name": repo, "tags": [] }), "{repo}");
+        assert_eq!(link, None, "{repo}");
+    }
+    let (catalog, _) = page(&api, "/v2/_catalog").await;
+    assert_eq!(
+        catalog["repositories"],
+        json!(["disc/by-digest", "disc/untagged"])
+    );
+}
+
 #[tokio::test]
 async fn catalog_lists_repositories_in_order_with_paging() {
     let server = Server::start();

@@ -311,6 +311,85 @@ async fn chunked_upload_with_gap_is_rejected_with_416_and_can_resume() {
     assert_eq!(blob_bytes(&api, "push/gap", &digest).await, bytes);
 }
 
+/// Every chunk refused with 416, on a PATCH or on the closing PUT, says where the upload
+/// stands (its `Location`, the `Range` it holds, its id), whether its `Content-Range` is
+/// malformed, disagrees with the body or starts elsewhere; the client resumes from there.
+/// A malformed range on an upload that does not exist is the upload's 404.
+#[tokio::test]
+async fn every_refused_chunk_is_416_with_where_the_upload_stands() {
+    let server = Server::start();
+    let api = Api::new(&server);
+    let bytes = pseudo_random(27, 0, 2000);
+    let digest = digest_of(&bytes);
+    let location = api.start_upload("push/refused").await;
+    let id = upload_id(&location);
+    expect_status(&patch_chunk(&api, &location, 0, &bytes[..1000]).await, 202);
+
+    let chunk = &bytes[1000..1500];
+    let refusals = [
+        ("bytes", "RANGE_INVALID"),
+        ("1000-", "RANGE_INVALID"),
+        ("1499-1000", "RANGE_INVALID"),
+        ("1000-1009", "RANGE_INVALID"),
+        ("1500-1999", "BLOB_UPLOAD_INVALID"),
+        ("0-499", "BLOB_UPLOAD_INVALID"),
+    ];
+    for method in [Method::PATCH, Method::PUT] {
+        let target = if method == Method::PUT {
+            with_query(&location, "digest", &digest)
+        } else {
+            location.clone()
+        };
+        for (range, code) in refusals {
+            let resp = api
+                .request(method.clone(), &target)
+                .header("content-type", "application/octet-stream")
+                .header("content-range", range)
+                .body(chunk.to_vec())
+                .send()
+                .await
+                .unwrap();
+            let what = format!("{method} with Content-Range {range}");
+            assert_eq!(
+                maybe_header(&resp, "location"),
+                Some(location.clone()),
+                "{what}"
+            );
+            assert_eq!(
+                maybe_header(&resp, "range").as_deref(),
+                Some("0-999"),
+                "{what}"
+            );
+            assert_eq!(
+                maybe_header(&resp, "docker-upload-uuid").as_deref(),
+                Some(id.as_str()),
+                "{what}"
+            );
+            expect_error(resp, 416, code).await;
+        }
+    }
+    // Resumed where the 416 said, the upload completes.
+    let put = api
+        .request(Method::PUT, &with_query(&location, "digest", &digest))
+        .header("content-range", "1000-1999")
+        .body(bytes[1000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    expect_status(&put, 201);
+    assert_eq!(blob_bytes(&api, "push/refused", &digest).await, bytes);
+
+    let unknown = "/v2/push/refused/blobs/uploads/9d1c8f6e-3b1a-4a7e-9d0a-2f4b6c8e0a1b";
+    let resp = api
+        .request(Method::PATCH, unknown)
+        .header("content-range", "bytes")
+        .body(chunk.to_vec())
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 404, "BLOB_UPLOAD_UNKNOWN").await;
+}
+
 #[tokio::test]
 async fn closing_put_with_misplaced_final_chunk_is_416() {
     let server = Server::start();

@@ -223,8 +223,16 @@ impl Store {
         Ok(len)
     }
 
-    /// Make an unfinished entry's content its staged blocks, in `blocks`' order.
+    /// Make an unfinished entry's content its staged blocks, in `blocks`' order. No
+    /// block makes it empty, as storing an empty whole upload does (an empty list is how
+    /// Azure clients commit an empty blob).
     pub async fn assemble_entry(&self, id: i64, blocks: Vec<String>, limit: u64) -> Result<u64> {
+        if blocks.is_empty() {
+            let nothing: ByteStream = Box::pin(futures::stream::empty());
+            return self
+                .put_entry_part(id, 0, Some(0), true, nothing, limit)
+                .await;
+        }
         self.0.meta.assemble_entry(id, blocks, limit).await
     }
 

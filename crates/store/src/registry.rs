@@ -506,9 +506,9 @@ impl Store {
             .await
     }
 
-    /// Whether `repo` holds anything.
+    /// Whether anything was ever written to `repo` (an upload, a blob or a manifest).
     pub async fn has_repository(&self, repo: &RepoName) -> Result<bool> {
-        Ok(self.0.meta.tags(repo, 1, None).await?.is_some())
+        self.0.meta.has_repository(repo).await
     }
 
     /// Store a manifest; `mirrored` (with the cache records an upstream gave) when its
@@ -649,7 +649,9 @@ impl Store {
         Ok(())
     }
 
-    /// One page of `repo`'s tags.
+    /// One page of `repo`'s tags; [`Missing::Repository`] when it holds no manifest
+    /// (only blobs or uploads, or nothing), so that its tags can be listed exactly when
+    /// the catalog lists it.
     pub async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<Page> {
         self.0
             .meta

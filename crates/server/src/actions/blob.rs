@@ -178,44 +178,101 @@ async fn put_block_list(state: &AppState, id: i64, body: Body) -> Result {
 }
 
 /// The ids of a `<BlockList>`, in order (`Latest`, `Committed` and `Uncommitted` alike:
-/// a block is staged until the entry is finished).
+/// a block is staged until the entry is finished). An id is the whole text of its
+/// element, however XML spells it: plain, in CDATA sections, with character or
+/// predefined entity references. A list naming no block (`<BlockList/>`, what the Azure
+/// SDKs send for an empty upload) is empty. Anything else in the document (another
+/// root, unknown or nested elements, an empty id, a document type) is malformed.
 pub(crate) fn block_list(xml: &str) -> Result<Vec<String>> {
+    let malformed = |what: &str| ActionsError::Malformed(format!("block list: {what}"));
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut ids = Vec::new();
-    let mut in_id = false;
-    let mut closed = false;
+    // The elements open around the reader: `BlockList`, then an id's.
+    let mut depth = 0usize;
+    // The text of the id element being read.
+    let mut id: Option<String> = None;
+    let mut complete = false;
     loop {
-        let event = reader
-            .read_event()
-            .map_err(|e| ActionsError::Malformed(format!("block list: {e}")))?;
+        let event = reader.read_event().map_err(|e| malformed(&e.to_string()))?;
         match event {
+            Event::Start(_) | Event::Empty(_) if complete => {
+                return Err(malformed("content after </BlockList>"));
+            }
             Event::Start(e) => {
-                let name = e.name();
-                in_id = matches!(name.as_ref(), b"Latest" | b"Committed" | b"Uncommitted");
+                match (depth, e.name().as_ref()) {
+                    (0, b"BlockList") => {}
+                    (0, _) => return Err(malformed("the document's element is <BlockList>")),
+                    (1, b"Latest" | b"Committed" | b"Uncommitted") => id = Some(String::new()),
+                    (1, _) => {
+                        return Err(malformed(
+                            "<BlockList> holds <Latest>, <Committed> or <Uncommitted> ids",
+                        ));
+                    }
+                    _ => return Err(malformed("a block id is text, without elements")),
+                }
+                depth += 1;
             }
-            Event::Text(t) if in_id => {
-                let id = t
-                    .decode()
-                    .map_err(|e| ActionsError::Malformed(format!("block list: {e}")))?;
-                ids.push(id.trim().to_owned());
+            Event::Empty(e) => match (depth, e.name().as_ref()) {
+                (0, b"BlockList") => complete = true,
+                (1, b"Latest" | b"Committed" | b"Uncommitted") => {
+                    return Err(malformed("a block id is empty"));
+                }
+                _ => return Err(malformed("unexpected empty element")),
+            },
+            Event::Text(text) => {
+                let text = text.decode().map_err(|e| malformed(&e.to_string()))?;
+                match id.as_mut() {
+                    Some(id) => id.push_str(&text),
+                    None if text.trim().is_empty() => {}
+                    None => return Err(malformed("text outside a block id")),
+                }
             }
-            Event::End(e) => {
-                in_id = false;
-                closed |= e.name().as_ref() == b"BlockList";
+            Event::CData(data) => {
+                let data = data.decode().map_err(|e| malformed(&e.to_string()))?;
+                id.as_mut()
+                    .ok_or_else(|| malformed("CDATA outside a block id"))?
+                    .push_str(&data);
+            }
+            Event::GeneralRef(reference) => {
+                let id = id
+                    .as_mut()
+                    .ok_or_else(|| malformed("a reference outside a block id"))?;
+                let resolved = reference
+                    .resolve_char_ref()
+                    .map_err(|e| malformed(&e.to_string()))?;
+                match resolved {
+                    Some(char) => id.push(char),
+                    None => {
+                        let name = reference.decode().map_err(|e| malformed(&e.to_string()))?;
+                        let text = quick_xml::escape::resolve_predefined_entity(&name)
+                            .ok_or_else(|| malformed(&format!("unknown entity &{name};")))?;
+                        id.push_str(text);
+                    }
+                }
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                match (depth, id.take()) {
+                    (0, _) => complete = true,
+                    (_, Some(text)) => {
+                        let text = text.trim();
+                        if text.is_empty() {
+                            return Err(malformed("a block id is empty"));
+                        }
+                        ids.push(text.to_owned());
+                    }
+                    (_, None) => {}
+                }
             }
             Event::DocType(_) => {
-                return Err(ActionsError::Malformed(
-                    "a block list takes no document type declaration".into(),
-                ));
+                return Err(malformed("a block list takes no document type declaration"));
             }
             Event::Eof => break,
-            _ => {}
+            Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
         }
     }
-    if !closed {
-        return Err(ActionsError::Malformed(
-            "a complete <BlockList> element is required".into(),
-        ));
+    if !complete {
+        return Err(malformed("a complete <BlockList> element is required"));
     }
     Ok(ids)
 }
@@ -294,6 +351,52 @@ mod tests {
             r#"<!DOCTYPE BlockList [<!ENTITY x "b">]><BlockList><Latest>&x;</Latest></BlockList>"#,
         ] {
             assert!(block_list(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_block_id_is_the_whole_text_of_its_element() {
+        let xml = "<BlockList>\n <Latest><![CDATA[QUJD]]></Latest>\n \
+                   <Committed> Q<![CDATA[UJ]]>E </Committed>\n \
+                   <Uncommitted>&#x51;UJ&#71;</Uncommitted><Latest>a&amp;b</Latest></BlockList>";
+        assert_eq!(block_list(xml).unwrap(), ["QUJD", "QUJE", "QUJG", "a&b"]);
+    }
+
+    #[test]
+    fn a_list_naming_no_block_is_empty() {
+        for xml in [
+            r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><BlockList/>"#,
+            "<?xml version=\"1.0\"?>\n<BlockList>\n</BlockList>\n",
+            "<!-- nothing --><BlockList></BlockList>",
+        ] {
+            assert_eq!(block_list(xml).unwrap(), Vec::<String>::new(), "{xml}");
+        }
+    }
+
+    #[test]
+    fn anything_but_ids_in_a_block_list_is_malformed() {
+        for bad in [
+            "",
+            "<BlockList><Latest/></BlockList>",
+            "<BlockList><Latest></Latest></BlockList>",
+            "<BlockList><Latest> <![CDATA[ ]]> </Latest></BlockList>",
+            "<BlockList><Latest><Latest>x</Latest></Latest></BlockList>",
+            "<BlockList><Latest>&unknown;</Latest></BlockList>",
+            "<BlockList><Latest>&#0;</Latest></BlockList>",
+            "<BlockList><Other>x</Other></BlockList>",
+            "<BlockList><Other/></BlockList>",
+            "<BlockList>x</BlockList>",
+            "<BlockList><![CDATA[x]]></BlockList>",
+            "<BlockList>&amp;</BlockList>",
+            "<BlockList></BlockList><BlockList></BlockList>",
+            "<BlockList/><Latest>x</Latest>",
+            "<Latest>x</Latest>",
+            "<BlockList><Latest>x</Committed></BlockList>",
+        ] {
+            assert!(
+                matches!(block_list(bad), Err(ActionsError::Malformed(_))),
+                "{bad}"
+            );
         }
     }
 }

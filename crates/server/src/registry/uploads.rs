@@ -39,18 +39,68 @@ fn created(repo: &RepoName, digest: &Digest, stored: Stored) -> Response {
         .into_response()
 }
 
-/// Where an upload session stands: `status` with its `Location` and `Range`.
+/// The headers that say where an upload session holding `len` bytes stands: its
+/// `Location`, the `Range` it holds and its id.
+fn session_headers(repo: &RepoName, id: &UploadId, len: u64) -> [(HeaderName, String); 3] {
+    [
+        (header::LOCATION, format!("/v2/{repo}/blobs/uploads/{id}")),
+        (header::RANGE, range_header(len)),
+        (UPLOAD_UUID, id.to_string()),
+    ]
+}
+
+/// Where an upload session stands: `status` with its [`session_headers`].
 fn session(status: StatusCode, repo: &RepoName, id: &UploadId, len: u64) -> Response {
     (
         status,
-        [
-            (header::LOCATION, format!("/v2/{repo}/blobs/uploads/{id}")),
-            (header::RANGE, range_header(len)),
-            (UPLOAD_UUID, id.to_string()),
-            (header::CONTENT_LENGTH, "0".to_owned()),
-        ],
+        session_headers(repo, id, len),
+        [(header::CONTENT_LENGTH, "0")],
     )
         .into_response()
+}
+
+/// A chunk refused with 416 (a malformed `Content-Range`, or one that does not start
+/// where the upload stands) carries the session's headers, as the registry API's
+/// description of chunked uploads has it, so the client resumes without asking first.
+/// Any other error, and a session that is gone, stays as it is.
+async fn resumable(
+    state: &AppState,
+    repo: &RepoName,
+    id: &UploadId,
+    error: RegistryError,
+) -> RegistryError {
+    if error.status() != StatusCode::RANGE_NOT_SATISFIABLE {
+        return error;
+    }
+    match state.store.upload_offset(repo, id).await {
+        Ok(len) => session_headers(repo, id, len)
+            .into_iter()
+            .fold(error, |error, (name, value)| error.with_header(name, value)),
+        Err(e) => e.into(),
+    }
+}
+
+/// Append `body` to the upload as the chunk its `Content-Range` (if any) places;
+/// returns the upload's new length.
+async fn append_chunk(
+    state: &AppState,
+    repo: &RepoName,
+    id: &UploadId,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<u64> {
+    let start = match chunk_start(headers, body_len(&body)) {
+        Ok(start) => start,
+        Err(e) => return Err(resumable(state, repo, id, e).await),
+    };
+    match state
+        .store
+        .append_upload(repo, id, start, byte_stream(body))
+        .await
+    {
+        Ok(len) => Ok(len),
+        Err(e) => Err(resumable(state, repo, id, e.into()).await),
+    }
 }
 
 fn digest_param(params: &Params) -> Result<Option<Digest>> {
@@ -145,11 +195,7 @@ pub async fn append_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result {
-    let start = chunk_start(headers, body_len(&body))?;
-    let len = state
-        .store
-        .append_upload(repo, id, start, byte_stream(body))
-        .await?;
+    let len = append_chunk(state, repo, id, headers, body).await?;
     Ok(session(StatusCode::ACCEPTED, repo, id, len))
 }
 
@@ -169,11 +215,7 @@ pub async fn finish_upload(
         )
     })?;
     if has_body(&body) {
-        let start = chunk_start(headers, body_len(&body))?;
-        state
-            .store
-            .append_upload(repo, id, start, byte_stream(body))
-            .await?;
+        append_chunk(state, repo, id, headers, body).await?;
     }
     let size = state.store.finish_upload(repo, id, &digest).await?;
     Ok(created(repo, &digest, Stored::Uploaded(size)))

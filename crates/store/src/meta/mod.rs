@@ -306,8 +306,13 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<Digest>>>;
     /// Delete a tag; `false` when absent.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
-    /// Tags of `repo` after `last`, at most `n`; `None` when the repository is unknown.
+    /// Tags of `repo` after `last`, at most `n`; `None` when the repository holds no
+    /// manifest (never written to, or holding only blobs and uploads), as it is then
+    /// missing from [`repositories`](Self::repositories) too.
     async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<Option<Page>>;
+    /// Whether anything was ever written to `repo`: an upload started, a blob or a
+    /// manifest stored.
+    async fn has_repository(&self, repo: &RepoName) -> Result<bool>;
     /// Repositories holding manifests, after `last`, at most `n`.
     async fn repositories(&self, n: usize, last: Option<&str>) -> Result<Page>;
     /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.

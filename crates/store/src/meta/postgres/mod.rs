@@ -744,10 +744,13 @@ impl MetaStore for PgMeta {
     }
 
     async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<Option<Page>> {
-        let repo_id: Option<i64> = sqlx::query_scalar("SELECT id FROM repos WHERE name = $1")
-            .bind(repo.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let repo_id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM repos r WHERE name = $1
+             AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)",
+        )
+        .bind(repo.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(repo_id) = repo_id else {
             return Ok(None);
         };
@@ -760,6 +763,14 @@ impl MetaStore for PgMeta {
         .fetch_all(&self.pool)
         .await?;
         Ok(Some(page(items, n)))
+    }
+
+    async fn has_repository(&self, repo: &RepoName) -> Result<bool> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM repos WHERE name = $1")
+            .bind(repo.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
     }
 
     async fn repositories(&self, n: usize, last: Option<&str>) -> Result<Page> {

@@ -614,7 +614,10 @@ impl MetaStore for SqliteMeta {
         let (repo, last) = (repo.to_string(), last.unwrap_or("").to_owned());
         self.read(move |c| {
             let Some(repo_id) = c
-                .prepare_cached("SELECT id FROM repos WHERE name = ?1")?
+                .prepare_cached(
+                    "SELECT id FROM repos r WHERE name = ?1
+                     AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)",
+                )?
                 .query_row([&repo], |r| r.get::<_, i64>(0))
                 .optional()?
             else {
@@ -629,6 +632,15 @@ impl MetaStore for SqliteMeta {
                 })?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(Some(page(items, n)))
+        })
+        .await
+    }
+
+    async fn has_repository(&self, repo: &RepoName) -> Result<bool> {
+        let repo = repo.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM repos WHERE name = ?1")?
+                .exists([&repo])
         })
         .await
     }
