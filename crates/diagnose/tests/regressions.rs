@@ -521,3 +521,85 @@ fn builds_in_a_composite_action_of_the_repository_are_read() {
         findings[2]
     );
 }
+
+#[test]
+fn builds_in_the_scripts_a_step_runs_are_read_where_they_are_written() {
+    // `cd tools && ./image.sh` runs tools/push-image.sh from tools/; `bash ci/legacy.sh`
+    // pulls and imports an image no build gives cache metadata; `exec ci/dev.sh` exports
+    // gha with mode=max; web/build.sh, run from the job's working-directory, imports a
+    // local cache that nothing keeps on a hosted runner.
+    let findings = expect(
+        "script-steps",
+        &[
+            ("gha-cache-heavy", "ci/dev.sh", 5),
+            ("cache-from-without-metadata", "ci/legacy.sh", 4),
+            ("uncompressed-choice", "tools/push-image.sh", 5),
+            ("cache-write-never-read", "web/build.sh", 4),
+        ],
+    );
+    assert!(
+        findings[3].message.contains("job `site`"),
+        "{}",
+        findings[3]
+    );
+    let report = run("script-steps", &[]);
+    let read: Vec<&str> = report
+        .files
+        .iter()
+        .filter_map(|f| f.rsplit_once("script-steps/").map(|(_, f)| f))
+        .collect();
+    assert_eq!(
+        read,
+        vec![
+            ".github/workflows/ci.yml",
+            "ci/dev.sh",
+            "ci/legacy.sh",
+            "tools/image.sh",
+            "tools/push-image.sh",
+            "web/build.sh",
+        ]
+    );
+}
+
+#[test]
+fn what_a_script_computes_is_unknown_not_guessed() {
+    // release.sh sets CACHE_REF from its argument, over the workflow's CACHE_REF;
+    // with-options.sh takes its export in "$@"; a script named by an expression and a
+    // Makefile recipe are not read.
+    expect("script-unknowns", &[]);
+}
+
+#[test]
+fn scripts_are_followed_once_per_chain_inside_the_repository_and_so_deep() {
+    // a.sh and b.sh run each other; ci/link.sh and ../elsewhere/build.sh lead out of the
+    // repository; ci/depth/N.sh runs N+1.sh, and only eight are read below the step.
+    let mut expected = vec![
+        ("gha-cache-heavy", "repo/ci/a.sh".to_owned(), 3),
+        ("gha-cache-heavy", "repo/ci/b.sh".to_owned(), 3),
+    ];
+    for depth in 1..=8 {
+        expected.push(("gha-cache-heavy", format!("repo/ci/depth/{depth}.sh"), 3));
+    }
+    let expected: Vec<(&str, &str, usize)> = expected
+        .iter()
+        .map(|(rule, file, line)| (*rule, file.as_str(), *line))
+        .collect();
+    expect("script-loops", &expected);
+}
+
+#[test]
+fn a_script_that_moves_to_its_own_directory_builds_from_there() {
+    // deploy.sh does `cd "$(dirname "$0")"`, image.sh `cd "$ROOT"` with ROOT its
+    // directory's grandparent: the build's Dockerfile is app/Dockerfile, given the commit
+    // by the script; the local cache is kept by actions/cache.
+    let findings = expect(
+        "script-own-dir",
+        &[("context-busts-cache", "app/Dockerfile", 2)],
+    );
+    assert_eq!(findings[0].level, Level::Warning);
+    assert!(
+        findings[0].message.contains(".github/scripts/image.sh:8"),
+        "{}",
+        findings[0]
+    );
+}

@@ -166,6 +166,9 @@ pub(crate) struct Build {
     /// An `mv` of one local cache directory onto another (the rotation that keeps a
     /// `type=local` cache from growing), not a build.
     pub moves_cache: bool,
+    /// A word of the command is wholly computed (`$ARGS`, `"$@"`): it may hold any
+    /// option, a cache import or export among them.
+    pub opaque_options: bool,
 }
 
 impl Build {
@@ -237,7 +240,8 @@ pub(crate) fn check(builds: &[Build], mut unseen: Unseen) -> Vec<Finding> {
     unseen.builder |= builds
         .iter()
         .flat_map(|b| b.cache_from.iter().chain(&b.cache_to))
-        .any(|c| c.value.kind == CacheKind::Unknown);
+        .any(|c| c.value.kind == CacheKind::Unknown)
+        || builds.iter().any(|b| b.opaque_options);
     let unseen = &unseen;
     let mut findings = Vec::new();
     for build in builds {
@@ -608,7 +612,7 @@ fn store_unknown(kind: &CacheKind) -> bool {
 
 /// Whether a value is entirely an expression (`${{ inputs.ref }}`, `$REF`), so nothing
 /// can be said about it.
-fn is_unknown(value: &str) -> bool {
+pub(crate) fn is_unknown(value: &str) -> bool {
     wildcard_pattern(value).trim_matches('*').trim().is_empty()
 }
 

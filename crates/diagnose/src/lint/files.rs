@@ -414,6 +414,19 @@ pub(crate) fn display(path: &Path) -> String {
     }
 }
 
+/// An absolute path under the current directory made relative to it, as the paths the
+/// walk finds are when the lint is given relative ones; any other path as it is.
+pub(crate) fn relative_to_current_dir(path: &Path) -> PathBuf {
+    let Ok(current) = std::env::current_dir() else {
+        return path.to_path_buf();
+    };
+    match path.strip_prefix(&current) {
+        Ok(rest) if path.is_absolute() && rest.as_os_str().is_empty() => PathBuf::from("."),
+        Ok(rest) if path.is_absolute() => rest.to_path_buf(),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// `dir/relative`, normalised; an absolute `relative` stands alone.
 pub(crate) fn resolve(dir: &Path, relative: &str) -> PathBuf {
     normalize(&dir.join(relative))

@@ -122,7 +122,12 @@ pub fn lint<P: AsRef<Path>>(paths: &[P], options: &Options) -> Report {
         };
         report.files.push(file.clone());
         match parse(&path, &file, kind, &text) {
-            Ok(p) => scopes.entry(found.scope).or_default().push(p),
+            Ok(p) => {
+                if let Parsed::Workflow(workflow) = &p {
+                    report.files.extend(workflow.scripts.iter().cloned());
+                }
+                scopes.entry(found.scope).or_default().push(p);
+            }
             Err(finding) => findings.push(finding),
         }
     }
@@ -133,6 +138,8 @@ pub fn lint<P: AsRef<Path>>(paths: &[P], options: &Options) -> Report {
         (&a.file, a.line, a.rule, &a.message).cmp(&(&b.file, b.line, b.rule, &b.message))
     });
     findings.dedup();
+    report.files.sort();
+    report.files.dedup();
     report.findings = findings;
     report
 }

@@ -757,7 +757,10 @@ fn makefile_calls_git(context: &Path) -> bool {
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
-    let clean = |p: &Path| super::files::normalize(p);
+    // One may be absolute (a directory a script names by its own location).
+    let clean = |p: &Path| {
+        super::files::normalize(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+    };
     clean(a) == clean(b)
 }
 

@@ -41,7 +41,7 @@ pub(crate) struct Job {
 /// `cache-write-never-read` for each import of a local directory, in the builds of one
 /// job on a hosted runner, that no earlier build of the job fills and no step brings
 /// back.
-pub(crate) fn check(file: &str, name: &str, builds: &[Build], job: &Job) -> Vec<Finding> {
+pub(crate) fn check(name: &str, builds: &[Build], job: &Job) -> Vec<Finding> {
     if job.may_restore {
         return Vec::new();
     }
@@ -70,7 +70,7 @@ pub(crate) fn check(file: &str, name: &str, builds: &[Build], job: &Job) -> Vec<
             }
             findings.push(Finding::new(
                 Rule::CacheWriteNeverRead,
-                file,
+                &build.file,
                 from.line,
                 format!(
                     "{} imports `{}` in job `{name}` on a GitHub-hosted runner, but no step \

@@ -1,15 +1,17 @@
-//! GitHub workflow files: the builds their steps start (`run:` scripts,
-//! `docker/build-push-action`, `docker/bake-action`, other actions with its cache
-//! inputs), `matrix-too-large` for each job's matrix, and what the lint cannot follow
-//! (unknown actions that may build, caches named in other commands).
+//! GitHub workflow files: the builds their steps start (`run:` scripts and the scripts
+//! of the repository they run, `docker/build-push-action`, `docker/bake-action`, other
+//! actions with its cache inputs), `matrix-too-large` for each job's matrix, and what the
+//! lint cannot follow (unknown actions that may build, caches named in other commands).
 
 mod bake_step;
 mod ephemeral;
 pub(crate) mod matrix;
+mod scripts;
 pub(crate) mod shell;
 
 pub(crate) use self::bake_step::BakeStep;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -46,6 +48,8 @@ pub(crate) struct Workflow {
     pub unseen_builder: bool,
     /// What one job shows alone (a local cache on a hosted runner that nothing keeps).
     pub findings: Vec<Finding>,
+    /// The scripts of the repository its steps run, as displayed.
+    pub scripts: Vec<String>,
 }
 
 /// The files `docker buildx bake` reads when none is named.
@@ -74,6 +78,8 @@ pub(crate) struct Call {
 /// Reads a parsed workflow file at `path` (shown as `file`).
 pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
     let repo = files::workflow_root(path);
+    // Scripts are followed only inside the repository, as it is on disk.
+    let real_repo = repo.canonicalize().ok();
     let mut workflow = Workflow {
         file: file.to_owned(),
         path: path.to_path_buf(),
@@ -149,10 +155,15 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                     Some(dir) => files::resolve(&repo, dir),
                     None => repo.clone(),
                 };
+                let budget = Cell::new(scripts::MAX_SCRIPTS);
+                let follow = real_repo
+                    .as_deref()
+                    .map(|real| scripts::Follow::from_step(&repo, real, &budget));
                 let script = shell::Script {
                     file,
                     workdir: &workdir,
                     env: &env,
+                    follow: follow.as_ref(),
                 };
                 let lines = run.lines();
                 if let Some(id) = step.get("id").and_then(Node::text) {
@@ -161,6 +172,8 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
                 kept.script
                     .extend(lines.iter().map(|(_, text)| (*text).to_owned()));
                 let scripted = shell::read(&script, &shell::commands(&lines));
+                kept.script.extend(scripted.followed_lines);
+                workflow.scripts.extend(scripted.followed_files);
                 workflow.builds.extend(scripted.builds);
                 workflow.bake_steps.extend(scripted.bake_steps);
                 workflow.compose_builds.extend(scripted.compose_builds);
@@ -234,7 +247,7 @@ pub(crate) fn read(file: &str, path: &Path, root: &Node) -> Workflow {
         }
         if ephemeral::hosted(&job.value) {
             let builds = workflow.builds.get(first_build..).unwrap_or(&[]);
-            let found = ephemeral::check(file, &job.key, builds, &kept);
+            let found = ephemeral::check(&job.key, builds, &kept);
             workflow.findings.extend(found);
         }
     }

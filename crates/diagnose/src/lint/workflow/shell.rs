@@ -1,17 +1,20 @@
 //! The builds a `run:` script starts: `docker build`, `docker buildx build`, `docker
 //! buildx bake --set`, `buildah bud`, `buildctl build`, with their cache, build-argument,
 //! tag and context options. The script is split into simple commands the way a shell
-//! would (quotes, `\` continuations, `&&`, `;`, `|`, comments), keeping each word's line.
+//! would (quotes, `\` continuations, `&&`, `;`, `|`, comments), keeping each word's line;
+//! `cd` moves where later commands run, and a script of the repository that a command
+//! runs is read too (see [`super::scripts`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::lint::bake::Bake;
-use crate::lint::cache::{At, Build, BuildArg, CacheSpec, no_cache_finding, split_csv};
+use crate::lint::cache::{self, At, Build, BuildArg, CacheSpec, no_cache_finding, split_csv};
 use crate::lint::files;
 use crate::lint::finding::Finding;
 
 use super::BakeStep;
+use super::scripts::{self, Follow};
 
 /// A word of a command and the line it starts on.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +23,8 @@ pub(crate) struct Word {
     pub text: String,
     /// Its line in the file.
     pub line: usize,
+    /// How many `( … )` groups (subshells) it is written in.
+    pub depth: usize,
 }
 
 /// Splits a script (its lines with their line numbers) into simple commands.
@@ -32,11 +37,12 @@ pub(crate) fn commands(lines: &[(usize, &str)]) -> Vec<Vec<Word>> {
     let mut in_word = false;
     let mut quote: Option<char> = None;
     let mut pending_continuation = false;
+    let mut depth = 0usize;
     for (line, text) in &lines {
         let chars: Vec<char> = text.chars().collect();
         let mut i = 0;
         if !pending_continuation && quote.is_none() {
-            end_word(&mut command, &mut word, &mut in_word, word_line);
+            end_word(&mut command, &mut word, &mut in_word, word_line, depth);
             end_command(&mut commands, &mut command);
         }
         pending_continuation = false;
@@ -72,8 +78,13 @@ pub(crate) fn commands(lines: &[(usize, &str)]) -> Vec<Vec<Word>> {
                 }
                 '#' if !in_word => break,
                 ';' | '|' | '&' | '(' | ')' => {
-                    end_word(&mut command, &mut word, &mut in_word, word_line);
+                    end_word(&mut command, &mut word, &mut in_word, word_line, depth);
                     end_command(&mut commands, &mut command);
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth = depth.saturating_sub(1),
+                        _ => {}
+                    }
                 }
                 '$' if matches!(chars.get(i + 1), Some('{') | Some('(')) => {
                     // `${{ expr }}`, `${VAR}`, `$(cmd)`: one word whatever it holds.
@@ -97,7 +108,7 @@ pub(crate) fn commands(lines: &[(usize, &str)]) -> Vec<Vec<Word>> {
                     }
                 }
                 c if c.is_whitespace() => {
-                    end_word(&mut command, &mut word, &mut in_word, word_line);
+                    end_word(&mut command, &mut word, &mut in_word, word_line, depth);
                 }
                 c => {
                     start_word(&mut in_word, &mut word_line, *line);
@@ -110,7 +121,7 @@ pub(crate) fn commands(lines: &[(usize, &str)]) -> Vec<Vec<Word>> {
             word.push('\n');
         }
     }
-    end_word(&mut command, &mut word, &mut in_word, word_line);
+    end_word(&mut command, &mut word, &mut in_word, word_line, depth);
     end_command(&mut commands, &mut command);
     commands
 }
@@ -166,11 +177,18 @@ fn start_word(in_word: &mut bool, word_line: &mut usize, line: usize) {
     }
 }
 
-fn end_word(command: &mut Vec<Word>, word: &mut String, in_word: &mut bool, line: usize) {
+fn end_word(
+    command: &mut Vec<Word>,
+    word: &mut String,
+    in_word: &mut bool,
+    line: usize,
+    depth: usize,
+) {
     if *in_word {
         command.push(Word {
             text: std::mem::take(word),
             line,
+            depth,
         });
         *in_word = false;
     }
@@ -232,12 +250,18 @@ const BUILD_VALUED: [&str; 44] = [
 
 /// Where a script runs and what it knows.
 pub(crate) struct Script<'a> {
-    /// The workflow file, as displayed.
+    /// The file the script is written in (a workflow, or a script of the repository),
+    /// as displayed.
     pub file: &'a str,
-    /// The directory commands run in (the checkout, or `working-directory`).
+    /// The directory its first command runs in (the checkout, `working-directory`, or
+    /// the caller's directory for a script a step runs).
     pub workdir: &'a Path,
-    /// Environment variables the workflow, job and step set.
+    /// Environment variables the workflow, job and step set (and, in a script of the
+    /// repository, what the script sets itself, as far as it is known).
     pub env: &'a BTreeMap<String, String>,
+    /// How scripts of the repository that its commands run are followed; `None`: they
+    /// are not.
+    pub follow: Option<&'a Follow<'a>>,
 }
 
 /// What a script does, as far as the cache is concerned.
@@ -252,30 +276,92 @@ pub(crate) struct Scripted {
     /// The words of its other commands (expanded): a cache ref or directory named there
     /// may be used in a way the lint cannot follow.
     pub mentions: Vec<String>,
+    /// The lines of the scripts of the repository it runs.
+    pub followed_lines: Vec<String>,
+    /// Those scripts, as displayed.
+    pub followed_files: Vec<String>,
+}
+
+impl Scripted {
+    fn extend(&mut self, other: Scripted) {
+        self.builds.extend(other.builds);
+        self.bake_steps.extend(other.bake_steps);
+        self.compose_builds.extend(other.compose_builds);
+        self.mentions.extend(other.mentions);
+        self.followed_lines.extend(other.followed_lines);
+        self.followed_files.extend(other.followed_files);
+    }
 }
 
 /// The builds the commands of a script start, and what its other commands name.
 pub(crate) fn read(script: &Script, commands: &[Vec<Word>]) -> Scripted {
     let mut scripted = Scripted::default();
+    // The directory changed by `cd`, and the `( … )` depth it was changed at: leaving
+    // the group goes back to the directory outside it.
+    let mut moved: Vec<(usize, PathBuf)> = Vec::new();
     for command in commands {
+        let depth = command.first().map_or(0, |w| w.depth);
+        moved.retain(|(at, _)| *at <= depth);
+        let workdir = moved
+            .last()
+            .map_or(script.workdir, |(_, dir)| dir.as_path());
         let words: Vec<Word> = command
             .iter()
             .map(|w| Word {
                 text: expand(&w.text, script.env),
                 line: w.line,
+                depth: w.depth,
             })
             .collect();
-        match build(script, &words) {
+        let here = Script { workdir, ..*script };
+        if words.first().is_some_and(|w| w.text == "popd") {
+            moved.pop();
+            continue;
+        }
+        if let Some(dir) = changed_dir(&here, &words) {
+            moved.retain(|(at, _)| *at < depth);
+            moved.push((depth, dir));
+            continue;
+        }
+        match build(&here, &words) {
             Some(Started::Build(build)) => scripted.builds.push(build),
             Some(Started::Bake(build, step)) => {
                 scripted.builds.push(build);
                 scripted.bake_steps.push(step);
             }
             Some(Started::Compose(compose)) => scripted.compose_builds.push(compose),
-            None => scripted.mentions.extend(words.into_iter().map(|w| w.text)),
+            None => {
+                if let Some(followed) = scripts::run(&here, &words) {
+                    scripted.extend(followed);
+                }
+                scripted.mentions.extend(words.into_iter().map(|w| w.text));
+            }
         }
     }
     scripted
+}
+
+/// The directory `cd DIR` (or `pushd DIR`) moves to: the literal directory, the
+/// script's own directory for `cd "$(dirname "$0")"` and its kin, and a directory
+/// that stands for any (its name keeps the `$`) when it is computed otherwise.
+fn changed_dir(script: &Script, words: &[Word]) -> Option<PathBuf> {
+    let (first, args) = words.split_first()?;
+    if !matches!(first.text.as_str(), "cd" | "pushd") {
+        return None;
+    }
+    let target = args
+        .iter()
+        .map(|w| w.text.as_str())
+        .find(|t| !t.starts_with('-'))
+        .unwrap_or("$HOME");
+    let target = match target {
+        "~" => "$HOME".to_owned(),
+        other => script
+            .follow
+            .and_then(|f| scripts::own_dir_value(other, f))
+            .unwrap_or_else(|| other.to_owned()),
+    };
+    Some(files::resolve(script.workdir, &target))
 }
 
 /// Replaces `${{ env.NAME }}`, `${NAME}` and `$NAME` by the values the workflow sets.
@@ -508,36 +594,61 @@ fn build(script: &Script, words: &[Word]) -> Option<Started> {
     Some(started)
 }
 
-fn recognise(script: &Script, words: &[Word]) -> Option<Started> {
+/// Whether a word is `NAME=VALUE` (a variable set for the command, or for the script).
+pub(crate) fn is_assignment(word: &str) -> bool {
+    word.split_once('=').is_some_and(|(name, _)| is_name(name))
+}
+
+/// Whether a word is a shell variable's name.
+pub(crate) fn is_name(word: &str) -> bool {
+    !word.is_empty()
+        && !word.starts_with(|c: char| c.is_ascii_digit())
+        && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Words that run the command after them (`sudo`, `exec`, ...) or open a compound
+/// command (`if`, `then`, `do`, `{`, ...).
+pub(crate) fn is_wrapper(word: &str) -> bool {
+    matches!(
+        word,
+        "sudo"
+            | "time"
+            | "env"
+            | "exec"
+            | "nohup"
+            | "command"
+            | "!"
+            | "{"
+            | "if"
+            | "then"
+            | "else"
+            | "elif"
+            | "do"
+            | "while"
+            | "until"
+    )
+}
+
+/// The command's program and arguments, past leading `NAME=VALUE` assignments, wrappers
+/// and the options of `sudo` and `env`.
+pub(crate) fn program_words(words: &[Word]) -> &[Word] {
     let mut rest = words;
     while let Some((first, tail)) = rest.split_first() {
-        let is_assignment = first.text.split_once('=').is_some_and(|(n, _)| {
-            !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-        let wrapper = matches!(
-            first.text.as_str(),
-            "sudo"
-                | "time"
-                | "env"
-                | "exec"
-                | "nohup"
-                | "command"
-                | "!"
-                | "{"
-                | "if"
-                | "then"
-                | "else"
-                | "elif"
-                | "do"
-                | "while"
-                | "until"
-        );
-        if is_assignment || wrapper {
-            rest = tail;
-        } else {
+        if !is_assignment(&first.text) && !is_wrapper(&first.text) {
             break;
         }
+        rest = tail;
+        if matches!(first.text.as_str(), "sudo" | "env") {
+            while rest.first().is_some_and(|w| w.text.starts_with('-')) {
+                rest = rest.get(1..).unwrap_or(&[]);
+            }
+        }
     }
+    rest
+}
+
+fn recognise(script: &Script, words: &[Word]) -> Option<Started> {
+    let rest = program_words(words);
     let (first, args) = rest.split_first()?;
     let program = first.text.rsplit('/').next().unwrap_or(&first.text);
     let args = match program {
@@ -746,7 +857,11 @@ fn docker_build(script: &Script, first: &Word, args: &[Word], what: &str) -> Bui
             "--target" => build.target = Some(value),
             "-o" | "--output" => build.tags.extend(output_names(&value)),
             "-f" | "--file" => dockerfile = Some(value),
-            "" => context = Some(value),
+            "" => {
+                // A word that is wholly computed (`$ARGS`, `"$@"`) may hold any option.
+                build.opaque_options |= !value.is_empty() && cache::is_unknown(&value);
+                context = Some(value);
+            }
             _ => {}
         }
     }
@@ -955,6 +1070,7 @@ mod tests {
             file: "ci.yml",
             workdir: Path::new(""),
             env: &env,
+            follow: None,
         };
         read(&script, &commands(&lines)).builds
     }
