@@ -11,6 +11,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 
 use crate::registry::Registry;
 use crate::servers::Server;
+use crate::workloads::{REPO_BLOBS, REPO_CACHE, REPO_MANIFESTS};
 
 /// The server in `token` mode, and a registry client holding a bearer token for it.
 pub struct Guarded {
@@ -38,11 +39,12 @@ pub async fn start(bin: &Path, dir: &Path) -> Result<Guarded> {
         .with_context(|| format!("running {} token", bin.display()))?;
     ensure!(out.status.success(), "`layercache token` failed");
     let credential = String::from_utf8(out.stdout)?.trim().to_owned();
+    // A token covers the repositories its request names, as a client asks for them.
+    let scopes = [REPO_BLOBS, REPO_CACHE, REPO_MANIFESTS]
+        .map(|repo| ("scope", format!("repository:{repo}:pull,push")));
     let answer: serde_json::Value = reqwest::Client::new()
-        .get(format!(
-            "{}/token?service=layercache&scope=repository:bench:pull,push",
-            server.url
-        ))
+        .get(format!("{}/token?service=layercache", server.url))
+        .query(&scopes)
         .basic_auth("bench", Some(&credential))
         .send()
         .await?
