@@ -467,6 +467,15 @@ fn real_clients_push_their_own_namespace_and_are_denied_the_default_branch() {
         "{steps:#?}\n{warm}"
     );
     common::run_ok(&mut docker(config, &["push", &pr_image]));
+    // Its layers are mounted from the default branch's repository, which its credential
+    // may pull: docker asks for a token covering both.
+    let mounted = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("method=POST path=/v2/cache/app/pr-7/app/blobs/uploads/ "))
+        .filter(|l| common::log_field(l, "status").as_deref() == Some("201"))
+        .count();
+    assert!(mounted > 0, "nothing mounted into cache/app/pr-7/app");
     // Its push over the default branch's cache is denied.
     common::run_ok(&mut docker(config, &["tag", &pr_image, &main_image]));
     let (pushed, out) = common::run(&mut docker(config, &["push", &main_image]));
