@@ -23,9 +23,14 @@ const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json";
 /// A token without `expires_in` is good for this long (the token spec's default).
 const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
-/// Waiting for a connection, and for the next bytes of a response.
+/// Waiting for a connection, and (unless configured otherwise) for the next bytes of a
+/// response.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most of a token answer, or of a small JSON answer, read before it is refused.
+pub(super) const MAX_ANSWER_BYTES: usize = 64 << 10;
+/// The most of an error answer's body read for its message; the rest is not read.
+const MAX_ERROR_DETAIL_BYTES: usize = 4 << 10;
 
 /// What the upstream asked for in its last challenge.
 #[derive(Debug, Clone)]
@@ -69,7 +74,7 @@ impl Client {
     pub fn new(config: &Config, max_manifest_bytes: usize) -> Result<Client, String> {
         let base = Url::parse(config.url.trim_end_matches('/'))
             .map_err(|e| format!("upstream {:?}: url {:?}: {e}", config.name, config.url))?;
-        let http = http_builder(config)?.read_timeout(READ_TIMEOUT);
+        let http = http_builder(config)?.read_timeout(config.read_timeout.unwrap_or(READ_TIMEOUT));
         let upload = http_builder(config)?;
         let credentials = match &config.credentials {
             Some(c) => Some((c.username.clone(), c.password()?)),
@@ -182,9 +187,10 @@ impl Client {
         }
         let response = request.send().await.map_err(transport)?;
         let response = check(response, "token").await?;
-        let answer: TokenResponse = response
-            .json()
+        let body = read_limited(response, MAX_ANSWER_BYTES, "token answer")
             .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let answer: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| unavailable(format!("the upstream's token answer: {e}")))?;
         let token = answer
             .token
@@ -229,7 +235,7 @@ impl Client {
             .await?;
         let response = check(response, "manifest").await?;
         let headers = response.headers().clone();
-        let body = read_limited(response, self.max_manifest_bytes).await?;
+        let body = read_limited(response, self.max_manifest_bytes, "manifest").await?;
         let digest = match expected {
             Some(expected) => expected.clone(),
             None => digest_header(&headers).unwrap_or_else(|| Digest::sha256_of(&body)),
@@ -410,8 +416,8 @@ pub(super) async fn check(response: Response, what: &str) -> Result<Response, Er
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok()?.parse().ok());
-    let text = response.text().await.unwrap_or_default();
-    let detail: String = text.chars().take(300).collect();
+    let text = read_prefix(response, MAX_ERROR_DETAIL_BYTES).await;
+    let detail: String = String::from_utf8_lossy(&text).chars().take(300).collect();
     let failure = match status {
         StatusCode::NOT_FOUND => SourceFailure::NotFound,
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => SourceFailure::Denied,
@@ -426,8 +432,12 @@ pub(super) async fn check(response: Response, what: &str) -> Result<Response, Er
     })
 }
 
-/// Read at most `limit` bytes of `response`.
-async fn read_limited(response: Response, limit: usize) -> Result<Bytes, Error> {
+/// The body of `response` (its `what`), refused once it passes `limit` bytes.
+pub(super) async fn read_limited(
+    response: Response,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, Error> {
     use futures::StreamExt;
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
@@ -436,12 +446,30 @@ async fn read_limited(response: Response, limit: usize) -> Result<Bytes, Error> 
         if body.len() + chunk.len() > limit {
             return Err(Error::Source {
                 failure: SourceFailure::Corrupt,
-                message: format!("the upstream's manifest exceeds {limit} bytes"),
+                message: format!("the upstream's {what} exceeds {limit} bytes"),
             });
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+/// The first `limit` bytes of `response`'s body at most (fewer if reading it fails); the
+/// rest is left unread.
+async fn read_prefix(response: Response, limit: usize) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut prefix = Vec::new();
+    let mut stream = response.bytes_stream();
+    while prefix.len() < limit {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                let room = limit - prefix.len();
+                prefix.extend_from_slice(chunk.get(..room).unwrap_or(&chunk));
+            }
+            _ => break,
+        }
+    }
+    prefix
 }
 
 fn digest_header(headers: &HeaderMap) -> Option<Digest> {
