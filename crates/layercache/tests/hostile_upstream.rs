@@ -28,12 +28,18 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A layercache mirroring `upstream` as `hostile/…`, with `extra` configuration lines.
 fn mirror(upstream: &Hostile, extra: &str) -> common::Server {
+    serve(upstream, "hostile", extra)
+}
+
+/// A layercache in front of `upstream` as the upstream `name` (empty: an edge, with
+/// `upstream` its centre), with `extra` configuration lines.
+fn serve(upstream: &Hostile, name: &str, extra: &str) -> common::Server {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("mirror.toml");
     std::fs::write(
         &config,
         format!(
-            "{extra}\n[[upstreams]]\nname = \"hostile\"\nurl = \"{}\"\n\
+            "{extra}\n[[upstreams]]\nname = \"{name}\"\nurl = \"{}\"\n\
              read_timeout = \"{READ_TIMEOUT}\"\ncredentials = {{ username = \"mirror\", \
              password_env = \"HOSTILE_PASSWORD\" }}\n",
             upstream.url
@@ -282,6 +288,25 @@ fn a_stalled_body_releases_every_client_and_is_discarded() {
     }
     assert_eq!(upstream.count("GET", &digest), 1, "the fill is shared");
     assert_not_stored(&server, &digest);
+    // An upstream that never answers at all.
+    upstream.reply(&blob_path(&digest), Reply::Silent);
+    upstream.reply("/v2/app/manifests/silent", Reply::Silent);
+    let gots = block_on(futures::future::join_all([
+        fetch_async(url.clone(), None),
+        fetch_async(url.clone(), None),
+        fetch_async(
+            server.at("/v2/hostile/app/manifests/silent"),
+            Some(OCI_MANIFEST),
+        ),
+    ]));
+    for got in &gots {
+        assert!(
+            got.took < Duration::from_secs(10),
+            "held for {:?}",
+            got.took
+        );
+        assert_eq!((got.status, got.code().as_str()), (503, "UNAVAILABLE"));
+    }
     upstream.reply(&blob_path(&digest), Reply::ok(&good, &[]));
     let got = fetch(&url);
     assert_eq!(
@@ -454,4 +479,38 @@ fn what_was_cached_is_served_when_the_upstream_is_gone() {
         (missing.status, missing.code().as_str()),
         (503, "UNAVAILABLE")
     );
+}
+
+#[test]
+fn an_edge_refuses_what_its_centre_gets_wrong() {
+    let centre = Hostile::start();
+    let edge = serve(&centre, "", "");
+    let good = vec![4u8; 200_000];
+    let digest = sha256(&good);
+    let mut bad = good.clone();
+    bad[0] ^= 1;
+    centre.reply(&blob_path(&digest), Reply::ok(&bad, &[]));
+    let url = edge.at(&format!("/v2/app/blobs/{digest}"));
+    assert_refused(&fetch(&url), good.len());
+    assert_not_stored(&edge, &digest);
+    let manifest = sha256(b"a manifest");
+    centre.reply(
+        &format!("/v2/app/manifests/{manifest}"),
+        Reply::ok(b"{}", &[("content-type", OCI_MANIFEST)]),
+    );
+    let got = fetch(&edge.at(&format!("/v2/app/manifests/{manifest}")));
+    assert_eq!((got.status, got.code().as_str()), (502, "UNAVAILABLE"));
+    centre.reply(
+        "/v2/app/manifests/latest",
+        Reply::Endless {
+            status: 503,
+            headers: Vec::new(),
+            declared: None,
+        },
+    );
+    let got = fetch(&edge.at("/v2/app/manifests/latest"));
+    assert_eq!((got.status, got.code().as_str()), (503, "UNAVAILABLE"));
+    centre.reply(&blob_path(&digest), Reply::ok(&good, &[]));
+    let got = fetch(&url);
+    assert_eq!((got.status, got.body == good), (200, true));
 }

@@ -41,6 +41,8 @@ pub enum Reply {
     },
     /// `first` of a body declared `declared` bytes long, then nothing, the connection open.
     Stall { first: Vec<u8>, declared: u64 },
+    /// No answer at all, the connection open.
+    Silent,
     /// `first` of a body declared `declared` bytes long, then the connection is cut.
     Reset { first: Vec<u8>, declared: u64 },
 }
@@ -204,6 +206,10 @@ async fn answer(State(script): State<Arc<Script>>, request: Request) -> Response
                         Err(std::io::Error::other("stalled"))
                     }));
             respond(200, &[], Some(declared), Body::from_stream(body))
+        }
+        Reply::Silent => {
+            tokio::time::sleep(STALL).await;
+            respond(504, &[], None, Body::empty())
         }
         Reply::Reset { first, declared } => {
             let body =

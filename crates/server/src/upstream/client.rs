@@ -439,15 +439,23 @@ pub(super) async fn read_limited(
     what: &str,
 ) -> Result<Bytes, Error> {
     use futures::StreamExt;
+    let too_large = || Error::Source {
+        failure: SourceFailure::Corrupt,
+        message: format!("the upstream's {what} exceeds {limit} bytes"),
+    };
+    // Refused unread when it says so itself.
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(transport)?;
         if body.len() + chunk.len() > limit {
-            return Err(Error::Source {
-                failure: SourceFailure::Corrupt,
-                message: format!("the upstream's {what} exceeds {limit} bytes"),
-            });
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
