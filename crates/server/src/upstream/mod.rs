@@ -375,8 +375,12 @@ impl Route<'_> {
                 self.upstream.validate(&self.local, tag);
                 Ok(self.served(stored, Served::Hit))
             }
+            // Moved, but not fetched: an outage, or new bytes that are not what the
+            // upstream said (a broken upstream); the verified copy is served meanwhile.
             Ok(_) => match self.fill_manifest(store, reference).await {
-                Err(Error::Source { failure, message }) if failure.is_outage() => {
+                Err(Error::Source { failure, message })
+                    if failure.is_outage() || failure == SourceFailure::Corrupt =>
+                {
                     Ok(self.stale(stored, &message))
                 }
                 other => other,
