@@ -60,6 +60,9 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// What a client got.
+/// A valid OCI image manifest.
+const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+
 #[derive(Debug)]
 struct Got {
     status: u16,
@@ -192,7 +195,7 @@ fn a_blob_that_does_not_hash_to_its_digest_is_never_stored_and_asked_for_again()
 fn a_manifest_that_does_not_hash_to_its_reference_is_refused() {
     let upstream = Hostile::start();
     let server = mirror(&upstream, "");
-    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let manifest = MANIFEST;
     let digest = sha256(manifest);
     let other = sha256(b"something else");
     let ct = ("content-type", OCI_MANIFEST);
@@ -513,4 +516,64 @@ fn an_edge_refuses_what_its_centre_gets_wrong() {
     centre.reply(&blob_path(&digest), Reply::ok(&good, &[]));
     let got = fetch(&url);
     assert_eq!((got.status, got.body == good), (200, true));
+}
+
+#[test]
+fn a_moved_tag_whose_new_bytes_lie_keeps_the_verified_copy() {
+    let centre = Hostile::start();
+    let edge = serve(&centre, "", "");
+    let digest = sha256(MANIFEST);
+    let ct = ("content-type", OCI_MANIFEST);
+    centre.reply(
+        "/v2/app/manifests/v1",
+        Reply::ok(MANIFEST, &[ct, ("docker-content-digest", &digest)]),
+    );
+    let url = edge.at("/v2/app/manifests/v1");
+    assert_eq!(fetch(&url).status, 200);
+    // The tag moved, to bytes that are not what the centre names.
+    let moved = sha256(b"moved");
+    centre.reply(
+        "/v2/app/manifests/v1",
+        Reply::ok(
+            b"{\"schemaVersion\":2}",
+            &[ct, ("docker-content-digest", &moved)],
+        ),
+    );
+    let got = block_on(async {
+        reqwest::Client::new()
+            .get(&url)
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(got.status(), 200);
+    assert!(got.headers().contains_key("warning"), "{:?}", got.headers());
+    let body = block_on(got.bytes()).unwrap();
+    assert_eq!(sha256(&body), digest);
+}
+
+#[test]
+fn a_blob_head_without_a_length_is_not_answered_as_empty() {
+    let upstream = Hostile::start();
+    let server = mirror(&upstream, "");
+    let digest = sha256(b"unsized");
+    upstream.reply(
+        &blob_path(&digest),
+        Reply::Endless {
+            status: 200,
+            headers: Vec::new(),
+            declared: None,
+        },
+    );
+    let status = block_on(async {
+        let url = server.at(&format!("/v2/hostile/app/blobs/{digest}"));
+        reqwest::Client::new()
+            .head(url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 502);
 }

@@ -277,8 +277,12 @@ impl Client {
         let size = response
             .headers()
             .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        Ok(Some(size.unwrap_or(0)))
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .ok_or_else(|| Error::Source {
+                failure: SourceFailure::Corrupt,
+                message: format!("the upstream's HEAD of blob {digest} gives no length"),
+            })?;
+        Ok(Some(size))
     }
 
     /// The bytes of blob `digest` in `repo`, and their length when the upstream says.
