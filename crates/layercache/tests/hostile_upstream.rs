@@ -464,6 +464,46 @@ fn challenges_that_never_end_or_answer_garbage_are_bounded() {
 }
 
 #[test]
+fn credentials_go_to_the_upstreams_own_token_realm_only() {
+    let upstream = Hostile::start();
+    let elsewhere = Hostile::start();
+    let server = mirror(&upstream, "");
+    for (tag, realm) in [
+        ("own", format!("{}/token", upstream.url)),
+        ("foreign", format!("{}/token", elsewhere.url)),
+    ] {
+        let challenge = format!("Bearer realm=\"{realm}\",service=\"hostile\"");
+        upstream.reply(
+            &format!("/v2/app/manifests/{tag}"),
+            Reply::status(401, &[("www-authenticate", &challenge)]),
+        );
+    }
+    let token = Reply::ok(br#"{"token":"t"}"#, &[]);
+    upstream.reply("/token", token.clone());
+    elsewhere.reply("/token", token);
+    fetch(&server.at("/v2/hostile/app/manifests/own"));
+    fetch(&server.at("/v2/hostile/app/manifests/foreign"));
+    let own = upstream.seen("/token");
+    assert!(
+        own[0]
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Basic ")),
+        "{own:?}"
+    );
+    let foreign = elsewhere.seen("/token");
+    assert_eq!(
+        foreign.len(),
+        1,
+        "the token is still asked for, anonymously"
+    );
+    assert_eq!(
+        foreign[0].authorization, None,
+        "credentials sent off the upstream's site"
+    );
+}
+
+#[test]
 fn what_was_cached_is_served_when_the_upstream_is_gone() {
     let upstream = Hostile::start();
     let server = mirror(&upstream, "");

@@ -178,12 +178,26 @@ impl Client {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
+        let realm = Url::parse(realm)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https"))
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "the upstream's token realm {realm:?} is not an http(s) URL"
+                ))
+            })?;
         let mut request = self
             .http
-            .get(realm)
+            .get(realm.clone())
             .query(&[("service", service), ("scope", scope)]);
-        if let Some((user, password)) = &self.credentials {
-            request = request.basic_auth(user, Some(password));
+        match &self.credentials {
+            Some((user, password)) if same_site(&self.base, &realm) => {
+                request = request.basic_auth(user, Some(password));
+            }
+            Some(_) => {
+                tracing::warn!(%realm, upstream = %self.base, "a token realm off the upstream's site: asked without credentials");
+            }
+            None => {}
         }
         let response = request.send().await.map_err(transport)?;
         let response = check(response, "token").await?;
@@ -484,6 +498,26 @@ async fn read_prefix(response: Response, limit: usize) -> Vec<u8> {
     prefix
 }
 
+/// Whether `realm` may receive the credentials configured for `upstream`: the same host
+/// (and port, when one is written), or (names, not addresses) a sibling under the
+/// upstream's parent domain (`registry-1.docker.io` and `auth.docker.io`). The scheme
+/// is not compared: a server behind a TLS-terminating proxy names its realm in `http`.
+fn same_site(upstream: &Url, realm: &Url) -> bool {
+    if upstream.host_str() == realm.host_str() && upstream.port() == realm.port() {
+        return true;
+    }
+    let (Some(upstream), Some(realm)) = (upstream.domain(), realm.domain()) else {
+        return false;
+    };
+    match upstream.split_once('.') {
+        // The parent must itself be a name under a suffix (`docker.io`, not `io`).
+        Some((_, parent)) if parent.contains('.') => {
+            realm == parent || realm.ends_with(&format!(".{parent}"))
+        }
+        _ => false,
+    }
+}
+
 fn digest_header(headers: &HeaderMap) -> Option<Digest> {
     headers
         .get("docker-content-digest")
@@ -586,6 +620,25 @@ mod tests {
             "Basic realm=\"registry\"".parse().unwrap(),
         );
         assert!(matches!(parse_challenge(&headers), Challenge::Basic));
+        let url = |u: &str| Url::parse(u).unwrap();
+        let hub = url("https://registry-1.docker.io");
+        assert!(same_site(&hub, &url("https://auth.docker.io/token")));
+        assert!(same_site(&hub, &url("https://registry-1.docker.io/token")));
+        assert!(same_site(
+            &url("https://central"),
+            &url("http://central/token")
+        ));
+        assert!(!same_site(
+            &hub,
+            &url("https://docker.io.evil.example/token")
+        ));
+        assert!(!same_site(
+            &url("https://ghcr.io"),
+            &url("https://evil.io/token")
+        ));
+        let local = url("http://127.0.0.1:5000");
+        assert!(same_site(&local, &url("http://127.0.0.1:5000/token")));
+        assert!(!same_site(&local, &url("http://127.0.0.1:5001/token")));
         assert_eq!(
             challenge_params("realm=x, service=\"a,b\""),
             vec![
