@@ -119,6 +119,19 @@ impl Store {
         state: &watch::Sender<State>,
     ) -> Result<u64> {
         let Source { size, body } = source.await?;
+        // A blob is at most what it announced, and never more than the store takes.
+        let limit = size.or(self.0.max_blob_bytes);
+        if let (Some(size), Some(max)) = (size, self.0.max_blob_bytes)
+            && size > max
+        {
+            return Err(Error::Source {
+                failure: SourceFailure::Corrupt,
+                message: format!(
+                    "the upstream's blob {digest} is {size} bytes, more than max_blob_size \
+                     ({max} bytes)"
+                ),
+            });
+        }
         let id = UploadId::random();
         self.0.blobs.create_staged(&id).await?;
         state.send_replace(State::Writing {
@@ -127,8 +140,8 @@ impl Store {
         });
         let notify = state.clone();
         let body: ByteStream = Box::pin(body.inspect(move |_| notify.send_modify(|_| ())));
-        let body = match size {
-            Some(size) => crate::limited(body, size),
+        let body = match limit {
+            Some(limit) => crate::limited(body, limit),
             None => body,
         };
         let written = self
@@ -151,7 +164,10 @@ impl Store {
                 e,
                 Error::Source {
                     failure: SourceFailure::Corrupt,
-                    message: format!("the upstream sent more than {size:?} bytes of {digest}"),
+                    message: format!(
+                        "the upstream sent more than {} bytes of {digest}",
+                        limit.unwrap_or(u64::MAX)
+                    ),
                 },
             )),
         };

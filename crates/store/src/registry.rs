@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     pub(crate) evictor: Evictor,
     pub(crate) fills: crate::fill::Fills,
     max_manifest_bytes: usize,
-    max_blob_bytes: Option<u64>,
+    pub(crate) max_blob_bytes: Option<u64>,
 }
 
 /// A blob found in a repository, ready to be read.

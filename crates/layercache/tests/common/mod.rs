@@ -12,6 +12,7 @@
 pub mod actions;
 pub mod cache_client;
 pub mod cluster;
+pub mod hostile;
 pub mod jwt;
 pub mod load;
 pub mod registry;

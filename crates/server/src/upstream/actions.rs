@@ -28,7 +28,9 @@ use prometheus_client::metrics::counter::Counter;
 use reqwest::{Response, Url};
 use store::{Entry, Error, NewEntry, SourceFailure, Store};
 
-use super::client::{check, http_builder, send_watched, transport, unavailable};
+use super::client::{
+    MAX_ANSWER_BYTES, check, http_builder, read_limited, send_watched, transport, unavailable,
+};
 use super::{Config, Upstream, Upstreams};
 use crate::actions::SCOPE_HEADER;
 
@@ -283,9 +285,10 @@ impl CentreCache {
 
 /// The centre's answer to a twirp call.
 async fn json(response: Response) -> Result<Reply, Error> {
-    response
-        .json()
+    let body = read_limited(response, MAX_ANSWER_BYTES, "cache answer")
         .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    serde_json::from_slice(&body)
         .map_err(|e| unavailable(format!("the central cache's answer: {e}")))
 }
 

@@ -23,9 +23,14 @@ const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json";
 /// A token without `expires_in` is good for this long (the token spec's default).
 const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
-/// Waiting for a connection, and for the next bytes of a response.
+/// Waiting for a connection, and (unless configured otherwise) for the next bytes of a
+/// response.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most of a token answer, or of a small JSON answer, read before it is refused.
+pub(super) const MAX_ANSWER_BYTES: usize = 64 << 10;
+/// The most of an error answer's body read for its message; the rest is not read.
+const MAX_ERROR_DETAIL_BYTES: usize = 4 << 10;
 
 /// What the upstream asked for in its last challenge.
 #[derive(Debug, Clone)]
@@ -69,7 +74,7 @@ impl Client {
     pub fn new(config: &Config, max_manifest_bytes: usize) -> Result<Client, String> {
         let base = Url::parse(config.url.trim_end_matches('/'))
             .map_err(|e| format!("upstream {:?}: url {:?}: {e}", config.name, config.url))?;
-        let http = http_builder(config)?.read_timeout(READ_TIMEOUT);
+        let http = http_builder(config)?.read_timeout(config.read_timeout.unwrap_or(READ_TIMEOUT));
         let upload = http_builder(config)?;
         let credentials = match &config.credentials {
             Some(c) => Some((c.username.clone(), c.password()?)),
@@ -173,18 +178,33 @@ impl Client {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
+        let realm = Url::parse(realm)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https"))
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "the upstream's token realm {realm:?} is not an http(s) URL"
+                ))
+            })?;
         let mut request = self
             .http
-            .get(realm)
+            .get(realm.clone())
             .query(&[("service", service), ("scope", scope)]);
-        if let Some((user, password)) = &self.credentials {
-            request = request.basic_auth(user, Some(password));
+        match &self.credentials {
+            Some((user, password)) if same_site(&self.base, &realm) => {
+                request = request.basic_auth(user, Some(password));
+            }
+            Some(_) => {
+                tracing::warn!(%realm, upstream = %self.base, "a token realm off the upstream's site: asked without credentials");
+            }
+            None => {}
         }
         let response = request.send().await.map_err(transport)?;
         let response = check(response, "token").await?;
-        let answer: TokenResponse = response
-            .json()
+        let body = read_limited(response, MAX_ANSWER_BYTES, "token answer")
             .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let answer: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| unavailable(format!("the upstream's token answer: {e}")))?;
         let token = answer
             .token
@@ -229,7 +249,7 @@ impl Client {
             .await?;
         let response = check(response, "manifest").await?;
         let headers = response.headers().clone();
-        let body = read_limited(response, self.max_manifest_bytes).await?;
+        let body = read_limited(response, self.max_manifest_bytes, "manifest").await?;
         let digest = match expected {
             Some(expected) => expected.clone(),
             None => digest_header(&headers).unwrap_or_else(|| Digest::sha256_of(&body)),
@@ -271,8 +291,12 @@ impl Client {
         let size = response
             .headers()
             .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        Ok(Some(size.unwrap_or(0)))
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .ok_or_else(|| Error::Source {
+                failure: SourceFailure::Corrupt,
+                message: format!("the upstream's HEAD of blob {digest} gives no length"),
+            })?;
+        Ok(Some(size))
     }
 
     /// The bytes of blob `digest` in `repo`, and their length when the upstream says.
@@ -410,8 +434,8 @@ pub(super) async fn check(response: Response, what: &str) -> Result<Response, Er
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok()?.parse().ok());
-    let text = response.text().await.unwrap_or_default();
-    let detail: String = text.chars().take(300).collect();
+    let text = read_prefix(response, MAX_ERROR_DETAIL_BYTES).await;
+    let detail: String = String::from_utf8_lossy(&text).chars().take(300).collect();
     let failure = match status {
         StatusCode::NOT_FOUND => SourceFailure::NotFound,
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => SourceFailure::Denied,
@@ -426,22 +450,72 @@ pub(super) async fn check(response: Response, what: &str) -> Result<Response, Er
     })
 }
 
-/// Read at most `limit` bytes of `response`.
-async fn read_limited(response: Response, limit: usize) -> Result<Bytes, Error> {
+/// The body of `response` (its `what`), refused once it passes `limit` bytes.
+pub(super) async fn read_limited(
+    response: Response,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, Error> {
     use futures::StreamExt;
+    let too_large = || Error::Source {
+        failure: SourceFailure::Corrupt,
+        message: format!("the upstream's {what} exceeds {limit} bytes"),
+    };
+    // Refused unread when it says so itself.
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large());
+    }
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(transport)?;
         if body.len() + chunk.len() > limit {
-            return Err(Error::Source {
-                failure: SourceFailure::Corrupt,
-                message: format!("the upstream's manifest exceeds {limit} bytes"),
-            });
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+/// The first `limit` bytes of `response`'s body at most (fewer if reading it fails); the
+/// rest is left unread.
+async fn read_prefix(response: Response, limit: usize) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut prefix = Vec::new();
+    let mut stream = response.bytes_stream();
+    while prefix.len() < limit {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                let room = limit - prefix.len();
+                prefix.extend_from_slice(chunk.get(..room).unwrap_or(&chunk));
+            }
+            _ => break,
+        }
+    }
+    prefix
+}
+
+/// Whether `realm` may receive the credentials configured for `upstream`: the same host
+/// (and port, when one is written), or (names, not addresses) a sibling under the
+/// upstream's parent domain (`registry-1.docker.io` and `auth.docker.io`). The scheme
+/// is not compared: a server behind a TLS-terminating proxy names its realm in `http`.
+fn same_site(upstream: &Url, realm: &Url) -> bool {
+    if upstream.host_str() == realm.host_str() && upstream.port() == realm.port() {
+        return true;
+    }
+    let (Some(upstream), Some(realm)) = (upstream.domain(), realm.domain()) else {
+        return false;
+    };
+    match upstream.split_once('.') {
+        // The parent must itself be a name under a suffix (`docker.io`, not `io`).
+        Some((_, parent)) if parent.contains('.') => {
+            realm == parent || realm.ends_with(&format!(".{parent}"))
+        }
+        _ => false,
+    }
 }
 
 fn digest_header(headers: &HeaderMap) -> Option<Digest> {
@@ -546,6 +620,25 @@ mod tests {
             "Basic realm=\"registry\"".parse().unwrap(),
         );
         assert!(matches!(parse_challenge(&headers), Challenge::Basic));
+        let url = |u: &str| Url::parse(u).unwrap();
+        let hub = url("https://registry-1.docker.io");
+        assert!(same_site(&hub, &url("https://auth.docker.io/token")));
+        assert!(same_site(&hub, &url("https://registry-1.docker.io/token")));
+        assert!(same_site(
+            &url("https://central"),
+            &url("http://central/token")
+        ));
+        assert!(!same_site(
+            &hub,
+            &url("https://docker.io.evil.example/token")
+        ));
+        assert!(!same_site(
+            &url("https://ghcr.io"),
+            &url("https://evil.io/token")
+        ));
+        let local = url("http://127.0.0.1:5000");
+        assert!(same_site(&local, &url("http://127.0.0.1:5000/token")));
+        assert!(!same_site(&local, &url("http://127.0.0.1:5001/token")));
         assert_eq!(
             challenge_params("realm=x, service=\"a,b\""),
             vec![

@@ -60,6 +60,15 @@ pub struct Config {
         skip_serializing_if = "Option::is_none"
     )]
     pub tag_ttl: Option<Duration>,
+    /// How long an answer from it may go without a byte before it is given up (the
+    /// fill fails, its clients are released and the partial bytes discarded)
+    /// [default: 60 seconds].
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub read_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -84,6 +93,7 @@ impl Config {
             }),
             ca_file: None,
             tag_ttl: None,
+            read_timeout: None,
         }
     }
 }
@@ -365,8 +375,12 @@ impl Route<'_> {
                 self.upstream.validate(&self.local, tag);
                 Ok(self.served(stored, Served::Hit))
             }
+            // Moved, but not fetched: an outage, or new bytes that are not what the
+            // upstream said (a broken upstream); the verified copy is served meanwhile.
             Ok(_) => match self.fill_manifest(store, reference).await {
-                Err(Error::Source { failure, message }) if failure.is_outage() => {
+                Err(Error::Source { failure, message })
+                    if failure.is_outage() || failure == SourceFailure::Corrupt =>
+                {
                     Ok(self.stale(stored, &message))
                 }
                 other => other,
