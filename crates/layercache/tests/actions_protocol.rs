@@ -856,14 +856,7 @@ async fn v2_malformed_block_lists_are_refused() {
         "<BlockList/><BlockList/>",
         "<Latest>x</Latest>",
     ] {
-        let response = gha
-            .http
-            .put(go_url(&url, &[("comp", "blocklist")]))
-            .header("content-type", "application/xml")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
+        let response = gha.try_put_block_list_xml(&url, body).await.unwrap();
         let (status, code) = azure_error(response, body).await;
         assert_4xx(status, &format!("Put Block List {body:?} ({code})"));
     }
@@ -907,14 +900,7 @@ async fn v2_block_list_ids_are_read_however_the_xml_spells_them() {
         ids[1],
         u32::from(first.chars().next().unwrap()),
     );
-    let response = gha
-        .http
-        .put(go_url(&url, &[("comp", "blocklist")]))
-        .header("content-type", "application/xml")
-        .body(xml)
-        .send()
-        .await
-        .unwrap();
+    let response = gha.try_put_block_list_xml(&url, xml).await.unwrap();
     assert_request_id(&response, "Put Block List");
     assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
     gha.v2_finalize_ok(&entry.key, entry.bytes.len()).await;
@@ -947,14 +933,7 @@ async fn v2_an_empty_block_list_commits_an_empty_entry() {
             )
             .await;
         assert_eq!(staged.status(), 201);
-        let response = gha
-            .http
-            .put(go_url(&url, &[("comp", "blocklist")]))
-            .header("content-type", "application/xml")
-            .body(xml)
-            .send()
-            .await
-            .unwrap();
+        let response = gha.try_put_block_list_xml(&url, xml).await.unwrap();
         assert_request_id(&response, "Put Block List");
         assert_eq!(
             response.status(),

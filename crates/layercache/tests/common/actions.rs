@@ -726,6 +726,16 @@ impl Client {
             xml.push_str(&format!("<Latest>{id}</Latest>"));
         }
         xml.push_str("</BlockList>");
+        self.try_put_block_list_xml(url, xml).await
+    }
+
+    /// Put Block List with the body `xml`, whatever it holds.
+    pub async fn try_put_block_list_xml(
+        &self,
+        url: &str,
+        xml: impl Into<String>,
+    ) -> Result<reqwest::Response, String> {
+        let xml: String = xml.into();
         self.try_send(
             self.http
                 .put(go_url(url, &[("comp", "blocklist")]))
