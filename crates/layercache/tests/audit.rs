@@ -290,6 +290,24 @@ async fn writes_deletes_cache_saves_and_denials_are_logged_with_who_made_them() 
         .await
         .unwrap();
     assert_eq!(failed.status(), 401);
+    // A valid bearer token used on a repository it was not issued for: the token flow
+    // asks for another token; no refusal of the identity, so nothing is audited.
+    let answer: Value = http
+        .get(server.at("/token?service=layercache&scope=repository:cache/app/pr-7/app:pull"))
+        .header("authorization", &as_pr)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let elsewhere = http
+        .get(server.at("/v2/cache/app/pr-7/other/tags/list"))
+        .bearer_auth(answer["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 401);
 
     // Actions cache: a save with a minted token; a read-only token's save and a forged
     // token's are refused.

@@ -169,6 +169,13 @@ fn audit_refusal(state: &AppState, endpoint: &Endpoint, parts: &Parts, refusal: 
     if !denied && !presented {
         return;
     }
+    // A valid bearer token not issued for this repository: the client asks for one that
+    // is (the token flow), which is no refusal of its identity.
+    if refusal.status() == StatusCode::UNAUTHORIZED
+        && state.authority.identity_of(&parts.headers).is_some()
+    {
+        return;
+    }
     let identity = if denied {
         state.authority.identity_of(&parts.headers)
     } else {
