@@ -114,15 +114,7 @@ fn a_bad_auth_configuration_is_refused_before_the_server_says_it_listens() {
         let config = dir.path().join(format!("layercache-{i}.toml"));
         std::fs::write(&config, format!("[server.auth]\nmode = \"token\"\n{auth}")).unwrap();
         let data = dir.path().join(format!("data-{i}"));
-        let out = layercache(&[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ]);
+        let out = common::serve_refused(&config, &data);
         assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
         let (said, printed) = (text(&out.stderr), text(&out.stdout));
         assert!(said.contains(reason), "{what}: {said}");

@@ -335,15 +335,7 @@ fn an_issuer_without_an_audience_is_refused_at_start() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let out = common::layercache(&[
-        "serve",
-        "--config",
-        config.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let out = common::serve_refused(&config, &data);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("set `audience`"), "{said}");

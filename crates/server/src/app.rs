@@ -106,27 +106,28 @@ pub fn build_router(state: AppState) -> Router {
 /// always does on such requests: so a page elsewhere cannot write the cache of a server
 /// on its visitor's loopback, nor run a pass with an administrator's remembered login.
 async fn refuse_cross_site(request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN);
+    if request.method().is_safe() || origin.is_none_or(|origin| is_own(origin, &request)) {
+        return next.run(request).await;
+    }
+    registry::RegistryError::new(
+        oci::ErrorCode::Denied,
+        "a request from another site's page is refused: its Origin is not this server",
+    )
+    .with_status(axum::http::StatusCode::FORBIDDEN)
+    .into_response()
+}
+
+/// Whether `origin` (`scheme://host[:port]`, or `null`, an opaque origin and never ours)
+/// names the host `request` was sent to.
+fn is_own(origin: &HeaderValue, request: &Request) -> bool {
     let host = request
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or(request.uri().authority().map(|a| a.as_str()));
-    let foreign = |origin: &HeaderValue| {
-        // `scheme://host[:port]`, or `null` (an opaque origin, never ours).
-        let authority = origin.to_str().ok().and_then(|o| o.split_once("://"));
-        !authority
-            .is_some_and(|(_, authority)| host.is_some_and(|h| authority.eq_ignore_ascii_case(h)))
-    };
-    let origin = request.headers().get(header::ORIGIN);
-    if !request.method().is_safe() && origin.is_some_and(foreign) {
-        return registry::RegistryError::new(
-            oci::ErrorCode::Denied,
-            "a request from another site's page is refused: its Origin is not this server",
-        )
-        .with_status(axum::http::StatusCode::FORBIDDEN)
-        .into_response();
-    }
-    next.run(request).await
+    let authority = origin.to_str().ok().and_then(|o| o.split_once("://"));
+    authority.is_some_and(|(_, authority)| host.is_some_and(|h| authority.eq_ignore_ascii_case(h)))
 }
 
 /// Give each request an id and a span; count it in the metrics; log its outcome once its

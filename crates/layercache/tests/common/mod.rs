@@ -403,6 +403,20 @@ pub fn layercache(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `layercache serve` with the configuration file `config` and data in `data_dir`, on a
+/// free loopback port: its output, for a start that must be refused.
+pub fn serve_refused(config: &Path, data_dir: &Path) -> std::process::Output {
+    layercache(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+}
+
 /// Run `command` with `input` on its standard input; its output.
 pub fn output_with_input(command: &mut Command, input: &[u8]) -> std::process::Output {
     use std::io::Write;

@@ -811,8 +811,8 @@ pub async fn guard(
             let response = (StatusCode::FORBIDDEN, message.clone()).into_response();
             (response, Some((Some(identity), message)))
         }
-        Err(Refused::Throttled(wait)) => {
-            let message = Refused::Throttled(wait).to_string();
+        Err(throttled @ Refused::Throttled(wait)) => {
+            let message = throttled.to_string();
             let retry_after = [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())];
             let response = (StatusCode::TOO_MANY_REQUESTS, retry_after, message.clone());
             (response.into_response(), Some((None, message)))
