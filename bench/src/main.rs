@@ -376,6 +376,7 @@ async fn run(args: &Args) -> Result<Report> {
     }
 
     let mut bench = Workbench {
+        dir,
         selection: &selection,
         shape: &shape,
         base: &base,
@@ -648,6 +649,7 @@ impl Selection {
 
 /// What the rounds share, and the samples they collect.
 struct Workbench<'a> {
+    dir: &'a Path,
     selection: &'a Selection,
     shape: &'a Shape,
     base: &'a Base,
@@ -666,8 +668,16 @@ impl Workbench<'_> {
         self.samples.entry(key).or_default().push(kind, value);
     }
 
-    /// One round of every selected workload against one server (`seq` is its place in
-    /// the round).
+    /// [`fresh_pages`] of the blob's size before a timed push, its cost recorded as the
+    /// round's `fresh_page_cpu`.
+    async fn fresh_pages(&mut self, round: usize, kind: Kind) -> Result<()> {
+        let slices = self.base.slices();
+        let slices = slices.get(..self.shape.blob_mib).unwrap_or(slices);
+        let cost = fresh_pages(self.dir, slices).await?;
+        self.record(round, kind, "fresh_page_cpu", cost);
+        Ok(())
+    }
+
     /// HEAD and manifest rates on the server in `token` mode, recorded as layercache's
     /// `*_auth_*` figures.
     async fn auth_round(&mut self, round: usize, registry: &Registry) -> Result<()> {
@@ -710,6 +720,8 @@ impl Workbench<'_> {
         Ok(())
     }
 
+    /// One round of every selected workload against one server (`seq` is its place in
+    /// the round).
     async fn round(
         &mut self,
         round: usize,
@@ -723,7 +735,7 @@ impl Workbench<'_> {
         let name = kind.name();
         let blob = base.blob(shape.blob_mib, &format!("mono-{name}-{round}"))?;
         if has(Workload::Push) {
-            settle();
+            self.fresh_pages(round, kind).await?;
             let before = server.cpu()?;
             let rate = workloads::push_monolithic(registry, &blob).await?;
             self.record_cpu(round, server, before, ("push_cpu", Some("push_sys")))?;
@@ -731,7 +743,7 @@ impl Workbench<'_> {
         }
         if has(Workload::Chunked) {
             let chunked = base.blob(shape.blob_mib, &format!("chunked-{name}-{round}"))?;
-            settle();
+            self.fresh_pages(round, kind).await?;
             let before = server.cpu()?;
             let rate = workloads::push_chunked(registry, &chunked, shape.chunk_mib).await?;
             self.record_cpu(round, server, before, ("chunked_cpu", Some("chunked_sys")))?;
@@ -840,4 +852,17 @@ async fn run_e2e(
 /// Flush dirty pages so one measurement's writeback does not land in the next one's time.
 pub(crate) fn settle() {
     let _ = Command::new("sync").status();
+}
+
+/// [`settle`], then hand the next write workload pages the guest has just used: write
+/// `slices` to a file in `dir` and delete it; returns what that cost, in CPU-s/GiB. On a
+/// VM whose hypervisor takes free pages back (a balloon with free page reporting), a
+/// page fresh to the guest costs several times the copy into it, and a fresh VM's free
+/// memory is nearly all such pages; a server in service has its memory full of page
+/// cache and takes its pages from reclaimed cache instead. Without this, whichever
+/// server writes first after a pause pays the hypervisor's faults, and a figure measures
+/// the order of the servers.
+pub(crate) async fn fresh_pages(dir: &Path, slices: &[bytes::Bytes]) -> Result<f64> {
+    settle();
+    limits::page_cache_write_cpu(dir, slices).await
 }

@@ -62,6 +62,13 @@ pub struct Limits {
     pub page_cache_read: Option<Summary>,
     /// Kernel and user CPU seconds per GiB written into the page cache (a new file).
     pub page_cache_write_cpu: Option<Summary>,
+    /// The same, written at once into the pages the previous file freed: the guest's own
+    /// cost, without a hypervisor's for pages it has taken back.
+    pub page_cache_rewrite_cpu: Option<Summary>,
+    /// A bare `sendfile` loop sending a cached 1 GiB file to a loopback receiver.
+    pub loopback_sendfile: Option<Summary>,
+    /// Its kernel and user CPU seconds per GiB.
+    pub loopback_sendfile_cpu: Option<Summary>,
     /// Write, then fsync, of 1 GiB on the servers' disk.
     pub disk_write_fsync: Option<Summary>,
     /// Write of 1 GiB with fdatasync overlapping it, then fsync, on the servers' disk.
@@ -101,11 +108,12 @@ impl Limits {
     }
 
     /// The least CPU a GiB pushed can cost a server that hashes it and writes it through
-    /// the page cache, in CPU-s/GiB: the machine's page-cache write plus one core's
-    /// SHA-256 (the socket read not counted).
+    /// the page cache into pages just freed (as the push workloads are given), in
+    /// CPU-s/GiB: that page-cache write plus one core's SHA-256 (the socket read not
+    /// counted).
     pub fn push_cpu(&self) -> Option<f64> {
         let sha = Self::median(&self.sha256_one_core)?;
-        Some(Self::median(&self.page_cache_write_cpu)? + GIB / MB / sha)
+        Some(Self::median(&self.page_cache_rewrite_cpu)? + GIB / MB / sha)
     }
 
     /// The push limit: the slower of hashing on one core and writing durably.
@@ -327,7 +335,7 @@ pub fn figures(
     };
     let gib_cpu = |target| Target::AtMost { value: target };
     let null_cpu = |key: &str| limits.actions_null_cpu.get(key).map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 54] = [
+    let rows: [(&str, String, &str, Option<f64>, Target); 55] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -381,10 +389,17 @@ pub fn figures(
             Target::None,
         ),
         (
+            "fresh_page_cpu",
+            format!("writing {blob} into pages fresh to the VM, before each push"),
+            "CPU-s/GiB",
+            None,
+            Target::None,
+        ),
+        (
             "pull_cpu",
             format!("pull {blob}: server CPU"),
             "CPU-s/GiB",
-            None,
+            median(&limits.loopback_sendfile_cpu),
             gib_cpu(0.25),
         ),
         (
@@ -748,6 +763,21 @@ pub fn limits_table(limits: &Limits) -> String {
         (
             "page-cache write, new file",
             &limits.page_cache_write_cpu,
+            "CPU-s/GiB",
+        ),
+        (
+            "page-cache write, pages just freed",
+            &limits.page_cache_rewrite_cpu,
+            "CPU-s/GiB",
+        ),
+        (
+            "sendfile of a cached file to loopback",
+            &limits.loopback_sendfile,
+            "MB/s",
+        ),
+        (
+            "sendfile of a cached file to loopback, sender",
+            &limits.loopback_sendfile_cpu,
             "CPU-s/GiB",
         ),
         ("disk write, then fsync", &limits.disk_write_fsync, "MB/s"),
