@@ -857,11 +857,11 @@ pub(crate) fn settle() {
 /// [`settle`], then hand the next write workload pages the guest has just used: write
 /// `slices` to a file in `dir` and delete it; returns what that cost, in CPU-s/GiB. On a
 /// VM whose hypervisor takes free pages back (a balloon with free page reporting), a
-/// page fresh to the guest costs several times the copy into it, and a fresh VM's free
-/// memory is nearly all such pages; a server in service has its memory full of page
-/// cache and takes its pages from reclaimed cache instead. Without this, whichever
-/// server writes first after a pause pays the hypervisor's faults, and a figure measures
-/// the order of the servers.
+/// page fresh to the guest costs several times the copy into it, so whichever server
+/// writes into such pages pays the hypervisor's faults, and a figure measures the VM's
+/// state and the order of the servers rather than the server. Freed pages stay cheap for
+/// about a second, so this is a race the workload usually wins; the returned cost shows
+/// the state it started from.
 pub(crate) async fn fresh_pages(dir: &Path, slices: &[bytes::Bytes]) -> Result<f64> {
     settle();
     limits::page_cache_write_cpu(dir, slices).await
