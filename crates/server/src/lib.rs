@@ -16,7 +16,6 @@ pub mod metrics;
 #[doc(hidden)]
 pub mod parse;
 pub mod registry;
-pub mod sendfile;
 pub mod serve;
 pub mod sessions;
 pub mod tls;

@@ -20,7 +20,6 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use crate::limits::Limits;
-use crate::sendfile::{self, ZeroCopy};
 use crate::tls::Tls;
 
 /// How a request reached the server: each request carries it as an extension, set by
@@ -71,8 +70,8 @@ pub async fn serve(
     drain: Duration,
 ) -> Drained {
     let mut http = hyper::server::conn::http1::Builder::new();
-    // Body buffers are queued as they are, never copied into one: what zero-copy
-    // bodies rely on (see `sendfile`).
+    // Body buffers are queued as they are, never copied into one: a blob's mapped
+    // windows are written to the socket straight from the page cache.
     http.timer(TokioTimer::new())
         .writev(true)
         .header_read_timeout(limits.header_read_timeout);
@@ -107,11 +106,8 @@ pub async fn serve(
         let (http, app) = (Arc::clone(&http), app.clone());
         match tls {
             None => {
-                let (stream, zero_copy) = sendfile::Connection::new(stream);
-                let connection = http.serve_connection(
-                    TokioIo::new(stream),
-                    service(app, addr, Scheme::Http, Some(zero_copy)),
-                );
+                let connection =
+                    http.serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Http));
                 connections.spawn(run(watcher, connection, addr));
             }
             Some(tls) => {
@@ -128,10 +124,8 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let connection = http.serve_connection(
-                        TokioIo::new(stream),
-                        service(app, addr, Scheme::Https, None),
-                    );
+                    let connection = http
+                        .serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Https));
                     run(watcher, connection, addr).await;
                 });
             }
@@ -191,13 +185,11 @@ where
     }
 }
 
-/// `app` as the hyper service of one connection from `addr`, speaking `scheme`, with
-/// `zero_copy` when files can be sent on it by the kernel.
+/// `app` as the hyper service of one connection from `addr`, speaking `scheme`.
 fn service(
     app: Router,
     addr: SocketAddr,
     scheme: Scheme,
-    zero_copy: Option<ZeroCopy>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
@@ -208,9 +200,6 @@ fn service(
         let mut request = request.map(axum::body::Body::new);
         request.extensions_mut().insert(ConnectInfo(addr));
         request.extensions_mut().insert(scheme);
-        if let Some(zero_copy) = &zero_copy {
-            request.extensions_mut().insert(zero_copy.clone());
-        }
         app.clone().oneshot(request)
     })
 }

@@ -4,10 +4,10 @@
 //! parallel, and assembling an entry copies nothing. Entries count against the same
 //! quota and are evicted least recently restored first.
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
 
-use crate::blob::{BlobStore, ByteRange, ByteStream, open_committed};
+use crate::blob::{BlobStore, ByteRange, ByteStream};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
 use crate::{Error, Result, Store, UploadId, limited, too_large};
@@ -58,29 +58,6 @@ impl EntryRead {
             })
             .try_flatten();
         Box::pin(stream)
-    }
-
-    /// The whole entry, or `range` of it, as its parts' files, each opened when the
-    /// stream reaches it, with the range of it to send; `None` when blobs are not local
-    /// files.
-    pub fn files(
-        &self,
-        range: Option<ByteRange>,
-    ) -> Option<impl Stream<Item = std::io::Result<(std::fs::File, ByteRange)>> + Send + 'static>
-    {
-        let pieces = self
-            .pieces(range)
-            .into_iter()
-            .map(|(digest, range)| Some((self.blobs.file_path(&digest)?, digest, range)))
-            .collect::<Option<Vec<_>>>()?;
-        let files = futures::stream::iter(pieces).then(|(path, digest, range)| async move {
-            let file = open_committed(path)
-                .await
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| gone(&digest))?;
-            Ok((file, range))
-        });
-        Some(files)
     }
 }
 

@@ -69,11 +69,6 @@ impl BlobRead {
         self.store.redirect(&self.digest).await
     }
 
-    /// The blob's file, when blobs are local files (it never changes once committed).
-    pub async fn file(&self) -> Result<Option<std::fs::File>> {
-        self.store.local_file(&self.digest).await
-    }
-
     /// Stream the whole blob, or `range` of it.
     pub async fn stream(self, range: Option<ByteRange>) -> Result<ByteStream> {
         self.store

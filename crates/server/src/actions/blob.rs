@@ -16,7 +16,6 @@ use store::ByteRange;
 use super::{ActionsError, UrlUse, entry_id, record};
 use crate::app::AppState;
 use crate::body::{byte_stream, drain_on_drop, parse_range};
-use crate::sendfile::ZeroCopy;
 use crate::sessions::Outcome;
 
 /// The route of an entry's URL.
@@ -304,14 +303,7 @@ async fn get_blob(state: &AppState, id: i64, parts: &Parts, session: Option<Stri
             &scope,
             Outcome::EntryServed { bytes: len },
         );
-        let files = parts
-            .extensions
-            .get::<ZeroCopy>()
-            .and_then(|zero_copy| Some((zero_copy, read.files(range)?)));
-        Response::new(match files {
-            Some((zero_copy, files)) => zero_copy.files(files),
-            None => Body::from_stream(read.stream(range)),
-        })
+        Response::new(Body::from_stream(read.stream(range)))
     };
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));

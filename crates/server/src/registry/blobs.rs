@@ -6,12 +6,10 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use oci::{Digest, ErrorCode, RepoName};
-use store::ByteRange;
 
 use super::{RegistryError, Result};
 use crate::app::AppState;
 use crate::body::parse_range;
-use crate::sendfile::ZeroCopy;
 use crate::upstream::{BlobAnswer, Route, Served};
 
 fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> Response {
@@ -95,25 +93,6 @@ pub async fn get_blob(
     }
 }
 
-/// The body of `blob`, or of `range` of it: sent from its file by the kernel when both
-/// the blob and the connection allow it, else streamed.
-async fn blob_body(
-    blob: store::BlobRead,
-    range: Option<ByteRange>,
-    request: &Parts,
-) -> Result<Body> {
-    if let Some(zero_copy) = request.extensions.get::<ZeroCopy>()
-        && let Some(file) = blob.file().await?
-    {
-        let ByteRange { start, len } = range.unwrap_or(ByteRange {
-            start: 0,
-            len: blob.size,
-        });
-        return Ok(zero_copy.body(file, start, len));
-    }
-    Ok(Body::from_stream(blob.stream(range).await?))
-}
-
 /// Send a stored blob, or the `Range` of it asked for.
 async fn send_blob(blob: store::BlobRead, digest: &Digest, request: &Parts) -> Result {
     let size = blob.size;
@@ -133,10 +112,10 @@ async fn send_blob(blob: store::BlobRead, digest: &Digest, request: &Parts) -> R
         return Ok(redirect(digest, &url));
     }
     let Some(range) = range else {
-        let body = blob_body(blob, None, request).await?;
+        let body = Body::from_stream(blob.stream(None).await?);
         return Ok(blob_response(StatusCode::OK, digest, size, body));
     };
-    let body = blob_body(blob, Some(range), request).await?;
+    let body = Body::from_stream(blob.stream(Some(range)).await?);
     let mut response = blob_response(StatusCode::PARTIAL_CONTENT, digest, range.len, body);
     let content_range = format!(
         "bytes {}-{}/{size}",

@@ -47,11 +47,6 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn redirect(&self, _digest: &Digest) -> Result<Option<String>> {
         Ok(None)
     }
-    /// Where the committed blob's file is, when the medium keeps blobs in local files
-    /// (so the server can have the kernel send it); `None` for other media.
-    fn file_path(&self, _digest: &Digest) -> Option<std::path::PathBuf> {
-        None
-    }
 }
 
 /// A staging area as eviction sees it.

@@ -74,7 +74,7 @@ fn not_found_as_none<T>(result: io::Result<T>) -> Result<Option<T>> {
 }
 
 /// Open the committed blob file at `path`; `None` when it is not there.
-pub(crate) async fn open_committed(path: PathBuf) -> Result<Option<std::fs::File>> {
+async fn open_committed(path: PathBuf) -> Result<Option<std::fs::File>> {
     not_found_as_none(tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?)
 }
 
@@ -179,10 +179,6 @@ impl BlobBackend for FsBackend {
             end,
         });
         Ok(Some(Box::pin(windows)))
-    }
-
-    fn file_path(&self, digest: &Digest) -> Option<PathBuf> {
-        Some(self.blob_path(digest))
     }
 
     async fn create_staged(&self, id: &UploadId) -> Result<()> {

@@ -28,7 +28,6 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{BlobBackend, Staged};
 pub use fs::FsBackend;
-pub(crate) use fs::open_committed;
 pub use s3::S3Backend;
 
 use crate::meta::{MetaStore, SharedLock};
@@ -360,20 +359,6 @@ impl BlobStore {
     /// the backend offers one; `None` means the bytes are served through this server.
     pub async fn redirect(&self, digest: &Digest) -> Result<Option<String>> {
         self.backend.redirect(digest).await
-    }
-
-    /// Where the committed blob's file is, when the backend keeps local files.
-    pub fn file_path(&self, digest: &Digest) -> Option<std::path::PathBuf> {
-        self.backend.file_path(digest)
-    }
-
-    /// The committed blob as an open local file, when the backend keeps files; `None`
-    /// otherwise or when absent.
-    pub async fn local_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
-        match self.file_path(digest) {
-            Some(path) => open_committed(path).await,
-            None => Ok(None),
-        }
     }
 
     /// Create an empty staging area for `id`.
