@@ -174,8 +174,9 @@ pub async fn loopback_tcp(total: u64) -> Result<f64> {
 
 /// A bare `sendfile(2)` loop sending a cached file of `slices` to a loopback receiver in
 /// another thread: its rate in MB/s, and the CPU seconds per GiB it spends on the sending
-/// thread, the least a GiB pulled can cost a server that sends from the page cache. On
-/// loopback the sender also runs the receiving side's TCP processing, and a receiver on
+/// thread: the kernel's own file-to-socket path, for comparison with a server sending
+/// from the page cache (through mapped windows, on some kernels both faster and cheaper
+/// than this). On loopback the sender also runs the receiving side's TCP processing, and a receiver on
 /// the other core costs it about three times what one on its own core does (0.37-0.50
 /// against 0.12-0.15 on a 2-core VM); the scheduler is left to place the two, as it
 /// places a server and its client.
