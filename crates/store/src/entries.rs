@@ -3,6 +3,11 @@
 //! digest, so identical uploads are stored once, parts arrive in any order and in
 //! parallel, and assembling an entry copies nothing. Entries count against the same
 //! quota and are evicted least recently restored first.
+//!
+//! No client names a part by its digest (the cache protocols carry none), so parts are
+//! addressed by BLAKE3 rather than SHA-256: the hash is the one per-byte cost of a save
+//! besides the write, and BLAKE3 costs about a fifth as much (5.7 GB/s against 1.2 on one
+//! core here). A part is never stored under a digest a registry client could ask for.
 
 use futures::{StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
@@ -11,6 +16,9 @@ use crate::blob::{BlobStore, ByteRange, ByteStream};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
 use crate::{Error, Result, Store, UploadId, limited, too_large};
+
+/// The algorithm parts are stored under (see the module).
+const PART_ALGORITHM: Algorithm = Algorithm::Blake3;
 
 /// A finished entry, ready to be read.
 pub struct EntryRead {
@@ -121,7 +129,7 @@ impl Store {
             let (len, hasher) = self
                 .0
                 .blobs
-                .append(&id, 0, limited(body, limit), Hasher::new(Algorithm::Sha256))
+                .append(&id, 0, limited(body, limit), Hasher::new(PART_ALGORITHM))
                 .await
                 .map_err(|e| too_large(e, Error::EntryTooLarge { limit }))?;
             if let Some(declared) = expected.filter(|&d| d != len) {

@@ -241,15 +241,16 @@ fn blob_files(dir: &Path) -> BTreeSet<Digest> {
                     algorithm.file_name().to_string_lossy(),
                     file.file_name().to_string_lossy()
                 );
-                found.insert(name.parse().unwrap());
+                found.insert(Digest::parse_stored(&name).unwrap());
             }
         }
     }
     found
 }
 
-fn sha(bytes: &[u8]) -> Digest {
-    Digest::sha256_of(bytes)
+/// The digest a part of these bytes is stored under (the reference implementation's).
+fn part(bytes: &[u8]) -> Digest {
+    Digest::parse_stored(&format!("blake3:{}", blake3::hash(bytes).to_hex())).unwrap()
 }
 
 /// Fresh metadata of `backend` for a store in `dir`.
@@ -1244,7 +1245,7 @@ async fn the_same_content_is_stored_once_across_entries(backend: Backend) {
         same.push(save(&store, repository, scope, k, version, &data).await.id);
         assert_eq!(blob_usage(&store).await, once);
     }
-    assert_eq!(blob_files(dir.path()), BTreeSet::from([sha(&data)]));
+    assert_eq!(blob_files(dir.path()), BTreeSet::from([part(&data)]));
 
     // Chunked twice at the same boundaries: two blobs, not four.
     for k in ["chunked-1", "chunked-2"] {
@@ -1292,7 +1293,7 @@ async fn the_same_content_is_stored_once_across_entries(backend: Backend) {
     assert_eq!(blob_usage(&store).await, chunked);
     assert_eq!(
         blob_files(dir.path()),
-        BTreeSet::from([sha(&data), sha(&data[..100_000]), sha(&data[100_000..])])
+        BTreeSet::from([part(&data), part(&data[..100_000]), part(&data[100_000..])])
     );
     for id in same {
         assert_eq!(read(&store, id).await, data, "entry {id}");
@@ -1397,7 +1398,7 @@ fn entries_are_evicted_least_recently_restored_first_with_the_blobs_only_they_ho
         // Their blobs are deleted, except the part `a` still holds.
         assert_eq!(
             blob_files(dir.path()),
-            BTreeSet::from([sha(&a1), sha(&shared)])
+            BTreeSet::from([part(&a1), part(&shared)])
         );
         assert_eq!(blob_usage(&store).await, (2, 2 * U as u64));
         assert_eq!(read(&store, a.id).await, [&a1[..], &shared].concat());
@@ -1458,7 +1459,7 @@ fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires(backend: Backe
             .put_entry_part(u2.id, 0, Some(2000), false, body(&p2), LIMIT)
             .await
             .unwrap();
-        let held = BTreeSet::from([sha(&shared), sha(&x), sha(&y), sha(&z), sha(&p2)]);
+        let held = BTreeSet::from([part(&shared), part(&x), part(&y), part(&z), part(&p2)]);
 
         // Past the grace and over the quota: the finished entry goes, with the blob only
         // it held; what the unfinished ones hold stays.
@@ -1490,8 +1491,8 @@ fn what_an_unfinished_entry_holds_is_never_swept_until_it_expires(backend: Backe
         );
         assert_eq!(report.uploads_expired, 0);
         let files = blob_files(dir.path());
-        assert!(!files.contains(&sha(&z)), "the unlisted block is swept");
-        assert!(files.contains(&sha(&shared)) && files.contains(&sha(&p2)));
+        assert!(!files.contains(&part(&z)), "the unlisted block is swept");
+        assert!(files.contains(&part(&shared)) && files.contains(&part(&p2)));
         assert_eq!(store.entry(u2.id).await.unwrap().size, None);
 
         // Once the unfinished entry expires, its blobs go too.

@@ -57,11 +57,12 @@ pub fn keyed_content(key: &str, min: usize, max: usize) -> Vec<u8> {
 }
 
 /// The blobs (digest, size) an entry is stored as when uploaded in blocks of `block`
-/// bytes (one block per blob; what is smaller than a block goes up whole, as one).
+/// bytes (one block per blob; what is smaller than a block goes up whole, as one),
+/// addressed by BLAKE3 as the store addresses entries' parts.
 pub fn stored_pieces(bytes: &[u8], block: usize) -> Vec<(String, u64)> {
     bytes
         .chunks(block.max(1))
-        .map(|p| (super::digest_of(p), p.len() as u64))
+        .map(|p| (super::digest_with("blake3", p), p.len() as u64))
         .collect()
 }
 

@@ -778,22 +778,25 @@ pub fn blob_files(data_dir: &Path) -> BTreeSet<String> {
     blob_file_sizes(data_dir).into_keys().collect()
 }
 
-/// The committed blob files under `data_dir`, as digests, with their lengths.
+/// The committed blob files under `data_dir` (layers under `sha256`, cache entries' parts
+/// under `blake3`), as digests, with their lengths.
 pub fn blob_file_sizes(data_dir: &Path) -> std::collections::BTreeMap<String, u64> {
     let mut found = std::collections::BTreeMap::new();
-    let Ok(shards) = std::fs::read_dir(data_dir.join("blobs/sha256")) else {
-        return found;
-    };
-    for shard in shards {
-        let Ok(files) = std::fs::read_dir(shard.unwrap().path()) else {
+    for algorithm in ["sha256", "sha512", "blake3"] {
+        let Ok(shards) = std::fs::read_dir(data_dir.join("blobs").join(algorithm)) else {
             continue;
         };
-        for file in files {
-            let file = file.unwrap();
-            // Deleted since the listing: not there.
-            let Ok(meta) = file.metadata() else { continue };
-            let name = file.file_name().to_str().unwrap().to_owned();
-            found.insert(format!("sha256:{name}"), meta.len());
+        for shard in shards {
+            let Ok(files) = std::fs::read_dir(shard.unwrap().path()) else {
+                continue;
+            };
+            for file in files {
+                let file = file.unwrap();
+                // Deleted since the listing: not there.
+                let Ok(meta) = file.metadata() else { continue };
+                let name = file.file_name().to_str().unwrap().to_owned();
+                found.insert(format!("{algorithm}:{name}"), meta.len());
+            }
         }
     }
     found

@@ -342,25 +342,36 @@ pub fn digest_of_chunks(seed: u64, len: usize, chunk: usize) -> String {
 
 /// Every committed blob file under the data directory hashes to its name.
 pub fn assert_blob_files_match_their_names(data_dir: &Path) {
-    use sha2::Digest;
-    let root = data_dir.join("blobs/sha256");
-    let Ok(shards) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for shard in shards {
-        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
-            let path = file.unwrap().path();
-            let mut h = sha2::Sha256::new();
-            std::io::copy(&mut std::fs::File::open(&path).unwrap(), &mut h).unwrap();
-            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-            assert_eq!(
-                hex::encode(h.finalize()),
-                name,
-                "{} is corrupt",
-                path.display()
-            );
-        }
+    for (digest, _) in load::blob_file_sizes(data_dir) {
+        let (algorithm, hex) = digest.split_once(':').unwrap();
+        let path = data_dir
+            .join("blobs")
+            .join(algorithm)
+            .join(&hex[..2])
+            .join(hex);
+        // Deleted since the listing: nothing to check.
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        assert_eq!(
+            digest_with(algorithm, &bytes),
+            digest,
+            "{} is corrupt",
+            path.display()
+        );
     }
+}
+
+/// The digest of `bytes` with `algorithm` (`sha256`, `sha512` or `blake3`).
+pub fn digest_with(algorithm: &str, bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let hex = match algorithm {
+        "sha256" => hex::encode(sha2::Sha256::digest(bytes)),
+        "sha512" => hex::encode(sha2::Sha512::digest(bytes)),
+        "blake3" => blake3::hash(bytes).to_hex().to_string(),
+        other => panic!("no digest algorithm {other}"),
+    };
+    format!("{algorithm}:{hex}")
 }
 
 /// Peak resident memory of a process, in bytes (`VmHWM`).

@@ -287,7 +287,7 @@ impl BlobBackend for FsBackend {
                             blob?.file_name().to_string_lossy()
                         );
                         // Anything else in the tree is not a blob this backend wrote.
-                        if let Ok(digest) = name.parse() {
+                        if let Ok(digest) = Digest::parse_stored(&name) {
                             found.push(digest);
                         }
                     }

@@ -571,9 +571,7 @@ impl BlobBackend for S3Backend {
                         return None;
                     }
                     // Anything else under the prefix is not a blob this backend wrote.
-                    format!("{}:{}", algorithm.as_ref(), hex.as_ref())
-                        .parse::<Digest>()
-                        .ok()
+                    Digest::parse_stored(&format!("{}:{}", algorithm.as_ref(), hex.as_ref())).ok()
                 });
                 futures::future::ready(Ok(digest))
             })

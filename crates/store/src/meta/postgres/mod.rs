@@ -208,8 +208,7 @@ fn blob_lock_id(digest: &Digest) -> i32 {
 
 /// `s` as a stored digest.
 pub(super) fn parse_digest(s: String) -> Result<Digest> {
-    s.parse()
-        .map_err(|e| Error::Postgres(sqlx::Error::Decode(Box::new(e))))
+    Digest::parse_stored(&s).map_err(|e| Error::Postgres(sqlx::Error::Decode(Box::new(e))))
 }
 
 /// `s` as a stored repository name.

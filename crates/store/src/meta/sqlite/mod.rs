@@ -267,7 +267,7 @@ fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
 }
 
 fn parse_digest(s: String) -> rusqlite::Result<Digest> {
-    s.parse().map_err(|e| {
+    Digest::parse_stored(&s).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })
 }
