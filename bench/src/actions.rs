@@ -141,6 +141,16 @@ pub fn sample_key(target: Target, op: Op) -> Option<&'static str> {
     }
 }
 
+/// The key of the figure of the server's kernel CPU seconds per GiB saved on `target`
+/// (layercache's): where the cost of the pages written shows.
+fn kernel_cpu_key(target: Target, op: Op) -> Option<&'static str> {
+    match (target, op) {
+        (Target::LayercacheV2, Op::Save) => Some("actions_v2_save_sys"),
+        (Target::LayercacheV1, Op::Save) => Some("actions_v1_save_sys"),
+        _ => None,
+    }
+}
+
 /// The key of the figure of the server's CPU seconds per GiB for `op` on `target`
 /// (layercache's; the null server's are the limits of the same keys).
 pub fn cpu_key(target: Target, op: Op) -> Option<&'static str> {
@@ -170,6 +180,8 @@ pub struct Run {
     pub client_cpu_s: f64,
     /// CPU seconds of the server (layercache or the null server) meanwhile.
     pub server_cpu_s: f64,
+    /// The part of them in the kernel.
+    pub server_kernel_cpu_s: f64,
     /// CPU seconds the rest of the machine took meanwhile: other processes, kernel
     /// threads (write-back included) and the hypervisor's steal, but not interrupt
     /// handling (loopback traffic is the run's own). Well above zero, the run was disturbed.
@@ -181,7 +193,7 @@ pub struct Run {
 struct Timing {
     secs: f64,
     client_cpu_s: f64,
-    server_cpu_s: f64,
+    server: Cpu,
     other_cpu_s: f64,
 }
 
@@ -397,7 +409,7 @@ pub async fn run(
                     report::num(mib_s),
                     t.secs,
                     t.client_cpu_s,
-                    t.server_cpu_s,
+                    t.server.total(),
                     t.other_cpu_s,
                 );
                 runs.push(Run {
@@ -407,10 +419,16 @@ pub async fn run(
                     secs: t.secs,
                     mib_s,
                     client_cpu_s: t.client_cpu_s,
-                    server_cpu_s: t.server_cpu_s,
+                    server_cpu_s: t.server.total(),
+                    server_kernel_cpu_s: t.server.system,
                     other_cpu_s: t.other_cpu_s,
                 });
-                let cpu_s_gib = t.server_cpu_s * 1024.0 / ctx.payload_mib as f64;
+                let per_gib = |secs: f64| secs * 1024.0 / ctx.payload_mib as f64;
+                let cpu_s_gib = per_gib(t.server.total());
+                if let Some(k) = kernel_cpu_key(target, op) {
+                    let kernel = per_gib(t.server.system);
+                    samples.entry(k).or_default().push(Kind::Layercache, kernel);
+                }
                 match sample_key(target, op) {
                     Some(k) => samples.entry(k).or_default().push(Kind::Layercache, mib_s),
                     None => ceilings.entry((target.v2(), op)).or_default().push(mib_s),
@@ -590,7 +608,7 @@ impl Invoke<'_> {
             cmd.env("ACTIONS_CACHE_URL", base);
         }
         let pid = self.server_pid.to_string();
-        let server0 = Cpu::of(&pid, false)?.total();
+        let server0 = Cpu::of(&pid, false)?;
         let client0 = Cpu::of("self", true)?.total();
         let busy0 = servers::machine_busy_secs()?;
         let start = Instant::now();
@@ -598,7 +616,7 @@ impl Invoke<'_> {
         let secs = start.elapsed().as_secs_f64();
         let busy = servers::machine_busy_secs()? - busy0;
         let client = Cpu::of("self", true)?.total() - client0;
-        let server = Cpu::of(&pid, false)?.total() - server0;
+        let server = Cpu::of(&pid, false)?.since(server0);
         if !status.success() || !succeeded(op, log) {
             bail!(
                 "{} {} of {key} failed ({status}); log {}:\n{}",
@@ -611,8 +629,8 @@ impl Invoke<'_> {
         Ok(Timing {
             secs,
             client_cpu_s: client,
-            server_cpu_s: server,
-            other_cpu_s: (busy - client - server).max(0.0),
+            other_cpu_s: (busy - client - server.total()).max(0.0),
+            server,
         })
     }
 }

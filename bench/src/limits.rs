@@ -172,16 +172,16 @@ pub async fn loopback_tcp(total: u64) -> Result<f64> {
     mbps(got, secs)
 }
 
-/// A bare `sendfile(2)` loop sending a cached file of `slices` to a loopback receiver in
-/// another thread: its rate in MB/s, and the CPU seconds per GiB it spends on the sending
-/// thread: the kernel's own file-to-socket path, for comparison with a server sending
-/// from the page cache (through mapped windows, on some kernels both faster and cheaper
-/// than this). On loopback the sender also runs the receiving side's TCP processing, and a receiver on
-/// the other core costs it about three times what one on its own core does (0.37-0.50
-/// against 0.12-0.15 on a 2-core VM); the scheduler is left to place the two, as it
-/// places a server and its client.
-pub async fn loopback_sendfile(dir: &Path, slices: &[Bytes]) -> Result<(f64, f64)> {
-    let path = dir.join("limits-sendfile.bin");
+/// A bare loop sending a cached file of `slices` to a loopback receiver in another thread
+/// the way layercache sends a blob: memory-mapped 4 MiB windows, each written to the
+/// socket and unmapped. Its rate in MB/s, and the CPU seconds per GiB it spends on the
+/// sending thread: what serving a file costs this machine without HTTP. On loopback the
+/// sender also runs the receiving side's TCP processing, and a receiver on the other core
+/// costs it about three times what one on its own core does (measured with `sendfile`:
+/// 0.37-0.50 against 0.12-0.15 CPU-s/GiB on a 2-core VM); the scheduler is left to place
+/// the two, as it places a server and its client.
+pub async fn loopback_mapped(dir: &Path, slices: &[Bytes]) -> Result<(f64, f64)> {
+    let path = dir.join("limits-mapped.bin");
     let slices = slices.to_vec();
     tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::create(&path)?;
@@ -201,11 +201,13 @@ pub async fn loopback_sendfile(dir: &Path, slices: &[Bytes]) -> Result<(f64, f64
                 }
             }
         });
-        let (socket, _) = listener.accept()?;
+        let (mut socket, _) = listener.accept()?;
         let (start, before) = (Instant::now(), Cpu::of("thread-self", false)?);
         let mut sent = 0u64;
         while sent < total {
-            sent += send_file(&socket, &file, sent, total - sent)?;
+            let len = (total - sent).min(WINDOW);
+            socket.write_all(&map_window(&file, sent, len)?)?;
+            sent += len;
         }
         let spent = Cpu::of("thread-self", false)?.since(before).total();
         drop(socket);
@@ -220,22 +222,20 @@ pub async fn loopback_sendfile(dir: &Path, slices: &[Bytes]) -> Result<(f64, f64
     .await?
 }
 
-/// `sendfile(2)` of up to `len` bytes of `file` from `offset` onto `socket`.
+/// The windows [`loopback_mapped`] sends, as layercache's file backend maps them.
+const WINDOW: u64 = 4 << 20;
+
+/// `len` bytes of `file` from `offset`, mapped read-only.
 #[allow(unsafe_code)]
-fn send_file(
-    socket: &std::net::TcpStream,
-    file: &std::fs::File,
-    offset: u64,
-    len: u64,
-) -> Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut offset = libc::off_t::try_from(offset)?;
-    let len = usize::try_from(len.min(16 << 20))?;
-    // SAFETY: both descriptors stay open for the call (borrowed); `offset` is a valid
-    // local the kernel updates.
-    let sent = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut offset, len) };
-    anyhow::ensure!(sent > 0, "sendfile: {}", std::io::Error::last_os_error());
-    Ok(sent as u64)
+fn map_window(file: &std::fs::File, offset: u64, len: u64) -> Result<memmap2::Mmap> {
+    // SAFETY: the file is the loop's own, and nothing truncates or writes it while mapped.
+    let window = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(usize::try_from(len)?)
+            .map(file)?
+    };
+    Ok(window)
 }
 
 /// What the benchmark's own HTTP client reaches against a trivial in-process server that
@@ -340,7 +340,7 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
     let (mut sha, mut read, mut write, mut overlapped, mut tcp, mut get, mut put) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut page_cache_cpu, mut reused_cpu) = (vec![], vec![]);
-    let (mut sendfile, mut sendfile_cpu) = (vec![], vec![]);
+    let (mut mapped, mut mapped_cpu) = (vec![], vec![]);
     for round in 0..rounds {
         eprintln!("bench: machine limits, round {}", round + 1);
         sha.push(sha256_one_core(gib).await?);
@@ -353,9 +353,9 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
         crate::settle();
         overlapped.push(disk_write_fsync_overlapped(dir, gib).await?);
         read.push(page_cache_read(dir, gib).await?);
-        let (rate, cpu) = loopback_sendfile(dir, gib).await?;
-        sendfile.push(rate);
-        sendfile_cpu.push(cpu);
+        let (rate, cpu) = loopback_mapped(dir, gib).await?;
+        mapped.push(rate);
+        mapped_cpu.push(cpu);
         tcp.push(loopback_tcp(4 << 30).await?);
         get.push(http_get_ceiling(&client, 4 << 30).await?);
         put.push(http_put_ceiling(&client, gib).await?);
@@ -365,8 +365,8 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
         page_cache_read: Summary::of(&read),
         page_cache_write_cpu: Summary::of(&page_cache_cpu),
         page_cache_rewrite_cpu: Summary::of(&reused_cpu),
-        loopback_sendfile: Summary::of(&sendfile),
-        loopback_sendfile_cpu: Summary::of(&sendfile_cpu),
+        loopback_mapped: Summary::of(&mapped),
+        loopback_mapped_cpu: Summary::of(&mapped_cpu),
         disk_write_fsync: Summary::of(&write),
         disk_write_fsync_overlapped: Summary::of(&overlapped),
         loopback_tcp: Summary::of(&tcp),
