@@ -89,9 +89,7 @@ impl Digest {
         hasher.update(bytes);
         hasher.finish() == *self
     }
-}
 
-impl Digest {
     /// Parse a digest the store wrote: any algorithm it addresses content by, including
     /// those no client may name.
     pub fn parse_stored(s: &str) -> Result<Digest, DigestError> {

@@ -265,8 +265,7 @@ pub fn log_field(line: &str, name: &str) -> Option<String> {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn digest_of(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+    digest_with("sha256", bytes)
 }
 
 /// Whether `tool` is a command on `PATH`.
