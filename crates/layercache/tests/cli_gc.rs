@@ -1,7 +1,8 @@
 //! `layercache gc`: a dry run changes nothing, a pass evicts what a rule's maximum age
 //! says, and pinned tags stay; a quota that cannot be met because every root left is in
 //! use or pinned is said once (log, metric, report, usage history) and nothing in use is
-//! evicted; `serve` refuses a data directory another server holds.
+//! evicted, and commits do not start a pass each while it cannot be met; `serve` refuses
+//! a data directory another server holds.
 
 #![allow(
     clippy::unwrap_used,
@@ -229,6 +230,63 @@ async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted()
     }
     assert_eq!(said("the quota cannot be met"), 1, "{}", server.log());
     assert_eq!(said("the quota is met again"), 1, "{}", server.log());
+}
+
+/// The value of the unlabelled metric `name` in `/metrics`.
+async fn metric(client: &reqwest::Client, server: &common::Server, name: &str) -> u64 {
+    let text = common::registry::get_text(client, &server.at("/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_quota_that_cannot_be_met_is_not_checked_again_on_every_commit() {
+    // Every other setting is the default.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[store.eviction]\nmax_size = \"1MiB\"\nmin_free = 0\n",
+    )
+    .unwrap();
+    let server =
+        common::Server::start_with_env(&[("LAYERCACHE_CONFIG", config.path().to_str().unwrap())]);
+    let client = reqwest::Client::new();
+    let push_blob = |seed: u64, len: u64| {
+        let (client, server) = (&client, &server);
+        async move {
+            let blob = common::registry::random_bytes(seed, len);
+            let digest = common::digest_of(&blob);
+            let r = client
+                .post(server.at(&format!("/v2/burst/app/blobs/uploads/?digest={digest}")))
+                .body(blob)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    };
+    // Young blobs nothing references: over the quota, and nothing may go.
+    push_blob(1, 2 << 20).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric(&client, &server, "layercache_eviction_shortfall_bytes").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let before = metric(&client, &server, "layercache_eviction_passes_total").await;
+    let started = std::time::Instant::now();
+    for seed in 2..302 {
+        push_blob(seed, 4096).await;
+    }
+    let seconds = started.elapsed().as_secs();
+    let passes = metric(&client, &server, "layercache_eviction_passes_total").await - before;
+    // One pass a second at most, and one more the window may cut in two.
+    assert!(
+        passes <= seconds + 2,
+        "{passes} passes during 300 commits in {seconds} s"
+    );
+    assert!(metric(&client, &server, "layercache_eviction_shortfall_bytes").await > 0);
 }
 
 #[test]

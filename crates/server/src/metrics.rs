@@ -72,6 +72,7 @@ pub struct Metrics {
     quota_bytes: Gauge,
     quota_max_size_bytes: Gauge,
     shortfall_bytes: Gauge,
+    eviction_passes: Counter,
     upload_sessions: Gauge,
     build_sessions: Gauge,
 }
@@ -165,6 +166,12 @@ impl Metrics {
              or pinned (0 when the quota was met)",
             shortfall_bytes.clone(),
         );
+        let eviction_passes = Counter::default();
+        registry.register(
+            "eviction_passes",
+            "Eviction passes run",
+            eviction_passes.clone(),
+        );
         registry.register(
             "upload_sessions",
             "Open upload sessions",
@@ -195,6 +202,7 @@ impl Metrics {
             quota_bytes,
             quota_max_size_bytes,
             shortfall_bytes,
+            eviction_passes,
             upload_sessions,
             build_sessions,
         })
@@ -276,6 +284,10 @@ pub async fn serve(State(state): State<AppState>) -> Response {
     }
     let shortfall = state.store.last_gc().map_or(0, |pass| pass.shortfall);
     metrics.shortfall_bytes.set(shortfall as i64);
+    metrics.eviction_passes.inner().store(
+        state.store.gc_passes(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     metrics
         .build_sessions
         .set(state.sessions.open_count() as i64);

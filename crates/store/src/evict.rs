@@ -51,6 +51,13 @@ use crate::{Error, Result, Store, now_secs};
 
 /// Blobs forgotten and deleted per metadata transaction in a sweep.
 const SWEEP_BATCH: usize = 256;
+/// After a pass that falls short of the quota, commits do not wake another for this many
+/// times its duration, and never sooner than [`SHORT_PASS_MIN_GAP`]: nothing more can go
+/// until a root's window ends, and a pass on every commit of a busy, squeezed store
+/// spends a core finding that out. A full disk and the schedule still start one.
+const SHORT_PASS_SPACING: u32 = 20;
+/// The least time between a pass that falls short and the next one a commit starts.
+const SHORT_PASS_MIN_GAP: Duration = Duration::from_secs(1);
 
 /// Why a pass ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +207,10 @@ pub(crate) struct Evictor {
     estimate: AtomicU64,
     /// The high watermark at the last pass (`u64::MAX` before the first).
     high: AtomicU64,
+    /// Commits do not wake a pass before this instant (see [`SHORT_PASS_SPACING`]).
+    held_until: Mutex<Option<Instant>>,
+    /// Passes run (not counting dry runs).
+    passes: AtomicU64,
     /// The last pass that was not a dry run.
     last: Mutex<Option<GcReport>>,
     /// The last pass fell short of the quota (so a recovery is logged once, too).
@@ -251,6 +262,8 @@ impl Evictor {
             disk_full: Default::default(),
             estimate: AtomicU64::new(0),
             high: AtomicU64::new(u64::MAX),
+            held_until: Mutex::default(),
+            passes: AtomicU64::new(0),
             last: Mutex::default(),
             short: Default::default(),
             squeezed: Default::default(),
@@ -303,9 +316,26 @@ impl Evictor {
     /// watermark.
     pub(crate) fn added(&self, bytes: u64) {
         let estimate = self.estimate.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if estimate > self.high.load(Ordering::Relaxed) {
+        if estimate > self.high.load(Ordering::Relaxed) && !self.held() {
             self.wake.notify_one();
         }
+    }
+
+    /// Whether commits are held from waking a pass (the last one fell short).
+    fn held(&self) -> bool {
+        let held_until = self.held_until.lock().unwrap_or_else(|p| p.into_inner());
+        held_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Record a finished pass that took `took`: if it fell short of the quota, hold
+    /// commits from waking the next for a while.
+    fn finished(&self, report: &GcReport, took: Duration) {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        let hold = (report.shortfall > 0).then(|| {
+            let gap = (took * SHORT_PASS_SPACING).max(SHORT_PASS_MIN_GAP);
+            Instant::now() + gap.min(self.config.interval)
+        });
+        *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) = hold;
     }
 
     /// An upload found the disk full: run a pass now that makes room.
@@ -477,6 +507,11 @@ impl Store {
         self.0.evictor.last_report()
     }
 
+    /// Eviction passes run since the store opened (dry runs not counted).
+    pub fn gc_passes(&self) -> u64 {
+        self.0.evictor.passes.load(Ordering::Relaxed)
+    }
+
     /// Run one eviction pass now (see the module documentation); with `dry_run`, report
     /// what it would do and change nothing.
     pub async fn gc(&self, trigger: Trigger, dry_run: bool) -> Result<GcReport> {
@@ -642,6 +677,7 @@ impl Store {
                 .saturating_sub(report.usage_after.released_bytes);
             evictor.estimate.store(projected, Ordering::Relaxed);
             evictor.high.store(quota.high, Ordering::Relaxed);
+            evictor.finished(&report, started.elapsed());
             evictor.note_shortfall(&report);
             evictor.note_squeeze(&report);
             *evictor.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
