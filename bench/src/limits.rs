@@ -173,7 +173,7 @@ pub async fn loopback_tcp(total: u64) -> Result<f64> {
 }
 
 /// A bare loop sending a cached file of `slices` to a loopback receiver in another thread
-/// the way layercache sends a blob: memory-mapped 4 MiB windows, each written to the
+/// the way layercache sends a blob: memory-mapped 2 MiB windows, each written to the
 /// socket and unmapped. Its rate in MB/s, and the CPU seconds per GiB it spends on the
 /// sending thread: what serving a file costs this machine without HTTP. On loopback the
 /// sender also runs the receiving side's TCP processing, and a receiver on the other core
@@ -223,7 +223,7 @@ pub async fn loopback_mapped(dir: &Path, slices: &[Bytes]) -> Result<(f64, f64)>
 }
 
 /// The windows [`loopback_mapped`] sends, as layercache's file backend maps them.
-const WINDOW: u64 = 4 << 20;
+const WINDOW: u64 = 2 << 20;
 
 /// `len` bytes of `file` from `offset`, mapped read-only.
 #[allow(unsafe_code)]

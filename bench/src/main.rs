@@ -219,6 +219,7 @@ struct Report {
     scale: Option<scale::Report>,
     windows: Option<windows::Report>,
     project: Option<project::Report>,
+    layercache_store: Option<servers::StoreState>,
     failed: Vec<String>,
 }
 
@@ -535,8 +536,16 @@ async fn run(args: &Args) -> Result<Report> {
         }
     }
 
+    let mut layercache_store = None;
     for server in &mut servers {
         server.check_alive()?;
+        if server.kind == Kind::Layercache {
+            // An older binary (`--layercache-bin`) may not export every figure it reads.
+            match servers::StoreState::read(&server.url).await {
+                Ok(state) => layercache_store = Some(state),
+                Err(e) => eprintln!("bench: layercache's store state unread: {e:#}"),
+            }
+        }
         let rss = server.peak_rss()? as f64 / (1024.0 * 1024.0);
         samples.entry("rss_mib").or_default().push(server.kind, rss);
     }
@@ -565,6 +574,7 @@ async fn run(args: &Args) -> Result<Report> {
         scale: scale_report,
         windows: windows_report,
         project: project_report,
+        layercache_store,
         failed,
     };
 
@@ -593,6 +603,9 @@ async fn run(args: &Args) -> Result<Report> {
     }
     if let Some(project) = &report.project {
         println!("{}", project::table(project));
+    }
+    if let Some(store) = &report.layercache_store {
+        println!("{}", store.describe());
     }
     let judged: Vec<bool> = report
         .figures

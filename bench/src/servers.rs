@@ -34,6 +34,61 @@ impl Kind {
     }
 }
 
+/// What layercache's store did beside the workloads, from its `/metrics`: on a nearly
+/// full disk the filesystem's free space sets its quota, it evicts and runs passes while
+/// the workloads run, and the kernel's page cost rises; figures from such a run are not
+/// comparable with a roomy one's.
+#[derive(Debug, Serialize)]
+pub struct StoreState {
+    /// Eviction passes run.
+    pub eviction_passes: u64,
+    /// The quota in force.
+    pub quota_bytes: u64,
+    /// What `max_size` alone allows (above the quota when the disk's free space sets it).
+    pub max_size_bytes: u64,
+    /// What the last pass could not free.
+    pub shortfall_bytes: u64,
+}
+
+impl StoreState {
+    /// Read it from the server at `url`.
+    pub async fn read(url: &str) -> Result<StoreState> {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let value = |name: &str| -> Result<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .with_context(|| format!("{name} in /metrics"))
+        };
+        Ok(StoreState {
+            eviction_passes: value("layercache_eviction_passes_total")?,
+            quota_bytes: value("layercache_quota_bytes")?,
+            max_size_bytes: value("layercache_quota_max_size_bytes")?,
+            shortfall_bytes: value("layercache_eviction_shortfall_bytes")?,
+        })
+    }
+
+    /// A line for the report: the passes, and a warning when the disk's free space set
+    /// the quota.
+    pub fn describe(&self) -> String {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let mut line = format!("layercache ran {} eviction pass(es)", self.eviction_passes);
+        if self.quota_bytes < self.max_size_bytes {
+            line += &format!(
+                "; WARNING: the filesystem's free space set its quota ({:.1} GiB, {:.1} GiB \
+                 short): the disk is nearly full, so it evicted during the run and figures \
+                 are not comparable with a roomy disk's",
+                gib(self.quota_bytes),
+                gib(self.shortfall_bytes)
+            );
+        }
+        line
+    }
+}
+
 /// A running server.
 pub struct Server {
     /// Which server this is.
