@@ -34,21 +34,24 @@ impl Kind {
     }
 }
 
-/// What layercache's store did beside the workloads, from its `/metrics`: on a nearly
-/// full disk the filesystem's free space sets its quota, it evicts and runs passes while
-/// the workloads run, and the kernel's page cost rises; figures from such a run are not
-/// comparable with a roomy one's.
+/// What layercache's store did beside the workloads, from its `/metrics`. On a nearly
+/// full disk the filesystem's free space sets the quota; once the store passes the low
+/// watermark it evicts while the workloads run, and the kernel's page cost rises, so
+/// such a run's figures are not comparable with a roomy disk's.
 #[derive(Debug, Serialize)]
 pub struct StoreState {
     /// Eviction passes run.
     pub eviction_passes: u64,
+    /// Bytes the data directory held at the end.
+    pub stored_bytes: u64,
     /// The quota in force.
     pub quota_bytes: u64,
-    /// What `max_size` alone allows (above the quota when the disk's free space sets it).
-    pub max_size_bytes: u64,
     /// What the last pass could not free.
     pub shortfall_bytes: u64,
 }
+
+/// The default low watermark, as a share of the quota: eviction brings usage down to it.
+const LOW_WATERMARK: f64 = 0.8;
 
 impl StoreState {
     /// Read it from the server at `url`.
@@ -65,23 +68,28 @@ impl StoreState {
         };
         Ok(StoreState {
             eviction_passes: value("layercache_eviction_passes_total")?,
+            stored_bytes: value("layercache_stored_bytes")?,
             quota_bytes: value("layercache_quota_bytes")?,
-            max_size_bytes: value("layercache_quota_max_size_bytes")?,
             shortfall_bytes: value("layercache_eviction_shortfall_bytes")?,
         })
     }
 
-    /// A line for the report: the passes, and a warning when the disk's free space set
-    /// the quota.
+    /// A line for the report: the passes and the usage, with a warning when the store
+    /// is where eviction works.
     pub fn describe(&self) -> String {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        let mut line = format!("layercache ran {} eviction pass(es)", self.eviction_passes);
-        if self.quota_bytes < self.max_size_bytes {
+        let mut line = format!(
+            "layercache ran {} eviction pass(es); it holds {:.1} GiB of a {:.1} GiB quota",
+            self.eviction_passes,
+            gib(self.stored_bytes),
+            gib(self.quota_bytes)
+        );
+        let evicting = self.stored_bytes as f64 > LOW_WATERMARK * self.quota_bytes as f64;
+        if evicting || self.shortfall_bytes > 0 {
             line += &format!(
-                "; WARNING: the filesystem's free space set its quota ({:.1} GiB, {:.1} GiB \
-                 short): the disk is nearly full, so it evicted during the run and figures \
-                 are not comparable with a roomy disk's",
-                gib(self.quota_bytes),
+                "; WARNING: it is past the low watermark ({:.1} GiB short of the quota at the \
+                 last pass), where eviction works during the workloads: free the disk, whose \
+                 free space sets the quota, for figures comparable with a roomy disk's",
                 gib(self.shortfall_bytes)
             );
         }
