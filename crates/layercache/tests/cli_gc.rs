@@ -256,13 +256,7 @@ async fn a_quota_that_cannot_be_met_is_not_checked_again_on_every_commit() {
         let (client, server) = (&client, &server);
         async move {
             let blob = common::registry::random_bytes(seed, len);
-            let digest = common::digest_of(&blob);
-            let r = client
-                .post(server.at(&format!("/v2/burst/app/blobs/uploads/?digest={digest}")))
-                .body(blob)
-                .send()
-                .await
-                .unwrap();
+            let r = common::registry::upload(client, server, "burst/app", blob).await;
             assert_eq!(r.status(), 201);
         }
     };
