@@ -25,8 +25,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::registry::{
@@ -104,23 +102,6 @@ fn assert_lru(kept: &[usize]) {
         lru_order[..evicted.len()],
         "evicted out of LRU order (kept {kept:?})"
     );
-}
-
-/// Committed blob files under the data directory, as digests.
-fn blob_files(data_dir: &Path) -> BTreeSet<String> {
-    let mut files = BTreeSet::new();
-    let mut pending = vec![data_dir.join("blobs")];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() {
-                pending.push(entry.path());
-            } else {
-                files.insert(format!("sha256:{}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    files
 }
 
 /// Wait until the data directory, measured on disk, is under the quota; returns how
@@ -214,7 +195,7 @@ async fn a_burst_on_the_default_timings_evicts_only_what_the_quota_needs() {
         field(&status, &["usage", "total"]) - released <= field(&status, &["quota", "high"]),
         "above the high watermark even once the released bytes go: {status:#}"
     );
-    let files = blob_files(server.data_dir());
+    let files = common::load::blob_files(server.data_dir());
     for i in (0..IMAGES).filter(|i| !kept.contains(i)) {
         assert!(
             files.contains(&images[i].layer),
@@ -256,7 +237,7 @@ async fn with_a_short_window_the_store_is_back_under_the_quota_by_itself() {
     for &i in &kept {
         assert_intact(&client, &server, &images[i]).await;
     }
-    let files = blob_files(server.data_dir());
+    let files = common::load::blob_files(server.data_dir());
     for i in (0..IMAGES).filter(|i| !kept.contains(i)) {
         assert!(
             !files.contains(&images[i].layer),
@@ -292,7 +273,7 @@ async fn released_blobs_still_leave_on_time_after_a_restart() {
     server.kill();
     server.restart();
     let status = get_json(&client, &server.at("/api/v1/gc")).await;
-    let files = blob_files(server.data_dir());
+    let files = common::load::blob_files(server.data_dir());
     if burst_started.elapsed() < WINDOW {
         // Still inside the window of every released blob: the startup pass kept them.
         for &i in &waiting {
@@ -313,7 +294,7 @@ async fn released_blobs_still_leave_on_time_after_a_restart() {
         took.as_secs_f64(),
         burst_started.elapsed().as_secs_f64()
     );
-    let files = blob_files(server.data_dir());
+    let files = common::load::blob_files(server.data_dir());
     for &i in &waiting {
         assert!(
             !files.contains(&images[i].layer),
@@ -360,7 +341,7 @@ async fn a_released_blob_checked_again_waits_for_the_manifest_of_that_push() {
     // sweep what nobody touched.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let pass = post_gc(&client, &server, false).await;
-    let files = blob_files(server.data_dir());
+    let files = common::load::blob_files(server.data_dir());
     assert!(
         files.contains(&taken.layer),
         "a blob a push checked was swept: {pass:#}"
