@@ -235,9 +235,7 @@ async fn a_quota_that_cannot_be_met_is_said_once_and_nothing_in_use_is_evicted()
 /// The value of the unlabelled metric `name` in `/metrics`.
 async fn metric(client: &reqwest::Client, server: &common::Server, name: &str) -> u64 {
     let text = common::registry::get_text(client, &server.at("/metrics")).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    common::registry::sample(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}")) as u64
 }
 
 #[tokio::test]
