@@ -3,8 +3,10 @@
 # dashboard; git serves a git build context; zstd and the npm package in
 # crates/layercache/tests/actions-cache are the GitHub Actions cache client; systemd
 # brings systemd-analyze, which checks deploy/layercache.service; ca-certificates is
-# what scripts/build-image.sh puts into the image), the services scale-out runs on (PostgreSQL from Debian; Garage, an S3-compatible store,
-# from crates.io), and start dockerd.
+# what scripts/build-image.sh puts into the image; util-linux-extra brings fincore, which
+# shows what the filesystem backend leaves in the page cache), the services scale-out
+# runs on (PostgreSQL from Debian; Garage, an S3-compatible store, from crates.io), and
+# start dockerd.
 #
 #   scripts/setup-clients.sh [--no-garage | --garage-only]
 #
@@ -55,7 +57,7 @@ if [ "$clients" = no ]; then
 fi
 
 packages=()
-for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2 git postgresql systemd ca-certificates; do
+for pkg in docker.io buildah skopeo busybox-static docker-registry chromium zstd openssl apache2-utils argon2 git postgresql systemd ca-certificates util-linux-extra; do
   dpkg -s "$pkg" >/dev/null 2>&1 || packages+=("$pkg")
 done
 # node and npm may come from elsewhere than Debian; install Debian's only if missing.

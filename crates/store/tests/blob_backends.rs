@@ -4,8 +4,9 @@
 //! becomes `fs::name` and `s3::name`, so a failure names its backend. The S3 tests skip
 //! (with a note) where Garage is not installed, unless `REQUIRE_REAL_CLIENTS=1`.
 //!
-//! The tests at the end are about S3 alone: an outage and the recovery from it,
-//! start-up checks, presigned redirects and aborted multipart uploads.
+//! The tests at the end are about one backend alone: the filesystem's direct I/O, and
+//! S3's outage and the recovery from it, start-up checks, presigned redirects and
+//! aborted multipart uploads.
 
 #![allow(
     clippy::unwrap_used,
@@ -168,6 +169,7 @@ on_each_backend!(
     blob_store_commits_only_content_that_hashes_to_its_digest,
     blob_store_rehashes_an_upload_on_a_new_instance_and_finishes_it,
     blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload,
+    uncached_appends_and_reads_move_the_same_bytes,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -453,6 +455,71 @@ async fn ranges_cover_exactly_the_bytes_asked_for_including_the_last(f: Fixture)
     assert!(
         read_range(b, &digest, 17, 0).await.is_empty(),
         "{name}: an empty range"
+    );
+}
+
+async fn uncached_appends_and_reads_move_the_same_bytes(f: Fixture) {
+    let (b, name) = (f.backend.as_ref(), f.name);
+    // Past two of the filesystem's direct I/O windows (2 MiB), ending inside a block;
+    // the second append starts at an unaligned offset.
+    let content = pattern((5 << 20) + 1_234, 21);
+    let size = content.len() as u64;
+    let split = (3 << 20) + 100;
+    let id = UploadId::random();
+    b.create_staged(&id).await.unwrap();
+    let len = b.append_uncached(&id, 0, body(&content[..split], 100_003));
+    assert_eq!(len.await.unwrap(), split as u64, "{name}");
+    let failed = b.append_uncached(&id, split as u64, failing_body(&content[split..]));
+    assert!(failed.await.is_err(), "{name}: a body that breaks off");
+    assert_eq!(
+        b.staged_len(&id).await.unwrap(),
+        Some(split as u64),
+        "{name}"
+    );
+    let len = b.append_uncached(&id, split as u64, body(&content[split..], 77_777));
+    assert_eq!(len.await.unwrap(), size, "{name}");
+    let digest = Digest::sha256_of(&content);
+    b.commit(&id, &digest).await.unwrap();
+
+    assert!(read_all(b, &digest).await.unwrap() == content, "{name}");
+    let cases: [(u64, u64); 10] = [
+        (0, size),
+        (1, 4_096),
+        (4_095, 2),
+        ((2 << 20) - 1, 2),
+        ((2 << 20) + 4_096, 3 << 20),
+        (size - 1, 1),
+        (size - 10, 1_000),
+        (size, 5),
+        (size + 7, 5),
+        (17, 0),
+    ];
+    for (start, len) in cases {
+        let range = ByteRange { start, len };
+        let got = b
+            .read_uncached(&digest, Some(range))
+            .await
+            .unwrap()
+            .unwrap();
+        let got = collect(got).await;
+        let from = (start as usize).min(content.len());
+        let to = (start.saturating_add(len) as usize).min(content.len());
+        assert!(
+            got == content[from..to],
+            "{name}: range {start}+{len} gave {} bytes",
+            got.len()
+        );
+    }
+    let cached = put(b, &pattern(3_000_000, 22), 2).await;
+    let got = collect(b.read_uncached(&cached, None).await.unwrap().unwrap()).await;
+    assert!(
+        got == pattern(3_000_000, 22),
+        "{name}: a blob written cached"
+    );
+    let never = Digest::sha256_of(b"never stored");
+    assert!(
+        b.read_uncached(&never, None).await.unwrap().is_none(),
+        "{name}"
     );
 }
 
@@ -816,6 +883,84 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
         read_all(f.backend.as_ref(), &digest).await.unwrap(),
         b"hello world",
         "{name}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The filesystem alone.
+
+/// Bytes of `path` in the page cache, as `fincore` (util-linux) counts them.
+fn resident_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fincore: {out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// What the filesystem under `path` is called by `stat -f`.
+fn filesystem_type(path: &Path) -> String {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_uncached_blobs_take_no_page_cache_to_write_or_read() {
+    let f = Fixture::fs();
+    let b = f.backend.as_ref();
+    if filesystem_type(f.dir.path()) == "tmpfs" {
+        eprintln!("skipped: the page cache is tmpfs's storage");
+        return;
+    }
+    let blob_file = |d: &Digest| {
+        f.dir
+            .path()
+            .join("data/blobs/sha256")
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    };
+    let size = (8 << 20) + 100;
+    // Through the page cache, as a control: the written bytes are resident, and so are
+    // the bytes read.
+    let cached = put(b, &pattern(size, 31), 1).await;
+    assert!(resident_bytes(&blob_file(&cached)) >= size as u64 / 2);
+
+    let content = pattern(size, 32);
+    let id = UploadId::random();
+    b.create_staged(&id).await.unwrap();
+    b.append_uncached(&id, 0, body(&content, 65_536))
+        .await
+        .unwrap();
+    let digest = Digest::sha256_of(&content);
+    b.commit(&id, &digest).await.unwrap();
+    // At most the tail's page, which does not fill an aligned block.
+    let path = blob_file(&digest);
+    assert!(
+        resident_bytes(&path) <= 4096,
+        "{} after writing",
+        resident_bytes(&path)
+    );
+    let read = collect(b.read_uncached(&digest, None).await.unwrap().unwrap()).await;
+    assert!(read == content);
+    assert!(
+        resident_bytes(&path) <= 4096,
+        "{} after reading",
+        resident_bytes(&path)
+    );
+    assert!(read_all(b, &digest).await.unwrap() == content);
+    assert!(
+        resident_bytes(&path) >= size as u64 / 2,
+        "read through the page cache"
     );
 }
 

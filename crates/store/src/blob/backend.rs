@@ -20,6 +20,15 @@ pub trait BlobBackend: Send + Sync + 'static {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
     /// Stream a committed blob, or the given range of it; `None` when absent.
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>>;
+    /// [`read`](Self::read), without keeping the bytes in memory where the medium can
+    /// (the local filesystem reads them by direct I/O).
+    async fn read_uncached(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        self.read(digest, range).await
+    }
     /// Create an empty staging area.
     async fn create_staged(&self, id: &UploadId) -> Result<()>;
     /// Current length of a staging area, or `None` when it does not exist.
@@ -28,6 +37,11 @@ pub trait BlobBackend: Send + Sync + 'static {
     /// ([`Error::RangeInvalid`](crate::Error::RangeInvalid) otherwise); returns the new
     /// length. On failure the area is left at `offset` bytes.
     async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64>;
+    /// [`append`](Self::append), without keeping the bytes in memory where the medium
+    /// can (the local filesystem writes them by direct I/O).
+    async fn append_uncached(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64> {
+        self.append(id, offset, body).await
+    }
     /// Stream a staging area's bytes from `offset` to its current end (to rebuild hash
     /// state after a restart, or to follow a blob being filled).
     async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream>;

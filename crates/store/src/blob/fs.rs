@@ -6,6 +6,8 @@
 //! staging file and then its directory are fsynced, so a crash never exposes a partial
 //! blob (invariant 1).
 
+mod direct;
+
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -40,6 +42,7 @@ const WRITEBACK_WINDOW: u64 = 16 << 20;
 pub struct FsBackend {
     blobs: PathBuf,
     uploads: PathBuf,
+    buffers: direct::BufferPool,
 }
 
 impl FsBackend {
@@ -48,6 +51,7 @@ impl FsBackend {
         let backend = FsBackend {
             blobs: root.join("blobs"),
             uploads: root.join("uploads"),
+            buffers: direct::BufferPool::default(),
         };
         std::fs::create_dir_all(&backend.blobs)?;
         std::fs::create_dir_all(&backend.uploads)?;
@@ -73,11 +77,6 @@ fn not_found_as_none<T>(result: io::Result<T>) -> Result<Option<T>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Open the committed blob file at `path`; `None` when it is not there.
-async fn open_committed(path: PathBuf) -> Result<Option<std::fs::File>> {
-    not_found_as_none(tokio::task::spawn_blocking(move || std::fs::File::open(path)).await?)
 }
 
 /// The windows `[next, end)` of a committed blob, each mapped when it is polled.
@@ -157,43 +156,55 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
-#[async_trait]
-impl BlobBackend for FsBackend {
-    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
-        let meta = not_found_as_none(tokio::fs::metadata(self.blob_path(digest)).await)?;
-        Ok(meta.map(|m| m.len()))
-    }
-
-    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
-        let Some(file) = open_committed(self.blob_path(digest)).await? else {
+impl FsBackend {
+    /// [`BlobBackend::read`], or with `uncached`, [`BlobBackend::read_uncached`].
+    async fn read_from(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        uncached: bool,
+    ) -> Result<Option<ByteStream>> {
+        let path = self.blob_path(digest);
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let (file, direct) = match uncached.then(|| direct::open(&path)).transpose()? {
+                Some(Some(file)) => (file, true),
+                _ => (std::fs::File::open(&path)?, false),
+            };
+            let size = file.metadata()?.len();
+            Ok((file, direct, size))
+        });
+        let Some((file, direct, size)) = not_found_as_none(opened.await?)? else {
             return Ok(None);
         };
-        let size = file.metadata()?.len();
         let range = range.unwrap_or(ByteRange {
             start: 0,
             len: size,
         });
         let end = range.start.saturating_add(range.len).min(size);
-        let file = std::sync::Arc::new(file);
+        if direct {
+            return Ok(Some(direct::read(
+                file,
+                self.buffers.clone(),
+                range.start,
+                end,
+            )));
+        }
         let windows = futures::stream::iter(MappedWindows {
-            file,
+            file: std::sync::Arc::new(file),
             next: range.start,
             end,
         });
         Ok(Some(Box::pin(windows)))
     }
 
-    async fn create_staged(&self, id: &UploadId) -> Result<()> {
-        tokio::fs::File::create(self.staged_path(id)).await?;
-        Ok(())
-    }
-
-    async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>> {
-        let meta = not_found_as_none(tokio::fs::metadata(self.staged_path(id)).await)?;
-        Ok(meta.map(|m| m.len()))
-    }
-
-    async fn append(&self, id: &UploadId, offset: u64, mut body: ByteStream) -> Result<u64> {
+    /// [`BlobBackend::append`], or with `uncached`, [`BlobBackend::append_uncached`].
+    async fn append_to(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        mut body: ByteStream,
+        uncached: bool,
+    ) -> Result<u64> {
         let path = self.staged_path(id);
         let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
             let mut file = not_found_as_none(std::fs::OpenOptions::new().write(true).open(path))?
@@ -211,7 +222,14 @@ impl BlobBackend for FsBackend {
         .await??;
         let rollback = file.try_clone()?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || write_blocks(file, offset, rx));
+        let buffers = self.buffers.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            if uncached && direct::enable(&file, offset) {
+                direct::write_blocks(&file, offset, rx, &buffers)
+            } else {
+                write_blocks(file, offset, rx)
+            }
+        });
         let mut written = 0u64;
         let mut body_error = None;
         while let Some(block) = body.next().await {
@@ -239,6 +257,44 @@ impl BlobBackend for FsBackend {
             tokio::task::spawn_blocking(move || rollback.set_len(offset)).await??;
         }
         outcome
+    }
+}
+
+#[async_trait]
+impl BlobBackend for FsBackend {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        let meta = not_found_as_none(tokio::fs::metadata(self.blob_path(digest)).await)?;
+        Ok(meta.map(|m| m.len()))
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>> {
+        self.read_from(digest, range, false).await
+    }
+
+    async fn read_uncached(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        self.read_from(digest, range, true).await
+    }
+
+    async fn create_staged(&self, id: &UploadId) -> Result<()> {
+        tokio::fs::File::create(self.staged_path(id)).await?;
+        Ok(())
+    }
+
+    async fn staged_len(&self, id: &UploadId) -> Result<Option<u64>> {
+        let meta = not_found_as_none(tokio::fs::metadata(self.staged_path(id)).await)?;
+        Ok(meta.map(|m| m.len()))
+    }
+
+    async fn append(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64> {
+        self.append_to(id, offset, body, false).await
+    }
+
+    async fn append_uncached(&self, id: &UploadId, offset: u64, body: ByteStream) -> Result<u64> {
+        self.append_to(id, offset, body, true).await
     }
 
     async fn read_staged(&self, id: &UploadId, offset: u64) -> Result<ByteStream> {

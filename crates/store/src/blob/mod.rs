@@ -355,6 +355,16 @@ impl BlobStore {
         self.backend.read(digest, range).await
     }
 
+    /// [`read`](Self::read), without keeping the bytes in memory where the backend can:
+    /// for blobs read at a client's pace, which gain nothing from the page cache.
+    pub async fn read_uncached(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ByteStream>> {
+        self.backend.read_uncached(digest, range).await
+    }
+
     /// A URL from which a client may read the committed blob directly for a while, when
     /// the backend offers one; `None` means the bytes are served through this server.
     pub async fn redirect(&self, digest: &Digest) -> Result<Option<String>> {
@@ -382,10 +392,29 @@ impl BlobStore {
         body: ByteStream,
         hasher: impl Into<PendingHash>,
     ) -> Result<(u64, PendingHash)> {
-        let body = Box::pin(Blocks::new(body, self.pool.clone()));
-        let (body, hashed) = tee_hash(body, hasher.into());
+        let (body, hashed) = self.blocks_hashed(body, hasher.into());
         let len = self.backend.append(id, offset, body).await?;
         Ok((len, hashed))
+    }
+
+    /// [`append`](Self::append), without keeping the bytes in memory where the backend
+    /// can: for blobs written once and read at a client's pace (Actions cache parts),
+    /// which would only push hotter blobs out of the page cache.
+    pub async fn append_uncached(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        body: ByteStream,
+        hasher: impl Into<PendingHash>,
+    ) -> Result<(u64, PendingHash)> {
+        let (body, hashed) = self.blocks_hashed(body, hasher.into());
+        let len = self.backend.append_uncached(id, offset, body).await?;
+        Ok((len, hashed))
+    }
+
+    /// `body` gathered into blocks, and hashed from `hasher` on as it is consumed.
+    fn blocks_hashed(&self, body: ByteStream, hasher: PendingHash) -> (ByteStream, PendingHash) {
+        tee_hash(Box::pin(Blocks::new(body, self.pool.clone())), hasher)
     }
 
     /// Hash a staging area from its first byte (hash state is lost on restart).
