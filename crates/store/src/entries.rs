@@ -18,7 +18,7 @@
 use futures::{StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
 
-use crate::blob::{BlobStore, ByteRange, ByteStream};
+use crate::blob::{BlobStore, ByteRange, ByteStream, Caching};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
 use crate::{Error, Result, Store, UploadId, limited, too_large};
@@ -64,7 +64,7 @@ impl EntryRead {
                 let blobs = blobs.clone();
                 async move {
                     blobs
-                        .read_uncached(&digest, Some(range))
+                        .read(&digest, Some(range), Caching::Bypass)
                         .await
                         .map_err(std::io::Error::other)?
                         .ok_or_else(|| gone(&digest))
@@ -135,7 +135,13 @@ impl Store {
             let (len, hasher) = self
                 .0
                 .blobs
-                .append_uncached(&id, 0, limited(body, limit), Hasher::new(PART_ALGORITHM))
+                .append(
+                    &id,
+                    0,
+                    limited(body, limit),
+                    Hasher::new(PART_ALGORITHM),
+                    Caching::Bypass,
+                )
                 .await
                 .map_err(|e| too_large(e, Error::EntryTooLarge { limit }))?;
             if let Some(declared) = expected.filter(|&d| d != len) {

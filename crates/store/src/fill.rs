@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use oci::{Digest, Hasher, RepoName};
 use tokio::sync::watch;
 
-use crate::blob::{BlobStore, ByteRange, ByteStream};
+use crate::blob::{BlobStore, ByteRange, ByteStream, Caching};
 use crate::error::{Missing, SourceFailure};
 use crate::registry::Store;
 use crate::upload::UploadId;
@@ -147,7 +147,7 @@ impl Store {
         let written = self
             .0
             .blobs
-            .append(&id, 0, body, Hasher::new(digest.algorithm()))
+            .append(&id, 0, body, Hasher::new(digest.algorithm()), Caching::Keep)
             .await;
         let committed = match written {
             Ok((len, _)) if size.is_some_and(|s| s != len) => Err(Error::Source {
@@ -252,7 +252,11 @@ impl Fill {
                         start: sent,
                         len: size.saturating_sub(sent),
                     };
-                    let result = match self.blobs.read(&self.digest, Some(range)).await {
+                    let result = match self
+                        .blobs
+                        .read(&self.digest, Some(range), Caching::Keep)
+                        .await
+                    {
                         Ok(Some(stream)) => forward(stream, u64::MAX, &mut tx).await,
                         Ok(None) => Err(Error::NotFound(Missing::Blob)),
                         Err(e) => Err(e),

@@ -17,7 +17,7 @@ pub mod meta;
 mod registry;
 pub mod upload;
 
-pub use blob::{BlobStore, ByteRange, ByteStream};
+pub use blob::{BlobStore, ByteRange, ByteStream, Caching};
 pub use config::Config;
 pub use entries::EntryRead;
 pub use error::{Error, Result, SourceFailure};

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use oci::{Algorithm, CacheRecords, Digest, Hasher, Manifest, Reference, RepoName};
 
-use crate::blob::{BlobBackend, BlobStore, ByteRange, ByteStream, FsBackend};
+use crate::blob::{BlobBackend, BlobStore, ByteRange, ByteStream, Caching, FsBackend};
 use crate::config::{Blobs, Config, Meta, Size};
 use crate::error::Missing;
 use crate::evict::{Evictor, Trigger};
@@ -72,7 +72,7 @@ impl BlobRead {
     /// Stream the whole blob, or `range` of it.
     pub async fn stream(self, range: Option<ByteRange>) -> Result<ByteStream> {
         self.store
-            .read(&self.digest, range)
+            .read(&self.digest, range, Caching::Keep)
             .await?
             .ok_or(Error::NotFound(Missing::Blob))
     }
@@ -300,6 +300,7 @@ impl Store {
                     0,
                     self.blob_limit(body, 0),
                     Hasher::new(digest.algorithm()),
+                    Caching::Keep,
                 )
                 .await
                 .map_err(|e| self.blob_too_large(e))?;
@@ -406,7 +407,13 @@ impl Store {
         let appended = self
             .0
             .blobs
-            .append(id, state.len, self.blob_limit(body, len), state.hasher)
+            .append(
+                id,
+                state.len,
+                self.blob_limit(body, len),
+                state.hasher,
+                Caching::Keep,
+            )
             .await
             .map_err(|e| self.blob_too_large(e));
         let (len, hasher) = self.account(appended, |_| 0)?;
@@ -570,7 +577,7 @@ impl Store {
             if *size > MAX_CONFIG_BYTES {
                 return Ok(CacheRecords::Without);
             }
-            let Some(mut stream) = self.0.blobs.read(config, None).await? else {
+            let Some(mut stream) = self.0.blobs.read(config, None, Caching::Keep).await? else {
                 // The manifest is refused for it.
                 return Ok(CacheRecords::Without);
             };

@@ -27,7 +27,7 @@ use store::blob::{BlobBackend, FsBackend, S3Backend};
 use store::config::S3;
 use store::error::Missing;
 use store::meta::SqliteMeta;
-use store::{BlobStore, ByteRange, ByteStream, Error, UploadId};
+use store::{BlobStore, ByteRange, ByteStream, Caching, Error, UploadId};
 use testsupport::garage::{self, Garage};
 
 /// Larger than one S3 part, so a body of this size takes the multipart path.
@@ -257,6 +257,13 @@ async fn read_range(backend: &dyn BlobBackend, digest: &Digest, start: u64, len:
     collect(backend.read(digest, Some(range)).await.unwrap().unwrap()).await
 }
 
+/// What a read of `len` bytes from `start` gives of `content`: what there is.
+fn in_range(content: &[u8], start: u64, len: u64) -> &[u8] {
+    let from = (start as usize).min(content.len());
+    let to = (start.saturating_add(len) as usize).min(content.len());
+    &content[from..to]
+}
+
 /// Stage `content` in `pieces` appends and commit it; returns its digest.
 async fn put(backend: &dyn BlobBackend, content: &[u8], pieces: usize) -> Digest {
     let id = UploadId::random();
@@ -444,10 +451,8 @@ async fn ranges_cover_exactly_the_bytes_asked_for_including_the_last(f: Fixture)
     ];
     for (start, len) in cases {
         let got = read_range(b, &digest, start, len).await;
-        let from = (start as usize).min(content.len());
-        let to = (start.saturating_add(len) as usize).min(content.len());
         assert!(
-            got == content[from..to],
+            got == in_range(&content, start, len),
             "{name}: range {start}+{len} gave {} bytes",
             got.len()
         );
@@ -502,10 +507,8 @@ async fn uncached_appends_and_reads_move_the_same_bytes(f: Fixture) {
             .unwrap()
             .unwrap();
         let got = collect(got).await;
-        let from = (start as usize).min(content.len());
-        let to = (start.saturating_add(len) as usize).min(content.len());
         assert!(
-            got == content[from..to],
+            got == in_range(&content, start, len),
             "{name}: range {start}+{len} gave {} bytes",
             got.len()
         );
@@ -769,6 +772,7 @@ async fn blob_store_commits_only_content_that_hashes_to_its_digest(f: Fixture) {
             0,
             body(&content, 1 << 20),
             Hasher::new(Algorithm::Sha256),
+            Caching::Keep,
         )
         .await
         .unwrap();
@@ -801,6 +805,7 @@ async fn blob_store_commits_only_content_that_hashes_to_its_digest(f: Fixture) {
             0,
             body(&content, 1 << 20),
             Hasher::new(Algorithm::Sha256),
+            Caching::Keep,
         )
         .await
         .unwrap();
@@ -823,7 +828,13 @@ async fn blob_store_rehashes_an_upload_on_a_new_instance_and_finishes_it(f: Fixt
         let store = f.blob_store(f.backend.clone());
         store.create_staged(&id).await.unwrap();
         store
-            .append(&id, 0, body(first, 100_000), Hasher::new(Algorithm::Sha256))
+            .append(
+                &id,
+                0,
+                body(first, 100_000),
+                Hasher::new(Algorithm::Sha256),
+                Caching::Keep,
+            )
             .await
             .unwrap();
         // The hash state is lost with this instance.
@@ -832,7 +843,7 @@ async fn blob_store_rehashes_an_upload_on_a_new_instance_and_finishes_it(f: Fixt
     let (len, hasher) = restarted.rehash(&id, Algorithm::Sha256).await.unwrap();
     assert_eq!(len, first.len() as u64, "{name}");
     let (len, hasher) = restarted
-        .append(&id, len, body(second, 1 << 20), hasher)
+        .append(&id, len, body(second, 1 << 20), hasher, Caching::Keep)
         .await
         .unwrap();
     assert_eq!(len, content.len() as u64, "{name}");
@@ -850,7 +861,13 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
     let id = UploadId::random();
     store.create_staged(&id).await.unwrap();
     let (len, hasher) = store
-        .append(&id, 0, body(b"hello ", 2), Hasher::new(Algorithm::Sha256))
+        .append(
+            &id,
+            0,
+            body(b"hello ", 2),
+            Hasher::new(Algorithm::Sha256),
+            Caching::Keep,
+        )
         .await
         .unwrap();
     let refused = store
@@ -859,6 +876,7 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
             len + 1,
             body(b"gap", 3),
             Hasher::new(Algorithm::Sha256),
+            Caching::Keep,
         )
         .await
         .map(|(len, _)| len);
@@ -873,7 +891,7 @@ async fn blob_store_refuses_chunks_at_wrong_offsets_and_keeps_the_upload(f: Fixt
         "{name}: {refused:?}"
     );
     let (len, hasher) = store
-        .append(&id, len, body(b"world", 2), hasher)
+        .append(&id, len, body(b"world", 2), hasher, Caching::Keep)
         .await
         .unwrap();
     assert_eq!(len, 11, "{name}");

@@ -49,6 +49,16 @@ const POOLED_BLOCKS: usize = 8;
 /// grouping delays bytes by at most this much.
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
 
+/// Whether a blob's bytes stay in memory (the page cache) once written or read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// Keep them: registry blobs, whose hot layers are pulled again and again.
+    Keep,
+    /// Go around the page cache where the backend can: blobs written once and read at a
+    /// client's pace (Actions cache parts), which would only push hotter blobs out.
+    Bypass,
+}
+
 /// A byte range of a blob: `len` bytes from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteRange {
@@ -351,18 +361,12 @@ impl BlobStore {
         &self,
         digest: &Digest,
         range: Option<ByteRange>,
+        caching: Caching,
     ) -> Result<Option<ByteStream>> {
-        self.backend.read(digest, range).await
-    }
-
-    /// [`read`](Self::read), without keeping the bytes in memory where the backend can:
-    /// for blobs read at a client's pace, which gain nothing from the page cache.
-    pub async fn read_uncached(
-        &self,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<Option<ByteStream>> {
-        self.backend.read_uncached(digest, range).await
+        match caching {
+            Caching::Keep => self.backend.read(digest, range).await,
+            Caching::Bypass => self.backend.read_uncached(digest, range).await,
+        }
     }
 
     /// A URL from which a client may read the committed blob directly for a while, when
@@ -391,30 +395,15 @@ impl BlobStore {
         offset: u64,
         body: ByteStream,
         hasher: impl Into<PendingHash>,
+        caching: Caching,
     ) -> Result<(u64, PendingHash)> {
-        let (body, hashed) = self.blocks_hashed(body, hasher.into());
-        let len = self.backend.append(id, offset, body).await?;
+        let body = Box::pin(Blocks::new(body, self.pool.clone()));
+        let (body, hashed) = tee_hash(body, hasher.into());
+        let len = match caching {
+            Caching::Keep => self.backend.append(id, offset, body).await?,
+            Caching::Bypass => self.backend.append_uncached(id, offset, body).await?,
+        };
         Ok((len, hashed))
-    }
-
-    /// [`append`](Self::append), without keeping the bytes in memory where the backend
-    /// can: for blobs written once and read at a client's pace (Actions cache parts),
-    /// which would only push hotter blobs out of the page cache.
-    pub async fn append_uncached(
-        &self,
-        id: &UploadId,
-        offset: u64,
-        body: ByteStream,
-        hasher: impl Into<PendingHash>,
-    ) -> Result<(u64, PendingHash)> {
-        let (body, hashed) = self.blocks_hashed(body, hasher.into());
-        let len = self.backend.append_uncached(id, offset, body).await?;
-        Ok((len, hashed))
-    }
-
-    /// `body` gathered into blocks, and hashed from `hasher` on as it is consumed.
-    fn blocks_hashed(&self, body: ByteStream, hasher: PendingHash) -> (ByteStream, PendingHash) {
-        tee_hash(Box::pin(Blocks::new(body, self.pool.clone())), hasher)
     }
 
     /// Hash a staging area from its first byte (hash state is lost on restart).
