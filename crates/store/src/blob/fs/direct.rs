@@ -172,19 +172,24 @@ pub(super) fn write_blocks(
     pool: &BufferPool,
 ) -> io::Result<()> {
     let mut direct = true;
-    let mut buf = pool.take();
+    // Taken at the first block, so an upload waiting for its body holds no buffer.
+    let mut taken = None;
     while let Some(block) = rx.blocking_recv() {
+        let buf = taken.get_or_insert_with(|| pool.take());
         let mut rest = &block[..];
         while !rest.is_empty() {
             rest = buf.fill(rest);
             if buf.filled == WINDOW {
-                offset += write_aligned(file, &mut buf, offset, &mut direct)?;
+                offset += write_aligned(file, buf, offset, &mut direct)?;
             }
         }
         if rx.is_empty() {
-            offset += write_aligned(file, &mut buf, offset, &mut direct)?;
+            offset += write_aligned(file, buf, offset, &mut direct)?;
         }
     }
+    let Some(mut buf) = taken else {
+        return Ok(());
+    };
     offset += write_aligned(file, &mut buf, offset, &mut direct)?;
     if direct {
         set_direct(file, false)?;
