@@ -356,7 +356,8 @@ impl BlobStore {
         self.backend.stat(digest).await
     }
 
-    /// Stream a committed blob or a range of it; `None` when absent.
+    /// Stream a committed blob or a range of it, through the page cache or around it;
+    /// `None` when absent.
     pub async fn read(
         &self,
         digest: &Digest,
@@ -388,7 +389,8 @@ impl BlobStore {
     /// Append `body` at `offset`, hashing it into `hasher`; returns the new length and
     /// the hash continued over the appended bytes, which may still be catching up with
     /// them (hashing is not on the way of the answer to a chunk). On error the staging
-    /// area is unchanged and the hash lost.
+    /// area is unchanged and the hash lost. `caching` says whether the bytes written stay
+    /// in the page cache.
     pub async fn append(
         &self,
         id: &UploadId,
