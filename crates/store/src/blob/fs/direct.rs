@@ -3,8 +3,8 @@
 //! pages. A blob written once and read at a client's pace (an Actions cache part) gains
 //! nothing from staying in memory, and would push the registry's hot layers out of it.
 //!
-//! Where the filesystem refuses direct I/O (tmpfs, some FUSE mounts), [`enable`] and
-//! [`open`] say so and the caller goes through the page cache instead.
+//! Where the filesystem refuses direct I/O (some FUSE mounts, tmpfs before Linux 6.6),
+//! [`enable`] and [`open`] say so and the caller goes through the page cache instead.
 
 use std::fs::File;
 use std::io;
