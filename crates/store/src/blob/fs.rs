@@ -166,9 +166,10 @@ impl FsBackend {
     ) -> Result<Option<ByteStream>> {
         let path = self.blob_path(digest);
         let opened = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let (file, direct) = match uncached.then(|| direct::open(&path)).transpose()? {
-                Some(Some(file)) => (file, true),
-                _ => (std::fs::File::open(&path)?, false),
+            let direct = if uncached { direct::open(&path)? } else { None };
+            let (file, direct) = match direct {
+                Some(file) => (file, true),
+                None => (std::fs::File::open(&path)?, false),
             };
             let size = file.metadata()?.len();
             Ok((file, direct, size))

@@ -14,10 +14,11 @@
 
 mod backend;
 mod fs;
+mod pool;
 mod s3;
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -91,46 +92,20 @@ pub struct DigestLocks<'a> {
 }
 
 /// Idle block buffers, reused so that gathering a body touches memory that is already
-/// mapped. At most [`POOLED_BLOCKS`] are kept; a block taken from an empty pool is a new
-/// allocation, so the pool never makes an upload wait.
-#[derive(Clone, Default)]
-pub(crate) struct BlockPool(Arc<Mutex<Vec<Vec<u8>>>>);
+/// mapped.
+pub(crate) type BlockPool = pool::Pool<Vec<u8>>;
 
-impl BlockPool {
-    fn take(&self) -> Vec<u8> {
-        let idle = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        idle.unwrap_or_else(|| Vec::with_capacity(BLOCK))
+/// A block of a body being gathered.
+impl pool::Reusable for Vec<u8> {
+    const KEPT: usize = POOLED_BLOCKS;
+
+    fn fresh() -> Self {
+        Vec::with_capacity(BLOCK)
     }
 
-    /// `buf` as bytes that go back to the pool once every clone is dropped.
-    fn freeze(&self, buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Pooled {
-            buf,
-            pool: self.clone(),
-        })
-    }
-}
-
-/// A block's buffer, lent out as [`Bytes`]; dropping it returns the buffer.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: BlockPool,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        let mut idle = self.pool.0.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < POOLED_BLOCKS && buf.capacity() >= BLOCK {
-            idle.push(buf);
-        }
+    fn reset(&mut self) -> bool {
+        self.clear();
+        self.capacity() >= BLOCK
     }
 }
 
@@ -180,7 +155,7 @@ impl Blocks {
     fn emit(&mut self) -> Bytes {
         self.flush = None;
         let block = std::mem::take(&mut self.block);
-        self.pool.freeze(block)
+        self.pool.lend(block)
     }
 }
 
@@ -556,9 +531,9 @@ mod tests {
         let blocks = collect(Blocks::new(body, pool.clone())).await;
         let kept = blocks[0].clone();
         drop(blocks);
-        assert_eq!(pool.0.lock().unwrap().len(), 1, "one block still lent");
+        assert_eq!(pool.idle.lock().unwrap().len(), 1, "one block still lent");
         drop(kept);
-        assert_eq!(pool.0.lock().unwrap().len(), 2);
+        assert_eq!(pool.idle.lock().unwrap().len(), 2);
         let reused = pool.take();
         assert!(reused.is_empty() && reused.capacity() >= BLOCK);
     }

@@ -10,13 +10,14 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::blob::ByteStream;
+use crate::blob::pool::{Pool, Reusable};
 
 /// Alignment of direct I/O offsets, lengths and buffer addresses: the largest logical
 /// block size in common use.
@@ -34,37 +35,21 @@ const O_DIRECT: libc::c_int = libc::O_DIRECT;
 #[cfg(not(target_os = "linux"))]
 const O_DIRECT: libc::c_int = 0;
 
-/// Buffers of [`WINDOW`] bytes at an [`ALIGN`]ed address, reused so that direct I/O
-/// touches memory that is already mapped. A buffer taken from an empty pool is a new
-/// allocation, so the pool never makes anyone wait.
-#[derive(Clone, Debug, Default)]
-pub(super) struct BufferPool(Arc<Mutex<Vec<Buffer>>>);
-
-impl BufferPool {
-    fn take(&self) -> Buffer {
-        let idle = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        idle.unwrap_or_else(Buffer::new)
-    }
-
-    fn give_back(&self, mut buf: Buffer) {
-        buf.filled = 0;
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < POOLED {
-            idle.push(buf);
-        }
-    }
-}
+/// Buffers for direct I/O, reused so that it touches memory that is already mapped.
+pub(super) type BufferPool = Pool<Buffer>;
 
 /// [`WINDOW`] bytes at an [`ALIGN`]ed address, the first `filled` of them in use.
 #[derive(Debug)]
-struct Buffer {
+pub(super) struct Buffer {
     mem: Box<[u8]>,
     start: usize,
     filled: usize,
 }
 
-impl Buffer {
-    fn new() -> Buffer {
+impl Reusable for Buffer {
+    const KEPT: usize = POOLED;
+
+    fn fresh() -> Buffer {
         let mem = vec![0; WINDOW + ALIGN].into_boxed_slice();
         let start = mem.as_ptr().align_offset(ALIGN);
         Buffer {
@@ -74,16 +59,25 @@ impl Buffer {
         }
     }
 
+    fn reset(&mut self) -> bool {
+        self.filled = 0;
+        true
+    }
+}
+
+/// The bytes in use.
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        let (_, aligned) = self.mem.split_at(self.start);
+        aligned.get(..self.filled).unwrap_or_default()
+    }
+}
+
+impl Buffer {
     /// The whole aligned window.
     fn window(&mut self) -> &mut [u8] {
         let (_, aligned) = self.mem.split_at_mut(self.start);
         aligned.get_mut(..WINDOW).unwrap_or_default()
-    }
-
-    /// The bytes in use.
-    fn filled(&self) -> &[u8] {
-        let (_, aligned) = self.mem.split_at(self.start);
-        aligned.get(..self.filled).unwrap_or_default()
     }
 
     /// Copy as much of `bytes` as fits; returns what did not.
@@ -96,26 +90,6 @@ impl Buffer {
         }
         self.filled += now.len();
         later
-    }
-}
-
-/// A buffer's bytes in use, lent out as [`Bytes`]; dropping it returns the buffer.
-struct Lent {
-    buf: Option<Buffer>,
-    pool: BufferPool,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        self.buf.as_ref().map_or(&[], Buffer::filled)
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            self.pool.give_back(buf);
-        }
     }
 }
 
@@ -194,7 +168,7 @@ pub(super) fn write_blocks(
     if direct {
         set_direct(file, false)?;
     }
-    file.write_all_at(buf.filled(), offset)?;
+    file.write_all_at(buf.as_ref(), offset)?;
     pool.give_back(buf);
     Ok(())
 }
@@ -206,7 +180,7 @@ fn write_aligned(file: &File, buf: &mut Buffer, at: u64, direct: &mut bool) -> i
     if whole == 0 {
         return Ok(0);
     }
-    let (aligned, _) = buf.filled().split_at(whole);
+    let (aligned, _) = buf.as_ref().split_at(whole);
     write_at(file, aligned, at, direct)?;
     let filled = buf.filled;
     buf.window().copy_within(whole..filled, 0);
@@ -267,9 +241,5 @@ fn read_window(file: &File, pool: BufferPool, at: u64, from: u64, to: u64) -> io
     }
     buf.filled = need;
     let skip = usize::try_from(from - at).map_err(io::Error::other)?;
-    let lent = Lent {
-        buf: Some(buf),
-        pool,
-    };
-    Ok(Bytes::from_owner(lent).slice(skip..))
+    Ok(pool.lend(buf).slice(skip..))
 }
