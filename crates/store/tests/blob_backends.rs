@@ -184,6 +184,36 @@ fn body(bytes: &[u8], chunk: usize) -> ByteStream {
     Box::pin(futures::stream::iter(chunks))
 }
 
+/// `bytes` as a body of pieces of the given lengths (the last piece takes the rest),
+/// each copied to a 4 KiB-aligned address, as the store hands blocks to a backend: a
+/// backend writing around the page cache writes the pieces that are whole 4 KiB blocks
+/// as they are, and gathers the others.
+fn aligned_body(bytes: &[u8], pieces: &[usize]) -> ByteStream {
+    /// Bytes at an aligned address within a larger allocation.
+    struct AlignedCopy(Vec<u8>, usize, usize);
+    impl AsRef<[u8]> for AlignedCopy {
+        fn as_ref(&self) -> &[u8] {
+            &self.0[self.1..self.1 + self.2]
+        }
+    }
+    let mut rest = bytes;
+    let mut chunks = Vec::new();
+    for &len in pieces.iter().chain([&usize::MAX]) {
+        let (piece, after) = rest.split_at(len.min(rest.len()));
+        let mut mem = vec![0u8; piece.len() + 4096];
+        let start = mem.as_ptr().align_offset(4096);
+        mem[start..start + piece.len()].copy_from_slice(piece);
+        let piece = Bytes::from_owner(AlignedCopy(mem, start, piece.len()));
+        assert_eq!(piece.as_ptr().addr() % 4096, 0);
+        chunks.push(Ok(piece));
+        rest = after;
+        if rest.is_empty() {
+            break;
+        }
+    }
+    Box::pin(futures::stream::iter(chunks))
+}
+
 /// `good` in pieces, then the client going away.
 fn failing_body(good: &[u8]) -> ByteStream {
     let chunks = good
@@ -472,7 +502,10 @@ async fn uncached_appends_and_reads_move_the_same_bytes(f: Fixture) {
     let split = (3 << 20) + 100;
     let id = UploadId::random();
     b.create_staged(&id).await.unwrap();
-    let len = b.append_uncached(&id, 0, body(&content[..split], 100_003));
+    // Aligned blocks, then bytes that are not whole blocks, then aligned blocks again,
+    // which must follow them.
+    let pieces = [1 << 20, 512 << 10, 100_003, 512 << 10, 4_096];
+    let len = b.append_uncached(&id, 0, aligned_body(&content[..split], &pieces));
     assert_eq!(len.await.unwrap(), split as u64, "{name}");
     let failed = b.append_uncached(&id, split as u64, failing_body(&content[split..]));
     assert!(failed.await.is_err(), "{name}: a body that breaks off");
@@ -953,21 +986,32 @@ async fn fs_uncached_blobs_take_no_page_cache_to_write_or_read() {
     let cached = put(b, &pattern(size, 31), 1).await;
     assert!(resident_bytes(&blob_file(&cached)) >= size as u64 / 2);
 
+    // Written as whole aligned blocks (as the store gathers a body) and the tail, and as
+    // pieces that are not whole blocks.
     let content = pattern(size, 32);
-    let id = UploadId::random();
-    b.create_staged(&id).await.unwrap();
-    b.append_uncached(&id, 0, body(&content, 65_536))
-        .await
-        .unwrap();
+    let odd = pattern(size, 33);
+    let written = [
+        ("aligned blocks", &content, [512 << 10; 16].as_slice()),
+        ("odd pieces", &odd, [65_536 + 100; 128].as_slice()),
+    ];
+    for (label, bytes, pieces) in written {
+        let id = UploadId::random();
+        b.create_staged(&id).await.unwrap();
+        b.append_uncached(&id, 0, aligned_body(bytes, pieces))
+            .await
+            .unwrap();
+        let digest = Digest::sha256_of(bytes);
+        b.commit(&id, &digest).await.unwrap();
+        // At most the tail's page, which does not fill an aligned block.
+        let path = blob_file(&digest);
+        assert!(
+            resident_bytes(&path) <= 4096,
+            "{label}: {} after writing",
+            resident_bytes(&path)
+        );
+    }
     let digest = Digest::sha256_of(&content);
-    b.commit(&id, &digest).await.unwrap();
-    // At most the tail's page, which does not fill an aligned block.
     let path = blob_file(&digest);
-    assert!(
-        resident_bytes(&path) <= 4096,
-        "{} after writing",
-        resident_bytes(&path)
-    );
     let read = collect(b.read_uncached(&digest, None).await.unwrap().unwrap()).await;
     assert!(read == content);
     assert!(

@@ -91,23 +91,12 @@ pub struct DigestLocks<'a> {
     _shared: Option<SharedLock>,
 }
 
-/// Idle block buffers, reused so that gathering a body touches memory that is already
-/// mapped.
-pub(crate) type BlockPool = pool::Pool<Vec<u8>>;
+/// Idle blocks, reused so that gathering a body touches memory that is already mapped.
+pub(crate) type BlockPool = pool::Pool<Block>;
 
-/// A block of a body being gathered.
-impl pool::Reusable for Vec<u8> {
-    const KEPT: usize = POOLED_BLOCKS;
-
-    fn fresh() -> Self {
-        Vec::with_capacity(BLOCK)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.clear();
-        self.capacity() >= BLOCK
-    }
-}
+/// A block of a body being gathered. Its address is aligned, so a backend writing
+/// around the page cache can write whole blocks as they are.
+pub(crate) type Block = pool::Aligned<BLOCK>;
 
 /// `body` regrouped into blocks of [`BLOCK`] bytes (the last one shorter). A block is
 /// passed on when full, at the end of the body, or when the body has had nothing more
@@ -117,8 +106,8 @@ impl pool::Reusable for Vec<u8> {
 struct Blocks {
     body: ByteStream,
     pool: BlockPool,
-    /// The block being filled (empty, without memory, between blocks).
-    block: Vec<u8>,
+    /// The block being filled (none between blocks).
+    block: Option<Block>,
     /// The rest of a frame that did not fit in the previous block.
     rest: Bytes,
     /// Started when the body first had nothing ready with a partly filled block.
@@ -131,7 +120,7 @@ impl Blocks {
         Blocks {
             body,
             pool,
-            block: Vec::new(),
+            block: None,
             rest: Bytes::new(),
             flush: None,
             ended: false,
@@ -140,22 +129,26 @@ impl Blocks {
 
     /// Copy as much of `bytes` as fits into the current block; what does not fit stays
     /// in `rest`.
-    fn fill(&mut self, mut bytes: Bytes) {
-        if self.block.capacity() == 0 {
-            self.block = self.pool.take();
+    fn fill(&mut self, bytes: Bytes) {
+        let block = self.block.get_or_insert_with(|| self.pool.take());
+        let left = block.fill(&bytes).len();
+        if left > 0 {
+            self.rest = bytes.slice(bytes.len() - left..);
         }
-        let room = BLOCK.saturating_sub(self.block.len());
-        if bytes.len() > room {
-            self.rest = bytes.split_off(room);
-        }
-        self.block.extend_from_slice(&bytes);
+    }
+
+    /// Bytes gathered in the current block.
+    fn gathered(&self) -> usize {
+        self.block.as_ref().map_or(0, |b| b.filled)
     }
 
     /// Pass the current block on.
     fn emit(&mut self) -> Bytes {
         self.flush = None;
-        let block = std::mem::take(&mut self.block);
-        self.pool.lend(block)
+        match self.block.take() {
+            Some(block) => self.pool.lend(block),
+            None => Bytes::new(),
+        }
     }
 }
 
@@ -169,27 +162,27 @@ impl Stream for Blocks {
                 let rest = std::mem::take(&mut this.rest);
                 this.fill(rest);
             }
-            if this.block.len() >= BLOCK {
+            if this.block.as_ref().is_some_and(Block::is_full) {
                 return Poll::Ready(Some(Ok(this.emit())));
             }
             if this.ended {
-                if this.block.is_empty() {
+                if this.gathered() == 0 {
                     return Poll::Ready(None);
                 }
                 return Poll::Ready(Some(Ok(this.emit())));
             }
             match this.body.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(frame))) if frame.is_empty() => {}
-                Poll::Ready(Some(Ok(frame))) if this.block.is_empty() && frame.len() >= BLOCK => {
+                Poll::Ready(Some(Ok(frame))) if this.gathered() == 0 && frame.len() >= BLOCK => {
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Poll::Ready(Some(Ok(frame))) => this.fill(frame),
                 Poll::Ready(Some(Err(e))) => {
-                    this.block.clear();
+                    this.block = None;
                     return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => this.ended = true,
-                Poll::Pending if this.block.is_empty() => return Poll::Pending,
+                Poll::Pending if this.gathered() == 0 => return Poll::Pending,
                 Poll::Pending => {
                     let flush = this
                         .flush
@@ -284,7 +277,7 @@ impl BlobStore {
             backend,
             locks,
             meta,
-            pool: BlockPool::default(),
+            pool: BlockPool::new(POOLED_BLOCKS),
         }
     }
 
@@ -471,9 +464,9 @@ mod tests {
     async fn small_frames_are_gathered_into_full_blocks_and_no_byte_is_lost() {
         let sizes: Vec<usize> = (0..3 * BLOCK / 1000 + 7).map(|i| 900 + i % 200).collect();
         let (all, body) = frames(&sizes);
-        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
+        let blocks = collect(Blocks::new(body, BlockPool::new(POOLED_BLOCKS))).await;
         let (last, full) = blocks.split_last().unwrap();
-        assert!(full.iter().all(|b| b.len() == BLOCK));
+        assert!(full.iter().all(|b| b.len() == BLOCK && pool::is_aligned(b)));
         assert!(!last.is_empty() && last.len() <= BLOCK);
         assert_eq!(blocks.concat(), all);
     }
@@ -482,13 +475,13 @@ mod tests {
     async fn a_frame_of_a_whole_block_between_blocks_is_passed_on_without_a_copy() {
         let big = Bytes::from(vec![7u8; 2 * BLOCK + 3]);
         let body: ByteStream = Box::pin(futures::stream::iter([Ok(big.clone())]));
-        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
+        let blocks = collect(Blocks::new(body, BlockPool::new(POOLED_BLOCKS))).await;
         assert_eq!(blocks.len(), 1);
         assert_eq!(blocks[0].as_ptr(), big.as_ptr());
 
         // After a partial block, the same frame is split to fill it instead.
         let (all, body) = frames(&[10, 2 * BLOCK]);
-        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
+        let blocks = collect(Blocks::new(body, BlockPool::new(POOLED_BLOCKS))).await;
         let lens: Vec<usize> = blocks.iter().map(Bytes::len).collect();
         assert_eq!(lens, [BLOCK, BLOCK, 10]);
         assert_eq!(blocks.concat(), all);
@@ -500,7 +493,7 @@ mod tests {
         let body: ByteStream = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }));
-        let mut blocks = Blocks::new(body, BlockPool::default());
+        let mut blocks = Blocks::new(body, BlockPool::new(POOLED_BLOCKS));
         tx.send(Ok(Bytes::from_static(b"early bytes")))
             .await
             .unwrap();
@@ -520,13 +513,13 @@ mod tests {
             Err(std::io::Error::other("reset")),
             Ok(Bytes::from_static(b"never")),
         ]));
-        let mut blocks = Blocks::new(body, BlockPool::default());
+        let mut blocks = Blocks::new(body, BlockPool::new(POOLED_BLOCKS));
         assert!(blocks.next().await.unwrap().is_err());
     }
 
     #[tokio::test]
     async fn block_memory_goes_back_to_the_pool_once_every_clone_is_dropped() {
-        let pool = BlockPool::default();
+        let pool = BlockPool::new(POOLED_BLOCKS);
         let (_, body) = frames(&[BLOCK / 2, BLOCK / 2, 100]);
         let blocks = collect(Blocks::new(body, pool.clone())).await;
         let kept = blocks[0].clone();
@@ -535,7 +528,7 @@ mod tests {
         drop(kept);
         assert_eq!(pool.idle.lock().unwrap().len(), 2);
         let reused = pool.take();
-        assert!(reused.is_empty() && reused.capacity() >= BLOCK);
+        assert_eq!(reused.filled, 0);
     }
 
     #[tokio::test]

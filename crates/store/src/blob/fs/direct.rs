@@ -17,13 +17,11 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::blob::ByteStream;
-use crate::blob::pool::{Pool, Reusable};
+use crate::blob::pool::{ALIGN, Aligned, Pool, is_aligned};
 
-/// Alignment of direct I/O offsets, lengths and buffer addresses: the largest logical
-/// block size in common use.
-const ALIGN: usize = 4096;
-/// Most bytes per direct read or write: 2 MiB windows used 7-11 MiB more memory at peak
-/// over the bench's Actions cache saves and restores, for the same CPU.
+/// Most bytes per direct read, and per direct write of bytes that were not whole
+/// aligned blocks: 2 MiB windows used 7-11 MiB more memory at peak over the bench's
+/// Actions cache saves and restores, for the same CPU.
 const WINDOW: usize = 1 << 20;
 /// Windows read ahead of the one being sent.
 const READ_AHEAD: usize = 1;
@@ -35,61 +33,16 @@ const O_DIRECT: libc::c_int = libc::O_DIRECT;
 #[cfg(not(target_os = "linux"))]
 const O_DIRECT: libc::c_int = 0;
 
+/// A window of a blob, at an aligned address.
+type Buffer = Aligned<WINDOW>;
+
 /// Buffers for direct I/O, reused so that it touches memory that is already mapped.
-pub(super) type BufferPool = Pool<Buffer>;
+#[derive(Debug, Clone)]
+pub(super) struct BufferPool(Pool<Buffer>);
 
-/// [`WINDOW`] bytes at an [`ALIGN`]ed address, the first `filled` of them in use.
-#[derive(Debug)]
-pub(super) struct Buffer {
-    mem: Box<[u8]>,
-    start: usize,
-    filled: usize,
-}
-
-impl Reusable for Buffer {
-    const KEPT: usize = POOLED;
-
-    fn fresh() -> Buffer {
-        let mem = vec![0; WINDOW + ALIGN].into_boxed_slice();
-        let start = mem.as_ptr().align_offset(ALIGN);
-        Buffer {
-            mem,
-            start,
-            filled: 0,
-        }
-    }
-
-    fn reset(&mut self) -> bool {
-        self.filled = 0;
-        true
-    }
-}
-
-/// The bytes in use.
-impl AsRef<[u8]> for Buffer {
-    fn as_ref(&self) -> &[u8] {
-        let (_, aligned) = self.mem.split_at(self.start);
-        aligned.get(..self.filled).unwrap_or_default()
-    }
-}
-
-impl Buffer {
-    /// The whole aligned window.
-    fn window(&mut self) -> &mut [u8] {
-        let (_, aligned) = self.mem.split_at_mut(self.start);
-        aligned.get_mut(..WINDOW).unwrap_or_default()
-    }
-
-    /// Copy as much of `bytes` as fits; returns what did not.
-    fn fill<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
-        let filled = self.filled;
-        let free = self.window().get_mut(filled..).unwrap_or_default();
-        let (now, later) = bytes.split_at(bytes.len().min(free.len()));
-        if let Some(dst) = free.get_mut(..now.len()) {
-            dst.copy_from_slice(now);
-        }
-        self.filled += now.len();
-        later
+impl Default for BufferPool {
+    fn default() -> Self {
+        BufferPool(Pool::new(POOLED))
     }
 }
 
@@ -135,10 +88,12 @@ fn write_at(file: &File, bytes: &[u8], at: u64, direct: &mut bool) -> io::Result
     }
 }
 
-/// Write every block received to `file` (switched by [`enable`]) from `offset` on,
-/// gathered into windows. A window is written when full, and its whole aligned blocks
-/// when no block is queued, so the staging file follows a slow body; the tail that is
-/// not a whole block goes through the page cache. Runs on a blocking thread.
+/// Write every block received to `file` (switched by [`enable`]) from `offset` on.
+/// Blocks that are whole aligned blocks at an aligned address (as the store gathers a
+/// body) are written as they are; other bytes are gathered into a window, which
+/// is written when full, and its whole aligned blocks when no block is queued, so the
+/// staging file follows a slow body. The tail that is not a whole block goes through
+/// the page cache. Runs on a blocking thread.
 pub(super) fn write_blocks(
     file: &File,
     mut offset: u64,
@@ -146,14 +101,20 @@ pub(super) fn write_blocks(
     pool: &BufferPool,
 ) -> io::Result<()> {
     let mut direct = true;
-    // Taken at the first block, so an upload waiting for its body holds no buffer.
-    let mut taken = None;
+    // Taken at the first block that needs one, so an upload waiting for its body, or
+    // whose blocks are all aligned, holds none.
+    let mut window: Option<Buffer> = None;
     while let Some(block) = rx.blocking_recv() {
-        let buf = taken.get_or_insert_with(|| pool.take());
+        if window.as_ref().is_none_or(|w| w.filled == 0) && is_aligned(&block) {
+            write_at(file, &block, offset, &mut direct)?;
+            offset += block.len() as u64;
+            continue;
+        }
+        let buf = window.get_or_insert_with(|| pool.0.take());
         let mut rest = &block[..];
         while !rest.is_empty() {
             rest = buf.fill(rest);
-            if buf.filled == WINDOW {
+            if buf.is_full() {
                 offset += write_aligned(file, buf, offset, &mut direct)?;
             }
         }
@@ -161,7 +122,7 @@ pub(super) fn write_blocks(
             offset += write_aligned(file, buf, offset, &mut direct)?;
         }
     }
-    let Some(mut buf) = taken else {
+    let Some(mut buf) = window else {
         return Ok(());
     };
     offset += write_aligned(file, &mut buf, offset, &mut direct)?;
@@ -169,7 +130,7 @@ pub(super) fn write_blocks(
         set_direct(file, false)?;
     }
     file.write_all_at(buf.as_ref(), offset)?;
-    pool.give_back(buf);
+    pool.0.give_back(buf);
     Ok(())
 }
 
@@ -183,7 +144,7 @@ fn write_aligned(file: &File, buf: &mut Buffer, at: u64, direct: &mut bool) -> i
     let (aligned, _) = buf.as_ref().split_at(whole);
     write_at(file, aligned, at, direct)?;
     let filled = buf.filled;
-    buf.window().copy_within(whole..filled, 0);
+    buf.space().copy_within(whole..filled, 0);
     buf.filled -= whole;
     Ok(whole as u64)
 }
@@ -206,7 +167,7 @@ pub(super) fn open(path: &Path) -> io::Result<Option<File>> {
 
 /// The bytes `[start, end)` of `file` (opened by [`open`]), read a window at a time on
 /// a blocking thread, the next window read while one is sent.
-pub(super) fn read(file: File, pool: BufferPool, start: u64, end: u64) -> ByteStream {
+pub(super) fn read(file: File, BufferPool(pool): BufferPool, start: u64, end: u64) -> ByteStream {
     if start >= end {
         return Box::pin(futures::stream::empty());
     }
@@ -225,7 +186,7 @@ pub(super) fn read(file: File, pool: BufferPool, start: u64, end: u64) -> ByteSt
 }
 
 /// The bytes `[from, to)` of the window at `at`.
-fn read_window(file: &File, pool: BufferPool, at: u64, from: u64, to: u64) -> io::Result<Bytes> {
+fn read_window(file: &File, pool: Pool<Buffer>, at: u64, from: u64, to: u64) -> io::Result<Bytes> {
     let mut buf = pool.take();
     let need = usize::try_from(to - at).map_err(io::Error::other)?;
     // Whole aligned blocks: the last one may end past the file's end, where the read
@@ -233,7 +194,7 @@ fn read_window(file: &File, pool: BufferPool, at: u64, from: u64, to: u64) -> io
     let whole = need.next_multiple_of(ALIGN);
     while buf.filled < need {
         let filled = buf.filled;
-        let into = buf.window().get_mut(filled..whole).unwrap_or_default();
+        let into = buf.space().get_mut(filled..whole).unwrap_or_default();
         match file.read_at(into, at + filled as u64)? {
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
             n => buf.filled += n,
