@@ -10,7 +10,9 @@
 //! of each thread, instead of one per network read, and the blocks' memory is reused
 //! from upload to upload (a [`BlockPool`]), so the body does not fault fresh pages in
 //! for every megabyte. Copying a frame into a block also hands the HTTP layer its read
-//! buffer back at once, so it reads the socket into memory it already has.
+//! buffer back at once, so it reads the socket into memory it already has. Blocks start
+//! at a 4 KiB-aligned address, so a backend writing around the page cache (direct I/O)
+//! writes them as they are.
 
 mod backend;
 mod fs;
