@@ -619,8 +619,8 @@ async fn run(args: &Args) -> Result<Report> {
         )
         .collect();
     println!(
-        "rounds: {}; total {:.0} s; {} of {} targets met",
-        report.rounds,
+        "{}total {:.0} s; {} of {} targets met",
+        rounds_run(&selection, args),
         report.total_secs,
         judged.iter().filter(|&&pass| pass).count(),
         judged.len(),
@@ -658,6 +658,28 @@ impl Selection {
     fn any(&self, workloads: &[Workload]) -> bool {
         workloads.iter().any(|&w| self.has(w))
     }
+}
+
+/// The rounds the workloads that ran repeated, each count followed by `; ` (the project
+/// and eviction workloads have counts of their own; the rest share `--rounds`).
+fn rounds_run(selection: &Selection, args: &Args) -> String {
+    use Workload::{
+        Actions, Auth, Chunked, Eviction, Export, Head, Limits, Manifest, Mirror, Project, Pull,
+        Pulls, Push, Scale,
+    };
+    let shared = [
+        Limits, Push, Chunked, Pull, Pulls, Head, Manifest, Export, Auth, Actions, Mirror, Scale,
+    ];
+    let (evicted, built) = (selection.has(Eviction), selection.has(Project));
+    [
+        (selection.any(&shared), "rounds", args.rounds),
+        (evicted, "eviction rounds", args.eviction_rounds),
+        (built, "project rounds", args.project_rounds),
+    ]
+    .iter()
+    .filter(|(ran, ..)| *ran)
+    .map(|(_, name, n)| format!("{name}: {n}; "))
+    .collect()
 }
 
 /// What the rounds share, and the samples they collect.
