@@ -46,8 +46,6 @@ pub(crate) const BLOCK: usize = 512 << 10;
 /// is the one that fills; with the writer's queue it bounds what one upload holds in
 /// memory (a few blocks: about 4 MiB).
 const HASH_QUEUE: usize = 4;
-/// Most idle blocks kept for reuse.
-const POOLED_BLOCKS: usize = 8;
 /// Longest a partly filled block waits for more bytes while the body has none ready:
 /// grouping delays bytes by at most this much.
 const FLUSH_AFTER: Duration = Duration::from_millis(5);
@@ -94,7 +92,7 @@ pub struct DigestLocks<'a> {
 }
 
 /// Idle blocks, reused so that gathering a body touches memory that is already mapped.
-pub(crate) type BlockPool = pool::Pool<Block>;
+pub(crate) type BlockPool = pool::Pool<BLOCK>;
 
 /// A block of a body being gathered. Its address is aligned, so a backend writing
 /// around the page cache can write whole blocks as they are.
@@ -279,7 +277,7 @@ impl BlobStore {
             backend,
             locks,
             meta,
-            pool: BlockPool::new(POOLED_BLOCKS),
+            pool: BlockPool::default(),
         }
     }
 
@@ -466,7 +464,7 @@ mod tests {
     async fn small_frames_are_gathered_into_full_blocks_and_no_byte_is_lost() {
         let sizes: Vec<usize> = (0..3 * BLOCK / 1000 + 7).map(|i| 900 + i % 200).collect();
         let (all, body) = frames(&sizes);
-        let blocks = collect(Blocks::new(body, BlockPool::new(POOLED_BLOCKS))).await;
+        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
         let (last, full) = blocks.split_last().unwrap();
         assert!(full.iter().all(|b| b.len() == BLOCK && pool::is_aligned(b)));
         assert!(!last.is_empty() && last.len() <= BLOCK);
@@ -477,13 +475,13 @@ mod tests {
     async fn a_frame_of_a_whole_block_between_blocks_is_passed_on_without_a_copy() {
         let big = Bytes::from(vec![7u8; 2 * BLOCK + 3]);
         let body: ByteStream = Box::pin(futures::stream::iter([Ok(big.clone())]));
-        let blocks = collect(Blocks::new(body, BlockPool::new(POOLED_BLOCKS))).await;
+        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
         assert_eq!(blocks.len(), 1);
         assert_eq!(blocks[0].as_ptr(), big.as_ptr());
 
         // After a partial block, the same frame is split to fill it instead.
         let (all, body) = frames(&[10, 2 * BLOCK]);
-        let blocks = collect(Blocks::new(body, BlockPool::new(POOLED_BLOCKS))).await;
+        let blocks = collect(Blocks::new(body, BlockPool::default())).await;
         let lens: Vec<usize> = blocks.iter().map(Bytes::len).collect();
         assert_eq!(lens, [BLOCK, BLOCK, 10]);
         assert_eq!(blocks.concat(), all);
@@ -495,7 +493,7 @@ mod tests {
         let body: ByteStream = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }));
-        let mut blocks = Blocks::new(body, BlockPool::new(POOLED_BLOCKS));
+        let mut blocks = Blocks::new(body, BlockPool::default());
         tx.send(Ok(Bytes::from_static(b"early bytes")))
             .await
             .unwrap();
@@ -515,13 +513,13 @@ mod tests {
             Err(std::io::Error::other("reset")),
             Ok(Bytes::from_static(b"never")),
         ]));
-        let mut blocks = Blocks::new(body, BlockPool::new(POOLED_BLOCKS));
+        let mut blocks = Blocks::new(body, BlockPool::default());
         assert!(blocks.next().await.unwrap().is_err());
     }
 
     #[tokio::test]
     async fn block_memory_goes_back_to_the_pool_once_every_clone_is_dropped() {
-        let pool = BlockPool::new(POOLED_BLOCKS);
+        let pool = BlockPool::default();
         let (_, body) = frames(&[BLOCK / 2, BLOCK / 2, 100]);
         let blocks = collect(Blocks::new(body, pool.clone())).await;
         let kept = blocks[0].clone();

@@ -1,5 +1,6 @@
-//! Buffers reused from one transfer to the next, so that moving a body touches memory
-//! that is already mapped, and lent out as [`Bytes`] that return them when dropped.
+//! Aligned buffers reused from one transfer to the next, so that moving a body touches
+//! memory that is already mapped, and lent out as [`Bytes`] that return them when
+//! dropped.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,63 +9,40 @@ use bytes::Bytes;
 /// Alignment of an [`Aligned`] buffer's address: the largest logical block size in
 /// common use, which direct I/O needs its offsets, lengths and buffers aligned to.
 pub(crate) const ALIGN: usize = 4096;
+/// Most idle bytes a pool keeps: 8 blocks of a body, or 4 direct I/O windows.
+const KEPT_BYTES: usize = 4 << 20;
 
-/// A buffer a [`Pool`] keeps.
-pub(crate) trait Reusable: AsRef<[u8]> + Send + Sized + 'static {
-    /// A new buffer.
-    fn fresh() -> Self;
-    /// Empty it for reuse.
-    fn reset(&mut self);
+/// Idle buffers of `LEN` bytes, at most [`KEPT_BYTES`] of them. A buffer taken from an
+/// empty pool is a new one, so the pool never makes anyone wait.
+#[derive(Clone, Default)]
+pub(crate) struct Pool<const LEN: usize> {
+    pub(super) idle: Arc<Mutex<Vec<Aligned<LEN>>>>,
 }
 
-/// Idle buffers, at most `kept`. A buffer taken from an empty pool is a new one, so the
-/// pool never makes anyone wait.
-pub(crate) struct Pool<B> {
-    pub(super) idle: Arc<Mutex<Vec<B>>>,
-    kept: usize,
-}
-
-impl<B> Clone for Pool<B> {
-    fn clone(&self) -> Self {
-        Pool {
-            idle: self.idle.clone(),
-            kept: self.kept,
-        }
-    }
-}
-
-impl<B> std::fmt::Debug for Pool<B> {
+impl<const LEN: usize> std::fmt::Debug for Pool<LEN> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool").finish_non_exhaustive()
     }
 }
 
-impl<B: Reusable> Pool<B> {
-    /// An empty pool that keeps at most `kept` idle buffers.
-    pub(crate) fn new(kept: usize) -> Pool<B> {
-        Pool {
-            idle: Arc::default(),
-            kept,
-        }
-    }
-
+impl<const LEN: usize> Pool<LEN> {
     /// An idle buffer, or a new one.
-    pub(crate) fn take(&self) -> B {
+    pub(crate) fn take(&self) -> Aligned<LEN> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        idle.unwrap_or_else(B::fresh)
+        idle.unwrap_or_else(Aligned::fresh)
     }
 
-    /// Keep `buf` for reuse, if there is room.
-    pub(crate) fn give_back(&self, mut buf: B) {
-        buf.reset();
+    /// Keep `buf` for reuse, emptied, if there is room.
+    pub(crate) fn give_back(&self, mut buf: Aligned<LEN>) {
+        buf.filled = 0;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.kept {
+        if (idle.len() + 1) * LEN <= KEPT_BYTES {
             idle.push(buf);
         }
     }
 
     /// `buf`'s bytes, given back to the pool once every clone is dropped.
-    pub(crate) fn lend(&self, buf: B) -> Bytes {
+    pub(crate) fn lend(&self, buf: Aligned<LEN>) -> Bytes {
         Bytes::from_owner(Lent {
             buf: Some(buf),
             pool: self.clone(),
@@ -73,18 +51,18 @@ impl<B: Reusable> Pool<B> {
 }
 
 /// A buffer lent out as [`Bytes`]; dropping it gives the buffer back.
-struct Lent<B: Reusable> {
-    buf: Option<B>,
-    pool: Pool<B>,
+struct Lent<const LEN: usize> {
+    buf: Option<Aligned<LEN>>,
+    pool: Pool<LEN>,
 }
 
-impl<B: Reusable> AsRef<[u8]> for Lent<B> {
+impl<const LEN: usize> AsRef<[u8]> for Lent<LEN> {
     fn as_ref(&self) -> &[u8] {
         self.buf.as_ref().map_or(&[], AsRef::as_ref)
     }
 }
 
-impl<B: Reusable> Drop for Lent<B> {
+impl<const LEN: usize> Drop for Lent<LEN> {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
             self.pool.give_back(buf);
@@ -93,28 +71,11 @@ impl<B: Reusable> Drop for Lent<B> {
 }
 
 /// `LEN` bytes at an [`ALIGN`]ed address, the first `filled` of them in use.
-#[derive(Debug)]
 pub(crate) struct Aligned<const LEN: usize> {
     mem: Box<[u8]>,
     start: usize,
     /// Bytes in use, from the start.
     pub(crate) filled: usize,
-}
-
-impl<const LEN: usize> Reusable for Aligned<LEN> {
-    fn fresh() -> Self {
-        let mem = vec![0; LEN + ALIGN].into_boxed_slice();
-        let start = mem.as_ptr().align_offset(ALIGN);
-        Aligned {
-            mem,
-            start,
-            filled: 0,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.filled = 0;
-    }
 }
 
 /// The bytes in use.
@@ -126,6 +87,17 @@ impl<const LEN: usize> AsRef<[u8]> for Aligned<LEN> {
 }
 
 impl<const LEN: usize> Aligned<LEN> {
+    /// A new buffer, none of it in use.
+    fn fresh() -> Self {
+        let mem = vec![0; LEN + ALIGN].into_boxed_slice();
+        let start = mem.as_ptr().align_offset(ALIGN);
+        Aligned {
+            mem,
+            start,
+            filled: 0,
+        }
+    }
+
     /// The whole buffer, in use or not.
     pub(crate) fn space(&mut self) -> &mut [u8] {
         let (_, aligned) = self.mem.split_at_mut(self.start);

@@ -25,8 +25,6 @@ use crate::blob::pool::{ALIGN, Aligned, Pool, is_aligned};
 const WINDOW: usize = 1 << 20;
 /// Windows read ahead of the one being sent.
 const READ_AHEAD: usize = 1;
-/// Most idle buffers kept for reuse.
-const POOLED: usize = 4;
 /// The open flag for direct I/O (none where it is not used).
 #[cfg(target_os = "linux")]
 const O_DIRECT: libc::c_int = libc::O_DIRECT;
@@ -37,14 +35,7 @@ const O_DIRECT: libc::c_int = 0;
 type Buffer = Aligned<WINDOW>;
 
 /// Buffers for direct I/O, reused so that it touches memory that is already mapped.
-#[derive(Debug, Clone)]
-pub(super) struct BufferPool(Pool<Buffer>);
-
-impl Default for BufferPool {
-    fn default() -> Self {
-        BufferPool(Pool::new(POOLED))
-    }
-}
+pub(super) type BufferPool = Pool<WINDOW>;
 
 /// Switch `file`'s writes and reads to direct I/O (`on`) or back to the page cache.
 #[allow(unsafe_code)]
@@ -110,7 +101,7 @@ pub(super) fn write_blocks(
             offset += block.len() as u64;
             continue;
         }
-        let buf = window.get_or_insert_with(|| pool.0.take());
+        let buf = window.get_or_insert_with(|| pool.take());
         let mut rest = &block[..];
         while !rest.is_empty() {
             rest = buf.fill(rest);
@@ -130,7 +121,7 @@ pub(super) fn write_blocks(
         set_direct(file, false)?;
     }
     file.write_all_at(buf.as_ref(), offset)?;
-    pool.0.give_back(buf);
+    pool.give_back(buf);
     Ok(())
 }
 
@@ -167,7 +158,7 @@ pub(super) fn open(path: &Path) -> io::Result<Option<File>> {
 
 /// The bytes `[start, end)` of `file` (opened by [`open`]), read a window at a time on
 /// a blocking thread, the next window read while one is sent.
-pub(super) fn read(file: File, BufferPool(pool): BufferPool, start: u64, end: u64) -> ByteStream {
+pub(super) fn read(file: File, pool: BufferPool, start: u64, end: u64) -> ByteStream {
     if start >= end {
         return Box::pin(futures::stream::empty());
     }
@@ -186,7 +177,7 @@ pub(super) fn read(file: File, BufferPool(pool): BufferPool, start: u64, end: u6
 }
 
 /// The bytes `[from, to)` of the window at `at`.
-fn read_window(file: &File, pool: Pool<Buffer>, at: u64, from: u64, to: u64) -> io::Result<Bytes> {
+fn read_window(file: &File, pool: BufferPool, at: u64, from: u64, to: u64) -> io::Result<Bytes> {
     let mut buf = pool.take();
     let need = usize::try_from(to - at).map_err(io::Error::other)?;
     // Whole aligned blocks: the last one may end past the file's end, where the read
