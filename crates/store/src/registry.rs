@@ -31,6 +31,11 @@ const MAX_CONFIG_BYTES: u64 = 8 << 20;
 const LEADER_RETRY: Duration = Duration::from_secs(1);
 /// How often recorded reads are written to the metadata store.
 const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Most recorded reads written in one metadata write. A flush after a burst of reads
+/// (thousands of manifests and blobs) holds the single metadata writer one step at a
+/// time, so the uploads and manifest pushes queued behind it wait for a step, not for
+/// the whole batch.
+const TOUCHES_PER_WRITE: usize = 256;
 
 /// The registry storage: blobs, metadata, uploads. Cheap to clone (one shared state).
 #[derive(Clone)]
@@ -117,10 +122,10 @@ impl AccessLog {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        if batch.is_empty() {
-            return Ok(());
+        for step in batch.chunks(TOUCHES_PER_WRITE) {
+            meta.touch(step.to_vec()).await?;
         }
-        meta.touch(batch).await
+        Ok(())
     }
 }
 
