@@ -6,9 +6,12 @@
 //! (`bench/actions-cache/null-server.mjs`) that drops uploads and streams the archive
 //! layercache stored: the client's own ceiling for each protocol.
 //!
-//! Throughput is payload bytes over the wall time of the `node` process, in MiB/s. Every
-//! run uses fresh content (the base XORed with a per-run mask), so no entry, block or chunk
-//! is ever seen twice; every restore is checked byte for byte against what was saved.
+//! Throughput is payload bytes over the wall time of the `node` process, in MiB/s. A save
+//! is also timed from the moment its archive is made (the client's `File Size` line) to
+//! its end: the reservation, the upload and the commit, the only part of a save a server
+//! takes part in. Every run uses fresh content (the base XORed with a per-run mask), so
+//! no entry, block or chunk is ever seen twice; every restore is checked byte for byte
+//! against what was saved.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -109,6 +112,15 @@ impl Target {
             Target::CeilingV1
         }
     }
+
+    /// layercache on the same protocol.
+    fn layercache(self) -> Target {
+        if self.v2() {
+            Target::LayercacheV2
+        } else {
+            Target::LayercacheV1
+        }
+    }
 }
 
 /// Save or restore.
@@ -137,6 +149,16 @@ pub fn sample_key(target: Target, op: Op) -> Option<&'static str> {
         (Target::LayercacheV2, Op::Restore) => Some("actions_v2_restore_mib_s"),
         (Target::LayercacheV1, Op::Save) => Some("actions_v1_save_mib_s"),
         (Target::LayercacheV1, Op::Restore) => Some("actions_v1_restore_mib_s"),
+        _ => None,
+    }
+}
+
+/// The key of the figure of a save's rate after its archive was made, on `target`
+/// (layercache's; the null server's are the limits of the same keys).
+fn upload_key(target: Target) -> Option<&'static str> {
+    match target {
+        Target::LayercacheV2 => Some("actions_v2_save_upload_mib_s"),
+        Target::LayercacheV1 => Some("actions_v1_save_upload_mib_s"),
         _ => None,
     }
 }
@@ -176,6 +198,8 @@ pub struct Run {
     pub secs: f64,
     /// Payload MiB over `secs`.
     pub mib_s: f64,
+    /// A save's payload MiB over its time after the archive was made (see the module).
+    pub upload_mib_s: Option<f64>,
     /// CPU seconds of the client: node and the tar and zstd it ran.
     pub client_cpu_s: f64,
     /// CPU seconds of the server (layercache or the null server) meanwhile.
@@ -192,6 +216,8 @@ pub struct Run {
 #[derive(Clone, Copy, Debug)]
 struct Timing {
     secs: f64,
+    /// Seconds until the client reported its archive made (saves only).
+    archive_secs: Option<f64>,
     client_cpu_s: f64,
     server: Cpu,
     other_cpu_s: f64,
@@ -337,7 +363,8 @@ pub async fn run(
     let mut runs = Vec::new();
     let mut archive_bytes = Vec::new();
     let mut ceilings: BTreeMap<(bool, Op), Vec<f64>> = BTreeMap::new();
-    let mut null_cpu: BTreeMap<(bool, Op), Vec<f64>> = BTreeMap::new();
+    // The null server's figures, by the key of layercache's same figure.
+    let mut null_figures: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for round in 0..ctx.rounds {
         // What the ceilings restore: the archive of this round's layercache v2 entry.
         let mut served: Option<Content> = None;
@@ -401,6 +428,10 @@ pub async fn run(
             }
             for (op, t) in [(Op::Save, save), (Op::Restore, restore)] {
                 let mib_s = ctx.payload_mib as f64 / t.secs;
+                let upload_mib_s = t
+                    .archive_secs
+                    .filter(|&a| op == Op::Save && a < t.secs)
+                    .map(|a| ctx.payload_mib as f64 / (t.secs - a));
                 eprintln!(
                     "bench: round {} {:<24} {:<7} {:>5} MiB/s ({:.1} s; CPU: client {:.1} s, server {:.1} s, others {:.1} s)",
                     round + 1,
@@ -418,6 +449,7 @@ pub async fn run(
                     op,
                     secs: t.secs,
                     mib_s,
+                    upload_mib_s,
                     client_cpu_s: t.client_cpu_s,
                     server_cpu_s: t.server.total(),
                     server_kernel_cpu_s: t.server.system,
@@ -433,15 +465,20 @@ pub async fn run(
                     Some(k) => samples.entry(k).or_default().push(Kind::Layercache, mib_s),
                     None => ceilings.entry((target.v2(), op)).or_default().push(mib_s),
                 }
-                match cpu_key(target, op) {
-                    Some(k) => samples
-                        .entry(k)
-                        .or_default()
-                        .push(Kind::Layercache, cpu_s_gib),
-                    None => null_cpu
-                        .entry((target.v2(), op))
-                        .or_default()
-                        .push(cpu_s_gib),
+                let mut figures = vec![(cpu_key(target.layercache(), op), cpu_s_gib)];
+                if let Some(upload) = upload_mib_s {
+                    figures.push((upload_key(target.layercache()), upload));
+                }
+                for (key, value) in figures {
+                    let Some(key) = key else { continue };
+                    if target.is_ceiling() {
+                        null_figures.entry(key).or_default().push(value);
+                    } else {
+                        samples
+                            .entry(key)
+                            .or_default()
+                            .push(Kind::Layercache, value);
+                    }
                 }
             }
         }
@@ -451,17 +488,9 @@ pub async fn run(
     limits.actions_v2_restore = ceiling(true, Op::Restore);
     limits.actions_v1_save = ceiling(false, Op::Save);
     limits.actions_v1_restore = ceiling(false, Op::Restore);
-    for ((v2, op), cpu) in &null_cpu {
-        let key = cpu_key(
-            if *v2 {
-                Target::LayercacheV2
-            } else {
-                Target::LayercacheV1
-            },
-            *op,
-        );
-        if let (Some(key), Some(cpu)) = (key, Summary::of(cpu)) {
-            limits.actions_null_cpu.insert(key, cpu);
+    for (key, values) in &null_figures {
+        if let Some(summary) = Summary::of(values) {
+            limits.actions_null.insert(key, summary);
         }
     }
     Ok(Report {
@@ -477,18 +506,18 @@ pub async fn run(
 /// The workload's own table: each target's save and restore (median [min-max]), against
 /// its protocol's ceiling, with the CPU each side spent; then the peer, for context.
 pub fn table(report: &Report) -> String {
-    let median = |target: Target, op: Op, f: fn(&Run) -> f64| {
+    let median = |target: Target, op: Op, f: fn(&Run) -> Option<f64>| {
         let v: Vec<f64> = report
             .runs
             .iter()
             .filter(|r| r.target == target && r.op == op)
-            .map(f)
+            .filter_map(f)
             .collect();
         Summary::of(&v)
     };
-    let rate = |t, op| median(t, op, |r| r.mib_s);
+    let rate = |t, op| median(t, op, |r| Some(r.mib_s));
     let show = |s: Option<Summary>| s.map_or("-".into(), |s| s.show());
-    let cpu = |t, op, f: fn(&Run) -> f64| {
+    let cpu = |t, op, f: fn(&Run) -> Option<f64>| {
         median(t, op, f).map_or("-".into(), |s| format!("{:.1}", s.median))
     };
     let rows: Vec<Vec<String>> = Target::ALL
@@ -503,35 +532,37 @@ pub fn table(report: &Report) -> String {
             vec![
                 t.name().to_owned(),
                 show(rate(t, Op::Save)),
+                show(median(t, Op::Save, |r| r.upload_mib_s)),
                 show(rate(t, Op::Restore)),
                 ratio(Op::Save),
                 ratio(Op::Restore),
                 format!(
                     "{} / {}",
-                    cpu(t, Op::Save, |r| r.client_cpu_s),
-                    cpu(t, Op::Restore, |r| r.client_cpu_s)
+                    cpu(t, Op::Save, |r| Some(r.client_cpu_s)),
+                    cpu(t, Op::Restore, |r| Some(r.client_cpu_s))
                 ),
                 format!(
                     "{} / {}",
-                    cpu(t, Op::Save, |r| r.server_cpu_s),
-                    cpu(t, Op::Restore, |r| r.server_cpu_s)
+                    cpu(t, Op::Save, |r| Some(r.server_cpu_s)),
+                    cpu(t, Op::Restore, |r| Some(r.server_cpu_s))
                 ),
                 format!(
                     "{} / {}",
-                    cpu(t, Op::Save, |r| r.other_cpu_s),
-                    cpu(t, Op::Restore, |r| r.other_cpu_s)
+                    cpu(t, Op::Save, |r| Some(r.other_cpu_s)),
+                    cpu(t, Op::Restore, |r| Some(r.other_cpu_s))
                 ),
             ]
         })
         .collect();
     let mut out = format!(
-        "{} {}, {} MiB of incompressible data (tar + zstd by the client); MiB/s = payload / node wall time\n",
+        "{} {}, {} MiB of incompressible data (tar + zstd by the client); MiB/s = payload / node wall time, or a save's time after its archive was made\n",
         CLIENT, CLIENT_VERSION, report.payload_mib
     );
     out.push_str(&report::render(
         &[
             "actions cache",
             "save MiB/s",
+            "after the archive",
             "restore MiB/s",
             "save/ceiling",
             "restore/ceiling",
@@ -597,8 +628,8 @@ impl Invoke<'_> {
             .env("RUNNER_TEMP", self.runner_temp)
             .env("GITHUB_WORKSPACE", self.ws)
             .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
+            .stdout(Stdio::piped())
+            .stderr(out.try_clone()?);
         let base = format!("{}/", self.url.trim_end_matches('/'));
         if self.target.v2() {
             cmd.env("ACTIONS_RESULTS_URL", base)
@@ -612,7 +643,10 @@ impl Invoke<'_> {
         let client0 = Cpu::of("self", true)?.total();
         let busy0 = servers::machine_busy_secs()?;
         let start = Instant::now();
-        let status = cmd.status().await.context("running node")?;
+        let mut child = cmd.spawn().context("running node")?;
+        let output = child.stdout.take().context("no output from node")?;
+        let (status, archive_secs) = tokio::join!(child.wait(), copy_output(output, out, start));
+        let (status, archive_secs) = (status.context("running node")?, archive_secs?);
         let secs = start.elapsed().as_secs_f64();
         let busy = servers::machine_busy_secs()? - busy0;
         let client = Cpu::of("self", true)?.total() - client0;
@@ -628,11 +662,35 @@ impl Invoke<'_> {
         }
         Ok(Timing {
             secs,
+            archive_secs,
             client_cpu_s: client,
             other_cpu_s: (busy - client - server.total()).max(0.0),
             server,
         })
     }
+}
+
+/// What the client prints once its archive is made, before it talks to the server.
+const ARCHIVE_MADE: &[u8] = b"::debug::File Size:";
+
+/// Copy the client's `output` to `log`, line by line; returns how long after `start` it
+/// printed [`ARCHIVE_MADE`], if it did.
+async fn copy_output(
+    output: tokio::process::ChildStdout,
+    mut log: File,
+    start: Instant,
+) -> Result<Option<f64>> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(output).split(b'\n');
+    let mut archived = None;
+    while let Some(line) = lines.next_segment().await? {
+        if archived.is_none() && line.starts_with(ARCHIVE_MADE) {
+            archived = Some(start.elapsed().as_secs_f64());
+        }
+        log.write_all(&line)?;
+        log.write_all(b"\n")?;
+    }
+    Ok(archived)
 }
 
 /// Whether the client's last JSON line in `log` reports success: a save's cache id is

@@ -87,8 +87,9 @@ pub struct Limits {
     pub actions_v1_save: Option<Summary>,
     /// `@actions/cache` restoring from a null v1 server (MiB/s).
     pub actions_v1_restore: Option<Summary>,
-    /// The null server's CPU seconds per GiB, by the key of layercache's figure.
-    pub actions_null_cpu: BTreeMap<&'static str, Summary>,
+    /// The null server's figures (CPU seconds per GiB, a save's rate after its archive
+    /// was made), by the key of layercache's same figure.
+    pub actions_null: BTreeMap<&'static str, Summary>,
 }
 
 impl Limits {
@@ -337,8 +338,8 @@ pub fn figures(
         Summary::of(values).map(|s| s.median)
     };
     let gib_cpu = |target| Target::AtMost { value: target };
-    let null_cpu = |key: &str| limits.actions_null_cpu.get(key).map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 57] = [
+    let null = |key: &str| limits.actions_null.get(key).map(|s| s.median);
+    let rows: [(&str, String, &str, Option<f64>, Target); 59] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -525,10 +526,28 @@ pub fn figures(
             restore_ceiling,
         ),
         (
+            "actions_v2_save_upload_mib_s",
+            format!(
+                "actions cache v2 save {actions}: after the archive (limit: the null server's)"
+            ),
+            "MiB/s",
+            null("actions_v2_save_upload_mib_s"),
+            Target::None,
+        ),
+        (
+            "actions_v1_save_upload_mib_s",
+            format!(
+                "actions cache v1 save {actions}: after the archive (limit: the null server's)"
+            ),
+            "MiB/s",
+            null("actions_v1_save_upload_mib_s"),
+            Target::None,
+        ),
+        (
             "actions_v2_save_cpu",
             format!("actions cache v2 save {actions}: server CPU (limit: the null server's)"),
             "CPU-s/GiB",
-            null_cpu("actions_v2_save_cpu"),
+            null("actions_v2_save_cpu"),
             Target::None,
         ),
         (
@@ -542,14 +561,14 @@ pub fn figures(
             "actions_v2_restore_cpu",
             format!("actions cache v2 restore {actions}: server CPU (limit: the null server's)"),
             "CPU-s/GiB",
-            null_cpu("actions_v2_restore_cpu"),
+            null("actions_v2_restore_cpu"),
             Target::None,
         ),
         (
             "actions_v1_save_cpu",
             format!("actions cache v1 save {actions}: server CPU (limit: the null server's)"),
             "CPU-s/GiB",
-            null_cpu("actions_v1_save_cpu"),
+            null("actions_v1_save_cpu"),
             Target::None,
         ),
         (
@@ -563,7 +582,7 @@ pub fn figures(
             "actions_v1_restore_cpu",
             format!("actions cache v1 restore {actions}: server CPU (limit: the null server's)"),
             "CPU-s/GiB",
-            null_cpu("actions_v1_restore_cpu"),
+            null("actions_v1_restore_cpu"),
             Target::None,
         ),
         (
