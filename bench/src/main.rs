@@ -64,7 +64,7 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 use crate::e2e::{Daemon, Outcome, Plan, Variant};
-use crate::payload::Base;
+use crate::payload::{Base, MIB};
 use crate::registry::Registry;
 use crate::report::{Figure, Limits, Samples};
 use crate::servers::{Cpu, Kind, Server};
@@ -829,7 +829,18 @@ impl Workbench<'_> {
         if has(Workload::Export) {
             let seed = (round * 2 + seq) as u64 + 1;
             let missing = workloads::export_missing(base, shape, &format!("{name}-{round}"), seed)?;
-            settle();
+            // Like a push, the export's uploads draw pages just freed (see `fresh_pages`).
+            let mib = missing
+                .iter()
+                .map(|b| b.len)
+                .sum::<u64>()
+                .div_ceil(MIB as u64);
+            let slices = base.slices();
+            fresh_pages(
+                self.dir,
+                slices.get(..usize::try_from(mib)?).unwrap_or(slices),
+            )
+            .await?;
             let tag = format!("cache-{round}");
             let secs = workloads::cache_export(registry, fixtures, &missing, shape, &tag).await?;
             self.record(round, kind, "export_s", secs);
