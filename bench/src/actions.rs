@@ -153,13 +153,13 @@ pub fn sample_key(target: Target, op: Op) -> Option<&'static str> {
     }
 }
 
-/// The key of the figure of a save's rate after its archive was made, on `target`
+/// The key of the figure of a save's rate after its archive was made, over v2 or v1
 /// (layercache's; the null server's are the limits of the same keys).
-fn upload_key(target: Target) -> Option<&'static str> {
-    match target {
-        Target::LayercacheV2 => Some("actions_v2_save_upload_mib_s"),
-        Target::LayercacheV1 => Some("actions_v1_save_upload_mib_s"),
-        _ => None,
+fn upload_key(v2: bool) -> &'static str {
+    if v2 {
+        "actions_v2_save_upload_mib_s"
+    } else {
+        "actions_v1_save_upload_mib_s"
     }
 }
 
@@ -465,12 +465,9 @@ pub async fn run(
                     Some(k) => samples.entry(k).or_default().push(Kind::Layercache, mib_s),
                     None => ceilings.entry((target.v2(), op)).or_default().push(mib_s),
                 }
-                let mut figures = vec![(cpu_key(target.layercache(), op), cpu_s_gib)];
-                if let Some(upload) = upload_mib_s {
-                    figures.push((upload_key(target.layercache()), upload));
-                }
-                for (key, value) in figures {
-                    let Some(key) = key else { continue };
+                let cpu = cpu_key(target.layercache(), op).map(|key| (key, cpu_s_gib));
+                let upload = upload_mib_s.map(|rate| (upload_key(target.v2()), rate));
+                for (key, value) in cpu.into_iter().chain(upload) {
                     if target.is_ceiling() {
                         null_figures.entry(key).or_default().push(value);
                     } else {
