@@ -1094,6 +1094,91 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
     assert_eq!(read_all(&again, &finished).await.unwrap(), b"half more");
 }
 
+/// A store that stops answering, its connections left open (a hung node, a black-holed
+/// route), fails what is under way and what comes after it as unavailable after its
+/// stall timeout (a minute, the default), instead of holding them for ever; once it
+/// answers again, everything works. The store is frozen while a pull is part-way
+/// through its body and while an append waits for the rest of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_that_stops_answering_fails_requests_instead_of_holding_them() {
+    /// Well past the stall timeout, well short of for ever.
+    const BOUND: Duration = Duration::from_secs(150);
+    let Some(garage) = own_garage().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = s3_config(&garage, dir.path(), garage.bucket());
+    let backend = Arc::new(S3Backend::connect(&config).await.unwrap());
+    // More than the loopback connection's buffers hold, so the pull cannot have it all.
+    let content = pattern(64 << 20, 21);
+    let digest = put(backend.as_ref(), &content, 1).await;
+    let mut pull = backend.read(&digest, None).await.unwrap().unwrap();
+    let first = pull.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+
+    let id = UploadId::random();
+    backend.create_staged(&id).await.unwrap();
+    let (waiting, waited) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let gated: ByteStream = Box::pin(
+        futures::stream::once(async { Ok(Bytes::from_static(b"first half, ")) }).chain(
+            futures::stream::once(async move {
+                waiting.send(()).unwrap();
+                released.await.unwrap();
+                Ok(Bytes::from_static(b"second half"))
+            }),
+        ),
+    );
+    let append = tokio::spawn({
+        let backend = backend.clone();
+        let id = id.clone();
+        async move { backend.append(&id, 0, gated).await }
+    });
+    waited.await.unwrap();
+
+    tokio::task::block_in_place(|| garage.pause());
+    release.send(()).unwrap();
+    let all = async {
+        tokio::join!(
+            async {
+                while let Some(piece) = pull.next().await {
+                    piece?;
+                }
+                Ok::<(), io::Error>(())
+            },
+            append,
+            backend.read(&digest, None),
+            backend.stat(&digest),
+        )
+    };
+    let (pulled, appended, read, stat) = tokio::time::timeout(BOUND, all)
+        .await
+        .expect("the frozen store held requests past the bound");
+    assert!(pulled.is_err(), "the pull under way ended without an error");
+    assert!(
+        matches!(appended.unwrap(), Err(Error::Unavailable(_))),
+        "the append"
+    );
+    let read = read.map(|found| found.is_some());
+    assert!(
+        matches!(read, Err(Error::Unavailable(_))),
+        "a new read: {read:?}"
+    );
+    assert!(matches!(stat, Err(Error::Unavailable(_))), "a stat");
+
+    tokio::task::block_in_place(|| garage.resume());
+    assert!(read_all(backend.as_ref(), &digest).await.unwrap() == content);
+    assert_eq!(backend.staged_len(&id).await.unwrap(), Some(0));
+    let whole = b"first half, second half";
+    assert_eq!(
+        backend.append(&id, 0, body(whole, 5)).await.unwrap(),
+        whole.len() as u64
+    );
+    let finished = Digest::sha256_of(whole);
+    backend.commit(&id, &finished).await.unwrap();
+    assert_eq!(read_all(backend.as_ref(), &finished).await.unwrap(), whole);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_connect_refuses_a_missing_bucket_and_a_wrong_secret_as_configuration_errors() {
     let Some(garage) = tokio::task::spawn_blocking(garage::require).await.unwrap() else {

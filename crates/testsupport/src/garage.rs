@@ -184,6 +184,49 @@ impl Garage {
             .unwrap_or_else(|e| panic!("starting the test Garage node: {e}"));
     }
 
+    /// Freeze the node (`SIGSTOP`) and wait until every thread of it has stopped: its
+    /// connections stay open and nothing answers, as with a hung store;
+    /// [`resume`](Self::resume) thaws it.
+    ///
+    /// # Panics
+    ///
+    /// When it is not running, cannot be signalled or does not stop within seconds.
+    #[allow(clippy::panic)]
+    pub fn pause(&self) {
+        let pid = self.signal("STOP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "the test Garage node did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Let a [`pause`](Self::pause)d node go on (`SIGCONT`).
+    ///
+    /// # Panics
+    ///
+    /// When it is not running or cannot be signalled.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Send the node's process the signal `name`; returns its pid.
+    #[allow(clippy::panic)]
+    fn signal(&self, name: &str) -> u32 {
+        let pid = match self.server().as_ref() {
+            Some(child) => child.id(),
+            None => panic!("the test Garage node is not running"),
+        };
+        run(Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string()))
+        .unwrap_or_else(|e| panic!("signalling the test Garage node: {e}"));
+        pid
+    }
+
     /// Whether the node's process is running.
     pub fn is_running(&self) -> bool {
         let mut server = self.server();
@@ -315,6 +358,20 @@ impl Drop for Garage {
     fn drop(&mut self) {
         let _ = self.try_stop();
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in its `stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads.flatten().all(|thread| {
+        std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command's closing parenthesis.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
 }
 
 /// Whether a `garage` binary is installed.

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{
@@ -48,6 +49,11 @@ const PARTS_IN_FLIGHT: usize = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time allowed for a whole request that carries no large body (HEAD, LIST, DELETE).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a transfer waits for the store: for the answer to a request once it is sent
+/// (a part's bytes included: at least 140 KB/s for a part of [`PART_SIZE`]), and for
+/// each next piece of an answer's body. A store that stops answering fails the request
+/// instead of holding it, and the upload or pull behind it, for ever.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// After this long a failing request is not tried again: an unreachable store is
 /// reported within seconds, as unavailable.
 const RETRY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,7 +68,7 @@ pub struct S3Backend {
     /// For requests without a large body: bounded by [`CONTROL_TIMEOUT`].
     control: Arc<AmazonS3>,
     /// For requests streaming a body (GET, parts, copies): no overall time limit, so a
-    /// large transfer is never cut.
+    /// large transfer is never cut, but a stall is ([`STALL_TIMEOUT`]).
     transfer: Arc<AmazonS3>,
     /// `<prefix>/blobs`.
     blobs: Path,
@@ -72,6 +78,28 @@ pub struct S3Backend {
     probes: Path,
     /// How long presigned redirects stay valid, when they are enabled.
     redirect: Option<Duration>,
+}
+
+/// Makes the client for transfers: one whose requests fail after [`STALL_TIMEOUT`]
+/// without progress, which the object store's client options cannot express.
+#[derive(Debug)]
+struct TransferConnector {
+    allow_http: bool,
+}
+
+impl HttpConnector for TransferConnector {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(STALL_TIMEOUT)
+            .https_only(!self.allow_http)
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(client))
+    }
 }
 
 /// One object of a staging area: its bytes start at `offset` in the area.
@@ -139,29 +167,32 @@ impl S3Backend {
                 retry_timeout: RETRY_TIMEOUT,
             });
         if let Some(endpoint) = &config.endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"));
+            builder = builder.with_endpoint(endpoint);
         }
+        let allow_http = config
+            .endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
         let options = ClientOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_allow_http(
-                config
-                    .endpoint
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("http://")),
-            );
-        let build = |options: ClientOptions| {
+            .with_allow_http(allow_http);
+        let build = |builder: AmazonS3Builder| {
             builder
-                .clone()
-                .with_client_options(options)
                 .build()
                 .map(Arc::new)
                 .map_err(|e| Error::Config(format!("blobs: {e}")))
         };
         let backend = S3Backend {
-            control: build(options.clone().with_timeout(CONTROL_TIMEOUT))?,
-            transfer: build(options.with_timeout_disabled())?,
+            control: build(
+                builder
+                    .clone()
+                    .with_client_options(options.clone().with_timeout(CONTROL_TIMEOUT)),
+            )?,
+            transfer: build(
+                builder
+                    .with_client_options(options.with_timeout_disabled())
+                    .with_http_connector(TransferConnector { allow_http }),
+            )?,
             blobs: prefix.clone().join("blobs"),
             uploads: prefix.clone().join("uploads"),
             probes: prefix.join("probe"),
@@ -445,12 +476,15 @@ impl BlobBackend for S3Backend {
                 Ok(Some(Box::pin(body)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => match (bounds, self.stat(digest).await?) {
-                // A range starting at or past the end: the store refuses it, the
-                // contract gives no bytes.
-                (Some(bounds), Some(size)) if bounds.start >= size => Ok(Some(empty_stream())),
-                (_, None) => Ok(None),
-                _ => Err(e.into()),
+            Err(e) => match Error::from(e) {
+                unavailable @ Error::Unavailable(_) => Err(unavailable),
+                e => match (bounds, self.stat(digest).await?) {
+                    // A range starting at or past the end: the store refuses it, the
+                    // contract gives no bytes.
+                    (Some(bounds), Some(size)) if bounds.start >= size => Ok(Some(empty_stream())),
+                    (_, None) => Ok(None),
+                    _ => Err(e),
+                },
             },
         }
     }
