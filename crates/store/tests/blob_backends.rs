@@ -1096,7 +1096,7 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
 
 /// A store that stops answering, its connections left open (a hung node, a black-holed
 /// route), fails what is under way and what comes after it as unavailable after its
-/// stall timeout (a minute, the default), instead of holding them for ever; once it
+/// stall timeout (a minute), instead of holding them for ever; once it
 /// answers again, everything works. The store is frozen while a pull is part-way
 /// through its body and while an append waits for the rest of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
