@@ -191,7 +191,6 @@ impl Garage {
     /// # Panics
     ///
     /// When it is not running, cannot be signalled or does not stop within seconds.
-    #[allow(clippy::panic)]
     pub fn pause(&self) {
         let pid = self.signal("STOP");
         let deadline = Instant::now() + Duration::from_secs(10);
