@@ -40,6 +40,8 @@ struct Fixture {
     backend: Arc<dyn BlobBackend>,
     /// The S3 configuration, `None` on the filesystem.
     s3: Option<S3>,
+    /// The node behind it, whose log a failing test shows.
+    garage: Option<&'static Garage>,
     dir: tempfile::TempDir,
 }
 
@@ -51,6 +53,7 @@ impl Fixture {
             name: "filesystem",
             backend: Arc::new(backend),
             s3: None,
+            garage: None,
             dir,
         }
     }
@@ -63,7 +66,8 @@ impl Fixture {
         Some(Fixture::s3_on(garage, garage.bucket(), None).await)
     }
 
-    async fn s3_on(garage: &Garage, bucket: &str, redirect: Option<Duration>) -> Fixture {
+    async fn s3_on(garage: &'static Garage, bucket: &str, redirect: Option<Duration>) -> Fixture {
+        log_to_test_output();
         let dir = tempfile::tempdir().unwrap();
         let mut config = s3_config(garage, dir.path(), bucket);
         config.redirect = redirect;
@@ -72,6 +76,7 @@ impl Fixture {
             name: "S3",
             backend: Arc::new(backend),
             s3: Some(config),
+            garage: Some(garage),
             dir,
         }
     }
@@ -93,6 +98,36 @@ impl Fixture {
             .join(format!("meta-{}.db", UploadId::random()));
         BlobStore::new(backend, Arc::new(SqliteMeta::open(&path).unwrap()))
     }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(garage) = self.garage
+            && std::thread::panicking()
+        {
+            match garage.log_tail() {
+                tail if tail.is_empty() => eprintln!("the Garage node logged no warning"),
+                tail => eprintln!("the Garage node's log ends with:\n{tail}"),
+            }
+        }
+    }
+}
+
+/// Show the backend's warnings and the object store client's retries in the output of
+/// the test that logged them, which libtest prints when it fails: the backend turns a
+/// timeout into `Unavailable`, and the log has which request it was.
+fn log_to_test_output() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,object_store=info"));
+        // Another subscriber set first keeps its place.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// A configuration for `garage`'s `bucket` under a prefix of its own, the secret in a
@@ -1095,14 +1130,15 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
 }
 
 /// A store that stops answering, its connections left open (a hung node, a black-holed
-/// route), fails what is under way and what comes after it as unavailable after its
-/// stall timeout (a minute), instead of holding them for ever; once it
+/// route), fails what is under way and what comes after it as unavailable after two of
+/// its timeouts (the request and its one retry: two minutes for a transfer), instead of
+/// holding them for ever; once it
 /// answers again, everything works. The store is frozen while a pull is part-way
 /// through its body and while an append waits for the rest of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_that_stops_answering_fails_requests_instead_of_holding_them() {
-    /// Well past the stall timeout, well short of for ever.
-    const BOUND: Duration = Duration::from_secs(150);
+    /// Well past two stall timeouts, well short of for ever.
+    const BOUND: Duration = Duration::from_secs(200);
     let Some(garage) = own_garage().await else {
         return;
     };
@@ -1177,6 +1213,140 @@ async fn s3_store_that_stops_answering_fails_requests_instead_of_holding_them() 
     let finished = Digest::sha256_of(whole);
     backend.commit(&id, &finished).await.unwrap();
     assert_eq!(read_all(backend.as_ref(), &finished).await.unwrap(), whole);
+}
+
+/// A request the store never answers (lost on its way, or dropped by the store) costs its
+/// timeout, not the operation: it is sent once more, on another connection, and the stat,
+/// the pull and the upload it belonged to succeed. A proxy in front of the shared node
+/// takes the first request of each kind and answers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_request_that_goes_unanswered_is_sent_again_and_its_operation_succeeds() {
+    let Some(garage) = tokio::task::spawn_blocking(garage::require).await.unwrap() else {
+        return;
+    };
+    log_to_test_output();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = s3_config(garage, dir.path(), garage.bucket());
+    let proxy = SilentProxy::start(garage.endpoint()).await;
+    config.endpoint = Some(proxy.endpoint.clone());
+    let backend = S3Backend::connect(&config).await.unwrap();
+    let content = pattern(MORE_THAN_A_PART + 5, 22);
+    let digest = put(&backend, &content, 1).await;
+    let id = UploadId::random();
+    backend.create_staged(&id).await.unwrap();
+
+    // A control request (30 s), a pull and an upload's part (60 s each).
+    proxy.arm([
+        ("HEAD ", "/blobs/"),
+        ("GET ", "/blobs/"),
+        ("PUT ", "partNumber="),
+    ]);
+    let (stat, pulled, appended) = tokio::join!(
+        backend.stat(&digest),
+        read_all(&backend, &digest),
+        backend.append(&id, 0, body(&content, 1 << 20)),
+    );
+    assert_eq!(
+        proxy.swallowed(),
+        3,
+        "a request of each kind went unanswered"
+    );
+    assert_eq!(stat.unwrap(), Some(content.len() as u64));
+    assert!(pulled.unwrap() == content);
+    assert_eq!(appended.unwrap(), content.len() as u64);
+    backend.commit(&id, &digest).await.unwrap();
+    assert!(read_all(&backend, &digest).await.unwrap() == content);
+}
+
+/// A TCP proxy to an S3 endpoint that, once armed, takes the first request of each armed
+/// kind and says nothing more on its connection, which stays open: the store never
+/// answers it.
+struct SilentProxy {
+    endpoint: String,
+    armed: Arc<std::sync::Mutex<Vec<RequestKind>>>,
+    swallowed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SilentProxy {
+    async fn start(upstream: String) -> SilentProxy {
+        let upstream = upstream.strip_prefix("http://").unwrap().to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let proxy = SilentProxy {
+            endpoint,
+            armed: Arc::default(),
+            swallowed: Arc::default(),
+        };
+        let (armed, swallowed) = (proxy.armed.clone(), proxy.swallowed.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let store = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                tokio::spawn(relay(client, store, armed.clone(), swallowed.clone()));
+            }
+        });
+        proxy
+    }
+
+    /// Leave unanswered the next request of each of `kinds`.
+    fn arm(&self, kinds: impl IntoIterator<Item = RequestKind>) {
+        self.armed.lock().unwrap().extend(kinds);
+    }
+
+    /// How many requests went unanswered.
+    fn swallowed(&self) -> usize {
+        self.swallowed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Requests whose first line starts with `.0` (a method and a space) and contains `.1`.
+type RequestKind = (&'static str, &'static str);
+
+/// Carry one connection both ways until a read from the client starts an armed request;
+/// from then on read what the client sends and answer nothing, keeping the connection
+/// open until the client closes it.
+async fn relay(
+    client: tokio::net::TcpStream,
+    store: tokio::net::TcpStream,
+    armed: Arc<std::sync::Mutex<Vec<RequestKind>>>,
+    swallowed: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_store, mut to_store) = store.into_split();
+    // Hands the client's write half back when the store closes, so it stays open.
+    let answers = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = from_store.read(&mut buf).await {
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        to_client
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+        let read = &buf[..n];
+        let silenced = {
+            let mut armed = armed.lock().unwrap();
+            let line = read.split(|&b| b == b'\n').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let hit = armed
+                .iter()
+                .position(|(method, part)| line.starts_with(method) && line.contains(part));
+            hit.map(|i| armed.remove(i)).is_some()
+        };
+        if silenced {
+            swallowed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // The store sees the connection end between two requests.
+            drop(to_store);
+            let _to_client = answers.await.unwrap();
+            while let Ok(1..) = from_client.read(&mut buf).await {}
+            return;
+        }
+        if to_store.write_all(read).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

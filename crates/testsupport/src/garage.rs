@@ -328,7 +328,8 @@ impl Garage {
         serde_json::from_slice(&output.stdout).map_err(io::Error::other)
     }
 
-    fn log_tail(&self) -> String {
+    /// The last 20 lines of the node's log (its warnings and errors).
+    pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let skip = lines.len().saturating_sub(20);

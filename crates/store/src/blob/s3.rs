@@ -54,11 +54,15 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// each next piece of an answer's body. A store that stops answering fails the request
 /// instead of holding it, and the upload or pull behind it, for ever.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// After this long a failing request is not tried again: an unreachable store is
-/// reported within seconds, as unavailable.
-const RETRY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most retries of one request.
+/// Most retries of one request. One that fails at once (refused, a 5xx) is tried again
+/// after backing off up to a second each time: an unreachable store is reported within
+/// seconds, as unavailable.
 const MAX_RETRIES: usize = 3;
+/// How long past its own time bound ([`CONTROL_TIMEOUT`], [`STALL_TIMEOUT`]) a request may
+/// still be tried again: so one that timed out is sent once more, on another connection (a
+/// request the store lost costs one timeout, not the operation), and a store that stops
+/// answering is reported after two.
+const RETRY_GRACE: Duration = Duration::from_secs(5);
 /// Digits of a segment's offset in its key (enough for any `u64`), so keys sort by offset.
 const OFFSET_DIGITS: usize = 20;
 
@@ -156,16 +160,7 @@ impl S3Backend {
             .with_region(&config.region)
             .with_access_key_id(access_key_id)
             .with_secret_access_key(secret)
-            .with_virtual_hosted_style_request(config.virtual_hosted_style)
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(1),
-                    base: 2.0,
-                },
-                max_retries: MAX_RETRIES,
-                retry_timeout: RETRY_TIMEOUT,
-            });
+            .with_virtual_hosted_style_request(config.virtual_hosted_style);
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
@@ -176,8 +171,17 @@ impl S3Backend {
         let options = ClientOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_allow_http(allow_http);
-        let build = |builder: AmazonS3Builder| {
+        let build = |builder: AmazonS3Builder, timeout: Duration| {
             builder
+                .with_retry(RetryConfig {
+                    backoff: BackoffConfig {
+                        init_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(1),
+                        base: 2.0,
+                    },
+                    max_retries: MAX_RETRIES,
+                    retry_timeout: timeout + RETRY_GRACE,
+                })
                 .build()
                 .map(Arc::new)
                 .map_err(|e| Error::Config(format!("blobs: {e}")))
@@ -187,11 +191,13 @@ impl S3Backend {
                 builder
                     .clone()
                     .with_client_options(options.clone().with_timeout(CONTROL_TIMEOUT)),
+                CONTROL_TIMEOUT,
             )?,
             transfer: build(
                 builder
                     .with_client_options(options.with_timeout_disabled())
                     .with_http_connector(TransferConnector { allow_http }),
+                STALL_TIMEOUT,
             )?,
             blobs: prefix.clone().join("blobs"),
             uploads: prefix.clone().join("uploads"),
