@@ -1069,6 +1069,7 @@ async fn own_garage() -> Option<Garage> {
     if !garage_installed() {
         return None;
     }
+    log_to_test_output();
     Some(
         tokio::task::spawn_blocking(Garage::start_new)
             .await
