@@ -113,21 +113,10 @@ impl Drop for Fixture {
     }
 }
 
-/// Show the backend's warnings and the object store client's retries in the output of
-/// the test that logged them, which libtest prints when it fails: the backend turns a
-/// timeout into `Unavailable`, and the log has which request it was.
+/// Show the backend's warnings and the object store client's retries (with the request
+/// that timed out) in the output of the test that logged them.
 fn log_to_test_output() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,object_store=info"));
-        // Another subscriber set first keeps its place.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_test_writer()
-            .try_init();
-    });
+    testsupport::log_to_test_output("warn,object_store=info");
 }
 
 /// A configuration for `garage`'s `bucket` under a prefix of its own, the secret in a
@@ -1133,9 +1122,9 @@ async fn s3_store_down_is_unavailable_within_seconds_and_everything_is_back_afte
 /// A store that stops answering, its connections left open (a hung node, a black-holed
 /// route), fails what is under way and what comes after it as unavailable after two of
 /// its timeouts (the request and its one retry: two minutes for a transfer), instead of
-/// holding them for ever; once it
-/// answers again, everything works. The store is frozen while a pull is part-way
-/// through its body and while an append waits for the rest of its own.
+/// holding them for ever; once it answers again, everything works. The store is frozen
+/// while a pull is part-way through its body and while an append waits for the rest of
+/// its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_that_stops_answering_fails_requests_instead_of_holding_them() {
     /// Well past two stall timeouts, well short of for ever.

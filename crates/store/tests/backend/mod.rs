@@ -196,22 +196,10 @@ impl Metadata {
     }
 }
 
-/// Show the store's warnings (`RUST_LOG` picks others) in the output of the test that
-/// logged them, which libtest prints when the test fails: a store turns a database error
-/// into `Unavailable`, and the log line has the cause. (PostgreSQL's notices are left
-/// out: ending sessions that are ending already draws one each.)
+/// Show the store's warnings in the output of the test that logged them. (PostgreSQL's
+/// notices are left out: ending sessions that are ending already draws one each.)
 fn log_to_test_output() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("warn,sqlx::postgres::notice=error")
-        });
-        // Another subscriber set first keeps its place.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    });
+    testsupport::log_to_test_output("warn,sqlx::postgres::notice=error");
 }
 
 /// A runtime for a test that drives stores opened by
