@@ -17,9 +17,10 @@
 //   chunks 4 at a time) plus the cheapest possible receive. A real server must also store
 //   the bytes, so no server can beat this.
 // * Restore: GetCacheEntryDownloadURL (v1: the lookup's archiveLocation) hands out a URL
-//   that streams the file at --archive. Before each restore the benchmark puts there the
-//   very archive layercache stored in the same round (fetched from layercache, untimed),
-//   so the ceiling restores the same bytes from the same disk, from the page cache as a
+//   that streams the file at --archive. There the benchmark puts the very archive
+//   layercache stored last (this round's, or the round before's where the ceiling goes
+//   first; fetched from layercache, untimed), so the ceiling restores the same bytes
+//   from the same disk, from the page cache as a
 //   server that has just received them would: the client's download, unzstd and tar
 //   extraction of a real archive, from a server that only copies a file to the socket.
 //

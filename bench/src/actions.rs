@@ -66,15 +66,28 @@ pub enum Target {
 }
 
 impl Target {
-    /// Every target, in the order each round visits them: each protocol's ceiling right
-    /// after layercache on it, and layercache v2 first, because the ceilings restore the
-    /// archive it stored.
+    /// Every target, in the order the first round visits them: v2, then v1, each
+    /// protocol's ceiling right after layercache on it; layercache v2 first, because the
+    /// ceilings restore the archive it stored.
     const ALL: [Target; 4] = [
         Target::LayercacheV2,
         Target::CeilingV2,
         Target::LayercacheV1,
         Target::CeilingV1,
     ];
+
+    /// The order `round` (from 0) visits the targets in: [`Target::ALL`] in even
+    /// rounds, each protocol's ceiling first in odd ones, so neither side of a pair
+    /// always runs on the machine the other left behind (pages it freed, write-back it
+    /// queued). An odd round's ceilings restore the archive of the round before.
+    fn order(round: usize) -> [Target; 4] {
+        let mut order = Target::ALL;
+        if round % 2 == 1 {
+            order.swap(0, 1);
+            order.swap(2, 3);
+        }
+        order
+    }
 
     /// As printed.
     pub fn name(self) -> &'static str {
@@ -365,10 +378,10 @@ pub async fn run(
     let mut ceilings: BTreeMap<(bool, Op), Vec<f64>> = BTreeMap::new();
     // The null server's figures, by the key of layercache's same figure.
     let mut null_figures: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    // What the ceilings restore: the archive of the last layercache v2 entry saved.
+    let mut served: Option<Content> = None;
     for round in 0..ctx.rounds {
-        // What the ceilings restore: the archive of this round's layercache v2 entry.
-        let mut served: Option<Content> = None;
-        for (i, target) in Target::ALL.into_iter().enumerate() {
+        for (i, target) in Target::order(round).into_iter().enumerate() {
             layercache.check_alive()?;
             let content = Content::new((round * Target::ALL.len() + i) as u64);
             let key = format!("bench-{}-r{}", target.tag(), round + 1);
@@ -934,6 +947,26 @@ fn find_or_install(name: &str, package: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_alternate_which_side_of_a_pair_goes_first() {
+        let first = |round, side: fn(Target) -> bool| {
+            let order = Target::order(round);
+            [true, false].map(|v2| order.into_iter().find(|t| t.v2() == v2).map(side))
+        };
+        assert_eq!(first(0, Target::is_ceiling), [Some(false), Some(false)]);
+        assert_eq!(first(1, Target::is_ceiling), [Some(true), Some(true)]);
+        assert_eq!(first(2, Target::is_ceiling), [Some(false), Some(false)]);
+        for round in 0..4 {
+            let mut order = Target::order(round);
+            order.sort_by_key(|t| t.tag());
+            let mut all = Target::ALL;
+            all.sort_by_key(|t| t.tag());
+            assert_eq!(order, all, "round {round} visits every target once");
+        }
+        // The first ceiling restores an archive layercache v2 stored before it.
+        assert_eq!(Target::order(0)[0], Target::LayercacheV2);
+    }
 
     #[test]
     fn version_matches_the_client() {
