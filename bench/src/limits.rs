@@ -10,6 +10,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use crate::loadgen;
 use crate::payload::Base;
 use crate::registry;
 use crate::report::{Limits, Summary};
@@ -238,10 +239,10 @@ fn map_window(file: &std::fs::File, offset: u64, len: u64) -> Result<memmap2::Mm
     Ok(window)
 }
 
-/// What the benchmark's own HTTP client reaches against a trivial in-process server that
-/// answers one `GET` with `total` bytes from memory, in MB/s: the ceiling of the pull
-/// figures, to show the client is not what limits them.
-pub async fn http_get_ceiling(client: &reqwest::Client, total: u64) -> Result<f64> {
+/// What the benchmark's pulls reach ([`loadgen::get_discarding`]) against a trivial
+/// in-process server that answers one `GET` with `total` bytes from memory, in MB/s: the
+/// ceiling of the pull figures, to show the client is not what limits them.
+pub async fn http_get_ceiling(total: u64) -> Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
@@ -259,15 +260,11 @@ pub async fn http_get_ceiling(client: &reqwest::Client, total: u64) -> Result<f6
         anyhow::Ok(())
     });
     let start = Instant::now();
-    let mut response = client
-        .get(format!("http://{addr}/"))
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut got = 0u64;
-    while let Some(chunk) = response.chunk().await? {
-        got += chunk.len() as u64;
-    }
+    let target = loadgen::Target {
+        authority: addr.to_string(),
+        authorization: None,
+    };
+    let got = loadgen::get_discarding(&target, "/").await?;
     let secs = start.elapsed().as_secs_f64();
     server.await??;
     anyhow::ensure!(got == total, "received {got} of {total} bytes");
@@ -357,7 +354,7 @@ pub async fn measure(dir: &Path, base: &Base, rounds: usize) -> Result<Limits> {
         mapped.push(rate);
         mapped_cpu.push(cpu);
         tcp.push(loopback_tcp(4 << 30).await?);
-        get.push(http_get_ceiling(&client, 4 << 30).await?);
+        get.push(http_get_ceiling(4 << 30).await?);
         put.push(http_put_ceiling(&client, gib).await?);
     }
     Ok(Limits {

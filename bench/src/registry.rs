@@ -9,7 +9,7 @@ use bytes::Bytes;
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION};
 use reqwest::{Client, Response, StatusCode, Url};
 
-use crate::loadgen::Target;
+use crate::loadgen::{self, Target};
 use crate::payload::Blob;
 
 /// Media type of an OCI image manifest.
@@ -167,19 +167,11 @@ impl Registry {
         success(response, "HEAD blob").await.map(|_| true)
     }
 
-    /// `GET` a blob, reading and discarding the body; returns its length.
+    /// `GET` a blob, reading and discarding the body; returns its length (see
+    /// [`loadgen::get_discarding`]).
     pub async fn pull(&self, repo: &str, digest: &str) -> Result<u64> {
-        let response = self
-            .client
-            .get(self.url(&format!("/v2/{repo}/blobs/{digest}"))?)
-            .send()
-            .await?;
-        let mut response = success(response, "GET blob").await?;
-        let mut total = 0u64;
-        while let Some(chunk) = response.chunk().await? {
-            total += chunk.len() as u64;
-        }
-        Ok(total)
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        loadgen::get_discarding(&self.target()?, url.path()).await
     }
 
     /// `GET` a blob, appending its body to `out`; fails rather than grow `out` past its
