@@ -1,6 +1,7 @@
 //! The request-rate workloads' load generator: one keep-alive HTTP/1.1 connection per
 //! concurrent task, each writing a request and reading its whole response before the
-//! next (a closed loop), with nothing between the task and its socket.
+//! next (a closed loop), with nothing between the task and its socket. The blob pulls'
+//! reader ([`get_discarding`]) uses the same connections.
 //!
 //! The generator shares the machine's two cores with the server it measures, so what it
 //! spends per request is taken from the server: through `reqwest`'s pool (a hand-off to a
@@ -173,7 +174,7 @@ const BODY_BUFFER: usize = 1 << 20;
 /// `GET path` from `target` on a connection of its own, its body read from the socket into
 /// one reused 1 MiB buffer and dropped, as the loopback stream limit's receiver reads;
 /// returns the body's length. What a blob pull measures is then the server and the
-/// kernel: through `reqwest` the same pull reached 0.6-0.7x of what `curl` did.
+/// kernel: through `reqwest` the same pull reached about half of what `curl` did.
 pub async fn get_discarding(target: &Target, path: &str) -> Result<u64> {
     Connection::open(target, "")
         .await?
