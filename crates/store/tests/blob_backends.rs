@@ -1050,6 +1050,56 @@ async fn fs_uncached_blobs_take_no_page_cache_to_write_or_read() {
     );
 }
 
+/// Drop the pages of `path` from the page cache (they are clean once committed).
+fn evict_from_page_cache(path: &Path) {
+    let file = std::fs::File::open(path).unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_blobs_out_of_the_page_cache_read_whole_and_in_ranges() {
+    let f = Fixture::fs();
+    let b = f.backend.as_ref();
+    if filesystem_type(f.dir.path()) == "tmpfs" {
+        eprintln!("skipped: the page cache is tmpfs's storage");
+        return;
+    }
+    // Several 2 MiB windows and a part of one.
+    let window: u64 = 2 << 20;
+    let content = pattern(3 * (2 << 20) + 4_097, 41);
+    let size = content.len() as u64;
+    let digest = put(b, &content, 3).await;
+    let path = f
+        .dir
+        .path()
+        .join("data/blobs/sha256")
+        .join(&digest.hex()[..2])
+        .join(digest.hex());
+    let cases: [(u64, u64); 6] = [
+        (0, size),
+        (1, size - 1),
+        (window - 1, 2),
+        (window + 5, window + 3),
+        (3 * window, size),
+        (size - 10, 10),
+    ];
+    for (start, len) in cases {
+        evict_from_page_cache(&path);
+        assert_eq!(resident_bytes(&path), 0, "evicted before {start}+{len}");
+        let got = if (start, len) == (0, size) {
+            read_all(b, &digest).await.unwrap()
+        } else {
+            read_range(b, &digest, start, len).await
+        };
+        assert!(
+            got == in_range(&content, start, len),
+            "range {start}+{len} gave {} bytes",
+            got.len()
+        );
+        assert!(resident_bytes(&path) > 0, "{start}+{len} read the disk");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // S3 alone.
 

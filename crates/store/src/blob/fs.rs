@@ -79,6 +79,32 @@ fn not_found_as_none<T>(result: io::Result<T>) -> Result<Option<T>> {
     }
 }
 
+/// The bytes `[start, end)` of a committed blob, as mapped windows. A window in the page
+/// cache goes out as soon as it is mapped, and the socket write copies from it. A window
+/// that is not is faulted in on a blocking thread first, so that the socket write does
+/// not wait for the disk on a runtime thread: five cold 512 MiB pulls held a concurrent
+/// `HEAD` up to 0.9 s that way. The next window is mapped (and read) while one is sent.
+fn mapped_windows(file: std::fs::File, start: u64, end: u64) -> ByteStream {
+    let windows = MappedWindows {
+        file: std::sync::Arc::new(file),
+        next: start,
+        end,
+    }
+    .map(|window| async move {
+        let window = window?;
+        if window.is_resident() {
+            return Ok(window.into_bytes());
+        }
+        tokio::task::spawn_blocking(move || {
+            window.fault_in();
+            window.into_bytes()
+        })
+        .await
+        .map_err(io::Error::other)
+    });
+    Box::pin(futures::stream::iter(windows).buffered(2))
+}
+
 /// The windows `[next, end)` of a committed blob, each mapped when it is polled.
 struct MappedWindows {
     file: std::sync::Arc<std::fs::File>,
@@ -87,35 +113,89 @@ struct MappedWindows {
 }
 
 impl Iterator for MappedWindows {
-    type Item = io::Result<Bytes>;
+    type Item = io::Result<Window>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.end {
             return None;
         }
-        let aligned = self.next - self.next % MAP_WINDOW;
-        let window_end = (aligned + MAP_WINDOW).min(self.end);
-        let skip = (self.next - aligned) as usize;
+        let offset = self.next - self.next % MAP_WINDOW;
+        let window_end = (offset + MAP_WINDOW).min(self.end);
+        let skip = (self.next - offset) as usize;
         self.next = window_end;
-        Some(map_window(&self.file, aligned, window_end - aligned).map(|map| map.slice(skip..)))
+        Some(Window::map(&self.file, offset, window_end - offset, skip))
     }
 }
 
-/// Map `len` bytes of a committed blob from the page-aligned `offset`.
-#[allow(unsafe_code)]
-fn map_window(file: &std::fs::File, offset: u64, len: u64) -> io::Result<Bytes> {
-    let len = usize::try_from(len).map_err(io::Error::other)?;
-    // SAFETY: committed blob files are never written or truncated after the rename that
-    // publishes them; they are only unlinked, which leaves existing mappings intact. So
-    // the mapped bytes cannot change or vanish while the mapping lives.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(offset)
-            .len(len)
-            .map(file)?
-    };
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(Bytes::from_owner(map))
+/// One mapped window of a committed blob, sent from `skip` on.
+struct Window {
+    map: memmap2::Mmap,
+    skip: usize,
+}
+
+impl Window {
+    /// Map `len` bytes of a committed blob from the page-aligned `offset`.
+    #[allow(unsafe_code)]
+    fn map(file: &std::fs::File, offset: u64, len: u64, skip: usize) -> io::Result<Window> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        // SAFETY: committed blob files are never written or truncated after the rename
+        // that publishes them; they are only unlinked, which leaves existing mappings
+        // intact. So the mapped bytes cannot change or vanish while the mapping lives.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map(file)?
+        };
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(Window { map, skip })
+    }
+
+    /// Whether the window's last page is in the page cache (`mincore`), which the
+    /// kernel's sequential read-ahead fills after the pages before it: so whether
+    /// sending the window reads no disk. Checking every page instead cost 28 µs per
+    /// window here, 6 % of a pull's CPU; the last one costs 1.5.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn is_resident(&self) -> bool {
+        // SAFETY: `sysconf` only reads a constant of the system.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let last = self.map.len().saturating_sub(1) / page * page;
+        let mut resident = 0u8;
+        // SAFETY: the page at `last` lies in the mapping `self.map` keeps alive, starts at
+        // a page boundary (the mapping does), and `resident` has the one entry it needs.
+        let done = unsafe {
+            libc::mincore(
+                self.map.as_ptr().add(last) as *mut libc::c_void,
+                1,
+                &mut resident,
+            )
+        };
+        done == 0 && resident & 1 == 1
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn is_resident(&self) -> bool {
+        true
+    }
+
+    /// Read the window's pages from the disk and map them (blocking), through the
+    /// kernel's sequential read-ahead: starting the next windows' reads with
+    /// `posix_fadvise(WILLNEED)` as well cost five cold 512 MiB pulls 1.4-1.7 CPU-s
+    /// instead of 1.0-1.2. Only an optimisation: a page left out is read by the socket
+    /// write.
+    #[cfg(target_os = "linux")]
+    fn fault_in(&self) {
+        let _ = self.map.advise(memmap2::Advice::PopulateRead);
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn fault_in(&self) {}
+
+    /// The window's bytes from `skip` on, unmapped when the last of them is dropped.
+    fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self.map).slice(self.skip..)
+    }
 }
 
 /// Writes every block it receives to `file` from `offset` on, starting write-back as
@@ -190,12 +270,7 @@ impl FsBackend {
                 end,
             )));
         }
-        let windows = futures::stream::iter(MappedWindows {
-            file: std::sync::Arc::new(file),
-            next: range.start,
-            end,
-        });
-        Ok(Some(Box::pin(windows)))
+        Ok(Some(mapped_windows(file, range.start, end)))
     }
 
     /// [`BlobBackend::append`], or with `uncached`, [`BlobBackend::append_uncached`].
