@@ -180,10 +180,9 @@ impl Window {
     }
 
     /// Read the window's pages from the disk and map them (blocking), through the
-    /// kernel's sequential read-ahead: starting the next windows' reads with
-    /// `posix_fadvise(WILLNEED)` as well cost five cold 512 MiB pulls 1.4-1.7 CPU-s
-    /// instead of 1.0-1.2. Only an optimisation: a page left out is read by the socket
-    /// write.
+    /// kernel's sequential read-ahead (starting the next windows' reads with
+    /// `posix_fadvise(WILLNEED)` as well was no better). Only an optimisation: a page
+    /// left out is read by the socket write.
     #[cfg(target_os = "linux")]
     fn fault_in(&self) {
         let _ = self.map.advise(memmap2::Advice::PopulateRead);
