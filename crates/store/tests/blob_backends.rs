@@ -1015,12 +1015,11 @@ impl Fixture {
 async fn fs_uncached_blobs_take_no_page_cache_to_write_or_read() {
     let Some(f) = fs_on_disk() else { return };
     let b = f.backend.as_ref();
-    let blob_file = |d: &Digest| f.blob_file(d);
     let size = (8 << 20) + 100;
     // Through the page cache, as a control: the written bytes are resident, and so are
     // the bytes read.
     let cached = put(b, &pattern(size, 31), 1).await;
-    assert!(resident_bytes(&blob_file(&cached)) >= size as u64 / 2);
+    assert!(resident_bytes(&f.blob_file(&cached)) >= size as u64 / 2);
 
     // Written as whole aligned blocks (as the store gathers a body) and the tail, and as
     // pieces that are not whole blocks.
@@ -1039,7 +1038,7 @@ async fn fs_uncached_blobs_take_no_page_cache_to_write_or_read() {
         let digest = Digest::sha256_of(bytes);
         b.commit(&id, &digest).await.unwrap();
         // At most the tail's page, which does not fill an aligned block.
-        let path = blob_file(&digest);
+        let path = f.blob_file(&digest);
         assert!(
             resident_bytes(&path) <= 4096,
             "{label}: {} after writing",
@@ -1047,7 +1046,7 @@ async fn fs_uncached_blobs_take_no_page_cache_to_write_or_read() {
         );
     }
     let digest = Digest::sha256_of(&content);
-    let path = blob_file(&digest);
+    let path = f.blob_file(&digest);
     let read = collect(b.read_uncached(&digest, None).await.unwrap().unwrap()).await;
     assert!(read == content);
     assert!(
@@ -1089,7 +1088,7 @@ async fn fs_blobs_out_of_the_page_cache_read_whole_and_in_ranges() {
     let b = f.backend.as_ref();
     // Several 2 MiB windows and a part of one.
     let window: u64 = 2 << 20;
-    let content = pattern(3 * (2 << 20) + 4_097, 41);
+    let content = pattern(3 * window as usize + 4_097, 41);
     let size = content.len() as u64;
     let digest = put(b, &content, 3).await;
     let path = f.blob_file(&digest);
