@@ -18,7 +18,12 @@
 //! time and of the CPU the whole machine was busy with (`/proc/stat`), and the build
 //! client's CPU (dockerd's process tree and the docker CLI), so what is left of the
 //! machine's busy CPU is other work: the machine is shared, and on 2 cores a phase's wall
-//! time follows that load far more than the server's few CPU seconds.
+//! time follows that load far more than the server's few CPU seconds. It also reports
+//! how much of the server's data was in the page cache at the phase's start (`mincore`),
+//! what the server read from the disk over it (`/proc/<pid>/io`) with its major faults,
+//! and what the whole machine read (`/proc/vmstat`): on a machine whose memory does not
+//! hold both servers' data and the builder's, which blobs a phase finds in memory
+//! depends on what ran before it.
 //!
 //! The Dockerfile: `base` (busybox and two "runtime" layers of `unit` MiB), `deps` on it
 //! (one `2 * unit` layer), then per service a build stage on `deps` (a `2 * unit`
@@ -253,6 +258,14 @@ pub struct Run {
     pub cached: usize,
     /// Those it ran, as `service: step`.
     pub ran: Vec<String>,
+    /// Bytes of the server's data directory in the page cache when the phase started.
+    pub server_resident_at_start_bytes: u64,
+    /// Bytes the server read from the disk over the phase.
+    pub server_disk_read_bytes: u64,
+    /// The server's page faults that waited for the disk over the phase.
+    pub server_major_faults: u64,
+    /// Bytes the whole machine read from its disks over the phase.
+    pub machine_disk_read_bytes: u64,
     /// Bytes in the server's data directory after the phase.
     pub stored_bytes: u64,
     /// Size of each service's image as dockerd reports it, in bytes.
@@ -441,7 +454,9 @@ async fn run_round(
             eprintln!(
                 "bench: project: {cache:?} round {round} {:<6} {:<12} {:.1} s, server CPU \
                  {:.1} s ({:.0} % of wall, {:.0} % of the machine's busy CPU), client CPU \
-                 {:.1} s, {} of {} steps cached",
+                 {:.1} s, {} of {} steps cached; the server read {} MiB from the disk \
+                 ({} major faults) with {} MiB of its data in the page cache at the start, \
+                 the machine {} MiB",
                 phase.name(),
                 server.kind.name(),
                 r.secs,
@@ -450,7 +465,11 @@ async fn run_round(
                 r.server_of_busy_pct,
                 r.client_secs,
                 r.cached,
-                r.steps
+                r.steps,
+                r.server_disk_read_bytes >> 20,
+                r.server_major_faults,
+                r.server_resident_at_start_bytes >> 20,
+                r.machine_disk_read_bytes >> 20
             );
             runs.push(r);
         }
@@ -672,7 +691,10 @@ async fn run_phase(
     let wiped = builder.wiped(server).await?;
     crate::settle();
 
+    let resident = resident_bytes(&server.data_dir);
     let cpu0 = server.cpu()?;
+    let reads0 = server.disk_reads()?;
+    let machine_reads0 = servers::machine_disk_read_bytes()?;
     let client0 = client_cpu_secs(wiped.pid())?;
     let busy0 = servers::machine_busy_secs()?;
     let start = Instant::now();
@@ -680,6 +702,8 @@ async fn run_phase(
     let secs = start.elapsed().as_secs_f64();
     let busy = servers::machine_busy_secs()? - busy0;
     let cpu = server.cpu()?.since(cpu0);
+    let reads = server.disk_reads()?.since(reads0);
+    let machine_reads = servers::machine_disk_read_bytes()?.saturating_sub(machine_reads0);
     let client = client_cpu_secs(wiped.pid())? - client0;
 
     let evicted = match server.kind {
@@ -739,6 +763,10 @@ async fn run_phase(
         steps,
         cached,
         ran,
+        server_resident_at_start_bytes: resident,
+        server_disk_read_bytes: reads.bytes,
+        server_major_faults: reads.major_faults,
+        machine_disk_read_bytes: machine_reads,
         stored_bytes: dir_bytes(&server.data_dir),
         image_bytes,
         evicted_roots: evicted,
@@ -892,9 +920,9 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Bytes in the files under `dir` (0 if it cannot be read).
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
+/// The files under `dir` (empty if it cannot be read).
+fn dir_files(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut files = Vec::new();
     let mut stack: Vec<PathBuf> = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -903,12 +931,55 @@ fn dir_bytes(dir: &Path) -> u64 {
         for entry in entries.flatten() {
             match entry.metadata() {
                 Ok(m) if m.is_dir() => stack.push(entry.path()),
-                Ok(m) => total += m.len(),
+                Ok(m) => files.push((entry.path(), m.len())),
                 Err(_) => {}
             }
         }
     }
-    total
+    files
+}
+
+/// Bytes in the files under `dir` (0 if it cannot be read).
+fn dir_bytes(dir: &Path) -> u64 {
+    dir_files(dir).iter().map(|(_, len)| len).sum()
+}
+
+/// Bytes of the files under `dir` that are in the page cache (`mincore` of each file
+/// mapped, which reads nothing), so a phase's start shows what it could read from
+/// memory. A file that cannot be mapped counts as not resident.
+fn resident_bytes(dir: &Path) -> u64 {
+    dir_files(dir)
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|(path, _)| std::fs::File::open(path).map_or(0, |f| file_resident_bytes(&f)))
+        .sum()
+}
+
+/// Bytes of `file` in the page cache.
+#[allow(unsafe_code)]
+fn file_resident_bytes(file: &std::fs::File) -> u64 {
+    // SAFETY: the mapping is only passed to `mincore`, which reads no byte of it, so a
+    // file changed or truncated meanwhile cannot fault this process.
+    let Ok(map) = (unsafe { memmap2::Mmap::map(file) }) else {
+        return 0;
+    };
+    // SAFETY: `sysconf` only reads a constant of the system.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let mut pages = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: the range is the mapping `map` keeps alive, which starts at a page
+    // boundary, and `pages` has one entry per page of it.
+    let done = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            pages.as_mut_ptr(),
+        )
+    };
+    if done != 0 {
+        return 0;
+    }
+    let resident = pages.iter().filter(|&&p| p & 1 == 1).count();
+    (resident * page).min(map.len()) as u64
 }
 
 /// The report's rows for the workload's figures (key, label, unit, limit, target): each
@@ -995,6 +1066,13 @@ pub fn table(report: &Report) -> String {
                     format!("{:.1} %", r.server_of_busy_pct),
                     report::num(r.client_secs),
                     report::num(r.machine_busy_secs - r.server_secs() - r.client_secs),
+                    (r.server_resident_at_start_bytes >> 20).to_string(),
+                    format!(
+                        "{} ({} faults)",
+                        r.server_disk_read_bytes >> 20,
+                        r.server_major_faults
+                    ),
+                    (r.machine_disk_read_bytes >> 20).to_string(),
                     format!("{}/{}", r.cached, r.steps),
                     format!("{:.2}", r.stored_bytes as f64 / (1u64 << 30) as f64),
                 ]);
@@ -1017,6 +1095,9 @@ pub fn table(report: &Report) -> String {
                     "of machine busy",
                     "client CPU s",
                     "rest of machine CPU s",
+                    "server MiB cached at start",
+                    "server disk MiB read",
+                    "machine disk MiB read",
                     "cached",
                     "stored GiB",
                 ],
@@ -1030,6 +1111,35 @@ pub fn table(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn resident_bytes_counts_the_page_cache_and_not_what_left_it() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("blobs");
+        std::fs::create_dir(&sub).unwrap();
+        let len = (1 << 20) + 3;
+        let path = sub.join("a");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&vec![7u8; len]).unwrap();
+        file.sync_all().unwrap();
+        std::fs::File::create(sub.join("empty")).unwrap();
+        // Just written: every page is in the page cache, the partial last one counted
+        // by the bytes it holds.
+        assert_eq!(dir_bytes(dir.path()), len as u64);
+        assert_eq!(resident_bytes(dir.path()), len as u64);
+
+        // Written back and dropped from the page cache: no longer counted.
+        // SAFETY: a plain system call on an open descriptor.
+        let dropped =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(dropped, 0);
+        let left = resident_bytes(dir.path());
+        assert!(left < len as u64 / 2, "{left} bytes still resident");
+    }
 
     #[test]
     fn every_service_has_the_counted_steps_and_distinct_layers() {

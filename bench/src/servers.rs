@@ -269,6 +269,11 @@ impl Server {
         Cpu::of(&self.child.id().to_string(), false)
     }
 
+    /// What the server has read from the disk so far.
+    pub fn disk_reads(&self) -> Result<DiskReads> {
+        DiskReads::of(self.child.id())
+    }
+
     /// Fail if the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -347,6 +352,51 @@ impl Cpu {
     }
 }
 
+/// What a process has read from the disk, all its threads together: the bytes it had the
+/// block layer read for it (`read_bytes` of `/proc/PID/io`, which counts the page faults
+/// and read-ahead it caused, not reads the page cache answered) and its major page
+/// faults (`/proc/PID/stat`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskReads {
+    /// Bytes read from the disk.
+    pub bytes: u64,
+    /// Page faults that waited for the disk.
+    pub major_faults: u64,
+}
+
+impl DiskReads {
+    /// Of process `pid` so far.
+    pub fn of(pid: u32) -> Result<DiskReads> {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .with_context(|| format!("reading /proc/{pid}/io"))?;
+        let bytes = io
+            .lines()
+            .find_map(|l| l.strip_prefix("read_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("read_bytes in /proc io")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // After the command name's closing parenthesis, majflt is the tenth field.
+        let major_faults = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(9))
+            .and_then(|v| v.parse().ok())
+            .context("majflt in /proc stat")?;
+        Ok(DiskReads {
+            bytes,
+            major_faults,
+        })
+    }
+
+    /// What was read between `before` and this reading.
+    pub fn since(self, before: DiskReads) -> DiskReads {
+        DiskReads {
+            bytes: self.bytes.saturating_sub(before.bytes),
+            major_faults: self.major_faults.saturating_sub(before.major_faults),
+        }
+    }
+}
+
 /// CPU seconds the whole machine has spent in processes and kernel threads, plus the
 /// hypervisor's steal (not idle, I/O wait or interrupts), from the first line of
 /// `/proc/stat` in USER_HZ (100 on Linux).
@@ -367,6 +417,18 @@ pub fn machine_busy_secs() -> Result<f64> {
         .map(|(_, v)| v)
         .sum();
     Ok(busy as f64 / 100.0)
+}
+
+/// Bytes the whole machine has read from its disks so far (`pgpgin` of `/proc/vmstat`,
+/// in KiB).
+pub fn machine_disk_read_bytes() -> Result<u64> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").context("reading /proc/vmstat")?;
+    let kib: u64 = vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("pgpgin "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("pgpgin in /proc/vmstat")?;
+    Ok(kib << 10)
 }
 
 /// The configuration file of a distribution registry started in `dir`.
