@@ -842,23 +842,16 @@ fn check_steps(phase: Phase, svc: &str, steps: &[Step], out: &str) -> Result<()>
 fn client_cpu_secs(builder: u32) -> Result<f64> {
     let mut procs: Vec<(u32, u32, f64)> = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         // A process may exit between the listing and the read.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+        let Ok(fields) = servers::stat_fields(&pid.to_string()) else {
             continue;
         };
-        // After the command's closing parenthesis: state, ppid (1), ... utime (11),
-        // stime (12), cutime (13), cstime (14), in USER_HZ (100).
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // From the state: ppid (1), ... utime (11), stime (12), cutime (13), cstime (14),
+        // in USER_HZ (100).
         let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
         if let (Some(ppid), Some(u), Some(s), Some(cu), Some(cs)) =
             (num(1), num(11), num(12), num(13), num(14))
@@ -944,42 +937,33 @@ fn dir_bytes(dir: &Path) -> u64 {
     dir_files(dir).iter().map(|(_, len)| len).sum()
 }
 
-/// Bytes of the files under `dir` that are in the page cache (`mincore` of each file
-/// mapped, which reads nothing), so a phase's start shows what it could read from
-/// memory. A file that cannot be mapped counts as not resident.
+/// Bytes of the files under `dir` that are in the page cache, as util-linux's `fincore`
+/// counts them (`mincore`, which reads nothing; a file's partly filled last page counts
+/// the bytes it holds), so a phase's start shows what it could read from memory. A file
+/// `fincore` cannot read counts as not resident.
 fn resident_bytes(dir: &Path) -> u64 {
-    dir_files(dir)
-        .iter()
+    let files: Vec<PathBuf> = dir_files(dir)
+        .into_iter()
         .filter(|(_, len)| *len > 0)
-        .map(|(path, _)| std::fs::File::open(path).map_or(0, |f| file_resident_bytes(&f)))
-        .sum()
-}
-
-/// Bytes of `file` in the page cache.
-#[allow(unsafe_code)]
-fn file_resident_bytes(file: &std::fs::File) -> u64 {
-    // SAFETY: the mapping is only passed to `mincore`, which reads no byte of it, so a
-    // file changed or truncated meanwhile cannot fault this process.
-    let Ok(map) = (unsafe { memmap2::Mmap::map(file) }) else {
-        return 0;
-    };
-    // SAFETY: `sysconf` only reads a constant of the system.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let mut pages = vec![0u8; map.len().div_ceil(page)];
-    // SAFETY: the range is the mapping `map` keeps alive, which starts at a page
-    // boundary, and `pages` has one entry per page of it.
-    let done = unsafe {
-        libc::mincore(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            pages.as_mut_ptr(),
-        )
-    };
-    if done != 0 {
+        .map(|(path, _)| path)
+        .collect();
+    if files.is_empty() {
         return 0;
     }
-    let resident = pages.iter().filter(|&&p| p & 1 == 1).count();
-    (resident * page).min(map.len()) as u64
+    let Ok(out) = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES,SIZE"])
+        .args(&files)
+        .output()
+    else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (res, size) = line.split_once(' ')?;
+            Some(res.parse::<u64>().ok()?.min(size.parse().ok()?))
+        })
+        .sum()
 }
 
 /// The report's rows for the workload's figures (key, label, unit, limit, target): each
@@ -1113,10 +1097,8 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(unsafe_code)]
     fn resident_bytes_counts_the_page_cache_and_not_what_left_it() {
         use std::io::Write;
-        use std::os::fd::AsRawFd;
 
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("blobs");
@@ -1133,10 +1115,7 @@ mod tests {
         assert_eq!(resident_bytes(dir.path()), len as u64);
 
         // Written back and dropped from the page cache: no longer counted.
-        // SAFETY: a plain system call on an open descriptor.
-        let dropped =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(dropped, 0);
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         let left = resident_bytes(dir.path());
         assert!(left < len as u64 / 2, "{left} bytes still resident");
     }

@@ -320,16 +320,10 @@ impl Cpu {
     /// Of process `pid` ("self" for this one), or with `children` of the children it
     /// has waited for.
     pub fn of(pid: &str, children: bool) -> Result<Cpu> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("reading /proc/{pid}/stat"))?;
-        // Fields after the command name's closing parenthesis start at field 3 (state):
         // utime and stime are fields 14 and 15, cutime and cstime 16 and 17.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("/proc stat")?;
         let skip = if children { 13 } else { 11 };
-        let mut ticks = rest.split_whitespace().skip(skip).map(str::parse::<u64>);
+        let fields = stat_fields(pid)?;
+        let mut ticks = fields.iter().skip(skip).map(|f| f.parse::<u64>());
         let mut next =
             || -> Result<f64> { Ok(ticks.next().context("/proc stat")?? as f64 / 100.0) };
         Ok(Cpu {
@@ -350,6 +344,15 @@ impl Cpu {
             system: self.system - before.system,
         }
     }
+}
+
+/// The fields of `/proc/<pid>/stat` ("self" for this process) from field 3 (the state)
+/// on: those after the command name's closing parenthesis, which may hold spaces.
+pub fn stat_fields(pid: &str) -> Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let (_, rest) = stat.rsplit_once(')').context("/proc stat")?;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// What a process has read from the disk, all its threads together: the bytes it had the
@@ -374,12 +377,9 @@ impl DiskReads {
             .find_map(|l| l.strip_prefix("read_bytes:"))
             .and_then(|v| v.trim().parse().ok())
             .context("read_bytes in /proc io")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("reading /proc/{pid}/stat"))?;
-        // After the command name's closing parenthesis, majflt is the tenth field.
-        let major_faults = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(9))
+        // majflt is field 12.
+        let major_faults = stat_fields(&pid.to_string())?
+            .get(9)
             .and_then(|v| v.parse().ok())
             .context("majflt in /proc stat")?;
         Ok(DiskReads {
