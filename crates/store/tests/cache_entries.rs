@@ -753,8 +753,10 @@ async fn a_key_and_version_are_taken_once_per_scope(backend: Backend) {
     assert!(!ids.contains(&again.id), "an id is never reused");
 }
 
-/// Move an entry's last activity `secs` into the past.
-fn idle_for(metadata: &Metadata, id: i64, secs: i64) {
+/// Move an entry's last activity `secs` into the past, after the store has written the
+/// uses it records in the background (or one written later would undo the move).
+async fn idle_for(store: &Store, metadata: &Metadata, id: i64, secs: i64) {
+    store.flush_access_times().await.unwrap();
     let changed = metadata.execute(&format!(
         "UPDATE cache_entries SET accessed_at = accessed_at - {secs} WHERE id = {id}"
     ));
@@ -770,12 +772,12 @@ async fn an_upload_idle_for_ten_minutes_gives_its_key_up(backend: Backend) {
         .put_entry_block(stale.id, "a".into(), body(b"stale block"), LIMIT)
         .await
         .unwrap();
-    idle_for(&metadata, stale.id, 590);
+    idle_for(&store, &metadata, stale.id, 590).await;
     assert_err!(
         store.create_entry(key(REPO, MAIN, "deps", V1)).await,
         Error::EntryExists
     );
-    idle_for(&metadata, stale.id, 11);
+    idle_for(&store, &metadata, stale.id, 11).await;
     let fresh = create(&store, REPO, MAIN, "deps", V1).await;
     assert_ne!(fresh.id, stale.id);
     assert_err!(store.entry(stale.id).await, Error::NotFound(Missing::Entry));
@@ -793,7 +795,7 @@ async fn an_upload_idle_for_ten_minutes_gives_its_key_up(backend: Backend) {
 
     // Upload activity keeps the key.
     let active = create(&store, REPO, MAIN, "active", V1).await;
-    idle_for(&metadata, active.id, 601);
+    idle_for(&store, &metadata, active.id, 601).await;
     store
         .put_entry_part(active.id, 0, Some(4), false, body(b"busy"), LIMIT)
         .await
@@ -804,7 +806,7 @@ async fn an_upload_idle_for_ten_minutes_gives_its_key_up(backend: Backend) {
     );
     // A finished entry keeps it however long it goes unrestored.
     let done = save(&store, REPO, MAIN, "done", V1, b"done").await;
-    idle_for(&metadata, done.id, 100_000);
+    idle_for(&store, &metadata, done.id, 100_000).await;
     assert_err!(
         store.create_entry(key(REPO, MAIN, "done", V1)).await,
         Error::EntryExists
