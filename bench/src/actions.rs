@@ -9,7 +9,9 @@
 //! Throughput is payload bytes over the wall time of the `node` process, in MiB/s. A save
 //! is also timed from the moment its archive is made (the client's `File Size` line) to
 //! its end: the reservation, the upload and the commit, the only part of a save a server
-//! takes part in. Every run uses fresh content (the base XORed with a per-run mask), so
+//! takes part in; a restore, from its start to the moment its archive is downloaded (the
+//! client's `Cache Size` line): the lookup and the download, the only part of a restore a
+//! server takes part in, before the client decompresses and extracts it. Every run uses fresh content (the base XORed with a per-run mask), so
 //! no entry, block or chunk is ever seen twice; every restore is checked byte for byte
 //! against what was saved.
 
@@ -153,6 +155,15 @@ impl Op {
             Op::Restore => "restore",
         }
     }
+
+    /// The start of the line the client prints between its own work and the server's:
+    /// after a save's archive is made, after a restore's archive is downloaded.
+    fn phase_line(self) -> &'static [u8] {
+        match self {
+            Op::Save => b"::debug::File Size:",
+            Op::Restore => b"Cache Size:",
+        }
+    }
 }
 
 /// The figure key of a layercache target's samples.
@@ -166,13 +177,15 @@ pub fn sample_key(target: Target, op: Op) -> Option<&'static str> {
     }
 }
 
-/// The key of the figure of a save's rate after its archive was made, over v2 or v1
-/// (layercache's; the null server's are the limits of the same keys).
-fn upload_key(v2: bool) -> &'static str {
-    if v2 {
-        "actions_v2_save_upload_mib_s"
-    } else {
-        "actions_v1_save_upload_mib_s"
+/// The key of the figure of the server's part of `op` over v2 or v1: a save's rate after
+/// its archive was made, a restore's until its archive was downloaded (layercache's; the
+/// null server's are the limits of the same keys).
+fn phase_key(v2: bool, op: Op) -> &'static str {
+    match (v2, op) {
+        (true, Op::Save) => "actions_v2_save_upload_mib_s",
+        (false, Op::Save) => "actions_v1_save_upload_mib_s",
+        (true, Op::Restore) => "actions_v2_restore_download_mib_s",
+        (false, Op::Restore) => "actions_v1_restore_download_mib_s",
     }
 }
 
@@ -211,8 +224,9 @@ pub struct Run {
     pub secs: f64,
     /// Payload MiB over `secs`.
     pub mib_s: f64,
-    /// A save's payload MiB over its time after the archive was made (see the module).
-    pub upload_mib_s: Option<f64>,
+    /// A save's payload MiB over its time after the archive was made, a restore's over its
+    /// time until the archive was downloaded (see the module).
+    pub phase_mib_s: Option<f64>,
     /// CPU seconds of the client: node and the tar and zstd it ran.
     pub client_cpu_s: f64,
     /// CPU seconds of the server (layercache or the null server) meanwhile.
@@ -229,8 +243,8 @@ pub struct Run {
 #[derive(Clone, Copy, Debug)]
 struct Timing {
     secs: f64,
-    /// Seconds until the client reported its archive made (saves only).
-    archive_secs: Option<f64>,
+    /// Seconds until the client printed its [`Op::phase_line`].
+    phase_secs: Option<f64>,
     client_cpu_s: f64,
     server: Cpu,
     other_cpu_s: f64,
@@ -441,10 +455,14 @@ pub async fn run(
             }
             for (op, t) in [(Op::Save, save), (Op::Restore, restore)] {
                 let mib_s = ctx.payload_mib as f64 / t.secs;
-                let upload_mib_s = t
-                    .archive_secs
-                    .filter(|&a| op == Op::Save && a < t.secs)
-                    .map(|a| ctx.payload_mib as f64 / (t.secs - a));
+                let phase_mib_s = t
+                    .phase_secs
+                    .map(|at| match op {
+                        Op::Save => t.secs - at,
+                        Op::Restore => at,
+                    })
+                    .filter(|&secs| secs > 0.0)
+                    .map(|secs| ctx.payload_mib as f64 / secs);
                 eprintln!(
                     "bench: round {} {:<24} {:<7} {:>5} MiB/s ({:.1} s; CPU: client {:.1} s, server {:.1} s, others {:.1} s)",
                     round + 1,
@@ -462,7 +480,7 @@ pub async fn run(
                     op,
                     secs: t.secs,
                     mib_s,
-                    upload_mib_s,
+                    phase_mib_s,
                     client_cpu_s: t.client_cpu_s,
                     server_cpu_s: t.server.total(),
                     server_kernel_cpu_s: t.server.system,
@@ -479,8 +497,8 @@ pub async fn run(
                     None => ceilings.entry((target.v2(), op)).or_default().push(mib_s),
                 }
                 let cpu = cpu_key(target.layercache(), op).map(|key| (key, cpu_s_gib));
-                let upload = upload_mib_s.map(|rate| (upload_key(target.v2()), rate));
-                for (key, value) in cpu.into_iter().chain(upload) {
+                let phase = phase_mib_s.map(|rate| (phase_key(target.v2(), op), rate));
+                for (key, value) in cpu.into_iter().chain(phase) {
                     if target.is_ceiling() {
                         null_figures.entry(key).or_default().push(value);
                     } else {
@@ -542,8 +560,9 @@ pub fn table(report: &Report) -> String {
             vec![
                 t.name().to_owned(),
                 show(rate(t, Op::Save)),
-                show(median(t, Op::Save, |r| r.upload_mib_s)),
+                show(median(t, Op::Save, |r| r.phase_mib_s)),
                 show(rate(t, Op::Restore)),
+                show(median(t, Op::Restore, |r| r.phase_mib_s)),
                 ratio(Op::Save),
                 ratio(Op::Restore),
                 format!(
@@ -565,7 +584,7 @@ pub fn table(report: &Report) -> String {
         })
         .collect();
     let mut out = format!(
-        "{} {}, {} MiB of incompressible data (tar + zstd by the client); MiB/s = payload / node wall time, or a save's time after its archive was made\n",
+        "{} {}, {} MiB of incompressible data (tar + zstd by the client); MiB/s = payload / node wall time, a save's time after its archive was made, or a restore's until its archive was downloaded\n",
         CLIENT, CLIENT_VERSION, report.payload_mib
     );
     out.push_str(&report::render(
@@ -574,6 +593,7 @@ pub fn table(report: &Report) -> String {
             "save MiB/s",
             "after the archive",
             "restore MiB/s",
+            "until downloaded",
             "save/ceiling",
             "restore/ceiling",
             "client CPU s save/restore",
@@ -655,8 +675,11 @@ impl Invoke<'_> {
         let start = Instant::now();
         let mut child = cmd.spawn().context("running node")?;
         let output = child.stdout.take().context("no output from node")?;
-        let (status, archive_secs) = tokio::join!(child.wait(), copy_output(output, out, start));
-        let (status, archive_secs) = (status.context("running node")?, archive_secs?);
+        let (status, phase_secs) = tokio::join!(
+            child.wait(),
+            copy_output(output, out, op.phase_line(), start)
+        );
+        let (status, phase_secs) = (status.context("running node")?, phase_secs?);
         let secs = start.elapsed().as_secs_f64();
         let busy = servers::machine_busy_secs()? - busy0;
         let client = Cpu::of("self", true)?.total() - client0;
@@ -672,7 +695,7 @@ impl Invoke<'_> {
         }
         Ok(Timing {
             secs,
-            archive_secs,
+            phase_secs,
             client_cpu_s: client,
             other_cpu_s: (busy - client - server.total()).max(0.0),
             server,
@@ -680,27 +703,25 @@ impl Invoke<'_> {
     }
 }
 
-/// What the client prints once its archive is made, before it talks to the server.
-const ARCHIVE_MADE: &[u8] = b"::debug::File Size:";
-
 /// Copy the client's `output` to `log`, line by line; returns how long after `start` it
-/// printed [`ARCHIVE_MADE`], if it did.
+/// first printed a line starting with `marker`, if it did.
 async fn copy_output(
     output: tokio::process::ChildStdout,
     mut log: File,
+    marker: &[u8],
     start: Instant,
 ) -> Result<Option<f64>> {
     use tokio::io::AsyncBufReadExt as _;
     let mut lines = tokio::io::BufReader::new(output).split(b'\n');
-    let mut archived = None;
+    let mut marked = None;
     while let Some(line) = lines.next_segment().await? {
-        if archived.is_none() && line.starts_with(ARCHIVE_MADE) {
-            archived = Some(start.elapsed().as_secs_f64());
+        if marked.is_none() && line.starts_with(marker) {
+            marked = Some(start.elapsed().as_secs_f64());
         }
         log.write_all(&line)?;
         log.write_all(b"\n")?;
     }
-    Ok(archived)
+    Ok(marked)
 }
 
 /// Whether the client's last JSON line in `log` reports success: a save's cache id is
@@ -1006,6 +1027,36 @@ mod tests {
             "{\"result\":null}\nrestore of k: miss\n"
         ));
         assert!(!check(Op::Save, "no json here\n"));
+    }
+
+    #[tokio::test]
+    async fn the_phase_line_is_found_and_every_line_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // What @actions/cache 6.3.0 prints around a restore's download.
+        let output = "Cache hit for: k\nCache Size: ~1024 MB (1073741824 B)\n/usr/bin/tar -xf\n";
+        let phase = |op: Op| {
+            let log = log.clone();
+            async move {
+                let mut child = tokio::process::Command::new("printf")
+                    .arg(output)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let stdout = child.stdout.take().unwrap();
+                let file = File::create(&log).unwrap();
+                let at = copy_output(stdout, file, op.phase_line(), Instant::now())
+                    .await
+                    .unwrap();
+                child.wait().await.unwrap();
+                (at, std::fs::read_to_string(&log).unwrap())
+            }
+        };
+        let (at, logged) = phase(Op::Restore).await;
+        assert!(at.is_some());
+        assert_eq!(logged, output);
+        let (at, _) = phase(Op::Save).await;
+        assert_eq!(at, None, "a restore prints no save's phase line");
     }
 
     #[test]

@@ -789,10 +789,12 @@ impl Workbench<'_> {
                 registry.push(workloads::REPO_BLOBS, &blob).await?;
             }
             settle();
-            let before = server.cpu()?;
-            let rate = workloads::pull(registry, &blob).await?;
-            self.record_cpu(round, server, before, ("pull_cpu", None))?;
-            self.record(round, kind, "pull_mb_s", rate);
+            for _ in 0..workloads::PULLS_PER_ROUND {
+                let before = server.cpu()?;
+                let rate = workloads::pull(registry, &blob).await?;
+                self.record_cpu(round, server, before, ("pull_cpu", None))?;
+                self.record(round, kind, "pull_mb_s", rate);
+            }
         }
         if has(Workload::Pulls) {
             let rate = workloads::pull_concurrent(registry, &fixtures.pulls).await?;

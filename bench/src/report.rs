@@ -339,7 +339,7 @@ pub fn figures(
     };
     let gib_cpu = |target| Target::AtMost { value: target };
     let null = |key: &str| limits.actions_null.get(key).map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 59] = [
+    let rows: [(&str, String, &str, Option<f64>, Target); 61] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -541,6 +541,24 @@ pub fn figures(
             ),
             "MiB/s",
             null("actions_v1_save_upload_mib_s"),
+            Target::None,
+        ),
+        (
+            "actions_v2_restore_download_mib_s",
+            format!(
+                "actions cache v2 restore {actions}: until downloaded (limit: the null server's)"
+            ),
+            "MiB/s",
+            null("actions_v2_restore_download_mib_s"),
+            Target::None,
+        ),
+        (
+            "actions_v1_restore_download_mib_s",
+            format!(
+                "actions cache v1 restore {actions}: until downloaded (limit: the null server's)"
+            ),
+            "MiB/s",
+            null("actions_v1_restore_download_mib_s"),
             Target::None,
         ),
         (

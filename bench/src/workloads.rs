@@ -198,6 +198,12 @@ pub async fn push_chunked(registry: &Registry, blob: &Blob, chunk_mib: usize) ->
     mbps(blob.len, start.elapsed().as_secs_f64())
 }
 
+/// Pulls of the same blob in a round, each a sample of the pull figures. A cached 1 GiB
+/// pull lasts a quarter of a second, and on a VM some pulls after a large write (the push
+/// before them) run at half the rate and twice the CPU, the kernel's copy into the socket
+/// taking four times as long: one pull a round would let one of them decide a median.
+pub const PULLS_PER_ROUND: usize = 3;
+
 /// Pull of `blob` (already pushed), in MB/s.
 pub async fn pull(registry: &Registry, blob: &Blob) -> Result<f64> {
     let start = Instant::now();
