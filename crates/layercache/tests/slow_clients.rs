@@ -1,7 +1,11 @@
 //! Clients that send nothing, or their request head a byte at a time, are disconnected
 //! once the head deadline passes, while normal clients keep being served; a client that
 //! stalls mid-body is answered once the body deadline passes, and until then holds
-//! neither the eviction pass nor other requests.
+//! neither the eviction pass nor other requests. A large body that pauses and ends with
+//! a few bytes is answered as its last byte arrives (the server is woken in steps while
+//! a body's rest is certain to come, never waiting for bytes past its end), with a
+//! `Content-Length` or chunked with a `Content-Range`, and its connection serves the
+//! next request.
 
 #![allow(
     clippy::unwrap_used,
@@ -216,4 +220,105 @@ fn a_stalled_body_is_answered_on_the_default_deadline() {
     let (_, mut stalled) = stalled_patch(&server);
     let said = answer(&mut stalled, Duration::from_secs(90));
     assert!(said.contains("no bytes arrived for 1m"), "{said}");
+}
+
+/// Send `head`, then `body` as a client that pauses: all but its last MiB and 7 bytes at
+/// once, then all but 7 bytes, then the 7, with a pause before each so the server has
+/// read everything before them. `frame` wraps each piece (chunked encoding or as is);
+/// `end` follows the last.
+fn send_in_pieces(
+    stream: &mut TcpStream,
+    head: &str,
+    body: &[u8],
+    frame: fn(&[u8]) -> Vec<u8>,
+    end: &[u8],
+) {
+    stream.write_all(head.as_bytes()).unwrap();
+    let cuts = [0, body.len() - (1 << 20) - 7, body.len() - 7, body.len()];
+    for (i, piece) in cuts.windows(2).enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stream.write_all(&frame(&body[piece[0]..piece[1]])).unwrap();
+    }
+    stream.write_all(end).unwrap();
+}
+
+/// `piece` as one chunk of chunked transfer encoding.
+fn chunk(piece: &[u8]) -> Vec<u8> {
+    let mut framed = format!("{:x}\r\n", piece.len()).into_bytes();
+    framed.extend_from_slice(piece);
+    framed.extend_from_slice(b"\r\n");
+    framed
+}
+
+#[test]
+fn a_large_body_that_pauses_and_ends_in_a_few_bytes_is_answered_at_its_last_byte() {
+    let server = common::Server::start();
+    let body = common::actions::data(7, 6 << 20);
+    let digest = common::digest_of(&body);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let location = runtime.block_on(async {
+        let r = reqwest::Client::new()
+            .post(server.at("/v2/cache/paced/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        r.headers()["location"].to_str().unwrap().to_owned()
+    });
+    let separator = if location.contains('?') { '&' } else { '?' };
+    let mut stream = TcpStream::connect(&server.host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let head = format!(
+        "PUT {location}{separator}digest={digest} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+        server.host,
+        body.len()
+    );
+    send_in_pieces(&mut stream, &head, &body, <[u8]>::to_vec, b"");
+    // Well inside the body deadline (1 minute), at which a wait past the end would end.
+    let said = answer(&mut stream, Duration::from_secs(20));
+    assert!(said.starts_with("HTTP/1.1 201"), "{said}");
+    // The same connection takes the next request at once.
+    let next = format!(
+        "HEAD /v2/cache/paced/blobs/{digest} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        server.host
+    );
+    stream.write_all(next.as_bytes()).unwrap();
+    let said = answer(&mut stream, Duration::from_secs(20));
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+    assert!(
+        said.contains(&format!("content-length: {}", body.len())),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_chunked_actions_part_that_pauses_and_ends_in_a_few_bytes_is_answered_at_its_last_byte() {
+    let gha = common::actions::Gha::start();
+    let body = common::actions::data(8, 6 << 20);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let id = runtime.block_on(gha.v1_reserve_ok("paced", body.len()));
+    let mut stream = TcpStream::connect(&gha.server.host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // As `@actions/cache` sends a chunk: no Content-Length, the range in Content-Range.
+    let head = format!(
+        "PATCH /_apis/artifactcache/caches/{id} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: application/json;api-version=6.0-preview.1\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-{}/*\r\nTransfer-Encoding: chunked\r\n\r\n",
+        gha.server.host,
+        gha.token,
+        body.len() - 1
+    );
+    send_in_pieces(&mut stream, &head, &body, chunk, b"0\r\n\r\n");
+    let said = answer(&mut stream, Duration::from_secs(20));
+    assert!(said.starts_with("HTTP/1.1 204"), "{said}");
+    runtime.block_on(async {
+        let commit = gha.v1_commit(&id.to_string(), body.len()).await;
+        assert_eq!(commit.status(), 204);
+        let hit = gha.v1_hit(&["paced"]).await;
+        assert_eq!(hit["cacheKey"], "paced");
+    });
 }

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,8 @@ use axum::body::{Body, Bytes, HttpBody};
 use futures::{StreamExt, TryStreamExt};
 use http_body::{Frame, SizeHint};
 use store::ByteRange;
+
+use crate::socket::BodyEnd;
 
 /// Most bytes read and discarded after an early answer.
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
@@ -154,6 +157,65 @@ impl HttpBody for IdleTimeout {
 
     fn is_end_stream(&self) -> bool {
         self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wrap a request body so that, when its first frame is asked for, it tells its
+/// connection where it ends ([`BodyEnd::expect`]) if its length is known, and when it
+/// ends, that it has ([`BodyEnd::finish`]).
+pub(crate) fn announce_end(body: Body, end: Arc<BodyEnd>) -> Body {
+    Body::new(AnnounceEnd {
+        inner: body,
+        end,
+        polled: false,
+        finished: false,
+    })
+}
+
+/// Tell the connection of a request (`extensions`) that its body, not read yet, carries
+/// `len` bytes: for a body without a `Content-Length`, whose length another header gives.
+pub(crate) fn expect_len(extensions: &axum::http::Extensions, len: u64) {
+    if let Some(end) = extensions.get::<Arc<BodyEnd>>() {
+        end.expect(len);
+    }
+}
+
+struct AnnounceEnd {
+    inner: Body,
+    end: Arc<BodyEnd>,
+    polled: bool,
+    finished: bool,
+}
+
+impl HttpBody for AnnounceEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if !this.polled {
+            this.polled = true;
+            if let Some(len) = this.inner.size_hint().exact() {
+                this.end.expect(len);
+            }
+        }
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if !this.finished && matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+            this.finished = true;
+            this.end.finish();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -18,6 +18,7 @@ pub mod parse;
 pub mod registry;
 pub mod serve;
 pub mod sessions;
+mod socket;
 pub mod tls;
 pub mod ui;
 pub mod upstream;

@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use crate::limits::Limits;
+use crate::socket::{BodyEnd, Stepped};
 use crate::tls::Tls;
 
 /// How a request reached the server: each request carries it as an extension, set by
@@ -100,14 +101,18 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let body_end = Arc::new(BodyEnd::default());
+        let stream = Stepped::new(stream, Arc::clone(&body_end));
         // Taken now, so a shutdown during the handshake still waits for this connection
         // and then ends it gracefully.
         let watcher = graceful.watcher();
         let (http, app) = (Arc::clone(&http), app.clone());
         match tls {
             None => {
-                let connection =
-                    http.serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Http));
+                let connection = http.serve_connection(
+                    TokioIo::new(stream),
+                    service(app, addr, Scheme::Http, body_end),
+                );
                 connections.spawn(run(watcher, connection, addr));
             }
             Some(tls) => {
@@ -124,8 +129,10 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let connection = http
-                        .serve_connection(TokioIo::new(stream), service(app, addr, Scheme::Https));
+                    let connection = http.serve_connection(
+                        TokioIo::new(stream),
+                        service(app, addr, Scheme::Https, body_end),
+                    );
                     run(watcher, connection, addr).await;
                 });
             }
@@ -185,11 +192,13 @@ where
     }
 }
 
-/// `app` as the hyper service of one connection from `addr`, speaking `scheme`.
+/// `app` as the hyper service of one connection from `addr`, speaking `scheme`, whose
+/// request bodies announce their ends through `body_end`.
 fn service(
     app: Router,
     addr: SocketAddr,
     scheme: Scheme,
+    body_end: Arc<BodyEnd>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
@@ -200,6 +209,7 @@ fn service(
         let mut request = request.map(axum::body::Body::new);
         request.extensions_mut().insert(ConnectInfo(addr));
         request.extensions_mut().insert(scheme);
+        request.extensions_mut().insert(Arc::clone(&body_end));
         app.clone().oneshot(request)
     })
 }

@@ -211,6 +211,8 @@ pub(crate) fn content_range(parts: &Parts) -> Result<(u64, u64)> {
 async fn upload(state: &AppState, caller: &Caller, parts: &Parts, id: &str, body: Body) -> Result {
     let entry = caller.own_entry(state, entry_id(id)?).await?;
     let (first, last) = content_range(parts)?;
+    // `@actions/cache` sends its chunks without a `Content-Length`.
+    crate::body::expect_len(&parts.extensions, last - first + 1);
     state
         .store
         .put_entry_part(
