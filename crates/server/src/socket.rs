@@ -1,10 +1,10 @@
 //! Waking a connection's reader in steps while a large request body arrives. A client
 //! sends a body in TCP segments of at most 64 KiB, and a server that reads faster than
-//! its client sends is woken for each of them: 16 000 wake-ups and thread switches per
-//! GiB uploaded, a third of what a save through the Actions cache costs the server on
-//! a VM. While the rest of a body with a known length is certain to come, the socket's
-//! receive low watermark (`SO_RCVLOWAT`) makes the kernel wake the reader only once
-//! [`STEP`] bytes are queued; a non-blocking read still returns whatever is there.
+//! its client sends is woken for each of them: 16 000 thread switches per GiB uploaded,
+//! which on a VM cost more of a save through the Actions cache than any function of the
+//! server's own. While the rest of a body with a known length is certain to come, the
+//! socket's receive low watermark (`SO_RCVLOWAT`) makes the kernel wake the reader only
+//! once [`STEP`] bytes are queued; a non-blocking read still returns whatever is there.
 //!
 //! The watermark never exceeds what is still to come, so no read waits for bytes that
 //! will not arrive: when a body's first frame is asked for ([`BodyEnd::expect`]), its
