@@ -121,17 +121,23 @@ fn stalled_patch(server: &common::Server) -> (String, TcpStream) {
         assert_eq!(r.status(), 202);
         r.headers()["location"].to_str().unwrap().to_owned()
     });
-    let mut stream = TcpStream::connect(&server.host).unwrap();
+    let mut stream = connect(&server.host);
     let head = format!(
         "PATCH {location} HTTP/1.1\r\nHost: {}\r\nContent-Length: 1000\r\n\r\n",
         server.host
     );
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(&[b'x'; 10]).unwrap();
+    (location, stream)
+}
+
+/// A connection to `host` whose reads time out after 100 ms, for [`answer`].
+fn connect(host: &str) -> TcpStream {
+    let stream = TcpStream::connect(host).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    (location, stream)
+    stream
 }
 
 /// What the server answered on `stream` within `patience` (its status line and body).
@@ -268,10 +274,7 @@ fn a_large_body_that_pauses_and_ends_in_a_few_bytes_is_answered_at_its_last_byte
         r.headers()["location"].to_str().unwrap().to_owned()
     });
     let separator = if location.contains('?') { '&' } else { '?' };
-    let mut stream = TcpStream::connect(&server.host).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let mut stream = connect(&server.host);
     let head = format!(
         "PUT {location}{separator}digest={digest} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
         server.host,
@@ -301,10 +304,7 @@ fn a_chunked_actions_part_that_pauses_and_ends_in_a_few_bytes_is_answered_at_its
     let body = common::actions::data(8, 6 << 20);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let id = runtime.block_on(gha.v1_reserve_ok("paced", body.len()));
-    let mut stream = TcpStream::connect(&gha.server.host).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let mut stream = connect(&gha.server.host);
     // As `@actions/cache` sends a chunk: no Content-Length, the range in Content-Range.
     let head = format!(
         "PATCH /_apis/artifactcache/caches/{id} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: application/json;api-version=6.0-preview.1\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-{}/*\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -23,7 +23,6 @@ use crate::auth::{self, Authority};
 use crate::limits::Limiter;
 use crate::metrics::{self, Metrics, Route};
 use crate::sessions::Sessions;
-use crate::socket::BodyEnd;
 use crate::ui::UsageHistory;
 use crate::upstream::Upstreams;
 use crate::{api, health, registry, ui};
@@ -135,14 +134,8 @@ fn is_own(origin: &HeaderValue, request: &Request) -> bool {
 /// response body is over.
 async fn trace_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let timeout = state.limiter.body_read_timeout;
-    let body_end = request.extensions().get::<Arc<BodyEnd>>().cloned();
-    let request = request.map(|body| {
-        let body = match body_end {
-            Some(end) => crate::body::announce_end(body, end),
-            None => body,
-        };
-        crate::body::idle_timeout(state.metrics.count_in(body), timeout)
-    });
+    let request =
+        request.map(|body| crate::body::idle_timeout(state.metrics.count_in(body), timeout));
     let fallback_route = metrics::route_of(request.uri().path());
     let id = state.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(

@@ -206,7 +206,9 @@ fn service(
     Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let mut request = request.map(axum::body::Body::new);
+        let mut request = request.map(|body| {
+            crate::body::announce_end(axum::body::Body::new(body), Arc::clone(&body_end))
+        });
         request.extensions_mut().insert(ConnectInfo(addr));
         request.extensions_mut().insert(scheme);
         request.extensions_mut().insert(Arc::clone(&body_end));
