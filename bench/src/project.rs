@@ -21,9 +21,12 @@
 //! time follows that load far more than the server's few CPU seconds. It also reports
 //! how much of the server's data was in the page cache at the phase's start (`mincore`),
 //! what the server read from the disk over it (`/proc/<pid>/io`) with its major faults,
-//! and what the whole machine read (`/proc/vmstat`): on a machine whose memory does not
-//! hold both servers' data and the builder's, which blobs a phase finds in memory
-//! depends on what ran before it.
+//! and what the whole machine read (`/proc/vmstat`). Before each phase both servers' data
+//! is written back and dropped from the page cache, so every phase reads what it needs
+//! from the disk: on a machine whose memory does not hold both servers' data and the
+//! builder's, which blobs a phase found in memory otherwise depended on what ran before
+//! it, and the warm phase went to whichever server built first (the second read 2.2-2.7
+//! GiB of its data from the disk, and its build client spent 8-22 CPU-seconds more).
 //!
 //! The Dockerfile: `base` (busybox and two "runtime" layers of `unit` MiB), `deps` on it
 //! (one `2 * unit` layer), then per service a build stage on `deps` (a `2 * unit`
@@ -432,6 +435,7 @@ async fn run_round(
     for svc in SERVICES {
         write_source(context, svc, 0)?;
     }
+    let data_dirs: Vec<PathBuf> = servers.iter().map(|s| s.data_dir.clone()).collect();
     for (i, phase) in Phase::ALL.into_iter().enumerate() {
         if phase == Phase::Change {
             write_source(context, CHANGED, 1)?;
@@ -444,6 +448,10 @@ async fn run_round(
                 bail!("no server {k}");
             };
             server.check_alive()?;
+            crate::settle();
+            for dir in &data_dirs {
+                drop_from_page_cache(dir);
+            }
             eprintln!(
                 "bench: project: {cache:?} round {round} {} with {}",
                 phase.name(),
@@ -966,6 +974,17 @@ fn resident_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Drop the files under `dir` from the page cache (`posix_fadvise(DONTNEED)`, after the
+/// caller's `sync`: dirty pages would stay), so that what a phase finds in memory does
+/// not depend on what ran before it.
+fn drop_from_page_cache(dir: &Path) {
+    for (path, _) in dir_files(dir) {
+        if let Ok(file) = std::fs::File::open(&path) {
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+        }
+    }
+}
+
 /// The report's rows for the workload's figures (key, label, unit, limit, target): each
 /// phase's wall time, which layercache must not take longer than distribution, and the
 /// server's CPU seconds and share of the machine's busy CPU, for each cache.
@@ -1115,7 +1134,7 @@ mod tests {
         assert_eq!(resident_bytes(dir.path()), len as u64);
 
         // Written back and dropped from the page cache: no longer counted.
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        drop_from_page_cache(dir.path());
         let left = resident_bytes(dir.path());
         assert!(left < len as u64 / 2, "{left} bytes still resident");
     }
