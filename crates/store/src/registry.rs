@@ -93,37 +93,47 @@ pub struct PutManifest {
 }
 
 /// Reads waiting to be recorded as last use, with the second each happened last,
-/// flushed in batches so reads stay cheap.
+/// flushed in batches so reads stay cheap. A read stays pending until its batch is
+/// written, so an eviction pass sees it either here or in the metadata.
 #[derive(Default)]
 pub(crate) struct AccessLog {
     pending: Mutex<HashMap<Touch, i64>>,
+    /// Held while a flush writes: a flush returns only once every read recorded before
+    /// it is written, even when another flush (the background one) had taken it.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl AccessLog {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Touch, i64>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn record(&self, touch: Touch) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(touch, now_secs());
+        self.pending().insert(touch, now_secs());
     }
 
     /// Whether a read of blob `digest` is waiting to be recorded.
     pub(crate) fn pending_blob(&self, digest: &Digest) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&Touch::Blob(digest.clone()))
+        self.pending().contains_key(&Touch::Blob(digest.clone()))
     }
 
+    /// Write every pending read; what fails to be written stays pending.
     async fn flush(&self, meta: &dyn MetaStore) -> Result<()> {
+        let _one_at_a_time = self.flushing.lock().await;
         let batch: Vec<(Touch, i64)> = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
+            .pending()
+            .iter()
+            .map(|(touch, at)| (touch.clone(), *at))
             .collect();
         for step in batch.chunks(TOUCHES_PER_WRITE) {
             meta.touch(step.to_vec()).await?;
+        }
+        let mut pending = self.pending();
+        for (touch, at) in batch {
+            // A read since, in a later second, waits for the next flush.
+            if pending.get(&touch) == Some(&at) {
+                pending.remove(&touch);
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Reads are recorded as last use in batches, written in several metadata writes when a
-//! burst of reads makes a batch large: every read of the burst is recorded. On SQLite and
-//! on PostgreSQL metadata.
+//! burst of reads makes a batch large: every read of the burst is recorded once a flush
+//! returns, even one that started while another was writing. On SQLite and on
+//! PostgreSQL metadata.
 
 #![allow(
     clippy::unwrap_used,
@@ -56,9 +57,17 @@ async fn every_read_of_a_burst_is_recorded(backend: Backend) {
     for (digest, _) in &blobs {
         drop(store.open_blob(&repo, digest).await.unwrap());
     }
+    // A flush already writing (as the background one may be) does not let the next
+    // return before the reads it is writing are recorded.
+    let writing = tokio::spawn({
+        let store = store.clone();
+        async move { store.flush_access_times().await }
+    });
+    tokio::task::yield_now().await;
     store.flush_access_times().await.unwrap();
     let stale: Vec<(i64,)> = metadata.query(&format!(
         "SELECT count(*) FROM blobs WHERE accessed_at < {before}"
     ));
     assert_eq!(stale, [(0,)], "reads of the burst left unrecorded");
+    writing.await.unwrap().unwrap();
 }
