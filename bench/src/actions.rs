@@ -421,7 +421,9 @@ pub async fn run(
                 0
             };
             let log = logs.join(format!("{}-r{}-save.log", target.tag(), round + 1));
+            let save_start = layercache.new_peak_window()?;
             let save = invoke.time(Op::Save, &key, &log).await?;
+            let save_peak = layercache.window_peak_rss()?;
             if target.is_ceiling() {
                 let got = null.uploaded(ctx.http).await?.saturating_sub(uploaded);
                 ensure!(
@@ -432,7 +434,9 @@ pub async fn run(
             std::fs::remove_file(&payload)?;
             crate::settle();
             let log = logs.join(format!("{}-r{}-restore.log", target.tag(), round + 1));
+            let restore_start = layercache.new_peak_window()?;
             let restore = invoke.time(Op::Restore, &key, &log).await?;
+            let restore_peak = layercache.window_peak_rss()?;
             let expected = if target.is_ceiling() {
                 served.context("no archive for the ceiling")?
             } else {
@@ -453,7 +457,10 @@ pub async fn run(
                 archive_bytes.push(n);
                 served = Some(content);
             }
-            for (op, t) in [(Op::Save, save), (Op::Restore, restore)] {
+            for (op, t, start, peak) in [
+                (Op::Save, save, save_start, save_peak),
+                (Op::Restore, restore, restore_start, restore_peak),
+            ] {
                 let mib_s = ctx.payload_mib as f64 / t.secs;
                 let phase_mib_s = t
                     .phase_secs
@@ -495,6 +502,25 @@ pub async fn run(
                 match sample_key(target, op) {
                     Some(k) => samples.entry(k).or_default().push(Kind::Layercache, mib_s),
                     None => ceilings.entry((target.v2(), op)).or_default().push(mib_s),
+                }
+                if !target.is_ceiling() {
+                    let key = match op {
+                        Op::Save => "actions_save_rss_mib",
+                        Op::Restore => "actions_restore_rss_mib",
+                    };
+                    let mib = |bytes: u64| bytes as f64 / MIB as f64;
+                    eprintln!(
+                        "bench: round {} {:<24} {:<7} peak RSS {:.1} MiB (from {:.1})",
+                        round + 1,
+                        target.name(),
+                        op.name(),
+                        mib(peak),
+                        mib(start)
+                    );
+                    samples
+                        .entry(key)
+                        .or_default()
+                        .push(Kind::Layercache, mib(peak));
                 }
                 let cpu = cpu_key(target.layercache(), op).map(|key| (key, cpu_s_gib));
                 let phase = phase_mib_s.map(|rate| (phase_key(target.v2(), op), rate));

@@ -713,6 +713,27 @@ impl Workbench<'_> {
         Ok(())
     }
 
+    /// Record the server's peak resident memory since [`Server::new_peak_window`], which
+    /// started it at `start` bytes, as `key`, in MiB.
+    fn record_peak(
+        &mut self,
+        round: usize,
+        server: &Server,
+        key: &'static str,
+        start: u64,
+    ) -> Result<()> {
+        let mib = |bytes: u64| bytes as f64 / MIB as f64;
+        let peak = mib(server.window_peak_rss()?);
+        eprintln!(
+            "bench: round {} {:<12} {key:<16} {peak:.1} (from {:.1})",
+            round + 1,
+            server.kind.name(),
+            mib(start)
+        );
+        self.samples.entry(key).or_default().push(server.kind, peak);
+        Ok(())
+    }
+
     /// HEAD and manifest rates on the server in `token` mode, recorded as layercache's
     /// `*_auth_*` figures.
     async fn auth_round(&mut self, round: usize, registry: &Registry) -> Result<()> {
@@ -771,43 +792,54 @@ impl Workbench<'_> {
         let blob = base.blob(shape.blob_mib, &format!("mono-{name}-{round}"))?;
         if has(Workload::Push) {
             self.fresh_pages(round, kind).await?;
+            let rss = server.new_peak_window()?;
             let before = server.cpu()?;
             let rate = workloads::push_monolithic(registry, &blob).await?;
             self.record_cpu(round, server, before, ("push_cpu", Some("push_sys")))?;
             self.record(round, kind, "push_mb_s", rate);
+            self.record_peak(round, server, "push_rss_mib", rss)?;
         }
         if has(Workload::Chunked) {
             let chunked = base.blob(shape.blob_mib, &format!("chunked-{name}-{round}"))?;
             self.fresh_pages(round, kind).await?;
+            let rss = server.new_peak_window()?;
             let before = server.cpu()?;
             let rate = workloads::push_chunked(registry, &chunked, shape.chunk_mib).await?;
             self.record_cpu(round, server, before, ("chunked_cpu", Some("chunked_sys")))?;
             self.record(round, kind, "chunked_mb_s", rate);
+            self.record_peak(round, server, "chunked_rss_mib", rss)?;
         }
         if has(Workload::Pull) {
             if !has(Workload::Push) {
                 registry.push(workloads::REPO_BLOBS, &blob).await?;
             }
             settle();
+            let rss = server.new_peak_window()?;
             for _ in 0..workloads::PULLS_PER_ROUND {
                 let before = server.cpu()?;
                 let rate = workloads::pull(registry, &blob).await?;
                 self.record_cpu(round, server, before, ("pull_cpu", None))?;
                 self.record(round, kind, "pull_mb_s", rate);
             }
+            self.record_peak(round, server, "pull_rss_mib", rss)?;
         }
         if has(Workload::Pulls) {
+            let rss = server.new_peak_window()?;
             let rate = workloads::pull_concurrent(registry, &fixtures.pulls).await?;
             self.record(round, kind, "pulls_mb_s", rate);
+            self.record_peak(round, server, "pulls_rss_mib", rss)?;
         }
         if has(Workload::Head) {
+            let rss = server.new_peak_window()?;
             let rate =
                 workloads::head_load(registry, fixtures, shape.head_conns, shape.head_secs).await?;
             self.record(round, kind, "head_rps", rate.per_sec);
             self.record(round, kind, "head_p50_ms", rate.p50_ms);
             self.record(round, kind, "head_p99_ms", rate.p99_ms);
+            self.record_peak(round, server, "head_rss_mib", rss)?;
         }
         if has(Workload::Manifest) {
+            let rss = server.new_peak_window()?;
             let (put, tags) = workloads::manifest_put_load(
                 registry,
                 fixtures,
@@ -827,6 +859,7 @@ impl Workbench<'_> {
             .await?;
             self.record(round, kind, "mget_rps", get.per_sec);
             self.record(round, kind, "mget_p99_ms", get.p99_ms);
+            self.record_peak(round, server, "manifest_rss_mib", rss)?;
         }
         if has(Workload::Export) {
             let seed = (round * 2 + seq) as u64 + 1;
@@ -844,8 +877,10 @@ impl Workbench<'_> {
             )
             .await?;
             let tag = format!("cache-{round}");
+            let rss = server.new_peak_window()?;
             let secs = workloads::cache_export(registry, fixtures, &missing, shape, &tag).await?;
             self.record(round, kind, "export_s", secs);
+            self.record_peak(round, server, "export_rss_mib", rss)?;
         }
         Ok(())
     }

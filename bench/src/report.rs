@@ -339,7 +339,7 @@ pub fn figures(
     };
     let gib_cpu = |target| Target::AtMost { value: target };
     let null = |key: &str| limits.actions_null.get(key).map(|s| s.median);
-    let rows: [(&str, String, &str, Option<f64>, Target); 61] = [
+    let rows: [(&str, String, &str, Option<f64>, Target); 70] = [
         (
             "push_mb_s",
             format!("push {blob}, monolithic"),
@@ -757,6 +757,69 @@ pub fn figures(
             "MiB",
             None,
             Target::Below,
+        ),
+        (
+            "push_rss_mib",
+            "peak RSS during the monolithic push".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "chunked_rss_mib",
+            "peak RSS during the chunked push".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "pull_rss_mib",
+            "peak RSS during the pulls of 1 GiB".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "pulls_rss_mib",
+            "peak RSS during the concurrent pulls".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "head_rss_mib",
+            "peak RSS during the HEAD load".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "manifest_rss_mib",
+            "peak RSS during the manifest PUTs and GETs".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "export_rss_mib",
+            "peak RSS during the cache export".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "actions_save_rss_mib",
+            "peak RSS during an Actions cache save (v2 and v1)".into(),
+            "MiB",
+            None,
+            Target::None,
+        ),
+        (
+            "actions_restore_rss_mib",
+            "peak RSS during an Actions cache restore (v2 and v1)".into(),
+            "MiB",
+            None,
+            Target::None,
         ),
         (
             "e2e_cold_s",

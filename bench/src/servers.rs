@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -109,6 +110,8 @@ pub struct Server {
     /// Where the server keeps its data (`layercache token` reads its key there).
     pub data_dir: PathBuf,
     log: PathBuf,
+    /// The highest `VmHWM` read before the kernel's was last reset, in bytes.
+    earlier_peak: AtomicU64,
 }
 
 impl Server {
@@ -163,6 +166,7 @@ impl Server {
             host,
             data_dir,
             log,
+            earlier_peak: AtomicU64::new(0),
         })
     }
 
@@ -211,6 +215,7 @@ impl Server {
             host: host.to_owned(),
             data_dir,
             log,
+            earlier_peak: AtomicU64::new(0),
         })
     }
 
@@ -286,8 +291,28 @@ impl Server {
         Ok(())
     }
 
-    /// Peak resident memory so far (`VmHWM` from `/proc/<pid>/status`), in bytes.
+    /// Peak resident memory over the whole run so far, in bytes.
     pub fn peak_rss(&self) -> Result<u64> {
+        Ok(self
+            .window_peak_rss()?
+            .max(self.earlier_peak.load(Ordering::Relaxed)))
+    }
+
+    /// Start measuring a new peak for [`Server::window_peak_rss`]: the kernel's `VmHWM`
+    /// is reset to the current resident memory (`clear_refs` 5), after the peak so far is
+    /// kept for [`Server::peak_rss`]; returns the resident memory the window starts from.
+    pub fn new_peak_window(&self) -> Result<u64> {
+        self.earlier_peak
+            .fetch_max(self.window_peak_rss()?, Ordering::Relaxed);
+        let pid = self.child.id();
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+            .with_context(|| format!("resetting the peak RSS of {pid}"))?;
+        self.window_peak_rss()
+    }
+
+    /// Peak resident memory since the last [`Server::new_peak_window`] (or the start):
+    /// `VmHWM` from `/proc/<pid>/status`, in bytes.
+    pub fn window_peak_rss(&self) -> Result<u64> {
         let pid = self.child.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("reading /proc/{pid}/status"))?;
