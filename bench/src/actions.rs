@@ -394,7 +394,17 @@ pub async fn run(
     let mut null_figures: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     // What the ceilings restore: the archive of the last layercache v2 entry saved.
     let mut served: Option<Content> = None;
-    warm_up(ctx, layercache, &ws, &runner_temp, &token, &logs).await?;
+    let warm_up_invoke = Invoke {
+        client: ctx.client,
+        ws: &ws,
+        runner_temp: &runner_temp,
+        token: &token,
+        url: &layercache.url,
+        server_pid: layercache.pid(),
+        target: Target::LayercacheV2,
+    };
+    let warm_up_content = Content::new((ctx.rounds * Target::ALL.len()) as u64);
+    warm_up(&warm_up_invoke, &payload, &slices, warm_up_content, &logs).await?;
     for round in 0..ctx.rounds {
         for (i, target) in Target::order(round).into_iter().enumerate() {
             layercache.check_alive()?;
@@ -654,41 +664,27 @@ pub fn table(report: &Report) -> String {
 
 /// An untimed save and restore through layercache v2 before the rounds. On this VM the
 /// first save and restore of a run cost the client about twice the CPU of any later one,
-/// in making the archive as much as in sending it (memory the hypervisor took back and
-/// the client's first touch of it), and the run's first is always layercache v2's.
+/// in making the archive as much as in sending it (likely memory the hypervisor took
+/// back, touched first by the client), and the run's first is always layercache v2's.
 async fn warm_up(
-    ctx: &Inputs<'_>,
-    layercache: &Server,
-    ws: &Path,
-    runner_temp: &Path,
-    token: &str,
+    invoke: &Invoke<'_>,
+    payload: &Path,
+    slices: &[Bytes],
+    content: Content,
     logs: &Path,
 ) -> Result<()> {
-    let invoke = Invoke {
-        client: ctx.client,
-        ws,
-        runner_temp,
-        token,
-        url: &layercache.url,
-        server_pid: layercache.pid(),
-        target: Target::LayercacheV2,
-    };
-    let payload = ws.join(SAVED_PATH).join(PAYLOAD_FILE);
-    let slices = ctx.base.slices();
-    let slices = slices.get(..ctx.payload_mib).unwrap_or(slices);
-    let content = Content::new((ctx.rounds * Target::ALL.len()) as u64);
-    write_payload(&payload, slices, content).await?;
+    write_payload(payload, slices, content).await?;
     crate::settle();
     let key = "bench-warm-up";
     let save = invoke
         .time(Op::Save, key, &logs.join("warm-up-save.log"))
         .await?;
-    std::fs::remove_file(&payload)?;
+    std::fs::remove_file(payload)?;
     crate::settle();
     let restore = invoke
         .time(Op::Restore, key, &logs.join("warm-up-restore.log"))
         .await?;
-    verify_payload(&payload, slices, content).await?;
+    verify_payload(payload, slices, content).await?;
     eprintln!(
         "bench: warm-up through layercache v2 (untimed): save {:.1} s (client CPU {:.1} s), restore {:.1} s (client CPU {:.1} s)",
         save.secs, save.client_cpu_s, restore.secs, restore.client_cpu_s
