@@ -115,7 +115,9 @@ const AGE_SECS: i64 = 10;
 const TICK_MS: u64 = 300;
 /// What SQLite's metadata (its file and write-ahead log) takes of the quota through most
 /// of a case (see [`grow_write_ahead_log`]), as measured.
-const SQLITE_METADATA: u64 = 655_360;
+const SQLITE_METADATA: u64 = 1_179_648;
+/// The write-ahead log file's size limit the store sets.
+const WAL_KEPT_BYTES: i64 = 1 << 20;
 /// The push window of the cases that have one: a blob released within one [`age`] step
 /// of its last use waits across that step and leaves after the next.
 const WINDOW_SECS: u64 = 15;
@@ -230,25 +232,32 @@ async fn age(metadata: &Metadata) {
 }
 
 /// Grow SQLite's write-ahead log to the size it keeps once the store has been written to
-/// for a while (about half a megabyte: a checkpoint resets it for reuse and cuts it back to
-/// its size limit, not to nothing), so the metadata's share of the usage stays about the
-/// same during a case and a quota a little above it leaves the blobs a steady budget.
+/// for a while (1 MiB: a checkpoint resets it for reuse and cuts it back to its size limit
+/// only when it has grown past it), so the metadata's share of the usage stays the same
+/// during a case and a quota a little above it leaves the blobs a steady budget.
 fn grow_write_ahead_log(database: &Path) {
     let db = rusqlite::Connection::open(database).unwrap();
     db.busy_timeout(Duration::from_secs(30)).unwrap();
     db.pragma_update(None, "synchronous", "OFF").unwrap();
+    // One frame a commit, none checkpointed: the log passes its limit.
+    db.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    db.pragma_update(None, "journal_size_limit", WAL_KEPT_BYTES)
+        .unwrap();
     db.execute(
         "INSERT INTO uploads (id, repo_id, created_at) VALUES ('warm-up', 0, 0)",
         [],
     )
     .unwrap();
-    for i in 0..300 {
+    for i in 0..WAL_KEPT_BYTES / 4096 + 64 {
         db.execute(
             "UPDATE uploads SET created_at = ?1 WHERE id = 'warm-up'",
             [i],
         )
         .unwrap();
     }
+    // Checkpointed and restarted, the log is cut back to its limit by the next commit.
+    db.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+        .unwrap();
     db.execute("DELETE FROM uploads WHERE id = 'warm-up'", [])
         .unwrap();
 }
@@ -363,11 +372,13 @@ fn stored_blobs(metadata: &Metadata) -> (BTreeMap<Digest, i64>, BTreeMap<Digest,
 /// Open a store in `data_dir` on fresh metadata of `backend`, with a zero grace and in-use
 /// window and a push window of `window` seconds, whose only passes are the ones the test
 /// runs (see [`Metadata::open_without_background_tasks`]). `max_size` is the quota with
-/// SQLite's metadata in it: PostgreSQL's lives outside the quota, which is
-/// [`SQLITE_METADATA`] less there, so the blobs get the same budget on both.
+/// SQLite's metadata in it: PostgreSQL's lives outside the quota, which is smaller there by
+/// [`SQLITE_METADATA`] over the low watermark, so the blobs get the same budget on both.
 fn open(backend: Backend, data_dir: &Path, max_size: u64, window: u64) -> (Store, Metadata) {
     let metadata = backend.create(data_dir);
-    let max_size = backend.pick(max_size, max_size.saturating_sub(SQLITE_METADATA).max(1));
+    let low = u64::from(Eviction::default().low_watermark.0);
+    let outside = SQLITE_METADATA * 100 / low;
+    let max_size = backend.pick(max_size, max_size.saturating_sub(outside).max(1));
     let config = Config {
         eviction: Eviction {
             max_size: Size::Bytes(max_size),
@@ -2658,9 +2669,8 @@ fn evict_an_index_over(backend: Backend, signed: &SignedImage, lists_signature: 
         "mediaType": media_type::OCI_INDEX,
         "manifests": listed.iter().map(|(d, b)| json!({"mediaType": media_type::OCI_MANIFEST, "digest": d.to_string(), "size": b.len()})).collect::<Vec<_>>(),
     }));
-    // Every blob on disk, less what the low watermark needs: 512 KiB on SQLite, 128 KiB
-    // less on PostgreSQL (whose quota is smaller by SQLite's metadata), both between the
-    // image's blobs and the image's and the signature's together.
+    // Every blob on disk, less what the low watermark needs: 512 KiB on either backend,
+    // between the image's blobs and the image's and the signature's together.
     let stored: u64 = blobs
         .iter()
         .chain(&newer_blobs)
