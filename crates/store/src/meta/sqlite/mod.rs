@@ -1069,6 +1069,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_log_file_keeps_its_size_across_checkpoints_and_is_cut_back_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let meta = SqliteMeta::open(&path).unwrap();
+        let log = || std::fs::metadata(dir.path().join("meta.db-wal")).map_or(0, |m| m.len());
+        let app = "app".parse::<RepoName>().unwrap();
+        // Small commits, checkpointed every 128 pages: once the file has held a whole
+        // cycle of the log, it never shrinks.
+        let (mut largest, mut shrank) = (0, Vec::new());
+        for i in 0u32..1500 {
+            let digest = Digest::sha256_of(&i.to_le_bytes());
+            meta.link_blob(&app, &digest, 1).await.unwrap();
+            let now = log();
+            if now < largest {
+                shrank.push((i, largest, now));
+            }
+            largest = largest.max(now);
+        }
+        assert!(
+            largest > CHECKPOINT_PAGES as u64 * 4096,
+            "no checkpoint: {largest}"
+        );
+        assert!(largest <= WAL_KEPT_BYTES as u64, "{largest}");
+        assert!(shrank.is_empty(), "the log file shrank: {shrank:?}");
+
+        // One transaction larger than the limit grows the file past it; the commit after
+        // the next checkpoint cuts it back to the limit.
+        let report = "x".repeat(3 * WAL_KEPT_BYTES as usize);
+        meta.write(move |c| {
+            c.execute(
+                "INSERT INTO sessions (id, repos, started_at, ended_at, report)
+                 VALUES ('large', '[]', 0, 0, ?1)",
+                [report],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert!(log() > WAL_KEPT_BYTES as u64);
+        for i in 0u32..3 {
+            let digest = Digest::sha256_of(&(i + 1500).to_le_bytes());
+            meta.link_blob(&app, &digest, 1).await.unwrap();
+        }
+        assert_eq!(log(), WAL_KEPT_BYTES as u64);
+    }
+
+    #[tokio::test]
     async fn a_link_found_once_is_not_found_after_it_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMeta::open(&dir.path().join("meta.db")).unwrap();
