@@ -40,6 +40,7 @@ use globset::{GlobBuilder, GlobMatcher};
 use oci::{Digest, RepoName};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::config::Eviction;
 use crate::meta::{
@@ -58,6 +59,13 @@ const SWEEP_BATCH: usize = 256;
 const SHORT_PASS_SPACING: u32 = 20;
 /// The least time between a pass that falls short and the next one a commit starts.
 const SHORT_PASS_MIN_GAP: Duration = Duration::from_secs(1);
+/// Most roots a round of a pass offers for eviction, besides those a rule's maximum age
+/// forces out: the pass goes round again while usage is over the low watermark, so what
+/// it holds stays this small however many roots the store has. (A dry run reports one
+/// round.)
+const MAX_CANDIDATES: usize = 4096;
+/// Roots listed ahead of the pass choosing among them.
+const ROOTS_READ_AHEAD: usize = 256;
 
 /// Why a pass ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -712,7 +720,8 @@ impl Store {
     }
 
     /// The roots eviction may take, in order: neither pinned nor in use (read within
-    /// `in_use`, or an untagged manifest pushed within the push window). None when
+    /// `in_use`, or an untagged manifest pushed within the push window), the first
+    /// [`MAX_CANDIDATES`] of them and every one a maximum age forces out. None when
     /// nothing needs freeing and no rule sets a maximum age.
     async fn candidates(
         &self,
@@ -728,44 +737,51 @@ impl Store {
         }
         let in_use = evictor.config.in_use.as_secs() as i64;
         let push_window = evictor.config.push_window.as_secs() as i64;
-        for root in self.0.meta.roots().await? {
-            let root = match root {
-                Evictable::Manifest(root) => root,
-                Evictable::Entry(entry) => {
-                    // A restore may still be reading it.
-                    if now - entry.last_used < in_use {
-                        report.kept_in_use += 1;
-                    } else {
-                        candidates.push(Candidate {
-                            root: Evictable::Entry(entry),
-                            forced: false,
-                        });
+        let (into, mut roots) = mpsc::channel(ROOTS_READ_AHEAD);
+        let choose = async {
+            while let Some(root) = roots.recv().await {
+                let root = match root {
+                    Evictable::Manifest(root) => root,
+                    Evictable::Entry(entry) => {
+                        // A restore may still be reading it.
+                        if now - entry.last_used < in_use {
+                            report.kept_in_use += 1;
+                        } else if candidates.len() < MAX_CANDIDATES {
+                            candidates.push(Candidate {
+                                root: Evictable::Entry(entry),
+                                forced: false,
+                            });
+                        }
+                        continue;
                     }
+                };
+                let rule = evictor.rule_for(&root.repo);
+                if rule.is_some_and(|r| pinned(r, &root)) {
+                    report.kept_pinned += 1;
                     continue;
                 }
-            };
-            let rule = evictor.rule_for(&root.repo);
-            if rule.is_some_and(|r| pinned(r, &root)) {
-                report.kept_pinned += 1;
-                continue;
+                if evictor.leased(&root.digest) {
+                    report.kept_in_use += 1;
+                    continue;
+                }
+                if root.tags.is_empty() && now - root.last_used <= push_window {
+                    // Pushed by digest just now: the index or referrer naming it comes next.
+                    report.kept_in_use += 1;
+                    continue;
+                }
+                let forced = rule
+                    .and_then(|r| r.max_age)
+                    .is_some_and(|age| now - root.last_used > age.as_secs() as i64);
+                if forced || candidates.len() < MAX_CANDIDATES {
+                    candidates.push(Candidate {
+                        root: Evictable::Manifest(root),
+                        forced,
+                    });
+                }
             }
-            if evictor.leased(&root.digest) {
-                report.kept_in_use += 1;
-                continue;
-            }
-            if root.tags.is_empty() && now - root.last_used <= push_window {
-                // Pushed by digest just now: the index or referrer naming it comes next.
-                report.kept_in_use += 1;
-                continue;
-            }
-            let forced = rule
-                .and_then(|r| r.max_age)
-                .is_some_and(|age| now - root.last_used > age.as_secs() as i64);
-            candidates.push(Candidate {
-                root: Evictable::Manifest(root),
-                forced,
-            });
-        }
+        };
+        let (listed, ()) = tokio::join!(self.0.meta.roots(into), choose);
+        listed?;
         Ok(candidates)
     }
 

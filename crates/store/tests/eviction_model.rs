@@ -126,6 +126,13 @@ const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER_MT: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const DOCKER_CONFIG_MT: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER_MT: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Images [`a_pass_evicts_past_what_one_round_offers`] stores: more than the 4 096 roots
+/// a round of a pass offers for eviction.
+const MANY_IMAGES: usize = 6000;
+/// Of those, the images whose layers the low watermark leaves room for.
+const IMAGES_KEPT: usize = 400;
+/// Each of those images' own layer, in bytes.
+const MANY_LAYER: usize = 16_384;
 /// Cases of the property test on PostgreSQL, unless `EVICTION_MODEL_CASES` says.
 const POSTGRES_CASES: u32 = 48;
 
@@ -138,6 +145,8 @@ backend::on_each_backend! {
     fn blob_mount_racing_a_pass_never_links_a_swept_blob;
     #[test]
     fn a_pass_counts_the_referrers_that_go_with_an_image;
+    #[test]
+    fn a_pass_evicts_past_what_one_round_offers;
 }
 
 // ---------------------------------------------------------------- helpers
@@ -2727,4 +2736,95 @@ fn evict_an_index_over(backend: Backend, signed: &SignedImage, lists_signature: 
             .await
             .unwrap_or_else(|e| panic!("{what}: the newer image went: {e}"));
     });
+}
+
+/// A store over its quota by more than one round of a pass offers: the pass goes round
+/// until it is under the low watermark, least recently used first.
+fn a_pass_evicts_past_what_one_round_offers(backend: Backend) {
+    let runtime = backend::test_runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let config_blob = blob_of(0x3a55, 0, 200);
+    let images: Vec<_> = (0..MANY_IMAGES)
+        .map(|i| {
+            let layer = blob_of(0x3a56, i, MANY_LAYER);
+            let image = race_image(&[config_blob.clone(), layer.clone()]);
+            (tag_ref(&format!("i-{i}")), layer, image)
+        })
+        .collect();
+    let metadata = backend.create(dir.path());
+    let repo = repo_name(0);
+    let opened = |max_size| {
+        let eviction = Eviction {
+            max_size: Size::Bytes(max_size),
+            min_free: Size::Bytes(0),
+            grace: Duration::ZERO,
+            in_use: Duration::ZERO,
+            push_window: Duration::ZERO,
+            interval: Duration::from_secs(3600),
+            ..Eviction::default()
+        };
+        metadata.open_without_background_tasks(&Config {
+            eviction,
+            ..metadata.config()
+        })
+    };
+    // Store every image, the newest ten seconds after the others, and measure.
+    let store = opened(u64::MAX / 2);
+    let (older, newest) = images.split_at(MANY_IMAGES - IMAGES_KEPT);
+    let usage = runtime.block_on(async {
+        let (config_digest, config_bytes) = &config_blob;
+        store
+            .put_blob(&repo, config_digest, body(config_bytes, 1))
+            .await
+            .unwrap();
+        for batch in [older, newest] {
+            futures::stream::iter(batch)
+                .for_each_concurrent(32, |(tag, (ld, lb), (_, mb))| {
+                    let (store, repo) = (&store, &repo);
+                    async move {
+                        store.put_blob(repo, ld, body(lb, 1)).await.unwrap();
+                        store
+                            .put_manifest(repo, tag, Some(media_type::OCI_MANIFEST), mb.clone())
+                            .await
+                            .unwrap();
+                    }
+                })
+                .await;
+            age(&metadata).await;
+        }
+        store
+            .gc(Trigger::Manual, true)
+            .await
+            .unwrap()
+            .usage_before
+            .total
+    });
+    drop(store);
+    // A quota whose low watermark leaves the newest images' layers (and the rest).
+    let layer = on_disk(MANY_LAYER as u64);
+    let low = u64::from(Eviction::default().low_watermark.0);
+    // Opened again, the store runs its first pass.
+    let store = opened((usage - older.len() as u64 * layer) * 100 / low + 1);
+    {
+        let report = store.last_gc().unwrap();
+        assert_eq!(report.trigger, Trigger::Startup);
+        let need = report.usage_before.total.saturating_sub(report.quota.low);
+        let summary = format!(
+            "evicted {} for {need} bytes, usage {:?}, quota {:?}, shortfall {}",
+            report.evicted.len(),
+            report.usage_after,
+            report.quota,
+            report.shortfall
+        );
+        assert!(report.evicted.len() > 4096, "{summary}");
+        assert_eq!(
+            report.evicted.len() as u64,
+            need.div_ceil(layer),
+            "{summary}"
+        );
+        assert_eq!(report.shortfall, 0, "{summary}");
+        let newest: BTreeSet<&Digest> = newest.iter().map(|(_, _, (d, _))| d).collect();
+        let evicted_newest = report.evicted.iter().filter(|e| newest.contains(&e.digest));
+        assert_eq!(evicted_newest.count(), 0, "{summary}");
+    }
 }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use oci::{CacheRecords, Digest, ManifestReference, Reference, RepoName, Tag};
+use tokio::sync::mpsc;
 
 pub use postgres::PgMeta;
 pub use sqlite::SqliteMeta;
@@ -133,16 +134,6 @@ pub enum Evictable {
     Entry(EntryRoot),
 }
 
-impl Evictable {
-    /// Its last use, in seconds since the epoch.
-    pub fn last_used(&self) -> i64 {
-        match self {
-            Evictable::Manifest(root) => root.last_used,
-            Evictable::Entry(entry) => entry.last_used,
-        }
-    }
-}
-
 /// A root to consider in an eviction.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -261,6 +252,21 @@ pub struct RepoUsage {
 /// A lock held for every node sharing the metadata; released when dropped.
 pub type SharedLock = Box<dyn std::any::Any + Send + Sync>;
 
+/// Every root `meta` lists, in its order.
+#[cfg(test)]
+pub(crate) async fn all_roots(meta: &dyn MetaStore) -> Result<Vec<Evictable>> {
+    let (into, mut roots) = mpsc::channel(16);
+    let collect = async {
+        let mut all = Vec::new();
+        while let Some(root) = roots.recv().await {
+            all.push(root);
+        }
+        all
+    };
+    let (listed, all) = tokio::join!(meta.roots(into), collect);
+    listed.map(|()| all)
+}
+
 /// The metadata operations the registry needs.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
@@ -336,8 +342,10 @@ pub trait MetaStore: Send + Sync + 'static {
 
     // ---- eviction ----
 
-    /// Every root and committed cache entry, least recently used first.
-    async fn roots(&self) -> Result<Vec<Evictable>>;
+    /// Send every root and committed cache entry into `into`, least recently used first,
+    /// as they are read: the listing's memory does not grow with the store. Stops early,
+    /// without an error, once `into` is closed.
+    async fn roots(&self, into: mpsc::Sender<Evictable>) -> Result<()>;
     /// Remove candidates in order (each only if it is still a root, unused since it was
     /// listed) until the unreferenced blobs that will go (sweepable now, or released and
     /// waiting out their window) plus what the removed roots release (through the

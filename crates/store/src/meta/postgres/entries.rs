@@ -671,7 +671,9 @@ mod tests {
             log.push(shown(meta.expire_entries(now_ms() + 1000).await));
             log.push(shown(meta.entry(unfinished.id).await));
             log.push(shown(meta.blob_usage().await));
-            log.push(shown(meta.roots().await.map(|r| r.len())));
+            log.push(shown(
+                crate::meta::all_roots(meta.as_ref()).await.map(|r| r.len()),
+            ));
             seen.push(log);
         }
         for (sqlite, postgres) in seen[0].iter().zip(&seen[1]) {

@@ -9,8 +9,10 @@
 
 use std::collections::HashSet;
 
+use futures::TryStreamExt;
 use oci::Digest;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use tokio::sync::mpsc;
 
 use super::{parse_digest, parse_repo};
 use crate::meta::{
@@ -75,61 +77,54 @@ fn digests(stored: Vec<String>) -> Result<Vec<Digest>> {
     stored.into_iter().map(parse_digest).collect()
 }
 
-/// Every root and finished cache entry, least recently used first.
-pub(super) async fn roots(c: &mut PgConnection) -> Result<Vec<Evictable>> {
-    let manifests = manifest_roots(c).await?;
-    let entries = entry_roots(c).await?;
-    let mut all: Vec<Evictable> = manifests
-        .into_iter()
-        .map(Evictable::Manifest)
-        .chain(entries.into_iter().map(Evictable::Entry))
-        .collect();
-    all.sort_by_key(Evictable::last_used);
-    Ok(all)
-}
-
-/// Every finished cache entry, least recently used first.
-async fn entry_roots(c: &mut PgConnection) -> Result<Vec<EntryRoot>> {
-    let rows: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT e.id, e.scope, e.key, e.size, {ENTRY_LAST_USED} FROM cache_entries e
-         WHERE e.size IS NOT NULL ORDER BY 5, e.id"
-    )))
-    .fetch_all(&mut *c)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, scope, key, size, last_used)| EntryRoot {
-            id,
-            scope,
-            key,
-            size: size as u64,
-            last_used,
-        })
-        .collect())
-}
-
-/// Every root manifest, least recently used first.
-async fn manifest_roots(c: &mut PgConnection) -> Result<Vec<Root>> {
-    let rows: Vec<(String, String, i64, Vec<String>)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT r.name, m.digest, {LAST_USED},
+/// Send every root manifest and finished cache entry into `into`, least recently used
+/// first (manifests before entries used in the same second), as the rows arrive: the
+/// database sorts them, so the listing's memory does not grow with the store. Stops once
+/// `into` is closed.
+pub(super) async fn roots(c: &mut PgConnection, into: &mpsc::Sender<Evictable>) -> Result<()> {
+    type Row = (
+        i32,
+        String,
+        String,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Vec<String>,
+    );
+    let sql = format!(
+        "SELECT 0, r.name, m.digest, {LAST_USED}, NULL::bigint, NULL::bigint,
             ARRAY(SELECT t.name FROM tags t
                   WHERE t.repo_id = m.repo_id AND t.digest = m.digest ORDER BY t.name)
          FROM manifests m JOIN repos r ON r.id = m.repo_id
          WHERE {IS_ROOT}
-         ORDER BY 3, r.name, m.digest"
-    )))
-    .fetch_all(&mut *c)
-    .await?;
-    rows.into_iter()
-        .map(|(repo, digest, last_used, tags)| {
-            Ok(Root {
-                repo: parse_repo(repo)?,
-                digest: parse_digest(digest)?,
+         UNION ALL
+         SELECT 1, e.scope, e.key, {ENTRY_LAST_USED}, e.id, e.size, ARRAY[]::text[]
+         FROM cache_entries e
+         WHERE e.size IS NOT NULL
+         ORDER BY 4, 1, 5, 2, 3"
+    );
+    let mut rows = sqlx::query_as::<_, Row>(AssertSqlSafe(sql)).fetch(&mut *c);
+    while let Some((kind, name, key, last_used, id, size, tags)) = rows.try_next().await? {
+        let root = match (kind, id, size) {
+            (1, Some(id), Some(size)) => Evictable::Entry(EntryRoot {
+                id,
+                scope: name,
+                key,
+                size: size as u64,
+                last_used,
+            }),
+            _ => Evictable::Manifest(Root {
+                repo: parse_repo(name)?,
+                digest: parse_digest(key)?,
                 last_used,
                 tags,
-            })
-        })
-        .collect()
+            }),
+        };
+        if into.send(root).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Run an eviction (see [`crate::meta::MetaStore::evict`]); the caller provides the
@@ -565,7 +560,9 @@ mod tests {
                 .await
                 .unwrap();
 
-            let mut seen = vec![listed(&meta.roots().await.unwrap())];
+            let mut seen = vec![listed(
+                &crate::meta::all_roots(meta.as_ref()).await.unwrap(),
+            )];
             let future = crate::now_secs() + 10;
             let request = |candidates, need, dry_run| EvictRequest {
                 candidates,
@@ -575,20 +572,22 @@ mod tests {
                 dry_run,
             };
             // A dry run changes nothing; a real one stops at the need; forced ones go.
-            let roots = meta.roots().await.unwrap();
+            let roots = crate::meta::all_roots(meta.as_ref()).await.unwrap();
             let dry = meta
                 .evict(request(candidates(roots.clone(), false), u64::MAX, true))
                 .await
                 .unwrap();
             seen.push(vec![outcome(&dry)]);
-            seen.push(listed(&meta.roots().await.unwrap()));
+            seen.push(listed(
+                &crate::meta::all_roots(meta.as_ref()).await.unwrap(),
+            ));
             let first = meta
                 .evict(request(candidates(roots, false), 1, false))
                 .await
                 .unwrap();
             seen.push(vec![outcome(&first)]);
             for round in 0..4 {
-                let roots = meta.roots().await.unwrap();
+                let roots = crate::meta::all_roots(meta.as_ref()).await.unwrap();
                 seen.push(listed(&roots));
                 let done = meta
                     .evict(request(candidates(roots, round % 2 == 1), 1, false))

@@ -21,6 +21,7 @@ use oci::{Digest, Reference, RepoName, Tag};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres};
+use tokio::sync::mpsc;
 
 use super::{
     BlobUsage, Entry, EntryQuery, EvictOutcome, EvictRequest, Evictable, ManifestRecord, MetaStore,
@@ -874,8 +875,8 @@ impl MetaStore for PgMeta {
             .collect())
     }
 
-    async fn roots(&self) -> Result<Vec<Evictable>> {
-        evict::roots(&mut *self.pool.acquire().await?).await
+    async fn roots(&self, into: mpsc::Sender<Evictable>) -> Result<()> {
+        evict::roots(&mut *self.pool.acquire().await?, &into).await
     }
 
     async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome> {

@@ -8,8 +8,9 @@ use std::collections::HashSet;
 
 use oci::Digest;
 use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::mpsc;
 
-use super::parse_digest;
+use super::{parse_digest, parse_repo};
 use crate::meta::{
     BlobUsage, EntryRoot, EvictOutcome, EvictRequest, Evictable, Evicted, Root, Unreferenced,
     on_disk,
@@ -45,65 +46,50 @@ const BLOB_LAST_USED: &str = "max(b.created_at, b.accessed_at)";
 /// Blob `b` was released: a root that referenced it was evicted or deleted.
 const RELEASED: &str = "EXISTS (SELECT 1 FROM released_blobs r WHERE r.digest = b.digest)";
 
-/// Every root and finished cache entry, least recently used first.
-pub(super) fn roots(c: &Connection) -> rusqlite::Result<Vec<Evictable>> {
-    let mut all: Vec<Evictable> = manifest_roots(c)?
-        .into_iter()
-        .map(Evictable::Manifest)
-        .chain(entry_roots(c)?.into_iter().map(Evictable::Entry))
-        .collect();
-    all.sort_by_key(Evictable::last_used);
-    Ok(all)
-}
-
-/// Every finished cache entry, least recently used first.
-fn entry_roots(c: &Connection) -> rusqlite::Result<Vec<EntryRoot>> {
-    c.prepare_cached(&format!(
-        "SELECT e.id, e.scope, e.key, e.size, {ENTRY_LAST_USED} FROM cache_entries e
-         WHERE e.size IS NOT NULL ORDER BY 5, e.id"
-    ))?
-    .query_map([], |r| {
-        Ok(EntryRoot {
-            id: r.get(0)?,
-            scope: r.get(1)?,
-            key: r.get(2)?,
-            size: r.get::<_, i64>(3)? as u64,
-            last_used: r.get(4)?,
-        })
-    })?
-    .collect()
-}
-
-/// Every root manifest, least recently used first.
-fn manifest_roots(c: &Connection) -> rusqlite::Result<Vec<Root>> {
+/// Send every root manifest and finished cache entry into `into`, least recently used
+/// first (manifests before entries used in the same second), one row at a time: SQLite
+/// sorts them (spilling to a temporary file past the reader's cache), so the listing's
+/// memory does not grow with the store. Stops once `into` is closed.
+pub(super) fn roots(c: &Connection, into: &mpsc::Sender<Evictable>) -> rusqlite::Result<()> {
     let sql = format!(
-        "SELECT r.name, m.digest, {LAST_USED},
+        "SELECT 0, r.name, m.digest, {LAST_USED} AS last_used, NULL, NULL,
             (SELECT group_concat(t.name, char(10)) FROM tags t INDEXED BY tags_by_digest
              WHERE t.repo_id = m.repo_id AND t.digest = m.digest)
          FROM manifests m JOIN repos r ON r.id = m.repo_id
          WHERE {IS_ROOT}
-         ORDER BY 3, r.name, m.digest"
+         UNION ALL
+         SELECT 1, e.scope, e.key, {ENTRY_LAST_USED}, e.id, e.size, NULL FROM cache_entries e
+         WHERE e.size IS NOT NULL
+         ORDER BY 4, 1, 5, 2, 3"
     );
-    c.prepare_cached(&sql)?
-        .query_map([], |r| {
-            let repo: String = r.get(0)?;
-            let tags: Option<String> = r.get(3)?;
-            Ok(Root {
-                repo: repo.parse().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        0,
-                        rusqlite::types::Type::Text,
-                        Box::new(e),
-                    )
-                })?,
-                digest: parse_digest(r.get(1)?)?,
-                last_used: r.get(2)?,
+    let mut statement = c.prepare_cached(&sql)?;
+    let mut rows = statement.query([])?;
+    while let Some(r) = rows.next()? {
+        let (kind, last_used): (i64, i64) = (r.get(0)?, r.get(3)?);
+        let root = if kind == 0 {
+            let tags: Option<String> = r.get(6)?;
+            Evictable::Manifest(Root {
+                repo: parse_repo(r.get(1)?)?,
+                digest: parse_digest(r.get(2)?)?,
+                last_used,
                 tags: tags
                     .map(|t| t.split('\n').map(str::to_owned).collect())
                     .unwrap_or_default(),
             })
-        })?
-        .collect()
+        } else {
+            Evictable::Entry(EntryRoot {
+                id: r.get(4)?,
+                scope: r.get(1)?,
+                key: r.get(2)?,
+                size: r.get::<_, i64>(5)? as u64,
+                last_used,
+            })
+        };
+        if into.blocking_send(root).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Run an eviction (see [`crate::meta::MetaStore::evict`]); the caller provides the

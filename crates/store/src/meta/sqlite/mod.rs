@@ -792,8 +792,8 @@ impl MetaStore for SqliteMeta {
             .collect())
     }
 
-    async fn roots(&self) -> Result<Vec<Evictable>> {
-        self.read(evict::roots).await
+    async fn roots(&self, into: mpsc::Sender<Evictable>) -> Result<()> {
+        self.read(move |c| evict::roots(c, &into)).await
     }
 
     async fn evict(&self, request: EvictRequest) -> Result<EvictOutcome> {
