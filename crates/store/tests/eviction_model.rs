@@ -128,7 +128,7 @@ const DOCKER_CONFIG_MT: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER_MT: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 /// Images [`a_pass_evicts_past_what_one_round_offers`] stores: more than the 4 096 roots
 /// a round of a pass offers for eviction.
-const MANY_IMAGES: usize = 6000;
+const MANY_IMAGES: usize = 5000;
 /// Of those, the images whose layers the low watermark leaves room for.
 const IMAGES_KEPT: usize = 400;
 /// Each of those images' own layer, in bytes.
@@ -2739,8 +2739,16 @@ fn evict_an_index_over(backend: Backend, signed: &SignedImage, lists_signature: 
 }
 
 /// A store over its quota by more than one round of a pass offers: the pass goes round
-/// until it is under the low watermark, least recently used first.
+/// until it is under the low watermark, least recently used first, with no windows (what
+/// the evicted roots release is swept at once) and on the default ones (it waits out the
+/// push window, counted as freed).
 fn a_pass_evicts_past_what_one_round_offers(backend: Backend) {
+    for default_windows in [false, true] {
+        evict_past_one_round(backend, default_windows);
+    }
+}
+
+fn evict_past_one_round(backend: Backend, default_windows: bool) {
     let runtime = backend::test_runtime();
     let dir = tempfile::tempdir().unwrap();
     let config_blob = blob_of(0x3a55, 0, 200);
@@ -2754,14 +2762,21 @@ fn a_pass_evicts_past_what_one_round_offers(backend: Backend) {
     let metadata = backend.create(dir.path());
     let repo = repo_name(0);
     let opened = |max_size| {
-        let eviction = Eviction {
+        let defaults = Eviction {
             max_size: Size::Bytes(max_size),
             min_free: Size::Bytes(0),
-            grace: Duration::ZERO,
-            in_use: Duration::ZERO,
-            push_window: Duration::ZERO,
-            interval: Duration::from_secs(3600),
             ..Eviction::default()
+        };
+        let eviction = if default_windows {
+            defaults
+        } else {
+            Eviction {
+                grace: Duration::ZERO,
+                in_use: Duration::ZERO,
+                push_window: Duration::ZERO,
+                interval: Duration::from_secs(3600),
+                ..defaults
+            }
         };
         metadata.open_without_background_tasks(&Config {
             eviction,
@@ -2810,7 +2825,8 @@ fn a_pass_evicts_past_what_one_round_offers(backend: Backend) {
         assert_eq!(report.trigger, Trigger::Startup);
         let need = report.usage_before.total.saturating_sub(report.quota.low);
         let summary = format!(
-            "evicted {} for {need} bytes, usage {:?}, quota {:?}, shortfall {}",
+            "default windows: {default_windows}; evicted {} for {need} bytes, usage {:?}, \
+             quota {:?}, shortfall {}",
             report.evicted.len(),
             report.usage_after,
             report.quota,
@@ -2823,6 +2839,12 @@ fn a_pass_evicts_past_what_one_round_offers(backend: Backend) {
             "{summary}"
         );
         assert_eq!(report.shortfall, 0, "{summary}");
+        let waiting = if default_windows { need } else { 0 };
+        assert!(
+            report.released_bytes >= waiting && report.released_bytes <= waiting + layer,
+            "{summary}, released {}",
+            report.released_bytes
+        );
         let newest: BTreeSet<&Digest> = newest.iter().map(|(_, _, (d, _))| d).collect();
         let evicted_newest = report.evicted.iter().filter(|e| newest.contains(&e.digest));
         assert_eq!(evicted_newest.count(), 0, "{summary}");
