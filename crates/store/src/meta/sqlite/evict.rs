@@ -293,6 +293,12 @@ fn evict_entry(c: &Connection, root: &EntryRoot) -> rusqlite::Result<Option<Vec<
     super::entries::delete(c, root.id)
 }
 
+/// Delete the tags of manifest `?2` in repository `?1`. Without the index hint SQLite
+/// walks the repository's every tag (its primary key's prefix) for each manifest removed:
+/// evicting 60 000 tagged manifests of one repository took about 4 ms each.
+pub(super) const DELETE_TAGS_OF: &str =
+    "DELETE FROM tags INDEXED BY tags_by_digest WHERE repo_id = ?1 AND digest = ?2";
+
 /// Delete a manifest, its tags and its references; returns what it referenced.
 pub(super) fn remove_manifest(
     c: &Connection,
@@ -308,7 +314,7 @@ pub(super) fn remove_manifest(
         .collect::<rusqlite::Result<Vec<_>>>()?;
     for sql in [
         "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2",
-        "DELETE FROM tags WHERE repo_id = ?1 AND digest = ?2",
+        DELETE_TAGS_OF,
         "DELETE FROM manifest_refs WHERE repo_id = ?1 AND manifest_digest = ?2",
     ] {
         c.prepare_cached(sql)?.execute(params![repo_id, digest])?;

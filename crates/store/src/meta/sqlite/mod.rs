@@ -1045,6 +1045,41 @@ fn page(mut items: Vec<String>, n: usize) -> Page {
 mod tests {
     use super::*;
 
+    /// Steps SQLite's machine takes to run `sql` with `params` once on `conn`: what a
+    /// statement walks, counted rather than timed.
+    fn steps(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> i32 {
+        let mut statement = conn.prepare(sql).unwrap();
+        statement.query(params).unwrap().next().unwrap();
+        statement.get_status(rusqlite::StatementStatus::VmStep)
+    }
+
+    #[test]
+    fn removing_a_manifests_tags_walks_none_of_its_repositorys_other_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(&dir.path().join("meta.db"), WRITER_CACHE_KIB).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO tags SELECT 1, 'tag-' || i, 'sha256:' || i, 0, 0 FROM n;",
+        )
+        .unwrap();
+        let taken = steps(&conn, evict::DELETE_TAGS_OF, params![1, "sha256:1000"]);
+        // A walk over the repository's 2 000 tags takes thousands of steps (8 019 without
+        // the index); a lookup, tens.
+        assert!(
+            taken < 200,
+            "deleting one manifest's tags took {taken} steps"
+        );
+        let (tags, gone): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), count(*) FILTER (WHERE digest = 'sha256:1000') FROM tags",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((tags, gone), (1999, 0));
+    }
+
     #[test]
     fn a_database_from_before_a_column_gets_it_and_keeps_its_rows() {
         let dir = tempfile::tempdir().unwrap();
