@@ -59,11 +59,14 @@ const SWEEP_BATCH: usize = 256;
 const SHORT_PASS_SPACING: u32 = 20;
 /// The least time between a pass that falls short and the next one a commit starts.
 const SHORT_PASS_MIN_GAP: Duration = Duration::from_secs(1);
-/// Most roots a round of a pass offers for eviction, besides those a rule's maximum age
-/// forces out: the pass goes round again while usage is over the low watermark, so what
-/// it holds stays this small however many roots the store has. (A dry run reports one
-/// round.)
-const MAX_CANDIDATES: usize = 4096;
+/// Most roots the first round of a pass offers for eviction, besides those a rule's
+/// maximum age forces out: the pass goes round again while usage is over the low
+/// watermark, each round offering twice as many as the last up to [`MOST_CANDIDATES`], so
+/// what it holds stays small however many roots the store has, and a large need takes few
+/// rounds (each lists the roots again). (A dry run reports one round.)
+const FIRST_CANDIDATES: usize = 4096;
+/// Most roots any round offers (about 13 MiB of candidates).
+const MOST_CANDIDATES: usize = 65536;
 /// Roots listed ahead of the pass choosing among them.
 const ROOTS_READ_AHEAD: usize = 256;
 
@@ -592,13 +595,15 @@ impl Store {
             next_sweep_at: None,
         };
         let mut used = usage_before.total;
+        let mut most = FIRST_CANDIDATES;
         loop {
             let need = if over {
                 used.saturating_sub(quota.low)
             } else {
                 0
             };
-            let candidates = self.candidates(started_at, need, &mut report).await?;
+            let candidates = self.candidates(started_at, need, most, &mut report).await?;
+            most = (most * 2).min(MOST_CANDIDATES);
             let outcome = self
                 .0
                 .meta
@@ -721,12 +726,13 @@ impl Store {
 
     /// The roots eviction may take, in order: neither pinned nor in use (read within
     /// `in_use`, or an untagged manifest pushed within the push window), the first
-    /// [`MAX_CANDIDATES`] of them and every one a maximum age forces out. None when
+    /// `most` of them and every one a maximum age forces out. None when
     /// nothing needs freeing and no rule sets a maximum age.
     async fn candidates(
         &self,
         now: i64,
         need: u64,
+        most: usize,
         report: &mut GcReport,
     ) -> Result<Vec<Candidate>> {
         let evictor = &self.0.evictor;
@@ -746,7 +752,7 @@ impl Store {
                         // A restore may still be reading it.
                         if now - entry.last_used < in_use {
                             report.kept_in_use += 1;
-                        } else if candidates.len() < MAX_CANDIDATES {
+                        } else if candidates.len() < most {
                             candidates.push(Candidate {
                                 root: Evictable::Entry(entry),
                                 forced: false,
@@ -772,7 +778,7 @@ impl Store {
                 let forced = rule
                     .and_then(|r| r.max_age)
                     .is_some_and(|age| now - root.last_used > age.as_secs() as i64);
-                if forced || candidates.len() < MAX_CANDIDATES {
+                if forced || candidates.len() < most {
                     candidates.push(Candidate {
                         root: Evictable::Manifest(root),
                         forced,

@@ -127,7 +127,7 @@ const LAYER_MT: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const DOCKER_CONFIG_MT: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER_MT: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 /// Images [`a_pass_evicts_past_what_one_round_offers`] stores: more than the 4 096 roots
-/// a round of a pass offers for eviction.
+/// the first round of a pass offers for eviction.
 const MANY_IMAGES: usize = 5000;
 /// Of those, the images whose layers the low watermark leaves room for.
 const IMAGES_KEPT: usize = 400;
