@@ -65,7 +65,7 @@ const SHORT_PASS_MIN_GAP: Duration = Duration::from_secs(1);
 /// what it holds stays small however many roots the store has, and a large need takes few
 /// rounds (each lists the roots again). (A dry run reports one round.)
 const FIRST_CANDIDATES: usize = 4096;
-/// Most roots any round offers (about 13 MiB of candidates).
+/// Most roots any round offers (at some 200 bytes a candidate, about 13 MiB).
 const MOST_CANDIDATES: usize = 65536;
 /// Roots listed ahead of the pass choosing among them.
 const ROOTS_READ_AHEAD: usize = 256;
