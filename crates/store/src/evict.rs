@@ -65,8 +65,9 @@ const SHORT_PASS_MIN_GAP: Duration = Duration::from_secs(1);
 /// what it holds stays small however many roots the store has, and a large need takes few
 /// rounds (each lists the roots again). (A dry run reports one round.)
 const FIRST_CANDIDATES: usize = 4096;
-/// Most roots any round offers (at some 200 bytes a candidate, about 13 MiB).
-const MOST_CANDIDATES: usize = 65536;
+/// Most roots any round offers: a round holds its candidates and a copy of each one it
+/// evicts, some 600 bytes a root, so about 10 MiB at this size.
+const MOST_CANDIDATES: usize = 16384;
 /// Roots listed ahead of the pass choosing among them.
 const ROOTS_READ_AHEAD: usize = 256;
 
