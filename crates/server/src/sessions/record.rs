@@ -11,6 +11,10 @@ use super::Client;
 const MAX_LISTED: usize = 1000;
 /// Most distinct user agents a session lists.
 const MAX_AGENTS: usize = 16;
+/// Most tags whose latest lookup a session remembers at once. Past it the session
+/// forgets them all and starts again: only an address many builds share for hours (an
+/// edge, a NAT) looks up so many, and only the last few of a build's matter.
+const MAX_TAG_LOOKUPS: usize = 10_000;
 
 /// What one registry request did, for its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,10 +268,67 @@ struct TagLookup {
     found: Found,
     /// It was a `HEAD`, which is how a push checks its tag first.
     head: bool,
-    /// A manifest of the repository was fetched by digest after it: an import.
-    resolved: bool,
+    /// The repository's count of manifests fetched by digest when it was made: one
+    /// fetched after it resolved it (an import).
+    fetches_before: u64,
     /// The tag was listed (among the misses, or the images without cache) before it.
     listed_before: bool,
+}
+
+/// The latest lookups of tags in an open session, by repository, so that a request
+/// costs the same however many tags the session looked up before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct TagLookups {
+    /// Each repository's, while it has any.
+    repos: HashMap<String, RepoLookups>,
+    /// Tag lookups remembered, in all repositories.
+    len: usize,
+}
+
+/// An open session's tag lookups in one repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RepoLookups {
+    /// Manifests fetched by digest in the repository so far.
+    fetches: u64,
+    /// The latest lookup of each tag (`repo:tag`).
+    tags: HashMap<String, TagLookup>,
+}
+
+impl TagLookups {
+    /// Remember `lookup` of `reference` in `repo`, in place of any before it; its
+    /// `fetches_before` is set here.
+    fn insert(&mut self, repo: &str, reference: String, mut lookup: TagLookup) {
+        if self.len >= MAX_TAG_LOOKUPS {
+            *self = TagLookups::default();
+        }
+        let lookups = self.repos.entry(repo.to_owned()).or_default();
+        lookup.fetches_before = lookups.fetches;
+        if lookups.tags.insert(reference, lookup).is_none() {
+            self.len += 1;
+        }
+    }
+
+    /// A manifest of `repo` was fetched by digest, resolving its tags looked up before;
+    /// whether there were any.
+    fn fetched(&mut self, repo: &str) -> bool {
+        self.repos.get_mut(repo).is_some_and(|lookups| {
+            lookups.fetches += 1;
+            !lookups.tags.is_empty()
+        })
+    }
+
+    /// Forget the latest lookup of `reference` in `repo`, returning it and whether it
+    /// was resolved.
+    fn remove(&mut self, repo: &str, reference: &str) -> Option<(TagLookup, bool)> {
+        let lookups = self.repos.get_mut(repo)?;
+        let lookup = lookups.tags.remove(reference)?;
+        self.len -= 1;
+        let resolved = lookups.fetches > lookup.fetches_before;
+        if lookups.tags.is_empty() {
+            self.repos.remove(repo);
+        }
+        Some((lookup, resolved))
+    }
 }
 
 /// A build session: what one build asked of the cache, and what it got.
@@ -317,9 +378,9 @@ pub struct Session {
     /// Changed since it was last saved.
     #[serde(skip)]
     pub(super) unsaved: bool,
-    /// The latest lookup of each tag (`repo:tag`), while the session is open.
+    /// The latest lookup of each tag, while the session is open.
     #[serde(skip)]
-    tag_lookups: HashMap<String, TagLookup>,
+    tag_lookups: TagLookups,
 }
 
 impl Session {
@@ -407,21 +468,12 @@ impl Session {
                     let lookup = TagLookup {
                         found,
                         head,
-                        resolved: false,
+                        fetches_before: 0,
                         listed_before,
                     };
-                    self.tag_lookups.insert(reference, lookup);
+                    self.tag_lookups.insert(repo, reference, lookup);
                 } else {
-                    let prefix = format!("{repo}:");
-                    let mut tags_of_repo = self
-                        .tag_lookups
-                        .iter_mut()
-                        .filter(|(tag, _)| tag.starts_with(&prefix))
-                        .peekable();
-                    let resolved_a_tag = tags_of_repo.peek().is_some();
-                    for (_, lookup) in tags_of_repo {
-                        lookup.resolved = true;
-                    }
+                    let resolved_a_tag = self.tag_lookups.fetched(repo);
                     // An image without cache is listed by the tag that named it.
                     let by_its_tag = found == Found::NoCache && resolved_a_tag;
                     if let Some(listed) = listed.filter(|_| !by_its_tag) {
@@ -499,10 +551,10 @@ impl Session {
     /// The build pushed `tag`: if its latest lookup was a `HEAD` that fetched nothing
     /// through it, that was the push checking its own tag, not a cache lookup.
     fn push_probed(&mut self, repo: &str, tag: &str) {
-        let Some(lookup) = self.tag_lookups.remove(tag) else {
+        let Some((lookup, resolved)) = self.tag_lookups.remove(repo, tag) else {
             return;
         };
-        if !lookup.head || lookup.resolved {
+        if !lookup.head || resolved {
             return;
         }
         self.count(repo, |c| {
@@ -620,6 +672,42 @@ mod tests {
         ]);
         assert_eq!(pulled.counts.manifest_hits, 1);
         assert_eq!(pulled.counts.push_probes, 0);
+    }
+
+    #[test]
+    fn a_fetch_by_digest_resolves_only_its_own_repositorys_tags() {
+        let digest = "@sha256:0000000000000000000000000000000000000000000000000000000000000000";
+        let elsewhere = session(vec![
+            ("app", lookup("app:v1", true, true)),
+            ("other", lookup(&format!("other{digest}"), false, true)),
+            ("app", push("app:v1")),
+        ]);
+        assert_eq!(elsewhere.counts.push_probes, 1);
+        let imported = session(vec![
+            ("app", lookup("app:v1", true, true)),
+            ("app", lookup(&format!("app{digest}"), false, true)),
+            ("app", push("app:v1")),
+        ]);
+        assert_eq!(imported.counts.push_probes, 0);
+        assert_eq!(imported.counts.hits(), 2);
+    }
+
+    #[test]
+    fn a_session_of_very_many_tags_remembers_a_bounded_number_and_still_sees_a_probe() {
+        let mut s = Session::default();
+        for i in 0..MAX_TAG_LOOKUPS + 5 {
+            s.record("many", lookup(&format!("many:t{i}"), false, false), 0);
+            assert!(s.tag_lookups.len <= MAX_TAG_LOOKUPS);
+        }
+        s.record("app", lookup("app:v1", true, false), 1);
+        s.record("app", push("app:v1"), 2);
+        assert_eq!(s.counts.push_probes, 1);
+        assert_eq!(s.counts.manifest_misses, (MAX_TAG_LOOKUPS + 5) as u64);
+        assert!(s.tag_lookups.len <= MAX_TAG_LOOKUPS);
+        assert!(
+            !s.tag_lookups.repos.contains_key("app"),
+            "nothing left to remember"
+        );
     }
 
     #[test]
