@@ -68,7 +68,11 @@ impl Cache {
     }
 
     fn start_with_env(env: &[(&str, &str)]) -> Cache {
-        let dir = tempfile::tempdir().unwrap();
+        Cache::start_in(tempfile::tempdir().unwrap(), env)
+    }
+
+    /// A server with its data directory in `dir`.
+    fn start_in(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Cache {
         let server =
             common::Server::start_on_with_env(&dir.path().join("data"), "127.0.0.1:0", env);
         Cache { server, _dir: dir }
@@ -726,4 +730,105 @@ fn v2_server_killed_during_block_upload() {
         "a new save after the failed one was refused (id {id}):\n{again}\nthe failed save:\n{output}"
     );
     assert_payload_restores(&client, key);
+}
+
+// --- Restores of one entry read the disk about once --------------------------------
+
+/// Bytes the server process has read from storage devices (`/proc/PID/io`): what it read
+/// from the disk, not what the page cache served.
+fn disk_reads(server: &common::Server) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{}/io", server.pid())).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("read_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no read_bytes in /proc/PID/io:\n{io}"))
+}
+
+/// On the default configuration, with the data directory on a disk: the 512 MiB entry's
+/// first restore reads it from the disk (around the page cache); two jobs restoring it at
+/// once right after read it from the disk about once between them, and a fourth restore
+/// after them finds it all in memory, as does a fifth after a restart of the server
+/// (which remembers no restores). The figures are the server's own reads from the disk,
+/// and every restore is checked byte for byte.
+#[test]
+fn v2_restores_of_one_entry_read_the_disk_about_once() {
+    if !client_ready() {
+        return;
+    }
+    let payload = payload();
+    let _big = big();
+    // Under the target directory, which is on a disk (a temporary directory may be in
+    // memory, where there is no disk to count).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut cache = Cache::start_in(dir, &[]);
+    let token = cache.main_token();
+    let key = "restored-by-a-matrix";
+    let client = cache.client(Protocol::V2, &token);
+    let (id, output) = client.save(&payload.workspace, key, &["payload"], BIG_RUN);
+    assert!(id > 0, "save of {key} failed (id {id}):\n{output}");
+    let len = payload_len() as u64;
+
+    let before = disk_reads(&cache.server);
+    assert_payload_restores(&client, key);
+    let first = disk_reads(&cache.server) - before;
+    eprintln!("first restore: {} MiB from the disk", first >> 20);
+    assert!(
+        first >= len * 9 / 10,
+        "the first restore read {first} bytes from the disk, not the entry's {len}: \
+         the data directory is not on a disk, or the entry was in memory already"
+    );
+
+    let before = disk_reads(&cache.server);
+    let jobs: Vec<_> = (0..2)
+        .map(|_| {
+            let workspace = tempfile::tempdir().unwrap();
+            let runner_temp = tempfile::tempdir().unwrap();
+            let running = Running::spawn(client.command(
+                workspace.path(),
+                runner_temp.path(),
+                &["restore", key, "-", "payload"],
+            ));
+            (workspace, runner_temp, running)
+        })
+        .collect();
+    for (workspace, _runner_temp, mut running) in jobs {
+        let (status, output) = running.finish(BIG_RUN);
+        assert!(status.success(), "restore failed ({status}):\n{output}");
+        assert_eq!(result_of(&output).as_str(), Some(key), "{output}");
+        assert_eq!(
+            tree_digests(workspace.path()),
+            payload.digests,
+            "a concurrent restore differs from what was saved:\n{output}"
+        );
+    }
+    let both = disk_reads(&cache.server) - before;
+    eprintln!("two restores at once: {} MiB from the disk", both >> 20);
+    assert!(
+        both < len * 3 / 2,
+        "two restores at once read {both} bytes from the disk: more than once the entry's {len}"
+    );
+
+    let before = disk_reads(&cache.server);
+    assert_payload_restores(&client, key);
+    let last = disk_reads(&cache.server) - before;
+    eprintln!("the restore after them: {} MiB from the disk", last >> 20);
+    assert!(
+        last < len / 10,
+        "the restore after them read {last} bytes from the disk: the entry was not kept in memory"
+    );
+
+    cache.server.restart();
+    let client = cache.client(Protocol::V2, &token);
+    let before = disk_reads(&cache.server);
+    assert_payload_restores(&client, key);
+    let restarted = disk_reads(&cache.server) - before;
+    eprintln!(
+        "a restore after a restart: {} MiB from the disk",
+        restarted >> 20
+    );
+    assert!(
+        restarted < len / 10,
+        "a restore after a restart read {restarted} bytes from the disk, though the entry \
+         was in memory"
+    );
 }

@@ -9,11 +9,18 @@
 //! besides the write, and BLAKE3 costs about a fifth as much (5.7 GB/s against 1.2 on one
 //! core here). A part is never stored under a digest a registry client could ask for.
 //!
-//! Parts are written and read around the page cache (direct I/O on the filesystem): an
-//! entry is written once and restored at the pace of a client that unpacks it, so it
-//! gains nothing from staying in memory, where it would push out the registry's hot
-//! layers, and on a virtual machine whose free memory goes back to the host, filling
-//! fresh page-cache pages was most of a save's CPU.
+//! Parts are written around the page cache (direct I/O on the filesystem): an entry is
+//! written once and restored at the pace of a client that unpacks it, so it gains
+//! nothing from staying in memory, where it would push out the registry's hot layers,
+//! and on a virtual machine whose free memory goes back to the host, filling fresh
+//! page-cache pages was most of a save's CPU. An entry's first restore reads around the
+//! page cache too; one read again soon after ([`Rereads`]: a matrix of jobs restoring
+//! one cache at once, runs of a workflow one after another) is read through it, so the
+//! disk is read about once for all of them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
@@ -26,6 +33,85 @@ use crate::{Error, Result, Store, UploadId, limited, too_large};
 /// The algorithm parts are stored under (see the module).
 const PART_ALGORITHM: Algorithm = Algorithm::Blake3;
 
+/// How long after a read of an entry began another read of it counts as a reread.
+const REREAD_WINDOW: Duration = Duration::from_secs(600);
+
+/// Most entries whose last read [`Rereads`] remembers at once.
+const MAX_REMEMBERED: usize = 4096;
+
+/// When each entry's reads (a restore, or a range of one) began lately, to tell an entry
+/// read again (hot: read through the page cache, which then serves the reads after it)
+/// from one read once (around it).
+#[derive(Default)]
+pub(crate) struct Rereads(Mutex<HashMap<i64, Began>>);
+
+/// The reads of one entry begun so far, and when the last one began.
+#[derive(Clone, Copy)]
+struct Began {
+    count: u64,
+    last: Instant,
+}
+
+/// One read of an entry, as [`Rereads`] numbered it.
+#[derive(Clone, Copy)]
+struct Reading {
+    entry: i64,
+    /// Reads of the entry begun before this one.
+    number: u64,
+    /// Whether one of them began within [`REREAD_WINDOW`] before it.
+    reread: bool,
+}
+
+impl Rereads {
+    fn began(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Began>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read of `entry` begins.
+    fn begin(&self, entry: i64) -> Reading {
+        self.begin_at(entry, Instant::now())
+    }
+
+    /// A read of `entry` begins at `now`.
+    fn begin_at(&self, entry: i64, now: Instant) -> Reading {
+        let mut began = self.began();
+        if began.len() >= MAX_REMEMBERED && !began.contains_key(&entry) {
+            began.retain(|_, b| now.duration_since(b.last) < REREAD_WINDOW);
+            if began.len() >= MAX_REMEMBERED {
+                began.clear();
+            }
+        }
+        let before = began.get(&entry).copied();
+        began.insert(
+            entry,
+            Began {
+                count: before.map_or(0, |b| b.count) + 1,
+                last: now,
+            },
+        );
+        Reading {
+            entry,
+            number: before.map_or(0, |b| b.count),
+            reread: before.is_some_and(|b| now.duration_since(b.last) < REREAD_WINDOW),
+        }
+    }
+
+    /// How `reading` reads its next part: through the page cache when the entry was read
+    /// shortly before it, or another read of it has begun since.
+    fn caching(&self, reading: Reading) -> Caching {
+        let overtaken = || {
+            self.began()
+                .get(&reading.entry)
+                .is_some_and(|b| b.count > reading.number + 1)
+        };
+        if reading.reread || overtaken() {
+            Caching::Keep
+        } else {
+            Caching::Bypass
+        }
+    }
+}
+
 /// A finished entry, ready to be read.
 pub struct EntryRead {
     /// The entry.
@@ -34,6 +120,7 @@ pub struct EntryRead {
     pub size: u64,
     parts: Vec<Part>,
     blobs: BlobStore,
+    rereads: Arc<Rereads>,
 }
 
 impl EntryRead {
@@ -58,13 +145,15 @@ impl EntryRead {
 
     /// Stream the whole entry, or `range` of it (which must lie inside it).
     pub fn stream(self, range: Option<ByteRange>) -> ByteStream {
-        let blobs = self.blobs.clone();
+        let (blobs, rereads) = (self.blobs.clone(), self.rereads.clone());
+        let reading = rereads.begin(self.entry.id);
         let stream = futures::stream::iter(self.pieces(range))
             .then(move |(digest, range)| {
                 let blobs = blobs.clone();
+                let caching = rereads.caching(reading);
                 async move {
                     blobs
-                        .read(&digest, Some(range), Caching::Bypass)
+                        .read(&digest, Some(range), caching)
                         .await
                         .map_err(std::io::Error::other)?
                         .ok_or_else(|| gone(&digest))
@@ -252,6 +341,7 @@ impl Store {
             size,
             parts,
             blobs: self.0.blobs.clone(),
+            rereads: self.0.rereads.clone(),
         })
     }
 
@@ -269,5 +359,55 @@ impl Store {
         }
         self.0.access.record(Touch::Entry(id));
         Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_restored_once_is_read_around_the_page_cache_and_again_through_it() {
+        let rereads = Rereads::default();
+        let first = rereads.begin(1);
+        assert_eq!(rereads.caching(first), Caching::Bypass);
+        assert_eq!(rereads.caching(first), Caching::Bypass, "its own parts");
+        let other = rereads.begin(2);
+        assert_eq!(rereads.caching(other), Caching::Bypass, "another entry");
+        assert_eq!(rereads.caching(first), Caching::Bypass);
+        let second = rereads.begin(1);
+        assert_eq!(rereads.caching(second), Caching::Keep);
+        assert_eq!(
+            rereads.caching(first),
+            Caching::Keep,
+            "the first restore's later parts, once another has begun"
+        );
+        assert_eq!(rereads.caching(other), Caching::Bypass);
+    }
+
+    #[test]
+    fn a_restore_long_after_the_last_is_read_around_the_page_cache() {
+        let rereads = Rereads::default();
+        let start = Instant::now();
+        rereads.begin_at(1, start);
+        let soon = rereads.begin_at(1, start + REREAD_WINDOW / 2);
+        assert_eq!(rereads.caching(soon), Caching::Keep);
+        let late = rereads.begin_at(1, start + REREAD_WINDOW / 2 + REREAD_WINDOW);
+        assert_eq!(rereads.caching(late), Caching::Bypass);
+    }
+
+    #[test]
+    fn restores_of_very_many_entries_are_remembered_up_to_a_bound() {
+        let rereads = Rereads::default();
+        for entry in 0..(MAX_REMEMBERED as i64 + 10) {
+            rereads.begin(entry);
+            assert!(rereads.began().len() <= MAX_REMEMBERED);
+        }
+        let again = rereads.begin(MAX_REMEMBERED as i64 + 9);
+        assert_eq!(
+            rereads.caching(again),
+            Caching::Keep,
+            "a recent one is kept"
+        );
     }
 }

@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) access: AccessLog,
     pub(crate) evictor: Evictor,
     pub(crate) fills: crate::fill::Fills,
+    /// Which cache entries are being read again.
+    pub(crate) rereads: Arc<crate::entries::Rereads>,
     max_manifest_bytes: usize,
     pub(crate) max_blob_bytes: Option<u64>,
 }
@@ -175,6 +177,7 @@ impl Store {
             access: AccessLog::default(),
             evictor,
             fills: Default::default(),
+            rereads: Default::default(),
             max_manifest_bytes: config.max_manifest_bytes,
             max_blob_bytes: config.max_blob_size.map(|s| s.as_u64()),
         }));

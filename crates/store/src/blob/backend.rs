@@ -21,7 +21,8 @@ pub trait BlobBackend: Send + Sync + 'static {
     /// Stream a committed blob, or the given range of it; `None` when absent.
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<ByteStream>>;
     /// [`read`](Self::read), without keeping the bytes in memory where the medium can
-    /// (the local filesystem reads them by direct I/O).
+    /// (the local filesystem reads them by direct I/O, unless they are in its page cache
+    /// already).
     async fn read_uncached(
         &self,
         digest: &Digest,

@@ -151,6 +151,14 @@ impl Window {
         Ok(Window { map, skip })
     }
 
+    /// Whether the window of the `size`-byte file holding byte `at` is in the page cache
+    /// (as [`Window::is_resident`] tells).
+    fn resident_at(file: &std::fs::File, at: u64, size: u64) -> bool {
+        let offset = at - at % MAP_WINDOW;
+        let len = (offset + MAP_WINDOW).min(size).saturating_sub(offset);
+        len > 0 && Window::map(file, offset, len, 0).is_ok_and(|w| w.is_resident())
+    }
+
     /// Whether the window's last page is in the page cache (`mincore`), which the
     /// kernel's sequential read-ahead fills after the pages before it: so whether
     /// sending the window reads no disk. Checking every page instead cost 28 µs per
@@ -244,14 +252,18 @@ impl FsBackend {
         uncached: bool,
     ) -> Result<Option<ByteStream>> {
         let path = self.blob_path(digest);
+        let from = range.map_or(0, |r| r.start);
         let opened = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let direct = if uncached { direct::open(&path)? } else { None };
-            let (file, direct) = match direct {
-                Some(file) => (file, true),
-                None => (std::fs::File::open(&path)?, false),
-            };
+            let file = std::fs::File::open(&path)?;
             let size = file.metadata()?.len();
-            Ok((file, direct, size))
+            // Bytes already in the page cache are read from there all the same.
+            if uncached
+                && !Window::resident_at(&file, from, size)
+                && let Some(file) = direct::open(&path)?
+            {
+                return Ok((file, true, size));
+            }
+            Ok((file, false, size))
         });
         let Some((file, direct, size)) = not_found_as_none(opened.await?)? else {
             return Ok(None);

@@ -58,6 +58,7 @@ pub enum Caching {
     Keep,
     /// Go around the page cache where the backend can: blobs written once and read at a
     /// client's pace (Actions cache parts), which would only push hotter blobs out.
+    /// Bytes already in it are read from there.
     Bypass,
 }
 
