@@ -19,13 +19,13 @@
 //! disk is read about once for all of them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use oci::{Algorithm, Digest, Hasher};
 
-use crate::blob::{BlobStore, ByteRange, ByteStream, Caching};
+use crate::blob::{ByteRange, ByteStream, Caching};
 use crate::error::Missing;
 use crate::meta::{Entry, EntryQuery, NewEntry, Part, Touch};
 use crate::{Error, Result, Store, UploadId, limited, too_large};
@@ -119,8 +119,7 @@ pub struct EntryRead {
     /// Its size in bytes.
     pub size: u64,
     parts: Vec<Part>,
-    blobs: BlobStore,
-    rereads: Arc<Rereads>,
+    store: Store,
 }
 
 impl EntryRead {
@@ -145,14 +144,16 @@ impl EntryRead {
 
     /// Stream the whole entry, or `range` of it (which must lie inside it).
     pub fn stream(self, range: Option<ByteRange>) -> ByteStream {
-        let (blobs, rereads) = (self.blobs.clone(), self.rereads.clone());
-        let reading = rereads.begin(self.entry.id);
+        let store = self.store.clone();
+        let reading = store.0.rereads.begin(self.entry.id);
         let stream = futures::stream::iter(self.pieces(range))
             .then(move |(digest, range)| {
-                let blobs = blobs.clone();
-                let caching = rereads.caching(reading);
+                let store = store.clone();
+                let caching = store.0.rereads.caching(reading);
                 async move {
-                    blobs
+                    store
+                        .0
+                        .blobs
                         .read(&digest, Some(range), caching)
                         .await
                         .map_err(std::io::Error::other)?
@@ -340,8 +341,7 @@ impl Store {
             entry,
             size,
             parts,
-            blobs: self.0.blobs.clone(),
-            rereads: self.0.rereads.clone(),
+            store: self.clone(),
         })
     }
 

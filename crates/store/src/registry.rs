@@ -56,7 +56,7 @@ pub(crate) struct Shared {
     pub(crate) evictor: Evictor,
     pub(crate) fills: crate::fill::Fills,
     /// Which cache entries are being read again.
-    pub(crate) rereads: Arc<crate::entries::Rereads>,
+    pub(crate) rereads: crate::entries::Rereads,
     max_manifest_bytes: usize,
     pub(crate) max_blob_bytes: Option<u64>,
 }

@@ -257,13 +257,9 @@ impl FsBackend {
             let file = std::fs::File::open(&path)?;
             let size = file.metadata()?.len();
             // Bytes already in the page cache are read from there all the same.
-            if uncached
-                && !Window::resident_at(&file, from, size)
-                && let Some(file) = direct::open(&path)?
-            {
-                return Ok((file, true, size));
-            }
-            Ok((file, false, size))
+            let direct =
+                uncached && !Window::resident_at(&file, from, size) && direct::enable(&file, 0);
+            Ok((file, direct, size))
         });
         let Some((file, direct, size)) = not_found_as_none(opened.await?)? else {
             return Ok(None);

@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -60,8 +59,8 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Switch the writes of `file`, to be appended from `offset`, to direct I/O; `false`
-/// when the offset is not aligned or the filesystem refuses.
+/// Switch the reads and writes of `file`, from `offset` on, to direct I/O; `false` when
+/// the offset is not aligned or the filesystem refuses.
 pub(super) fn enable(file: &File, offset: u64) -> bool {
     O_DIRECT != 0 && offset.is_multiple_of(ALIGN as u64) && set_direct(file, true).is_ok()
 }
@@ -140,23 +139,7 @@ fn write_aligned(file: &File, buf: &mut Buffer, at: u64, direct: &mut bool) -> i
     Ok(whole as u64)
 }
 
-/// Open the file at `path` for direct reads; `Ok(None)` when the filesystem refuses them.
-pub(super) fn open(path: &Path) -> io::Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if O_DIRECT == 0 {
-        return Ok(None);
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(O_DIRECT)
-        .open(path)
-    {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        opened => opened.map(Some),
-    }
-}
-
-/// The bytes `[start, end)` of `file` (opened by [`open`]), read a window at a time on
+/// The bytes `[start, end)` of `file` (switched by [`enable`]), read a window at a time on
 /// a blocking thread, the next window read while one is sent.
 pub(super) fn read(file: File, pool: BufferPool, start: u64, end: u64) -> ByteStream {
     if start >= end {
